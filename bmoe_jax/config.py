@@ -1,0 +1,116 @@
+"""The one family-agnostic model configuration (frozen dataclass)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_SCORING = ("softmax",)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Architecture of a decoder-only MoE transformer, independent of the HF family it came from.
+
+  Layer pattern: ``moe_layers[i]`` says whether layer ``i`` holds a routed-expert block (else a dense
+  MLP of width ``intermediate_size``). ``attn_windows[i]`` is the sliding-window length of layer ``i``
+  (0: full causal attention).
+  """
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  moe_intermediate_size: int
+  num_experts: int
+  num_experts_per_tok: int
+  moe_layers: tuple[bool, ...]
+  shared_expert_size: int = 0
+  shared_expert_gate: bool = False
+  norm_topk_prob: bool = False
+  norm_topk_eps: float = 0.0
+  routed_scaling_factor: float = 1.0
+  router_scoring: str = "softmax"
+  qkv_bias: bool = False
+  attn_out_bias: bool = False
+  rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rms_norm_eps: float = 1e-6
+  hidden_act: str = "silu"
+  tie_word_embeddings: bool = False
+  attn_windows: tuple[int, ...] | None = None
+  max_position_embeddings: int = 4096
+  family: str = "generic"
+
+  def __post_init__(self):
+    def need(cond, msg):
+      if not cond:
+        raise ValueError(f"MoEConfig: {msg}")
+
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+      need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+    need(self.num_heads % self.num_kv_heads == 0,
+         f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    need(len(self.moe_layers) == self.num_layers,
+         f"moe_layers has {len(self.moe_layers)} entries, expected num_layers={self.num_layers}")
+    if any(self.moe_layers):
+      need(self.num_experts > 0 and self.moe_intermediate_size > 0,
+           "MoE layers need num_experts > 0 and moe_intermediate_size > 0")
+      need(0 < self.num_experts_per_tok <= self.num_experts,
+           f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+    if not all(self.moe_layers):
+      need(self.intermediate_size > 0, "dense layers need intermediate_size > 0")
+    if self.attn_windows is not None:
+      need(len(self.attn_windows) == self.num_layers,
+           f"attn_windows has {len(self.attn_windows)} entries, expected {self.num_layers}")
+    need(self.hidden_act in SUPPORTED_ACTIVATIONS,
+         f"hidden_act={self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
+    need(self.rope_type in SUPPORTED_ROPE_TYPES,
+         f"rope_type={self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+    need(self.router_scoring in SUPPORTED_SCORING,
+         f"router_scoring={self.router_scoring!r} is not supported (supported: {SUPPORTED_SCORING})")
+
+  @property
+  def moe_layer_ids(self) -> tuple[int, ...]:
+    return tuple(i for i, m in enumerate(self.moe_layers) if m)
+
+  def window(self, layer: int) -> int:
+    return 0 if self.attn_windows is None else int(self.attn_windows[layer])
+
+  def replace(self, **kw) -> "MoEConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "MoEConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"MoEConfig.from_dict: unknown fields {unknown}")
+    d = dict(d)
+    d["moe_layers"] = tuple(bool(x) for x in d["moe_layers"])
+    if d.get("attn_windows") is not None:
+      d["attn_windows"] = tuple(int(x) for x in d["attn_windows"])
+    return cls(**d)
+
+
+def tiny_config(**overrides) -> MoEConfig:
+  """A small random-init config for tests and examples."""
+  base = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+              intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+              moe_layers=(True, True), shared_expert_size=24, shared_expert_gate=True,
+              norm_topk_prob=False, qkv_bias=True)
+  base.update(overrides)
+  return MoEConfig(**base)

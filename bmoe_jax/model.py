@@ -1,0 +1,165 @@
+"""The MoE transformer: a pure ``forward(params, cfg, tokens)`` and an NNX module that holds params.
+
+Taps: with ``return_taps=True`` the forward also returns, for every MoE layer, the routing (expert ids,
+weights, router logits) and the down_proj inputs of every routed slot (and of the shared expert).
+``perturb`` takes zero-valued arrays (see ``zero_perturbations``) that are added to each routed expert's
+output (and to the shared expert's output); the gradient of any loss with respect to them is the
+gradient with respect to each expert's output, routing weight included (the kfac-jax trick).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bmoe_jax.config import MoEConfig
+from bmoe_jax.nn import layers as L
+from bmoe_jax.nn import moe as M
+from bmoe_jax.params import init_params, logical_axes
+
+
+class MoETaps(NamedTuple):
+  expert_bsk: jax.Array
+  gate_bsk: jax.Array
+  router_logits_bse: jax.Array
+  down_in_bskf: jax.Array  # routed down_proj inputs act(x W_gate) * (x W_up), per slot
+  shared_in_bsf: jax.Array | None  # shared-expert down_proj input (None without shared experts)
+
+
+class ForwardOutput(NamedTuple):
+  logits: jax.Array  # [b, s, vocab], or [b, vocab] when logit_positions_b is given
+  hidden_states: tuple[jax.Array, ...] | None  # embeddings, then each layer's output; last is normed
+  taps: dict[int, MoETaps] | None
+
+
+def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32) -> dict[int, dict]:
+  """Zero perturbation inputs for every MoE layer: routed [b, s, k, d] and shared [b, s, d]."""
+  out = {}
+  for i in cfg.moe_layer_ids:
+    p = {"routed": jnp.zeros((batch, seq, cfg.num_experts_per_tok, cfg.hidden_size), dtype)}
+    if cfg.shared_expert_size:
+      p["shared"] = jnp.zeros((batch, seq, cfg.hidden_size), dtype)
+    out[i] = p
+  return out
+
+
+def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "sorted",
+              tile_rows: int | None = None, perturb: dict | None = None) -> tuple[jax.Array, MoETaps]:
+  b, s, d = x_bsd.shape
+  x_nd = x_bsd.reshape(b * s, d)
+  routing = M.route(x_nd, p["router"]["kernel"], cfg.num_experts_per_tok,
+                    norm_topk_prob=cfg.norm_topk_prob, norm_eps=cfg.norm_topk_eps,
+                    scaling=cfg.routed_scaling_factor)
+  k = cfg.num_experts_per_tok
+  perturb_nkd = None if perturb is None else perturb["routed"].reshape(b * s, k, d)
+  out_nd, h_nkf = M.routed_experts(expert_impl, x_nd, routing.expert_nk, routing.gate_nk,
+                                   p["experts"], cfg.hidden_act, perturb_nkd, tile_rows)
+  shared_in = None
+  if "shared" in p:
+    shared_in = L.gated_hidden(p["shared"], x_nd, cfg.hidden_act)
+    y_nd = shared_in @ p["shared"]["w_down"]
+    if perturb is not None and "shared" in perturb:
+      y_nd = y_nd + perturb["shared"].reshape(b * s, d).astype(y_nd.dtype)
+    if "shared_gate" in p:
+      y_nd = jax.nn.sigmoid(x_nd @ p["shared_gate"]["kernel"]) * y_nd
+    out_nd = out_nd + y_nd
+    shared_in = shared_in.reshape(b, s, -1)
+  taps = MoETaps(routing.expert_nk.reshape(b, s, k), routing.gate_nk.reshape(b, s, k),
+                 routing.logits_ne.reshape(b, s, -1), h_nkf.reshape(b, s, k, -1), shared_in)
+  return out_nd.reshape(b, s, d), taps
+
+
+def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
+            attention_mask_bs: jax.Array | None = None, positions_bs: jax.Array | None = None, *,
+            expert_impl: str = "sorted", tile_rows: int | None = None,
+            perturb: dict[int, dict] | None = None, return_taps: bool = False,
+            return_hidden: bool = False, logit_positions_b: jax.Array | None = None) -> ForwardOutput:
+  """Logits of a batch of token ids.
+
+  Args:
+    params: the parameter tree (see ``bmoe_jax.params``).
+    tokens_bs: int token ids [b, s].
+    attention_mask_bs: 1 for real tokens, 0 for padding (left or right); None: no padding.
+    positions_bs: RoPE positions; default ``arange(s)`` as transformers' forward. With left padding
+      pass ``cumsum(mask) - 1`` for positions that ignore the padding.
+    expert_impl: "dense" (reference), "sorted" (fast on CPU) or "ragged" (GPU/TPU).
+    perturb: zero perturbations per MoE layer (``zero_perturbations``), for expert-output gradients.
+    logit_positions_b: if given, only the logits at these positions are computed ([b, vocab]).
+  """
+  b, s = tokens_bs.shape
+  if positions_bs is None:
+    positions_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  x_bsd = params["embed"]["embedding"][tokens_bs]
+  cos_bsc, sin_bsc = L.rope_tables(positions_bs, cfg.head_dim, cfg.rope_theta, cfg.rope_type,
+                                   cfg.rope_factor)
+  masks = {}
+  hidden = [x_bsd] if return_hidden else None
+  taps: dict[int, MoETaps] = {}
+  for i in range(cfg.num_layers):
+    lp = params["layers"][i]
+    w = cfg.window(i)
+    if w not in masks:
+      masks[w] = L.attention_mask(attention_mask_bs, positions_bs, s, w)
+    h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
+    x_bsd = x_bsd + L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, masks[w])
+    h_bsd = L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
+    if cfg.moe_layers[i]:
+      y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, tile_rows=tile_rows,
+                             perturb=None if perturb is None else perturb[i])
+      if return_taps:
+        taps[i] = tap
+    else:
+      y_bsd = L.gated_mlp(lp["mlp"], h_bsd, cfg.hidden_act)
+    x_bsd = x_bsd + y_bsd
+    if return_hidden:
+      hidden.append(x_bsd)
+  x_bsd = L.rms_norm(x_bsd, params["final_norm"]["scale"], cfg.rms_norm_eps)
+  if return_hidden:
+    hidden[-1] = x_bsd
+  if logit_positions_b is not None:
+    x_bsd = jnp.take_along_axis(x_bsd, logit_positions_b[:, None, None], axis=1)[:, 0]
+  head_dv = (params["embed"]["embedding"].T if cfg.tie_word_embeddings
+             else params["lm_head"]["kernel"])
+  logits = (x_bsd @ head_dv).astype(jnp.float32)
+  return ForwardOutput(logits, tuple(hidden) if return_hidden else None,
+                       taps if return_taps else None)
+
+
+def _as_nnx(tree, axes):
+  if isinstance(tree, dict):
+    return nnx.Dict({k: _as_nnx(v, axes[k]) for k, v in tree.items()})
+  if isinstance(tree, (list, tuple)):
+    return nnx.List([_as_nnx(v, a) for v, a in zip(tree, axes)])
+  return nnx.Param(tree, logical_axes=axes)
+
+
+def _pure(tree):
+  """nnx state (int-keyed lists) back to the plain params tree (lists for layers)."""
+  if isinstance(tree, dict):
+    if tree and all(isinstance(k, int) for k in tree):
+      return [_pure(tree[k]) for k in sorted(tree)]
+    return {k: _pure(v) for k, v in tree.items()}
+  return tree
+
+
+class MoEModel(nnx.Module):
+  """Holds the parameters (each an ``nnx.Param`` with ``logical_axes`` metadata); numerics are
+  ``forward``. ``MoEModel(cfg, rngs=nnx.Rngs(0))`` initialises randomly; ``params=`` wraps a tree."""
+
+  def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs | None = None, params: dict | None = None,
+               dtype=jnp.float32):
+    if params is None:
+      if rngs is None:
+        raise ValueError("MoEModel needs rngs= (random init) or params= (a converted checkpoint)")
+      params = init_params(cfg, rngs.params(), dtype)
+    self.cfg = cfg
+    self.params = _as_nnx(params, logical_axes(cfg))
+
+  def pure_params(self) -> dict[str, Any]:
+    return _pure(nnx.state(self.params, nnx.Param).to_pure_dict())
+
+  def __call__(self, tokens_bs, attention_mask_bs=None, positions_bs=None, **kw) -> ForwardOutput:
+    return forward(self.pure_params(), self.cfg, tokens_bs, attention_mask_bs, positions_bs, **kw)

@@ -1,0 +1,191 @@
+"""The one shared builder: HF tensors -> our parameter tree, driven by a family's key table.
+
+Every target parameter must be filled exactly once (each expert slot of a stacked parameter too), every
+checkpoint tensor must match a rule, and every shape is checked before it is placed. Errors name the
+file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from bmoe_jax.config import MoEConfig
+from bmoe_jax.params import ParamSpec, param_specs
+from convert.errors import ConversionError
+from convert.families import Family, Rule, family_for
+from convert.hf_config import CheckpointInfo, parse_hf_config
+from convert.safetensors_io import FP8, TensorRef, iter_tensors
+
+SCALE_SUFFIX = "_scale_inv"
+
+
+def flat_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
+  out = {}
+  for path, spec in jax.tree_util.tree_flatten_with_path(
+      param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))[0]:
+    out["/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)] = spec
+  return out
+
+
+def unflatten(flat: dict[str, Any], cfg: MoEConfig) -> dict[str, Any]:
+  tree: dict[str, Any] = {"layers": [dict() for _ in range(cfg.num_layers)]}
+  for path, value in flat.items():
+    parts = path.split("/")
+    node = tree
+    if parts[0] == "layers":
+      node, parts = tree["layers"][int(parts[1])], parts[2:]
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = value
+  return tree
+
+
+def _dequant_fp8(ref: TensorRef, scale: TensorRef | None, block: tuple[int, int] | None) -> np.ndarray:
+  if scale is None or block is None:
+    raise ConversionError(f"{ref.file}: tensor {ref.key!r} is {ref.dtype} without dequantisation scales "
+                          f"(expected {ref.key + SCALE_SUFFIX!r} and quantization_config.weight_block_size)")
+  w = ref.numpy().astype(np.float32)
+  s = scale.numpy().astype(np.float32)
+  bo, bi = block
+  need = (-(-w.shape[0] // bo), -(-w.shape[1] // bi))
+  if s.shape != need:
+    raise ConversionError(f"{scale.file}: {scale.key!r} has shape {list(s.shape)}, expected {list(need)} "
+                          f"for {ref.key} {list(w.shape)} with block {list(block)}")
+  full = np.repeat(np.repeat(s, bo, axis=0), bi, axis=1)[: w.shape[0], : w.shape[1]]
+  return w * full
+
+
+class _Builder:
+  def __init__(self, info: CheckpointInfo, fam: Family, dtype):
+    self.info, self.fam, self.dtype = info, fam, dtype
+    self.specs = flat_specs(info.cfg)
+    self.out: dict[str, np.ndarray] = {}
+    self.filled: dict[str, set] = {}  # stacked expert params: which experts were filled
+    self.rules = [(re.compile(r.pattern), r) for r in fam.rules]
+
+  def _spec(self, target: str, ref: TensorRef) -> ParamSpec:
+    if target not in self.specs:
+      raise ConversionError(f"{ref.file}: tensor {ref.key!r} maps to {target!r}, which this config does not "
+                            "have (e.g. expert weights in a dense layer, or a layer index past "
+                            f"num_layers={self.info.cfg.num_layers})")
+    return self.specs[target]
+
+  def _check(self, ref: TensorRef, got: tuple, want: tuple, note: str = ""):
+    if tuple(got) != tuple(want):
+      raise ConversionError(f"{ref.file}: tensor {ref.key!r} has shape {list(got)}, expected {list(want)}"
+                            f"{note} (config: {self.fam.name})")
+
+  def _dtype(self, a: np.ndarray) -> np.ndarray:
+    return a if self.dtype is None else a.astype(self.dtype)
+
+  def _place(self, target: str, value: np.ndarray, ref: TensorRef, expert: int | None = None):
+    spec = self._spec(target, ref)
+    if expert is None:
+      if target in self.out:
+        raise ConversionError(f"{ref.file}: tensor {ref.key!r} fills {target!r}, already filled by another key")
+      self.out[target] = self._dtype(value)
+      self.filled[target] = set(range(spec.shape[0])) if spec.axes[:1] == ("expert",) else {None}
+      return
+    e = spec.shape[0]
+    if expert >= e:
+      raise ConversionError(f"{ref.file}: tensor {ref.key!r} is expert {expert}, but the config has "
+                            f"num_experts={e}")
+    buf = self.out.get(target)
+    if buf is None:
+      buf = self.out[target] = np.zeros(spec.shape, value.dtype if self.dtype is None else self.dtype)
+      self.filled[target] = set()
+    if expert in self.filled[target]:
+      raise ConversionError(f"{ref.file}: tensor {ref.key!r} fills expert {expert} of {target!r} twice")
+    buf[expert] = value
+    self.filled[target].add(expert)
+
+  def add(self, ref: TensorRef, array: np.ndarray):
+    for rx, rule in self.rules:
+      m = rx.fullmatch(ref.key)
+      if m:
+        break
+    else:
+      raise ConversionError(f"{ref.file}: unexpected tensor {ref.key!r}: no {self.fam.name} parameter "
+                            "matches it")
+    if rule.kind == "skip":
+      return
+    groups = {k: (rule.names or {}).get(k, {}).get(v, v) for k, v in m.groupdict().items()}
+    targets = (rule.target,) if isinstance(rule.target, str) else rule.target
+    targets = [t.format(**groups) for t in targets]
+    if rule.kind == "copy":
+      spec = self._spec(targets[0], ref)
+      self._check(ref, (array.size,), (int(np.prod(spec.shape)),), f" (elements of {list(spec.shape)})")
+      self._place(targets[0], array.reshape(spec.shape), ref)
+    elif rule.kind == "linear":
+      spec = self._spec(targets[0], ref)
+      i = rule.in_dims
+      self._check(ref, array.shape, (int(np.prod(spec.shape[i:])), int(np.prod(spec.shape[:i]))))
+      self._place(targets[0], array.T.reshape(spec.shape), ref)
+    elif rule.kind == "expert_linear":
+      spec = self._spec(targets[0], ref)
+      self._check(ref, array.shape, (spec.shape[2], spec.shape[1]))
+      self._place(targets[0], array.T, ref, expert=int(groups["expert"]))
+    elif rule.kind == "fused_gate_up":
+      e, d, f = self._spec(targets[0], ref).shape
+      self._check(ref, array.shape, (e, 2 * f, d))
+      self._place(targets[0], array[:, :f, :].transpose(0, 2, 1), ref)
+      self._place(targets[1], array[:, f:, :].transpose(0, 2, 1), ref)
+    elif rule.kind == "fused_down":
+      e, f, d = self._spec(targets[0], ref).shape
+      self._check(ref, array.shape, (e, d, f))
+      self._place(targets[0], array.transpose(0, 2, 1), ref)
+    else:
+      raise AssertionError(rule.kind)
+
+  def finish(self, where: str) -> dict[str, np.ndarray]:
+    missing = []
+    for target, spec in self.specs.items():
+      got = self.filled.get(target)
+      if got is None:
+        missing.append(target)
+      elif spec.axes[:1] == ("expert",) and len(got) != spec.shape[0]:
+        missing.append(f"{target} experts {sorted(set(range(spec.shape[0])) - got)}")
+    if missing:
+      shown = missing[:12] + ([f"... {len(missing) - 12} more"] if len(missing) > 12 else [])
+      raise ConversionError(f"{where}: checkpoint is missing tensors for {shown} (family {self.fam.name})")
+    return self.out
+
+
+def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True
+                       ) -> tuple[CheckpointInfo, dict[str, Any]]:
+  """Read an HF MoE checkpoint directory into (info, params tree of numpy arrays).
+
+  Args:
+    dtype: None keeps each tensor's stored dtype (bf16 stays bf16); e.g. ``np.float32`` converts.
+  """
+  ckpt_dir = Path(ckpt_dir)
+  info = parse_hf_config(ckpt_dir)
+  import json
+  fam = family_for(json.loads((ckpt_dir / "config.json").read_text()), str(ckpt_dir / "config.json"))
+  refs = iter_tensors(ckpt_dir)
+  scales = {k[: -len(SCALE_SUFFIX)]: refs.pop(k) for k in [k for k in refs if k.endswith(SCALE_SUFFIX)]}
+  builder = _Builder(info, fam, dtype)
+  tied_head = None
+  for key, ref in tqdm(sorted(refs.items()), desc=f"convert {fam.name}", disable=not progress,
+                       unit="tensor"):
+    array = _dequant_fp8(ref, scales.pop(key, None), info.fp8_block) if ref.dtype in FP8 else ref.numpy()
+    if key == "lm_head.weight" and info.cfg.tie_word_embeddings:
+      tied_head = (ref, array)
+      continue
+    builder.add(ref, array)
+  if scales:
+    k, ref = next(iter(scales.items()))
+    raise ConversionError(f"{ref.file}: scale tensor {ref.key!r} has no fp8 weight {k!r} to dequantise")
+  flat = builder.finish(str(ckpt_dir))
+  if tied_head is not None:
+    ref, head = tied_head
+    if not np.array_equal(head, flat["embed/embedding"]):
+      raise ConversionError(f"{ref.file}: tie_word_embeddings is true but {ref.key!r} differs from "
+                            "model.embed_tokens.weight")
+  return info, unflatten(flat, info.cfg)

@@ -1,0 +1,204 @@
+"""Per-family tables: which config attributes each family handles (with transformers' defaults),
+which it ignores, how they map to ``MoEConfig``, and which checkpoint keys go where.
+
+Key rules are anchored regexes over HF tensor names; ``{layer}``/``{expert}``/``{proj}`` in a target are
+filled from the match (``names`` renames captured values, e.g. Mixtral's w1/w2/w3).
+Rule kinds: ``copy`` (reshape only), ``linear`` (torch [out, in] -> [in, out], then reshape;
+``in_dims`` = how many leading target dims are the input), ``expert_linear`` (one expert's linear into
+the stacked [e, ...] parameter), ``fused_gate_up`` ([e, 2f, d] -> w_gate, w_up [e, d, f]),
+``fused_down`` ([e, d, f] -> [e, f, d]), ``skip`` (buffers with no parameter, e.g. rotary inv_freq).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+from convert.errors import ConversionError
+
+LAYER = r"model\.layers\.(?P<layer>\d+)\."
+GATE_UP_DOWN = r"(?P<proj>gate|up|down)"
+
+
+class Rule(NamedTuple):
+  pattern: str
+  target: str | tuple[str, ...] | None
+  kind: str
+  in_dims: int = 1
+  names: dict[str, dict[str, str]] | None = None
+
+
+COMMON_RULES = (
+    Rule(r"model\.embed_tokens\.weight", "embed/embedding", "copy"),
+    Rule(r"model\.norm\.weight", "final_norm/scale", "copy"),
+    Rule(r"lm_head\.weight", "lm_head/kernel", "linear"),
+    Rule(LAYER + r"input_layernorm\.weight", "layers/{layer}/attn_norm/scale", "copy"),
+    Rule(LAYER + r"post_attention_layernorm\.weight", "layers/{layer}/mlp_norm/scale", "copy"),
+    Rule(LAYER + r"self_attn\.(?P<proj>[qkv])_proj\.weight", "layers/{layer}/attn/w{proj}", "linear"),
+    Rule(LAYER + r"self_attn\.(?P<proj>[qkvo])_proj\.bias", "layers/{layer}/attn/b{proj}", "copy"),
+    Rule(LAYER + r"self_attn\.o_proj\.weight", "layers/{layer}/attn/wo", "linear", in_dims=2),
+    Rule(LAYER + r"self_attn\.rotary_emb\.inv_freq", None, "skip"),
+    Rule(LAYER + r"mlp\." + GATE_UP_DOWN + r"_proj\.weight", "layers/{layer}/mlp/w_{proj}", "linear"),
+)
+EXPERTS = "layers/{layer}/mlp/experts/"
+
+
+def _routed_rules(block: str, proj_pattern: str = GATE_UP_DOWN + "_proj",
+                  names: dict | None = None) -> tuple[Rule, ...]:
+  """Router + per-expert keys (as on disk) + fused keys (transformers 5 in-memory layout)."""
+  return (
+      Rule(LAYER + block + r"\.gate\.weight", "layers/{layer}/mlp/router/kernel", "linear"),
+      Rule(LAYER + block + r"\.experts\.(?P<expert>\d+)\." + proj_pattern + r"\.weight",
+           EXPERTS + "w_{proj}", "expert_linear", names=names),
+      Rule(LAYER + block + r"\.experts\.gate_up_proj", (EXPERTS + "w_gate", EXPERTS + "w_up"), "fused_gate_up"),
+      Rule(LAYER + block + r"\.experts\.down_proj", EXPERTS + "w_down", "fused_down"),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  model_types: tuple[str, ...]
+  architectures: tuple[str, ...]
+  handled: frozenset
+  ignored: frozenset
+  defaults: dict[str, Any]
+  build: Callable[[Any, dict], dict]
+  rules: tuple[Rule, ...]
+
+
+def _windows(g, n_layers: int, layer_types, size) -> tuple[int, ...] | None:
+  if layer_types is None:
+    return None
+  if len(layer_types) != n_layers:
+    g.fail(f"layer_types has {len(layer_types)} entries, expected num_hidden_layers={n_layers}")
+  out = []
+  for i, t in enumerate(layer_types):
+    if t == "full_attention":
+      out.append(0)
+    elif t == "sliding_attention":
+      if not size:
+        g.fail(f"layer_types[{i}] is sliding_attention but the sliding window is {size!r}")
+      out.append(int(size))
+    else:
+      g.fail(f"layer_types[{i}]={t!r} is not supported (full_attention or sliding_attention)")
+  return tuple(out) if any(out) else None
+
+
+def _build_qwen2_moe(g, common: dict) -> dict:
+  n = common["num_layers"]
+  n_exp, step = int(g("num_experts")), int(g("decoder_sparse_step"))
+  only = set(g("mlp_only_layers") or [])
+  use_sw, mwl = bool(g("use_sliding_window")), int(g("max_window_layers"))
+  types = g("layer_types") or [
+      "sliding_attention" if (i + 1) % 2 and i < mwl and use_sw else "full_attention" for i in range(n)]
+  return dict(
+      intermediate_size=int(g("intermediate_size")), moe_intermediate_size=int(g("moe_intermediate_size")),
+      num_experts=n_exp, num_experts_per_tok=int(g("num_experts_per_tok")),
+      moe_layers=tuple(i not in only and n_exp > 0 and (i + 1) % step == 0 for i in range(n)),
+      shared_expert_size=int(g("shared_expert_intermediate_size")), shared_expert_gate=True,
+      norm_topk_prob=bool(g("norm_topk_prob")), qkv_bias=bool(g("qkv_bias")),
+      attn_windows=_windows(g, n, types, g("sliding_window") if use_sw else 0))
+
+
+def _build_mixtral(g, common: dict) -> dict:
+  n = common["num_layers"]
+  sw = g("sliding_window")
+  return dict(
+      intermediate_size=0, moe_intermediate_size=int(g("intermediate_size")),
+      num_experts=int(g("num_local_experts")), num_experts_per_tok=int(g("num_experts_per_tok")),
+      moe_layers=(True,) * n, norm_topk_prob=True,
+      attn_windows=(int(sw),) * n if sw else None)
+
+
+def _build_deepseek_v1(g, common: dict) -> dict:
+  n = common["num_layers"]
+  n_exp = g("n_routed_experts")
+  if not n_exp:
+    g.fail("n_routed_experts is null: this is a dense model, not an MoE")
+  if g("scoring_func") != "softmax":
+    g.fail(f"scoring_func={g('scoring_func')!r} is not supported by DeepSeek-MoE V1 (softmax)")
+  freq, first = int(g("moe_layer_freq")), int(g("first_k_dense_replace"))
+  f_moe = int(g("moe_intermediate_size"))
+  bias = bool(g("attention_bias"))
+  return dict(
+      intermediate_size=int(g("intermediate_size")), moe_intermediate_size=f_moe,
+      num_experts=int(n_exp), num_experts_per_tok=int(g("num_experts_per_tok")),
+      moe_layers=tuple(i >= first and i % freq == 0 for i in range(n)),
+      shared_expert_size=int(g("n_shared_experts") or 0) * f_moe, shared_expert_gate=False,
+      norm_topk_prob=bool(g("norm_topk_prob")), norm_topk_eps=1e-20, qkv_bias=bias, attn_out_bias=bias)
+
+
+QWEN2_MOE = Family(
+    name="qwen2_moe", model_types=("qwen2_moe",), architectures=("Qwen2MoeForCausalLM",),
+    handled=frozenset({"intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+                       "num_experts", "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step",
+                       "mlp_only_layers", "qkv_bias", "use_sliding_window", "sliding_window",
+                       "max_window_layers", "layer_types"}),
+    ignored=frozenset(),
+    defaults=dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                  num_attention_heads=16, num_key_value_heads=16, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_theta=10000.0, rope_scaling=None, rope_parameters=None, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=28, decoder_sparse_step=1,
+                  moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                  num_experts_per_tok=4, num_experts=60, norm_topk_prob=False, mlp_only_layers=None,
+                  qkv_bias=True, layer_types=None),
+    build=_build_qwen2_moe,
+    rules=COMMON_RULES + _routed_rules(r"mlp") + (
+        Rule(LAYER + r"mlp\.shared_expert\." + GATE_UP_DOWN + r"_proj\.weight",
+             "layers/{layer}/mlp/shared/w_{proj}", "linear"),
+        Rule(LAYER + r"mlp\.shared_expert_gate\.weight", "layers/{layer}/mlp/shared_gate/kernel", "linear"),
+    ))
+
+MIXTRAL = Family(
+    name="mixtral", model_types=("mixtral",), architectures=("MixtralForCausalLM",),
+    handled=frozenset({"intermediate_size", "num_local_experts", "num_experts_per_tok", "sliding_window"}),
+    ignored=frozenset({"router_jitter_noise"}),
+    defaults=dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_theta=1e6, rope_scaling=None, rope_parameters=None, sliding_window=None,
+                  num_experts_per_tok=2, num_local_experts=8),
+    build=_build_mixtral,
+    rules=COMMON_RULES
+    + _routed_rules(r"block_sparse_moe", r"(?P<proj>w[123])", names={"proj": {"w1": "gate", "w2": "down",
+                                                                              "w3": "up"}})
+    + _routed_rules(r"mlp"))
+
+DEEPSEEK_V1 = Family(
+    name="deepseek_v1", model_types=("deepseek",), architectures=("DeepseekForCausalLM",),
+    handled=frozenset({"intermediate_size", "moe_intermediate_size", "n_shared_experts", "n_routed_experts",
+                       "num_experts_per_tok", "moe_layer_freq", "first_k_dense_replace", "norm_topk_prob",
+                       "scoring_func", "attention_bias"}),
+    ignored=frozenset({"aux_loss_alpha", "seq_aux", "pretraining_tp"}),
+    defaults=dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_theta=10000.0, rope_scaling=None, rope_parameters=None, moe_intermediate_size=1408,
+                  n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, moe_layer_freq=1,
+                  first_k_dense_replace=1, norm_topk_prob=False, scoring_func="softmax",
+                  attention_bias=False),
+    build=_build_deepseek_v1,
+    rules=COMMON_RULES + _routed_rules(r"mlp") + (
+        Rule(LAYER + r"mlp\.shared_experts\." + GATE_UP_DOWN + r"_proj\.weight",
+             "layers/{layer}/mlp/shared/w_{proj}", "linear"),
+    ))
+
+FAMILIES = (QWEN2_MOE, MIXTRAL, DEEPSEEK_V1)
+_NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "qwen3_moe": "Qwen3-MoE",
+            "olmoe": "OLMoE"}
+
+
+def family_for(raw: dict, where: str) -> Family:
+  mt = raw.get("model_type")
+  for fam in FAMILIES:
+    if mt in fam.model_types:
+      archs = raw.get("architectures") or []
+      if archs and not set(archs) & set(fam.architectures):
+        raise ConversionError(f"{where}: architectures={archs} is not a causal LM of family {fam.name} "
+                              f"(expected one of {list(fam.architectures)})")
+      return fam
+  supported = sorted(t for f in FAMILIES for t in f.model_types)
+  hint = f" ({_NOT_YET[mt]} is planned but not supported yet)" if mt in _NOT_YET else ""
+  raise ConversionError(f"{where}: model_type={mt!r} is not supported{hint}; supported: {supported}")

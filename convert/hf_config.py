@@ -1,0 +1,132 @@
+"""The strict HF config gate: every ``config.json`` attribute is handled by the family table or
+explicitly ignored (no effect on inference logits); anything else is an error that names it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from bmoe_jax.config import MoEConfig
+from convert.errors import ConversionError
+
+# PretrainedConfig bookkeeping and training-only knobs: they do not change the logits.
+GENERIC_IGNORED = frozenset({
+    "architectures", "model_type", "transformers_version", "_name_or_path", "name_or_path", "auto_map",
+    "torch_dtype", "dtype", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+    "initializer_range", "attention_dropout", "output_router_logits", "router_aux_loss_coef",
+    "return_dict", "output_hidden_states", "output_attentions", "is_encoder_decoder",
+    "tokenizer_class", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
+    "use_bfloat16", "tf_legacy_loss", "pruned_heads", "torchscript", "task_specific_params",
+    "sep_token_id", "decoder_start_token_id", "prefix", "finetuning_task", "max_length",
+})
+COMMON_HANDLED = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
+    "rope_theta", "rope_scaling", "rope_parameters", "quantization_config",
+})
+_ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor"}
+
+
+class CheckpointInfo(NamedTuple):
+  family: str
+  cfg: MoEConfig
+  checkpoint_dtype: str | None  # as recorded in config.json (torch_dtype / dtype)
+  fp8_block: tuple[int, int] | None  # block size of fp8 weight_scale_inv dequantisation
+
+
+class Getter:
+  """Reads config attributes with the family's HF defaults; only declared attributes may be read."""
+
+  def __init__(self, raw: dict[str, Any], defaults: dict[str, Any], handled: frozenset, where: str):
+    self.raw, self.defaults, self.handled, self.where = raw, defaults, handled, where
+
+  def __call__(self, name: str):
+    assert name in self.handled, f"family table reads undeclared attribute {name}"
+    if name in self.raw:
+      return self.raw[name]
+    if name in self.defaults:
+      return self.defaults[name]
+    raise ConversionError(f"{self.where}: required attribute {name!r} is missing")
+
+  def fail(self, msg: str):
+    raise ConversionError(f"{self.where}: {msg}")
+
+
+def common_fields(g: Getter) -> dict[str, Any]:
+  """Llama-style attention, norms, embeddings and RoPE, shared by every family."""
+  heads = int(g("num_attention_heads"))
+  kv = g("num_key_value_heads")
+  head_dim = g("head_dim")
+  act = g("hidden_act")
+  if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
+    g.fail(f"hidden_act={act!r} is not supported (expected silu, gelu, gelu_pytorch_tanh or relu)")
+  out = dict(vocab_size=int(g("vocab_size")), hidden_size=int(g("hidden_size")),
+             num_layers=int(g("num_hidden_layers")), num_heads=heads,
+             num_kv_heads=int(kv if kv is not None else heads),
+             head_dim=int(head_dim if head_dim else g("hidden_size") // heads),
+             rms_norm_eps=float(g("rms_norm_eps")), hidden_act=act,
+             tie_word_embeddings=bool(g("tie_word_embeddings")),
+             max_position_embeddings=int(g("max_position_embeddings")))
+  out.update(_rope(g))
+  return out
+
+
+def _rope(g: Getter) -> dict[str, Any]:
+  params = g("rope_parameters")
+  if params is None:
+    theta, scaling = g("rope_theta"), g("rope_scaling")
+  else:
+    if not isinstance(params, dict) or "rope_theta" not in params:
+      g.fail(f"rope_parameters={params!r}: expected an object with 'rope_theta'")
+    theta, scaling = params["rope_theta"], params
+  scaling = scaling or {}
+  unknown = sorted(set(scaling) - _ROPE_KEYS)
+  if unknown:
+    g.fail(f"rope parameters {unknown} are not supported (handled: {sorted(_ROPE_KEYS)})")
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type not in ("default", "linear"):
+    g.fail(f"rope type {rope_type!r} is not supported (supported: default, linear)")
+  factor = float(scaling.get("factor", 1.0)) if rope_type == "linear" else 1.0
+  return dict(rope_theta=float(theta), rope_type=rope_type, rope_factor=factor)
+
+
+def _fp8_block(raw: dict, where: str) -> tuple[int, int] | None:
+  q = raw.get("quantization_config")
+  if q is None:
+    return None
+  if q.get("quant_method") != "fp8" or "weight_block_size" not in q:
+    raise ConversionError(f"{where}: quantization_config {q!r} is not supported (only fp8 with "
+                          "weight_block_size and weight_scale_inv tensors)")
+  bs = q["weight_block_size"]
+  return int(bs[0]), int(bs[1])
+
+
+def parse_hf_config(path: str | Path) -> CheckpointInfo:
+  """Parse a checkpoint's config.json (the file or its directory) into our ``MoEConfig``."""
+  from convert.families import family_for
+
+  path = Path(path)
+  file = path / "config.json" if path.is_dir() else path
+  if not file.exists():
+    raise ConversionError(f"{file}: not found (an HF checkpoint directory holds config.json)")
+  try:
+    raw = json.loads(file.read_text())
+  except json.JSONDecodeError as err:
+    raise ConversionError(f"{file}: malformed JSON ({err})") from None
+  fam = family_for(raw, str(file))
+  handled = COMMON_HANDLED | fam.handled
+  unknown = sorted(set(raw) - handled - fam.ignored - GENERIC_IGNORED)
+  if unknown:
+    raise ConversionError(
+        f"{file}: attributes {unknown} are not handled by the {fam.name} converter; refusing to guess "
+        "their effect (if one has no effect on inference, add it to the family's ignored list)")
+  g = Getter(raw, fam.defaults, handled, str(file))
+  fields = common_fields(g)
+  fields.update(fam.build(g, fields))
+  try:
+    cfg = MoEConfig(family=fam.name, **fields)
+  except ValueError as err:
+    raise ConversionError(f"{file}: {err}") from None
+  dtype = raw.get("torch_dtype", raw.get("dtype"))
+  return CheckpointInfo(fam.name, cfg, dtype, _fp8_block(raw, str(file)))
