@@ -73,7 +73,7 @@ def default_tile_rows(num_slots: int, num_experts: int) -> int:
 def _sort_slots(expert_nk, num_experts):
   """Order slots by expert; returns (order, expert of each sorted slot, group sizes, group starts)."""
   flat_s = expert_nk.reshape(-1)
-  order_s = jnp.argsort(flat_s, stable=True)
+  order_s = jnp.argsort(flat_s, stable=True).astype(jnp.int32)
   sorted_e_s = flat_s[order_s]
   sizes_e = jnp.bincount(flat_s, length=num_experts).astype(jnp.int32)
   starts_e = jnp.cumsum(sizes_e) - sizes_e
@@ -109,12 +109,32 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   return _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, x_nd.dtype)
 
 
+def _tie_batching(*arrays):
+  """Make ``vmap`` batch all of ``arrays`` or none of them, values and derivatives unchanged.
+
+  ``jax.lax.ragged_dot``'s batching rule needs lhs, rhs and group sizes all batched (other cases are
+  NYI in JAX), but under ``vmap`` over tokens the weights are not batched, and under ``vmap`` over
+  weights the group sizes are not. Each array is passed through a select on a constant-true predicate
+  whose other operand is a scalar of every other array: a no-op that XLA folds away without ``vmap``.
+  """
+  scalars = [jax.lax.stop_gradient(a.reshape(-1)[0]) for a in arrays]
+  out = []
+  for i, a in enumerate(arrays):
+    for j, s in enumerate(scalars):
+      if j != i:
+        a = jnp.where(True, a, s.astype(a.dtype))
+    out.append(a)
+  return out
+
+
 def experts_ragged(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None):
   """Grouped-GEMM path with ``jax.lax.ragged_dot`` (for GPU/TPU)."""
   n, k = expert_nk.shape
   e = w["w_gate"].shape[0]
   order_s, _, sizes_e, _ = _sort_slots(expert_nk, e)
   x_sd = x_nd[order_s // k]
+  x_sd, sizes_e, *wts = _tie_batching(x_sd, sizes_e, w["w_gate"], w["w_up"], w["w_down"])
+  w = dict(zip(("w_gate", "w_up", "w_down"), wts))
   h_sf = activation(act)(jax.lax.ragged_dot(x_sd, w["w_gate"], sizes_e)) * jax.lax.ragged_dot(
       x_sd, w["w_up"], sizes_e)
   y_sd = jax.lax.ragged_dot(h_sf, w["w_down"], sizes_e)

@@ -1,0 +1,161 @@
+"""Tiny random-weight HF checkpoints and their transformers reference outputs (needs torch).
+
+Used by the parity tests and by ``bmoe demo``. DeepSeek-MoE V1 has no transformers class (it is
+remote code on the hub), so its reference is transformers' Llama with each MoE layer's MLP swapped for
+transformers' DeepSeek-V2 MoE module (greedy softmax top-k, no group limit, scaling 1.0; V1's optional
+top-k renormalisation is added around its router). The checkpoint is written in the hub's V1 layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FAMILIES = ("qwen2_moe", "mixtral", "deepseek_v1")
+
+_SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _torch():
+  import torch
+  return torch
+
+
+def _qwen(overrides: dict):
+  from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+  kw = dict(_SMALL, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1)
+  kw.update(overrides)
+  return Qwen2MoeForCausalLM(Qwen2MoeConfig(**kw)), None
+
+
+def _mixtral(overrides: dict):
+  from transformers import MixtralConfig, MixtralForCausalLM
+  kw = dict(_SMALL, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2)
+  kw.update(overrides)
+  return MixtralForCausalLM(MixtralConfig(**kw)), None
+
+
+def _deepseek_v1(overrides: dict):
+  """Llama + DeepSeek-V2 MoE modules; returns (model, V1 config.json dict)."""
+  torch = _torch()
+  from transformers import DeepseekV2Config, LlamaConfig, LlamaForCausalLM
+  from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+  v1 = dict(_SMALL, model_type="deepseek", architectures=["DeepseekForCausalLM"], intermediate_size=48,
+            moe_intermediate_size=16, n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,
+            first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False, scoring_func="softmax",
+            aux_loss_alpha=0.001, seq_aux=True, hidden_act="silu", rms_norm_eps=1e-6,
+            rope_theta=10000.0, rope_scaling=None, attention_bias=False, attention_dropout=0.0,
+            tie_word_embeddings=False, torch_dtype="float32", pretraining_tp=1, use_cache=True,
+            bos_token_id=0, eos_token_id=1, initializer_range=0.02,
+            auto_map={"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                      "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"})
+  v1.update(overrides)
+  llama = LlamaForCausalLM(LlamaConfig(
+      vocab_size=v1["vocab_size"], hidden_size=v1["hidden_size"], intermediate_size=v1["intermediate_size"],
+      num_hidden_layers=v1["num_hidden_layers"], num_attention_heads=v1["num_attention_heads"],
+      num_key_value_heads=v1["num_key_value_heads"], max_position_embeddings=v1["max_position_embeddings"],
+      rms_norm_eps=v1["rms_norm_eps"], rope_theta=v1["rope_theta"], attention_bias=v1["attention_bias"],
+      tie_word_embeddings=v1["tie_word_embeddings"], hidden_act=v1["hidden_act"]))
+  shared = v1["n_shared_experts"] or 0
+  moe_cfg = DeepseekV2Config(
+      hidden_size=v1["hidden_size"], moe_intermediate_size=v1["moe_intermediate_size"],
+      n_routed_experts=v1["n_routed_experts"], n_shared_experts=max(shared, 1),
+      num_experts_per_tok=v1["num_experts_per_tok"], topk_method="greedy", n_group=1, topk_group=1,
+      routed_scaling_factor=1.0, hidden_act=v1["hidden_act"], norm_topk_prob=v1["norm_topk_prob"])
+  for i, layer in enumerate(llama.model.layers):
+    if i >= v1["first_k_dense_replace"] and i % v1["moe_layer_freq"] == 0:
+      moe = DeepseekV2Moe(moe_cfg)
+      if not shared:
+        moe.shared_experts = _zero_module()
+      if v1["norm_topk_prob"]:
+        moe.gate.forward = _renormalised(moe.gate.forward)
+      layer.mlp = moe
+  return llama, v1
+
+
+def _zero_module():
+  """Stands in for V1's absent shared experts (n_shared_experts null)."""
+  torch = _torch()
+
+  class Zero(torch.nn.Module):
+    def forward(self, x):
+      return torch.zeros_like(x)
+  return Zero()
+
+
+def _renormalised(gate_forward):
+  def forward(hidden_states):
+    logits, weights, idx = gate_forward(hidden_states)
+    return logits, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), idx
+  return forward
+
+
+def randomize_(model, seed: int, std: float = 0.15) -> None:
+  """Re-draw every parameter (norm scales around 1) so routing and logits are far from degenerate."""
+  torch = _torch()
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g) * std
+      p.copy_(1.0 + noise if "norm" in name else noise)
+
+
+def _v1_state_dict(model) -> dict[str, np.ndarray]:
+  """The hub's DeepSeek-MoE V1 key layout (per-expert keys) from the hybrid torch model."""
+  out = {}
+  for key, t in model.state_dict().items():
+    a = t.detach().cpu().numpy()
+    if key.endswith("mlp.experts.gate_up_proj"):
+      f = a.shape[1] // 2
+      for e in range(a.shape[0]):
+        out[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = a[e, :f]
+        out[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = a[e, f:]
+    elif key.endswith("mlp.experts.down_proj"):
+      for e in range(a.shape[0]):
+        out[key.replace("down_proj", f"{e}.down_proj.weight")] = a[e]
+    else:
+      out[key] = a
+  return out
+
+
+def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float = 0.15,
+                    **overrides: Any):
+  """Write a tiny random HF checkpoint of ``family`` to ``out_dir``; returns the torch reference model."""
+  torch = _torch()
+  if family not in FAMILIES:
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+  torch.manual_seed(seed)
+  model, v1_config = {"qwen2_moe": _qwen, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1}[family](overrides)
+  randomize_(model, seed, std)
+  model.eval()
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if v1_config is None:
+    model.save_pretrained(out_dir)
+  else:
+    from convert.safetensors_io import save_file
+    save_file(_v1_state_dict(model), out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(v1_config, indent=2))
+  return model
+
+
+def reference_outputs(model, tokens: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+  """Logits, per-layer hidden states and each MoE layer's router (logits, top-k weights, top-k ids)."""
+  torch = _torch()
+  routers = []
+  hooks = [m.register_forward_hook(lambda mod, inp, out: routers.append([o.detach().numpy() for o in out]))
+           for name, m in model.named_modules() if name.endswith("mlp.gate")]
+  try:
+    with torch.no_grad():
+      out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                  output_hidden_states=True)
+  finally:
+    for h in hooks:
+      h.remove()
+  return {"logits": out.logits.numpy(), "hidden": [h.numpy() for h in out.hidden_states],
+          "routers": routers}

@@ -1,0 +1,27 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def padded_batch(vocab: int, seed: int = 0, b: int = 3, s: int = 11, side: str = "right"):
+  """Token ids and a mask with padding on one row (right or left) and a full row."""
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(0, vocab, (b, s))
+  mask = np.ones((b, s), np.int64)
+  if side == "right":
+    mask[1, s - 4:] = 0
+  else:
+    mask[1, :4] = 0
+  mask[2, s - 1:] = 0 if side == "right" else 1
+  return tokens, mask
+
+
+@pytest.fixture
+def rng():
+  return np.random.RandomState(0)

@@ -1,0 +1,91 @@
+"""Parity with transformers on tiny random-weight models built here: logits, per-layer hidden states
+and router top-k, on padded batches, for both of our CPU expert paths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bmoe_jax as B
+from convert import load_hf_checkpoint
+from convert.reference import make_checkpoint, reference_outputs
+from tests.conftest import padded_batch
+
+CASES = [
+    ("qwen2_moe", {}),
+    ("qwen2_moe", {"norm_topk_prob": True}),
+    ("qwen2_moe", {"decoder_sparse_step": 2, "num_hidden_layers": 4}),
+    ("qwen2_moe", {"mlp_only_layers": [0, 2]}),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 3}),
+    ("qwen2_moe", {"tie_word_embeddings": True, "qkv_bias": False}),
+    ("mixtral", {}),
+    ("mixtral", {"sliding_window": 5, "num_experts_per_tok": 3}),
+    ("mixtral", {"head_dim": 12}),
+    ("deepseek_v1", {}),
+    ("deepseek_v1", {"first_k_dense_replace": 0, "moe_layer_freq": 2, "num_hidden_layers": 4}),
+    ("deepseek_v1", {"n_shared_experts": None, "norm_topk_prob": True}),
+    ("deepseek_v1", {"n_shared_experts": 2, "attention_bias": True, "num_experts_per_tok": 1}),
+]
+
+LOGIT_TOL = 1e-4
+
+
+def _ids(case):
+  fam, over = case
+  return fam + ("-" + "-".join(f"{k}={v}" for k, v in over.items()) if over else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_parity(case, side, tmp_path):
+  fam, over = case
+  torch_model = make_checkpoint(fam, tmp_path, seed=len(over), **over)
+  info, params = load_hf_checkpoint(tmp_path, progress=False)
+  cfg = info.cfg
+  params = jax.tree.map(jnp.asarray, params)
+  tokens, mask = padded_batch(cfg.vocab_size, side=side)
+  ref = reference_outputs(torch_model, tokens, mask)
+  real = mask.astype(bool)
+  for impl in ("dense", "sorted"):
+    out = jax.jit(B.forward, static_argnums=1, static_argnames=("expert_impl", "return_taps",
+                                                                 "return_hidden"))(
+        params, cfg, tokens, mask, expert_impl=impl, return_taps=True, return_hidden=True)
+    err = np.abs(np.asarray(out.logits) - ref["logits"])[real].max()
+    assert err <= LOGIT_TOL, f"{impl}: logits max abs diff {err}"
+    assert len(out.hidden_states) == len(ref["hidden"]) == cfg.num_layers + 1
+    for i, (ours, theirs) in enumerate(zip(out.hidden_states, ref["hidden"])):
+      herr = np.abs(np.asarray(ours) - theirs)[real].max()
+      assert herr <= LOGIT_TOL, f"{impl}: hidden state {i} max abs diff {herr}"
+    assert sorted(out.taps) == list(cfg.moe_layer_ids)
+    assert len(ref["routers"]) == len(cfg.moe_layer_ids)
+    for layer, (logits_ref, weights_ref, idx_ref) in zip(cfg.moe_layer_ids, ref["routers"]):
+      tap = out.taps[layer]
+      flat_real = real.reshape(-1)
+      ours_idx = np.asarray(tap.expert_bsk).reshape(-1, cfg.num_experts_per_tok)[flat_real]
+      order_ours = np.argsort(ours_idx, axis=-1)
+      order_ref = np.argsort(idx_ref[flat_real], axis=-1)
+      np.testing.assert_array_equal(np.take_along_axis(ours_idx, order_ours, -1),
+                                    np.take_along_axis(idx_ref[flat_real], order_ref, -1))
+      ours_w = np.asarray(tap.gate_bsk).reshape(-1, cfg.num_experts_per_tok)[flat_real]
+      np.testing.assert_allclose(np.take_along_axis(ours_w, order_ours, -1),
+                                 np.take_along_axis(weights_ref[flat_real], order_ref, -1), atol=1e-5)
+      np.testing.assert_allclose(np.asarray(tap.router_logits_bse).reshape(-1, cfg.num_experts)[flat_real],
+                                 logits_ref[flat_real], atol=1e-4)
+
+
+def test_parity_sharded_bf16_checkpoint(tmp_path):
+  """A sharded bf16 checkpoint keeps bf16 (dtype=None) and matches the bf16-rounded float32 model."""
+  import torch
+  model = make_checkpoint("qwen2_moe", tmp_path / "f32", seed=3)
+  model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
+  assert (tmp_path / "bf16" / "model.safetensors.index.json").exists()
+  info, params = load_hf_checkpoint(tmp_path / "bf16", progress=False)
+  assert params["layers"][0]["mlp"]["experts"]["w_down"].dtype == jnp.bfloat16
+  info32, params32 = load_hf_checkpoint(tmp_path / "bf16", dtype=np.float32, progress=False)
+  from transformers import AutoModelForCausalLM
+  model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+  tokens, mask = padded_batch(info.cfg.vocab_size)
+  ref = reference_outputs(model, tokens, mask)
+  out = B.forward(jax.tree.map(jnp.asarray, params32), info32.cfg, tokens, mask)
+  err = np.abs(np.asarray(out.logits) - ref["logits"])[mask.astype(bool)].max()
+  assert err <= LOGIT_TOL
