@@ -159,7 +159,7 @@ class MoEModel(nnx.Module):
     self.params = _as_nnx(params, logical_axes(cfg))
 
   def pure_params(self) -> dict[str, Any]:
-    return _pure(nnx.state(self.params, nnx.Param).to_pure_dict())
+    return _pure(nnx.to_pure_dict(nnx.state(self.params, nnx.Param)))
 
   def __call__(self, tokens_bs, attention_mask_bs=None, positions_bs=None, **kw) -> ForwardOutput:
     return forward(self.pure_params(), self.cfg, tokens_bs, attention_mask_bs, positions_bs, **kw)

@@ -66,7 +66,8 @@ def _deepseek_v1(overrides: dict):
       hidden_size=v1["hidden_size"], moe_intermediate_size=v1["moe_intermediate_size"],
       n_routed_experts=v1["n_routed_experts"], n_shared_experts=max(shared, 1),
       num_experts_per_tok=v1["num_experts_per_tok"], topk_method="greedy", n_group=1, topk_group=1,
-      routed_scaling_factor=1.0, hidden_act=v1["hidden_act"], norm_topk_prob=v1["norm_topk_prob"])
+      routed_scaling_factor=1.0, hidden_act=v1["hidden_act"], norm_topk_prob=v1["norm_topk_prob"],
+      experts_implementation="eager")
   for i, layer in enumerate(llama.model.layers):
     if i >= v1["first_k_dense_replace"] and i % v1["moe_layer_freq"] == 0:
       moe = DeepseekV2Moe(moe_cfg)

@@ -1,0 +1,97 @@
+"""``bmoe``: the command-line entry point (convert, info, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_convert(args) -> int:
+  from bmoe_jax.checkpoint import convert_checkpoint
+  out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.quiet)
+  print(f"wrote {out}")
+  return 0
+
+
+def describe(path: str | Path) -> dict:
+  """Architecture summary of an HF checkpoint or converted directory (config only, no weights)."""
+  from bmoe_jax.checkpoint import CONFIG_FILE
+  from bmoe_jax.config import MoEConfig
+  from bmoe_jax.params import count_params
+
+  path = Path(path)
+  if (path / CONFIG_FILE).exists():
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    cfg, family = MoEConfig.from_dict(meta["config"]), meta["source"].get("family", "converted")
+  else:
+    from convert import parse_hf_config
+    info = parse_hf_config(path)
+    cfg, family = info.cfg, info.family
+  counts = count_params(cfg)
+  layout = ["moe" if m else "dense" for m in cfg.moe_layers]
+  return {"family": family, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+          "attention": f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads x {cfg.head_dim}",
+          "experts": f"{cfg.num_experts} routed, top-{cfg.num_experts_per_tok}, width {cfg.moe_intermediate_size}",
+          "shared_expert": (f"width {cfg.shared_expert_size}" + (" with sigmoid gate" if cfg.shared_expert_gate
+                                                                 else "")) if cfg.shared_expert_size else "none",
+          "routing": f"softmax top-k, norm_topk_prob={cfg.norm_topk_prob}, scaling={cfg.routed_scaling_factor}",
+          "layer_pattern": layout, "params": counts, "config": cfg.to_dict()}
+
+
+def _cmd_info(args) -> int:
+  d = describe(args.path)
+  if args.json:
+    print(json.dumps(d, indent=2))
+    return 0
+  counts = d.pop("params")
+  pattern = d.pop("layer_pattern")
+  d.pop("config")
+  for k, v in d.items():
+    print(f"{k:>14}: {v}")
+  print(f"{'layer pattern':>14}: " + " ".join("M" if x == "moe" else "D" for x in pattern)
+        + f"  ({pattern.count('moe')} MoE, {pattern.count('dense')} dense)")
+  for k, v in counts.items():
+    print(f"{'params ' + k:>24}: {v:,}")
+  return 0
+
+
+def _cmd_demo(args) -> int:
+  from bmoe_jax.demo import run_parity_demo
+  return run_parity_demo(Path(args.out_dir), seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="bmoe", description="Bayesian uncertainty for MoE LLMs in JAX")
+  sub = p.add_subparsers(dest="command", required=True)
+  c = sub.add_parser("convert", help="convert an HF MoE checkpoint directory to a bmoe_jax directory")
+  c.add_argument("hf_dir")
+  c.add_argument("out_dir")
+  c.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16); default: as stored")
+  c.add_argument("--quiet", action="store_true", help="no progress bar")
+  c.set_defaults(fn=_cmd_convert)
+  i = sub.add_parser("info", help="architecture, parameter counts and expert layout of a checkpoint")
+  i.add_argument("path")
+  i.add_argument("--json", action="store_true")
+  i.set_defaults(fn=_cmd_info)
+  d = sub.add_parser("demo", help="build tiny HF MoE checkpoints, convert them, print parity with "
+                                  "transformers (needs torch: pip install -e '.[test]')")
+  d.add_argument("--out-dir", default="runs/demo")
+  d.add_argument("--seed", type=int, default=0)
+  d.set_defaults(fn=_cmd_demo)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  from convert.errors import ConversionError
+  try:
+    return args.fn(args)
+  except (ConversionError, FileNotFoundError, FileExistsError) as err:
+    print(f"bmoe {args.command}: error: {err}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,83 @@
+"""Orbax save/load, ``load_model`` from both directory kinds, the fused in-memory key layout, and the
+``bmoe convert`` / ``bmoe info`` commands."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bmoe_jax as B
+from bmoe_jax.checkpoint import convert_checkpoint, load_params
+from bmoe_jax.cli import main
+from convert import load_hf_checkpoint
+from convert.reference import make_checkpoint
+from convert.safetensors_io import save_file
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("hf")
+  make_checkpoint("deepseek_v1", d, seed=2)
+  return d
+
+
+def test_convert_roundtrip_and_load_model(hf_dir, tmp_path):
+  out = convert_checkpoint(hf_dir, tmp_path / "conv", progress=False)
+  cfg, params = load_params(out)
+  info, ref = load_hf_checkpoint(hf_dir, progress=False)
+  assert cfg == info.cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  tokens = np.arange(12).reshape(2, 6) % cfg.vocab_size
+  m1, m2 = B.load_model(out), B.load_model(hf_dir)
+  np.testing.assert_array_equal(m1(tokens).logits, m2(tokens).logits)
+  with pytest.raises(FileExistsError):
+    convert_checkpoint(hf_dir, out, progress=False)
+
+
+def test_load_model_dtype_cast(hf_dir):
+  m = B.load_model(hf_dir, dtype="bfloat16")
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(m.pure_params()))
+  out = m(np.zeros((1, 4), np.int32))
+  assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_load_model_bad_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match="neither a converted model"):
+    B.load_model(tmp_path)
+
+
+def test_fused_in_memory_layout_is_accepted(tmp_path):
+  """transformers 5's in-memory names (experts.gate_up_proj [E,2F,D], experts.down_proj [E,D,F],
+  Mixtral's mlp.* renames) convert to the same parameters as the on-disk per-expert keys."""
+  model = make_checkpoint("mixtral", tmp_path / "disk", seed=4)
+  fused = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  assert any(k.endswith("mlp.experts.gate_up_proj") for k in fused)
+  (tmp_path / "fused").mkdir()
+  save_file(fused, tmp_path / "fused" / "model.safetensors")
+  (tmp_path / "fused" / "config.json").write_text((tmp_path / "disk" / "config.json").read_text())
+  _, a = load_hf_checkpoint(tmp_path / "disk", progress=False)
+  _, b = load_hf_checkpoint(tmp_path / "fused", progress=False)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_cli_convert_and_info(hf_dir, tmp_path, capsys):
+  assert main(["convert", str(hf_dir), str(tmp_path / "c"), "--quiet", "--dtype", "float32"]) == 0
+  assert "wrote" in capsys.readouterr().out
+  assert main(["info", str(tmp_path / "c")]) == 0
+  text = capsys.readouterr().out
+  assert "deepseek_v1" in text and "D M M" in text and "params total" in text
+  assert main(["info", str(hf_dir), "--json"]) == 0
+  d = json.loads(capsys.readouterr().out)
+  assert d["params"]["total"] == sum(int(np.prod(a.shape)) for a in
+                                     jax.tree.leaves(load_hf_checkpoint(hf_dir, progress=False)[1]))
+
+
+def test_cli_reports_conversion_errors(tmp_path, capsys):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  assert main(["info", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert "bmoe info: error:" in err and "model_type='llama'" in err

@@ -1,0 +1,184 @@
+"""Bad checkpoints get one clear message naming the file, the key and what was expected."""
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from convert import ConversionError, load_hf_checkpoint, parse_hf_config
+from convert.reference import make_checkpoint
+from convert.safetensors_io import read_header, save_file
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+  d = tmp_path_factory.mktemp("good")
+  make_checkpoint("qwen2_moe", d, seed=1)
+  return d
+
+
+def _copy(good, tmp_path):
+  d = tmp_path / "ckpt"
+  shutil.copytree(good, d)
+  return d
+
+
+def _tensors(d):
+  return {k: r.numpy().copy() for k, r in read_header(d / "model.safetensors").items()}
+
+
+def _edit_config(d, **changes):
+  cfg = json.loads((d / "config.json").read_text())
+  cfg.update(changes)
+  (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _raises(d, *fragments, **kw):
+  with pytest.raises(ConversionError) as info:
+    load_hf_checkpoint(d, progress=False, **kw)
+  msg = str(info.value)
+  for f in fragments:
+    assert f in msg, msg
+  return msg
+
+
+def test_unknown_model_type(good, tmp_path):
+  d = _copy(good, tmp_path)
+  _edit_config(d, model_type="gpt_oss")
+  _raises(d, "config.json", "model_type='gpt_oss'", "supported")
+
+
+def test_planned_family_is_named(good, tmp_path):
+  d = _copy(good, tmp_path)
+  _edit_config(d, model_type="deepseek_v3")
+  _raises(d, "DeepSeek-V3", "not supported yet")
+
+
+def test_unhandled_config_attribute(good, tmp_path):
+  d = _copy(good, tmp_path)
+  _edit_config(d, moe_router_temperature=0.5)
+  _raises(d, "config.json", "moe_router_temperature", "qwen2_moe")
+
+
+def test_unsupported_rope_and_activation(good, tmp_path):
+  d = _copy(good, tmp_path)
+  _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+  _raises(d, "rope", "yarn")
+  _edit_config(d, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, hidden_act="swish2")
+  _raises(d, "hidden_act='swish2'")
+
+
+def test_missing_tensor(good, tmp_path):
+  d = _copy(good, tmp_path)
+  t = _tensors(d)
+  del t["model.layers.1.mlp.experts.3.down_proj.weight"]
+  save_file(t, d / "model.safetensors")
+  _raises(d, "missing", "layers/1/mlp/experts/w_down experts [3]")
+
+
+def test_extra_tensor(good, tmp_path):
+  d = _copy(good, tmp_path)
+  t = _tensors(d)
+  t["model.layers.0.mlp.mystery.weight"] = np.zeros((2, 2), np.float32)
+  save_file(t, d / "model.safetensors")
+  _raises(d, "model.safetensors", "unexpected tensor 'model.layers.0.mlp.mystery.weight'")
+
+
+def test_expert_index_out_of_range(good, tmp_path):
+  d = _copy(good, tmp_path)
+  t = _tensors(d)
+  t["model.layers.0.mlp.experts.9.up_proj.weight"] = t["model.layers.0.mlp.experts.0.up_proj.weight"]
+  save_file(t, d / "model.safetensors")
+  _raises(d, "expert 9", "num_experts=6")
+
+
+def test_wrong_shape(good, tmp_path):
+  d = _copy(good, tmp_path)
+  t = _tensors(d)
+  t["model.layers.2.self_attn.q_proj.weight"] = np.zeros((33, 32), np.float32)
+  save_file(t, d / "model.safetensors")
+  _raises(d, "model.layers.2.self_attn.q_proj.weight", "[33, 32]", "expected [32, 32]")
+
+
+def test_truncated_file(good, tmp_path):
+  d = _copy(good, tmp_path)
+  f = d / "model.safetensors"
+  f.write_bytes(f.read_bytes()[:-100])
+  _raises(d, "model.safetensors", "truncated")
+  f.write_bytes(b"\x01\x02")
+  _raises(d, "not a safetensors file")
+
+
+def test_no_weights_and_bad_index(good, tmp_path):
+  d = _copy(good, tmp_path)
+  (d / "model.safetensors").unlink()
+  _raises(d, "no *.safetensors")
+  (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shard-1.safetensors"}}))
+  _raises(d, "shard-1.safetensors", "do not exist")
+
+
+def test_duplicate_key_across_shards(good, tmp_path):
+  d = _copy(good, tmp_path)
+  t = _tensors(d)
+  save_file({"model.norm.weight": t["model.norm.weight"]}, d / "model-extra.safetensors")
+  _raises(d, "model.norm.weight", "also appears")
+
+
+def test_fp8_without_scales_is_rejected(good, tmp_path):
+  d = _copy(good, tmp_path)
+  t = _tensors(d)
+  key = "model.layers.0.mlp.experts.0.gate_proj.weight"
+  t[key] = t[key].astype(ml_dtypes.float8_e4m3fn)
+  save_file(t, d / "model.safetensors")
+  _raises(d, key, "F8_E4M3", "without dequantisation scales")
+
+
+def test_fp8_with_block_scales_is_dequantised(good, tmp_path):
+  d = _copy(good, tmp_path)
+  t = _tensors(d)
+  key = "model.layers.0.self_attn.q_proj.weight"  # [32, 32] -> 2 x 2 blocks of 16
+  w = t[key]
+  scale = np.array([[0.5, 2.0], [1.0, 4.0]], np.float32)
+  q = (w / np.repeat(np.repeat(scale, 16, 0), 16, 1)).astype(ml_dtypes.float8_e4m3fn)
+  t[key], t[key + "_scale_inv"] = q, scale
+  save_file(t, d / "model.safetensors")
+  _edit_config(d, quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16],
+                                       "fmt": "e4m3", "activation_scheme": "dynamic"})
+  with pytest.raises(ConversionError, match="quantization_config"):
+    _edit_config(d, quantization_config={"quant_method": "gptq"})
+    load_hf_checkpoint(d, progress=False)
+  _edit_config(d, quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16]})
+  info, params = load_hf_checkpoint(d, progress=False)
+  want = q.astype(np.float32) * np.repeat(np.repeat(scale, 16, 0), 16, 1)
+  np.testing.assert_array_equal(params["layers"][0]["attn"]["wq"].reshape(32, 32), want.T)
+
+
+def test_tied_head_must_equal_embedding(good, tmp_path):
+  d = _copy(good, tmp_path)
+  _edit_config(d, tie_word_embeddings=True)
+  _raises(d, "lm_head.weight", "differs")
+  t = _tensors(d)
+  t["lm_head.weight"] = t["model.embed_tokens.weight"]
+  save_file(t, d / "model.safetensors")
+  info, params = load_hf_checkpoint(d, progress=False)
+  assert "lm_head" not in params
+
+
+def test_deepseek_dense_or_sigmoid_rejected(tmp_path):
+  make_checkpoint("deepseek_v1", tmp_path)
+  _edit_config(tmp_path, scoring_func="sigmoid")
+  with pytest.raises(ConversionError, match="scoring_func='sigmoid'"):
+    parse_hf_config(tmp_path)
+  _edit_config(tmp_path, scoring_func="softmax", n_routed_experts=None)
+  with pytest.raises(ConversionError, match="dense model"):
+    parse_hf_config(tmp_path)
+
+
+def test_missing_config(tmp_path):
+  with pytest.raises(ConversionError, match="config.json: not found"):
+    parse_hf_config(tmp_path)
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(ConversionError, match="malformed JSON"):
+    parse_hf_config(tmp_path)
