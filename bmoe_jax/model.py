@@ -102,7 +102,7 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     lp = params["layers"][i]
     w = cfg.window(i)
     if w not in masks:
-      masks[w] = L.attention_mask(attention_mask_bs, positions_bs, s, w)
+      masks[w] = L.attention_mask(attention_mask_bs, s, w)
     h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
     x_bsd = x_bsd + L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, masks[w])
     h_bsd = L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)

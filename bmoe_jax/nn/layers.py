@@ -47,14 +47,13 @@ def apply_rope(x_bshc: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array) -> jax
   return x_bshc * cos + rotated * sin
 
 
-def attention_mask(mask_bt: jax.Array | None, positions_bs: jax.Array, seq_len: int,
-                   window: int = 0) -> jax.Array:
+def attention_mask(mask_bt: jax.Array | None, seq_len: int, window: int = 0) -> jax.Array:
   """Boolean [b, 1, 1, s, t]: causal (by index), padding from ``mask_bt``, optional sliding window.
 
   A key t is visible from query s when t <= s, the key is not padding, and (with a window w > 0)
-  s - t < w, the convention of transformers' sliding-window masks.
+  s - t < w, the convention of transformers' sliding-window masks. Causality is by index, as in
+  transformers; positions only feed RoPE.
   """
-  del positions_bs  # causality is by index, as in transformers (positions only feed RoPE)
   q = jnp.arange(seq_len)[:, None]
   t = jnp.arange(seq_len)[None, :]
   allowed_st = t <= q

@@ -1,0 +1,153 @@
+"""Flax -> HF: write a parameter tree as an HF checkpoint directory (config.json + safetensors with
+the hub's per-expert key layout) of one of our families, readable by transformers (Qwen2-MoE, Mixtral)
+or by the hub's remote code (DeepSeek-MoE V1) and by our own converter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bmoe_jax.config import MoEConfig
+from convert.builder import flat_specs
+from convert.errors import ConversionError
+from convert.safetensors_io import save_file
+
+_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# Where each family keeps its MoE pieces on disk.
+DISK = {
+    "qwen2_moe": dict(block="mlp", proj=_PROJ, shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
+    "mixtral": dict(block="block_sparse_moe", proj={"gate": "w1", "up": "w3", "down": "w2"}),
+    "deepseek_v1": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
+}
+
+
+def _need(cond: bool, family: str, msg: str):
+  if not cond:
+    raise ConversionError(f"cannot export as {family}: {msg}")
+
+
+def _common(cfg: MoEConfig, v1_rope: bool) -> dict[str, Any]:
+  out = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+             num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+             hidden_act=cfg.hidden_act, rms_norm_eps=cfg.rms_norm_eps,
+             tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings,
+             torch_dtype="float32")
+  scaling = {"rope_type": "linear", "factor": cfg.rope_factor} if cfg.rope_type == "linear" else None
+  if v1_rope:
+    out.update(rope_theta=cfg.rope_theta, rope_scaling=scaling)
+  else:
+    out["rope_parameters"] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **(
+        {"factor": cfg.rope_factor} if scaling else {})}
+  return out
+
+
+def _uniform_window(cfg: MoEConfig, family: str) -> int:
+  wins = set(cfg.attn_windows or (0,))
+  _need(len(wins - {0}) <= 1, family, f"sliding windows differ across layers: {sorted(wins)}")
+  return max(wins)
+
+
+def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  """Inverse of the family's config gate; errors where ``cfg`` has no exact HF equivalent."""
+  _need(cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
+  if family == "qwen2_moe":
+    _need(cfg.shared_expert_size > 0 and cfg.shared_expert_gate, family, "Qwen2-MoE always has a gated shared expert")
+    _need(cfg.norm_topk_eps == 0.0 and not cfg.attn_out_bias, family, "norm_topk_eps / attn_out_bias not representable")
+    w = _uniform_window(cfg, family)
+    types = ["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.num_layers)]
+    return dict(_common(cfg, False), architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                intermediate_size=cfg.intermediate_size or cfg.moe_intermediate_size,
+                moe_intermediate_size=cfg.moe_intermediate_size,
+                shared_expert_intermediate_size=cfg.shared_expert_size, num_experts=cfg.num_experts,
+                num_experts_per_tok=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+                decoder_sparse_step=1, mlp_only_layers=[i for i, m in enumerate(cfg.moe_layers) if not m],
+                qkv_bias=cfg.qkv_bias, use_sliding_window=bool(w), sliding_window=w or None,
+                max_window_layers=cfg.num_layers, layer_types=types)
+  if family == "mixtral":
+    _need(all(cfg.moe_layers), family, "every Mixtral layer is MoE")
+    _need(cfg.norm_topk_prob and not cfg.shared_expert_size and not cfg.qkv_bias and not cfg.attn_out_bias,
+          family, "Mixtral renormalises top-k and has no shared expert or attention bias")
+    _need(all(cfg.window(i) == cfg.window(0) for i in range(cfg.num_layers)), family, "per-layer windows")
+    return dict(_common(cfg, False), architectures=["MixtralForCausalLM"], model_type="mixtral",
+                intermediate_size=cfg.moe_intermediate_size, num_local_experts=cfg.num_experts,
+                num_experts_per_tok=cfg.num_experts_per_tok, sliding_window=cfg.window(0) or None)
+  if family == "deepseek_v1":
+    f = cfg.moe_intermediate_size
+    _need(not cfg.shared_expert_gate and cfg.shared_expert_size % f == 0, family,
+          "shared experts are n_shared_experts x moe_intermediate_size, ungated")
+    _need(cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows, family, "attention bias on q,k,v,o together; "
+          "no sliding window")
+    first = cfg.moe_layers.index(True)
+    freq = next((q for q in range(1, cfg.num_layers + 1) if all(
+        m == (i >= first and i % q == 0) for i, m in enumerate(cfg.moe_layers))), None)
+    _need(freq is not None, family, f"layer pattern {cfg.moe_layers} is not first_k_dense_replace + moe_layer_freq")
+    return dict(_common(cfg, True), architectures=["DeepseekForCausalLM"], model_type="deepseek",
+                intermediate_size=cfg.intermediate_size, moe_intermediate_size=f,
+                n_shared_experts=cfg.shared_expert_size // f or None, n_routed_experts=cfg.num_experts,
+                num_experts_per_tok=cfg.num_experts_per_tok, first_k_dense_replace=first, moe_layer_freq=freq,
+                norm_topk_prob=cfg.norm_topk_prob, scoring_func="softmax", attention_bias=cfg.qkv_bias)
+  raise ConversionError(f"cannot export: unknown family {family!r} (known: {sorted(DISK)})")
+
+
+def _linear(a: np.ndarray, in_dims: int = 1) -> np.ndarray:
+  """[in..., out...] -> torch [out, in]."""
+  return np.ascontiguousarray(a.reshape(int(np.prod(a.shape[:in_dims])), -1).T)
+
+
+def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str, np.ndarray]:
+  disk = DISK[family]
+  flat = {}
+  for path in flat_specs(cfg):
+    node = params
+    for p in path.split("/"):
+      node = node[int(p)] if p.isdigit() else node[p]
+    flat[path] = np.asarray(node)
+  out: dict[str, np.ndarray] = {}
+  for path, a in flat.items():
+    parts = path.split("/")
+    if path == "embed/embedding":
+      out["model.embed_tokens.weight"] = a
+    elif path == "final_norm/scale":
+      out["model.norm.weight"] = a
+    elif path == "lm_head/kernel":
+      out["lm_head.weight"] = _linear(a)
+    else:
+      i, group, name = parts[1], parts[2], parts[-1]
+      pre = f"model.layers.{i}."
+      if group == "attn_norm":
+        out[pre + "input_layernorm.weight"] = a
+      elif group == "mlp_norm":
+        out[pre + "post_attention_layernorm.weight"] = a
+      elif group == "attn" and name.startswith("w"):
+        out[pre + f"self_attn.{name[1]}_proj.weight"] = _linear(a, 2 if name == "wo" else 1)
+      elif group == "attn":
+        out[pre + f"self_attn.{name[1]}_proj.bias"] = a.reshape(-1)
+      elif len(parts) == 4:  # dense MLP
+        out[pre + f"mlp.{_PROJ[name[2:]]}.weight"] = _linear(a)
+      elif parts[3] == "router":
+        out[pre + f"{disk['block']}.gate.weight"] = _linear(a)
+      elif parts[3] == "experts":
+        for e in range(a.shape[0]):
+          out[pre + f"{disk['block']}.experts.{e}.{disk['proj'][name[2:]]}.weight"] = _linear(a[e])
+      elif parts[3] == "shared":
+        out[pre + f"{disk['shared']}.{_PROJ[name[2:]]}.weight"] = _linear(a)
+      elif parts[3] == "shared_gate":
+        out[pre + f"{disk['shared_gate']}.weight"] = _linear(a)
+      else:
+        raise AssertionError(path)
+  return out
+
+
+def export_hf(cfg: MoEConfig, params: dict[str, Any], out_dir: str | Path, family: str | None = None) -> Path:
+  """Write ``params`` as an HF checkpoint directory of ``family`` (default: the config's own)."""
+  family = family or cfg.family
+  out_dir = Path(out_dir)
+  config = hf_config(cfg, family)
+  tensors = hf_tensors(cfg, params, family)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, out_dir / "model.safetensors")
+  (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+  return out_dir
