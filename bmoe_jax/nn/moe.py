@@ -106,14 +106,25 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   src_p = jnp.full((p,), n, jnp.int32).at[dest_sorted_s].set(order_s // k)
   x_pd = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)], axis=0)[src_p]
   tile_e_m = jnp.minimum(jnp.searchsorted(padded_ends_e, jnp.arange(m) * r, side="right"), e - 1)
+  used_tiles = padded_ends_e[-1] // r  # tiles past this hold only padding: skipped
   fn = activation(act)
+  f = w["w_gate"].shape[-1]
+
+  def compute(x_rd, wg_df, wu_df, wd_fd):
+    h_rf = fn(x_rd @ wg_df) * (x_rd @ wu_df)
+    return h_rf, h_rf @ wd_fd
+
+  def skip(x_rd, *_):
+    return jnp.zeros((r, f), x_rd.dtype), jnp.zeros((r, d), x_rd.dtype)
 
   def tile(_, inp):
-    x_rd, expert = inp
-    h_rf = fn(x_rd @ w["w_gate"][expert]) * (x_rd @ w["w_up"][expert])
-    return None, (h_rf, h_rf @ w["w_down"][expert])
+    # The expert's weights are sliced outside the cond, so the backward pass accumulates [d, f]
+    # cotangents per tile rather than full [e, d, f] ones out of each cond.
+    x_rd, expert, i = inp
+    ws = (w["w_gate"][expert], w["w_up"][expert], w["w_down"][expert])
+    return None, jax.lax.cond(i < used_tiles, compute, skip, x_rd, *ws)
 
-  _, (h_mrf, y_mrd) = jax.lax.scan(tile, None, (x_pd.reshape(m, r, d), tile_e_m))
+  _, (h_mrf, y_mrd) = jax.lax.scan(tile, None, (x_pd.reshape(m, r, d), tile_e_m, jnp.arange(m)))
   h_nkf = h_mrf.reshape(p, -1)[dest_s].reshape(n, k, -1)
   y_nkd = y_mrd.reshape(p, -1)[dest_s].reshape(n, k, -1)
   return _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, x_nd.dtype)
