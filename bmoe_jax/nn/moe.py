@@ -87,10 +87,12 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
 
   Slots are sorted by expert into a padded buffer where each expert's rows start on a tile boundary,
   so every tile of ``r`` rows belongs to one expert; a ``lax.scan`` over tiles multiplies each tile by
-  its expert's weights, indexed inside the loop (no per-tile weight copies are materialised).
+  its expert's weights, indexed inside the loop (no per-tile weight copies are materialised). Tiles
+  that hold only padding are skipped with ``lax.cond`` (under ``vmap`` the cond becomes a select:
+  still exact, the padding tiles are then computed too).
   """
   n, k = expert_nk.shape
-  e, d, _ = w["w_gate"].shape
+  e, d, f = w["w_gate"].shape
   slots = n * k
   r = tile_rows or default_tile_rows(slots, e)
   order_s, sorted_e_s, sizes_e, starts_e = _sort_slots(expert_nk, e)
@@ -108,7 +110,6 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   tile_e_m = jnp.minimum(jnp.searchsorted(padded_ends_e, jnp.arange(m) * r, side="right"), e - 1)
   used_tiles = padded_ends_e[-1] // r  # tiles past this hold only padding: skipped
   fn = activation(act)
-  f = w["w_gate"].shape[-1]
 
   def compute(x_rd, wg_df, wu_df, wd_fd):
     h_rf = fn(x_rd @ wg_df) * (x_rd @ wu_df)
@@ -166,6 +167,7 @@ def experts_ragged(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
 
 
 def routed_experts(impl: str, x_nd, expert_nk, gate_nk, w, act, perturb_nkd=None, tile_rows=None):
+  w = {name: jnp.asarray(a) for name, a in w.items()}  # numpy weights cannot be indexed by tracers
   if impl == "dense":
     return experts_dense(x_nd, expert_nk, gate_nk, w, act, perturb_nkd)
   if impl == "sorted":
