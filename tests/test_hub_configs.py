@@ -1,0 +1,40 @@
+"""The strict config gate accepts the real hub config.json files of the target models, and the
+parameter counts it implies match the published model sizes."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import bmoe_jax as B
+from convert import parse_hf_config
+
+HUB = Path(__file__).parent / "hub_configs"
+# (file, family, published total params, published activated params, MoE layers), in billions.
+PUBLISHED = [
+    ("qwen1.5-moe-a2.7b.json", "qwen2_moe", 14.3, 2.7, 24),
+    ("deepseek-moe-16b-base.json", "deepseek_v1", 16.4, 2.8, 27),
+    ("mixtral-8x7b-v0.1.json", "mixtral", 46.7, 12.9, 32),
+]
+
+
+@pytest.mark.parametrize("name,family,total,active,moe_layers", PUBLISHED)
+def test_hub_config_counts_match_published_sizes(name, family, total, active, moe_layers):
+  info = parse_hf_config(HUB / name)
+  assert info.family == family and info.checkpoint_dtype == "bfloat16"
+  assert sum(info.cfg.moe_layers) == moe_layers
+  counts = B.count_params(info.cfg)
+  assert counts["total"] / 1e9 == pytest.approx(total, abs=0.06)
+  assert counts["active_per_token"] / 1e9 == pytest.approx(active, abs=0.06)
+
+
+def test_forward_traces_at_real_size_without_weights():
+  """Shapes of a Qwen1.5-MoE-A2.7B forward, from abstract parameters (nothing allocated)."""
+  cfg = parse_hf_config(HUB / "qwen1.5-moe-a2.7b.json").cfg
+  params = B.abstract_params(cfg, jnp.bfloat16)
+  tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+  out = jax.eval_shape(lambda p, t: B.forward(p, cfg, t, return_taps=True), params, tokens)
+  assert out.logits.shape == (2, 16, 151936)
+  assert out.taps[0].down_in_bskf.shape == (2, 16, 4, 1408)
+  assert out.taps[0].shared_in_bsf.shape == (2, 16, 5632)
