@@ -18,11 +18,13 @@ from tqdm.auto import tqdm
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.params import ParamSpec, param_specs
 from convert.errors import ConversionError
-from convert.families import Family, Rule, family_for
+from convert.families import FAMILIES, Family
 from convert.hf_config import CheckpointInfo, parse_hf_config
-from convert.safetensors_io import FP8, TensorRef, iter_tensors
+from convert.safetensors_io import DTYPES, FP8, TensorRef, iter_tensors
 
 SCALE_SUFFIX = "_scale_inv"
+FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+DTYPE_NAMES = {"float32": DTYPES["F32"], "bfloat16": DTYPES["BF16"], "float16": DTYPES["F16"]}
 
 
 def flat_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
@@ -166,15 +168,19 @@ def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True
   """
   ckpt_dir = Path(ckpt_dir)
   info = parse_hf_config(ckpt_dir)
-  import json
-  fam = family_for(json.loads((ckpt_dir / "config.json").read_text()), str(ckpt_dir / "config.json"))
+  fam = FAMILY_BY_NAME[info.family]
   refs = iter_tensors(ckpt_dir)
   scales = {k[: -len(SCALE_SUFFIX)]: refs.pop(k) for k in [k for k in refs if k.endswith(SCALE_SUFFIX)]}
   builder = _Builder(info, fam, dtype)
   tied_head = None
   for key, ref in tqdm(sorted(refs.items()), desc=f"convert {fam.name}", disable=not progress,
                        unit="tensor"):
-    array = _dequant_fp8(ref, scales.pop(key, None), info.fp8_block) if ref.dtype in FP8 else ref.numpy()
+    if ref.dtype in FP8:
+      array = _dequant_fp8(ref, scales.pop(key, None), info.fp8_block)
+      if dtype is None and info.checkpoint_dtype in DTYPE_NAMES:  # one dtype, as transformers loads it
+        array = array.astype(DTYPE_NAMES[info.checkpoint_dtype])
+    else:
+      array = ref.numpy()
     if key == "lm_head.weight" and info.cfg.tie_word_embeddings:
       tied_head = (ref, array)
       continue
@@ -185,6 +191,8 @@ def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True
   flat = builder.finish(str(ckpt_dir))
   if tied_head is not None:
     ref, head = tied_head
+    if dtype is not None:
+      head = head.astype(dtype)  # compare as the embedding was stored
     if not np.array_equal(head, flat["embed/embedding"]):
       raise ConversionError(f"{ref.file}: tie_word_embeddings is true but {ref.key!r} differs from "
                             "model.embed_tokens.weight")

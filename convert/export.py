@@ -80,6 +80,7 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
           "shared experts are n_shared_experts x moe_intermediate_size, ungated")
     _need(cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows, family, "attention bias on q,k,v,o together; "
           "no sliding window")
+    _need(any(cfg.moe_layers), family, "no MoE layer")
     first = cfg.moe_layers.index(True)
     freq = next((q for q in range(1, cfg.num_layers + 1) if all(
         m == (i >= first and i % q == 0) for i, m in enumerate(cfg.moe_layers))), None)

@@ -88,6 +88,8 @@ def _windows(g, n_layers: int, layer_types, size) -> tuple[int, ...] | None:
 def _build_qwen2_moe(g, common: dict) -> dict:
   n = common["num_layers"]
   n_exp, step = int(g("num_experts")), int(g("decoder_sparse_step"))
+  if step < 1:
+    g.fail(f"decoder_sparse_step={step} must be >= 1")
   only = set(g("mlp_only_layers") or [])
   use_sw, mwl = bool(g("use_sliding_window")), int(g("max_window_layers"))
   types = g("layer_types") or [
@@ -119,14 +121,20 @@ def _build_deepseek_v1(g, common: dict) -> dict:
   if g("scoring_func") != "softmax":
     g.fail(f"scoring_func={g('scoring_func')!r} is not supported by DeepSeek-MoE V1 (softmax)")
   freq, first = int(g("moe_layer_freq")), int(g("first_k_dense_replace"))
+  if freq < 1:
+    g.fail(f"moe_layer_freq={freq} must be >= 1")
+  top_k = g("num_experts_per_tok")
+  if not top_k:
+    g.fail("num_experts_per_tok is missing or null")
   f_moe = int(g("moe_intermediate_size"))
   bias = bool(g("attention_bias"))
   return dict(
       intermediate_size=int(g("intermediate_size")), moe_intermediate_size=f_moe,
-      num_experts=int(n_exp), num_experts_per_tok=int(g("num_experts_per_tok")),
+      num_experts=int(n_exp), num_experts_per_tok=int(top_k),
       moe_layers=tuple(i >= first and i % freq == 0 for i in range(n)),
       shared_expert_size=int(g("n_shared_experts") or 0) * f_moe, shared_expert_gate=False,
-      norm_topk_prob=bool(g("norm_topk_prob")), norm_topk_eps=1e-20, qkv_bias=bias, attn_out_bias=bias)
+      # V1's gate renormalises only when top_k > 1.
+      norm_topk_prob=bool(g("norm_topk_prob")) and int(top_k) > 1, norm_topk_eps=1e-20, qkv_bias=bias, attn_out_bias=bias)
 
 
 QWEN2_MOE = Family(
@@ -172,12 +180,13 @@ DEEPSEEK_V1 = Family(
                        "num_experts_per_tok", "moe_layer_freq", "first_k_dense_replace", "norm_topk_prob",
                        "scoring_func", "attention_bias"}),
     ignored=frozenset({"aux_loss_alpha", "seq_aux", "pretraining_tp"}),
-    defaults=dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=None, head_dim=None, hidden_act="silu",
-                  max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  rope_theta=10000.0, rope_scaling=None, rope_parameters=None, moe_intermediate_size=1408,
-                  n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, moe_layer_freq=1,
-                  first_k_dense_replace=1, norm_topk_prob=False, scoring_func="softmax",
+    # The remote code's DeepseekConfig defaults (not the 16B checkpoint's values).
+    defaults=dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
+                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_theta=10000.0, rope_scaling=None, rope_parameters=None, moe_intermediate_size=1407,
+                  n_shared_experts=None, n_routed_experts=None, num_experts_per_tok=None, moe_layer_freq=1,
+                  first_k_dense_replace=0, norm_topk_prob=False, scoring_func="softmax",
                   attention_bias=False),
     build=_build_deepseek_v1,
     rules=COMMON_RULES + _routed_rules(r"mlp") + (

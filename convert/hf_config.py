@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bmoe_jax.config import MoEConfig
+from bmoe_jax.config import SUPPORTED_ACTIVATIONS, MoEConfig
 from convert.errors import ConversionError
 
 # PretrainedConfig bookkeeping and training-only knobs: they do not change the logits.
@@ -59,8 +59,8 @@ def common_fields(g: Getter) -> dict[str, Any]:
   kv = g("num_key_value_heads")
   head_dim = g("head_dim")
   act = g("hidden_act")
-  if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
-    g.fail(f"hidden_act={act!r} is not supported (expected silu, gelu, gelu_pytorch_tanh or relu)")
+  if act not in SUPPORTED_ACTIVATIONS:
+    g.fail(f"hidden_act={act!r} is not supported (expected one of {SUPPORTED_ACTIVATIONS})")
   out = dict(vocab_size=int(g("vocab_size")), hidden_size=int(g("hidden_size")),
              num_layers=int(g("num_hidden_layers")), num_heads=heads,
              num_kv_heads=int(kv if kv is not None else heads),
@@ -87,7 +87,9 @@ def _rope(g: Getter) -> dict[str, Any]:
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
   if rope_type not in ("default", "linear"):
     g.fail(f"rope type {rope_type!r} is not supported (supported: default, linear)")
-  factor = float(scaling.get("factor", 1.0)) if rope_type == "linear" else 1.0
+  if rope_type == "linear" and "factor" not in scaling:
+    g.fail("linear rope scaling needs a 'factor'")
+  factor = float(scaling["factor"]) if rope_type == "linear" else 1.0
   return dict(rope_theta=float(theta), rope_type=rope_type, rope_factor=factor)
 
 

@@ -73,7 +73,7 @@ def _deepseek_v1(overrides: dict):
       moe = DeepseekV2Moe(moe_cfg)
       if not shared:
         moe.shared_experts = _zero_module()
-      if v1["norm_topk_prob"]:
+      if v1["norm_topk_prob"] and v1["num_experts_per_tok"] > 1:
         moe.gate.forward = _renormalised(moe.gate.forward)
       layer.mlp = moe
   return llama, v1

@@ -8,8 +8,6 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Iterator
-
 import ml_dtypes
 import numpy as np
 
@@ -57,6 +55,8 @@ def read_header(file: Path) -> dict[str, TensorRef]:
   base = 8 + hlen
   refs = {}
   for key, info in header.items():
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+      raise ConversionError(f"{file}: header entry {key!r} needs dtype, shape and data_offsets; got {info!r}")
     dtype = info.get("dtype")
     if dtype not in DTYPES:
       raise ConversionError(f"{file}: tensor {key!r} has dtype {dtype!r}; supported: {sorted(DTYPES)}")
@@ -122,7 +122,3 @@ def save_file(tensors: dict[str, np.ndarray], file: Path, metadata: dict[str, st
     fh.write(blob)
     for a in arrays:
       fh.write(a.tobytes())
-
-
-def items(refs: dict[str, TensorRef]) -> Iterator[tuple[str, TensorRef]]:
-  return iter(sorted(refs.items()))

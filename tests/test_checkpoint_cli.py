@@ -28,6 +28,7 @@ def test_convert_roundtrip_and_load_model(hf_dir, tmp_path):
   cfg, params = load_params(out)
   info, ref = load_hf_checkpoint(hf_dir, progress=False)
   assert cfg == info.cfg
+  assert jax.tree.structure(params) == jax.tree.structure(ref)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(np.asarray(a), b)
   tokens = np.arange(12).reshape(2, 6) % cfg.vocab_size
@@ -60,6 +61,7 @@ def test_fused_in_memory_layout_is_accepted(tmp_path):
   (tmp_path / "fused" / "config.json").write_text((tmp_path / "disk" / "config.json").read_text())
   _, a = load_hf_checkpoint(tmp_path / "disk", progress=False)
   _, b = load_hf_checkpoint(tmp_path / "fused", progress=False)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 

@@ -182,3 +182,52 @@ def test_missing_config(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(ConversionError, match="malformed JSON"):
     parse_hf_config(tmp_path)
+
+
+def test_config_values_that_would_divide_by_zero(good, tmp_path):
+  d = _copy(good, tmp_path)
+  _edit_config(d, decoder_sparse_step=0)
+  _raises(d, "decoder_sparse_step=0")
+  _edit_config(d, decoder_sparse_step=1, rope_parameters={"rope_type": "linear", "rope_theta": 1e4})
+  _raises(d, "linear rope scaling needs a 'factor'")
+
+
+def test_malformed_header_entry(good, tmp_path):
+  import struct
+  d = _copy(good, tmp_path)
+  blob = json.dumps({"x": {"dtype": "F32"}}).encode()
+  (d / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob)
+  _raises(d, "header entry 'x' needs dtype, shape and data_offsets")
+
+
+def test_tied_head_with_dtype_cast(good, tmp_path):
+  d = _copy(good, tmp_path)
+  _edit_config(d, tie_word_embeddings=True)
+  t = _tensors(d)
+  t["lm_head.weight"] = t["model.embed_tokens.weight"]
+  save_file(t, d / "model.safetensors")
+  info, params = load_hf_checkpoint(d, dtype=ml_dtypes.bfloat16, progress=False)
+  assert params["embed"]["embedding"].dtype == ml_dtypes.bfloat16
+
+
+def test_fp8_dequantised_to_checkpoint_dtype(good, tmp_path):
+  """Without --dtype, dequantised fp8 weights take the checkpoint's torch_dtype (one dtype throughout)."""
+  d = _copy(good, tmp_path)
+  t = {k: v.astype(ml_dtypes.bfloat16) for k, v in _tensors(d).items()}
+  key = "model.layers.0.self_attn.q_proj.weight"
+  t[key] = t[key].astype(ml_dtypes.float8_e4m3fn)
+  t[key + "_scale_inv"] = np.ones((2, 2), np.float32)
+  save_file(t, d / "model.safetensors")
+  _edit_config(d, torch_dtype="bfloat16", dtype="bfloat16",
+               quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16]})
+  info, params = load_hf_checkpoint(d, progress=False)
+  assert params["layers"][0]["attn"]["wq"].dtype == ml_dtypes.bfloat16
+
+
+def test_deepseek_top1_is_not_renormalised(tmp_path):
+  """V1 renormalises top-k only when top_k > 1 (a top-1 gate keeps its softmax probability)."""
+  make_checkpoint("deepseek_v1", tmp_path, num_experts_per_tok=1, norm_topk_prob=True)
+  assert parse_hf_config(tmp_path).cfg.norm_topk_prob is False
+  _edit_config(tmp_path, num_experts_per_tok=None)
+  with pytest.raises(ConversionError, match="num_experts_per_tok is missing"):
+    parse_hf_config(tmp_path)

@@ -21,6 +21,7 @@ def test_hf_export_roundtrip(family, over, tmp_path):
   export_hf(info.cfg, params, tmp_path / "b")
   info_b, params_b = load_hf_checkpoint(tmp_path / "b", progress=False)
   assert info_b.cfg == info.cfg
+  assert jax.tree.structure(params) == jax.tree.structure(params_b)
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(x, y)
 

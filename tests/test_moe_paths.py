@@ -146,3 +146,27 @@ def test_full_model_paths_agree_with_grads(impl):
   np.testing.assert_allclose(v, ref_v, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vmap_over_weights(impl):
+  """Vmapping over sampled expert weights (as weight-space Monte Carlo does)."""
+  x, w, router = _problem(jax.random.key(8))
+  r = M.route(x, router, 2, norm_topk_prob=True)
+  ws = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a]), w)
+  out = jax.vmap(lambda w: M.routed_experts(impl, x, r.expert_nk, r.gate_nk, w, "silu")[0])(ws)
+  for i in range(3):
+    wi = jax.tree.map(lambda a: a[i], ws)
+    np.testing.assert_allclose(out[i], M.routed_experts("dense", x, r.expert_nk, r.gate_nk, wi, "silu")[0],
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch_and_mixed_dtypes(impl):
+  x, w, router = _problem(jax.random.key(9))
+  empty = M.routed_experts(impl, x[:0], jnp.zeros((0, 2), jnp.int32), jnp.zeros((0, 2)), w, "silu")
+  assert empty[0].shape == (0, x.shape[1]) and empty[1].shape == (0, 2, w["w_down"].shape[1])
+  r = M.route(x, router, 2, norm_topk_prob=True)
+  mixed = dict(w, w_down=w["w_down"].astype(jnp.bfloat16))
+  out = jax.jit(lambda x: M.routed_experts(impl, x.astype(jnp.bfloat16), r.expert_nk, r.gate_nk, mixed, "silu")[0])(x)
+  assert bool(jnp.isfinite(out).all())

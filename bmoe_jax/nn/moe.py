@@ -115,8 +115,9 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
     h_rf = fn(x_rd @ wg_df) * (x_rd @ wu_df)
     return h_rf, h_rf @ wd_fd
 
-  def skip(x_rd, *_):
-    return jnp.zeros((r, f), x_rd.dtype), jnp.zeros((r, d), x_rd.dtype)
+  def skip(x_rd, wg_df, wu_df, wd_fd):
+    h_dtype = jnp.result_type(x_rd, wg_df, wu_df)
+    return jnp.zeros((r, f), h_dtype), jnp.zeros((r, d), jnp.result_type(h_dtype, wd_fd))
 
   def tile(_, inp):
     # The expert's weights are sliced outside the cond, so the backward pass accumulates [d, f]
@@ -138,6 +139,8 @@ def _tie_batching(*arrays):
   NYI in JAX), but under ``vmap`` over tokens the weights are not batched, and under ``vmap`` over
   weights the group sizes are not. Each array is passed through a select on a constant-true predicate
   whose other operand is a scalar of every other array: a no-op that XLA folds away without ``vmap``.
+  Cost: under ``vmap`` over tokens the expert weights get a batch axis (one copy per vmapped example),
+  so prefer ``sorted`` or ``dense`` for per-example vmaps of large models.
   """
   scalars = [jax.lax.stop_gradient(a.reshape(-1)[0]) for a in arrays]
   out = []
@@ -168,6 +171,10 @@ def experts_ragged(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
 
 def routed_experts(impl: str, x_nd, expert_nk, gate_nk, w, act, perturb_nkd=None, tile_rows=None):
   w = {name: jnp.asarray(a) for name, a in w.items()}  # numpy weights cannot be indexed by tracers
+  if expert_nk.size == 0:  # no tokens: nothing routed
+    n, k = expert_nk.shape
+    return (jnp.zeros_like(x_nd),
+            jnp.zeros((n, k, w["w_down"].shape[1]), jnp.result_type(x_nd, w["w_gate"])))
   if impl == "dense":
     return experts_dense(x_nd, expert_nk, gate_nk, w, act, perturb_nkd)
   if impl == "sorted":
