@@ -1,0 +1,148 @@
+"""Per-expert Kronecker factors of the GGN of the task loss w.r.t. every routed expert's down_proj.
+
+Task output: the C class logits ``f = logits[b, answer_pos_b, class_ids]``. For expert e of MoE layer l,
+with down_proj inputs ``a`` (per routed slot) and gradients ``g`` of the loss w.r.t. that expert's output
+(routing weight included, read off the zero perturbations of ``bmoe_jax.model.forward``)::
+
+  GGN_e ~= A_e (x) G_e,   A_e = sum over rows of a a^T,   G_e = sum over rows of g g^T.
+
+Label modes (how g is formed): ``exact`` (expectation over the C classes under the model's predictive,
+C vector-Jacobian products: sum_c p_c g_c g_c^T, so Fisher = GGN exactly), ``mc`` (one label sampled from
+the predictive), ``empirical`` (the true label).
+Token modes: ``last`` (only the answer position contributes), ``expand`` (every real routed token is a
+row for A and for G), ``reduce`` (per sequence and expert: mean of a over its tokens, sum of g).
+
+These are sums; ``finalize`` divides A by its row count so that A (x) G is the K-FAC estimate of the
+summed GGN: exact for one sequence with one contributing row (see the tests), and the usual
+"expectation of A times sum of G" approximation otherwise. Routing is held at its MAP value.
+All functions are pure and jit-able; the per-expert work is a ``jax.vmap`` over the expert axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bmoe_jax.config import MoEConfig
+from bmoe_jax.model import forward, zero_perturbations
+
+LABEL_MODES = ("exact", "mc", "empirical")
+TOKEN_MODES = ("last", "expand", "reduce")
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorSpec:
+  layers: tuple[int, ...]  # MoE layers whose experts are Bayesian
+  labels: str = "exact"
+  tokens: str = "last"
+
+  def __post_init__(self):
+    if self.labels not in LABEL_MODES:
+      raise ValueError(f"labels={self.labels!r}: expected one of {LABEL_MODES}")
+    if self.tokens not in TOKEN_MODES:
+      raise ValueError(f"tokens={self.tokens!r}: expected one of {TOKEN_MODES}")
+
+
+class Batch(NamedTuple):
+  tokens_bs: jax.Array
+  mask_bs: jax.Array
+  answer_pos_b: jax.Array
+  labels_b: jax.Array  # index into class_ids
+
+
+class LayerStats(NamedTuple):
+  a_eff: jax.Array  # [e, f, f] sum of a a^T
+  g_edd: jax.Array  # [e, d, d] sum of g g^T
+  rows_e: jax.Array  # [e] rows that entered A
+
+
+def task_logits(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, perturb=None, **kw):
+  out = forward(params, cfg, batch.tokens_bs, batch.mask_bs, perturb=perturb, return_taps=True,
+                logit_positions_b=batch.answer_pos_b, **kw)
+  return out.logits[:, class_ids_c], out.taps
+
+
+def _label_cotangents(f_bc, batch: Batch, spec: FactorSpec, key):
+  """Cotangents on f (one per label draw) and their weights: d(-log p_y)/df = p - onehot(y)."""
+  p_bc = jax.nn.softmax(f_bc, axis=-1)
+  c = f_bc.shape[-1]
+  if spec.labels == "exact":
+    y_lb = jnp.broadcast_to(jnp.arange(c)[:, None], (c, f_bc.shape[0]))
+    w_lb = p_bc.T
+  elif spec.labels == "mc":
+    y_lb = jax.random.categorical(key, f_bc)[None]
+    w_lb = jnp.ones_like(y_lb, f_bc.dtype)
+  else:
+    y_lb = batch.labels_b[None]
+    w_lb = jnp.ones_like(y_lb, f_bc.dtype)
+  ct_lbc = p_bc[None] - jax.nn.one_hot(y_lb, c, dtype=f_bc.dtype)
+  return ct_lbc, w_lb
+
+
+def _rows(a_bskf, g_lbskd, expert_bsk, mask_bs, answer_pos_b, mode):
+  """Select the rows each token mode uses: returns a [rows, f], g [labels, rows, d], expert [rows],
+  row weight [rows] (0 for rows that must not count)."""
+  b, s, k, _ = a_bskf.shape
+  if mode == "last":
+    take = lambda x: jnp.take_along_axis(x, answer_pos_b.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)
+    a_bskf, expert_bsk = take(a_bskf), take(expert_bsk)
+    g_lbskd = jax.vmap(take)(g_lbskd)
+    valid_bs = jnp.ones((b, 1), bool)
+  else:
+    valid_bs = mask_bs.astype(bool)
+  valid_bsk = jnp.broadcast_to(valid_bs[:, :, None], expert_bsk.shape)
+  return (a_bskf.reshape(-1, a_bskf.shape[-1]), g_lbskd.reshape(g_lbskd.shape[0], -1, g_lbskd.shape[-1]),
+          expert_bsk.reshape(-1), valid_bsk.reshape(-1))
+
+
+def _reduce_rows(a_rf, g_lrd, expert_r, valid_r, b, num_experts):
+  """``reduce`` mode: one row per (sequence, expert): mean of a, sum of g over that expert's tokens."""
+  seq_r = jnp.repeat(jnp.arange(b), a_rf.shape[0] // b)
+  onehot_re = jax.nn.one_hot(expert_r, num_experts, dtype=a_rf.dtype) * valid_r[:, None]
+  member_rbe = onehot_re[:, None, :] * jax.nn.one_hot(seq_r, b, dtype=a_rf.dtype)[:, :, None]
+  count_be = member_rbe.sum(0)
+  a_bef = jnp.einsum("rbe,rf->bef", member_rbe, a_rf) / jnp.maximum(count_be, 1)[..., None]
+  g_lbed = jnp.einsum("rbe,lrd->lbed", member_rbe, g_lrd)
+  expert = jnp.broadcast_to(jnp.arange(num_experts), (b, num_experts)).reshape(-1)
+  return (a_bef.reshape(-1, a_bef.shape[-1]), g_lbed.reshape(g_lbed.shape[0], -1, g_lbed.shape[-1]),
+          expert, (count_be > 0).reshape(-1))
+
+
+def _per_expert(a_rf, g_lrd, w_lr, expert_r, valid_r, num_experts) -> LayerStats:
+  def one(e):
+    sel_r = (expert_r == e) & valid_r
+    a_sel = a_rf * sel_r[:, None]
+    g_sel = g_lrd * (sel_r[None, :, None] * jnp.sqrt(w_lr)[:, :, None])
+    return (a_sel.T @ a_sel, jnp.einsum("lrd,lre->de", g_sel, g_sel), sel_r.sum())
+  a_eff, g_edd, rows_e = jax.vmap(one)(jnp.arange(num_experts))
+  return LayerStats(a_eff, g_edd, rows_e)
+
+
+def factor_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, spec: FactorSpec,
+                 key: jax.Array | None = None, **forward_kw) -> dict[int, LayerStats]:
+  """One forward and one vjp per label draw (vmapped): A/G sums for every expert of ``spec.layers``."""
+  b, s = batch.tokens_bs.shape
+  zero = zero_perturbations(cfg, b, s)
+
+  def f(perturb):
+    return task_logits(params, cfg, batch, class_ids_c, perturb, **forward_kw)
+
+  f_bc, pullback, taps = jax.vjp(f, zero, has_aux=True)
+  f_bc = jax.lax.stop_gradient(f_bc)
+  ct_lbc, w_lb = _label_cotangents(f_bc, batch, spec, key)
+  grads = jax.vmap(lambda ct: pullback(ct)[0])(ct_lbc)
+  out = {}
+  for layer in spec.layers:
+    tap = taps[layer]
+    a, g, expert, valid = _rows(tap.down_in_bskf, grads[layer]["routed"], tap.expert_bsk, batch.mask_bs,
+                                batch.answer_pos_b, spec.tokens)
+    rows_per_seq = a.shape[0] // b
+    if spec.tokens == "reduce":
+      a, g, expert, valid = _reduce_rows(a, g, expert, valid, b, cfg.num_experts)
+      rows_per_seq = cfg.num_experts
+    w_lr = jnp.repeat(w_lb, rows_per_seq, axis=1)
+    out[layer] = _per_expert(a, g, w_lr, expert, valid, cfg.num_experts)
+  return out
