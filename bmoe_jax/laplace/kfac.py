@@ -146,3 +146,51 @@ def factor_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, s
     w_lr = jnp.repeat(w_lb, rows_per_seq, axis=1)
     out[layer] = _per_expert(a, g, w_lr, expert, valid, cfg.num_experts)
   return out
+
+
+class FactorState(NamedTuple):
+  """Running sums over a factor pass (optax-style: ``init`` / ``update`` / ``finalize``)."""
+  stats: dict[int, LayerStats]
+  num_sequences: jax.Array
+
+
+class Factors(NamedTuple):
+  """Per-expert eigendecomposed factors: A_e = Q_A diag(eig_A) Q_A^T (mean over rows), G_e likewise
+  (sum over rows), so that A_e (x) G_e estimates the summed GGN block of expert e."""
+  a_eig_ef: jax.Array
+  a_vec_eff: jax.Array
+  g_eig_ed: jax.Array
+  g_vec_edd: jax.Array
+  rows_e: jax.Array
+
+
+def init(cfg: MoEConfig, spec: FactorSpec, dtype=jnp.float32) -> FactorState:
+  e, f, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+  bad = [l for l in spec.layers if not (0 <= l < cfg.num_layers and cfg.moe_layers[l])]
+  if bad:
+    raise ValueError(f"FactorSpec.layers {bad} are not MoE layers (MoE layers: {cfg.moe_layer_ids})")
+  zero = LayerStats(jnp.zeros((e, f, f), dtype), jnp.zeros((e, d, d), dtype), jnp.zeros((e,), jnp.int32))
+  return FactorState({l: zero for l in spec.layers}, jnp.zeros((), jnp.int32))
+
+
+def update(state: FactorState, params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorSpec,
+           key: jax.Array | None = None, **forward_kw) -> FactorState:
+  new = factor_stats(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
+  stats = {l: jax.tree.map(lambda s, n: s + n.astype(s.dtype), state.stats[l], new[l]) for l in spec.layers}
+  return FactorState(stats, state.num_sequences + batch.tokens_bs.shape[0])
+
+
+def finalize(state: FactorState) -> dict[int, Factors]:
+  """Eigendecompose every expert's factors (vmapped over experts). Experts that received no rows get
+  zero factors (their posterior is the prior)."""
+  out = {}
+  for layer, s in state.stats.items():
+    a_eff = s.a_eff / jnp.maximum(s.rows_e, 1)[:, None, None].astype(s.a_eff.dtype)
+    if not bool(jnp.all(jnp.isfinite(a_eff)) & jnp.all(jnp.isfinite(s.g_edd))):
+      raise FloatingPointError(f"non-finite K-FAC factor sums in MoE layer {layer} (NaN/inf activations "
+                               "or gradients in the factor pass)")
+    a_eig, a_vec = jax.vmap(jnp.linalg.eigh)(a_eff)
+    g_eig, g_vec = jax.vmap(jnp.linalg.eigh)(s.g_edd)
+    # Factors are PSD: clip round-off negatives.
+    out[layer] = Factors(jnp.maximum(a_eig, 0), a_vec, jnp.maximum(g_eig, 0), g_vec, s.rows_e)
+  return out

@@ -1,0 +1,69 @@
+"""The accumulation state: batches add up, finalize reconstructs the factors, bad input is named."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bmoe_jax as B
+from bmoe_jax.laplace import kfac
+
+CLASSES = jnp.array([1, 2, 5])
+
+
+def _setup():
+  cfg = B.tiny_config(num_experts=3, moe_layers=(False, True))
+  params = B.init_params(cfg, jax.random.key(0), std=0.3)
+  rng = np.random.RandomState(0)
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (4, 5)))
+  batch = kfac.Batch(tokens, jnp.ones((4, 5), jnp.int32), jnp.array([4, 3, 4, 2]), jnp.array([0, 2, 1, 1]))
+  return cfg, params, batch
+
+
+def test_two_batches_add_up_to_one_and_finalize_reconstructs():
+  cfg, params, batch = _setup()
+  spec = kfac.FactorSpec(layers=(1,), tokens="expand")
+  halves = [kfac.Batch(*(x[i:i + 2] for x in batch)) for i in (0, 2)]
+  state = kfac.init(cfg, spec)
+  for h in halves:
+    state = kfac.update(state, params, cfg, h, CLASSES, spec)
+  whole = kfac.factor_stats(params, cfg, batch, CLASSES, spec)[1]
+  np.testing.assert_allclose(state.stats[1].a_eff, whole.a_eff, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(state.stats[1].g_edd, whole.g_edd, atol=1e-7)
+  assert int(state.num_sequences) == 4
+  fac = kfac.finalize(state)[1]
+  rows = np.maximum(np.asarray(whole.rows_e), 1)[:, None, None]
+  a_back = jnp.einsum("eij,ej,ekj->eik", fac.a_vec_eff, fac.a_eig_ef, fac.a_vec_eff)
+  np.testing.assert_allclose(a_back, whole.a_eff / rows, rtol=1e-5, atol=1e-5)
+  g_back = jnp.einsum("eij,ej,ekj->eik", fac.g_vec_edd, fac.g_eig_ed, fac.g_vec_edd)
+  np.testing.assert_allclose(g_back, whole.g_edd, atol=1e-7)
+  assert (fac.a_eig_ef >= 0).all() and (fac.g_eig_ed >= 0).all()
+
+
+def test_mc_labels_are_seeded_and_unbiased_in_expectation():
+  cfg, params, batch = _setup()
+  spec_mc = kfac.FactorSpec(layers=(1,), labels="mc")
+  a = kfac.factor_stats(params, cfg, batch, CLASSES, spec_mc, jax.random.key(3))[1]
+  b = kfac.factor_stats(params, cfg, batch, CLASSES, spec_mc, jax.random.key(3))[1]
+  np.testing.assert_array_equal(a.g_edd, b.g_edd)
+  draws = jax.vmap(lambda k: kfac.factor_stats(params, cfg, batch, CLASSES, spec_mc, k)[1].g_edd)(
+      jax.random.split(jax.random.key(4), 400)).mean(0)
+  exact = kfac.factor_stats(params, cfg, batch, CLASSES, kfac.FactorSpec(layers=(1,)))[1].g_edd
+  np.testing.assert_allclose(draws, exact, atol=0.15 * float(jnp.abs(exact).max()))
+
+
+def test_bad_inputs():
+  cfg, params, batch = _setup()
+  with pytest.raises(ValueError, match="not MoE layers"):
+    kfac.init(cfg, kfac.FactorSpec(layers=(0,)))
+  with pytest.raises(ValueError, match="labels='fisher'"):
+    kfac.FactorSpec(layers=(1,), labels="fisher")
+  spec = kfac.FactorSpec(layers=(1,))
+  state = kfac.init(cfg, spec)
+  bad = kfac.FactorState({1: state.stats[1]._replace(g_edd=state.stats[1].g_edd.at[0, 0, 0].set(jnp.nan))},
+                         state.num_sequences)
+  with pytest.raises(FloatingPointError, match="MoE layer 1"):
+    kfac.finalize(bad)
+  # An expert that received no rows gets zero factors (its posterior is the prior), not NaN.
+  fac = kfac.finalize(state)[1]
+  assert np.isfinite(fac.a_eig_ef).all() and (fac.rows_e == 0).all()
