@@ -164,7 +164,8 @@ def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True
   """Read an HF MoE checkpoint directory into (info, params tree of numpy arrays).
 
   Args:
-    dtype: None keeps each tensor's stored dtype (bf16 stays bf16); e.g. ``np.float32`` converts.
+    dtype: None keeps each tensor's stored dtype (bf16 stays bf16; fp8 weights are dequantised to the
+      config's torch_dtype); e.g. ``np.float32`` converts everything.
   """
   ckpt_dir = Path(ckpt_dir)
   info = parse_hf_config(ckpt_dir)
