@@ -70,36 +70,35 @@ def test_unsupported_rope_and_activation(good, tmp_path):
   _raises(d, "hidden_act='swish2'")
 
 
-def test_missing_tensor(good, tmp_path):
+def _drop(key):
+  return lambda t: t.pop(key)
+
+
+def _put(key, value_fn):
+  return lambda t: t.__setitem__(key, value_fn(t))
+
+
+TENSOR_EDITS = {
+    "missing_tensor": (_drop("model.layers.1.mlp.experts.3.down_proj.weight"),
+                       ["missing", "layers/1/mlp/experts/w_down experts [3]"]),
+    "extra_tensor": (_put("model.layers.0.mlp.mystery.weight", lambda t: np.zeros((2, 2), np.float32)),
+                     ["model.safetensors", "unexpected tensor 'model.layers.0.mlp.mystery.weight'"]),
+    "expert_index_out_of_range": (_put("model.layers.0.mlp.experts.9.up_proj.weight",
+                                       lambda t: t["model.layers.0.mlp.experts.0.up_proj.weight"]),
+                                  ["expert 9", "num_experts=6"]),
+    "wrong_shape": (_put("model.layers.2.self_attn.q_proj.weight", lambda t: np.zeros((33, 32), np.float32)),
+                    ["model.layers.2.self_attn.q_proj.weight", "[33, 32]", "expected [32, 32]"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TENSOR_EDITS))
+def test_bad_tensor_set(case, good, tmp_path):
+  edit, fragments = TENSOR_EDITS[case]
   d = _copy(good, tmp_path)
   t = _tensors(d)
-  del t["model.layers.1.mlp.experts.3.down_proj.weight"]
+  edit(t)
   save_file(t, d / "model.safetensors")
-  _raises(d, "missing", "layers/1/mlp/experts/w_down experts [3]")
-
-
-def test_extra_tensor(good, tmp_path):
-  d = _copy(good, tmp_path)
-  t = _tensors(d)
-  t["model.layers.0.mlp.mystery.weight"] = np.zeros((2, 2), np.float32)
-  save_file(t, d / "model.safetensors")
-  _raises(d, "model.safetensors", "unexpected tensor 'model.layers.0.mlp.mystery.weight'")
-
-
-def test_expert_index_out_of_range(good, tmp_path):
-  d = _copy(good, tmp_path)
-  t = _tensors(d)
-  t["model.layers.0.mlp.experts.9.up_proj.weight"] = t["model.layers.0.mlp.experts.0.up_proj.weight"]
-  save_file(t, d / "model.safetensors")
-  _raises(d, "expert 9", "num_experts=6")
-
-
-def test_wrong_shape(good, tmp_path):
-  d = _copy(good, tmp_path)
-  t = _tensors(d)
-  t["model.layers.2.self_attn.q_proj.weight"] = np.zeros((33, 32), np.float32)
-  save_file(t, d / "model.safetensors")
-  _raises(d, "model.layers.2.self_attn.q_proj.weight", "[33, 32]", "expected [32, 32]")
+  _raises(d, *fragments)
 
 
 def test_truncated_file(good, tmp_path):
