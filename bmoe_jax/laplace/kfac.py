@@ -12,6 +12,9 @@ the predictive), ``empirical`` (the true label).
 Token modes: ``last`` (only the answer position contributes), ``expand`` (every real routed token is a
 row for A and for G), ``reduce`` (per sequence and expert: mean of a over its tokens, sum of g).
 
+Forms: ``rank=None`` keeps the full f x f and d x d sums per expert; ``rank=r`` keeps rank-r factors
+by incremental SVD (``bmoe_jax.laplace.lowrank``), never forming a d x d matrix.
+
 These are sums; ``finalize`` divides A by its row count so that A (x) G is the K-FAC estimate of the
 summed GGN: exact for one sequence with one contributing row (see the tests), and the usual
 "expectation of A times sum of G" approximation otherwise. Routing is held at its MAP value.
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from bmoe_jax.config import MoEConfig
+from bmoe_jax.laplace import lowrank
 from bmoe_jax.model import forward, zero_perturbations
 
 LABEL_MODES = ("exact", "mc", "empirical")
@@ -38,12 +42,15 @@ class FactorSpec:
   layers: tuple[int, ...]  # MoE layers whose experts are Bayesian
   labels: str = "exact"
   tokens: str = "last"
+  rank: int | None = None  # None: full factors; r: rank-r factors by incremental SVD
 
   def __post_init__(self):
     if self.labels not in LABEL_MODES:
       raise ValueError(f"labels={self.labels!r}: expected one of {LABEL_MODES}")
     if self.tokens not in TOKEN_MODES:
       raise ValueError(f"tokens={self.tokens!r}: expected one of {TOKEN_MODES}")
+    if self.rank is not None and self.rank < 1:
+      raise ValueError(f"rank={self.rank}: expected a positive rank or None (full factors)")
 
 
 class Batch(NamedTuple):
@@ -121,9 +128,9 @@ def _per_expert(a_rf, g_lrd, w_lr, expert_r, valid_r, num_experts) -> LayerStats
   return LayerStats(a_eff, g_edd, rows_e)
 
 
-def factor_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, spec: FactorSpec,
-                 key: jax.Array | None = None, **forward_kw) -> dict[int, LayerStats]:
-  """One forward and one vjp per label draw (vmapped): A/G sums for every expert of ``spec.layers``."""
+def _layer_rows(params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorSpec, key, **forward_kw):
+  """One forward and one vjp per label draw (vmapped). Per layer: rows a [r, f], g [labels, r, d], their
+  label weights [labels, r], expert ids [r], validity [r]; and the log-likelihood of the batch."""
   b, s = batch.tokens_bs.shape
   zero = zero_perturbations(cfg, b, s)
 
@@ -132,6 +139,7 @@ def factor_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, s
 
   f_bc, pullback, taps = jax.vjp(f, zero, has_aux=True)
   f_bc = jax.lax.stop_gradient(f_bc)
+  log_lik = jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(f_bc), batch.labels_b[:, None], axis=1))
   ct_lbc, w_lb = _label_cotangents(f_bc, batch, spec, key)
   grads = jax.vmap(lambda ct: pullback(ct)[0])(ct_lbc)
   out = {}
@@ -143,15 +151,23 @@ def factor_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, s
     if spec.tokens == "reduce":
       a, g, expert, valid = _reduce_rows(a, g, expert, valid, b, cfg.num_experts)
       rows_per_seq = cfg.num_experts
-    w_lr = jnp.repeat(w_lb, rows_per_seq, axis=1)
-    out[layer] = _per_expert(a, g, w_lr, expert, valid, cfg.num_experts)
-  return out
+    out[layer] = (a, g, jnp.repeat(w_lb, rows_per_seq, axis=1), expert, valid)
+  return out, log_lik
+
+
+def factor_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, spec: FactorSpec,
+                 key: jax.Array | None = None, **forward_kw) -> dict[int, LayerStats]:
+  """Full A/G sums of one batch for every expert of ``spec.layers``."""
+  rows, _ = _layer_rows(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
+  return {l: _per_expert(a, g, w, e, v, cfg.num_experts) for l, (a, g, w, e, v) in rows.items()}
 
 
 class FactorState(NamedTuple):
-  """Running sums over a factor pass (optax-style: ``init`` / ``update`` / ``finalize``)."""
-  stats: dict[int, LayerStats]
+  """Running sums over a factor pass (optax-style: ``init`` / ``update`` / ``finalize``). ``stats`` per
+  layer: ``LayerStats`` (full) or ``lowrank.LowRankStats``; ``log_lik``: sum of log p(y|x) at the MAP."""
+  stats: dict[int, LayerStats | lowrank.LowRankStats]
   num_sequences: jax.Array
+  log_lik: jax.Array
 
 
 class Factors(NamedTuple):
@@ -169,28 +185,59 @@ def init(cfg: MoEConfig, spec: FactorSpec, dtype=jnp.float32) -> FactorState:
   bad = [l for l in spec.layers if not (0 <= l < cfg.num_layers and cfg.moe_layers[l])]
   if bad:
     raise ValueError(f"FactorSpec.layers {bad} are not MoE layers (MoE layers: {cfg.moe_layer_ids})")
-  zero = LayerStats(jnp.zeros((e, f, f), dtype), jnp.zeros((e, d, d), dtype), jnp.zeros((e,), jnp.int32))
-  return FactorState({l: zero for l in spec.layers}, jnp.zeros((), jnp.int32))
+  if not spec.layers:
+    raise ValueError("FactorSpec.layers is empty: choose at least one MoE layer")
+  rows = jnp.zeros((e,), jnp.int32)
+  if spec.rank is None:
+    zero = LayerStats(jnp.zeros((e, f, f), dtype), jnp.zeros((e, d, d), dtype), rows)
+  else:
+    if spec.rank > min(f, d):
+      raise ValueError(f"rank={spec.rank} exceeds a factor dimension (expert width f={f}, model width "
+                       f"d={d}); use rank <= {min(f, d)} or rank=None for full factors")
+    zero = lowrank.LowRankStats(jnp.zeros((e, f, spec.rank), dtype), jnp.zeros((e, d, spec.rank), dtype), rows)
+  return FactorState({l: zero for l in spec.layers}, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
 
 
 def update(state: FactorState, params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorSpec,
            key: jax.Array | None = None, **forward_kw) -> FactorState:
-  new = factor_stats(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
-  stats = {l: jax.tree.map(lambda s, n: s + n.astype(s.dtype), state.stats[l], new[l]) for l in spec.layers}
-  return FactorState(stats, state.num_sequences + batch.tokens_bs.shape[0])
+  """Add one batch. Pure and jit-able (``spec`` and ``cfg`` static)."""
+  rows, log_lik = _layer_rows(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
+  stats = {}
+  for l, (a, g, w, expert, valid) in rows.items():
+    old = state.stats[l]
+    if spec.rank is None:
+      new = _per_expert(a, g, w, expert, valid, cfg.num_experts)
+      stats[l] = jax.tree.map(lambda s, n: s + n.astype(s.dtype), old, new)
+      continue
+    num_l = g.shape[0]
+    g_rows = (g * jnp.sqrt(w)[..., None]).reshape(-1, g.shape[-1])
+    stats[l] = lowrank.LowRankStats(
+        lowrank.update_factor(old.a_efr, a.astype(old.a_efr.dtype), expert, valid),
+        lowrank.update_factor(old.g_edr, g_rows.astype(old.g_edr.dtype), jnp.tile(expert, num_l),
+                              jnp.tile(valid, num_l)),
+        old.rows_e + jnp.bincount(jnp.where(valid, expert, cfg.num_experts), length=cfg.num_experts + 1)[:-1])
+  return FactorState(stats, state.num_sequences + batch.tokens_bs.shape[0],
+                     state.log_lik + log_lik.astype(state.log_lik.dtype))
 
 
 def finalize(state: FactorState) -> dict[int, Factors]:
-  """Eigendecompose every expert's factors (vmapped over experts). Experts that received no rows get
-  zero factors (their posterior is the prior)."""
+  """Eigendecompose every expert's factors (vmapped over experts): full ``eigh`` of the sums, or the SVD
+  of the low-rank B (eigenvectors [e, n, r]). Experts that received no rows get zero factors (their
+  posterior is the prior)."""
   out = {}
   for layer, s in state.stats.items():
-    a_eff = s.a_eff / jnp.maximum(s.rows_e, 1)[:, None, None].astype(s.a_eff.dtype)
-    if not bool(jnp.all(jnp.isfinite(a_eff)) & jnp.all(jnp.isfinite(s.g_edd))):
+    leaves = [x for x in s[:2]]
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
       raise FloatingPointError(f"non-finite K-FAC factor sums in MoE layer {layer} (NaN/inf activations "
                                "or gradients in the factor pass)")
-    a_eig, a_vec = jax.vmap(jnp.linalg.eigh)(a_eff)
-    g_eig, g_vec = jax.vmap(jnp.linalg.eigh)(s.g_edd)
+    rows_e = jnp.maximum(s.rows_e, 1).astype(leaves[0].dtype)
+    if isinstance(s, LayerStats):
+      a_eig, a_vec = jax.vmap(jnp.linalg.eigh)(s.a_eff / rows_e[:, None, None])
+      g_eig, g_vec = jax.vmap(jnp.linalg.eigh)(s.g_edd)
+    else:
+      a_eig, a_vec = lowrank.eigenform(s.a_efr)
+      a_eig = a_eig / rows_e[:, None]
+      g_eig, g_vec = lowrank.eigenform(s.g_edr)
     # Factors are PSD: clip round-off negatives.
     out[layer] = Factors(jnp.maximum(a_eig, 0), a_vec, jnp.maximum(g_eig, 0), g_vec, s.rows_e)
   return out

@@ -60,8 +60,7 @@ def test_bad_inputs():
     kfac.FactorSpec(layers=(1,), labels="fisher")
   spec = kfac.FactorSpec(layers=(1,))
   state = kfac.init(cfg, spec)
-  bad = kfac.FactorState({1: state.stats[1]._replace(g_edd=state.stats[1].g_edd.at[0, 0, 0].set(jnp.nan))},
-                         state.num_sequences)
+  bad = state._replace(stats={1: state.stats[1]._replace(g_edd=state.stats[1].g_edd.at[0, 0, 0].set(jnp.nan))})
   with pytest.raises(FloatingPointError, match="MoE layer 1"):
     kfac.finalize(bad)
   # An expert that received no rows gets zero factors (its posterior is the prior), not NaN.

@@ -1,0 +1,69 @@
+"""Low-rank K-FAC factors by incremental SVD per expert, never forming an f x f or d x d matrix.
+
+Each factor is kept as ``B`` [e, n, r] with ``B B^T`` the rank-r approximation of the running sum of
+``x x^T`` over that expert's rows. A batch's rows are sorted by expert and consumed in windows of
+``cap`` rows; every window updates all experts at once (``jax.vmap`` over the expert axis):
+
+  B_e <- top-r(U S) of [B_e, X_e^T]      (thin SVD of an n x (r + cap) matrix)
+
+which equals the batch SVD of all rows seen so far whenever their rank is at most r, and is the
+standard streaming approximation otherwise (the discarded mass is the (r+1)-th singular value's).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class LowRankStats(NamedTuple):
+  a_efr: jax.Array  # B for A: B B^T ~ sum of a a^T
+  g_edr: jax.Array  # B for G: B B^T ~ sum of g g^T
+  rows_e: jax.Array  # rows that entered A
+
+
+def window_rows(num_rows: int, num_experts: int) -> int:
+  """Static window size: about twice the mean expert load, a power of two in [4, num_rows]."""
+  target = max(4, -(-2 * num_rows // num_experts))
+  return min(num_rows, 1 << (target - 1).bit_length())
+
+
+def svd_update(b_nr: jax.Array, x_cn: jax.Array) -> jax.Array:
+  """top-r(U S) of [B, X^T] for one expert: the rank-r factor of B B^T + X^T X."""
+  r = b_nr.shape[-1]
+  u, s, _ = jnp.linalg.svd(jnp.concatenate([b_nr, x_cn.T], axis=1), full_matrices=False)
+  return u[:, :r] * s[:r]
+
+
+def update_factor(b_enr: jax.Array, x_cn: jax.Array, expert_c: jax.Array, valid_c: jax.Array,
+                  cap: int | None = None) -> jax.Array:
+  """Fold rows ``x`` (row c goes to expert ``expert_c[c]`` when ``valid_c[c]``) into every expert's B."""
+  num_e = b_enr.shape[0]
+  rows = x_cn.shape[0]
+  if rows == 0:
+    return b_enr
+  cap = window_rows(rows, num_e) if cap is None else min(cap, rows)
+  key_c = jnp.where(valid_c, expert_c, num_e)
+  order_c = jnp.argsort(key_c, stable=True)
+  x_sorted = x_cn[order_c]
+  sizes_e = jnp.bincount(key_c, length=num_e + 1)[:num_e]
+  starts_e = jnp.cumsum(sizes_e) - sizes_e
+  num_windows = (jnp.max(sizes_e) + cap - 1) // cap
+  offs = jnp.arange(cap)
+
+  def body(i, b):
+    pos_ew = i * cap + offs[None, :]
+    take_ew = pos_ew < sizes_e[:, None]
+    idx_ew = jnp.clip(starts_e[:, None] + pos_ew, 0, rows - 1)
+    x_ewn = x_sorted[idx_ew] * take_ew[..., None].astype(x_sorted.dtype)
+    return jax.vmap(svd_update)(b, x_ewn)
+
+  return jax.lax.fori_loop(0, num_windows, body, b_enr)
+
+
+def eigenform(b_enr: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """B -> (eigenvalues [e, r] descending, orthonormal eigenvectors [e, n, r]) of B B^T."""
+  u, s, _ = jax.vmap(lambda b: jnp.linalg.svd(b, full_matrices=False))(b_enr)
+  return jnp.square(s), u
