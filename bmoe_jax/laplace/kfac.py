@@ -72,18 +72,22 @@ def task_logits(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, pe
   return out.logits[:, class_ids_c], out.taps
 
 
-def _label_cotangents(f_bc, batch: Batch, spec: FactorSpec, key):
-  """Cotangents on f (one per label draw) and their weights: d(-log p_y)/df = p - onehot(y)."""
+def label_cotangents(f_bc, labels_b, mode: str, key=None):
+  """Cotangents on the logits f [b, c] (one per label draw) and their weights [draws, b]:
+  d(-log p_y)/df = p - onehot(y); ``mode`` exact (every class, weight p_y), mc (one sampled label;
+  needs ``key``) or empirical (``labels_b``)."""
   p_bc = jax.nn.softmax(f_bc, axis=-1)
   c = f_bc.shape[-1]
-  if spec.labels == "exact":
+  if mode == "mc" and key is None:
+    raise ValueError("labels='mc' needs a PRNG key")
+  if mode == "exact":
     y_lb = jnp.broadcast_to(jnp.arange(c)[:, None], (c, f_bc.shape[0]))
     w_lb = p_bc.T
-  elif spec.labels == "mc":
+  elif mode == "mc":
     y_lb = jax.random.categorical(key, f_bc)[None]
     w_lb = jnp.ones_like(y_lb, f_bc.dtype)
   else:
-    y_lb = batch.labels_b[None]
+    y_lb = labels_b[None]
     w_lb = jnp.ones_like(y_lb, f_bc.dtype)
   ct_lbc = p_bc[None] - jax.nn.one_hot(y_lb, c, dtype=f_bc.dtype)
   return ct_lbc, w_lb
@@ -118,7 +122,9 @@ def _reduce_rows(a_rf, g_lrd, expert_r, valid_r, b, num_experts):
           expert, (count_be > 0).reshape(-1))
 
 
-def _per_expert(a_rf, g_lrd, w_lr, expert_r, valid_r, num_experts) -> LayerStats:
+def expert_sums(a_rf, g_lrd, w_lr, expert_r, valid_r, num_experts) -> LayerStats:
+  """Per-expert A and G sums of rows (vmapped over experts): a [r, f], g [draws, r, d] with weights
+  [draws, r], the expert of each row [r] and whether it counts [r]. Usable on any network's rows."""
   def one(e):
     sel_r = (expert_r == e) & valid_r
     a_sel = a_rf * sel_r[:, None]
@@ -140,7 +146,7 @@ def _layer_rows(params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorS
   f_bc, pullback, taps = jax.vjp(f, zero, has_aux=True)
   f_bc = jax.lax.stop_gradient(f_bc)
   log_lik = jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(f_bc), batch.labels_b[:, None], axis=1))
-  ct_lbc, w_lb = _label_cotangents(f_bc, batch, spec, key)
+  ct_lbc, w_lb = label_cotangents(f_bc, batch.labels_b, spec.labels, key)
   grads = jax.vmap(lambda ct: pullback(ct)[0])(ct_lbc)
   out = {}
   for layer in spec.layers:
@@ -159,7 +165,7 @@ def factor_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, s
                  key: jax.Array | None = None, **forward_kw) -> dict[int, LayerStats]:
   """Full A/G sums of one batch for every expert of ``spec.layers``."""
   rows, _ = _layer_rows(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
-  return {l: _per_expert(a, g, w, e, v, cfg.num_experts) for l, (a, g, w, e, v) in rows.items()}
+  return {l: expert_sums(a, g, w, e, v, cfg.num_experts) for l, (a, g, w, e, v) in rows.items()}
 
 
 class FactorState(NamedTuple):
@@ -206,7 +212,7 @@ def update(state: FactorState, params, cfg: MoEConfig, batch: Batch, class_ids_c
   for l, (a, g, w, expert, valid) in rows.items():
     old = state.stats[l]
     if spec.rank is None:
-      new = _per_expert(a, g, w, expert, valid, cfg.num_experts)
+      new = expert_sums(a, g, w, expert, valid, cfg.num_experts)
       stats[l] = jax.tree.map(lambda s, n: s + n.astype(s.dtype), old, new)
       continue
     num_l = g.shape[0]

@@ -86,15 +86,15 @@ def build(factors: dict[int, Factors], params, *, num_sequences: int, dataset_si
     mu0 = {l: jnp.zeros_like(w) for l, w in w_map.items()}
   else:
     mu0 = w_map if pretrained is None else {l: down_proj(pretrained, l) for l in layers}
-  sq = {l: jnp.sum(jnp.square(w_map[l].astype(jnp.float32) - mu0[l].astype(jnp.float32)), axis=(1, 2))
-        for l in layers}
-  s = jnp.asarray(n / num_sequences, jnp.float32)
+  dtype = jnp.promote_types(factors[layers[0]].a_eig_ef.dtype, jnp.float32)  # float64 under x64
+  sq = {l: jnp.sum(jnp.square(w_map[l].astype(dtype) - mu0[l].astype(dtype)), axis=(1, 2)) for l in layers}
+  s = jnp.asarray(n / num_sequences, dtype)
   num_e = {l: w_map[l].shape[0] for l in layers}
-  log_prec = expand_prior_precision(prior_precision, num_e)
-  return Posterior(dict(factors), w_map, sq, log_prec, s, jnp.asarray(log_lik, jnp.float32) * s)
+  log_prec = expand_prior_precision(prior_precision, num_e, dtype)
+  return Posterior(dict(factors), w_map, sq, log_prec, s, jnp.asarray(log_lik, dtype) * s)
 
 
-def expand_prior_precision(value, num_experts: dict[int, int]) -> dict[int, jax.Array]:
+def expand_prior_precision(value, num_experts: dict[int, int], dtype=jnp.float32) -> dict[int, jax.Array]:
   """lambda as log-precision per expert from a scalar (global), a dict layer -> scalar or [e], or an
   array [layers] / [layers, e] in sorted layer order. Raises on non-positive or non-finite values."""
   layers = sorted(num_experts)
@@ -114,7 +114,7 @@ def expand_prior_precision(value, num_experts: dict[int, int]) -> dict[int, jax.
   for l, v in vals.items():
     if not np.all(np.isfinite(v)) or np.any(v <= 0):
       raise ValueError(f"prior precision for layer {l} must be positive and finite, got {v.tolist()}")
-  return {l: jnp.log(jnp.asarray(v, jnp.float32)) for l, v in vals.items()}
+  return {l: jnp.log(jnp.asarray(v, dtype)) for l, v in vals.items()}
 
 
 def is_full_rank(fac: Factors) -> bool:
@@ -175,7 +175,7 @@ def optimize_prior_precision(post: Posterior, mode: str = "global", *, steps: in
   if mode not in PRIOR_MODES:
     raise ValueError(f"mode={mode!r}: expected one of {PRIOR_MODES}")
   num_e = {l: w.shape[0] for l, w in post.w_map.items()}
-  start = post.log_prior_prec_e if init is None else expand_prior_precision(init, num_e)
+  start = post.log_prior_prec_e if init is None else expand_prior_precision(init, num_e, post.scale.dtype)
   free = _log_prec_to_free(start, mode)
   opt = optax.adam(learning_rate)
 

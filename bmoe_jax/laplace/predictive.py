@@ -193,7 +193,7 @@ def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats
   num_e = {l: w.shape[0] for l, w in post.w_map.items()}
   nlls = []
   for lam in grid:
-    log_prec = P.expand_prior_precision(float(lam), num_e)
+    log_prec = P.expand_prior_precision(float(lam), num_e, post.scale.dtype)
     total, count = 0.0, 0
     for stats, labels_b in val:
       cov = logit_covariance(stats, post, log_prec)
@@ -202,5 +202,5 @@ def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats
       count += labels_b.shape[0]
     nlls.append(total / max(count, 1))
   best = float(grid[int(np.argmin(nlls))])
-  return (post._replace(log_prior_prec_e=P.expand_prior_precision(best, num_e)),
+  return (post._replace(log_prior_prec_e=P.expand_prior_precision(best, num_e, post.scale.dtype)),
           {"prior_precision": grid.tolist(), "nll": nlls})
