@@ -55,23 +55,37 @@ class Predictive(NamedTuple):
   f_cov_bcc: jax.Array | None  # closed route: Sigma_f; sampling routes: the sample covariance
 
 
-def project_rows(fac: Factors, a_btf, g_bctd, expert_bt, valid_bt) -> LayerJacobian:
+GATHER_ABOVE_EXPERTS = 16  # measured on CPU: at 8 experts projecting on all bases is ~3x faster
+
+
+def project_rows(fac: Factors, a_btf, g_bctd, expert_bt, valid_bt, gather: bool | None = None) -> LayerJacobian:
   """Per-expert projections of the Jacobian rows ``sum_t a_t g_ct^T`` of b inputs (t: routed slots).
 
   Pure and shape-generic: ``a`` [b, t, f], ``g`` [b, c, t, d], ``expert`` [b, t] int, ``valid`` [b, t].
+  ``gather`` picks how slots are projected (None: by the number of experts; both are exact).
   """
   num_e = fac.a_vec_eff.shape[0]
   onehot_bte = jax.nn.one_hot(expert_bt, num_e, dtype=a_btf.dtype) * valid_bt[..., None].astype(a_btf.dtype)
-  pa_btr = jnp.take_along_axis(jnp.einsum("btf,efr->bter", a_btf, fac.a_vec_eff),
-                               expert_bt[:, :, None, None], axis=2)[:, :, 0]
-  pg_bctq = jnp.take_along_axis(jnp.einsum("bctd,edq->bcteq", g_bctd, fac.g_vec_edd),
-                                expert_bt[:, None, :, None, None], axis=3)[:, :, :, 0]
-  proj = jnp.einsum("bte,btr,bctq->becrq", onehot_bte, pa_btr, pg_bctq)
+  if gather is None:
+    gather = num_e > GATHER_ABOVE_EXPERTS
+  if gather:  # each slot on its own expert's eigenvectors: t (f + d) r memory, no e-fold work
+    pa_btr = jnp.einsum("btf,btfr->btr", a_btf, fac.a_vec_eff[expert_bt])
+    pg_bctq = jnp.einsum("bctd,btdq->bctq", g_bctd, fac.g_vec_edd[expert_bt])
+  else:  # every slot on every expert's basis, then pick its own: e-fold work, faster for few experts
+    pa_btr = jnp.take_along_axis(jnp.einsum("btf,efr->bter", a_btf, fac.a_vec_eff),
+                                 expert_bt[:, :, None, None], axis=2)[:, :, 0]
+    pg_bctq = jnp.take_along_axis(jnp.einsum("bctd,edq->bcteq", g_bctd, fac.g_vec_edd),
+                                  expert_bt[:, None, :, None, None], axis=3)[:, :, :, 0]
+  outer_btcrq = pa_btr[:, :, None, :, None] * jnp.swapaxes(pg_bctq, 1, 2)[:, :, :, None, :]
+  proj = jnp.einsum("bte,btcrq->becrq", onehot_bte, outer_btcrq)
   gram = None
   if not P.is_full_rank(fac):
-    aa_btu = jnp.einsum("btf,buf->btu", a_btf, a_btf)
-    gg_bcktu = jnp.einsum("bctd,bkud->bcktu", g_bctd, g_bctd)
-    gram = jnp.einsum("bte,bue,btu,bcktu->beck", onehot_bte, onehot_bte, aa_btu, gg_bcktu)
+    # <M_c, M_k> of expert e = sum over slot pairs (t, u) both routed to e of (a_t.a_u)(g_ct.g_ku).
+    same_btu = (expert_bt[:, :, None] == expert_bt[:, None, :]) & valid_bt[:, :, None] & valid_bt[:, None, :]
+    aa_btu = jnp.einsum("btf,buf->btu", a_btf, a_btf) * same_btu.astype(a_btf.dtype)
+    gg_bctku = jnp.einsum("bctd,bkud->bctku", g_bctd, g_bctd)
+    row_bckt = jnp.einsum("btu,bctku->bckt", aa_btu, gg_bctku)
+    gram = jnp.einsum("bte,bckt->beck", onehot_bte, row_bckt)
   return LayerJacobian(proj, gram)
 
 

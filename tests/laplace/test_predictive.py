@@ -57,6 +57,14 @@ def test_closed_form_equals_dense_jacobian(rank):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
   assert np.abs(want).max() > 1e-3  # a non-trivial covariance
   np.testing.assert_allclose(stats.f_bc, kfac.task_logits(params, cfg, test, CLASSES)[0], atol=1e-5)
+  # the two slot-projection strategies agree
+  fac = post.factors[1]
+  a, g = jax.random.normal(jax.random.key(0), (2, 5, 16)), jax.random.normal(jax.random.key(1), (2, 4, 5, 32))
+  expert, valid = jnp.array([[0, 2, 2, 1, 0], [1, 1, 0, 2, 2]]), jnp.array([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]], bool)
+  for x, y in zip(PR.project_rows(fac, a, g, expert, valid, gather=True),
+                  PR.project_rows(fac, a, g, expert, valid, gather=False)):
+    if x is not None:
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_jvp_mc_is_the_linear_map_and_converges_to_closed_form():
