@@ -53,6 +53,27 @@ class FactorSpec:
       raise ValueError(f"rank={self.rank}: expected a positive rank or None (full factors)")
 
 
+def select_layers(cfg: MoEConfig, which="all") -> tuple[int, ...]:
+  """The Bayesian set of MoE layers: ``"all"``, a quarter ``"Q1"``..``"Q4"`` of the MoE layers by depth
+  (contiguous, sizes differing by at most one; the paper's ablation), or an explicit list of layer ids."""
+  moe = cfg.moe_layer_ids
+  if isinstance(which, str):
+    if which == "all":
+      return tuple(moe)
+    if which in ("Q1", "Q2", "Q3", "Q4"):
+      if len(moe) < 4:
+        raise ValueError(f"{which}: the model has {len(moe)} MoE layers, fewer than four quarters")
+      q = int(which[1]) - 1
+      lo, hi = (len(moe) * q) // 4, (len(moe) * (q + 1)) // 4
+      return tuple(moe[lo:hi])
+    raise ValueError(f"layers={which!r}: expected 'all', 'Q1'..'Q4' or a list of MoE layer ids")
+  layers = tuple(sorted(set(int(l) for l in which)))
+  bad = [l for l in layers if l not in moe]
+  if bad or not layers:
+    raise ValueError(f"layers {list(which)}: {bad or 'empty'} not MoE layers (MoE layers: {list(moe)})")
+  return layers
+
+
 class Batch(NamedTuple):
   tokens_bs: jax.Array
   mask_bs: jax.Array

@@ -66,3 +66,32 @@ def test_bad_inputs():
   # An expert that received no rows gets zero factors (its posterior is the prior), not NaN.
   fac = kfac.finalize(state)[1]
   assert np.isfinite(fac.a_eig_ef).all() and (fac.rows_e == 0).all()
+
+
+def test_lowrank_bad_and_empty():
+  cfg, params, batch = _setup()
+  spec = kfac.FactorSpec(layers=(1,), rank=4)
+  state = kfac.init(cfg, spec)
+  fac = kfac.finalize(state)[1]  # no rows yet: zero factors with orthonormal bases, not NaN
+  assert np.isfinite(fac.a_vec_eff).all() and (fac.a_eig_ef == 0).all() and (fac.rows_e == 0).all()
+  bad = state._replace(stats={1: state.stats[1]._replace(g_edr=state.stats[1].g_edr.at[0, 0, 0].set(jnp.inf))})
+  with pytest.raises(FloatingPointError, match="MoE layer 1"):
+    kfac.finalize(bad)
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    kfac.update(state, params, cfg, batch, CLASSES, kfac.FactorSpec(layers=(1,), labels="mc", rank=4))
+
+
+def test_select_layers():
+  cfg = B.tiny_config(num_layers=9, moe_layers=(False,) + (True,) * 8)
+  assert kfac.select_layers(cfg) == tuple(range(1, 9))
+  quarters = [kfac.select_layers(cfg, f"Q{q}") for q in range(1, 5)]
+  assert quarters == [(1, 2), (3, 4), (5, 6), (7, 8)]
+  cfg7 = B.tiny_config(num_layers=7, moe_layers=(True,) * 7)
+  assert sum((kfac.select_layers(cfg7, f"Q{q}") for q in range(1, 5)), ()) == tuple(range(7))
+  assert kfac.select_layers(cfg, [8, 3, 3]) == (3, 8)
+  with pytest.raises(ValueError, match=r"\[0\] not MoE layers"):
+    kfac.select_layers(cfg, [0, 1])
+  with pytest.raises(ValueError, match="'Q5'"):
+    kfac.select_layers(cfg, "Q5")
+  with pytest.raises(ValueError, match="fewer than four quarters"):
+    kfac.select_layers(B.tiny_config(), "Q1")
