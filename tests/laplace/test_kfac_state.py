@@ -7,17 +7,13 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax.laplace import kfac
+from tests.laplace.helpers import top_layer_moe
 
 CLASSES = jnp.array([1, 2, 5])
 
 
 def _setup():
-  cfg = B.tiny_config(num_experts=3, moe_layers=(False, True))
-  params = B.init_params(cfg, jax.random.key(0), std=0.3)
-  rng = np.random.RandomState(0)
-  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (4, 5)))
-  batch = kfac.Batch(tokens, jnp.ones((4, 5), jnp.int32), jnp.array([4, 3, 4, 2]), jnp.array([0, 2, 1, 1]))
-  return cfg, params, batch
+  return top_layer_moe()
 
 
 def test_two_batches_add_up_to_one_and_finalize_reconstructs():

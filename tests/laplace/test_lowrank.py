@@ -8,6 +8,7 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax.laplace import kfac, lowrank
+from tests.laplace.helpers import top_layer_moe
 
 
 def test_incremental_svd_equals_batch_sum_when_rank_fits():
@@ -34,12 +35,7 @@ def test_incremental_svd_equals_batch_sum_when_rank_fits():
 
 
 def _setup():
-  cfg = B.tiny_config(num_experts=3, moe_layers=(False, True))
-  params = B.init_params(cfg, jax.random.key(0), std=0.3)
-  rng = np.random.RandomState(0)
-  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (4, 6)))
-  batch = kfac.Batch(tokens, jnp.ones((4, 6), jnp.int32), jnp.array([5, 3, 4, 2]), jnp.array([0, 2, 1, 1]))
-  return cfg, params, batch
+  return top_layer_moe(seq=6)
 
 
 def _kron_blocks(fac):
