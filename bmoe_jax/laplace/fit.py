@@ -23,7 +23,7 @@ from bmoe_jax.config import MoEConfig
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace.posterior import Posterior
 
-POSTERIOR_FORMAT = "bmoe_jax/posterior-v1"
+POSTERIOR_FORMAT = "bmoe_jax/posterior-v2"  # v2: keyed by block ("3.routed", "3.shared")
 
 
 def _state_tree(state: kfac.FactorState) -> dict:
@@ -32,8 +32,8 @@ def _state_tree(state: kfac.FactorState) -> dict:
 
 
 def _tree_state(tree: dict, like: kfac.FactorState) -> kfac.FactorState:
-  stats = {l: type(s)(**{k: jnp.asarray(v) for k, v in tree["stats"][str(l)].items()})
-           for l, s in like.stats.items()}
+  stats = {blk: type(s)(**{k: jnp.asarray(v) for k, v in tree["stats"][str(blk)].items()})
+           for blk, s in like.stats.items()}
   return kfac.FactorState(stats, jnp.asarray(tree["num_sequences"]), jnp.asarray(tree["log_lik"]))
 
 
@@ -60,7 +60,7 @@ def fit_factors(params, cfg: MoEConfig, batches: Iterable[kfac.Batch], class_ids
     directory = Path(checkpoint_dir).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"spec": {"layers": list(spec.layers), "labels": spec.labels, "tokens": spec.tokens,
-                     "rank": spec.rank}, "config": cfg.to_dict()}
+                     "rank": spec.rank, "shared": spec.shared}, "config": cfg.to_dict()}
     meta_file = directory / "factor_pass.json"
     if meta_file.exists() and json.loads(meta_file.read_text()) != json.loads(json.dumps(meta)):
       raise ValueError(f"{meta_file}: the checkpoints there are of a different FactorSpec or model "
@@ -121,7 +121,7 @@ def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = No
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "state", _posterior_tree(post))
     ckptr.wait_until_finished()
-  meta = {"format": POSTERIOR_FORMAT, "layers": sorted(post.factors),
+  meta = {"format": POSTERIOR_FORMAT, "blocks": [str(b) for b in sorted(post.factors)],
           "rank": {str(l): [int(f.a_vec_eff.shape[-1]), int(f.g_vec_edd.shape[-1])] for l, f in post.factors.items()},
           "prior_precision": {str(l): np.exp(np.asarray(v, np.float64)).tolist()
                               for l, v in post.log_prior_prec_e.items()},
@@ -142,8 +142,8 @@ def load_posterior(path: str | Path) -> Posterior:
     raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {POSTERIOR_FORMAT!r}")
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(path / "state")
-  to_int = lambda d, fn=jnp.asarray: {int(k): fn(v) for k, v in d.items()}
-  factors = to_int(tree["factors"], lambda v: kfac.Factors(**{k: jnp.asarray(x) for k, x in v.items()}))
-  return Posterior(factors, to_int(tree["w_map"]), to_int(tree["sq_dist_e"]), to_int(tree["log_prior_prec_e"]),
+  keyed = lambda d, fn=jnp.asarray: {kfac.as_block(k): fn(v) for k, v in d.items()}
+  factors = keyed(tree["factors"], lambda v: kfac.Factors(**{k: jnp.asarray(x) for k, x in v.items()}))
+  return Posterior(factors, keyed(tree["w_map"]), keyed(tree["sq_dist_e"]), keyed(tree["log_prior_prec_e"]),
                    jnp.asarray(tree["scale"]), jnp.asarray(tree["log_lik"]))
 

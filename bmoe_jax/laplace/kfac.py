@@ -1,4 +1,10 @@
-"""Per-expert Kronecker factors of the GGN of the task loss w.r.t. every routed expert's down_proj.
+"""Per-expert Kronecker factors of the GGN of the task loss w.r.t. every Bayesian expert's down_proj.
+
+The Bayesian set is a tuple of ``Block``s: the routed experts of an MoE layer (``Block(l, "routed")``,
+down_proj ``[e, f, d]``) and, optionally, its shared expert (``Block(l, "shared")``, one expert of width
+``shared_expert_size``, treated as ``[1, f_shared, d]``: every real token is one of its rows, with the
+shared-expert gate inside its output gradient). Every dict of factors, posteriors and statistics is keyed
+by blocks.
 
 Task output: the C class logits ``f = logits[b, answer_pos_b, class_ids]``. For expert e of MoE layer l,
 with down_proj inputs ``a`` (per routed slot) and gradients ``g`` of the loss w.r.t. that expert's output
@@ -28,6 +34,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.laplace import lowrank
@@ -37,12 +44,63 @@ LABEL_MODES = ("exact", "mc", "empirical")
 TOKEN_MODES = ("last", "expand", "reduce")
 
 
+BLOCK_KINDS = ("routed", "shared")
+
+
+class Block(NamedTuple):
+  """One Bayesian set of down_proj weights: the routed experts (``kind="routed"``) or the shared expert
+  (``"shared"``) of MoE layer ``layer``. ``str(Block(3, "shared")) == "3.shared"``."""
+  layer: int
+  kind: str = "routed"
+
+  def __str__(self):
+    return f"{self.layer}.{self.kind}"
+
+
+def as_block(key) -> Block:
+  """A ``Block`` from a Block/tuple, an int layer id (its routed experts) or a string ``"3.shared"``."""
+  if isinstance(key, str):
+    layer, _, kind = key.partition(".")
+    key = (int(layer), kind or "routed")
+  if isinstance(key, (int, np.integer)):
+    key = (int(key), "routed")
+  blk = Block(int(key[0]), str(key[1]))
+  if blk.kind not in BLOCK_KINDS:
+    raise ValueError(f"block {key!r}: kind {blk.kind!r}, expected one of {BLOCK_KINDS}")
+  return blk
+
+
+def block_dims(cfg: MoEConfig, blk: Block) -> tuple[int, int, int]:
+  """(experts, input width f, output width d) of a block's down_proj."""
+  if blk.kind == "shared":
+    return 1, cfg.shared_expert_size, cfg.hidden_size
+  return cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+
+
+def block_slots(taps, grads, blk: Block):
+  """A block's slots from the forward taps and the (label-batched) perturbation gradients: down_proj
+  inputs a [b, s, k, f], output gradients g [l, b, s, k, d] and expert ids [b, s, k] (the shared expert
+  is one slot per token, expert 0)."""
+  tap = taps[blk.layer]
+  if blk.kind == "routed":
+    return tap.down_in_bskf, grads[blk.layer]["routed"], tap.expert_bsk
+  a_bsf = tap.shared_in_bsf
+  return (a_bsf[:, :, None], grads[blk.layer]["shared"][:, :, :, None],
+          jnp.zeros(a_bsf.shape[:2] + (1,), jnp.int32))
+
+
 @dataclasses.dataclass(frozen=True)
 class FactorSpec:
   layers: tuple[int, ...]  # MoE layers whose experts are Bayesian
   labels: str = "exact"
   tokens: str = "last"
   rank: int | None = None  # None: full factors; r: rank-r factors by incremental SVD
+  shared: bool = False  # also the layers' shared experts (models with shared experts only)
+
+  @property
+  def blocks(self) -> tuple[Block, ...]:
+    kinds = BLOCK_KINDS if self.shared else ("routed",)
+    return tuple(Block(l, k) for l in self.layers for k in kinds)
 
   def __post_init__(self):
     if self.labels not in LABEL_MODES:
@@ -155,8 +213,8 @@ def expert_sums(a_rf, g_lrd, w_lr, expert_r, valid_r, num_experts) -> LayerStats
   return LayerStats(a_eff, g_edd, rows_e)
 
 
-def _layer_rows(params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorSpec, key, **forward_kw):
-  """One forward and one vjp per label draw (vmapped). Per layer: rows a [r, f], g [labels, r, d], their
+def _block_rows(params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorSpec, key, **forward_kw):
+  """One forward and one vjp per label draw (vmapped). Per block: rows a [r, f], g [labels, r, d], their
   label weights [labels, r], expert ids [r], validity [r]; and the log-likelihood of the batch."""
   b, s = batch.tokens_bs.shape
   zero = zero_perturbations(cfg, b, s)
@@ -170,29 +228,29 @@ def _layer_rows(params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorS
   ct_lbc, w_lb = label_cotangents(f_bc, batch.labels_b, spec.labels, key)
   grads = jax.vmap(lambda ct: pullback(ct)[0])(ct_lbc)
   out = {}
-  for layer in spec.layers:
-    tap = taps[layer]
-    a, g, expert, valid = _rows(tap.down_in_bskf, grads[layer]["routed"], tap.expert_bsk, batch.mask_bs,
-                                batch.answer_pos_b, spec.tokens)
+  for blk in spec.blocks:
+    a_bskf, g_lbskd, expert_bsk = block_slots(taps, grads, blk)
+    a, g, expert, valid = _rows(a_bskf, g_lbskd, expert_bsk, batch.mask_bs, batch.answer_pos_b, spec.tokens)
     rows_per_seq = a.shape[0] // b
     if spec.tokens == "reduce":
-      a, g, expert, valid = _reduce_rows(a, g, expert, valid, b, cfg.num_experts)
-      rows_per_seq = cfg.num_experts
-    out[layer] = (a, g, jnp.repeat(w_lb, rows_per_seq, axis=1), expert, valid)
+      num_e = block_dims(cfg, blk)[0]
+      a, g, expert, valid = _reduce_rows(a, g, expert, valid, b, num_e)
+      rows_per_seq = num_e
+    out[blk] = (a, g, jnp.repeat(w_lb, rows_per_seq, axis=1), expert, valid)
   return out, log_lik
 
 
 def factor_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, spec: FactorSpec,
-                 key: jax.Array | None = None, **forward_kw) -> dict[int, LayerStats]:
-  """Full A/G sums of one batch for every expert of ``spec.layers``."""
-  rows, _ = _layer_rows(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
-  return {l: expert_sums(a, g, w, e, v, cfg.num_experts) for l, (a, g, w, e, v) in rows.items()}
+                 key: jax.Array | None = None, **forward_kw) -> dict[Block, LayerStats]:
+  """Full A/G sums of one batch for every expert of ``spec.blocks``."""
+  rows, _ = _block_rows(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
+  return {blk: expert_sums(a, g, w, e, v, block_dims(cfg, blk)[0]) for blk, (a, g, w, e, v) in rows.items()}
 
 
 class FactorState(NamedTuple):
   """Running sums over a factor pass (optax-style: ``init`` / ``update`` / ``finalize``). ``stats`` per
-  layer: ``LayerStats`` (full) or ``lowrank.LowRankStats``; ``log_lik``: sum of log p(y|x) at the MAP."""
-  stats: dict[int, LayerStats | lowrank.LowRankStats]
+  block: ``LayerStats`` (full) or ``lowrank.LowRankStats``; ``log_lik``: sum of log p(y|x) at the MAP."""
+  stats: dict[Block, LayerStats | lowrank.LowRankStats]
   num_sequences: jax.Array
   log_lik: jax.Array
 
@@ -208,55 +266,60 @@ class Factors(NamedTuple):
 
 
 def init(cfg: MoEConfig, spec: FactorSpec, dtype=jnp.float32) -> FactorState:
-  e, f, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
   bad = [l for l in spec.layers if not (0 <= l < cfg.num_layers and cfg.moe_layers[l])]
   if bad:
     raise ValueError(f"FactorSpec.layers {bad} are not MoE layers (MoE layers: {cfg.moe_layer_ids})")
   if not spec.layers:
     raise ValueError("FactorSpec.layers is empty: choose at least one MoE layer")
-  rows = jnp.zeros((e,), jnp.int32)
-  if spec.rank is None:
-    zero = LayerStats(jnp.zeros((e, f, f), dtype), jnp.zeros((e, d, d), dtype), rows)
-  else:
+  if spec.shared and not cfg.shared_expert_size:
+    raise ValueError("FactorSpec(shared=True): this model has no shared experts (shared_expert_size=0)")
+  stats = {}
+  for blk in spec.blocks:
+    e, f, d = block_dims(cfg, blk)
+    rows = jnp.zeros((e,), jnp.int32)
+    if spec.rank is None:
+      stats[blk] = LayerStats(jnp.zeros((e, f, f), dtype), jnp.zeros((e, d, d), dtype), rows)
+      continue
     if spec.rank > min(f, d):
-      raise ValueError(f"rank={spec.rank} exceeds a factor dimension (expert width f={f}, model width "
-                       f"d={d}); use rank <= {min(f, d)} or rank=None for full factors")
-    zero = lowrank.LowRankStats(jnp.zeros((e, f, spec.rank), dtype), jnp.zeros((e, d, spec.rank), dtype), rows)
-  return FactorState({l: zero for l in spec.layers}, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
+      raise ValueError(f"rank={spec.rank} exceeds a factor dimension of block {blk} (expert width f={f}, "
+                       f"model width d={d}); use rank <= {min(f, d)} or rank=None for full factors")
+    stats[blk] = lowrank.LowRankStats(jnp.zeros((e, f, spec.rank), dtype), jnp.zeros((e, d, spec.rank), dtype), rows)
+  return FactorState(stats, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
 
 
 def update(state: FactorState, params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorSpec,
            key: jax.Array | None = None, **forward_kw) -> FactorState:
   """Add one batch. Pure and jit-able (``spec`` and ``cfg`` static)."""
-  rows, log_lik = _layer_rows(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
+  rows, log_lik = _block_rows(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
   stats = {}
-  for l, (a, g, w, expert, valid) in rows.items():
-    old = state.stats[l]
+  for blk, (a, g, w, expert, valid) in rows.items():
+    old = state.stats[blk]
+    num_e = block_dims(cfg, blk)[0]
     if spec.rank is None:
-      new = expert_sums(a, g, w, expert, valid, cfg.num_experts)
-      stats[l] = jax.tree.map(lambda s, n: s + n.astype(s.dtype), old, new)
+      stats[blk] = jax.tree.map(lambda s, n: s + n.astype(s.dtype), old, expert_sums(a, g, w, expert, valid, num_e))
       continue
     num_l = g.shape[0]
     g_rows = (g * jnp.sqrt(w)[..., None]).reshape(-1, g.shape[-1])
-    stats[l] = lowrank.LowRankStats(
+    stats[blk] = lowrank.LowRankStats(
         lowrank.update_factor(old.a_efr, a.astype(old.a_efr.dtype), expert, valid),
         lowrank.update_factor(old.g_edr, g_rows.astype(old.g_edr.dtype), jnp.tile(expert, num_l),
                               jnp.tile(valid, num_l)),
-        old.rows_e + jnp.bincount(jnp.where(valid, expert, cfg.num_experts), length=cfg.num_experts + 1)[:-1])
+        old.rows_e + jnp.bincount(jnp.where(valid, expert, num_e), length=num_e + 1)[:-1])
   return FactorState(stats, state.num_sequences + batch.tokens_bs.shape[0],
                      state.log_lik + log_lik.astype(state.log_lik.dtype))
 
 
-def finalize(state: FactorState) -> dict[int, Factors]:
+def finalize(state: FactorState) -> dict[Block, Factors]:
   """Eigendecompose every expert's factors (vmapped over experts): full ``eigh`` of the sums, or the SVD
   of the low-rank B (eigenvectors [e, n, r]). Experts that received no rows get zero factors (their
   posterior is the prior)."""
   out = {}
-  for layer, s in state.stats.items():
+  for key, s in state.stats.items():
+    blk = as_block(key)
     leaves = [x for x in s[:2]]
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
-      raise FloatingPointError(f"non-finite K-FAC factor sums in MoE layer {layer} (NaN/inf activations "
-                               "or gradients in the factor pass)")
+      raise FloatingPointError(f"non-finite K-FAC factor sums in block {blk} (MoE layer {blk.layer}, "
+                               f"{blk.kind} experts): NaN/inf activations or gradients in the factor pass")
     rows_e = jnp.maximum(s.rows_e, 1).astype(leaves[0].dtype)
     if isinstance(s, LayerStats):
       a_eig, a_vec = jax.vmap(jnp.linalg.eigh)(s.a_eff / rows_e[:, None, None])
@@ -266,5 +329,5 @@ def finalize(state: FactorState) -> dict[int, Factors]:
       a_eig = a_eig / rows_e[:, None]
       g_eig, g_vec = lowrank.eigenform(s.g_edr)
     # Factors are PSD: clip round-off negatives.
-    out[layer] = Factors(jnp.maximum(a_eig, 0), a_vec, jnp.maximum(g_eig, 0), g_vec, s.rows_e)
+    out[blk] = Factors(jnp.maximum(a_eig, 0), a_vec, jnp.maximum(g_eig, 0), g_vec, s.rows_e)
   return out

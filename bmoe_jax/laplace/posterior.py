@@ -1,6 +1,7 @@
-"""The per-expert Laplace posterior over routed experts' down_proj, its evidence and its samples.
+"""The per-expert Laplace posterior over the Bayesian experts' down_proj, its evidence and its samples.
 
-For expert e of a Bayesian MoE layer, with W_e = down_proj [f, d] flattened row-major (index i*d + j,
+Everything is keyed by ``kfac.Block`` (a layer's routed experts ``[e, f, d]``, or its shared expert as
+``[1, f_shared, d]``); int keys are accepted as shorthand for a layer's routed experts. For expert e of a block, with W_e = down_proj [f, d] flattened row-major (index i*d + j,
 so that a per-row gradient ``a g^T`` flattens to ``kron(a, g)``), the posterior precision is
 
   Lambda_e = s * (A_e (x) G_e) + lambda_e * I,     s = dataset_size / num_sequences,
@@ -22,8 +23,9 @@ the norm of the pretrained weights (O(f d sigma^2), large for LLM weights) into 
 term and drive the evidence-optimal lambda to the scale of the weights rather than of the fine-tuning
 displacement. ``"zero"`` is the laplace-torch convention and is offered for comparison.
 
-Prior precision is stored per expert (``[e]`` per layer) and tuned at one of three granularities:
-``global`` (one lambda), ``layer`` (one per Bayesian layer) or ``expert``.
+Prior precision is stored per expert (``[e]`` per block) and tuned at one of three granularities:
+``global`` (one lambda), ``layer`` (one per block: a layer's routed experts share one lambda, its shared
+expert has its own, since the two differ in width and scale) or ``expert``.
 """
 
 from __future__ import annotations
@@ -35,28 +37,35 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bmoe_jax.laplace.kfac import Factors
+from bmoe_jax.laplace.kfac import Block, Factors, as_block
 
 PRIOR_MODES = ("global", "layer", "expert")
 
 
 class Posterior(NamedTuple):
-  factors: dict[int, Factors]
-  w_map: dict[int, jax.Array]  # [e, f, d] MAP down_proj of every Bayesian layer
-  sq_dist_e: dict[int, jax.Array]  # [e] ||W_map - mu_0||^2 per expert
-  log_prior_prec_e: dict[int, jax.Array]  # [e] log lambda per expert
+  factors: dict[Block, Factors]
+  w_map: dict[Block, jax.Array]  # [e, f, d] MAP down_proj of every Bayesian block
+  sq_dist_e: dict[Block, jax.Array]  # [e] ||W_map - mu_0||^2 per expert
+  log_prior_prec_e: dict[Block, jax.Array]  # [e] log lambda per expert
   scale: jax.Array  # s = dataset_size / num_sequences
   log_lik: jax.Array  # sum of log p(y | x, theta*) over the fit data, times s
 
 
-def down_proj(params, layer: int) -> jax.Array:
-  return params["layers"][layer]["mlp"]["experts"]["w_down"]
+def down_proj(params, key) -> jax.Array:
+  """A block's down_proj as [e, f, d] (the shared expert as [1, f_shared, d])."""
+  blk = as_block(key)
+  mlp = params["layers"][blk.layer]["mlp"]
+  if blk.kind == "shared":
+    if "shared" not in mlp:
+      raise ValueError(f"block {blk}: MoE layer {blk.layer} has no shared expert")
+    return mlp["shared"]["w_down"][None]
+  return mlp["experts"]["w_down"]
 
 
-def build(factors: dict[int, Factors], params, *, num_sequences: int, dataset_size: int | None = None,
+def build(factors: dict[Block, Factors], params, *, num_sequences: int, dataset_size: int | None = None,
           prior_mean: str = "pretrained", pretrained=None, prior_precision: Any = 1.0,
           log_lik: float | jax.Array = 0.0) -> Posterior:
-  """Assemble the posterior of the experts in ``factors`` (keys: MoE layer ids).
+  """Assemble the posterior of the experts in ``factors`` (keys: ``Block``s; ints mean routed experts).
 
   Args:
     params: the MAP parameters (fine-tuned model).
@@ -74,13 +83,14 @@ def build(factors: dict[int, Factors], params, *, num_sequences: int, dataset_si
     raise ValueError(f"dataset_size={dataset_size}: expected a positive number of sequences")
   if prior_mean not in ("pretrained", "zero"):
     raise ValueError(f"prior_mean={prior_mean!r}: expected 'pretrained' or 'zero'")
+  factors = {as_block(k): v for k, v in factors.items()}
   layers = tuple(sorted(factors))
   w_map = {l: down_proj(params, l) for l in layers}
   for l in layers:
     e, f, d = w_map[l].shape
     fac = factors[l]
     if fac.a_vec_eff.shape[:2] != (e, f) or fac.g_vec_edd.shape[:2] != (e, d):
-      raise ValueError(f"layer {l}: factors for experts/shape {fac.a_vec_eff.shape[:2]} x "
+      raise ValueError(f"block {l}: factors for experts/shape {fac.a_vec_eff.shape[:2]} x "
                        f"{fac.g_vec_edd.shape[:2]} do not match down_proj [e, f, d] = {(e, f, d)}")
   if prior_mean == "zero":
     mu0 = {l: jnp.zeros_like(w) for l, w in w_map.items()}
@@ -94,13 +104,17 @@ def build(factors: dict[int, Factors], params, *, num_sequences: int, dataset_si
   return Posterior(dict(factors), w_map, sq, log_prec, s, jnp.asarray(log_lik, dtype) * s)
 
 
-def expand_prior_precision(value, num_experts: dict[int, int], dtype=jnp.float32) -> dict[int, jax.Array]:
-  """lambda as log-precision per expert from a scalar (global), a dict layer -> scalar or [e], or an
-  array [layers] / [layers, e] in sorted layer order. Raises on non-positive or non-finite values."""
+def expand_prior_precision(value, num_experts: dict[Block, int], dtype=jnp.float32) -> dict[Block, jax.Array]:
+  """lambda as log-precision per expert from a scalar (global), a dict block -> scalar or [e] (int keys:
+  routed blocks), or an array [blocks] / [blocks, e] in sorted block order. Raises on non-positive or
+  non-finite values."""
+  num_experts = {as_block(k): v for k, v in num_experts.items()}
   layers = sorted(num_experts)
   if isinstance(value, dict):
+    value = {as_block(k): v for k, v in value.items()}
     if sorted(value) != layers:
-      raise ValueError(f"prior precision given for layers {sorted(value)}, posterior has {layers}")
+      raise ValueError(f"prior precision given for blocks {[str(b) for b in sorted(value)]}, posterior has "
+                       f"{[str(b) for b in layers]}")
     vals = {l: np.broadcast_to(np.asarray(value[l], np.float64), (num_experts[l],)) for l in layers}
   else:
     arr = np.asarray(value, np.float64)
@@ -109,11 +123,11 @@ def expand_prior_precision(value, num_experts: dict[int, int], dtype=jnp.float32
     elif arr.shape[0] == len(layers) and arr.ndim <= 2:
       vals = {l: np.broadcast_to(arr[i], (num_experts[l],)) for i, l in enumerate(layers)}
     else:
-      raise ValueError(f"prior precision of shape {arr.shape}: expected a scalar, [layers={len(layers)}] "
-                       "or [layers, experts]")
+      raise ValueError(f"prior precision of shape {arr.shape}: expected a scalar, [blocks={len(layers)}] "
+                       "or [blocks, experts]")
   for l, v in vals.items():
     if not np.all(np.isfinite(v)) or np.any(v <= 0):
-      raise ValueError(f"prior precision for layer {l} must be positive and finite, got {v.tolist()}")
+      raise ValueError(f"prior precision for block {l} must be positive and finite, got {v.tolist()}")
   return {l: jnp.log(jnp.asarray(v, dtype)) for l, v in vals.items()}
 
 
@@ -134,7 +148,7 @@ def log_det_precision(fac: Factors, scale, prec_e: jax.Array) -> jax.Array:
   return jnp.sum(jnp.log(curvature_eigs(fac, scale) + lam), axis=(1, 2)) + (f * d - ra * rg) * jnp.log(prec_e)
 
 
-def log_marginal_likelihood(post: Posterior, log_prior_prec_e: dict[int, jax.Array] | None = None) -> jax.Array:
+def log_marginal_likelihood(post: Posterior, log_prior_prec_e: dict[Block, jax.Array] | None = None) -> jax.Array:
   """Laplace evidence: log p(D|theta*) - lambda/2 ||theta* - mu_0||^2 + P/2 log lambda - 1/2 log det Lambda,
   summed over experts (each a block with its own lambda); differentiable in ``log_prior_prec_e``."""
   log_prec = post.log_prior_prec_e if log_prior_prec_e is None else log_prior_prec_e
@@ -147,7 +161,7 @@ def log_marginal_likelihood(post: Posterior, log_prior_prec_e: dict[int, jax.Arr
   return total
 
 
-def _free_to_log_prec(free, mode: str, num_experts: dict[int, int]) -> dict[int, jax.Array]:
+def _free_to_log_prec(free, mode: str, num_experts: dict[Block, int]) -> dict[Block, jax.Array]:
   layers = sorted(num_experts)
   if mode == "global":
     return {l: jnp.broadcast_to(free, (num_experts[l],)) for l in layers}
@@ -156,7 +170,7 @@ def _free_to_log_prec(free, mode: str, num_experts: dict[int, int]) -> dict[int,
   return {l: free[l] for l in layers}
 
 
-def _log_prec_to_free(log_prec: dict[int, jax.Array], mode: str):
+def _log_prec_to_free(log_prec: dict[Block, jax.Array], mode: str):
   layers = sorted(log_prec)
   if mode == "global":
     return jnp.mean(jnp.stack([jnp.mean(log_prec[l]) for l in layers]))
@@ -214,13 +228,14 @@ def _apply_spectral(fac: Factors, scale, prec_e, z_efd, power: float):
   return iso_e[:, None, None] * z_efd + jnp.einsum("efr,erq,edq->efd", fac.a_vec_eff, coef, fac.g_vec_edd)
 
 
-def covariance_apply(post: Posterior, layer: int, v_efd: jax.Array) -> jax.Array:
-  """Sigma_e v for every expert of ``layer`` (v shaped like down_proj)."""
-  return _apply_spectral(post.factors[layer], post.scale, jnp.exp(post.log_prior_prec_e[layer]), v_efd, -1.0)
+def covariance_apply(post: Posterior, block, v_efd: jax.Array) -> jax.Array:
+  """Sigma_e v for every expert of ``block`` (v shaped like its down_proj [e, f, d])."""
+  blk = as_block(block)
+  return _apply_spectral(post.factors[blk], post.scale, jnp.exp(post.log_prior_prec_e[blk]), v_efd, -1.0)
 
 
-def sample_perturbations(post: Posterior, key: jax.Array, num_samples: int) -> dict[int, jax.Array]:
-  """``num_samples`` draws of W - W_map ~ N(0, Sigma) per Bayesian layer: [n, e, f, d], structured:
+def sample_perturbations(post: Posterior, key: jax.Array, num_samples: int) -> dict[Block, jax.Array]:
+  """``num_samples`` draws of W - W_map ~ N(0, Sigma) per Bayesian block: [n, e, f, d], structured:
   eps = Lambda^{-1/2} z in the factors' eigenbasis (never a (f d) x (f d) matrix)."""
   out = {}
   for i, (l, fac) in enumerate(sorted(post.factors.items())):
@@ -237,13 +252,17 @@ def sample_weights(post: Posterior, params, key: jax.Array, num_samples: int) ->
           for i in range(num_samples)]
 
 
-def with_down_proj(params, w_by_layer: dict[int, jax.Array]):
-  """A shallow copy of ``params`` with the given layers' routed down_proj replaced."""
+def with_down_proj(params, w_by_block: dict[Block, jax.Array]):
+  """A shallow copy of ``params`` with the given blocks' down_proj ([e, f, d]) replaced."""
   layers = list(params["layers"])
-  for l, w in w_by_layer.items():
-    lp = dict(layers[l])
+  for key, w in w_by_block.items():
+    blk = as_block(key)
+    lp = dict(layers[blk.layer])
     mlp = dict(lp["mlp"])
-    mlp["experts"] = {**mlp["experts"], "w_down": w}
+    if blk.kind == "shared":
+      mlp["shared"] = {**mlp["shared"], "w_down": w[0]}
+    else:
+      mlp["experts"] = {**mlp["experts"], "w_down": w}
     lp["mlp"] = mlp
-    layers[l] = lp
+    layers[blk.layer] = lp
   return {**params, "layers": layers}

@@ -1,7 +1,8 @@
 """Linearised (GLM) predictives of the per-expert Laplace posterior, and class probabilities.
 
 The task output is ``f(x) in R^C`` (answer-letter logits). Linearised around the MAP, ``f ~ N(f*, Sigma_f)``
-with ``Sigma_f = sum_e J_e Sigma_e J_e^T`` over the Bayesian experts. **Routing is held at its MAP value**:
+with ``Sigma_f = sum_e J_e Sigma_e J_e^T`` over the Bayesian experts (of every ``kfac.Block``: routed
+experts, and shared experts when the spec includes them). **Routing is held at its MAP value**:
 the Jacobian is taken with every token's top-k expert choice fixed at the MAP's (top-k is piecewise
 constant; the routing weights' smooth dependence on earlier Bayesian layers is differentiated through),
 so the linearised routes never re-route. ``nn_mc`` runs the full network and may re-route.
@@ -32,7 +33,7 @@ import numpy as np
 
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.laplace import posterior as P
-from bmoe_jax.laplace.kfac import Batch, Factors, task_logits
+from bmoe_jax.laplace.kfac import Batch, Block, Factors, block_slots, task_logits
 from bmoe_jax.model import zero_perturbations
 
 METHODS = ("closed", "jvp_mc", "nn_mc")
@@ -46,7 +47,7 @@ class LayerJacobian(NamedTuple):
 
 class JacobianStats(NamedTuple):
   f_bc: jax.Array  # MAP logits
-  layers: dict[int, LayerJacobian]
+  blocks: dict[Block, LayerJacobian]
 
 
 class Predictive(NamedTuple):
@@ -93,7 +94,6 @@ def jacobian_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c, post: P.Po
                    **forward_kw) -> JacobianStats:
   """One forward and C vjps: the lambda-independent statistics of the closed-form predictive."""
   b, s = batch.tokens_bs.shape
-  k = cfg.num_experts_per_tok
 
   def f(perturb):
     return task_logits(params, cfg, batch, class_ids_c, perturb, **forward_kw)
@@ -101,18 +101,19 @@ def jacobian_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c, post: P.Po
   f_bc, pullback, taps = jax.vjp(f, zero_perturbations(cfg, b, s), has_aux=True)
   c = f_bc.shape[-1]
   grads = jax.vmap(lambda ct: pullback(ct)[0])(jnp.broadcast_to(jnp.eye(c, dtype=f_bc.dtype)[:, None], (c, b, c)))
-  valid_bt = jnp.repeat(batch.mask_bs.astype(bool), k, axis=1)
-  layers = {}
-  for l, fac in post.factors.items():
-    tap = taps[l]
-    a_btf = tap.down_in_bskf.reshape(b, s * k, -1).astype(jnp.float32)
-    g_bctd = jnp.moveaxis(grads[l]["routed"], 0, 1).reshape(b, c, s * k, -1).astype(jnp.float32)
-    layers[l] = project_rows(fac, a_btf, g_bctd, tap.expert_bsk.reshape(b, s * k), valid_bt)
-  return JacobianStats(jax.lax.stop_gradient(f_bc), layers)
+  blocks = {}
+  for blk, fac in post.factors.items():
+    a_bskf, g_cbskd, expert_bsk = block_slots(taps, grads, blk)
+    k = expert_bsk.shape[-1]
+    valid_bt = jnp.repeat(batch.mask_bs.astype(bool), k, axis=1)
+    a_btf = a_bskf.reshape(b, s * k, -1).astype(jnp.float32)
+    g_bctd = jnp.moveaxis(g_cbskd, 0, 1).reshape(b, c, s * k, -1).astype(jnp.float32)
+    blocks[blk] = project_rows(fac, a_btf, g_bctd, expert_bsk.reshape(b, s * k), valid_bt)
+  return JacobianStats(jax.lax.stop_gradient(f_bc), blocks)
 
 
 def layer_covariance(fac: Factors, jac: LayerJacobian, scale, prec_e) -> jax.Array:
-  """[b, c, c] contribution of one layer's experts to Sigma_f."""
+  """[b, c, c] contribution of one block's experts to Sigma_f."""
   w_erq = 1.0 / (P.curvature_eigs(fac, scale) + prec_e[:, None, None])
   pp = jnp.einsum("becrq,erq,bekrq->bck", jac.proj_becrq, w_erq, jac.proj_becrq)
   if jac.gram_becc is None:
@@ -125,7 +126,7 @@ def logit_covariance(stats: JacobianStats, post: P.Posterior, log_prior_prec_e=N
   """Sigma_f [b, c, c] from the statistics and the posterior (or another prior precision)."""
   log_prec = post.log_prior_prec_e if log_prior_prec_e is None else log_prior_prec_e
   cov = 0.0
-  for l, jac in stats.layers.items():
+  for l, jac in stats.blocks.items():
     cov = cov + layer_covariance(post.factors[l], jac, post.scale, jnp.exp(log_prec[l]))
   return cov
 
@@ -150,8 +151,8 @@ def mc_softmax(f_mean_bc, f_cov_bcc, key, num_samples: int = 1000):
 def jvp_samples(params, cfg: MoEConfig, batch: Batch, class_ids_c, post: P.Posterior, key,
                 num_samples: int, **forward_kw):
   """[n, b, c] linearised samples f* + J eps, eps ~ N(0, Sigma) structured per expert."""
-  def f(w_by_layer):
-    return task_logits(P.with_down_proj(params, w_by_layer), cfg, batch, class_ids_c, **forward_kw)[0]
+  def f(w_by_block):
+    return task_logits(P.with_down_proj(params, w_by_block), cfg, batch, class_ids_c, **forward_kw)[0]
 
   f_bc, f_jvp = jax.linearize(f, {l: w.astype(jnp.float32) for l, w in post.w_map.items()})
   eps = P.sample_perturbations(post, key, num_samples)

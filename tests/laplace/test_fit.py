@@ -1,5 +1,7 @@
 """The user loop: an interrupted factor pass resumes to the same result; posteriors save and load."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,17 +67,22 @@ def test_user_loop_and_posterior_roundtrip(tmp_path):
   pretrained = B.init_params(cfg, jax.random.key(0), std=0.3)
   pretrained["layers"][1]["mlp"]["experts"]["w_down"] = pretrained["layers"][1]["mlp"]["experts"]["w_down"] * 0.9
   data = _data(cfg)
-  spec = LA.FactorSpec(layers=(0, 1), rank=4)
+  spec = LA.FactorSpec(layers=(0, 1), rank=4, shared=True)
   state = LA.fit_factors(params, cfg, data, CLASSES, spec, progress=False)
   post = LA.build(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), dataset_size=100,
                   pretrained=pretrained, log_lik=state.log_lik)
   post, curve = LA.optimize_prior_precision(post, "layer", steps=100)
   assert curve["log_marglik"][-1] > curve["log_marglik"][0]
-  assert float(post.sq_dist_e[0].max()) == 0.0 and float(post.sq_dist_e[1].min()) > 0.0
+  assert float(post.sq_dist_e[LA.Block(0)].max()) == 0.0 and float(post.sq_dist_e[LA.Block(1)].min()) > 0.0
+  assert float(post.sq_dist_e[LA.Block(1, "shared")][0]) == 0.0
+  assert len(set(float(v[0]) for v in post.log_prior_prec_e.values())) == 4  # "layer": one lambda per block
   pred = LA.predict(post, params, cfg, data[0], CLASSES, link="probit")
   assert pred.probs_bc.shape == (2, 4) and np.allclose(pred.probs_bc.sum(-1), 1, atol=1e-6)
   LA.save_posterior(tmp_path / "post", post, metadata={"dataset": "synthetic"})
+  meta = json.loads((tmp_path / "post" / "posterior.json").read_text())
+  assert meta["blocks"] == ["0.routed", "0.shared", "1.routed", "1.shared"]
   back = LA.load_posterior(tmp_path / "post")
+  assert sorted(back.factors) == sorted(post.factors)
   for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(post)):
     np.testing.assert_array_equal(x, y)
   np.testing.assert_array_equal(LA.predict(back, params, cfg, data[0], CLASSES, link="probit").probs_bc,
@@ -84,3 +91,7 @@ def test_user_loop_and_posterior_roundtrip(tmp_path):
     LA.save_posterior(tmp_path / "post", post)
   with pytest.raises(FileNotFoundError, match="posterior.json"):
     LA.load_posterior(tmp_path)
+  meta["format"] = "bmoe_jax/posterior-v1"
+  (tmp_path / "post" / "posterior.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="expected 'bmoe_jax/posterior-v2'"):
+    LA.load_posterior(tmp_path / "post")

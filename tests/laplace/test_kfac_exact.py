@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import bmoe_jax as B
-from bmoe_jax.laplace.kfac import Batch, FactorSpec, factor_stats, task_logits
+from bmoe_jax.laplace import posterior as P
+from bmoe_jax.laplace.kfac import Batch, Block, FactorSpec, factor_stats, task_logits
 
 CLASSES = jnp.array([3, 7, 11, 19])
 
@@ -17,14 +18,12 @@ def _model(num_layers=2, **kw):
   return cfg, B.init_params(cfg, jax.random.key(0), std=0.3)
 
 
-def _ggn_block(params, cfg, batch, layer):
-  """Exact GGN of sum_b CE w.r.t. w_down[layer] [e, f, d]: J^T (diag p - p p^T) J per example."""
+def _ggn_block(params, cfg, batch, block):
+  """Exact GGN of sum_b CE w.r.t. a block's down_proj [e, f, d]: J^T (diag p - p p^T) J per example."""
   def f(w_down, b):
-    p = jax.tree.map(lambda x: x, params)
-    p["layers"][layer]["mlp"]["experts"]["w_down"] = w_down
     one = Batch(*(x[b:b + 1] for x in batch))
-    return task_logits(p, cfg, one, CLASSES)[0][0]
-  w = params["layers"][layer]["mlp"]["experts"]["w_down"]
+    return task_logits(P.with_down_proj(params, {block: w_down}), cfg, one, CLASSES)[0][0]
+  w = P.down_proj(params, block)
   e, fdim, d = w.shape
   total = 0.0
   for b in range(batch.tokens_bs.shape[0]):
@@ -42,41 +41,48 @@ def _batch(b, s, cfg, seed=0):
   return Batch(tokens, jnp.ones((b, s), jnp.int32), jnp.full((b,), s - 1), jnp.asarray(rng.randint(0, 4, b)))
 
 
-def test_last_token_top_layer_equals_exact_ggn_block():
-  """One sequence, answer position only, the last layer: A (x) G is the exact GGN block."""
+@pytest.mark.parametrize("kind", ["routed", "shared"])
+def test_last_token_top_layer_equals_exact_ggn_block(kind):
+  """One sequence, answer position only, the last layer: A (x) G is the exact GGN block, for the routed
+  experts and for the (sigmoid-gated) shared expert."""
   cfg, params = _model()
   batch = _batch(1, 5, cfg)
-  stats = factor_stats(params, cfg, batch, CLASSES, FactorSpec(layers=(1,), labels="exact", tokens="last"))[1]
-  exact = _ggn_block(params, cfg, batch, 1)
-  for e in range(cfg.num_experts):
+  spec = FactorSpec(layers=(1,), labels="exact", tokens="last", shared=True)
+  stats = factor_stats(params, cfg, batch, CLASSES, spec)[Block(1, kind)]
+  exact = _ggn_block(params, cfg, batch, Block(1, kind))
+  assert exact.shape[0] == (cfg.num_experts if kind == "routed" else 1)
+  for e in range(exact.shape[0]):
     np.testing.assert_allclose(np.kron(stats.a_eff[e], stats.g_edd[e]), exact[e], atol=1e-6, rtol=1e-4)
-  assert int(stats.rows_e.sum()) == cfg.num_experts_per_tok
+  assert int(stats.rows_e.sum()) == (cfg.num_experts_per_tok if kind == "routed" else 1)
 
 
 def test_expand_single_token_equals_exact_ggn_every_layer():
   cfg, params = _model(num_layers=2)
   batch = _batch(1, 1, cfg, seed=1)
-  stats = factor_stats(params, cfg, batch, CLASSES, FactorSpec(layers=(0, 1), tokens="expand"))
-  for layer in (0, 1):
-    exact = _ggn_block(params, cfg, batch, layer)
-    for e in range(cfg.num_experts):
-      np.testing.assert_allclose(np.kron(stats[layer].a_eff[e], stats[layer].g_edd[e]), exact[e],
-                                 atol=1e-6, rtol=1e-4)
+  stats = factor_stats(params, cfg, batch, CLASSES, FactorSpec(layers=(0, 1), tokens="expand", shared=True))
+  assert len(stats) == 4
+  for blk, st in stats.items():
+    exact = _ggn_block(params, cfg, batch, blk)
+    for e in range(exact.shape[0]):
+      np.testing.assert_allclose(np.kron(st.a_eff[e], st.g_edd[e]), exact[e], atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("tokens", ["last", "expand", "reduce"])
 @pytest.mark.parametrize("labels", ["exact", "empirical"])
 def test_factor_sums_match_per_expert_loop(tokens, labels):
-  """vmapped per-expert sums = a Python loop over experts and examples of brute-force gradients."""
+  """vmapped per-expert sums = a Python loop over experts and examples of brute-force gradients (routed
+  experts, and the shared expert: one row per real token, or per sequence for ``reduce``)."""
   cfg, params = _model()
   batch = _batch(3, 4, cfg, seed=2)
   batch = batch._replace(mask_bs=batch.mask_bs.at[1, 3].set(0), answer_pos_b=jnp.array([3, 2, 3]))
-  spec = FactorSpec(layers=(0, 1), labels=labels, tokens=tokens)
+  spec = FactorSpec(layers=(0, 1), labels=labels, tokens=tokens, shared=True)
   stats = jax.jit(factor_stats, static_argnums=(1, 4))(params, cfg, batch, CLASSES, spec)
   k = cfg.num_experts_per_tok
   for layer in (0, 1):
     a_ref = np.zeros((cfg.num_experts, 16, 16))
     g_ref = np.zeros((cfg.num_experts, cfg.hidden_size, cfg.hidden_size))
+    a_sh = np.zeros((1, cfg.shared_expert_size, cfg.shared_expert_size))
+    g_sh = np.zeros((1, cfg.hidden_size, cfg.hidden_size))
     for b in range(3):
       one = Batch(*(x[b:b + 1] for x in batch))
       zero = B.zero_perturbations(cfg, 1, 4)
@@ -99,5 +105,15 @@ def test_factor_sums_match_per_expert_loop(tokens, labels):
           g_rows = {y: [np.sum(g_rows[y], axis=0)] for y in ys}
         a_ref[e] += sum(np.outer(a, a) for a in a_rows)
         g_ref[e] += sum(weight[y] * np.outer(g, g) for y in ys for g in g_rows[y])
-    np.testing.assert_allclose(stats[layer].a_eff, a_ref, atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(stats[layer].g_edd, g_ref, atol=1e-6, rtol=1e-4)
+      a_rows = [np.asarray(tap.shared_in_bsf[0, t]) for t in positions]
+      g_rows = {y: [np.asarray(grads[y][layer]["shared"][0, t]) for t in positions] for y in ys}
+      if tokens == "reduce":
+        a_rows = [np.mean(a_rows, axis=0)]
+        g_rows = {y: [np.sum(g_rows[y], axis=0)] for y in ys}
+      a_sh[0] += sum(np.outer(a, a) for a in a_rows)
+      g_sh[0] += sum(weight[y] * np.outer(g, g) for y in ys for g in g_rows[y])
+    np.testing.assert_allclose(stats[Block(layer)].a_eff, a_ref, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(stats[Block(layer)].g_edd, g_ref, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(stats[Block(layer, "shared")].a_eff, a_sh, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(stats[Block(layer, "shared")].g_edd, g_sh, atol=1e-6, rtol=1e-4)
+    assert np.abs(g_sh).max() > 1e-8

@@ -23,11 +23,11 @@ def test_two_batches_add_up_to_one_and_finalize_reconstructs():
   state = kfac.init(cfg, spec)
   for h in halves:
     state = kfac.update(state, params, cfg, h, CLASSES, spec)
-  whole = kfac.factor_stats(params, cfg, batch, CLASSES, spec)[1]
-  np.testing.assert_allclose(state.stats[1].a_eff, whole.a_eff, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(state.stats[1].g_edd, whole.g_edd, atol=1e-7)
+  whole = kfac.factor_stats(params, cfg, batch, CLASSES, spec)[kfac.Block(1)]
+  np.testing.assert_allclose(state.stats[kfac.Block(1)].a_eff, whole.a_eff, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(state.stats[kfac.Block(1)].g_edd, whole.g_edd, atol=1e-7)
   assert int(state.num_sequences) == 4
-  fac = kfac.finalize(state)[1]
+  fac = kfac.finalize(state)[kfac.Block(1)]
   rows = np.maximum(np.asarray(whole.rows_e), 1)[:, None, None]
   a_back = jnp.einsum("eij,ej,ekj->eik", fac.a_vec_eff, fac.a_eig_ef, fac.a_vec_eff)
   np.testing.assert_allclose(a_back, whole.a_eff / rows, rtol=1e-5, atol=1e-5)
@@ -39,12 +39,12 @@ def test_two_batches_add_up_to_one_and_finalize_reconstructs():
 def test_mc_labels_are_seeded_and_unbiased_in_expectation():
   cfg, params, batch = _setup()
   spec_mc = kfac.FactorSpec(layers=(1,), labels="mc")
-  a = kfac.factor_stats(params, cfg, batch, CLASSES, spec_mc, jax.random.key(3))[1]
-  b = kfac.factor_stats(params, cfg, batch, CLASSES, spec_mc, jax.random.key(3))[1]
+  a = kfac.factor_stats(params, cfg, batch, CLASSES, spec_mc, jax.random.key(3))[kfac.Block(1)]
+  b = kfac.factor_stats(params, cfg, batch, CLASSES, spec_mc, jax.random.key(3))[kfac.Block(1)]
   np.testing.assert_array_equal(a.g_edd, b.g_edd)
-  draws = jax.vmap(lambda k: kfac.factor_stats(params, cfg, batch, CLASSES, spec_mc, k)[1].g_edd)(
+  draws = jax.vmap(lambda k: kfac.factor_stats(params, cfg, batch, CLASSES, spec_mc, k)[kfac.Block(1)].g_edd)(
       jax.random.split(jax.random.key(4), 400)).mean(0)
-  exact = kfac.factor_stats(params, cfg, batch, CLASSES, kfac.FactorSpec(layers=(1,)))[1].g_edd
+  exact = kfac.factor_stats(params, cfg, batch, CLASSES, kfac.FactorSpec(layers=(1,)))[kfac.Block(1)].g_edd
   np.testing.assert_allclose(draws, exact, atol=0.15 * float(jnp.abs(exact).max()))
 
 
@@ -52,15 +52,20 @@ def test_bad_inputs():
   cfg, params, batch = _setup()
   with pytest.raises(ValueError, match="not MoE layers"):
     kfac.init(cfg, kfac.FactorSpec(layers=(0,)))
+  with pytest.raises(ValueError, match="no shared experts"):
+    kfac.init(B.tiny_config(shared_expert_size=0, shared_expert_gate=False), kfac.FactorSpec(layers=(1,), shared=True))
+  with pytest.raises(ValueError, match="kind 'gate'"):
+    kfac.as_block((1, "gate"))
+  assert kfac.as_block("3.shared") == kfac.Block(3, "shared") and kfac.as_block(2) == kfac.Block(2, "routed")
   with pytest.raises(ValueError, match="labels='fisher'"):
     kfac.FactorSpec(layers=(1,), labels="fisher")
   spec = kfac.FactorSpec(layers=(1,))
   state = kfac.init(cfg, spec)
-  bad = state._replace(stats={1: state.stats[1]._replace(g_edd=state.stats[1].g_edd.at[0, 0, 0].set(jnp.nan))})
+  bad = state._replace(stats={kfac.Block(1): state.stats[kfac.Block(1)]._replace(g_edd=state.stats[kfac.Block(1)].g_edd.at[0, 0, 0].set(jnp.nan))})
   with pytest.raises(FloatingPointError, match="MoE layer 1"):
     kfac.finalize(bad)
   # An expert that received no rows gets zero factors (its posterior is the prior), not NaN.
-  fac = kfac.finalize(state)[1]
+  fac = kfac.finalize(state)[kfac.Block(1)]
   assert np.isfinite(fac.a_eig_ef).all() and (fac.rows_e == 0).all()
 
 
@@ -68,9 +73,9 @@ def test_lowrank_bad_and_empty():
   cfg, params, batch = _setup()
   spec = kfac.FactorSpec(layers=(1,), rank=4)
   state = kfac.init(cfg, spec)
-  fac = kfac.finalize(state)[1]  # no rows yet: zero factors with orthonormal bases, not NaN
+  fac = kfac.finalize(state)[kfac.Block(1)]  # no rows yet: zero factors with orthonormal bases, not NaN
   assert np.isfinite(fac.a_vec_eff).all() and (fac.a_eig_ef == 0).all() and (fac.rows_e == 0).all()
-  bad = state._replace(stats={1: state.stats[1]._replace(g_edr=state.stats[1].g_edr.at[0, 0, 0].set(jnp.inf))})
+  bad = state._replace(stats={kfac.Block(1): state.stats[kfac.Block(1)]._replace(g_edr=state.stats[kfac.Block(1)].g_edr.at[0, 0, 0].set(jnp.inf))})
   with pytest.raises(FloatingPointError, match="MoE layer 1"):
     kfac.finalize(bad)
   with pytest.raises(ValueError, match="needs a PRNG key"):

@@ -55,14 +55,14 @@ def test_lowrank_converges_to_full(tokens):
     state = kfac.init(cfg, spec)
     for h in halves:
       state = kfac.update(state, params, cfg, h, classes, spec)
-    return state, kfac.finalize(state)[1]
+    return state, kfac.finalize(state)[kfac.Block(1)]
 
   full_state, full = run(None)
   ref = _kron_blocks(full)
   errs = []
   for rank in (1, 2, 4, 8, 16):
     state, fac = run(rank)
-    np.testing.assert_array_equal(state.stats[1].rows_e, full_state.stats[1].rows_e)
+    np.testing.assert_array_equal(state.stats[kfac.Block(1)].rows_e, full_state.stats[kfac.Block(1)].rows_e)
     np.testing.assert_allclose(float(state.log_lik), float(full_state.log_lik), rtol=1e-6)
     errs.append(np.abs(_kron_blocks(fac) - ref).max() / np.abs(ref).max())
   assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs

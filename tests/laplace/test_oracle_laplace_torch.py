@@ -62,7 +62,7 @@ def test_factors_evidence_and_glm_predictive_match_laplace_torch():
     stats = kfac.expert_sums(phi, ct_lnc, w_ln, jnp.zeros(N, jnp.int32), jnp.ones(N, bool), 1)
     log_lik = jnp.sum(jax.nn.log_softmax(f_nc)[jnp.arange(N), y])
     factors = kfac.finalize(kfac.FactorState({0: stats}, jnp.asarray(N), log_lik))
-    fac = factors[0]
+    fac = factors[kfac.Block(0)]
     a = np.asarray(jnp.einsum("ir,r,jr->ij", fac.a_vec_eff[0], fac.a_eig_ef[0], fac.a_vec_eff[0]))
     g = np.asarray(jnp.einsum("ir,r,jr->ij", fac.g_vec_edd[0], fac.g_eig_ed[0], fac.g_vec_edd[0]))
     np.testing.assert_allclose(a, ref["A"], rtol=1e-10, atol=1e-12)
@@ -70,7 +70,7 @@ def test_factors_evidence_and_glm_predictive_match_laplace_torch():
 
     params = {"layers": [{"mlp": {"experts": {"w_down": w_down}}}]}
     post = P.build(factors, params, num_sequences=N, prior_mean="zero", prior_precision=PRIOR, log_lik=log_lik)
-    assert post.scale.dtype == jnp.float64 and post.log_prior_prec_e[0].dtype == jnp.float64
+    assert post.scale.dtype == jnp.float64 and post.log_prior_prec_e[kfac.Block(0)].dtype == jnp.float64
     np.testing.assert_allclose(float(P.log_marginal_likelihood(post)), ref["lml"], rtol=1e-10)
 
     phi_test = jnp.tanh(jnp.asarray(x_test) @ w1.T)
@@ -78,6 +78,6 @@ def test_factors_evidence_and_glm_predictive_match_laplace_torch():
     g_rows = jnp.broadcast_to(jnp.eye(C)[None, :, None, :], (n_test, C, 1, C))  # d f_c / d y = e_c
     jac = PR.project_rows(fac, phi_test[:, None, :], g_rows, jnp.zeros((n_test, 1), jnp.int32),
                           jnp.ones((n_test, 1), bool))
-    cov = PR.layer_covariance(fac, jac, post.scale, jnp.exp(post.log_prior_prec_e[0]))
+    cov = PR.layer_covariance(fac, jac, post.scale, jnp.exp(post.log_prior_prec_e[kfac.Block(0)]))
     np.testing.assert_allclose(np.asarray(cov), ref["f_var"], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(np.asarray(PR.probit(phi_test @ w_down[0], cov)), ref["probit"], rtol=1e-9)

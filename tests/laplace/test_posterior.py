@@ -8,7 +8,7 @@ import pytest
 
 from bmoe_jax.laplace import lowrank
 from bmoe_jax.laplace import posterior as P
-from bmoe_jax.laplace.kfac import Factors
+from bmoe_jax.laplace.kfac import Block, Factors
 
 E, F, D = 3, 4, 5
 
@@ -57,7 +57,7 @@ def test_covariance_and_sqrt_equal_dense_inverse(rank):
   rng = np.random.RandomState(0)
   fac = _factors(rng, rank)
   post, _, _ = _post(fac, rng)
-  prec_e = np.exp(np.asarray(post.log_prior_prec_e[0], np.float64))
+  prec_e = np.exp(np.asarray(post.log_prior_prec_e[Block(0)], np.float64))
   cov = np.linalg.inv(_dense_prec(fac, 1.5, prec_e))
   basis = jnp.eye(F * D).reshape(F * D, F, D)
   got = jax.vmap(lambda v: P.covariance_apply(post, 0, jnp.broadcast_to(v, (E, F, D))))(basis)
@@ -75,7 +75,7 @@ def test_evidence_equals_dense_formula(rank, prior_mean):
   rng = np.random.RandomState(1)
   fac = _factors(rng, rank)
   post, w, w0 = _post(fac, rng, prior_mean=prior_mean)
-  prec_e = np.exp(np.asarray(post.log_prior_prec_e[0], np.float64))
+  prec_e = np.exp(np.asarray(post.log_prior_prec_e[Block(0)], np.float64))
   dense = _dense_prec(fac, 1.5, prec_e)
   mu0 = w0 if prior_mean == "pretrained" else np.zeros_like(w)
   want = -3.0 * 1.5
@@ -90,8 +90,8 @@ def test_samples_have_posterior_covariance():
   rng = np.random.RandomState(2)
   fac = _factors(rng)
   post, _, _ = _post(fac, rng)
-  eps = P.sample_perturbations(post, jax.random.key(0), 20000)[0]
-  cov = np.linalg.inv(_dense_prec(fac, 1.5, np.exp(np.asarray(post.log_prior_prec_e[0], np.float64))))
+  eps = P.sample_perturbations(post, jax.random.key(0), 20000)[Block(0)]
+  cov = np.linalg.inv(_dense_prec(fac, 1.5, np.exp(np.asarray(post.log_prior_prec_e[Block(0)], np.float64))))
   for e in range(E):
     x = np.asarray(eps[:, e], np.float64).reshape(20000, -1)
     emp = x.T @ x / 20000
@@ -116,13 +116,13 @@ def test_lpo_finds_the_evidence_maximum():
   best, curve = P.optimize_prior_precision(post, "global", steps=400, learning_rate=0.05, init=1.0)
   grid = np.exp(np.linspace(-4, 4, 801))
   vals = [float(P.log_marginal_likelihood(post, P.expand_prior_precision(g, {0: E}))) for g in grid]
-  lam = float(jnp.exp(best.log_prior_prec_e[0][0]))
+  lam = float(jnp.exp(best.log_prior_prec_e[Block(0)][0]))
   assert abs(np.log(lam) - np.log(grid[int(np.argmax(vals))])) < 0.02
   assert curve["log_marglik"][-1] >= max(vals) - 1e-3
   assert curve["log_marglik"][-1] > curve["log_marglik"][0]
   per_expert, _ = P.optimize_prior_precision(post, "expert", steps=400, learning_rate=0.05, init=1.0)
   assert float(P.log_marginal_likelihood(per_expert)) >= curve["log_marglik"][-1] - 1e-4
-  assert len(set(np.round(np.asarray(per_expert.log_prior_prec_e[0]), 3))) == E
+  assert len(set(np.round(np.asarray(per_expert.log_prior_prec_e[Block(0)]), 3))) == E
 
 
 def test_bad_prior_and_shapes():

@@ -14,14 +14,14 @@ CLASSES = jnp.array([3, 7, 11, 19])
 LAYERS = (0, 1)
 
 
-def _fit(rank=None, prior=1.0, layers=LAYERS):
+def _fit(rank=None, prior=1.0, layers=LAYERS, shared=False):
   cfg = B.tiny_config(num_experts=3)
   params = B.init_params(cfg, jax.random.key(0), std=0.3)
   rng = np.random.RandomState(0)
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (4, 6)))
   mask = jnp.ones((4, 6), jnp.int32).at[1, 4:].set(0)
   batch = kfac.Batch(tokens, mask, jnp.array([5, 3, 5, 4]), jnp.array([0, 2, 1, 3]))
-  spec = kfac.FactorSpec(layers=layers, tokens="expand", rank=rank)
+  spec = kfac.FactorSpec(layers=layers, tokens="expand", rank=rank, shared=shared)
   state = kfac.update(kfac.init(cfg, spec), params, cfg, batch, CLASSES, spec)
   post = P.build(kfac.finalize(state), params, num_sequences=4, dataset_size=10, prior_precision=prior,
                  log_lik=state.log_lik)
@@ -37,7 +37,7 @@ def _dense_cov(post, params, cfg, batch):
   jac = jax.jacrev(f)(dict(post.w_map))
   b, c = batch.tokens_bs.shape[0], len(CLASSES)
   cov = np.zeros((b, c, c))
-  for l in LAYERS:
+  for l in post.w_map:
     e, fd, d = post.w_map[l].shape
     basis = jnp.eye(fd * d).reshape(fd * d, fd, d)
     for i in range(e):
@@ -48,9 +48,11 @@ def _dense_cov(post, params, cfg, batch):
   return cov
 
 
-@pytest.mark.parametrize("rank", [None, 3])
-def test_closed_form_equals_dense_jacobian(rank):
-  cfg, params, post, test = _fit(rank)
+@pytest.mark.parametrize("rank,shared", [(None, False), (3, False), (None, True), (3, True)])
+def test_closed_form_equals_dense_jacobian(rank, shared):
+  """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well."""
+  cfg, params, post, test = _fit(rank, shared=shared)
+  assert len(post.factors) == (4 if shared else 2)
   stats = jax.jit(PR.jacobian_stats, static_argnums=1)(params, cfg, test, CLASSES, post)
   got = PR.logit_covariance(stats, post)
   want = _dense_cov(post, params, cfg, test)
@@ -58,7 +60,7 @@ def test_closed_form_equals_dense_jacobian(rank):
   assert np.abs(want).max() > 1e-3  # a non-trivial covariance
   np.testing.assert_allclose(stats.f_bc, kfac.task_logits(params, cfg, test, CLASSES)[0], atol=1e-5)
   # the two slot-projection strategies agree
-  fac = post.factors[1]
+  fac = post.factors[kfac.Block(1)]
   a, g = jax.random.normal(jax.random.key(0), (2, 5, 16)), jax.random.normal(jax.random.key(1), (2, 4, 5, 32))
   expert, valid = jnp.array([[0, 2, 2, 1, 0], [1, 1, 0, 2, 2]]), jnp.array([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]], bool)
   for x, y in zip(PR.project_rows(fac, a, g, expert, valid, gather=True),
@@ -116,7 +118,7 @@ def test_grid_search_uses_the_lambda_independent_stats():
                    test, CLASSES, link="probit").probs_bc
     np.testing.assert_allclose(nll, -np.mean(np.log(np.take_along_axis(np.asarray(p), test.labels_b[:, None], 1))),
                                rtol=1e-5)
-  assert float(jnp.exp(best.log_prior_prec_e[0][0])) == pytest.approx(
+  assert float(jnp.exp(best.log_prior_prec_e[kfac.Block(0)][0])) == pytest.approx(
       curve["prior_precision"][int(np.argmin(curve["nll"]))], rel=1e-6)
 
 
