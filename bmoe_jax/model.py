@@ -35,14 +35,21 @@ class ForwardOutput(NamedTuple):
   taps: dict[int, MoETaps] | None
 
 
-def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32) -> dict[int, dict]:
-  """Zero perturbation inputs for every MoE layer: routed [b, s, k, d] and shared [b, s, d]."""
-  out = {}
-  for i in cfg.moe_layer_ids:
-    p = {"routed": jnp.zeros((batch, seq, cfg.num_experts_per_tok, cfg.hidden_size), dtype)}
-    if cfg.shared_expert_size:
-      p["shared"] = jnp.zeros((batch, seq, cfg.hidden_size), dtype)
-    out[i] = p
+def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32,
+                       blocks=None) -> dict[int, dict]:
+  """Zero perturbation inputs: routed [b, s, k, d] and shared [b, s, d] per MoE layer, or only for
+  ``blocks`` ((layer, "routed" | "shared") pairs). Gradients then flow back only as far as the lowest
+  perturbed layer, so perturb only the layers you need."""
+  if blocks is None:
+    blocks = [(i, kind) for i in cfg.moe_layer_ids
+              for kind in (("routed", "shared") if cfg.shared_expert_size else ("routed",))]
+  out: dict[int, dict] = {}
+  for layer, kind in blocks:
+    if kind == "routed":
+      arr = jnp.zeros((batch, seq, cfg.num_experts_per_tok, cfg.hidden_size), dtype)
+    else:
+      arr = jnp.zeros((batch, seq, cfg.hidden_size), dtype)
+    out.setdefault(layer, {})[kind] = arr
   return out
 
 
@@ -54,7 +61,7 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
                     norm_topk_prob=cfg.norm_topk_prob, norm_eps=cfg.norm_topk_eps,
                     scaling=cfg.routed_scaling_factor)
   k = cfg.num_experts_per_tok
-  perturb_nkd = None if perturb is None else perturb["routed"].reshape(b * s, k, d)
+  perturb_nkd = None if perturb is None or "routed" not in perturb else perturb["routed"].reshape(b * s, k, d)
   out_nd, h_nkf = M.routed_experts(expert_impl, x_nd, routing.expert_nk, routing.gate_nk,
                                    p["experts"], cfg.hidden_act, perturb_nkd, tile_rows)
   shared_in = None
@@ -108,7 +115,7 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     h_bsd = L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
     if cfg.moe_layers[i]:
       y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, tile_rows=tile_rows,
-                             perturb=None if perturb is None else perturb[i])
+                             perturb=None if perturb is None else perturb.get(i))
       if return_taps:
         taps[i] = tap
     else:

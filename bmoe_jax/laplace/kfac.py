@@ -217,7 +217,7 @@ def _block_rows(params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorS
   """One forward and one vjp per label draw (vmapped). Per block: rows a [r, f], g [labels, r, d], their
   label weights [labels, r], expert ids [r], validity [r]; and the log-likelihood of the batch."""
   b, s = batch.tokens_bs.shape
-  zero = zero_perturbations(cfg, b, s)
+  zero = zero_perturbations(cfg, b, s, blocks=spec.blocks)
 
   def f(perturb):
     return task_logits(params, cfg, batch, class_ids_c, perturb, **forward_kw)

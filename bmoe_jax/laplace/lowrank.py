@@ -4,7 +4,7 @@ Each factor is kept as ``B`` [e, n, r] with ``B B^T`` the rank-r approximation o
 ``x x^T`` over that expert's rows. A batch's rows are sorted by expert and consumed in windows of
 ``cap`` rows; every window updates all experts at once (``jax.vmap`` over the expert axis):
 
-  B_e <- top-r(U S) of [B_e, X_e^T]      (thin SVD of an n x (r + cap) matrix)
+  B_e <- top-r(U S) of [B_e, X_e^T]      (an n x (r + cap) matrix, by its smaller Gram's eigh)
 
 which equals the batch SVD of all rows seen so far whenever their rank is at most r, and is the
 standard streaming approximation otherwise (the discarded mass is the (r+1)-th singular value's).
@@ -31,10 +31,21 @@ def window_rows(num_rows: int, num_experts: int) -> int:
 
 
 def svd_update(b_nr: jax.Array, x_cn: jax.Array) -> jax.Array:
-  """top-r(U S) of [B, X^T] for one expert: the rank-r factor of B B^T + X^T X."""
+  """top-r(U S) of M = [B, X^T] for one expert: the rank-r factor of B B^T + X^T X.
+
+  Through the eigendecomposition of the smaller Gram matrix (``M^T M``, m x m with m = r + cap, or
+  ``M M^T``, n x n): min(n, m)^2 memory, and measured on CPU 1.5-10x faster than a thin SVD of M. Only
+  the top r eigenpairs are kept, whose eigenvalues (the factor's, squared singular values) the Gram form
+  resolves to float32 round-off of the largest.
+  """
   r = b_nr.shape[-1]
-  u, s, _ = jnp.linalg.svd(jnp.concatenate([b_nr, x_cn.T], axis=1), full_matrices=False)
-  return u[:, :r] * s[:r]
+  m_nm = jnp.concatenate([b_nr, x_cn.T.astype(b_nr.dtype)], axis=1)
+  n, m = m_nm.shape
+  if m <= n:
+    _, v_mm = jnp.linalg.eigh(m_nm.T @ m_nm)  # ascending
+    return m_nm @ v_mm[:, ::-1][:, :r]  # M v_i = s_i u_i
+  lam_n, u_nn = jnp.linalg.eigh(m_nm @ m_nm.T)
+  return u_nn[:, ::-1][:, :r] * jnp.sqrt(jnp.maximum(lam_n[::-1][:r], 0))
 
 
 def update_factor(b_enr: jax.Array, x_cn: jax.Array, expert_c: jax.Array, valid_c: jax.Array,

@@ -77,15 +77,16 @@ def project_rows(fac: Factors, a_btf, g_bctd, expert_bt, valid_bt, gather: bool 
                                  expert_bt[:, :, None, None], axis=2)[:, :, 0]
     pg_bctq = jnp.take_along_axis(jnp.einsum("bctd,edq->bcteq", g_bctd, fac.g_vec_edd),
                                   expert_bt[:, None, :, None, None], axis=3)[:, :, :, 0]
-  outer_btcrq = pa_btr[:, :, None, :, None] * jnp.swapaxes(pg_bctq, 1, 2)[:, :, :, None, :]
-  proj = jnp.einsum("bte,btcrq->becrq", onehot_bte, outer_btcrq)
+  # sum over slots t of expert e: one contraction over t (no [b, t, c, r, q] outer products in memory)
+  proj = jnp.einsum("bter,bctq->becrq", onehot_bte[..., None] * pa_btr[:, :, None, :], pg_bctq)
   gram = None
   if not P.is_full_rank(fac):
-    # <M_c, M_k> of expert e = sum over slot pairs (t, u) both routed to e of (a_t.a_u)(g_ct.g_ku).
+    # <M_c, M_k> of expert e = sum over slot pairs (t, u) both routed to e of (a_t.a_u)(g_ct.g_ku),
+    # contracted as sum_t g_ct . (sum_u aa_tu g_ku): b t^2 c d + b c^2 t d work, no [b, c, t, c, t] array.
     same_btu = (expert_bt[:, :, None] == expert_bt[:, None, :]) & valid_bt[:, :, None] & valid_bt[:, None, :]
     aa_btu = jnp.einsum("btf,buf->btu", a_btf, a_btf) * same_btu.astype(a_btf.dtype)
-    gg_bctku = jnp.einsum("bctd,bkud->bctku", g_bctd, g_bctd)
-    row_bckt = jnp.einsum("btu,bctku->bckt", aa_btu, gg_bctku)
+    h_bktd = jnp.einsum("btu,bkud->bktd", aa_btu, g_bctd)
+    row_bckt = jnp.einsum("bctd,bktd->bckt", g_bctd, h_bktd)
     gram = jnp.einsum("bte,bckt->beck", onehot_bte, row_bckt)
   return LayerJacobian(proj, gram)
 
@@ -98,7 +99,7 @@ def jacobian_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c, post: P.Po
   def f(perturb):
     return task_logits(params, cfg, batch, class_ids_c, perturb, **forward_kw)
 
-  f_bc, pullback, taps = jax.vjp(f, zero_perturbations(cfg, b, s), has_aux=True)
+  f_bc, pullback, taps = jax.vjp(f, zero_perturbations(cfg, b, s, blocks=post.factors), has_aux=True)
   c = f_bc.shape[-1]
   grads = jax.vmap(lambda ct: pullback(ct)[0])(jnp.broadcast_to(jnp.eye(c, dtype=f_bc.dtype)[:, None], (c, b, c)))
   blocks = {}

@@ -18,6 +18,7 @@ K-FAC's output factor needs. All paths are jit/vmap/jvp/vjp-safe (integer sortin
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -119,6 +120,10 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
     h_dtype = jnp.result_type(x_rd, wg_df, wu_df)
     return jnp.zeros((r, f), h_dtype), jnp.zeros((r, d), jnp.result_type(h_dtype, wd_fd))
 
+  # Remat everything but the matmul outputs: without it, reverse mode saves each tile's [d, f] weight
+  # slices as scan residuals (a copy of every used expert's weights per tile); measured on CPU this
+  # halves the cost of a backward pass w.r.t. activations (the K-FAC and predictive vjps).
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   def tile(_, inp):
     # The expert's weights are sliced outside the cond, so the backward pass accumulates [d, f]
     # cotangents per tile rather than full [e, d, f] ones out of each cond.
