@@ -23,5 +23,16 @@ def padded_batch(vocab: int, seed: int = 0, b: int = 3, s: int = 11, side: str =
 
 
 @pytest.fixture
+def shared_data():
+  """``../shared/data``. Under CI it must exist: a missing data dir fails the test, never skips it."""
+  path = os.path.abspath(SHARED_DATA)
+  if not os.path.isdir(path):
+    if os.environ.get("CI"):
+      pytest.fail(f"{path} is missing: CI must run with ../shared/data beside the repository")
+    pytest.skip(f"{path} not present")
+  return path
+
+
+@pytest.fixture
 def rng():
   return np.random.RandomState(0)

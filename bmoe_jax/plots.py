@@ -1,0 +1,49 @@
+"""Reliability diagrams and confidence histograms as PNG (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bmoe_jax import metrics
+
+
+def _plt():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def reliability_diagram(probs_nc, labels_n, path: str | Path, *, title: str = "", num_bins: int = 15) -> Path:
+  """Accuracy per confidence bin against the diagonal (gap shaded), with the confidence histogram
+  below; the title carries ACC and ECE."""
+  plt = _plt()
+  b = metrics.calibration_bins(probs_nc, labels_n, num_bins)
+  centers = (b["edges"][:-1] + b["edges"][1:]) / 2
+  width = 1.0 / num_bins
+  acc = np.nan_to_num(b["accuracy"])
+  conf = np.where(b["count"] > 0, b["confidence"], centers)
+  fig, (ax, hx) = plt.subplots(2, 1, figsize=(4.2, 5.4), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+  ax.bar(centers, acc, width=width, edgecolor="black", color="#4c72b0", label="accuracy")
+  ax.bar(centers, conf - acc, bottom=acc, width=width, edgecolor="#c44e52", color="#c44e52", alpha=0.3,
+         label="gap")
+  ax.plot([0, 1], [0, 1], "k--", lw=1)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("accuracy")
+  ax.legend(loc="upper left", fontsize=8)
+  ax.set_title(f"{title}  ACC {metrics.accuracy(probs_nc, labels_n):.3f}  "
+               f"ECE {metrics.ece(probs_nc, labels_n, num_bins):.3f}".strip(), fontsize=9)
+  hx.bar(centers, b["count"] / b["count"].sum(), width=width, edgecolor="black", color="#8c8c8c")
+  hx.set_xlim(0, 1)
+  hx.set_xlabel("confidence")
+  hx.set_ylabel("fraction")
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

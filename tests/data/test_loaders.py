@@ -1,0 +1,132 @@
+"""Benchmark loaders on ../shared/data (row counts against its MANIFEST) and on written fixtures:
+malformed rows are reported with file and line, skipped with a count or rejected, never mislabelled."""
+
+import json
+import os
+
+import pytest
+
+from bmoe_jax import data as D
+
+EXPECTED_ROWS = {("obqa", "train"): 4957, ("obqa", "dev"): 500, ("obqa", "test"): 500,
+                 ("arc_easy", "train"): 2251, ("arc_easy", "dev"): 570, ("arc_easy", "test"): 2376,
+                 ("arc_challenge", "train"): 1119, ("arc_challenge", "dev"): 299, ("arc_challenge", "test"): 1172,
+                 ("boolq", "validation"): 3270, ("winogrande", "dev"): 1267, ("mmlu", "dev"): 285,
+                 ("mmlu", "test"): 10535}
+
+
+def test_every_split_of_the_shared_data_loads_cleanly(shared_data):
+  manifest = json.load(open(os.path.join(shared_data, "MANIFEST.json")))
+  for (name, split), rows in EXPECTED_ROWS.items():
+    ds = D.load(name, split, data_dir=shared_data, on_error="raise")
+    assert len(ds) == rows == ds.report.kept == ds.report.rows, (name, split)
+    for ex in ds.examples:
+      assert 0 <= ex.label < len(ex.choices)
+  assert sum(v["rows"] for k, v in manifest.items() if k.startswith("mmlu/test/")) == EXPECTED_ROWS[("mmlu", "test")]
+  # spot checks of the label mapping against the raw files
+  arc = D.load("arc_easy", "dev", data_dir=shared_data).examples[0]
+  assert arc.uid == "MCAS_2000_4_6" and arc.choices[arc.label] == "cellular telephone"
+  obqa = D.load("obqa", "train", data_dir=shared_data).examples[0]
+  assert obqa.uid == "7-980" and obqa.answer_letter == "D"
+  bq = D.load("boolq", "validation", data_dir=shared_data).examples[0]
+  assert bq.choices == ("yes", "no") and bq.label == 1 and bq.context  # "label": "false"
+  wg = D.load("winogrande", "dev", data_dir=shared_data).examples[0]
+  assert wg.choices == ("Sarah", "Maria") and wg.label == 1
+
+
+def test_carved_splits_are_deterministic_disjoint_and_documented(shared_data):
+  for name, (tr, te, total) in {"winogrande": ("train_s", "test_s", 1267), "boolq": ("train", "test", 3270)}.items():
+    a, b = D.load(name, tr, data_dir=shared_data, seed=3), D.load(name, te, data_dir=shared_data, seed=3)
+    ua, ub = {e.uid for e in a.examples}, {e.uid for e in b.examples}
+    assert not ua & ub and len(ua | ub) == total
+    assert [e.uid for e in D.load(name, tr, data_dir=shared_data, seed=3).examples] == [e.uid for e in a.examples]
+    assert {e.uid for e in D.load(name, tr, data_dir=shared_data, seed=4).examples} != ua
+    assert "seeded" in a.note
+  m = D.load("winogrande", "train_m", data_dir=shared_data)
+  assert len(m) == round(0.8 * 1267)
+
+
+def test_mmlu_subjects(shared_data):
+  ds = D.load("mmlu", "test", data_dir=shared_data, subjects=["astronomy", "machine_learning"])
+  assert {e.subject for e in ds.examples} == {"astronomy", "machine_learning"} and len(ds) == 152 + 112
+  with pytest.raises(D.DataError, match="no file for subjects \\['astrology'\\]"):
+    D.load("mmlu", "test", data_dir=shared_data, subjects=["astrology"])
+
+
+def _write(path, lines):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def test_malformed_rows_are_reported_with_file_and_line(tmp_path):
+  good = {"id": "q1", "question": "Q?", "choices": ["a", "b", "c", "d"], "label": 2}
+  rows = [json.dumps(good),
+          json.dumps({"id": "q2", "choices": ["a", "b", "c", "d"], "label": 0}),  # 2: no question
+          json.dumps({**good, "id": "q3", "label": 4}),  # 3: label out of range
+          json.dumps({**good, "id": "q4", "choices": ["a", "b", "c"]}),  # 4: three choices
+          '{"id": "q5", "question": ',  # 5: broken JSON
+          json.dumps({**good, "id": "q6", "label": "2"}),  # 6: label not an integer
+          json.dumps({**good, "id": "q7", "choices": ["a", "", "c", "d"]})]  # 7: empty choice
+  path = _write(tmp_path / "obqa" / "train.jsonl", rows)
+  ds = D.load("obqa", "train", data_dir=tmp_path)
+  assert [e.uid for e in ds.examples] == ["q1"] and ds.examples[0].label == 2
+  assert ds.report.rows == 7 and ds.report.kept == 1
+  reasons = {line: why for _, line, why in ds.report.skipped}
+  assert reasons[2] == "missing field 'question'"
+  assert reasons[3] == "label 4 out of range for 4 choices"
+  assert reasons[4] == "3 choices, expected 4"
+  assert reasons[5].startswith("invalid JSON")
+  assert "not an integer" in reasons[6] and "empty" in reasons[7]
+  assert all(f == str(path) for f, _, _ in ds.report.skipped)
+  assert "6 skipped" in ds.report.summary() and f"{path}:2: missing field 'question'" in ds.report.summary()
+  with pytest.raises(D.DataError, match=f"{path}:2: missing field 'question'"):
+    D.load("obqa", "train", data_dir=tmp_path, on_error="raise")
+
+
+def test_arc_answer_keys_and_bad_inputs(tmp_path):
+  def row(key, labels):
+    return json.dumps({"id": key + "".join(labels), "question": {"stem": "S?", "choices": [
+        {"text": f"t{i}", "label": lab} for i, lab in enumerate(labels)]}, "answerKey": key})
+  _write(tmp_path / "arc_easy" / "ARC-Easy-Dev.jsonl",
+         [row("3", ["1", "2", "3", "4"]), row("E", list("ABCDE")), row("E", list("ABCD")), row("A", list("AB"))])
+  ds = D.load("arc_easy", "dev", data_dir=tmp_path)
+  assert [e.label for e in ds.examples] == [2, 4]
+  assert [why for _, _, why in ds.report.skipped] == [
+      "answer key 'E' is not one of the choice labels ['A', 'B', 'C', 'D']", "2 choices, expected 3-5"]
+  with pytest.raises(ValueError, match="unknown dataset 'piqa'"):
+    D.load("piqa", "test", data_dir=tmp_path)
+  with pytest.raises(ValueError, match="no split 'validation'"):
+    D.load("obqa", "validation", data_dir=tmp_path)
+  with pytest.raises(D.DataError, match="file not found"):
+    D.load("obqa", "test", data_dir=tmp_path)
+  with pytest.raises(ValueError, match="on_error='ignore'"):
+    D.load("obqa", "test", data_dir=tmp_path, on_error="ignore")
+
+
+def test_mmlu_csv_rows(tmp_path):
+  _write(tmp_path / "mmlu" / "test" / "toy_subject_test.csv",
+         ["question,choice0,choice1,choice2,choice3,answer", "What?,a,b,c,d,3", "Why?,a,b,c,d,B",
+          "How?,a,b,c,d,7", "Who?,a,b,c"])
+  ds = D.load("mmlu", "test", data_dir=tmp_path)
+  assert [(e.label, e.subject) for e in ds.examples] == [(3, "toy_subject"), (1, "toy_subject")]
+  assert [(line, why) for _, line, why in ds.report.skipped] == [
+      (4, "label 7 out of range for 4 choices"), (5, "missing field 'choice3'")]
+
+
+def test_hub_schema_through_datasets(tmp_path):
+  """The hub code path (``datasets.load_dataset``) on a local directory in the hub's schema."""
+  hub = tmp_path / "openbookqa"
+  rows = [{"id": "h1", "question_stem": "Sun?", "choices": {"text": ["a", "b", "c", "d"], "label": list("ABCD")},
+           "answerKey": "C"},
+          {"id": "h2", "question_stem": "Moon?", "choices": {"text": ["a", "b", "c", "d"], "label": list("ABCD")},
+           "answerKey": "Z"}]
+  _write(hub / "test.jsonl", [json.dumps(r) for r in rows])
+  ds = D.load("obqa", "test", hub=str(hub))
+  assert [(e.uid, e.label) for e in ds.examples] == [("h1", 2)]
+  assert ds.report.skipped[0][2] == "answer key 'Z' is not one of the choice labels ['A', 'B', 'C', 'D']"
+  bq = tmp_path / "boolq"
+  _write(bq / "validation.jsonl", [json.dumps({"question": "is it?", "answer": True, "passage": "P."}),
+                                   json.dumps({"question": "is it not?", "answer": False, "passage": "P."})])
+  val = D.load("boolq", "validation", hub=str(bq))
+  assert [e.label for e in val.examples] == [0, 1] and val.examples[0].context == "P."

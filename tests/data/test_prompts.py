@@ -1,0 +1,59 @@
+"""Prompts, answer-letter ids and padded/truncated batches with a byte-level BPE tokenizer trained here."""
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from bmoe_jax.data import MCExample
+from bmoe_jax.data.prompts import answer_token_ids, apply_chat, encode, format_prompt
+
+
+@pytest.fixture(scope="module")
+def tok():
+  raw = Tokenizer(models.BPE(unk_token=None))
+  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  raw.decoder = decoders.ByteLevel()
+  corpus = ["Question: what is it?\nA. one\nB. two\nC. three\nD. four\nAnswer: A B C D"] * 50
+  raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  t = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", pad_token="<pad>")
+  t.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
+  return t
+
+
+EX = MCExample("x", "what is it?", ("one", "two", "three", "four"), 2)
+
+
+def test_prompt_layout():
+  p = format_prompt(EX)
+  assert p == "Question: what is it?\nA. one\nB. two\nC. three\nD. four\nAnswer:"
+  ctx = MCExample("y", "is it?", ("yes", "no"), 0, context="Some passage.")
+  assert format_prompt(ctx, "Read it.").splitlines()[:3] == ["Read it.", "Passage: Some passage.", "Question: is it?"]
+
+
+def test_answer_ids_and_chat(tok):
+  ids = answer_token_ids(tok, 4)
+  assert [tok.decode([i]) for i in ids] == [" A", " B", " C", " D"]
+  with pytest.raises(ValueError, match="answer letter ' E' is 2 tokens"):
+    answer_token_ids(tok, 5)
+  chat = apply_chat(tok, format_prompt(EX))
+  assert chat.startswith("<|user|>Question:") and chat.endswith("<|assistant|>Answer:")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_encode_padding_and_truncation(tok, side):
+  long = format_prompt(MCExample("z", "what is it? " * 30, ("one", "two"), 1))
+  short = format_prompt(EX)
+  tokens, mask, pos, truncated = encode(tok, [short, long], max_length=40, padding_side=side)
+  assert tokens.shape == (2, 40) and truncated == 1
+  n_short = len(tok.encode(short))
+  assert mask[0].sum() == n_short and mask[1].sum() == 40
+  for i in range(2):
+    assert mask[i, pos[i]] == 1 and (pos[i] == 39 if side == "left" else pos[i] == mask[i].sum() - 1)
+    real = tokens[i][mask[i] == 1]
+    assert tok.decode(real).endswith("Answer:")  # the answer slot survives truncation
+  pad = tok.pad_token_id
+  assert np.all(tokens[mask == 0] == pad)
+  with pytest.raises(ValueError, match="padding_side='middle'"):
+    encode(tok, [short], 10, padding_side="middle")

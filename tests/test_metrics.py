@@ -1,0 +1,89 @@
+"""Metrics against hand-computed values and brute-force references (no sklearn)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from bmoe_jax import metrics as M
+from bmoe_jax.plots import reliability_diagram
+
+P = np.array([[0.93, 0.07], [0.62, 0.38], [0.29, 0.71], [0.56, 0.44], [0.58, 0.42]])
+Y = np.array([0, 1, 1, 0, 0])
+
+
+def test_hand_computed_values():
+  assert M.accuracy(P, Y) == pytest.approx(4 / 5)
+  assert M.nll(P, Y) == pytest.approx(-np.log([0.93, 0.38, 0.71, 0.56, 0.58]).mean())
+  assert M.brier(P, Y) == pytest.approx((2 * 0.07**2 + 2 * 0.62**2 + 2 * 0.29**2 + 2 * 0.44**2 + 2 * 0.42**2) / 5)
+  # bins: .93 right, .62 wrong, .71 right, {.56, .58} right (one bin at 10 and at 15 bins)
+  want = (0.07 + 0.62 + 0.29 + 2 * abs(1 - 0.57)) / 5
+  assert M.ece(P, Y, 10) == pytest.approx(want) and M.ece(P, Y, 15) == pytest.approx(want)
+  assert M.mce(P, Y) == pytest.approx(0.62)
+  s = M.summary(P, Y)
+  assert set(s) == {"acc", "nll", "ece", "ece10", "mce", "brier"} and s["ece10"] == pytest.approx(want)
+  b = M.calibration_bins(P, Y, 10)
+  assert b["count"].tolist() == [0, 0, 0, 0, 0, 2, 1, 1, 0, 1]
+  # a perfectly calibrated predictor: confidence 0.75 and right 3 times out of 4
+  assert M.ece(np.tile([0.75, 0.25], (4, 1)), np.array([0, 0, 0, 1])) == pytest.approx(0.0)
+  assert M.entropy(np.array([[0.5, 0.5], [1.0, 0.0]])) == pytest.approx([np.log(2), 0.0])
+
+
+def _brute_auroc(s_in, s_out):
+  return np.mean([1.0 if o > i else 0.5 if o == i else 0.0 for o, i in itertools.product(s_out, s_in)])
+
+
+def _brute_ap(s_in, s_out):
+  """Average precision over distinct thresholds: sum over thresholds of (recall gain) x precision."""
+  scores = np.r_[s_in, s_out]
+  pos = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
+  ap, prev_recall = 0.0, 0.0
+  for t in sorted(set(scores), reverse=True):
+    sel = scores >= t
+    recall = pos[sel].sum() / pos.sum()
+    ap += (recall - prev_recall) * pos[sel].sum() / sel.sum()
+    prev_recall = recall
+  return ap
+
+
+def test_ood_scores():
+  s_in, s_out = [0.1, 0.4, 0.35, 0.8], [0.9, 0.4, 0.6]
+  assert M.auroc(s_in, s_out) == pytest.approx(9.5 / 12)
+  assert M.auprc(s_in, s_out) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+  rng = np.random.RandomState(0)
+  for _ in range(20):
+    a, b = rng.randint(0, 6, rng.randint(1, 15)) / 5, rng.randint(0, 6, rng.randint(1, 15)) / 5  # many ties
+    assert M.auroc(a, b) == pytest.approx(_brute_auroc(a, b))
+    assert M.auprc(a, b) == pytest.approx(_brute_ap(a, b))
+  p_in = np.tile([0.9, 0.1], (5, 1))
+  p_out = np.tile([0.5, 0.5], (5, 1))
+  assert M.ood_summary(p_in, p_out)["auroc"] == 1.0
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate():
+  rng = np.random.RandomState(1)
+  p = rng.dirichlet([1, 1, 1], 400)
+  y = rng.randint(0, 3, 400)
+  lo, hi = M.bootstrap_ci(M.accuracy, p, y, num_samples=300, seed=5)
+  assert (lo, hi) == M.bootstrap_ci(M.accuracy, p, y, num_samples=300, seed=5)
+  assert lo < M.accuracy(p, y) < hi and hi - lo < 0.15
+  assert "ci95" in M.summary(p, y, ci=True, num_samples=50)
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match="sum to one"):
+    M.accuracy(np.array([[0.5, 0.6]]), np.array([0]))
+  with pytest.raises(ValueError, match="labels outside"):
+    M.nll(P, np.array([0, 1, 2, 0, 0]))
+  with pytest.raises(ValueError, match="expected int"):
+    M.brier(P, Y.astype(float))
+  with pytest.raises(ValueError, match="expected \\[n > 0"):
+    M.ece(np.zeros((0, 2)), np.zeros(0, int))
+  with pytest.raises(ValueError, match="needs in- and out"):
+    M.auroc([], [0.1])
+
+
+def test_reliability_diagram_png(tmp_path):
+  path = reliability_diagram(P, Y, tmp_path / "plots" / "rel.png", title="toy")
+  data = path.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
