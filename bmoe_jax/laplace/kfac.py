@@ -137,6 +137,12 @@ class Batch(NamedTuple):
   mask_bs: jax.Array
   answer_pos_b: jax.Array
   labels_b: jax.Array  # index into class_ids
+  # Optional [b, c] bool: False where an example has fewer choices than the C classes (ARC has 3-5).
+  # Those logits are set to CHOICE_MASK_VALUE: probability ~0, no gradient, no curvature.
+  choice_mask_bc: jax.Array | None = None
+
+
+CHOICE_MASK_VALUE = -1e9
 
 
 class LayerStats(NamedTuple):
@@ -148,7 +154,10 @@ class LayerStats(NamedTuple):
 def task_logits(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, perturb=None, **kw):
   out = forward(params, cfg, batch.tokens_bs, batch.mask_bs, perturb=perturb, return_taps=True,
                 logit_positions_b=batch.answer_pos_b, **kw)
-  return out.logits[:, class_ids_c], out.taps
+  f_bc = out.logits[:, class_ids_c]
+  if batch.choice_mask_bc is not None:
+    f_bc = jnp.where(batch.choice_mask_bc, f_bc, CHOICE_MASK_VALUE)
+  return f_bc, out.taps
 
 
 def label_cotangents(f_bc, labels_b, mode: str, key=None):

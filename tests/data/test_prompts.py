@@ -57,3 +57,16 @@ def test_encode_padding_and_truncation(tok, side):
   assert np.all(tokens[mask == 0] == pad)
   with pytest.raises(ValueError, match="padding_side='middle'"):
     encode(tok, [short], 10, padding_side="middle")
+
+
+def test_make_batches_masks_missing_choices(tok):
+  from bmoe_jax.data.batches import make_batches
+
+  exs = [EX, MCExample("t", "what is it?", ("one", "two", "three"), 1), EX]
+  batches, class_ids, info = make_batches(exs, tok, batch_size=2, max_length=64, padding_side="left")
+  assert info["num_classes"] == 4 and len(batches) == 2 and class_ids.shape == (4,)
+  b0 = batches[0]
+  assert b0.tokens_bs.shape[1] % 16 == 0 and b0.choice_mask_bc.tolist() == [[True] * 4, [True, True, True, False]]
+  assert batches[1].choice_mask_bc is None and b0.labels_b.tolist() == [2, 1]
+  assert all(int(b.mask_bs[i, b.answer_pos_b[i]]) == 1 for b in batches for i in range(b.tokens_bs.shape[0]))
+  assert tok.decode(b0.tokens_bs[0][b0.mask_bs[0] == 1]).endswith("Answer:")

@@ -21,7 +21,7 @@ def _model(num_layers=2, **kw):
 def _ggn_block(params, cfg, batch, block):
   """Exact GGN of sum_b CE w.r.t. a block's down_proj [e, f, d]: J^T (diag p - p p^T) J per example."""
   def f(w_down, b):
-    one = Batch(*(x[b:b + 1] for x in batch))
+    one = jax.tree.map(lambda x: x[b:b + 1], batch)
     return task_logits(P.with_down_proj(params, {block: w_down}), cfg, one, CLASSES)[0][0]
   w = P.down_proj(params, block)
   e, fdim, d = w.shape
@@ -84,7 +84,7 @@ def test_factor_sums_match_per_expert_loop(tokens, labels):
     a_sh = np.zeros((1, cfg.shared_expert_size, cfg.shared_expert_size))
     g_sh = np.zeros((1, cfg.hidden_size, cfg.hidden_size))
     for b in range(3):
-      one = Batch(*(x[b:b + 1] for x in batch))
+      one = jax.tree.map(lambda x: x[b:b + 1], batch)
       zero = B.zero_perturbations(cfg, 1, 4)
       logits, taps = task_logits(params, cfg, one, CLASSES, zero)
       p = np.asarray(jax.nn.softmax(logits[0]))

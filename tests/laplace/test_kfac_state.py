@@ -19,7 +19,7 @@ def _setup():
 def test_two_batches_add_up_to_one_and_finalize_reconstructs():
   cfg, params, batch = _setup()
   spec = kfac.FactorSpec(layers=(1,), tokens="expand")
-  halves = [kfac.Batch(*(x[i:i + 2] for x in batch)) for i in (0, 2)]
+  halves = [jax.tree.map(lambda x: x[i:i + 2], batch) for i in (0, 2)]
   state = kfac.init(cfg, spec)
   for h in halves:
     state = kfac.update(state, params, cfg, h, CLASSES, spec)
@@ -96,3 +96,31 @@ def test_select_layers():
     kfac.select_layers(cfg, "Q5")
   with pytest.raises(ValueError, match="fewer than four quarters"):
     kfac.select_layers(B.tiny_config(), "Q1")
+
+
+def test_choice_mask_removes_missing_choices():
+  """An example with 3 of 4 choices: its 4th logit gets no probability, no gradient, no curvature."""
+  from bmoe_jax.laplace import posterior as P
+  from bmoe_jax.laplace import predictive as PR
+
+  cfg, params, batch = _setup()
+  C4 = jnp.array([1, 2, 5, 9])
+  spec = kfac.FactorSpec(layers=(1,), tokens="expand")
+  full = kfac.factor_stats(params, cfg, batch, C4, spec)[kfac.Block(1)]
+  all_true = batch._replace(choice_mask_bc=jnp.ones((4, 4), bool))
+  same = kfac.factor_stats(params, cfg, all_true, C4, spec)[kfac.Block(1)]
+  np.testing.assert_allclose(same.g_edd, full.g_edd, rtol=1e-6)
+  mask = jnp.ones((4, 4), bool).at[0, 3].set(False)
+  masked = batch._replace(choice_mask_bc=mask, labels_b=batch.labels_b.at[0].set(1))
+  stats = kfac.factor_stats(params, cfg, masked, C4, spec)[kfac.Block(1)]
+  # example 0 alone, classes 0..2 only, equals the masked sum's share: compare through a 3-class run
+  one = jax.tree.map(lambda x: x[:1], masked._replace(choice_mask_bc=None))
+  three = kfac.factor_stats(params, cfg, one, C4[:3], spec)[kfac.Block(1)]
+  rest = kfac.factor_stats(params, cfg, jax.tree.map(lambda x: x[1:], masked._replace(choice_mask_bc=None)),
+                           C4, spec)[kfac.Block(1)]
+  np.testing.assert_allclose(stats.g_edd, three.g_edd + rest.g_edd, rtol=1e-4, atol=1e-7)
+  post = P.build(kfac.finalize(kfac.update(kfac.init(cfg, spec), params, cfg, masked, C4, spec)), params,
+                 num_sequences=4)
+  pred = PR.predict(post, params, cfg, masked, C4, link="probit")
+  assert float(pred.probs_bc[0, 3]) < 1e-30 and np.allclose(pred.probs_bc.sum(-1), 1, atol=1e-6)
+  assert np.all(np.asarray(pred.f_cov_bcc[0, 3]) == 0) and np.abs(np.asarray(pred.f_cov_bcc[0, :3, :3])).max() > 0

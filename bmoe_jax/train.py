@@ -1,0 +1,249 @@
+"""MAP fine-tuning of a chosen parameter subset on multiple-choice batches (optax AdamW).
+
+The objective per step is the mean answer-letter cross-entropy of the batch plus an L2 pull towards
+the pretrained weights,  ``(prior_precision / (2 N)) * ||theta - theta_0||^2``  over the trainable
+parameters (N = ``dataset_size``): the negative log posterior per example under the prior
+``N(theta_0, I / prior_precision)``, the same prior the Laplace posterior uses (``prior_mean=
+"pretrained"``). Only the trainable subset is differentiated, updated and checkpointed.
+
+The loop is resumable: orbax saves the trainable weights, the optimizer state and the early-stopping
+state every ``checkpoint_every`` steps; a rerun with the same directory restores the latest save and
+replays the same batch order (the epoch's order is a seeded permutation), so it ends with the same
+parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bmoe_jax.config import MoEConfig
+from bmoe_jax.laplace.kfac import Batch, task_logits
+
+SUBSETS = ("experts", "experts_router", "attention", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  trainable: str = "experts"  # experts | experts_router | attention | all
+  layers: tuple[int, ...] | None = None  # restrict to these layers (None: every layer)
+  learning_rate: float = 1e-4
+  schedule: str = "cosine"  # cosine | linear | constant (after linear warm-up)
+  warmup_steps: int = 0
+  weight_decay: float = 0.0  # AdamW's decoupled decay (towards zero); the prior below pulls to theta_0
+  prior_precision: float = 0.0
+  grad_accum: int = 1
+  epochs: int = 1
+  max_steps: int | None = None  # optimizer steps (after accumulation); None: epochs x batches
+  eval_every: int = 0  # optimizer steps between validation NLLs (0: never)
+  patience: int = 0  # stop after this many evaluations without improvement (0: never stop early)
+  checkpoint_every: int = 50
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.trainable not in SUBSETS:
+      raise ValueError(f"trainable={self.trainable!r}: expected one of {SUBSETS}")
+    if self.schedule not in ("cosine", "linear", "constant"):
+      raise ValueError(f"schedule={self.schedule!r}: expected cosine, linear or constant")
+    if self.grad_accum < 1 or self.epochs < 1:
+      raise ValueError("grad_accum and epochs must be >= 1")
+
+
+def trainable_mask(params, cfg: MoEConfig, which: str, layers: Sequence[int] | None = None):
+  """A tree of bools like ``params``: True for the leaves ``which`` selects (in ``layers``)."""
+  chosen = set(range(cfg.num_layers) if layers is None else layers)
+  bad = sorted(chosen - set(range(cfg.num_layers)))
+  if bad:
+    raise ValueError(f"layers {bad} do not exist (the model has {cfg.num_layers})")
+
+  def pick(path, _):
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    if which == "all":
+      return True
+    if keys[0] != "layers" or keys[1] not in chosen:
+      return False
+    if which == "attention":
+      return keys[2] == "attn"
+    if keys[2] != "mlp" or not cfg.moe_layers[keys[1]]:
+      return False
+    return keys[3] == "experts" or (which == "experts_router" and keys[3] == "router")
+
+  mask = jax.tree_util.tree_map_with_path(pick, params)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError(f"trainable={which!r} with layers={layers} selects no parameters")
+  return mask
+
+
+def split(params, mask):
+  """(trainable, frozen) trees with None where a leaf belongs to the other part."""
+  train = jax.tree.map(lambda p, m: p if m else None, params, mask)
+  frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+  return train, frozen
+
+
+def merge(train, frozen):
+  return jax.tree.map(lambda t, f: f if t is None else t, train, frozen, is_leaf=lambda x: x is None)
+
+
+def make_optimizer(tc: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  decay = max(total_steps - tc.warmup_steps, 1)
+  if tc.schedule == "cosine":
+    main = optax.cosine_decay_schedule(tc.learning_rate, decay)
+  elif tc.schedule == "linear":
+    main = optax.linear_schedule(tc.learning_rate, 0.0, decay)
+  else:
+    main = optax.constant_schedule(tc.learning_rate)
+  sched = optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps), main],
+                               [tc.warmup_steps]) if tc.warmup_steps else main
+  opt = optax.adamw(sched, weight_decay=tc.weight_decay)
+  return optax.MultiSteps(opt, every_k_schedule=tc.grad_accum) if tc.grad_accum > 1 else opt
+
+
+def batch_loss(params, cfg: MoEConfig, batch: Batch, class_ids_c, **forward_kw):
+  """Mean cross-entropy of the answer letters (and the batch's correct count)."""
+  f_bc = task_logits(params, cfg, batch, class_ids_c, **forward_kw)[0]
+  logp = jax.nn.log_softmax(f_bc)
+  nll_b = -jnp.take_along_axis(logp, batch.labels_b[:, None], 1)[:, 0]
+  return jnp.mean(nll_b), jnp.sum(jnp.argmax(f_bc, -1) == batch.labels_b)
+
+
+class TrainState(NamedTuple):
+  step: int  # micro-steps done (batches consumed)
+  train: Any  # trainable leaves (None elsewhere)
+  opt_state: Any
+  best_nll: float
+  best_train: Any
+  bad_evals: int
+
+
+class TrainResult(NamedTuple):
+  params: Any  # the best (early stopping) or final parameters
+  history: list[dict]
+  state: TrainState
+
+
+def evaluate_nll(params, cfg, batches: Sequence[Batch], class_ids_c, fwd=None) -> tuple[float, float]:
+  """(mean NLL, accuracy) over batches."""
+  fwd = fwd or jax.jit(lambda p, b: batch_loss(p, cfg, b, class_ids_c))
+  tot, correct, n = 0.0, 0, 0
+  for b in batches:
+    loss, right = fwd(params, b)
+    m = b.labels_b.shape[0]
+    tot, correct, n = tot + float(loss) * m, correct + int(right), n + m
+  return tot / max(n, 1), correct / max(n, 1)
+
+
+def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c, tc: TrainConfig, *,
+             val_batches: Sequence[Batch] = (), dataset_size: int | None = None, pretrained=None,
+             checkpoint_dir: str | Path | None = None, progress: bool = True, **forward_kw) -> TrainResult:
+  """Fine-tune ``tc.trainable`` on ``train_batches`` (see the module docstring)."""
+  if not train_batches:
+    raise ValueError("no training batches")
+  mask = trainable_mask(params, cfg, tc.trainable, tc.layers)
+  train0, frozen = split(params, mask)
+  anchor = split(pretrained if pretrained is not None else params, mask)[0]
+  n_data = dataset_size or sum(int(b.labels_b.shape[0]) for b in train_batches)
+  micro_total = tc.epochs * len(train_batches)
+  if tc.max_steps is not None:
+    micro_total = min(micro_total, tc.max_steps * tc.grad_accum)
+  opt = make_optimizer(tc, micro_total // tc.grad_accum)
+  coef = tc.prior_precision / (2.0 * n_data)
+
+  def objective(train, batch):
+    loss, right = batch_loss(merge(train, frozen), cfg, batch, class_ids_c, **forward_kw)
+    sq = sum(jnp.sum(jnp.square(t - a)) for t, a in zip(jax.tree.leaves(train), jax.tree.leaves(anchor)))
+    return loss + coef * sq, (loss, right)
+
+  @jax.jit
+  def step_fn(train, opt_state, batch):
+    (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch)
+    updates, opt_state = opt.update(grads, opt_state, train)
+    return optax.apply_updates(train, updates), opt_state, loss, right
+
+  fwd = jax.jit(lambda p, b: batch_loss(p, cfg, b, class_ids_c, **forward_kw))
+  state = TrainState(0, train0, opt.init(train0), float("inf"), train0, 0)
+  history: list[dict] = []
+  mngr = _manager(checkpoint_dir, tc, cfg)
+  if mngr is not None and mngr.latest_step() is not None:
+    state, history = _restore(mngr, state)
+  from tqdm.auto import tqdm
+
+  bar = tqdm(total=micro_total, initial=state.step, desc="fine-tune", unit="batch", disable=not progress)
+  stopped = False
+  try:
+    while state.step < micro_total and not stopped:
+      epoch, pos = divmod(state.step, len(train_batches))
+      order = np.random.RandomState(tc.seed + epoch).permutation(len(train_batches))
+      train, opt_state, loss, right = step_fn(state.train, state.opt_state, train_batches[order[pos]])
+      state = state._replace(step=state.step + 1, train=train, opt_state=opt_state)
+      bar.update(1)
+      bar.set_postfix(loss=f"{float(loss):.4f}")
+      opt_step = state.step // tc.grad_accum
+      if state.step % tc.grad_accum == 0 and tc.eval_every and opt_step % tc.eval_every == 0 and val_batches:
+        nll, acc = evaluate_nll(merge(state.train, frozen), cfg, val_batches, class_ids_c, fwd)
+        history.append({"step": opt_step, "train_loss": float(loss), "val_nll": nll, "val_acc": acc})
+        if nll < state.best_nll:
+          state = state._replace(best_nll=nll, best_train=state.train, bad_evals=0)
+        else:
+          state = state._replace(bad_evals=state.bad_evals + 1)
+          stopped = bool(tc.patience) and state.bad_evals >= tc.patience
+      if mngr is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped):
+        _save(mngr, state, history)
+  finally:
+    bar.close()
+    if mngr is not None:
+      mngr.close()
+  best = state.best_train if np.isfinite(state.best_nll) else state.train
+  return TrainResult(merge(best, frozen), history, state)
+
+
+def _manager(checkpoint_dir, tc: TrainConfig, cfg: MoEConfig):
+  if checkpoint_dir is None:
+    return None
+  import orbax.checkpoint as ocp
+
+  directory = Path(checkpoint_dir).absolute()
+  directory.mkdir(parents=True, exist_ok=True)
+  meta = {"train_config": dataclasses.asdict(tc), "config": cfg.to_dict()}
+  meta_file = directory / "finetune.json"
+  if meta_file.exists() and json.loads(meta_file.read_text()) != json.loads(json.dumps(meta)):
+    raise ValueError(f"{meta_file}: the checkpoints there are of a different TrainConfig or model config; "
+                     "use a new checkpoint_dir")
+  meta_file.write_text(json.dumps(meta, indent=2))
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+
+def _tree(state: TrainState) -> dict:
+  """Flat leaves (the trees hold None for frozen parameters, which orbax does not store)."""
+  return {"train": jax.tree.leaves(state.train), "opt_state": jax.tree.leaves(state.opt_state),
+          "best_train": jax.tree.leaves(state.best_train),
+          "scalars": {"step": np.asarray(state.step, np.int64), "best_nll": np.asarray(state.best_nll, np.float64),
+                      "bad_evals": np.asarray(state.bad_evals, np.int64)}}
+
+
+def _save(mngr, state: TrainState, history):
+  import orbax.checkpoint as ocp
+
+  mngr.save(state.step, args=ocp.args.Composite(state=ocp.args.StandardSave(_tree(state)),
+                                                 history=ocp.args.JsonSave({"history": history})))
+  mngr.wait_until_finished()
+
+
+def _restore(mngr, like: TrainState):
+  import orbax.checkpoint as ocp
+
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(like))
+  got = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+  st, sc = got["state"], got["state"]["scalars"]
+  unflat = lambda tree, leaves: jax.tree.unflatten(jax.tree.structure(tree), [jnp.asarray(x) for x in leaves])
+  state = TrainState(int(sc["step"]), unflat(like.train, st["train"]), unflat(like.opt_state, st["opt_state"]),
+                     float(sc["best_nll"]), unflat(like.best_train, st["best_train"]), int(sc["bad_evals"]))
+  return state, list(got["history"]["history"])
