@@ -8,21 +8,7 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax import train as T
-from bmoe_jax.laplace.kfac import Batch
-
-CLASSES = jnp.array([3, 7, 11, 19])
-
-
-def _task(cfg, n_batches, b=8, s=6, seed=0):
-  """A learnable synthetic task: the label is the first token mod 4."""
-  rng = np.random.RandomState(seed)
-  out = []
-  for _ in range(n_batches):
-    tokens = rng.randint(0, cfg.vocab_size, (b, s))
-    out.append(Batch(jnp.asarray(tokens), jnp.ones((b, s), jnp.int32), jnp.full((b,), s - 1),
-                     jnp.asarray(tokens[:, 0] % 4)))
-  return out
-
+from tests.tasks import CLASSES, synthetic_task as _task
 
 @pytest.fixture(scope="module")
 def setup():

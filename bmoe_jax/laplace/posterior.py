@@ -64,7 +64,7 @@ def down_proj(params, key) -> jax.Array:
 
 def build(factors: dict[Block, Factors], params, *, num_sequences: int, dataset_size: int | None = None,
           prior_mean: str = "pretrained", pretrained=None, prior_precision: Any = 1.0,
-          log_lik: float | jax.Array = 0.0) -> Posterior:
+          log_lik: float | jax.Array = 0.0, weights: dict | None = None) -> Posterior:
   """Assemble the posterior of the experts in ``factors`` (keys: ``Block``s; ints mean routed experts).
 
   Args:
@@ -75,6 +75,9 @@ def build(factors: dict[Block, Factors], params, *, num_sequences: int, dataset_
       is None, i.e. a post-hoc posterior of a model that was not fine-tuned) or ``"zero"``.
     prior_precision: a positive scalar, or anything ``expand_prior_precision`` accepts.
     log_lik: sum of log-likelihoods over the fit data at the MAP (``FactorState.log_lik``).
+    weights: the MAP weights per block ([e, f, d]) for layers outside a model tree (e.g. a last-layer
+      Laplace on the LM head's answer rows); then ``params`` is ignored and ``pretrained`` is a dict
+      like ``weights`` (or None).
   """
   if num_sequences <= 0:
     raise ValueError(f"num_sequences={num_sequences}: the factors were fit on no data")
@@ -85,7 +88,12 @@ def build(factors: dict[Block, Factors], params, *, num_sequences: int, dataset_
     raise ValueError(f"prior_mean={prior_mean!r}: expected 'pretrained' or 'zero'")
   factors = {as_block(k): v for k, v in factors.items()}
   layers = tuple(sorted(factors))
-  w_map = {l: down_proj(params, l) for l in layers}
+  if weights is None:
+    w_map = {l: down_proj(params, l) for l in layers}
+  else:
+    w_map = {as_block(k): jnp.asarray(v) for k, v in weights.items()}
+    if sorted(w_map) != list(layers):
+      raise ValueError(f"weights for blocks {sorted(map(str, w_map))}, factors for {list(map(str, layers))}")
   for l in layers:
     e, f, d = w_map[l].shape
     fac = factors[l]
@@ -95,7 +103,12 @@ def build(factors: dict[Block, Factors], params, *, num_sequences: int, dataset_
   if prior_mean == "zero":
     mu0 = {l: jnp.zeros_like(w) for l, w in w_map.items()}
   else:
-    mu0 = w_map if pretrained is None else {l: down_proj(pretrained, l) for l in layers}
+    if pretrained is None:
+      mu0 = w_map
+    elif weights is None:
+      mu0 = {l: down_proj(pretrained, l) for l in layers}
+    else:
+      mu0 = {as_block(k): jnp.asarray(v) for k, v in pretrained.items()}
   dtype = jnp.promote_types(factors[layers[0]].a_eig_ef.dtype, jnp.float32)  # float64 under x64
   sq = {l: jnp.sum(jnp.square(w_map[l].astype(dtype) - mu0[l].astype(dtype)), axis=(1, 2)) for l in layers}
   s = jnp.asarray(n / num_sequences, dtype)

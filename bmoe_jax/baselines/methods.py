@@ -1,0 +1,111 @@
+"""MAP, temperature scaling, MC dropout, ensembles and Bayesian-MoE as ``Method``s."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmoe_jax.config import MoEConfig
+from bmoe_jax.laplace import posterior as P
+from bmoe_jax.laplace import predictive as PR
+from bmoe_jax.laplace.kfac import Batch, Block, task_logits
+
+Method = Callable[[Batch], jax.Array]
+
+
+def _logits_fn(cfg: MoEConfig, class_ids_c, **forward_kw):
+  return jax.jit(lambda p, b: task_logits(p, cfg, b, class_ids_c, **forward_kw)[0])
+
+
+def map_method(params, cfg: MoEConfig, class_ids_c, **forward_kw) -> Method:
+  logits = _logits_fn(cfg, class_ids_c, **forward_kw)
+  return lambda batch: jax.nn.softmax(logits(params, batch), -1)
+
+
+def fit_temperature(logits_nc, labels_n, *, grid=None) -> float:
+  """The temperature minimising NLL of softmax(f / T): a log-spaced grid, then Newton steps on log T
+  (the NLL is smooth in log T; the result is checked against the grid's best)."""
+  f = jnp.asarray(logits_nc, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+  y = jnp.asarray(labels_n)
+
+  def nll(log_t):
+    logp = jax.nn.log_softmax(f / jnp.exp(log_t), -1)
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
+
+  grid = np.log(np.logspace(-2, 2, 81) if grid is None else np.asarray(grid))
+  vals = np.asarray(jax.vmap(nll)(jnp.asarray(grid, f.dtype)))
+  log_t = jnp.asarray(grid[int(np.argmin(vals))], f.dtype)
+  grad, hess = jax.grad(nll), jax.grad(jax.grad(nll))
+  for _ in range(20):
+    h = hess(log_t)
+    step = jnp.where(h > 0, grad(log_t) / jnp.maximum(h, 1e-12), 0.0)
+    log_t = jnp.clip(log_t - jnp.clip(step, -0.5, 0.5), grid[0] - 2, grid[-1] + 2)
+  if float(nll(log_t)) > float(vals.min()):
+    log_t = jnp.asarray(grid[int(np.argmin(vals))], f.dtype)
+  return float(jnp.exp(log_t))
+
+
+def temperature_scaling(params, cfg: MoEConfig, class_ids_c, val_batches: Sequence[Batch],
+                        **forward_kw) -> tuple[Method, float]:
+  """Fit T on validation batches; the method returns softmax(f / T). Returns (method, T)."""
+  if not val_batches:
+    raise ValueError("temperature scaling needs validation batches")
+  logits = _logits_fn(cfg, class_ids_c, **forward_kw)
+  f = jnp.concatenate([logits(params, b) for b in val_batches])
+  y = jnp.concatenate([b.labels_b for b in val_batches])
+  t = fit_temperature(f, y)
+  return (lambda batch: jax.nn.softmax(logits(params, batch) / t, -1)), t
+
+
+def mc_dropout(params, cfg: MoEConfig, class_ids_c, *, rate: float = 0.1, num_samples: int = 16,
+               key: jax.Array | None = None, layers: Sequence[int] | None = None, **forward_kw) -> Method:
+  """MC dropout on the routed experts' hidden units: each of ``num_samples`` forward passes drops every
+  expert's down_proj input unit with probability ``rate`` (scaling the rest by 1/(1-rate)), one mask
+  per pass shared by all tokens (as variational dropout ties masks over time). Averages the softmax.
+  ``layers``: MoE layers to drop in (default all). Seeded by ``key``; every call reuses the same masks."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"rate={rate}: expected 0 <= rate < 1")
+  layers = tuple(cfg.moe_layer_ids if layers is None else layers)
+  key = jax.random.key(0) if key is None else key
+  w = {Block(l): P.down_proj(params, l) for l in layers}
+
+  def one(sample_key, batch):
+    dropped = {}
+    for i, (blk, w_efd) in enumerate(sorted(w.items())):
+      keep_ef = jax.random.bernoulli(jax.random.fold_in(sample_key, i), 1.0 - rate, w_efd.shape[:2])
+      dropped[blk] = w_efd * (keep_ef[..., None] / (1.0 - rate)).astype(w_efd.dtype)
+    f = task_logits(P.with_down_proj(params, dropped), cfg, batch, class_ids_c, **forward_kw)[0]
+    return jax.nn.softmax(f, -1)
+
+  keys = jax.random.split(key, num_samples)
+  run = jax.jit(lambda batch: jnp.mean(jax.lax.map(lambda k: one(k, batch), keys), 0))
+  return run
+
+
+def ensemble(param_list: Sequence, cfg: MoEConfig, class_ids_c, **forward_kw) -> Method:
+  """Average of the members' softmax (checkpoint ensemble: checkpoints of one run; deep ensemble:
+  independently fine-tuned seeds)."""
+  if not param_list:
+    raise ValueError("an ensemble needs at least one member")
+  logits = _logits_fn(cfg, class_ids_c, **forward_kw)
+  return lambda batch: jnp.mean(jnp.stack([jax.nn.softmax(logits(p, batch), -1) for p in param_list]), 0)
+
+
+def bayesian_moe(post: P.Posterior, params, cfg: MoEConfig, class_ids_c, *, method: str = "closed",
+                 link: str = "probit", key: jax.Array | None = None, num_samples: int = 1000,
+                 **forward_kw) -> Method:
+  """The Bayesian-MoE predictive (``bmoe_jax.laplace.predict``) as a Method."""
+  if method == "closed":
+    stats = jax.jit(lambda b: PR.jacobian_stats(params, cfg, b, class_ids_c, post, **forward_kw))
+    key = jax.random.key(0) if key is None else key
+
+    def run(batch):
+      s = stats(batch)
+      cov = PR.logit_covariance(s, post)
+      return PR.probit(s.f_bc, cov) if link == "probit" else PR.mc_softmax(s.f_bc, cov, key, num_samples)
+    return run
+  return lambda batch: PR.predict(post, params, cfg, batch, class_ids_c, method=method, link=link, key=key,
+                                  num_samples=num_samples, **forward_kw).probs_bc

@@ -1,0 +1,105 @@
+"""One call compares any set of methods on any set of datasets: metrics, OOD detection, reports.
+
+``evaluate(methods, datasets, in_distribution="obqa", out_dir="runs/eval")`` runs every ``Method``
+(``bmoe_jax.baselines``) on every dataset's batches and writes ``results.json`` (metrics per method and
+dataset, entropy-based OOD AUROC/AUPRC of each shifted dataset against the in-distribution one, wall
+times, and the run record: config, versions, seed), ``results.md`` (the tables) and reliability diagrams
+``plots/reliability_<method>_<dataset>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from bmoe_jax import metrics as M
+from bmoe_jax.laplace.kfac import Batch
+
+TABLE_METRICS = ("acc", "ece", "nll", "brier")
+
+
+def run_record(config: dict | None = None, seed: int | None = None) -> dict:
+  """What produced a result: config, seed, package versions, machine."""
+  import jax
+
+  versions = {"python": platform.python_version(), "jax": jax.__version__}
+  for pkg in ("flax", "optax", "orbax.checkpoint", "transformers", "numpy"):
+    try:
+      versions[pkg] = __import__(pkg, fromlist=["__version__"]).__version__
+    except ImportError:
+      pass
+  return {"config": config or {}, "seed": seed, "versions": versions,
+          "machine": f"{platform.machine()} {jax.default_backend()} x{jax.device_count()}",
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def collect(method, batches: Sequence[Batch], progress: bool = False, desc: str = "") -> tuple[np.ndarray, np.ndarray]:
+  """(probs [n, C], labels [n]) of a method over batches."""
+  from tqdm.auto import tqdm
+
+  probs, labels = [], []
+  for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    probs.append(np.asarray(method(b), np.float64))
+    labels.append(np.asarray(b.labels_b))
+  return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batch]], *,
+             in_distribution: str | None = None, out_dir: str | Path | None = None, ci: bool = False,
+             plots: bool = True, record: dict | None = None, progress: bool = True) -> dict:
+  """Metrics of every method on every dataset (and OOD scores against ``in_distribution``)."""
+  if in_distribution is not None and in_distribution not in datasets:
+    raise ValueError(f"in_distribution={in_distribution!r} is not one of the datasets {list(datasets)}")
+  t_all = time.perf_counter()
+  results = {"record": record or run_record(), "in_distribution": in_distribution, "methods": {}}
+  out = Path(out_dir) if out_dir is not None else None
+  for name, method in methods.items():
+    per = {}
+    probs = {}
+    for ds_name, batches in datasets.items():
+      t = time.perf_counter()
+      p, y = collect(method, batches, progress, f"{name}/{ds_name}")
+      per[ds_name] = {**M.summary(p, y, ci=ci), "n": int(len(y)), "seconds": time.perf_counter() - t}
+      probs[ds_name] = p
+      if out is not None and plots:
+        from bmoe_jax.plots import reliability_diagram
+        reliability_diagram(p, y, out / "plots" / f"reliability_{name}_{ds_name}.png", title=f"{name} {ds_name}")
+    if in_distribution is not None:
+      for ds_name in datasets:
+        if ds_name != in_distribution:
+          per[ds_name]["ood"] = M.ood_summary(probs[in_distribution], probs[ds_name])
+    results["methods"][name] = per
+  results["seconds"] = time.perf_counter() - t_all
+  if out is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+  return results
+
+
+def markdown(results: dict) -> str:
+  """One table per metric group: rows methods, columns datasets (ACC / ECE / NLL / Brier), then OOD AUROC."""
+  methods = list(results["methods"])
+  datasets = list(next(iter(results["methods"].values()))) if methods else []
+  lines = ["# Evaluation", ""]
+  if results.get("in_distribution"):
+    lines += [f"In-distribution: {results['in_distribution']}. Metrics: ACC, ECE (15 bins), NLL, Brier.", ""]
+  head = "| method | " + " | ".join(f"{d} {m.upper()}" for d in datasets for m in TABLE_METRICS) + " |"
+  lines += [head, "|" + "---|" * (1 + len(datasets) * len(TABLE_METRICS))]
+  for name in methods:
+    row = results["methods"][name]
+    lines.append(f"| {name} | " + " | ".join(f"{row[d][m]:.4f}" for d in datasets for m in TABLE_METRICS) + " |")
+  shifts = [d for d in datasets if any("ood" in results["methods"][n][d] for n in methods)]
+  if shifts:
+    lines += ["", "| method | " + " | ".join(f"{d} OOD AUROC" for d in shifts) + " |",
+              "|" + "---|" * (1 + len(shifts))]
+    for name in methods:
+      lines.append(f"| {name} | " + " | ".join(f"{results['methods'][name][d]['ood']['auroc']:.4f}"
+                                               for d in shifts) + " |")
+  lines += ["", f"Wall time: {results['seconds']:.1f} s."]
+  return "\n".join(lines) + "\n"
