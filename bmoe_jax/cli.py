@@ -1,4 +1,4 @@
-"""``bmoe``: the command-line entry point (convert, info, demo)."""
+"""``bmoe``: the command-line entry point (convert, info, demo, finetune, fit, evaluate)."""
 
 from __future__ import annotations
 
@@ -80,15 +80,36 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--out-dir", default="runs/demo")
   d.add_argument("--seed", type=int, default=0)
   d.set_defaults(fn=_cmd_demo)
+  from bmoe_jax.cli_tasks import register
+  p.task_parsers = register(sub)
   return p
 
 
+def _with_config(parser, args, argv):
+  """Re-parse with the --config JSON as defaults, so explicit flags still win."""
+  if not getattr(args, "config", None):
+    return args
+  path = Path(args.config)
+  if not path.is_file():
+    raise FileNotFoundError(f"--config {path}: no such file")
+  values = {k.replace("-", "_"): v for k, v in json.loads(path.read_text()).items()}
+  sub = parser.task_parsers[args.command]
+  unknown = sorted(k for k in values if k not in vars(args))
+  if unknown:
+    raise ValueError(f"{path}: unknown keys {unknown} for bmoe {args.command}")
+  sub.set_defaults(**values)
+  return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   from convert.errors import ConversionError
+  from bmoe_jax.data import DataError
   try:
+    args = _with_config(parser, args, argv)
     return args.fn(args)
-  except (ConversionError, FileNotFoundError, FileExistsError) as err:
+  except (ConversionError, DataError, ValueError, FileNotFoundError, FileExistsError) as err:
     print(f"bmoe {args.command}: error: {err}", file=sys.stderr)
     return 2
 

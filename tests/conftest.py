@@ -22,7 +22,7 @@ def padded_batch(vocab: int, seed: int = 0, b: int = 3, s: int = 11, side: str =
   return tokens, mask
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data():
   """``../shared/data``. Under CI it must exist: a missing data dir fails the test, never skips it."""
   path = os.path.abspath(SHARED_DATA)

@@ -1,0 +1,186 @@
+"""``bmoe finetune``, ``bmoe fit`` and ``bmoe evaluate``: small JSON config files plus flags (flags win).
+Every run writes ``run.json`` (its config, versions, seed, data used and wall time) beside its outputs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+METHODS = ("map", "ts", "mc_dropout", "llla", "bmoe", "ensemble")
+
+
+def _common(p):
+  p.add_argument("--config", help="JSON file of option values (keys as the flags, - or _)")
+  p.add_argument("--model", required=False, help="converted model directory (bmoe convert) or HF checkpoint")
+  p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+  p.add_argument("--data-dir", help="benchmark files in the layout of ../shared/data (default: $BMOE_DATA_DIR)")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--max-length", type=int, default=256)
+  p.add_argument("--max-examples", type=int, help="seeded subset of each dataset (CPU-sized runs)")
+  p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", required=False, help="output directory")
+  p.add_argument("--quiet", action="store_true")
+
+
+def register(sub) -> dict:
+  ps = {}
+  f = ps["finetune"] = sub.add_parser("finetune", help="MAP fine-tuning on a benchmark (optax AdamW)")
+  _common(f)
+  f.add_argument("--train", default="obqa:train", help="dataset spec name:split")
+  f.add_argument("--val", default="obqa:dev")
+  f.add_argument("--trainable", default="experts", help="experts | experts_router | attention | all")
+  f.add_argument("--layers", help="comma-separated layer ids to train (default all)")
+  f.add_argument("--lr", type=float, default=1e-4)
+  f.add_argument("--epochs", type=int, default=1)
+  f.add_argument("--max-steps", type=int)
+  f.add_argument("--warmup-steps", type=int, default=0)
+  f.add_argument("--grad-accum", type=int, default=1)
+  f.add_argument("--prior-precision", type=float, default=0.0)
+  f.add_argument("--eval-every", type=int, default=0)
+  f.add_argument("--patience", type=int, default=0)
+  f.set_defaults(fn=cmd_finetune)
+  fi = ps["fit"] = sub.add_parser("fit", help="fit the Bayesian-MoE posterior (K-FAC factors, LPO prior)")
+  _common(fi)
+  fi.add_argument("--data", default="obqa:train", help="dataset spec of the fit data")
+  fi.add_argument("--pretrained", help="model directory of the pretrained weights (the prior mean)")
+  fi.add_argument("--bayes-layers", default="all", help="all | Q1..Q4 | comma-separated MoE layer ids")
+  fi.add_argument("--shared", action="store_true", help="also the shared experts")
+  fi.add_argument("--labels", default="exact")
+  fi.add_argument("--tokens", default="last")
+  fi.add_argument("--rank", type=int, help="low-rank factors (default: full)")
+  fi.add_argument("--prior", default="layer", help="LPO granularity: global | layer | expert")
+  fi.set_defaults(fn=cmd_fit)
+  e = ps["evaluate"] = sub.add_parser("evaluate", help="evaluate methods on in-distribution and shifted data")
+  _common(e)
+  e.add_argument("--id", default="obqa:test", help="in-distribution dataset spec")
+  e.add_argument("--shift", default="", help="comma-separated dataset specs under shift")
+  e.add_argument("--val", default="obqa:dev", help="validation spec (temperature scaling, last-layer fit)")
+  e.add_argument("--methods", default="map,ts", help=f"comma-separated, from {', '.join(METHODS)}")
+  e.add_argument("--posterior", help="posterior directory (bmoe fit) for method bmoe")
+  e.add_argument("--members", default="", help="comma-separated model directories for method ensemble")
+  e.add_argument("--dropout", type=float, default=0.1)
+  e.add_argument("--ci", action="store_true", help="bootstrap 95%% intervals")
+  e.set_defaults(fn=cmd_evaluate)
+  return ps
+
+
+def _need(args, *names):
+  missing = [n for n in names if not getattr(args, n.replace("-", "_"), None)]
+  if missing:
+    raise SystemExit(f"bmoe {args.command}: missing --{', --'.join(missing)} (flag or --config key)")
+
+
+def _batches(args, spec, tok, shuffle=False, num_classes=None):
+  from bmoe_jax.pipeline import batches_for
+  return batches_for(spec, tok, data_dir=args.data_dir, batch_size=args.batch_size, max_length=args.max_length,
+                     max_examples=args.max_examples, seed=args.seed, shuffle=shuffle, chat=args.chat,
+                     num_classes=num_classes)
+
+
+def _record(args):
+  from bmoe_jax.evaluate import run_record
+  cfg = {k: v for k, v in vars(args).items() if k not in ("fn",) and not callable(v)}
+  return run_record(cfg, args.seed)
+
+
+def cmd_finetune(args) -> int:
+  from bmoe_jax import train as T
+  from bmoe_jax.checkpoint import save_params
+  from bmoe_jax.pipeline import load_model_and_tokenizer, write_run
+
+  _need(args, "model", "out")
+  t0 = time.perf_counter()
+  params, cfg, tok = load_model_and_tokenizer(args.model, args.tokenizer)
+  train, class_ids, tinfo = _batches(args, args.train, tok)
+  val, _, vinfo = _batches(args, args.val, tok) if args.val else ([], None, {})
+  tc = T.TrainConfig(trainable=args.trainable, layers=None if not args.layers else tuple(
+      int(x) for x in args.layers.split(",")), learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+      warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, prior_precision=args.prior_precision,
+      eval_every=args.eval_every, patience=args.patience, seed=args.seed)
+  res = T.finetune(params, cfg, train, class_ids, tc, val_batches=val, pretrained=params,
+                   checkpoint_dir=Path(args.out) / "checkpoints", progress=not args.quiet)
+  out = Path(args.out) / "model"
+  save_params(out, cfg, res.params, {"finetuned_from": str(args.model), "train": args.train})
+  tok.save_pretrained(str(out))
+  val_nll = T.evaluate_nll(res.params, cfg, val, class_ids)[0] if val else None
+  write_run(args.out, _record(args), data={"train": tinfo, "val": vinfo}, history=res.history,
+            val_nll=val_nll, seconds=time.perf_counter() - t0)
+  print(f"wrote {out} (val NLL {val_nll}) in {time.perf_counter() - t0:.1f} s")
+  return 0
+
+
+def cmd_fit(args) -> int:
+  from bmoe_jax import laplace as LA
+  from bmoe_jax.checkpoint import load_params
+  from bmoe_jax.pipeline import load_model_and_tokenizer, write_run
+
+  _need(args, "model", "out")
+  t0 = time.perf_counter()
+  params, cfg, tok = load_model_and_tokenizer(args.model, args.tokenizer)
+  batches, class_ids, info = _batches(args, args.data, tok)
+  which = args.bayes_layers if args.bayes_layers in ("all", "Q1", "Q2", "Q3", "Q4") else [
+      int(x) for x in args.bayes_layers.split(",")]
+  spec = LA.FactorSpec(layers=LA.kfac.select_layers(cfg, which), labels=args.labels, tokens=args.tokens,
+                       rank=args.rank, shared=args.shared)
+  state = LA.fit_factors(params, cfg, batches, class_ids, spec, key=__import__("jax").random.key(args.seed),
+                         checkpoint_dir=Path(args.out) / "factors", total=len(batches), progress=not args.quiet)
+  pretrained = load_params(args.pretrained)[1] if args.pretrained else None
+  post = LA.build(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), pretrained=pretrained,
+                  log_lik=state.log_lik)
+  post, curve = LA.optimize_prior_precision(post, args.prior)
+  LA.save_posterior(Path(args.out) / "posterior", post, metadata={"data": info, "spec": str(spec)})
+  write_run(args.out, _record(args), data=info, log_marglik=curve["log_marglik"][-1],
+            prior_precision=curve["prior_precision"][-1], seconds=time.perf_counter() - t0)
+  print(f"wrote {Path(args.out) / 'posterior'} (log evidence {curve['log_marglik'][-1]:.2f}) "
+        f"in {time.perf_counter() - t0:.1f} s")
+  return 0
+
+
+def cmd_evaluate(args) -> int:
+  import jax
+
+  from bmoe_jax import baselines as BL
+  from bmoe_jax.evaluate import evaluate
+  from bmoe_jax.pipeline import load_examples, load_model_and_tokenizer, write_run
+
+  _need(args, "model", "out")
+  t0 = time.perf_counter()
+  params, cfg, tok = load_model_and_tokenizer(args.model, args.tokenizer)
+  names = [m.strip() for m in args.methods.split(",") if m.strip()]
+  bad = [m for m in names if m not in METHODS]
+  if bad:
+    raise SystemExit(f"bmoe evaluate: unknown methods {bad}; expected some of {METHODS}")
+  specs = [args.id] + [s for s in args.shift.split(",") if s]
+  # one set of answer letters for all datasets: C = the most choices of any example (ARC has up to 5)
+  num_classes = max(max(len(e.choices) for e in load_examples(spec, args.data_dir, args.max_examples,
+                                                              args.seed)[1]) for spec in specs)
+  data, infos = {}, {}
+  for spec in specs:
+    key = spec.replace(":", "_").replace("+", "-")
+    data[key], class_ids, infos[key] = _batches(args, spec, tok, num_classes=num_classes)
+  val = _batches(args, args.val, tok, num_classes=num_classes)[0] if any(m in names for m in ("ts", "llla")) else []
+  methods = {}
+  for m in names:
+    if m == "map":
+      methods[m] = BL.map_method(params, cfg, class_ids)
+    elif m == "ts":
+      methods[m], temp = BL.temperature_scaling(params, cfg, class_ids, val)
+      infos["temperature"] = temp
+    elif m == "mc_dropout":
+      methods[m] = BL.mc_dropout(params, cfg, class_ids, rate=args.dropout, key=jax.random.key(args.seed))
+    elif m == "llla":
+      methods[m] = BL.last_layer_laplace(params, cfg, class_ids, val)[0]
+    elif m == "ensemble":
+      from bmoe_jax.checkpoint import load_params
+      members = [params] + [load_params(d)[1] for d in args.members.split(",") if d]
+      methods[m] = BL.ensemble(members, cfg, class_ids)
+    else:
+      _need(args, "posterior")
+      from bmoe_jax.laplace import load_posterior
+      methods[m] = BL.bayesian_moe(load_posterior(args.posterior), params, cfg, class_ids)
+  res = evaluate(methods, data, in_distribution=next(iter(data)), out_dir=args.out, ci=args.ci,
+                 record=_record(args), progress=not args.quiet)
+  write_run(args.out, _record(args), data=infos, seconds=time.perf_counter() - t0)
+  print((Path(args.out) / "results.md").read_text())
+  return 0 if res else 1

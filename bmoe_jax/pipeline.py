@@ -1,0 +1,74 @@
+"""The steps behind ``bmoe finetune / fit / evaluate``: model + tokenizer, dataset specs -> batches.
+
+A dataset spec is ``name:split`` with an optional MMLU subject list, ``mmlu:test:astronomy+virology``;
+``max_examples`` takes a seeded subset (for CPU-sized runs; recorded in the run files).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bmoe_jax import data as D
+from bmoe_jax.data.batches import make_batches
+
+
+def load_model_and_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None = None):
+  from transformers import AutoTokenizer
+
+  from bmoe_jax.checkpoint import load_model
+
+  model = load_model(model_dir)
+  tok_dir = Path(tokenizer_dir or model_dir)
+  try:
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+  except Exception as err:
+    raise ValueError(f"no tokenizer in {tok_dir} ({type(err).__name__}: {err}); pass --tokenizer DIR") from err
+  if len(tok) > model.cfg.vocab_size:
+    raise ValueError(f"tokenizer in {tok_dir} has {len(tok)} tokens but the model's vocabulary is "
+                     f"{model.cfg.vocab_size}")
+  return model.pure_params(), model.cfg, tok
+
+
+def parse_spec(spec: str) -> tuple[str, str, list[str] | None]:
+  parts = spec.split(":")
+  if len(parts) not in (2, 3):
+    raise ValueError(f"dataset spec {spec!r}: expected name:split or mmlu:split:subject+subject")
+  subjects = parts[2].split("+") if len(parts) == 3 else None
+  return parts[0], parts[1], subjects
+
+
+def load_examples(spec: str, data_dir=None, max_examples: int | None = None, seed: int = 0):
+  name, split, subjects = parse_spec(spec)
+  ds = D.load(name, split, data_dir=data_dir, subjects=subjects, seed=seed)
+  examples = ds.examples
+  if max_examples is not None and len(examples) > max_examples:
+    keep = np.sort(np.random.RandomState(seed).permutation(len(examples))[:max_examples])
+    examples = [examples[i] for i in keep]
+  info = {"spec": spec, "rows": ds.report.rows, "kept": ds.report.kept, "skipped": len(ds.report.skipped),
+          "used": len(examples), "note": ds.note}
+  return name, examples, info
+
+
+def batches_for(spec: str, tok, *, data_dir=None, batch_size=8, max_length=256, max_examples=None, seed=0,
+                shuffle=False, chat=False, padding_side="right", num_classes=None):
+  """Batches of a dataset spec; ``num_classes`` pads every example to C answer letters (choice masks),
+  so datasets with different numbers of choices (OBQA 4, ARC 3-5) share one set of class ids."""
+  name, examples, info = load_examples(spec, data_dir, max_examples, seed)
+  batches, class_ids, binfo = make_batches(examples, tok, batch_size=batch_size, max_length=max_length,
+                                           num_classes=num_classes, dataset=name, chat=chat,
+                                           padding_side=padding_side, shuffle=shuffle, seed=seed)
+  info.update(truncated=binfo["truncated"], num_classes=binfo["num_classes"])
+  return batches, class_ids, info
+
+
+def write_run(out_dir: str | Path, record: dict, **extra) -> Path:
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / "run.json"
+  path.write_text(json.dumps({**record, **extra, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2,
+                             default=str))
+  return path

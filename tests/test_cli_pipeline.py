@@ -1,0 +1,71 @@
+"""bmoe finetune -> fit -> evaluate end to end on a tiny model, a tokenizer trained here and a few
+real OBQA / MMLU rows from ../shared/data (config file + flags)."""
+
+import json
+import os
+
+import jax
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+import bmoe_jax as B
+from bmoe_jax import data as D
+from bmoe_jax.checkpoint import save_params
+from bmoe_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, shared_data):
+  out = tmp_path_factory.mktemp("tiny") / "model"
+  text = [f"Question: {e.question}\n" + "\n".join(f"{L}. {c}" for L, c in zip("ABCD", e.choices)) + "\nAnswer: A B C D"
+          for e in D.load("obqa", "train", data_dir=shared_data).examples[:400]]
+  raw = Tokenizer(models.BPE(unk_token=None))
+  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  raw.decoder = decoders.ByteLevel()
+  raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=480, special_tokens=["<pad>", "<s>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>")
+  cfg = B.tiny_config(vocab_size=512, num_experts=4)
+  save_params(out, cfg, B.init_params(cfg, jax.random.key(0), std=0.3))
+  tok.save_pretrained(str(out))
+  return out
+
+
+def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
+  common = ["--data-dir", shared_data, "--max-examples", "24", "--batch-size", "8", "--max-length", "128", "--quiet"]
+  ft = tmp_path / "ft"
+  assert main(["finetune", "--model", str(model_dir), "--train", "obqa:train", "--val", "obqa:dev", "--lr", "1e-3",
+               "--epochs", "2", "--eval-every", "3", "--out", str(ft)] + common) == 0
+  run = json.loads((ft / "run.json").read_text())
+  assert run["data"]["train"]["used"] == 24 and len(run["history"]) == 2 and run["config"]["lr"] == 1e-3
+  assert (ft / "model" / "bmoe_config.json").exists() and (ft / "model" / "tokenizer.json").exists()
+  fit = tmp_path / "fit"
+  assert main(["fit", "--model", str(ft / "model"), "--pretrained", str(model_dir), "--data", "obqa:train",
+               "--rank", "4", "--shared", "--out", str(fit)] + common) == 0
+  meta = json.loads((fit / "posterior" / "posterior.json").read_text())
+  assert meta["blocks"] == ["0.routed", "0.shared", "1.routed", "1.shared"]
+  config = tmp_path / "eval.json"
+  config.write_text(json.dumps({"methods": "map,ts,mc_dropout,llla,bmoe", "shift": "mmlu:test:astronomy,arc_challenge:test",
+                                "dropout": 0.2, "batch-size": 4}))
+  ev = tmp_path / "eval"
+  assert main(["evaluate", "--config", str(config), "--model", str(ft / "model"), "--posterior",
+               str(fit / "posterior"), "--id", "obqa:test", "--batch-size", "8", "--out", str(ev)] + common) == 0
+  res = json.loads((ev / "results.json").read_text())
+  assert sorted(res["methods"]) == ["bmoe", "llla", "map", "mc_dropout", "ts"]
+  for m in res["methods"].values():
+    assert m["obqa_test"]["n"] == 24 and 0 <= m["mmlu_test_astronomy"]["ood"]["auroc"] <= 1
+    assert m["arc_challenge_test"]["n"] == 24
+  assert res["record"]["config"]["batch_size"] == 8 and res["record"]["config"]["dropout"] == 0.2  # flag > file
+  assert len(list((ev / "plots").glob("*.png"))) == 15
+  assert "| bmoe |" in (ev / "results.md").read_text()
+
+
+def test_cli_errors(model_dir, shared_data, tmp_path, capsys):
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"learning_rate": 1.0}))
+  assert main(["finetune", "--config", str(bad), "--model", str(model_dir), "--out", str(tmp_path / "x")]) == 2
+  assert "unknown keys ['learning_rate']" in capsys.readouterr().err
+  assert main(["evaluate", "--model", str(model_dir), "--data-dir", shared_data, "--id", "piqa:test",
+               "--out", str(tmp_path / "y")]) == 2
+  assert "unknown dataset 'piqa'" in capsys.readouterr().err
