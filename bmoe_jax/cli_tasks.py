@@ -111,6 +111,8 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_fit(args) -> int:
+  import jax
+
   from bmoe_jax import laplace as LA
   from bmoe_jax.checkpoint import load_params
   from bmoe_jax.pipeline import load_model_and_tokenizer, write_run
@@ -123,7 +125,7 @@ def cmd_fit(args) -> int:
       int(x) for x in args.bayes_layers.split(",")]
   spec = LA.FactorSpec(layers=LA.kfac.select_layers(cfg, which), labels=args.labels, tokens=args.tokens,
                        rank=args.rank, shared=args.shared)
-  state = LA.fit_factors(params, cfg, batches, class_ids, spec, key=__import__("jax").random.key(args.seed),
+  state = LA.fit_factors(params, cfg, batches, class_ids, spec, key=jax.random.key(args.seed),
                          checkpoint_dir=Path(args.out) / "factors", total=len(batches), progress=not args.quiet)
   pretrained = load_params(args.pretrained)[1] if args.pretrained else None
   post = LA.build(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), pretrained=pretrained,
