@@ -39,6 +39,8 @@ def register(sub) -> dict:
   f.add_argument("--prior-precision", type=float, default=0.0)
   f.add_argument("--eval-every", type=int, default=0)
   f.add_argument("--patience", type=int, default=0)
+  f.add_argument("--cache-prefix", action="store_true",
+                 help="run the frozen layers below the lowest trainable one once and train on their output")
   f.set_defaults(fn=cmd_finetune)
   fi = ps["fit"] = sub.add_parser("fit", help="fit the Bayesian-MoE posterior (K-FAC factors, LPO prior)")
   _common(fi)
@@ -99,7 +101,8 @@ def cmd_finetune(args) -> int:
       warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, prior_precision=args.prior_precision,
       eval_every=args.eval_every, patience=args.patience, seed=args.seed)
   res = T.finetune(params, cfg, train, class_ids, tc, val_batches=val, pretrained=params,
-                   checkpoint_dir=Path(args.out) / "checkpoints", progress=not args.quiet)
+                   checkpoint_dir=Path(args.out) / "checkpoints", progress=not args.quiet,
+                   cache_prefix=args.cache_prefix)
   out = Path(args.out) / "model"
   save_params(out, cfg, res.params, {"finetuned_from": str(args.model), "train": args.train})
   tok.save_pretrained(str(out))

@@ -83,7 +83,9 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
             attention_mask_bs: jax.Array | None = None, positions_bs: jax.Array | None = None, *,
             expert_impl: str = "sorted", tile_rows: int | None = None,
             perturb: dict[int, dict] | None = None, return_taps: bool = False,
-            return_hidden: bool = False, logit_positions_b: jax.Array | None = None) -> ForwardOutput:
+            return_hidden: bool = False, logit_positions_b: jax.Array | None = None,
+            start_layer: int = 0, states_bsd: jax.Array | None = None,
+            stop_layer: int | None = None) -> ForwardOutput:
   """Logits of a batch of token ids.
 
   Args:
@@ -95,17 +97,26 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     expert_impl: "dense" (reference), "sorted" (fast on CPU) or "ragged" (GPU/TPU).
     perturb: zero perturbations per MoE layer (``zero_perturbations``), for expert-output gradients.
     logit_positions_b: if given, only the logits at these positions are computed ([b, vocab]).
+    start_layer, states_bsd: start at layer ``start_layer`` from its input states (``prefix_states``),
+      e.g. to fine-tune the top layers on cached activations of the frozen ones.
+    stop_layer: stop before this layer and return its input states as ``hidden_states[0]`` (no logits).
   """
   b, s = tokens_bs.shape
   if positions_bs is None:
     positions_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  x_bsd = params["embed"]["embedding"][tokens_bs]
+  if start_layer:
+    if states_bsd is None or states_bsd.shape[:2] != (b, s):
+      raise ValueError(f"start_layer={start_layer} needs states_bsd [b, s, d] = the input of that layer "
+                       f"(prefix_states), got {None if states_bsd is None else states_bsd.shape}")
+    x_bsd = states_bsd
+  else:
+    x_bsd = params["embed"]["embedding"][tokens_bs]
   cos_bsc, sin_bsc = L.rope_tables(positions_bs, cfg.head_dim, cfg.rope_theta, cfg.rope_type,
                                    cfg.rope_factor)
   masks = {}
   hidden = [x_bsd] if return_hidden else None
   taps: dict[int, MoETaps] = {}
-  for i in range(cfg.num_layers):
+  for i in range(start_layer, cfg.num_layers if stop_layer is None else stop_layer):
     lp = params["layers"][i]
     w = cfg.window(i)
     if w not in masks:
@@ -123,6 +134,8 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     x_bsd = x_bsd + y_bsd
     if return_hidden:
       hidden.append(x_bsd)
+  if stop_layer is not None:
+    return ForwardOutput(None, (x_bsd,), taps if return_taps else None)
   x_bsd = L.rms_norm(x_bsd, params["final_norm"]["scale"], cfg.rms_norm_eps)
   if return_hidden:
     hidden[-1] = x_bsd
@@ -133,6 +146,15 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
   logits = (x_bsd @ head_dv).astype(jnp.float32)
   return ForwardOutput(logits, tuple(hidden) if return_hidden else None,
                        taps if return_taps else None)
+
+
+def prefix_states(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, positions_bs=None, *,
+                  stop_layer: int, **kw) -> jax.Array:
+  """[b, s, d]: the input of layer ``stop_layer`` (for ``forward(start_layer=, states_bsd=)``)."""
+  if not 0 <= stop_layer <= cfg.num_layers:
+    raise ValueError(f"stop_layer={stop_layer}: expected 0..{cfg.num_layers}")
+  return forward(params, cfg, tokens_bs, attention_mask_bs, positions_bs, stop_layer=stop_layer,
+                 **kw).hidden_states[0]
 
 
 def _as_nnx(tree, axes):

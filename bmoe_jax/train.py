@@ -129,24 +129,53 @@ class TrainResult(NamedTuple):
   state: TrainState
 
 
-def evaluate_nll(params, cfg, batches: Sequence[Batch], class_ids_c, fwd=None) -> tuple[float, float]:
-  """(mean NLL, accuracy) over batches."""
+def evaluate_nll(params, cfg, batches: Sequence[Batch], class_ids_c, fwd=None, states=None) -> tuple[float, float]:
+  """(mean NLL, accuracy) over batches (``states``: cached prefix states per batch, with ``fwd``)."""
   fwd = fwd or jax.jit(lambda p, b: batch_loss(p, cfg, b, class_ids_c))
   tot, correct, n = 0.0, 0, 0
-  for b in batches:
-    loss, right = fwd(params, b)
+  for i, b in enumerate(batches):
+    loss, right = fwd(params, b) if states is None else fwd(params, b, states[i])
     m = b.labels_b.shape[0]
     tot, correct, n = tot + float(loss) * m, correct + int(right), n + m
   return tot / max(n, 1), correct / max(n, 1)
 
 
+def first_trainable_layer(mask) -> int:
+  """The lowest layer with a trainable leaf (0 if the embedding trains; num_layers if only the head)."""
+  if any(jax.tree.leaves(mask["embed"])):
+    return 0
+  layers = [i for i, lm in enumerate(mask["layers"]) if any(jax.tree.leaves(lm))]
+  return min(layers) if layers else len(mask["layers"])
+
+
+def cache_prefix_states(params, cfg: MoEConfig, batches: Sequence[Batch], start: int, progress: bool = True,
+                        **forward_kw) -> list:
+  """Each batch's input states of layer ``start`` (the frozen prefix run once)."""
+  from tqdm.auto import tqdm
+
+  from bmoe_jax.model import prefix_states
+
+  fn = jax.jit(lambda p, b: prefix_states(p, cfg, b.tokens_bs, b.mask_bs, stop_layer=start, **forward_kw))
+  return [fn(params, b) for b in tqdm(batches, desc=f"cache layers <{start}", disable=not progress, leave=False)]
+
+
 def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c, tc: TrainConfig, *,
              val_batches: Sequence[Batch] = (), dataset_size: int | None = None, pretrained=None,
-             checkpoint_dir: str | Path | None = None, progress: bool = True, **forward_kw) -> TrainResult:
-  """Fine-tune ``tc.trainable`` on ``train_batches`` (see the module docstring)."""
+             checkpoint_dir: str | Path | None = None, progress: bool = True, cache_prefix: bool = False,
+             **forward_kw) -> TrainResult:
+  """Fine-tune ``tc.trainable`` on ``train_batches`` (see the module docstring).
+
+  ``cache_prefix``: when nothing below layer L trains, run layers < L once per batch and train on
+  their cached output (same result, each step then costs only the top layers; memory: one
+  [b, s, d] array per batch)."""
   if not train_batches:
     raise ValueError("no training batches")
   mask = trainable_mask(params, cfg, tc.trainable, tc.layers)
+  start = first_trainable_layer(mask) if cache_prefix else 0
+  train_states = val_states = None
+  if start:
+    train_states = cache_prefix_states(params, cfg, train_batches, start, progress, **forward_kw)
+    val_states = cache_prefix_states(params, cfg, val_batches, start, progress, **forward_kw)
   train0, frozen = split(params, mask)
   anchor = split(pretrained if pretrained is not None else params, mask)[0]
   n_data = dataset_size or sum(int(b.labels_b.shape[0]) for b in train_batches)
@@ -156,18 +185,21 @@ def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c
   opt = make_optimizer(tc, micro_total // tc.grad_accum)
   coef = tc.prior_precision / (2.0 * n_data)
 
-  def objective(train, batch):
-    loss, right = batch_loss(merge(train, frozen), cfg, batch, class_ids_c, **forward_kw)
+  def kw(states):
+    return forward_kw if states is None else dict(forward_kw, start_layer=start, states_bsd=states)
+
+  def objective(train, batch, states):
+    loss, right = batch_loss(merge(train, frozen), cfg, batch, class_ids_c, **kw(states))
     sq = sum(jnp.sum(jnp.square(t - a)) for t, a in zip(jax.tree.leaves(train), jax.tree.leaves(anchor)))
     return loss + coef * sq, (loss, right)
 
   @jax.jit
-  def step_fn(train, opt_state, batch):
-    (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch)
+  def step_fn(train, opt_state, batch, states):
+    (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch, states)
     updates, opt_state = opt.update(grads, opt_state, train)
     return optax.apply_updates(train, updates), opt_state, loss, right
 
-  fwd = jax.jit(lambda p, b: batch_loss(p, cfg, b, class_ids_c, **forward_kw))
+  fwd = jax.jit(lambda p, b, st=None: batch_loss(p, cfg, b, class_ids_c, **kw(st)))
   state = TrainState(0, train0, opt.init(train0), float("inf"), train0, 0)
   history: list[dict] = []
   mngr = _manager(checkpoint_dir, tc, cfg)
@@ -181,13 +213,15 @@ def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c
     while state.step < micro_total and not stopped:
       epoch, pos = divmod(state.step, len(train_batches))
       order = np.random.RandomState(tc.seed + epoch).permutation(len(train_batches))
-      train, opt_state, loss, right = step_fn(state.train, state.opt_state, train_batches[order[pos]])
+      i = order[pos]
+      train, opt_state, loss, right = step_fn(state.train, state.opt_state, train_batches[i],
+                                              None if train_states is None else train_states[i])
       state = state._replace(step=state.step + 1, train=train, opt_state=opt_state)
       bar.update(1)
       bar.set_postfix(loss=f"{float(loss):.4f}")
       opt_step = state.step // tc.grad_accum
       if state.step % tc.grad_accum == 0 and tc.eval_every and opt_step % tc.eval_every == 0 and val_batches:
-        nll, acc = evaluate_nll(merge(state.train, frozen), cfg, val_batches, class_ids_c, fwd)
+        nll, acc = evaluate_nll(merge(state.train, frozen), cfg, val_batches, class_ids_c, fwd, val_states)
         history.append({"step": opt_step, "train_loss": float(loss), "val_nll": nll, "val_acc": acc})
         if nll < state.best_nll:
           state = state._replace(best_nll=nll, best_train=state.train, bad_evals=0)

@@ -36,7 +36,7 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
   common = ["--data-dir", shared_data, "--max-examples", "24", "--batch-size", "8", "--max-length", "128", "--quiet"]
   ft = tmp_path / "ft"
   assert main(["finetune", "--model", str(model_dir), "--train", "obqa:train", "--val", "obqa:dev", "--lr", "1e-3",
-               "--epochs", "2", "--eval-every", "3", "--out", str(ft)] + common) == 0
+               "--epochs", "2", "--eval-every", "3", "--layers", "1", "--cache-prefix", "--out", str(ft)] + common) == 0
   run = json.loads((ft / "run.json").read_text())
   assert run["data"]["train"]["used"] == 24 and len(run["history"]) == 2 and run["config"]["lr"] == 1e-3
   assert (ft / "model" / "bmoe_config.json").exists() and (ft / "model" / "tokenizer.json").exists()

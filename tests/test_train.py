@@ -87,3 +87,16 @@ def test_bad_configs(setup):
     T.trainable_mask(B.init_params(dense, jax.random.key(0)), dense, "experts")
   with pytest.raises(ValueError, match="no training batches"):
     T.finetune(params, cfg, [], CLASSES, T.TrainConfig(), progress=False)
+
+
+def test_cached_prefix_gives_the_same_fine_tune(setup):
+  """Only layer 1 trains: running layer 0 once per batch and training on its cached output is exact."""
+  cfg, params, train, val = setup
+  tc = T.TrainConfig(trainable="experts_router", layers=(1,), learning_rate=3e-3, epochs=2, eval_every=3)
+  plain = T.finetune(params, cfg, train, CLASSES, tc, val_batches=val, progress=False)
+  cached = T.finetune(params, cfg, train, CLASSES, tc, val_batches=val, progress=False, cache_prefix=True)
+  for a, b in zip(jax.tree.leaves(cached.params), jax.tree.leaves(plain.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert [h["val_nll"] for h in cached.history] == pytest.approx([h["val_nll"] for h in plain.history], rel=1e-5)
+  assert T.first_trainable_layer(T.trainable_mask(params, cfg, "experts", layers=(1,))) == 1
+  assert T.first_trainable_layer(T.trainable_mask(params, cfg, "all")) == 0
