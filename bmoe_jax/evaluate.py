@@ -88,12 +88,17 @@ def markdown(results: dict) -> str:
   datasets = list(next(iter(results["methods"].values()))) if methods else []
   lines = ["# Evaluation", ""]
   if results.get("in_distribution"):
-    lines += [f"In-distribution: {results['in_distribution']}. Metrics: ACC, ECE (15 bins), NLL, Brier.", ""]
+    lines += [f"In-distribution: {results['in_distribution']}. Metrics: ACC, ECE (15 bins), NLL, Brier "
+              "(with bootstrap 95% intervals when computed).", ""]
   head = "| method | " + " | ".join(f"{d} {m.upper()}" for d in datasets for m in TABLE_METRICS) + " |"
   lines += [head, "|" + "---|" * (1 + len(datasets) * len(TABLE_METRICS))]
+  def cell(r, m):
+    ci = r.get("ci95", {}).get(m)
+    return f"{r[m]:.4f}" if ci is None else f"{r[m]:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
   for name in methods:
     row = results["methods"][name]
-    lines.append(f"| {name} | " + " | ".join(f"{row[d][m]:.4f}" for d in datasets for m in TABLE_METRICS) + " |")
+    lines.append(f"| {name} | " + " | ".join(cell(row[d], m) for d in datasets for m in TABLE_METRICS) + " |")
   shifts = [d for d in datasets if any("ood" in results["methods"][n][d] for n in methods)]
   if shifts:
     lines += ["", "| method | " + " | ".join(f"{d} OOD AUROC" for d in shifts) + " |",

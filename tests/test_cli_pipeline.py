@@ -45,9 +45,14 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
                "--rank", "4", "--shared", "--out", str(fit)] + common) == 0
   meta = json.loads((fit / "posterior" / "posterior.json").read_text())
   assert meta["blocks"] == ["0.routed", "0.shared", "1.routed", "1.shared"]
+  grid = tmp_path / "fit_grid"
+  assert main(["fit", "--model", str(ft / "model"), "--data", "obqa:train", "--rank", "4", "--prior", "grid",
+               "--val", "obqa:dev", "--out", str(grid)] + common) == 0
+  g = json.loads((grid / "run.json").read_text())
+  assert g["val_nll"] == min(g["grid"]["nll"]) and len(g["grid"]["prior_precision"]) == 41
   config = tmp_path / "eval.json"
   config.write_text(json.dumps({"methods": "map,ts,mc_dropout,llla,bmoe", "shift": "mmlu:test:astronomy,arc_challenge:test",
-                                "dropout": 0.2, "batch-size": 4}))
+                                "dropout": 0.2, "batch-size": 4, "ci": True}))
   ev = tmp_path / "eval"
   assert main(["evaluate", "--config", str(config), "--model", str(ft / "model"), "--posterior",
                str(fit / "posterior"), "--id", "obqa:test", "--batch-size", "8", "--out", str(ev)] + common) == 0
@@ -58,7 +63,8 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
     assert m["arc_challenge_test"]["n"] == 24
   assert res["record"]["config"]["batch_size"] == 8 and res["record"]["config"]["dropout"] == 0.2  # flag > file
   assert len(list((ev / "plots").glob("*.png"))) == 15
-  assert "| bmoe |" in (ev / "results.md").read_text()
+  assert "| bmoe |" in (ev / "results.md").read_text() and "ci95" in res["methods"]["map"]["obqa_test"]
+  assert " [" in (ev / "results.md").read_text()  # intervals in the table
 
 
 def test_cli_errors(model_dir, shared_data, tmp_path, capsys):
