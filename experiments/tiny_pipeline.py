@@ -18,24 +18,18 @@ import time
 from pathlib import Path
 
 import jax
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 import bmoe_jax as B
 from bmoe_jax import data as D
 from bmoe_jax.checkpoint import save_params
+from bmoe_jax.data.toy_tokenizer import train_bpe
 from bmoe_jax.cli import main
 
 
 def build_model(out: Path, data_dir: str):
   text = [f"Question: {e.question}\n" + "\n".join(f"{L}. {c}" for L, c in zip("ABCDE", e.choices)) + "\nAnswer: A B C D E"
           for e in D.load("obqa", "train", data_dir=data_dir).examples]
-  raw = Tokenizer(models.BPE(unk_token=None))
-  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  raw.decoder = decoders.ByteLevel()
-  raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<s>"],
-                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>")
+  tok = train_bpe(text, 2000)
   cfg = B.tiny_config(vocab_size=2048, num_experts=4)
   save_params(out, cfg, B.init_params(cfg, jax.random.key(0), std=0.3))
   tok.save_pretrained(str(out))

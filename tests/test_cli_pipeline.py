@@ -2,16 +2,14 @@
 real OBQA / MMLU rows from ../shared/data (config file + flags)."""
 
 import json
-import os
 
 import jax
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 import bmoe_jax as B
 from bmoe_jax import data as D
 from bmoe_jax.checkpoint import save_params
+from bmoe_jax.data.toy_tokenizer import train_bpe
 from bmoe_jax.cli import main
 
 
@@ -20,12 +18,7 @@ def model_dir(tmp_path_factory, shared_data):
   out = tmp_path_factory.mktemp("tiny") / "model"
   text = [f"Question: {e.question}\n" + "\n".join(f"{L}. {c}" for L, c in zip("ABCD", e.choices)) + "\nAnswer: A B C D"
           for e in D.load("obqa", "train", data_dir=shared_data).examples[:400]]
-  raw = Tokenizer(models.BPE(unk_token=None))
-  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  raw.decoder = decoders.ByteLevel()
-  raw.train_from_iterator(text, trainers.BpeTrainer(vocab_size=480, special_tokens=["<pad>", "<s>"],
-                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>")
+  tok = train_bpe(text, 480)
   cfg = B.tiny_config(vocab_size=512, num_experts=4)
   save_params(out, cfg, B.init_params(cfg, jax.random.key(0), std=0.3))
   tok.save_pretrained(str(out))

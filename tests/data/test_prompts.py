@@ -2,22 +2,16 @@
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from bmoe_jax.data import MCExample
 from bmoe_jax.data.prompts import answer_token_ids, apply_chat, encode, format_prompt
+from bmoe_jax.data.toy_tokenizer import train_bpe
 
 
 @pytest.fixture(scope="module")
 def tok():
-  raw = Tokenizer(models.BPE(unk_token=None))
-  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  raw.decoder = decoders.ByteLevel()
   corpus = ["Question: what is it?\nA. one\nB. two\nC. three\nD. four\nAnswer: A B C D"] * 50
-  raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  t = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", pad_token="<pad>")
+  t = train_bpe(corpus, 300)
   t.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
   return t
 
