@@ -138,8 +138,9 @@ def cmd_fit(args) -> int:
                   log_lik=state.log_lik)
   if args.prior == "grid":
     val, _, vinfo = _batches(args, args.val, tok, num_classes=len(class_ids))
-    stats = jax.jit(lambda b: LA.predictive.jacobian_stats(params, cfg, b, class_ids, post))
-    post, curve = LA.predictive.grid_search_prior_precision(post, [(stats(b), b.labels_b) for b in val])
+    stats = jax.jit(lambda p, po, b: LA.predictive.jacobian_stats(p, cfg, b, class_ids, po))
+    post, curve = LA.predictive.grid_search_prior_precision(post, [(stats(params, post, b), b.labels_b)
+                                                                   for b in val])
     best = float(np.exp(np.mean([np.mean(np.asarray(v)) for v in post.log_prior_prec_e.values()])))
     summary = {"prior_precision": best, "val_nll": min(curve["nll"]), "grid": curve, "val": vinfo}
   else:
@@ -158,7 +159,7 @@ def cmd_evaluate(args) -> int:
 
   from bmoe_jax import baselines as BL
   from bmoe_jax.evaluate import evaluate
-  from bmoe_jax.pipeline import load_examples, load_model_and_tokenizer, write_run
+  from bmoe_jax.pipeline import batches_of, load_examples, load_model_and_tokenizer, write_run
 
   _need(args, "model", "out")
   t0 = time.perf_counter()
@@ -168,13 +169,15 @@ def cmd_evaluate(args) -> int:
   if bad:
     raise SystemExit(f"bmoe evaluate: unknown methods {bad}; expected some of {METHODS}")
   specs = [args.id] + [s for s in args.shift.split(",") if s]
+  loaded = {spec: load_examples(spec, args.data_dir, args.max_examples, args.seed) for spec in specs}
   # one set of answer letters for all datasets: C = the most choices of any example (ARC has up to 5)
-  num_classes = max(max(len(e.choices) for e in load_examples(spec, args.data_dir, args.max_examples,
-                                                              args.seed)[1]) for spec in specs)
+  num_classes = max(len(e.choices) for _, examples, _ in loaded.values() for e in examples)
   data, infos = {}, {}
   for spec in specs:
     key = spec.replace(":", "_").replace("+", "-")
-    data[key], class_ids, infos[key] = _batches(args, spec, tok, num_classes=num_classes)
+    data[key], class_ids, infos[key] = batches_of(loaded[spec], tok, batch_size=args.batch_size,
+                                                  max_length=args.max_length, seed=args.seed, chat=args.chat,
+                                                  num_classes=num_classes)
   val = _batches(args, args.val, tok, num_classes=num_classes)[0] if any(m in names for m in ("ts", "llla")) else []
   methods = {}
   for m in names:

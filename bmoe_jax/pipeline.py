@@ -57,12 +57,19 @@ def batches_for(spec: str, tok, *, data_dir=None, batch_size=8, max_length=256, 
                 shuffle=False, chat=False, padding_side="right", num_classes=None):
   """Batches of a dataset spec; ``num_classes`` pads every example to C answer letters (choice masks),
   so datasets with different numbers of choices (OBQA 4, ARC 3-5) share one set of class ids."""
-  name, examples, info = load_examples(spec, data_dir, max_examples, seed)
+  loaded = load_examples(spec, data_dir, max_examples, seed)
+  return batches_of(loaded, tok, batch_size=batch_size, max_length=max_length, seed=seed, shuffle=shuffle,
+                    chat=chat, padding_side=padding_side, num_classes=num_classes)
+
+
+def batches_of(loaded, tok, *, batch_size=8, max_length=256, seed=0, shuffle=False, chat=False,
+               padding_side="right", num_classes=None):
+  """Batches of ``load_examples``' (name, examples, info)."""
+  name, examples, info = loaded
   batches, class_ids, binfo = make_batches(examples, tok, batch_size=batch_size, max_length=max_length,
                                            num_classes=num_classes, dataset=name, chat=chat,
                                            padding_side=padding_side, shuffle=shuffle, seed=seed)
-  info.update(truncated=binfo["truncated"], num_classes=binfo["num_classes"])
-  return batches, class_ids, info
+  return batches, class_ids, {**info, "truncated": binfo["truncated"], "num_classes": binfo["num_classes"]}
 
 
 def write_run(out_dir: str | Path, record: dict, **extra) -> Path:

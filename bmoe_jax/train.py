@@ -188,14 +188,16 @@ def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c
   def kw(states):
     return forward_kw if states is None else dict(forward_kw, start_layer=start, states_bsd=states)
 
-  def objective(train, batch, states):
+  # frozen and anchor are arguments, not closure constants: XLA would otherwise embed the frozen weights
+  # (most of the model) in the compiled step.
+  def objective(train, batch, states, frozen, anchor):
     loss, right = batch_loss(merge(train, frozen), cfg, batch, class_ids_c, **kw(states))
     sq = sum(jnp.sum(jnp.square(t - a)) for t, a in zip(jax.tree.leaves(train), jax.tree.leaves(anchor)))
     return loss + coef * sq, (loss, right)
 
   @jax.jit
-  def step_fn(train, opt_state, batch, states):
-    (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch, states)
+  def step_fn(train, opt_state, batch, states, frozen, anchor):
+    (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch, states, frozen, anchor)
     updates, opt_state = opt.update(grads, opt_state, train)
     return optax.apply_updates(train, updates), opt_state, loss, right
 
@@ -215,7 +217,7 @@ def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c
       order = np.random.RandomState(tc.seed + epoch).permutation(len(train_batches))
       i = order[pos]
       train, opt_state, loss, right = step_fn(state.train, state.opt_state, train_batches[i],
-                                              None if train_states is None else train_states[i])
+                                              None if train_states is None else train_states[i], frozen, anchor)
       state = state._replace(step=state.step + 1, train=train, opt_state=opt_state)
       bar.update(1)
       bar.set_postfix(loss=f"{float(loss):.4f}")

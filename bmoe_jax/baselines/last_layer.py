@@ -49,11 +49,11 @@ def last_layer_laplace(params, cfg: MoEConfig, class_ids_c, fit_batches: Sequenc
   if not fit_batches:
     raise ValueError("last-layer Laplace needs fit batches")
   w_dc = head_rows(params, cfg, class_ids_c)
-  feats = jax.jit(lambda b: features(params, cfg, b, **forward_kw))
 
+  # params, weights and posterior are jit arguments (never compile-time constants of the model's size)
   @jax.jit
-  def stats_of(b):
-    phi = feats(b)
+  def stats_of(p, w_dc, b):
+    phi = features(p, cfg, b, **forward_kw)
     f = _logits(phi, w_dc, b)
     ct_lbc, w_lb = kfac.label_cotangents(f, b.labels_b, "exact")
     log_lik = jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(f), b.labels_b[:, None], 1))
@@ -62,7 +62,7 @@ def last_layer_laplace(params, cfg: MoEConfig, class_ids_c, fit_batches: Sequenc
 
   total, log_lik, n = None, 0.0, 0
   for b in fit_batches:
-    st, ll = stats_of(b)
+    st, ll = stats_of(params, w_dc, b)
     total = st if total is None else jax.tree.map(jnp.add, total, st)
     log_lik, n = log_lik + ll, n + int(b.labels_b.shape[0])
   factors = kfac.finalize(kfac.FactorState({BLOCK: total}, jnp.asarray(n), jnp.asarray(log_lik)))
@@ -71,13 +71,12 @@ def last_layer_laplace(params, cfg: MoEConfig, class_ids_c, fit_batches: Sequenc
                  log_lik=log_lik)
   if prior_precision is None:
     post, _ = P.optimize_prior_precision(post, "global", steps=200)
-  fac = post.factors[BLOCK]
-  prec = jnp.exp(post.log_prior_prec_e[BLOCK])
   c = w_dc.shape[1]
 
   @jax.jit
-  def run(b):
-    phi = feats(b)
+  def predict(p, w_dc, post, b):
+    fac, prec = post.factors[BLOCK], jnp.exp(post.log_prior_prec_e[BLOCK])
+    phi = features(p, cfg, b, **forward_kw)
     f = _logits(phi, w_dc, b)
     g_bctd = jnp.broadcast_to(jnp.eye(c, dtype=phi.dtype)[None, :, None, :], (phi.shape[0], c, 1, c))
     if b.choice_mask_bc is not None:  # masked logits are constants: no Jacobian
@@ -87,4 +86,4 @@ def last_layer_laplace(params, cfg: MoEConfig, class_ids_c, fit_batches: Sequenc
     cov = PR.layer_covariance(fac, jac, post.scale, prec)
     return PR.probit(f, cov) if link == "probit" else PR.mc_softmax(f, cov, jax.random.key(0), 1000)
 
-  return run, post
+  return (lambda b: predict(params, w_dc, post, b)), post

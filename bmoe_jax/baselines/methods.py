@@ -70,19 +70,18 @@ def mc_dropout(params, cfg: MoEConfig, class_ids_c, *, rate: float = 0.1, num_sa
     raise ValueError(f"rate={rate}: expected 0 <= rate < 1")
   layers = tuple(cfg.moe_layer_ids if layers is None else layers)
   key = jax.random.key(0) if key is None else key
-  w = {Block(l): P.down_proj(params, l) for l in layers}
-
-  def one(sample_key, batch):
+  def one(p, sample_key, batch):
+    w = {Block(l): P.down_proj(p, l) for l in layers}
     dropped = {}
     for i, (blk, w_efd) in enumerate(sorted(w.items())):
       keep_ef = jax.random.bernoulli(jax.random.fold_in(sample_key, i), 1.0 - rate, w_efd.shape[:2])
       dropped[blk] = w_efd * (keep_ef[..., None] / (1.0 - rate)).astype(w_efd.dtype)
-    f = task_logits(P.with_down_proj(params, dropped), cfg, batch, class_ids_c, **forward_kw)[0]
+    f = task_logits(P.with_down_proj(p, dropped), cfg, batch, class_ids_c, **forward_kw)[0]
     return jax.nn.softmax(f, -1)
 
   keys = jax.random.split(key, num_samples)
-  run = jax.jit(lambda batch: jnp.mean(jax.lax.map(lambda k: one(k, batch), keys), 0))
-  return run
+  run = jax.jit(lambda p, ks, batch: jnp.mean(jax.lax.map(lambda k: one(p, k, batch), ks), 0))
+  return lambda batch: run(params, keys, batch)
 
 
 def ensemble(param_list: Sequence, cfg: MoEConfig, class_ids_c, **forward_kw) -> Method:
@@ -99,11 +98,11 @@ def bayesian_moe(post: P.Posterior, params, cfg: MoEConfig, class_ids_c, *, meth
                  **forward_kw) -> Method:
   """The Bayesian-MoE predictive (``bmoe_jax.laplace.predict``) as a Method."""
   if method == "closed":
-    stats = jax.jit(lambda b: PR.jacobian_stats(params, cfg, b, class_ids_c, post, **forward_kw))
+    stats = jax.jit(lambda p, po, b: PR.jacobian_stats(p, cfg, b, class_ids_c, po, **forward_kw))
     key = jax.random.key(0) if key is None else key
 
     def run(batch):
-      s = stats(batch)
+      s = stats(params, post, batch)
       cov = PR.logit_covariance(s, post)
       return PR.probit(s.f_bc, cov) if link == "probit" else PR.mc_softmax(s.f_bc, cov, key, num_samples)
     return run

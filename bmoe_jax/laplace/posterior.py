@@ -206,12 +206,12 @@ def optimize_prior_precision(post: Posterior, mode: str = "global", *, steps: in
   free = _log_prec_to_free(start, mode)
   opt = optax.adam(learning_rate)
 
-  def neg(free_):
-    return -log_marginal_likelihood(post, _free_to_log_prec(free_, mode, num_e))
+  def neg(free_, post_):
+    return -log_marginal_likelihood(post_, _free_to_log_prec(free_, mode, num_e))
 
   @jax.jit
-  def step(free_, opt_state):
-    val, grad = jax.value_and_grad(neg)(free_)
+  def step(free_, opt_state, post_):  # the posterior is an argument, not a compile-time constant
+    val, grad = jax.value_and_grad(neg)(free_, post_)
     updates, opt_state = opt.update(grad, opt_state)
     return optax.apply_updates(free_, updates), opt_state, -val
 
@@ -219,7 +219,7 @@ def optimize_prior_precision(post: Posterior, mode: str = "global", *, steps: in
   curve = {"log_marglik": [], "prior_precision": []}
   for _ in range(steps):
     mean_log = jnp.mean(jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(free)]))
-    free, opt_state, val = step(free, opt_state)
+    free, opt_state, val = step(free, opt_state, post)
     curve["log_marglik"].append(float(val))
     curve["prior_precision"].append(float(jnp.exp(mean_log)))
   log_prec = _free_to_log_prec(free, mode, num_e)
