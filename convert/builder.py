@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -61,6 +61,12 @@ def _dequant_fp8(ref: TensorRef, scale: TensorRef | None, block: tuple[int, int]
                           f"for {ref.key} {list(w.shape)} with block {list(block)}")
   full = np.repeat(np.repeat(s, bo, axis=0), bi, axis=1)[: w.shape[0], : w.shape[1]]
   return w * full
+
+
+class MemRef(NamedTuple):
+  """An in-memory tensor's name and where it came from (for error messages)."""
+  file: str
+  key: str
 
 
 class _Builder:
@@ -117,6 +123,9 @@ class _Builder:
                             "matches it")
     if rule.kind == "skip":
       return
+    if "shared" in ref.key and self.info.cfg.shared_expert_size == 0 and (
+        array.size == 0 or ref.key.endswith("shared_expert_gate.weight")):
+      return  # a zero-width shared expert (transformers saves it so): contributes exactly 0
     groups = {k: (rule.names or {}).get(k, {}).get(v, v) for k, v in m.groupdict().items()}
     targets = (rule.target,) if isinstance(rule.target, str) else rule.target
     targets = [t.format(**groups) for t in targets]
@@ -157,6 +166,17 @@ class _Builder:
       shown = missing[:12] + ([f"... {len(missing) - 12} more"] if len(missing) > 12 else [])
       raise ConversionError(f"{where}: checkpoint is missing tensors for {shown} (family {self.fam.name})")
     return self.out
+
+
+def params_from_tensors(info: CheckpointInfo, tensors: dict[str, np.ndarray], where: str, dtype=None,
+                        progress: bool = False) -> dict[str, Any]:
+  """In-memory HF-named tensors (torch layout) -> our params tree, through the family's key table."""
+  builder = _Builder(info, FAMILY_BY_NAME[info.family], dtype)
+  for key in tqdm(sorted(tensors), desc=f"build {info.family}", disable=not progress, unit="tensor"):
+    if key == "lm_head.weight" and info.cfg.tie_word_embeddings:
+      continue
+    builder.add(MemRef(where, key), np.asarray(tensors[key]))
+  return unflatten(builder.finish(where), info.cfg)
 
 
 def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True

@@ -54,7 +54,8 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   """Inverse of the family's config gate; errors where ``cfg`` has no exact HF equivalent."""
   _need(cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
   if family == "qwen2_moe":
-    _need(cfg.shared_expert_size > 0 and cfg.shared_expert_gate, family, "Qwen2-MoE always has a gated shared expert")
+    _need(cfg.shared_expert_gate or not cfg.shared_expert_size, family,
+          "Qwen2-MoE's shared expert is gated (a zero-width one stands for none)")
     _need(cfg.norm_topk_eps == 0.0 and not cfg.attn_out_bias, family, "norm_topk_eps / attn_out_bias not representable")
     w = _uniform_window(cfg, family)
     types = ["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.num_layers)]
@@ -139,6 +140,15 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
         out[pre + f"{disk['shared_gate']}.weight"] = _linear(a)
       else:
         raise AssertionError(path)
+  if family == "qwen2_moe" and not cfg.shared_expert_size:
+    # transformers always builds a shared expert: write it zero-width (output exactly 0), gate zero.
+    d = cfg.hidden_size
+    for i in cfg.moe_layer_ids:
+      pre = f"model.layers.{i}.{disk['shared']}."
+      dtype = out[f"model.layers.{i}.mlp.gate.weight"].dtype
+      for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+        out[pre + proj + ".weight"] = np.zeros(shape, dtype)
+      out[f"model.layers.{i}.{disk['shared_gate']}.weight"] = np.zeros((1, d), dtype)
   return out
 
 

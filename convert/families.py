@@ -194,7 +194,30 @@ DEEPSEEK_V1 = Family(
              "layers/{layer}/mlp/shared/w_{proj}", "linear"),
     ))
 
-FAMILIES = (QWEN2_MOE, MIXTRAL, DEEPSEEK_V1)
+def _build_llama(g, common: dict) -> dict:
+  if g("mlp_bias"):
+    g.fail("mlp_bias=true is not supported (the MLP has no biases)")
+  if int(g("pretraining_tp")) != 1:
+    g.fail(f"pretraining_tp={g('pretraining_tp')} is not supported (only 1)")
+  bias = bool(g("attention_bias"))
+  return dict(intermediate_size=int(g("intermediate_size")), moe_intermediate_size=0, num_experts=0,
+              num_experts_per_tok=0, moe_layers=(False,) * common["num_layers"], qkv_bias=bias,
+              attn_out_bias=bias)
+
+
+# Dense llama: the source of sparse upcycling (convert/upcycle.py) and a dense reference model.
+LLAMA = Family(
+    name="llama", model_types=("llama",), architectures=("LlamaForCausalLM",),
+    handled=frozenset({"intermediate_size", "attention_bias", "mlp_bias", "pretraining_tp"}),
+    ignored=frozenset(),
+    defaults=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_theta=10000.0, rope_scaling=None, rope_parameters=None, attention_bias=False,
+                  mlp_bias=False, pretraining_tp=1),
+    build=_build_llama, rules=COMMON_RULES)
+
+FAMILIES = (QWEN2_MOE, MIXTRAL, DEEPSEEK_V1, LLAMA)
 _NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "qwen3_moe": "Qwen3-MoE",
             "olmoe": "OLMoE"}
 

@@ -106,8 +106,6 @@ def _fp8_block(raw: dict, where: str) -> tuple[int, int] | None:
 
 def parse_hf_config(path: str | Path) -> CheckpointInfo:
   """Parse a checkpoint's config.json (the file or its directory) into our ``MoEConfig``."""
-  from convert.families import family_for
-
   path = Path(path)
   file = path / "config.json" if path.is_dir() else path
   if not file.exists():
@@ -116,19 +114,26 @@ def parse_hf_config(path: str | Path) -> CheckpointInfo:
     raw = json.loads(file.read_text())
   except json.JSONDecodeError as err:
     raise ConversionError(f"{file}: malformed JSON ({err})") from None
-  fam = family_for(raw, str(file))
+  return parse_hf_config_dict(raw, str(file))
+
+
+def parse_hf_config_dict(raw: dict[str, Any], where: str) -> CheckpointInfo:
+  """``parse_hf_config`` on an already-read config (``where`` names its source in errors)."""
+  from convert.families import family_for
+
+  fam = family_for(raw, where)
   handled = COMMON_HANDLED | fam.handled
   unknown = sorted(set(raw) - handled - fam.ignored - GENERIC_IGNORED)
   if unknown:
     raise ConversionError(
-        f"{file}: attributes {unknown} are not handled by the {fam.name} converter; refusing to guess "
+        f"{where}: attributes {unknown} are not handled by the {fam.name} converter; refusing to guess "
         "their effect (if one has no effect on inference, add it to the family's ignored list)")
-  g = Getter(raw, fam.defaults, handled, str(file))
+  g = Getter(raw, fam.defaults, handled, where)
   fields = common_fields(g)
   fields.update(fam.build(g, fields))
   try:
     cfg = MoEConfig(family=fam.name, **fields)
   except ValueError as err:
-    raise ConversionError(f"{file}: {err}") from None
+    raise ConversionError(f"{where}: {err}") from None
   dtype = raw.get("torch_dtype", raw.get("dtype"))
-  return CheckpointInfo(fam.name, cfg, dtype, _fp8_block(raw, str(file)))
+  return CheckpointInfo(fam.name, cfg, dtype, _fp8_block(raw, where))

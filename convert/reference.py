@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = ("qwen2_moe", "mixtral", "deepseek_v1")
+FAMILIES = ("qwen2_moe", "mixtral", "deepseek_v1", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -38,6 +38,13 @@ def _mixtral(overrides: dict):
   kw = dict(_SMALL, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2)
   kw.update(overrides)
   return MixtralForCausalLM(MixtralConfig(**kw)), None
+
+
+def _llama(overrides: dict):
+  from transformers import LlamaConfig, LlamaForCausalLM
+  kw = dict(_SMALL, intermediate_size=48)
+  kw.update(overrides)
+  return LlamaForCausalLM(LlamaConfig(**kw)), None
 
 
 def _deepseek_v1(overrides: dict):
@@ -131,7 +138,8 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
   torch.manual_seed(seed)
-  model, v1_config = {"qwen2_moe": _qwen, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1}[family](overrides)
+  model, v1_config = {"qwen2_moe": _qwen, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
+                        "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
   out_dir = Path(out_dir)

@@ -79,7 +79,7 @@ def test_cli_convert_and_info(hf_dir, tmp_path, capsys):
 
 
 def test_cli_reports_conversion_errors(tmp_path, capsys):
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
   assert main(["info", str(tmp_path)]) == 2
   err = capsys.readouterr().err
-  assert "bmoe info: error:" in err and "model_type='llama'" in err
+  assert "bmoe info: error:" in err and "model_type='gpt2'" in err

@@ -18,6 +18,7 @@ CASES = [
     ("qwen2_moe", {"mlp_only_layers": [0, 2]}),
     ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 3}),
     ("qwen2_moe", {"tie_word_embeddings": True, "qkv_bias": False}),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 0, "norm_topk_prob": True, "mlp_only_layers": [1]}),
     ("mixtral", {}),
     ("mixtral", {"sliding_window": 5, "num_experts_per_tok": 3}),
     ("mixtral", {"head_dim": 12}),
@@ -25,6 +26,8 @@ CASES = [
     ("deepseek_v1", {"first_k_dense_replace": 0, "moe_layer_freq": 2, "num_hidden_layers": 4}),
     ("deepseek_v1", {"n_shared_experts": None, "norm_topk_prob": True}),
     ("deepseek_v1", {"n_shared_experts": 2, "attention_bias": True, "num_experts_per_tok": 1}),
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
 ]
 
 LOGIT_TOL = 1e-4

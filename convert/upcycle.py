@@ -1,0 +1,161 @@
+"""Sparse upcycling (Komatsuzaki et al., 2023): a dense decoder becomes an MoE by copying each chosen
+layer's FFN into E experts and adding a freshly initialised router.
+
+The experts are exact copies (plus optional symmetry-breaking noise) and the top-k gate weights are
+renormalised to sum to one, so with zero noise the MoE computes exactly the dense function, whatever the
+router does. The result is written as a **Qwen2-MoE** checkpoint directory: of our families it is the one
+transformers loads natively that can mix dense and MoE layers (``mlp_only_layers``) and has llama
+attention (``qkv_bias: false``); the shared expert is written zero-width (it contributes exactly 0).
+Mixtral cannot keep dense layers; DeepSeek-MoE V1 is remote code on the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bmoe_jax.config import MoEConfig
+from convert.errors import ConversionError
+from convert.sources import sha256_file
+
+LAYER_SPEC_HELP = ("'all', 'top:K' (the last K layers), 'every:N' (layers N-1, 2N-1, ...), "
+                   "'range:A-B' (A..B inclusive) or a comma list '3,7,11'")
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+  """Which layers become MoE; see ``LAYER_SPEC_HELP``."""
+  spec = str(spec).strip()
+
+  def bad(why: str):
+    raise ValueError(f"layers={spec!r}: {why} (expected {LAYER_SPEC_HELP}; the model has {num_layers} layers)")
+
+  out: list[int] = []
+  if spec == "all":
+    out = list(range(num_layers))
+  elif m := re.fullmatch(r"top:(\d+)", spec):
+    k = int(m[1])
+    if not 0 < k <= num_layers:
+      bad(f"K={k} out of range")
+    out = list(range(num_layers - k, num_layers))
+  elif m := re.fullmatch(r"every:(\d+)", spec):
+    n = int(m[1])
+    if n < 1:
+      bad("N must be >= 1")
+    out = [i for i in range(num_layers) if (i + 1) % n == 0]
+  elif m := re.fullmatch(r"range:(\d+)-(\d+)", spec):
+    out = list(range(int(m[1]), int(m[2]) + 1))
+  elif re.fullmatch(r"\d+(,\d+)*", spec):
+    out = sorted({int(x) for x in spec.split(",")})
+  else:
+    bad("unrecognised form")
+  if not out:
+    bad("selects no layer")
+  if out[0] < 0 or out[-1] >= num_layers:
+    bad(f"layer {out[-1]} is out of range")
+  return tuple(out)
+
+
+def upcycle(cfg: MoEConfig, params: dict[str, Any], *, num_experts: int, top_k: int, layers: str = "all",
+            noise: float = 0.0, router_std: float = 0.02, seed: int = 0) -> tuple[MoEConfig, dict[str, Any]]:
+  """Dense ``(cfg, params)`` -> an upcycled MoE ``(cfg, params)`` (numpy arrays, float32).
+
+  Args:
+    num_experts, top_k: experts per MoE layer and experts per token (top-k gates renormalised).
+    layers: which layers become MoE (``parse_layers``).
+    noise: symmetry-breaking noise: each expert's weights get ``noise * std(W)`` Gaussian noise per entry
+      (0 keeps the dense function exactly).
+    router_std: std of the new routers' normal init (the routing is irrelevant while experts are equal).
+  """
+  if any(cfg.moe_layers):
+    raise ValueError(f"upcycle: the source already has MoE layers {list(cfg.moe_layer_ids)}; pass a dense model")
+  if not 1 <= top_k <= num_experts:
+    raise ValueError(f"upcycle: top_k={top_k} must be in [1, num_experts={num_experts}]")
+  if noise < 0 or router_std < 0:
+    raise ValueError(f"upcycle: noise={noise} and router_std={router_std} must be >= 0")
+  chosen = parse_layers(layers, cfg.num_layers)
+  rng = np.random.default_rng(seed)
+  new_cfg = cfg.replace(
+      moe_layers=tuple(i in chosen for i in range(cfg.num_layers)), num_experts=num_experts,
+      num_experts_per_tok=top_k, moe_intermediate_size=cfg.intermediate_size, norm_topk_prob=True,
+      shared_expert_size=0, shared_expert_gate=True, family="qwen2_moe")
+  out = {k: v for k, v in params.items() if k != "layers"}
+  out["layers"] = []
+  for i, layer in enumerate(params["layers"]):
+    layer = dict(layer)
+    if i in chosen:
+      dense = {k: np.asarray(v, np.float32) for k, v in layer["mlp"].items()}
+      experts = {}
+      for name, w in dense.items():
+        stacked = np.repeat(w[None], num_experts, axis=0)
+        if noise > 0:
+          stacked = stacked + (noise * w.std()) * rng.standard_normal(stacked.shape).astype(np.float32)
+        experts[name] = stacked
+      router = (router_std * rng.standard_normal((cfg.hidden_size, num_experts))).astype(np.float32)
+      layer["mlp"] = {"router": {"kernel": router}, "experts": experts}
+    out["layers"].append(layer)
+  return new_cfg, out
+
+
+def load_dense(source: str | Path, progress: bool = False):
+  """(cfg, params, tokenizer or None, provenance) of a dense llama: a ``.gguf`` file or an HF directory."""
+  from convert.builder import load_hf_checkpoint, params_from_tensors
+  from convert.hf_config import parse_hf_config_dict
+
+  source = Path(source)
+  if source.suffix == ".gguf":
+    from convert.gguf import gguf_tokenizer, read_gguf
+    raw, tensors = read_gguf(source, progress=progress)
+    info = parse_hf_config_dict(raw, str(source))
+    params = params_from_tensors(info, tensors, str(source))
+    return info.cfg, params, gguf_tokenizer(source), {"gguf": str(source), "sha256": sha256_file(source)}
+  info, params = load_hf_checkpoint(source, dtype=np.float32, progress=progress)
+  tok = None
+  try:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(source))
+  except Exception:  # a weights-only directory: the caller may pass a tokenizer separately
+    tok = None
+  return info.cfg, params, tok, {"hf_dir": str(source)}
+
+
+def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, num_experts: int = 8, top_k: int = 2,
+                       layers: str = "all", noise: float = 0.0, router_std: float = 0.02, seed: int = 0,
+                       progress: bool = True) -> Path:
+  """Dense llama (``.gguf`` or HF dir) -> an upcycled Qwen2-MoE HF directory (config.json, safetensors,
+  tokenizer files and ``upcycle.json`` recording the source and every option)."""
+  from convert.export import export_hf
+
+  out_dir = Path(out_dir)
+  if (out_dir / "config.json").exists():
+    raise FileExistsError(f"{out_dir / 'config.json'} already exists; choose an empty output directory")
+  if family := dense_family(source):
+    raise ConversionError(f"{source}: model_type {family!r} is not a dense llama; upcycling needs one")
+  cfg, params, tok, prov = load_dense(source, progress=progress)
+  new_cfg, new_params = upcycle(cfg, params, num_experts=num_experts, top_k=top_k, layers=layers,
+                                noise=noise, router_std=router_std, seed=seed)
+  export_hf(new_cfg, new_params, out_dir, "qwen2_moe")
+  if tok is not None:
+    tok.save_pretrained(str(out_dir))
+  record = {"source": prov, "num_experts": num_experts, "top_k": top_k, "layers": layers,
+            "moe_layers": list(new_cfg.moe_layer_ids), "noise": noise, "router_std": router_std,
+            "seed": seed, "family": "qwen2_moe",
+            "note": ("weights dequantised to float32 from the GGUF file's quantised tensors"
+                     if "gguf" in prov else "weights as stored in the source checkpoint")}
+  (out_dir / "upcycle.json").write_text(json.dumps(record, indent=2))
+  return out_dir
+
+
+def dense_family(source: str | Path) -> str | None:
+  """None when ``source`` is a GGUF file or a dense llama HF dir, else its model_type (for the error)."""
+  source = Path(source)
+  if source.suffix == ".gguf":
+    return None
+  cfg_file = source / "config.json"
+  if not cfg_file.exists():
+    raise ConversionError(f"{source}: neither a .gguf file nor an HF checkpoint directory with config.json")
+  mt = json.loads(cfg_file.read_text()).get("model_type")
+  return None if mt == "llama" else str(mt)
