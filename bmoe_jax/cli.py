@@ -1,4 +1,4 @@
-"""``bmoe``: the command-line entry point (convert, upcycle, info, demo, finetune, fit, evaluate)."""
+"""``bmoe``: the command-line entry point (convert, upcycle, info, demo, parity, finetune, fit, evaluate)."""
 
 from __future__ import annotations
 
@@ -70,9 +70,37 @@ def _cmd_info(args) -> int:
   return 0
 
 
-def _cmd_demo(args) -> int:
-  from bmoe_jax.demo import run_parity_demo
+def _cmd_parity(args) -> int:
+  from bmoe_jax.parity_demo import run_parity_demo
   return run_parity_demo(Path(args.out_dir), seed=args.seed)
+
+
+def _cmd_demo(args) -> int:
+  import dataclasses
+
+  from bmoe_jax.demo import DemoConfig, run_demo
+
+  fields = {f.name for f in dataclasses.fields(DemoConfig)}
+  values = {}
+  if args.config:  # the file's values, then the flags given on the command line
+    path = Path(args.config)
+    if not path.is_file():
+      raise FileNotFoundError(f"--config {path}: no such file")
+    values = {k.replace("-", "_"): v for k, v in json.loads(path.read_text()).items()}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f"{path}: unknown keys {unknown}; DemoConfig has {sorted(fields)}")
+  values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+  for name in ("shift", "methods"):
+    if isinstance(values.get(name), str):
+      values[name] = tuple(s for s in values[name].split(",") if s)
+    elif values.get(name) is not None:
+      values[name] = tuple(values[name])
+  if values.get("rank") == 0:
+    values["rank"] = None
+  run_demo(DemoConfig(**values), args.out_dir, progress=not args.quiet)
+  print((Path(args.out_dir) / "results.md").read_text())
+  return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,20 +130,44 @@ def build_parser() -> argparse.ArgumentParser:
   i.add_argument("path")
   i.add_argument("--json", action="store_true")
   i.set_defaults(fn=_cmd_info)
-  d = sub.add_parser("demo", help="build tiny HF MoE checkpoints, convert them, print parity with "
-                                  "transformers (needs torch: pip install -e '.[test]')")
-  d.add_argument("--out-dir", default="runs/demo")
-  d.add_argument("--seed", type=int, default=0)
-  d.set_defaults(fn=_cmd_demo)
+  pa = sub.add_parser("parity", help="build tiny HF checkpoints of every family, convert them, print parity "
+                                     "with transformers (needs torch: pip install -e '.[test]')")
+  pa.add_argument("--out-dir", default="runs/parity")
+  pa.add_argument("--seed", type=int, default=0)
+  pa.set_defaults(fn=_cmd_parity)
   from bmoe_jax.cli_tasks import register
   p.task_parsers = register(sub)
+  _demo_parser(sub)
   return p
+
+
+def _demo_parser(sub):
+  from bmoe_jax.demo import DemoConfig
+
+  d = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M upcycled to an MoE: fine-tune, fit "
+                                  "Bayesian-MoE, evaluate MAP / temperature scaling / Bayesian-MoE in-distribution "
+                                  "and under shift (real data with --data-dir, else a synthetic suite)")
+  d.add_argument("--out-dir", default="runs/demo")
+  d.add_argument("--config", help="JSON file of DemoConfig fields (flags win)")
+  d.add_argument("--quiet", action="store_true")
+  d.add_argument("--source", help="'smollm2' (default), a llama .gguf file or a dense llama HF directory")
+  d.add_argument("--data-dir", help="real benchmarks (layout of ../shared/data; default $BMOE_DATA_DIR)")
+  for name, kind in (("experts", int), ("top-k", int), ("moe-layers", str), ("noise", float), ("train", str),
+                     ("val", str), ("test", str), ("shift", str), ("max-train", int), ("max-eval", int),
+                     ("trainable", str), ("lr", float), ("epochs", int), ("batch-size", int),
+                     ("max-length", int), ("rank", int), ("prior", str), ("tokens", str), ("methods", str),
+                     ("ensemble-members", int), ("seed", int)):
+    default = getattr(DemoConfig, name.replace("-", "_"))
+    d.add_argument(f"--{name}", type=kind, help=f"default: {default} (0 for --rank: full factors)")
+  d.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the chat template")
+  d.set_defaults(fn=_cmd_demo)
+  return d
 
 
 def _with_config(parser, args, argv):
   """Re-parse with the --config JSON as defaults, so explicit flags still win."""
-  if not getattr(args, "config", None):
-    return args
+  if not getattr(args, "config", None) or args.command not in parser.task_parsers:
+    return args  # (bmoe demo reads its own --config into a DemoConfig)
   path = Path(args.config)
   if not path.is_file():
     raise FileNotFoundError(f"--config {path}: no such file")

@@ -127,6 +127,7 @@ def cmd_fit(args) -> int:
   t0 = time.perf_counter()
   params, cfg, tok = load_model_and_tokenizer(args.model, args.tokenizer)
   batches, class_ids, info = _batches(args, args.data, tok)
+  num_classes = info["num_classes"]
   which = args.bayes_layers if args.bayes_layers in ("all", "Q1", "Q2", "Q3", "Q4") else [
       int(x) for x in args.bayes_layers.split(",")]
   spec = LA.FactorSpec(layers=LA.kfac.select_layers(cfg, which), labels=args.labels, tokens=args.tokens,
@@ -137,7 +138,7 @@ def cmd_fit(args) -> int:
   post = LA.build(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), pretrained=pretrained,
                   log_lik=state.log_lik)
   if args.prior == "grid":
-    val, _, vinfo = _batches(args, args.val, tok, num_classes=len(class_ids))
+    val, _, vinfo = _batches(args, args.val, tok, num_classes=num_classes)
     stats = jax.jit(lambda p, po, b: LA.predictive.jacobian_stats(p, cfg, b, class_ids, po))
     post, curve = LA.predictive.grid_search_prior_precision(post, [(stats(params, post, b), b.labels_b)
                                                                    for b in val])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bmoe_jax import data as D
+from bmoe_jax.data import synthetic
 from bmoe_jax.data.batches import make_batches
 
 
@@ -63,13 +64,15 @@ def batches_for(spec: str, tok, *, data_dir=None, batch_size=8, max_length=256, 
 
 
 def batches_of(loaded, tok, *, batch_size=8, max_length=256, seed=0, shuffle=False, chat=False,
-               padding_side="right", num_classes=None):
-  """Batches of ``load_examples``' (name, examples, info)."""
+               padding_side="right", num_classes=None, style=None):
+  """Batches of ``load_examples``' (name, examples, info). ``style``: letters | cloze; default cloze for
+  the synthetic suite (its choices are single words), letters for the benchmarks."""
   name, examples, info = loaded
+  style = style or ("cloze" if name in synthetic.TASKS else "letters")
   batches, class_ids, binfo = make_batches(examples, tok, batch_size=batch_size, max_length=max_length,
                                            num_classes=num_classes, dataset=name, chat=chat,
-                                           padding_side=padding_side, shuffle=shuffle, seed=seed)
-  return batches, class_ids, {**info, "truncated": binfo["truncated"], "num_classes": binfo["num_classes"]}
+                                           padding_side=padding_side, shuffle=shuffle, seed=seed, style=style)
+  return batches, class_ids, {**info, **{k: binfo[k] for k in ("truncated", "num_classes", "style", "unscorable")}}
 
 
 def write_run(out_dir: str | Path, record: dict, **extra) -> Path:

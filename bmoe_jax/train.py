@@ -159,6 +159,14 @@ def cache_prefix_states(params, cfg: MoEConfig, batches: Sequence[Batch], start:
   return [fn(params, b) for b in tqdm(batches, desc=f"cache layers <{start}", disable=not progress, leave=False)]
 
 
+def with_prefix_states(params, cfg: MoEConfig, batches: Sequence[Batch], start: int, progress: bool = True,
+                       **forward_kw) -> list[Batch]:
+  """The batches with their layer-``start`` input states attached (``Batch.states_bsd``): every model call
+  given ``start_layer=start`` (training, factors, predictives, baselines) then skips the frozen prefix."""
+  states = cache_prefix_states(params, cfg, batches, start, progress, **forward_kw)
+  return [b._replace(states_bsd=s) for b, s in zip(batches, states)]
+
+
 def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c, tc: TrainConfig, *,
              val_batches: Sequence[Batch] = (), dataset_size: int | None = None, pretrained=None,
              checkpoint_dir: str | Path | None = None, progress: bool = True, cache_prefix: bool = False,

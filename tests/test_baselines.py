@@ -12,6 +12,7 @@ from bmoe_jax import baselines as BL
 from bmoe_jax.baselines import last_layer as LL
 from bmoe_jax.baselines.methods import fit_temperature
 from bmoe_jax.laplace import posterior as P
+from bmoe_jax.laplace.kfac import Batch
 from tests.tasks import CLASSES, synthetic_task
 
 
@@ -89,3 +90,23 @@ def test_bayesian_moe_method(setup):
   _ok(p, 8)
   np.testing.assert_allclose(p, B.laplace.predict(post, params, cfg, val[0], CLASSES, link="probit").probs_bc,
                              atol=1e-6)
+
+
+def test_cloze_batches_score_per_example_tokens():
+  """task_logits gathers Batch.class_ids_bc per example; last-layer Laplace refuses them clearly."""
+  import jax.numpy as jnp
+
+  from bmoe_jax.baselines.last_layer import last_layer_laplace
+  from bmoe_jax.laplace.kfac import task_logits
+  from bmoe_jax.model import forward
+
+  cfg = B.tiny_config(vocab_size=64)
+  params = B.init_params(cfg, jax.random.key(3), std=0.2)
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
+  ids = jnp.asarray([[3, 9, 11], [40, 2, 7]])
+  batch = Batch(tokens, jnp.ones((2, 6), jnp.int32), jnp.asarray([5, 3]), jnp.asarray([0, 2]), class_ids_bc=ids)
+  logits = forward(params, cfg, tokens, batch.mask_bs).logits
+  want = np.stack([np.asarray(logits[0, 5])[[3, 9, 11]], np.asarray(logits[1, 3])[[40, 2, 7]]])
+  np.testing.assert_allclose(np.asarray(task_logits(params, cfg, batch, None)[0]), want, atol=1e-5)
+  with pytest.raises(ValueError, match="one set of class tokens"):
+    last_layer_laplace(params, cfg, None, [batch])

@@ -30,7 +30,7 @@ def head_rows(params, cfg: MoEConfig, class_ids_c) -> jax.Array:
 def features(params, cfg: MoEConfig, batch: kfac.Batch, **forward_kw) -> jax.Array:
   """phi [b, d]: the final normed hidden state at each answer position."""
   out = forward(params, cfg, batch.tokens_bs, batch.mask_bs, return_hidden=True,
-                logit_positions_b=batch.answer_pos_b, **forward_kw)
+                logit_positions_b=batch.answer_pos_b, **kfac.batch_forward_kw(batch, forward_kw))
   h_bsd = out.hidden_states[-1]
   return jnp.take_along_axis(h_bsd, batch.answer_pos_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
@@ -48,6 +48,9 @@ def last_layer_laplace(params, cfg: MoEConfig, class_ids_c, fit_batches: Sequenc
   """Fit and return (method, posterior). ``prior_precision=None``: maximise the evidence (LPO)."""
   if not fit_batches:
     raise ValueError("last-layer Laplace needs fit batches")
+  if class_ids_c is None or any(b.class_ids_bc is not None for b in fit_batches):
+    raise ValueError("last-layer Laplace needs one set of class tokens (lettered prompts); cloze-style "
+                     "batches score different head rows per example")
   w_dc = head_rows(params, cfg, class_ids_c)
 
   # params, weights and posterior are jit arguments (never compile-time constants of the model's size)

@@ -1,4 +1,8 @@
-"""Datasets -> fixed-shape token batches (``bmoe_jax.laplace.Batch``) and the answer-letter class ids."""
+"""Datasets -> fixed-shape token batches (``bmoe_jax.laplace.Batch``) and their class token ids.
+
+Two answer styles: ``letters`` (options listed as A., B., ...; the classes are the answer-letter tokens,
+one set for the whole dataset) and ``cloze`` (only the question; the classes are each choice's first
+token, per example, in ``Batch.class_ids_bc``: the formulation small LMs answer above chance)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from bmoe_jax.data.prompts import INSTRUCTIONS, answer_token_ids, apply_chat, encode, format_prompt
+from bmoe_jax.data.prompts import (INSTRUCTIONS, answer_token_ids, apply_chat, cloze_token_ids, encode,
+                                   format_cloze, format_prompt)
 from bmoe_jax.data.records import MCExample
 from bmoe_jax.laplace.kfac import Batch
 
@@ -19,25 +24,43 @@ def _round_up(n: int, multiple: int) -> int:
 def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, max_length: int = 512,
                  num_classes: int | None = None, padding_side: str = "right", chat: bool = False,
                  instruction: str | None = None, dataset: str | None = None, leading_space: bool = True,
-                 shuffle: bool = False, seed: int = 0, pad_to: int = 16) -> tuple[list[Batch], jnp.ndarray, dict]:
-  """Lettered prompts, tokenised and padded into batches of ``batch_size`` (the last may be smaller).
+                 shuffle: bool = False, seed: int = 0, pad_to: int = 16, style: str = "letters"
+                 ) -> tuple[list[Batch], jnp.ndarray | None, dict]:
+  """Prompts of ``style`` (module docstring), tokenised and padded into batches of ``batch_size`` (the
+  last may be smaller).
 
   ``num_classes`` defaults to the most choices of any example; examples with fewer choices get a
   ``choice_mask_bc``. Sequence lengths are rounded up to ``pad_to`` to bound recompilation. Returns
-  (batches, class_ids [C], info {"truncated": n, "num_classes": C, "order": example indices})."""
+  (batches, class_ids [C] (None for cloze: per example in the batches), info {"truncated": n,
+  "num_classes": C, "order": example indices, "unscorable": cloze examples dropped because two choices
+  share a first token})."""
+  if style not in ("letters", "cloze"):
+    raise ValueError(f"style={style!r}: expected 'letters' or 'cloze'")
+  unscorable = 0
+  cloze_ids = {}
+  if style == "cloze":
+    kept = []
+    for e in examples:
+      try:
+        cloze_ids[e.uid] = cloze_token_ids(tokenizer, e.choices)
+        kept.append(e)
+      except ValueError:
+        unscorable += 1
+    examples = kept
   if not examples:
-    raise ValueError("no examples to batch")
+    raise ValueError("no examples to batch" + (f" ({unscorable} unscorable in cloze style)" if unscorable else ""))
   c = num_classes or max(len(e.choices) for e in examples)
   if any(len(e.choices) > c for e in examples):
     raise ValueError(f"an example has more than num_classes={c} choices")
-  class_ids = jnp.asarray(answer_token_ids(tokenizer, c, leading_space))
+  class_ids = jnp.asarray(answer_token_ids(tokenizer, c, leading_space)) if style == "letters" else None
+  fmt = format_prompt if style == "letters" else format_cloze
   instruction = instruction if instruction is not None else INSTRUCTIONS.get(dataset or "")
   order = np.random.RandomState(seed).permutation(len(examples)) if shuffle else np.arange(len(examples))
   batches, truncated = [], 0
   for lo in range(0, len(order), batch_size):
     idx = order[lo:lo + batch_size]
     exs = [examples[i] for i in idx]
-    prompts = [format_prompt(e, instruction) for e in exs]
+    prompts = [fmt(e, instruction) for e in exs]
     if chat:
       prompts = [apply_chat(tokenizer, p) for p in prompts]
     tokens, mask, pos, cut = encode(tokenizer, prompts, max_length, padding_side=padding_side)
@@ -51,7 +74,11 @@ def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, m
       mask = np.pad(mask, width)
       pos = pos + (extra if padding_side == "left" else 0)
     choice_mask = np.arange(c)[None, :] < np.asarray([len(e.choices) for e in exs])[:, None]
+    ids_bc = None
+    if style == "cloze":  # missing choices point at token 0 and are masked
+      ids_bc = jnp.asarray([cloze_ids[e.uid] + [0] * (c - len(e.choices)) for e in exs], jnp.int32)
     batches.append(Batch(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pos),
                          jnp.asarray([e.label for e in exs], jnp.int32),
-                         None if choice_mask.all() else jnp.asarray(choice_mask)))
-  return batches, class_ids, {"truncated": truncated, "num_classes": c, "order": order.tolist()}
+                         None if choice_mask.all() else jnp.asarray(choice_mask), class_ids_bc=ids_bc))
+  return batches, class_ids, {"truncated": truncated, "num_classes": c, "order": order.tolist(),
+                              "style": style, "unscorable": unscorable}

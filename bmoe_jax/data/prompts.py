@@ -27,6 +27,29 @@ def format_prompt(ex: MCExample, instruction: str | None = None) -> str:
   return "\n".join(lines)
 
 
+def format_cloze(ex: MCExample, instruction: str | None = None) -> str:
+  """``[instruction]\n[Passage: ...]\nQuestion: ...\nAnswer:`` without the options: each choice is scored
+  as the continuation (its first token, ``cloze_token_ids``)."""
+  lines = [instruction] if instruction else []
+  if ex.context:
+    lines.append(f"Passage: {ex.context}")
+  lines += [f"Question: {ex.question}", "Answer:"]
+  return "\n".join(lines)
+
+
+def cloze_token_ids(tokenizer, choices: Sequence[str]) -> list[int]:
+  """The first token of " <choice>" for each choice; ValueError if two choices share it (unscorable)."""
+  ids = []
+  for c in choices:
+    toks = tokenizer.encode(" " + c, add_special_tokens=False)
+    if not toks:
+      raise ValueError(f"choice {c!r} encodes to no token")
+    ids.append(int(toks[0]))
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"choices {list(choices)} share a first token ({ids}); cloze scoring cannot tell them apart")
+  return ids
+
+
 def apply_chat(tokenizer, prompt: str) -> str:
   """The prompt as a user turn of the tokenizer's chat template, with "Answer:" opening the reply."""
   if not getattr(tokenizer, "chat_template", None):

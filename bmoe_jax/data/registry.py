@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from bmoe_jax.data import local
+from bmoe_jax.data import local, synthetic
 from bmoe_jax.data.records import ON_ERROR, DataError, LoadReport, MCExample, RowError
 
 DATA_DIR_ENV = "BMOE_DATA_DIR"
@@ -149,6 +149,10 @@ def load(name: str, split: str, *, data_dir: str | Path | None = None, hub: str 
   """
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error={on_error!r}: expected one of {ON_ERROR}")
+  if name in synthetic.TASKS:  # generated here: no files, no hub
+    examples = synthetic.generate(name, split, seed=seed)
+    report = LoadReport(f"generated:{name}", rows=len(examples), kept=len(examples))
+    return MCDataset(name, split, examples, report, synthetic.NOTE)
   bench, source = _spec(name, split)
   root = resolve_data_dir(data_dir)
   if hub is not None or root is None:

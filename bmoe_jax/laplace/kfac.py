@@ -6,7 +6,8 @@ down_proj ``[e, f, d]``) and, optionally, its shared expert (``Block(l, "shared"
 shared-expert gate inside its output gradient). Every dict of factors, posteriors and statistics is keyed
 by blocks.
 
-Task output: the C class logits ``f = logits[b, answer_pos_b, class_ids]``. For expert e of MoE layer l,
+Task output: the C class logits ``f = logits[b, answer_pos_b, class_ids]`` (or ``batch.class_ids_bc``,
+per example, for cloze-style choices). For expert e of MoE layer l,
 with down_proj inputs ``a`` (per routed slot) and gradients ``g`` of the loss w.r.t. that expert's output
 (routing weight included, read off the zero perturbations of ``bmoe_jax.model.forward``)::
 
@@ -140,9 +141,24 @@ class Batch(NamedTuple):
   # Optional [b, c] bool: False where an example has fewer choices than the C classes (ARC has 3-5).
   # Those logits are set to CHOICE_MASK_VALUE: probability ~0, no gradient, no curvature.
   choice_mask_bc: jax.Array | None = None
+  # Optional [b, s, d]: cached input states of layer ``start_layer`` (the frozen prefix run once,
+  # ``bmoe_jax.train.with_prefix_states``); every model call on the batch then runs only layers >= it.
+  states_bsd: jax.Array | None = None
+  # Optional [b, c] int: per-example class token ids (cloze-style choices); else the shared class_ids_c.
+  class_ids_bc: jax.Array | None = None
 
 
 CHOICE_MASK_VALUE = -1e9
+
+
+def batch_forward_kw(batch: Batch, forward_kw: dict) -> dict:
+  """``forward`` keywords for ``batch``: its cached prefix states, if any (``start_layer`` must be given)."""
+  if batch.states_bsd is None:
+    return forward_kw
+  if not forward_kw.get("start_layer"):
+    raise ValueError("this batch carries cached prefix states (states_bsd); pass start_layer= (the layer "
+                     "they enter) to the model call")
+  return dict(forward_kw, states_bsd=batch.states_bsd)
 
 
 class LayerStats(NamedTuple):
@@ -153,8 +169,11 @@ class LayerStats(NamedTuple):
 
 def task_logits(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, perturb=None, **kw):
   out = forward(params, cfg, batch.tokens_bs, batch.mask_bs, perturb=perturb, return_taps=True,
-                logit_positions_b=batch.answer_pos_b, **kw)
-  f_bc = out.logits[:, class_ids_c]
+                logit_positions_b=batch.answer_pos_b, **batch_forward_kw(batch, kw))
+  if batch.class_ids_bc is not None:
+    f_bc = jnp.take_along_axis(out.logits, batch.class_ids_bc, axis=1)
+  else:
+    f_bc = out.logits[:, class_ids_c]
   if batch.choice_mask_bc is not None:
     f_bc = jnp.where(batch.choice_mask_bc, f_bc, CHOICE_MASK_VALUE)
   return f_bc, out.taps

@@ -64,3 +64,23 @@ def test_make_batches_masks_missing_choices(tok):
   assert batches[1].choice_mask_bc is None and b0.labels_b.tolist() == [2, 1]
   assert all(int(b.mask_bs[i, b.answer_pos_b[i]]) == 1 for b in batches for i in range(b.tokens_bs.shape[0]))
   assert tok.decode(b0.tokens_bs[0][b0.mask_bs[0] == 1]).endswith("Answer:")
+
+
+def test_cloze_batches(tok):
+  """Cloze style: no options in the prompt, each choice's first token per example, collisions dropped."""
+  from bmoe_jax.data.batches import make_batches
+  from bmoe_jax.data.prompts import cloze_token_ids, format_cloze
+
+  assert format_cloze(EX) == "Question: what is it?\nAnswer:"
+  same = MCExample("s", "what is it?", ("one", "one more", "two", "three"), 0)  # " one" twice: unscorable
+  short = MCExample("t", "what is it?", ("two", "four", "one"), 2)
+  batches, class_ids, info = make_batches([EX, same, short], tok, batch_size=4, style="cloze")
+  assert class_ids is None and info["unscorable"] == 1 and info["style"] == "cloze"
+  (b,) = batches
+  want = [cloze_token_ids(tok, EX.choices), cloze_token_ids(tok, short.choices) + [0]]
+  assert b.class_ids_bc.tolist() == want and b.choice_mask_bc.tolist()[1] == [True, True, True, False]
+  assert "A." not in tok.decode(b.tokens_bs[0][b.mask_bs[0] == 1])
+  with pytest.raises(ValueError, match="share a first token"):
+    cloze_token_ids(tok, same.choices)
+  with pytest.raises(ValueError, match="style="):
+    make_batches([EX], tok, batch_size=1, style="free")

@@ -1,0 +1,93 @@
+"""``bmoe demo``'s pipeline end to end on a tiny dense llama (upcycle -> prefix cache -> fine-tune ->
+Bayesian-MoE -> evaluation report), on the synthetic suite and on ../shared/data; and the cached-prefix
+batches give the same numbers as full forwards."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from bmoe_jax import baselines as BL
+from bmoe_jax import laplace as LA
+from bmoe_jax import train as T
+from bmoe_jax.cli import main
+from bmoe_jax.data import synthetic
+from bmoe_jax.data.prompts import format_prompt
+from bmoe_jax.data.toy_tokenizer import train_bpe
+from bmoe_jax.demo import DemoConfig, run_demo
+from convert.reference import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+  out = tmp_path_factory.mktemp("llama") / "dense"
+  text = [format_prompt(e) + " A B C D E" for t in synthetic.TASKS for e in synthetic.generate(t, "test", n=60)]
+  tok = train_bpe(text, 480)
+  make_checkpoint("llama", out, seed=0, vocab_size=512, num_hidden_layers=3, tie_word_embeddings=True)
+  tok.save_pretrained(str(out))
+  return out
+
+
+def _cfg(src, **kw):
+  return DemoConfig(source=str(src), experts=4, top_k=2, moe_layers="top:2", max_train=32, max_eval=16,
+                    epochs=1, batch_size=8, eval_every=2, rank=4, **kw)
+
+
+def test_demo_synthetic(tiny_llama, tmp_path, monkeypatch):
+  monkeypatch.delenv("BMOE_DATA_DIR", raising=False)
+  s = run_demo(_cfg(tiny_llama), tmp_path, progress=False)
+  assert s["model"]["upcycled_vs_dense_max_abs_logit_diff"] <= 1e-4 and s["model"]["moe_layers"] == [1, 2]
+  train = s["data"]["sets"]["train"]
+  assert s["data"]["suite"].startswith("SYNTHETIC") and train["style"] == "cloze"
+  assert s["finetune"]["steps"] == -(-(train["used"] - train["unscorable"]) // 8) > 0
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert sorted(res["methods"]) == ["bmoe", "map", "pretrained", "ts"]
+  sets = ["synthetic_test", "synthetic_capitals_test", "synthetic_opposites_test", "synthetic_languages_test"]
+  assert sorted(res["methods"]["bmoe"]) == sorted(sets)
+  assert 0 < res["methods"]["map"]["synthetic_capitals_test"]["n"] <= 16
+  assert "auroc" in res["methods"]["bmoe"]["synthetic_capitals_test"]["ood"]
+  md = (tmp_path / "results.md").read_text()
+  assert "**SYNTHETIC**" in md and "| bmoe |" in md
+  assert json.loads((tmp_path / "config.json").read_text())["train"] == "synthetic:train"
+  assert list((tmp_path / "plots").glob("*.png")) and (tmp_path / "posterior").is_dir()
+  assert set(s["seconds"]) >= {"MAP fine-tuning", "Bayesian-MoE fit + prior", "evaluation"}
+
+
+def test_demo_real_data_cli(tiny_llama, tmp_path, shared_data):
+  cfg = tmp_path / "demo.json"
+  cfg.write_text(json.dumps({"max_train": 16, "max_eval": 8, "epochs": 1, "batch_size": 8, "rank": 4,
+                             "experts": 4, "moe_layers": "top:1", "eval_every": 0}))
+  assert main(["demo", "--config", str(cfg), "--source", str(tiny_llama), "--data-dir", str(shared_data),
+               "--shift", "arc_challenge:test,mmlu:test:astronomy", "--out-dir", str(tmp_path / "out"),
+               "--quiet"]) == 0
+  s = json.loads((tmp_path / "out" / "demo.json").read_text())
+  assert s["data"]["suite"] == "real benchmarks" and s["model"]["moe_layers"] == [2]
+  assert sorted(s["summary"]["bmoe"]) == ["arc_challenge_test", "mmlu_test_astronomy", "obqa_test"]
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"epochz": 1}))
+  assert main(["demo", "--config", str(bad), "--out-dir", str(tmp_path / "x")]) == 2
+
+
+def test_prefix_batches_match_full_forward(tiny_llama):
+  """Cached prefix states (Batch.states_bsd + start_layer) change nothing: logits, factors, predictive."""
+  from bmoe_jax.pipeline import batches_for
+  from convert.upcycle import load_dense, upcycle
+
+  dcfg, dparams, tok, _ = load_dense(tiny_llama)
+  cfg, params = upcycle(dcfg, dparams, num_experts=4, top_k=2, layers="top:2", noise=0.1)
+  params = jax.tree.map(jax.numpy.asarray, params)
+  batches, class_ids, _ = batches_for("synthetic:dev", tok, batch_size=8, max_examples=16)
+  cached = T.with_prefix_states(params, cfg, batches, 1, progress=False)
+  spec = LA.FactorSpec(layers=cfg.moe_layer_ids, labels="exact", tokens="expand", rank=None)
+  full = LA.fit_factors(params, cfg, batches, class_ids, spec, progress=False)
+  fast = LA.fit_factors(params, cfg, cached, class_ids, spec, progress=False, start_layer=1)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(fast)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
+  post = LA.build(LA.kfac.finalize(full), params, num_sequences=16)
+  for m_full, m_fast in [(BL.map_method(params, cfg, class_ids), BL.map_method(params, cfg, class_ids, start_layer=1)),
+                         (BL.bayesian_moe(post, params, cfg, class_ids),
+                          BL.bayesian_moe(post, params, cfg, class_ids, start_layer=1))]:
+    np.testing.assert_allclose(np.asarray(m_full(batches[0])), np.asarray(m_fast(cached[0])), atol=1e-5)
+  with pytest.raises(ValueError, match="pass start_layer="):
+    BL.map_method(params, cfg, class_ids)(cached[0])
