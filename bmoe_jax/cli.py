@@ -158,7 +158,8 @@ def _demo_parser(sub):
                      ("max-length", int), ("rank", int), ("prior", str), ("tokens", str), ("methods", str),
                      ("ensemble-members", int), ("seed", int)):
     default = getattr(DemoConfig, name.replace("-", "_"))
-    d.add_argument(f"--{name}", type=kind, help=f"default: {default} (0 for --rank: full factors)")
+    hint = " (0: full factors)" if name == "rank" else " (comma-separated)" if name in ("shift", "methods") else ""
+    d.add_argument(f"--{name}", type=kind, help=f"default: {default}{hint}")
   d.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the chat template")
   d.set_defaults(fn=_cmd_demo)
   return d

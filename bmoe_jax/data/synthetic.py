@@ -91,34 +91,16 @@ def _category(rng, n: int, part: int, parts: int, tag: str) -> list[MCExample]:
   return out
 
 
-def _capitals(rng, n: int, tag: str) -> list[MCExample]:
-  countries = sorted(CAPITALS)
+def _lookup(rng, n: int, tag: str, table: dict[str, str], question: str, with_keys: bool = False):
+  """Questions "``question`` with the key" answered by ``table[key]``; distractors are the other answers
+  (and, ``with_keys``, the other keys: an antonym's own word is a fair distractor)."""
+  keys = sorted(table)
+  answers = set(table.values()) | (set(table) if with_keys else set())
   out = []
   for j in range(n):
-    c = countries[rng.integers(len(countries))]
-    choices, label = _choices(rng, CAPITALS[c], sorted(CAPITALS.values()))
-    out.append(MCExample(f"{tag}-{j}", f"What is the capital of {c}?", choices, label))
-  return out
-
-
-def _opposites(rng, n: int, tag: str) -> list[MCExample]:
-  words = sorted(OPPOSITES)
-  pool = sorted(set(OPPOSITES.values()) | set(OPPOSITES))
-  out = []
-  for j in range(n):
-    w = words[rng.integers(len(words))]
-    choices, label = _choices(rng, OPPOSITES[w], [p for p in pool if p != w])
-    out.append(MCExample(f"{tag}-{j}", f"What is the opposite of \"{w}\"?", choices, label))
-  return out
-
-
-def _languages(rng, n: int, tag: str) -> list[MCExample]:
-  countries = sorted(LANGUAGES)
-  out = []
-  for j in range(n):
-    c = countries[rng.integers(len(countries))]
-    choices, label = _choices(rng, LANGUAGES[c], sorted(set(LANGUAGES.values())))
-    out.append(MCExample(f"{tag}-{j}", f"What language is spoken in {c}?", choices, label))
+    k = keys[rng.integers(len(keys))]
+    choices, label = _choices(rng, table[k], sorted(answers - {k}))
+    out.append(MCExample(f"{tag}-{j}", question.format(k), choices, label))
   return out
 
 
@@ -135,5 +117,8 @@ def generate(task: str, split: str = "test", n: int | None = None, seed: int = 0
   tag = f"{task}-{split}"
   if task == "synthetic":
     return _category(rng, n, ("train", "dev", "test").index(split), 3, tag)
-  return {"synthetic_capitals": _capitals, "synthetic_opposites": _opposites,
-          "synthetic_languages": _languages}[task](rng, n, tag)
+  if task == "synthetic_capitals":
+    return _lookup(rng, n, tag, CAPITALS, "What is the capital of {}?")
+  if task == "synthetic_opposites":
+    return _lookup(rng, n, tag, OPPOSITES, 'What is the opposite of "{}"?', with_keys=True)
+  return _lookup(rng, n, tag, LANGUAGES, "What language is spoken in {}?")

@@ -130,3 +130,23 @@ def test_hub_schema_through_datasets(tmp_path):
                                    json.dumps({"question": "is it not?", "answer": False, "passage": "P."})])
   val = D.load("boolq", "validation", hub=str(bq))
   assert [e.label for e in val.examples] == [0, 1] and val.examples[0].context == "P."
+
+
+def test_synthetic_suite():
+  """Generated deterministically, 4 distinct choices with the answer among them, disjoint category
+  questions across splits, labelled SYNTHETIC through the registry."""
+  from bmoe_jax.data import synthetic as S
+
+  for task in S.TASKS:
+    ex = S.generate(task, "test", n=50, seed=3)
+    assert ex == S.generate(task, "test", n=50, seed=3) and ex != S.generate(task, "test", n=50, seed=4)
+    assert all(len(set(e.choices)) == 4 and 0 <= e.label < 4 for e in ex)
+  words = {split: {(e.question, e.choices[e.label]) for e in S.generate("synthetic", split)}
+           for split in ("train", "dev", "test")}
+  assert not words["train"] & words["test"] and not words["train"] & words["dev"]
+  caps = S.generate("synthetic_capitals", "test", n=40)
+  assert all(e.choices[e.label] == S.CAPITALS[e.question[len("What is the capital of "):-1]] for e in caps)
+  ds = D.load("synthetic", "dev")
+  assert len(ds.examples) == S.SIZES["dev"] and ds.note.startswith("SYNTHETIC")
+  with pytest.raises(ValueError, match="only its 'test' split"):
+    S.generate("synthetic_capitals", "train")

