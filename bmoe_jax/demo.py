@@ -270,8 +270,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> dic
                                   out / f"member{i}", progress, fkw, seed=cfg.seed + i)[0]
                         for i in range(1, cfg.ensemble_members)]
       methods[name] = BL.ensemble(members, mcfg, class_ids, **fkw)
-    else:
-      methods[name] = BL.bayesian_moe(posts[name], ft, mcfg, class_ids, **fkw)
+  methods.update(BL.bayesian_moe_variants(posts, ft, mcfg, class_ids, **fkw))  # one Jacobian pass for all
+  methods = {name: methods[name] for name in cfg.methods}
   clock.stage("baselines", t)
   t = time.perf_counter()
   eval_sets = {k: v for k, v in data.items() if k not in ("train", "val")}

@@ -90,6 +90,15 @@ def test_bayesian_moe_method(setup):
   _ok(p, 8)
   np.testing.assert_allclose(p, B.laplace.predict(post, params, cfg, val[0], CLASSES, link="probit").probs_bc,
                              atol=1e-6)
+  # variants sharing the factors (one Jacobian pass per batch) equal the separate methods
+  posts = {"a": post, "b": B.laplace.optimize_prior_precision(post, "layer")[0]}
+  variants = BL.bayesian_moe_variants(posts, params, cfg, CLASSES)
+  for name, po in posts.items():
+    for batch in val:
+      np.testing.assert_allclose(variants[name](batch), BL.bayesian_moe(po, params, cfg, CLASSES)(batch), atol=1e-6)
+  other = B.laplace.build(B.laplace.kfac.finalize(state), params, num_sequences=2)
+  with pytest.raises(ValueError, match="share one factors dict"):
+    BL.bayesian_moe_variants({"a": post, "c": other}, params, cfg, CLASSES)
 
 
 def test_cloze_batches_score_per_example_tokens():

@@ -93,6 +93,35 @@ def ensemble(param_list: Sequence, cfg: MoEConfig, class_ids_c, **forward_kw) ->
   return lambda batch: jnp.mean(jnp.stack([jax.nn.softmax(logits(p, batch), -1) for p in param_list]), 0)
 
 
+def bayesian_moe_variants(posts: dict, params, cfg: MoEConfig, class_ids_c, *, link: str = "probit",
+                          key: jax.Array | None = None, num_samples: int = 1000, **forward_kw) -> dict[str, Method]:
+  """Closed-form Bayesian-MoE methods for posteriors that share their factors and differ only in prior
+  precision (fixed, evidence, grid): the lambda-independent Jacobian statistics are computed once per
+  batch (cached by batch) and every variant only redoes the cheap contraction."""
+  if not posts:
+    return {}
+  first = next(iter(posts.values()))
+  if any(p.factors is not first.factors for p in posts.values()):
+    raise ValueError("bayesian_moe_variants: the posteriors must share one factors dict (built from one fit)")
+  stats_fn = jax.jit(lambda p, po, b: PR.jacobian_stats(p, cfg, b, class_ids_c, po, **forward_kw))
+  key = jax.random.key(0) if key is None else key
+  cache: dict[int, tuple] = {}
+
+  def stats(batch):
+    k = id(batch.tokens_bs)
+    if k not in cache:  # the batch is kept with its statistics, so its id cannot be reused
+      cache[k] = (batch, stats_fn(params, first, batch))
+    return cache[k][1]
+
+  def make(post):
+    def run(batch):
+      s = stats(batch)
+      cov = PR.logit_covariance(s, post)
+      return PR.probit(s.f_bc, cov) if link == "probit" else PR.mc_softmax(s.f_bc, cov, key, num_samples)
+    return run
+  return {name: make(post) for name, post in posts.items()}
+
+
 def bayesian_moe(post: P.Posterior, params, cfg: MoEConfig, class_ids_c, *, method: str = "closed",
                  link: str = "probit", key: jax.Array | None = None, num_samples: int = 1000,
                  **forward_kw) -> Method:
