@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-METHODS = ("map", "ts", "mc_dropout", "llla", "bmoe", "ensemble")
+METHODS = ("map", "ts", "mc_dropout", "llla", "bmoe", "ensemble", "ckpt_ensemble")
 
 
 def _common(p):
@@ -39,8 +39,10 @@ def register(sub) -> dict:
   f.add_argument("--prior-precision", type=float, default=0.0)
   f.add_argument("--eval-every", type=int, default=0)
   f.add_argument("--patience", type=int, default=0)
-  f.add_argument("--cache-prefix", action="store_true",
-                 help="run the frozen layers below the lowest trainable one once and train on their output")
+  f.add_argument("--checkpoint-every", type=int, default=50, help="micro-steps between orbax saves")
+  f.add_argument("--keep-checkpoints", type=int, default=2,
+                 help="saves kept (the members of a checkpoint ensemble: bmoe evaluate --methods ckpt_ensemble)")
+  _cache_flag(f, "the lowest trainable one")
   f.set_defaults(fn=cmd_finetune)
   fi = ps["fit"] = sub.add_parser("fit", help="fit the Bayesian-MoE posterior (K-FAC factors, LPO prior)")
   _common(fi)
@@ -54,6 +56,7 @@ def register(sub) -> dict:
   fi.add_argument("--prior", default="layer",
                   help="global | layer | expert (evidence maximisation, LPO) or grid (validation NLL, --val)")
   fi.add_argument("--val", default="obqa:dev", help="validation spec for --prior grid")
+  _cache_flag(fi, "the lowest Bayesian layer")
   fi.set_defaults(fn=cmd_fit)
   e = ps["evaluate"] = sub.add_parser("evaluate", help="evaluate methods on in-distribution and shifted data")
   _common(e)
@@ -63,10 +66,29 @@ def register(sub) -> dict:
   e.add_argument("--methods", default="map,ts", help=f"comma-separated, from {', '.join(METHODS)}")
   e.add_argument("--posterior", help="posterior directory (bmoe fit) for method bmoe")
   e.add_argument("--members", default="", help="comma-separated model directories for method ensemble")
+  e.add_argument("--checkpoints", help="a fine-tuning run's checkpoints directory (RUN/checkpoints) for method "
+                 "ckpt_ensemble: every kept save is a member")
+  _cache_flag(e, "the lowest MoE layer (every method then runs only the top layers; ensemble members must "
+                 "agree below it)")
   e.add_argument("--dropout", type=float, default=0.1)
   e.add_argument("--ci", action="store_true", help="bootstrap 95%% intervals")
   e.set_defaults(fn=cmd_evaluate)
   return ps
+
+
+def _cache_flag(p, where):
+  p.add_argument("--cache-prefix", action="store_true",
+                 help=f"run the frozen layers below {where} once per batch and reuse their output")
+
+
+def _prefixed(args, params, cfg, start, *batch_lists):
+  """The batch lists with their layer-``start`` inputs cached (``--cache-prefix``) and the forward keywords
+  that use them; unchanged lists and no keywords without the flag."""
+  from bmoe_jax.train import with_prefix_states
+  if not args.cache_prefix or not start:
+    return {}, batch_lists
+  return {"start_layer": start}, tuple(with_prefix_states(params, cfg, bl, start, progress=not args.quiet)
+                                       for bl in batch_lists)
 
 
 def _need(args, *names):
@@ -101,7 +123,8 @@ def cmd_finetune(args) -> int:
   tc = T.TrainConfig(trainable=args.trainable, layers=None if not args.layers else tuple(
       int(x) for x in args.layers.split(",")), learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
       warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, prior_precision=args.prior_precision,
-      eval_every=args.eval_every, patience=args.patience, seed=args.seed)
+      eval_every=args.eval_every, patience=args.patience, checkpoint_every=args.checkpoint_every,
+      keep_checkpoints=args.keep_checkpoints, seed=args.seed)
   res = T.finetune(params, cfg, train, class_ids, tc, val_batches=val, pretrained=params,
                    checkpoint_dir=Path(args.out) / "checkpoints", progress=not args.quiet,
                    cache_prefix=args.cache_prefix)
@@ -132,14 +155,17 @@ def cmd_fit(args) -> int:
       int(x) for x in args.bayes_layers.split(",")]
   spec = LA.FactorSpec(layers=LA.kfac.select_layers(cfg, which), labels=args.labels, tokens=args.tokens,
                        rank=args.rank, shared=args.shared)
+  fkw, (batches,) = _prefixed(args, params, cfg, min(spec.layers), batches)
   state = LA.fit_factors(params, cfg, batches, class_ids, spec, key=jax.random.key(args.seed),
-                         checkpoint_dir=Path(args.out) / "factors", total=len(batches), progress=not args.quiet)
+                         checkpoint_dir=Path(args.out) / "factors", total=len(batches), progress=not args.quiet,
+                         **fkw)
   pretrained = load_params(args.pretrained)[1] if args.pretrained else None
   post = LA.build(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), pretrained=pretrained,
                   log_lik=state.log_lik)
   if args.prior == "grid":
     val, _, vinfo = _batches(args, args.val, tok, num_classes=num_classes)
-    stats = jax.jit(lambda p, po, b: LA.predictive.jacobian_stats(p, cfg, b, class_ids, po))
+    val = _prefixed(args, params, cfg, min(spec.layers), val)[1][0]
+    stats = jax.jit(lambda p, po, b: LA.predictive.jacobian_stats(p, cfg, b, class_ids, po, **fkw))
     post, curve = LA.predictive.grid_search_prior_precision(post, [(stats(params, post, b), b.labels_b)
                                                                    for b in val])
     best = float(np.exp(np.mean([np.mean(np.asarray(v)) for v in post.log_prior_prec_e.values()])))
@@ -161,6 +187,7 @@ def cmd_evaluate(args) -> int:
   from bmoe_jax import baselines as BL
   from bmoe_jax.evaluate import evaluate
   from bmoe_jax.pipeline import batches_of, load_examples, load_model_and_tokenizer, write_run
+  from bmoe_jax.train import same_prefix
 
   _need(args, "model", "out")
   t0 = time.perf_counter()
@@ -180,27 +207,47 @@ def cmd_evaluate(args) -> int:
                                                   max_length=args.max_length, seed=args.seed, chat=args.chat,
                                                   num_classes=num_classes)
   val = _batches(args, args.val, tok, num_classes=num_classes)[0] if any(m in names for m in ("ts", "llla")) else []
+  start = min(cfg.moe_layer_ids, default=0)
+  keys = list(data)
+  fkw, (val, *lists) = _prefixed(args, params, cfg, start, val, *data.values())
+  data = dict(zip(keys, lists))
   methods = {}
   for m in names:
     if m == "map":
-      methods[m] = BL.map_method(params, cfg, class_ids)
+      methods[m] = BL.map_method(params, cfg, class_ids, **fkw)
     elif m == "ts":
-      methods[m], temp = BL.temperature_scaling(params, cfg, class_ids, val)
+      methods[m], temp = BL.temperature_scaling(params, cfg, class_ids, val, **fkw)
       infos["temperature"] = temp
     elif m == "mc_dropout":
-      methods[m] = BL.mc_dropout(params, cfg, class_ids, rate=args.dropout, key=jax.random.key(args.seed))
+      methods[m] = BL.mc_dropout(params, cfg, class_ids, rate=args.dropout, key=jax.random.key(args.seed), **fkw)
     elif m == "llla":
-      methods[m] = BL.last_layer_laplace(params, cfg, class_ids, val)[0]
-    elif m == "ensemble":
-      from bmoe_jax.checkpoint import load_params
-      members = [params] + [load_params(d)[1] for d in args.members.split(",") if d]
-      methods[m] = BL.ensemble(members, cfg, class_ids)
+      methods[m] = BL.last_layer_laplace(params, cfg, class_ids, val, **fkw)[0]
+    elif m in ("ensemble", "ckpt_ensemble"):
+      members = _members(args, m, params, cfg)
+      if fkw and not all(same_prefix(params, p, start) for p in members):
+        raise SystemExit(f"bmoe evaluate --cache-prefix: the {m} members differ from --model below layer {start}; "
+                         "evaluate without --cache-prefix")
+      infos[f"{m}_members"] = len(members)
+      methods[m] = BL.ensemble(members, cfg, class_ids, **fkw)
     else:
       _need(args, "posterior")
       from bmoe_jax.laplace import load_posterior
-      methods[m] = BL.bayesian_moe(load_posterior(args.posterior), params, cfg, class_ids)
+      methods[m] = BL.bayesian_moe(load_posterior(args.posterior), params, cfg, class_ids, **fkw)
   res = evaluate(methods, data, in_distribution=next(iter(data)), out_dir=args.out, ci=args.ci,
                  record=_record(args), progress=not args.quiet)
   write_run(args.out, _record(args), data=infos, seconds=time.perf_counter() - t0)
   print((Path(args.out) / "results.md").read_text())
   return 0 if res else 1
+
+
+def _members(args, method, params, cfg) -> list:
+  """ensemble: --model plus the --members directories (deep ensemble: other seeds); ckpt_ensemble: every
+  kept save of the fine-tuning run in --checkpoints."""
+  if method == "ensemble":
+    from bmoe_jax.checkpoint import load_params
+    return [params] + [load_params(d)[1] for d in args.members.split(",") if d]
+  _need(args, "checkpoints")
+  from bmoe_jax.train import load_checkpoints
+  path = Path(args.checkpoints)
+  path = path / "checkpoints" if (path / "checkpoints" / "finetune.json").exists() else path
+  return [p for _, p in load_checkpoints(path, params, cfg)]

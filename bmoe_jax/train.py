@@ -45,6 +45,7 @@ class TrainConfig:
   eval_every: int = 0  # optimizer steps between validation NLLs (0: never)
   patience: int = 0  # stop after this many evaluations without improvement (0: never stop early)
   checkpoint_every: int = 50
+  keep_checkpoints: int = 2  # the latest saves kept on disk (resume uses the last; a checkpoint ensemble all)
   seed: int = 0
 
   def __post_init__(self):
@@ -52,8 +53,8 @@ class TrainConfig:
       raise ValueError(f"trainable={self.trainable!r}: expected one of {SUBSETS}")
     if self.schedule not in ("cosine", "linear", "constant"):
       raise ValueError(f"schedule={self.schedule!r}: expected cosine, linear or constant")
-    if self.grad_accum < 1 or self.epochs < 1:
-      raise ValueError("grad_accum and epochs must be >= 1")
+    if self.grad_accum < 1 or self.epochs < 1 or self.keep_checkpoints < 1 or self.checkpoint_every < 1:
+      raise ValueError("grad_accum, epochs, keep_checkpoints and checkpoint_every must be >= 1")
 
 
 def trainable_mask(params, cfg: MoEConfig, which: str, layers: Sequence[int] | None = None):
@@ -261,7 +262,7 @@ def _manager(checkpoint_dir, tc: TrainConfig, cfg: MoEConfig):
     raise ValueError(f"{meta_file}: the checkpoints there are of a different TrainConfig or model config; "
                      "use a new checkpoint_dir")
   meta_file.write_text(json.dumps(meta, indent=2))
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints))
 
 
 def _tree(state: TrainState) -> dict:
@@ -291,3 +292,52 @@ def _restore(mngr, like: TrainState):
   state = TrainState(int(sc["step"]), unflat(like.train, st["train"]), unflat(like.opt_state, st["opt_state"]),
                      float(sc["best_nll"]), unflat(like.best_train, st["best_train"]), int(sc["bad_evals"]))
   return state, list(got["history"]["history"])
+
+
+def load_checkpoints(checkpoint_dir: str | Path, params, cfg: MoEConfig,
+                     steps: Sequence[int] | None = None) -> list[tuple[int, Any]]:
+  """The saved steps of a fine-tuning run as full parameter trees: (step, params) for every kept step
+  (or ``steps``), oldest first. The members of a checkpoint ensemble.
+
+  The run's trainable leaves come from the checkpoints; the frozen ones from ``params`` (the model the
+  run started from, or its result: they agree outside the trainable subset)."""
+  import orbax.checkpoint as ocp
+
+  directory = Path(checkpoint_dir).absolute()
+  meta_file = directory / "finetune.json"
+  if not meta_file.exists():
+    raise FileNotFoundError(f"{meta_file} not found: expected the checkpoints directory of a fine-tuning run "
+                            "(bmoe finetune --out RUN writes RUN/checkpoints)")
+  meta = json.loads(meta_file.read_text())
+  if meta["config"] != json.loads(json.dumps(cfg.to_dict())):
+    raise ValueError(f"{meta_file}: the run fine-tuned a different model config than the one given")
+  known = {f.name for f in dataclasses.fields(TrainConfig)}
+  tc_dict = {k: v for k, v in meta["train_config"].items() if k in known}
+  if tc_dict.get("layers") is not None:
+    tc_dict["layers"] = tuple(tc_dict["layers"])
+  tc = TrainConfig(**tc_dict)
+  mask = trainable_mask(params, cfg, tc.trainable, tc.layers)
+  train0, frozen = split(params, mask)
+  opt_state = jax.eval_shape(make_optimizer(tc, 1).init, train0)
+  like = TrainState(0, train0, opt_state, 0.0, train0, 0)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(like))
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    saved = list(mngr.all_steps())
+    steps = sorted(saved if steps is None else steps)
+    missing = sorted(set(steps) - set(saved))
+    if missing or not steps:
+      raise ValueError(f"{directory}: steps {missing or steps} not saved (saved: {sorted(saved)})")
+    out = []
+    for step in steps:
+      got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+      leaves = [jnp.asarray(x) for x in got["state"]["train"]]
+      out.append((step, merge(jax.tree.unflatten(jax.tree.structure(train0), leaves), frozen)))
+  return out
+
+
+def same_prefix(params_a, params_b, start: int) -> bool:
+  """Whether two parameter trees agree below layer ``start`` (embedding and layers < start): then a prefix
+  cached with one serves the other."""
+  pick = lambda p: (p["embed"], p["layers"][:start])
+  return all(np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(pick(params_a)), jax.tree.leaves(pick(params_b))))

@@ -1,5 +1,6 @@
 """bmoe finetune -> fit -> evaluate end to end on a tiny model, a tokenizer trained here and a few
-real OBQA / MMLU rows from ../shared/data (config file + flags)."""
+real OBQA / MMLU rows from ../shared/data (config file + flags). Layer 0 is dense, so --cache-prefix
+(layer 1's inputs computed once) changes what runs and must not change a number."""
 
 import json
 
@@ -19,7 +20,7 @@ def model_dir(tmp_path_factory, shared_data):
   text = [f"Question: {e.question}\n" + "\n".join(f"{L}. {c}" for L, c in zip("ABCD", e.choices)) + "\nAnswer: A B C D"
           for e in D.load("obqa", "train", data_dir=shared_data).examples[:400]]
   tok = train_bpe(text, 480)
-  cfg = B.tiny_config(vocab_size=512, num_experts=4)
+  cfg = B.tiny_config(vocab_size=512, num_experts=4, moe_layers=(False, True))
   save_params(out, cfg, B.init_params(cfg, jax.random.key(0), std=0.3))
   tok.save_pretrained(str(out))
   return out
@@ -29,7 +30,8 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
   common = ["--data-dir", shared_data, "--max-examples", "24", "--batch-size", "8", "--max-length", "128", "--quiet"]
   ft = tmp_path / "ft"
   assert main(["finetune", "--model", str(model_dir), "--train", "obqa:train", "--val", "obqa:dev", "--lr", "1e-3",
-               "--epochs", "2", "--eval-every", "3", "--layers", "1", "--cache-prefix", "--out", str(ft)] + common) == 0
+               "--epochs", "2", "--eval-every", "3", "--layers", "1", "--cache-prefix", "--checkpoint-every", "2",
+               "--keep-checkpoints", "2", "--out", str(ft)] + common) == 0
   run = json.loads((ft / "run.json").read_text())
   assert run["data"]["train"]["used"] == 24 and len(run["history"]) == 2 and run["config"]["lr"] == 1e-3
   assert (ft / "model" / "bmoe_config.json").exists() and (ft / "model" / "tokenizer.json").exists()
@@ -37,27 +39,41 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
   assert main(["fit", "--model", str(ft / "model"), "--pretrained", str(model_dir), "--data", "obqa:train",
                "--rank", "4", "--shared", "--out", str(fit)] + common) == 0
   meta = json.loads((fit / "posterior" / "posterior.json").read_text())
-  assert meta["blocks"] == ["0.routed", "0.shared", "1.routed", "1.shared"]
-  grid = tmp_path / "fit_grid"
-  assert main(["fit", "--model", str(ft / "model"), "--data", "obqa:train", "--rank", "4", "--prior", "grid",
-               "--val", "obqa:dev", "--out", str(grid)] + common) == 0
-  g = json.loads((grid / "run.json").read_text())
-  assert g["val_nll"] == min(g["grid"]["nll"]) and len(g["grid"]["prior_precision"]) == 41
+  assert meta["blocks"] == ["1.routed", "1.shared"]
+  grids = {}
+  for cached in ([], ["--cache-prefix"]):
+    grid = tmp_path / f"fit_grid{len(cached)}"
+    assert main(["fit", "--model", str(ft / "model"), "--data", "obqa:train", "--rank", "4", "--prior", "grid",
+                 "--val", "obqa:dev", "--out", str(grid)] + cached + common) == 0
+    grids[len(cached)] = g = json.loads((grid / "run.json").read_text())
+    assert g["val_nll"] == min(g["grid"]["nll"]) and len(g["grid"]["prior_precision"]) == 41
+  assert grids[1]["grid"]["nll"] == pytest.approx(grids[0]["grid"]["nll"], rel=1e-5)
   config = tmp_path / "eval.json"
-  config.write_text(json.dumps({"methods": "map,ts,mc_dropout,llla,bmoe", "shift": "mmlu:test:astronomy,arc_challenge:test",
-                                "dropout": 0.2, "batch-size": 4, "ci": True}))
+  config.write_text(json.dumps({"methods": "map,ts,mc_dropout,llla,bmoe,ckpt_ensemble",
+                                "shift": "mmlu:test:astronomy,arc_challenge:test", "dropout": 0.2, "batch-size": 4,
+                                "ci": True, "cache-prefix": True}))
   ev = tmp_path / "eval"
   assert main(["evaluate", "--config", str(config), "--model", str(ft / "model"), "--posterior",
-               str(fit / "posterior"), "--id", "obqa:test", "--batch-size", "8", "--out", str(ev)] + common) == 0
+               str(fit / "posterior"), "--checkpoints", str(ft), "--id", "obqa:test", "--batch-size", "8",
+               "--out", str(ev)] + common) == 0
   res = json.loads((ev / "results.json").read_text())
-  assert sorted(res["methods"]) == ["bmoe", "llla", "map", "mc_dropout", "ts"]
+  assert sorted(res["methods"]) == ["bmoe", "ckpt_ensemble", "llla", "map", "mc_dropout", "ts"]
+  assert json.loads((ev / "run.json").read_text())["data"]["ckpt_ensemble_members"] == 2  # steps 4 and 6
   for m in res["methods"].values():
     assert m["obqa_test"]["n"] == 24 and 0 <= m["mmlu_test_astronomy"]["ood"]["auroc"] <= 1
     assert m["arc_challenge_test"]["n"] == 24
   assert res["record"]["config"]["batch_size"] == 8 and res["record"]["config"]["dropout"] == 0.2  # flag > file
-  assert len(list((ev / "plots").glob("*.png"))) == 15
+  assert len(list((ev / "plots").glob("*.png"))) == 18
   assert "| bmoe |" in (ev / "results.md").read_text() and "ci95" in res["methods"]["map"]["obqa_test"]
   assert " [" in (ev / "results.md").read_text()  # intervals in the table
+  full = tmp_path / "eval_full"  # the same methods without the cached prefix
+  assert main(["evaluate", "--model", str(ft / "model"), "--posterior", str(fit / "posterior"), "--methods", "map,bmoe",
+               "--shift", "arc_challenge:test", "--id", "obqa:test", "--out", str(full)] + common) == 0
+  again = json.loads((full / "results.json").read_text())["methods"]
+  for m in ("map", "bmoe"):
+    for key in ("nll", "ece", "brier"):
+      assert again[m]["arc_challenge_test"][key] == pytest.approx(res["methods"][m]["arc_challenge_test"][key],
+                                                                  rel=1e-4, abs=1e-6)
 
 
 def test_cli_errors(model_dir, shared_data, tmp_path, capsys):

@@ -76,6 +76,37 @@ def test_interrupted_finetune_resumes_to_the_same_parameters(setup, tmp_path):
     T.finetune(params, cfg, train, CLASSES, T.TrainConfig(epochs=3), checkpoint_dir=tmp_path, progress=False)
 
 
+def test_checkpoints_of_a_run_load_as_ensemble_members(setup, tmp_path):
+  """The kept saves of one run (a checkpoint ensemble): the latest equals the run's result, each one keeps
+  the frozen leaves, and the ensemble averages its members' probabilities."""
+  from bmoe_jax import baselines as BL
+
+  cfg, params, train, _ = setup
+  tc = T.TrainConfig(trainable="experts", learning_rate=3e-3, epochs=2, checkpoint_every=3, keep_checkpoints=3)
+  res = T.finetune(params, cfg, train, CLASSES, tc, checkpoint_dir=tmp_path, progress=False)
+  members = T.load_checkpoints(tmp_path, params, cfg)
+  assert [s for s, _ in members] == [6, 9, 12]
+  for a, b in zip(jax.tree.leaves(members[-1][1]), jax.tree.leaves(res.params)):
+    np.testing.assert_array_equal(a, b)
+  mask = T.trainable_mask(params, cfg, "experts")
+  for (_, m), (_, n) in zip(members, members[1:]):
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), m, n)
+    assert jax.tree.leaves(moved) == jax.tree.leaves(mask)
+  probs = BL.ensemble([m for _, m in members], cfg, CLASSES)(train[0])
+  each = [BL.map_method(m, cfg, CLASSES)(train[0]) for _, m in members]
+  np.testing.assert_allclose(probs, np.mean(each, 0), rtol=1e-6)
+  assert [s for s, _ in T.load_checkpoints(tmp_path, params, cfg, steps=[9])] == [9]
+  with pytest.raises(ValueError, match="steps \\[3\\] not saved \\(saved: \\[6, 9, 12\\]\\)"):
+    T.load_checkpoints(tmp_path, params, cfg, steps=[3])
+  with pytest.raises(FileNotFoundError, match="finetune.json not found"):
+    T.load_checkpoints(tmp_path / "nothing", params, cfg)
+  other = B.tiny_config(num_experts=2)
+  with pytest.raises(ValueError, match="different model config"):
+    T.load_checkpoints(tmp_path, B.init_params(other, jax.random.key(0)), other)
+  assert T.same_prefix(params, res.params, cfg.num_layers) is False
+  assert T.same_prefix(params, res.params, 0) is True
+
+
 def test_bad_configs(setup):
   cfg, params, train, _ = setup
   with pytest.raises(ValueError, match="trainable='lora'"):

@@ -51,10 +51,12 @@ def load_hub(name, split, bench, path: str | None, subjects, on_error):
   import datasets
 
   hub_path, config = bench.hub
+  hub_split = bench.hub_splits[split]
+  if isinstance(hub_split, tuple):  # a split of another config (WinoGrande S/M training sets)
+    config, hub_split = hub_split
   path = path or hub_path
   if Path(path).is_dir():  # a local directory in the hub schema: no config, splits from file names
     config = None
-  hub_split = bench.hub_splits[split]
   try:
     ds = datasets.load_dataset(path, config, split=hub_split)
   except Exception as err:  # offline, unknown name, missing split: one actionable message

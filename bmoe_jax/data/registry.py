@@ -10,6 +10,10 @@ exists, deterministically from ``seed``, and the split's ``note`` says so in eve
 * WinoGrande: only the dev sentences exist, so ``train_s`` / ``test_s`` are a seeded 50/50 split of dev
   and ``train_m`` / ``test_m`` an 80/20 one (the official S/M train sets are 640 / 2558 rows; ours are
   smaller and drawn from dev).
+
+Through the hub nothing is carved: ``train_s`` / ``train_m`` are the official WinoGrande S / M training
+sets (configs ``winogrande_s`` / ``winogrande_m``), BoolQ ``train`` is the official training split, and
+the ``test`` splits are the whole validation sets.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class Benchmark:
   num_choices: int | tuple[int, int]
   splits: dict[str, Source]
   hub: tuple[str, str | None]  # (hub path, config)
-  hub_splits: dict[str, str]  # our split -> hub split
+  hub_splits: dict[str, str | tuple[str, str]]  # our split -> hub split, or (hub config, hub split)
   note: str = ""
 
 
@@ -74,8 +78,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                                 "train_m": _carved(_WG, local.parse_winogrande, 0.8, 0),
                                 "test_m": _carved(_WG, local.parse_winogrande, 0.8, 1)},
                             ("allenai/winogrande", "winogrande_xl"),
-                            {"dev": "validation", "train_s": "train", "train_m": "train", "test_s": "validation",
-                             "test_m": "validation"},
+                            {"dev": "validation", "train_s": ("winogrande_s", "train"),
+                             "train_m": ("winogrande_m", "train"), "test_s": "validation", "test_m": "validation"},
                             note="WinoGrande S/M: seeded 50/50 and 80/20 splits of the dev set (official "
                                  "train_s/train_m sentences unavailable)"),
     "mmlu": Benchmark(4, {"dev": Source(("mmlu/dev/*_dev.csv",), local.parse_mmlu),
@@ -160,9 +164,10 @@ def load(name: str, split: str, *, data_dir: str | Path | None = None, hub: str 
     examples, report = H.load_hub(name, split, bench, hub or None, subjects, on_error)
   else:
     examples, report = _load_local(name, root, source, bench, subjects, on_error)
-  if source.carve is not None and not (hub is not None and bench.hub_splits[split] == "train"):
+  from_hub = hub is not None or root is None
+  if source.carve is not None and not from_hub:  # the hub has the real training sets: nothing to carve
     examples = carve(examples, *source.carve, seed)
-  return MCDataset(name, split, examples, report, bench.note if source.carve else "")
+  return MCDataset(name, split, examples, report, bench.note if source.carve and not from_hub else "")
 
 
 def _load_local(name, root: Path, source: Source, bench: Benchmark, subjects, on_error):

@@ -132,6 +132,44 @@ def test_hub_schema_through_datasets(tmp_path):
   assert [e.label for e in val.examples] == [0, 1] and val.examples[0].context == "P."
 
 
+def test_hub_schema_winogrande_and_mmlu(tmp_path):
+  """WinoGrande (sentence/option1/option2/answer '1'|'2'; the hub's unlabelled rows have answer '') and
+  MMLU (question/subject/choices/answer index) through ``datasets``; nothing carved from the hub."""
+  wg = tmp_path / "winogrande"
+  row = {"sentence": "Sarah helped Maria because _ was kind.", "option1": "Sarah", "option2": "Maria"}
+  _write(wg / "train.jsonl", [json.dumps({**row, "answer": "1"}), json.dumps({**row, "answer": "2"})])
+  _write(wg / "validation.jsonl", [json.dumps({**row, "answer": a}) for a in ("2", "", "1", "3")])
+  tr = D.load("winogrande", "train_s", hub=str(wg))
+  assert [e.label for e in tr.examples] == [0, 1] and tr.examples[0].choices == ("Sarah", "Maria")
+  assert tr.note == ""  # the official training set: not a carved deviation
+  te = D.load("winogrande", "test_s", hub=str(wg))
+  assert [e.label for e in te.examples] == [1, 0]  # the whole validation set, minus the bad rows
+  assert [(line, why) for _, line, why in te.report.skipped] == [
+      (1, "answer '' must be '1' or '2'"), (3, "answer '3' must be '1' or '2'")]
+  with pytest.raises(D.DataError, match="split validation row 1: answer '' must be '1' or '2'"):
+    D.load("winogrande", "dev", hub=str(wg), on_error="raise")
+  mm = tmp_path / "mmlu"
+  rows = [{"question": "2+2?", "subject": "math", "choices": ["1", "2", "3", "4"], "answer": 3},
+          {"question": "Sun?", "subject": "astronomy", "choices": ["star", "planet", "moon", "comet"], "answer": 0},
+          {"question": "Mars?", "subject": "astronomy", "choices": ["star", "planet", "moon"], "answer": 1},
+          {"question": "Moon?", "subject": "astronomy", "choices": ["star", "planet", "moon", "comet"], "answer": 4}]
+  _write(mm / "test.jsonl", [json.dumps(r) for r in rows])
+  every = D.load("mmlu", "test", hub=str(mm))
+  assert [(e.subject, e.label) for e in every.examples] == [("math", 3), ("astronomy", 0)]
+  assert [why for _, _, why in every.report.skipped] == ["3 choices, expected 4", "label 4 out of range for 4 choices"]
+  astro = D.load("mmlu", "test", hub=str(mm), subjects=["astronomy"])
+  assert [e.question for e in astro.examples] == ["Sun?"] and astro.report.rows == 3
+
+
+def test_hub_errors_name_the_source(tmp_path):
+  from bmoe_jax.data import hub as H
+  from bmoe_jax.data.registry import BENCHMARKS
+
+  assert BENCHMARKS["winogrande"].hub_splits["train_m"] == ("winogrande_m", "train")
+  with pytest.raises(D.DataError, match="could not load .*no_such_dir.* split 'test'.*Pass data_dir="):
+    H.load_hub("obqa", "test", BENCHMARKS["obqa"], str(tmp_path / "no_such_dir"), None, "skip")
+
+
 def test_synthetic_suite():
   """Generated deterministically, 4 distinct choices with the answer among them, disjoint category
   questions across splits, labelled SYNTHETIC through the registry."""
