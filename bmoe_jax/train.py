@@ -15,6 +15,7 @@ parameters as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -168,6 +169,28 @@ def with_prefix_states(params, cfg: MoEConfig, batches: Sequence[Batch], start: 
   return [b._replace(states_bsd=s) for b, s in zip(batches, states)]
 
 
+def _states_kw(forward_kw, start, states):
+  return forward_kw if states is None else dict(forward_kw, start_layer=start, states_bsd=states)
+
+
+def make_train_step(cfg: MoEConfig, class_ids_c, opt: optax.GradientTransformation, coef: float, start: int = 0,
+                    **forward_kw):
+  """One optimizer update, a pure function ``(train, opt_state, batch, states, frozen, anchor) -> (train,
+  opt_state, loss, right)``: cross-entropy plus ``coef * ||train - anchor||^2`` (jit it; ``states``: the
+  batch's cached layer-``start`` inputs or None). ``frozen`` and ``anchor`` are arguments, not closure
+  constants: XLA would otherwise embed the frozen weights (most of the model) in the compiled step."""
+  def objective(train, batch, states, frozen, anchor):
+    loss, right = batch_loss(merge(train, frozen), cfg, batch, class_ids_c, **_states_kw(forward_kw, start, states))
+    sq = sum(jnp.sum(jnp.square(t - a)) for t, a in zip(jax.tree.leaves(train), jax.tree.leaves(anchor)))
+    return loss + coef * sq, (loss, right)
+
+  def step(train, opt_state, batch, states, frozen, anchor):
+    (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch, states, frozen, anchor)
+    updates, opt_state = opt.update(grads, opt_state, train)
+    return optax.apply_updates(train, updates), opt_state, loss, right
+  return step
+
+
 def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c, tc: TrainConfig, *,
              val_batches: Sequence[Batch] = (), dataset_size: int | None = None, pretrained=None,
              checkpoint_dir: str | Path | None = None, progress: bool = True, cache_prefix: bool = False,
@@ -194,22 +217,8 @@ def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c
   opt = make_optimizer(tc, micro_total // tc.grad_accum)
   coef = tc.prior_precision / (2.0 * n_data)
 
-  def kw(states):
-    return forward_kw if states is None else dict(forward_kw, start_layer=start, states_bsd=states)
-
-  # frozen and anchor are arguments, not closure constants: XLA would otherwise embed the frozen weights
-  # (most of the model) in the compiled step.
-  def objective(train, batch, states, frozen, anchor):
-    loss, right = batch_loss(merge(train, frozen), cfg, batch, class_ids_c, **kw(states))
-    sq = sum(jnp.sum(jnp.square(t - a)) for t, a in zip(jax.tree.leaves(train), jax.tree.leaves(anchor)))
-    return loss + coef * sq, (loss, right)
-
-  @jax.jit
-  def step_fn(train, opt_state, batch, states, frozen, anchor):
-    (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch, states, frozen, anchor)
-    updates, opt_state = opt.update(grads, opt_state, train)
-    return optax.apply_updates(train, updates), opt_state, loss, right
-
+  kw = functools.partial(_states_kw, forward_kw, start)
+  step_fn = jax.jit(make_train_step(cfg, class_ids_c, opt, coef, start, **forward_kw))
   fwd = jax.jit(lambda p, b, st=None: batch_loss(p, cfg, b, class_ids_c, **kw(st)))
   state = TrainState(0, train0, opt.init(train0), float("inf"), train0, 0)
   history: list[dict] = []

@@ -1,0 +1,160 @@
+"""Sharded steps against single-device ones, on 8 virtual CPU devices; run in its own process:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding.mesh_checks [MESH ...]
+
+For each mesh (default: three shapes, two of them expert-parallel) it compares the forward logits, the
+answer logits, one MAP training step, the K-FAC factors of two batches (full and low-rank), the log
+evidence and the Bayesian-MoE predictive with the same functions run unsharded, and checks every output
+carries its declared sharding. Prints one JSON line per mesh; exits non-zero on the first failure."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bmoe_jax as B
+from bmoe_jax import laplace as LA
+from bmoe_jax import sharded as SH
+from bmoe_jax import sharding as S
+from bmoe_jax import train as T
+from bmoe_jax.laplace.kfac import Batch
+
+MESHES = ("data=8", "data=2,expert=4", "data=2,expert=2,model=2")
+CLASSES = jnp.array([3, 7, 11, 19])
+TOL = 1e-5
+# float64: the comparison is of the mathematics, not of float32 summation orders (one AdamW step maps
+# a gradient g to about lr * sign(g), which turns rounding noise on near-zero gradients into lr-sized
+# differences in float32)
+jax.config.update("jax_enable_x64", True)
+
+
+def _batches(cfg, n=2, b=8, s=7, seed=0):
+  rng = np.random.RandomState(seed)
+  out = []
+  for _ in range(n):
+    tokens = rng.randint(0, cfg.vocab_size, (b, s))
+    lengths = rng.randint(3, s + 1, b)
+    mask = (np.arange(s)[None] < lengths[:, None]).astype(np.int32)
+    out.append(Batch(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths - 1), jnp.asarray(tokens[:, 0] % 4)))
+  return out
+
+
+def _diff(a, b) -> float:
+  """Max |a - b| over a tree, relative to max(1, max |b|)."""
+  worst = 0.0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert x.shape == y.shape, (x.shape, y.shape)
+    worst = max(worst, float(np.max(np.abs(x - y), initial=0.0)) / max(1.0, float(np.max(np.abs(y), initial=0.0))))
+  return worst
+
+
+def _grams(state):
+  """Low-rank factors are unique only up to a rotation of their columns: compare a a^T and g g^T."""
+  def one(st):
+    if isinstance(st, LA.lowrank.LowRankStats):
+      return (jnp.einsum("efr,egr->efg", st.a_efr, st.a_efr), jnp.einsum("edr,egr->edg", st.g_edr, st.g_edr),
+              st.rows_e)
+    return st
+  return {blk: one(st) for blk, st in state.stats.items()}, state.num_sequences, state.log_lik
+
+
+def _check_shardings(name, got_tree, want_tree):
+  for g, w in zip(jax.tree.leaves(got_tree), jax.tree.leaves(want_tree)):
+    if not g.sharding.is_equivalent_to(w, g.ndim):
+      raise AssertionError(f"{name}: output sharding {g.sharding.spec} is not the declared {w.spec}")
+
+
+def reference(cfg, params, batches, spec, tc):
+  """Single-device results of every step."""
+  f = jax.jit(lambda p, b: B.forward(p, cfg, b.tokens_bs, b.mask_bs).logits)
+  tl = jax.jit(lambda p, b: LA.kfac.task_logits(p, cfg, b, CLASSES)[0])
+  mask = T.trainable_mask(params, cfg, tc.trainable)
+  train, frozen = T.split(params, mask)
+  opt = T.make_optimizer(tc, 4)
+  step = jax.jit(T.make_train_step(cfg, CLASSES, opt, tc.prior_precision / 16.0))
+  new_train, _, loss, _ = step(train, opt.init(train), batches[0], None, frozen, train)
+  out = {"logits": f(params, batches[0]), "task": tl(params, batches[0]), "train": new_train, "loss": loss}
+  for name, sp in spec.items():
+    upd = jax.jit(lambda st, p, b, k, sp=sp: LA.kfac.update(st, p, cfg, b, CLASSES, sp, k))
+    state = LA.kfac.init(cfg, sp, jnp.float64)
+    for i, b in enumerate(batches):
+      state = upd(state, params, b, jax.random.key(i))
+    out[f"factors_{name}"] = state
+  state = out["factors_full"]
+  post = LA.build(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), prior_precision=3.0,
+                  log_lik=state.log_lik)
+  out["post"] = post
+  out["evidence"] = jax.jit(LA.posterior.log_marginal_likelihood)(post)
+  out["probs"] = jax.jit(lambda p, po, b: LA.predictive.predict(po, p, cfg, b, CLASSES, link="probit").probs_bc)(
+      params, post, batches[1])
+  return out
+
+
+def check_mesh(text, cfg, params, batches, spec, tc, ref) -> dict:
+  mesh = S.make_mesh(text)
+  diffs = {}
+  psh = S.param_shardings(cfg, mesh)
+  p_sharded = S.shard_params(params, cfg, mesh)
+  _check_shardings("params", p_sharded, psh)
+  b0, b1 = (S.shard_batch(b, mesh) for b in batches)
+  fwd = SH.forward(cfg, mesh, b0)
+  logits = fwd(p_sharded, b0)
+  _check_shardings("forward", logits, fwd.lower(p_sharded, b0).compile().output_shardings)
+  diffs["logits"] = _diff(logits, ref["logits"])
+  task = SH.task_logits(cfg, mesh, b0, CLASSES)(p_sharded, b0)
+  _check_shardings("task logits", task, S._leading(mesh, "data", 8, 2))
+  diffs["task_logits"] = _diff(task, ref["task"])
+  step, init, split = SH.train_step(cfg, mesh, params, b0, CLASSES, tc, total_steps=4, dataset_size=8)
+  train, frozen = split(p_sharded)
+  new_train, _, loss, _ = step(train, init(train), b0, frozen, train)
+  _check_shardings("train step", new_train, T.split(psh, T.trainable_mask(params, cfg, tc.trainable))[0])
+  diffs["train_step"] = max(_diff(new_train, ref["train"]), _diff(loss, ref["loss"]))
+  for name, sp in spec.items():
+    update, zero = SH.factor_update(cfg, mesh, b0, CLASSES, sp, dtype=jnp.float64)
+    state = zero()
+    for i, b in enumerate((b0, b1)):
+      state = update(state, p_sharded, b, jax.random.key(i))
+    _check_shardings(f"factors {name}", state, SH.factor_shardings(cfg, mesh, sp, jnp.float64))
+    diffs[f"factors_{name}"] = _diff(_grams(state), _grams(ref[f"factors_{name}"]))
+  post = ref["post"]
+  post_sharded = jax.device_put(post, SH.posterior_shardings(post, mesh))
+  diffs["evidence"] = _diff(SH.log_evidence(post, mesh)(post_sharded), ref["evidence"])
+  probs = SH.predictive(cfg, mesh, post, b1, CLASSES)(p_sharded, post_sharded, b1)
+  _check_shardings("predictive", probs, S._leading(mesh, "data", 8, 2))
+  diffs["predictive"] = _diff(probs, ref["probs"])
+  expert_split = post_sharded.factors[LA.Block(0)].a_vec_eff.sharding.spec[0]
+  return {"mesh": dict(mesh.shape), "expert_axis_of_factors": expert_split, "max_rel_diff": diffs}
+
+
+def main(argv) -> int:
+  if jax.device_count() < 8:
+    print(f"needs 8 devices, found {jax.device_count()}: set XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+          "before JAX starts", file=sys.stderr)
+    return 2
+  cfg = B.tiny_config(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16)
+  params = B.init_params(cfg, jax.random.key(0), jnp.float64, std=0.2)
+  batches = _batches(cfg)
+  spec = {"full": LA.FactorSpec(layers=cfg.moe_layer_ids, shared=True),
+          "lowrank": LA.FactorSpec(layers=cfg.moe_layer_ids, rank=4, labels="mc")}
+  tc = T.TrainConfig(trainable="experts_router", learning_rate=1e-2, prior_precision=1.0)
+  ref = reference(cfg, params, batches, spec, tc)
+  for text in argv or MESHES:
+    t0 = time.perf_counter()
+    res = check_mesh(text, cfg, params, batches, spec, tc, ref)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(res), flush=True)
+    bad = {k: v for k, v in res["max_rel_diff"].items() if not v <= TOL}
+    if bad:
+      print(f"mesh {text}: differs from one device beyond {TOL}: {bad}", file=sys.stderr)
+      return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

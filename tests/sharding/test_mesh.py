@@ -1,0 +1,81 @@
+"""Sharding: the rules table and mesh parsing here; the sharded pipeline on 8 virtual CPU devices in its
+own process (``mesh_checks``: XLA_FLAGS must be set before JAX starts)."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import bmoe_jax as B
+from bmoe_jax import sharding as S
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sharded_pipeline_equals_one_device_on_three_meshes():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "tests.sharding.mesh_checks"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert len(results) == 3
+  assert any(r["mesh"]["expert"] > 1 and r["expert_axis_of_factors"] == "expert" for r in results)
+  assert any(r["mesh"]["model"] > 1 for r in results) and any(r["mesh"]["data"] == 8 for r in results)
+  for r in results:
+    assert set(r["max_rel_diff"]) == {"logits", "task_logits", "train_step", "factors_full", "factors_lowrank",
+                                      "evidence", "predictive"}
+    assert max(r["max_rel_diff"].values()) <= 1e-5, r
+
+
+def _mesh(**sizes):
+  return types.SimpleNamespace(shape={a: sizes.get(a, 1) for a in S.MESH_AXES})
+
+
+def test_rules_map_logical_axes_to_mesh_axes():
+  mesh = _mesh(data=2, expert=4, model=2)
+  assert S.spec_for(("expert", "mlp", "embed"), (8, 16, 32), mesh) == P("expert", "model", None)
+  assert S.spec_for(("expert", "embed", "mlp"), (6, 32, 16), mesh) == P(None, None, "model")  # 6 % 4 != 0
+  assert S.spec_for(("embed", "kv_heads", "head_dim"), (32, 3, 8), mesh) == P(None, None, None)
+  assert S.spec_for(("vocab", "embed"), (128, 32), mesh, S.FSDP_RULES) == P("model", "data")
+  assert S.spec_for(("mlp", "mlp"), (16, 16), mesh) == P("model", None)  # a mesh axis is used once
+  assert S.spec_for(("batch", None), (8, 5), _mesh(expert=8)) == P(None, None)  # size-1 axis: replicated
+  with pytest.raises(ValueError, match="logical axis 'rows' has no sharding rule"):
+    S.spec_for(("rows",), (4,), mesh)
+  with pytest.raises(ValueError, match="do not match shape"):
+    S.spec_for(("embed",), (4, 4), mesh)
+
+
+def test_mesh_parsing_and_errors():
+  assert S.parse_mesh("data=2,expert=4") == {"data": 2, "expert": 4, "model": 1}
+  assert S.parse_mesh(None) == {}
+  for bad, msg in (("data=2,pipe=2", "unknown axes \\['pipe'\\]"), ("data:2", "expected comma-separated"),
+                   ("data=0", "sizes >= 1")):
+    with pytest.raises(ValueError, match=msg):
+      S.parse_mesh(bad)
+  with pytest.raises(ValueError, match="has 8 devices but 1 are available.*xla_force_host_platform_device_count"):
+    S.make_mesh("data=2,expert=4", devices=jax.devices()[:1])
+  mesh = S.make_mesh(devices=jax.devices()[:1])
+  assert dict(mesh.shape) == {"data": 1, "expert": 1, "model": 1}
+
+
+def test_sharded_restore_and_memory_accounting(tmp_path):
+  """A converted directory restores straight into its shardings (here a one-device mesh); per-device
+  bytes follow the shard shapes."""
+  from bmoe_jax.checkpoint import save_params
+
+  cfg = B.tiny_config(num_experts=4)
+  params = B.init_params(cfg, jax.random.key(0))
+  save_params(tmp_path / "m", cfg, params)
+  mesh = S.make_mesh(devices=jax.devices()[:1])
+  got_cfg, got = S.load_params(tmp_path / "m", mesh)
+  assert got_cfg == cfg
+  for a, b, sh in zip(jax.tree.leaves(got), jax.tree.leaves(params), jax.tree.leaves(S.param_shardings(cfg, mesh))):
+    assert a.sharding == sh and (a == b).all()
+  full = S.per_device_bytes(S.abstract_params(cfg, mesh))
+  assert full == 4 * B.count_params(cfg)["total"]
