@@ -21,6 +21,8 @@ def _common(p):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", required=False, help="output directory")
   p.add_argument("--quiet", action="store_true")
+  p.add_argument("--mesh", help="run on a device mesh, e.g. data=2,expert=4 (axes data, expert, model; their "
+                 "product = the device count): parameters in their shardings, batches split on data")
 
 
 def register(sub) -> dict:
@@ -43,7 +45,7 @@ def register(sub) -> dict:
   f.add_argument("--keep-checkpoints", type=int, default=2,
                  help="saves kept (the members of a checkpoint ensemble: bmoe evaluate --methods ckpt_ensemble)")
   _cache_flag(f, "the lowest trainable one")
-  f.set_defaults(fn=cmd_finetune)
+  f.set_defaults(fn=_meshed(cmd_finetune))
   fi = ps["fit"] = sub.add_parser("fit", help="fit the Bayesian-MoE posterior (K-FAC factors, LPO prior)")
   _common(fi)
   fi.add_argument("--data", default="obqa:train", help="dataset spec of the fit data")
@@ -57,7 +59,7 @@ def register(sub) -> dict:
                   help="global | layer | expert (evidence maximisation, LPO) or grid (validation NLL, --val)")
   fi.add_argument("--val", default="obqa:dev", help="validation spec for --prior grid")
   _cache_flag(fi, "the lowest Bayesian layer")
-  fi.set_defaults(fn=cmd_fit)
+  fi.set_defaults(fn=_meshed(cmd_fit))
   e = ps["evaluate"] = sub.add_parser("evaluate", help="evaluate methods on in-distribution and shifted data")
   _common(e)
   e.add_argument("--id", default="obqa:test", help="in-distribution dataset spec")
@@ -72,7 +74,7 @@ def register(sub) -> dict:
                  "agree below it)")
   e.add_argument("--dropout", type=float, default=0.1)
   e.add_argument("--ci", action="store_true", help="bootstrap 95%% intervals")
-  e.set_defaults(fn=cmd_evaluate)
+  e.set_defaults(fn=_meshed(cmd_evaluate))
   return ps
 
 
@@ -97,27 +99,54 @@ def _need(args, *names):
     raise SystemExit(f"bmoe {args.command}: missing --{', --'.join(missing)} (flag or --config key)")
 
 
+def _meshed(cmd):
+  """Run ``cmd`` under ``--mesh`` (``jax.set_mesh``); ``args.mesh_`` is the Mesh or None."""
+  def run(args):
+    if not getattr(args, "mesh", None):
+      args.mesh_ = None
+      return cmd(args)
+    import jax
+
+    from bmoe_jax.sharding import make_mesh
+    args.mesh_ = make_mesh(args.mesh)
+    with jax.set_mesh(args.mesh_):
+      return cmd(args)
+  run.__name__ = cmd.__name__
+  return run
+
+
 def _batches(args, spec, tok, shuffle=False, num_classes=None):
-  from bmoe_jax.pipeline import batches_for
-  return batches_for(spec, tok, data_dir=args.data_dir, batch_size=args.batch_size, max_length=args.max_length,
-                     max_examples=args.max_examples, seed=args.seed, shuffle=shuffle, chat=args.chat,
-                     num_classes=num_classes)
+  from bmoe_jax.pipeline import batches_for, place_batches
+  batches, class_ids, info = batches_for(spec, tok, data_dir=args.data_dir, batch_size=args.batch_size,
+                                         max_length=args.max_length, max_examples=args.max_examples, seed=args.seed,
+                                         shuffle=shuffle, chat=args.chat, num_classes=num_classes)
+  return place_batches(batches, args.mesh_), class_ids, info
+
+
+def _load(args, model_dir):
+  from bmoe_jax.pipeline import load_model_and_tokenizer
+  return load_model_and_tokenizer(model_dir, args.tokenizer, mesh=args.mesh_)
+
+
+def _params(args, model_dir):
+  from bmoe_jax.pipeline import load_model_params
+  return load_model_params(model_dir, mesh=args.mesh_)[1]
 
 
 def _record(args):
   from bmoe_jax.evaluate import run_record
-  cfg = {k: v for k, v in vars(args).items() if k not in ("fn",) and not callable(v)}
+  cfg = {k: v for k, v in vars(args).items() if k not in ("fn",) and not k.endswith("_") and not callable(v)}
   return run_record(cfg, args.seed)
 
 
 def cmd_finetune(args) -> int:
   from bmoe_jax import train as T
   from bmoe_jax.checkpoint import save_params
-  from bmoe_jax.pipeline import load_model_and_tokenizer, write_run
+  from bmoe_jax.pipeline import write_run
 
   _need(args, "model", "out")
   t0 = time.perf_counter()
-  params, cfg, tok = load_model_and_tokenizer(args.model, args.tokenizer)
+  params, cfg, tok = _load(args, args.model)
   train, class_ids, tinfo = _batches(args, args.train, tok)
   val, _, vinfo = _batches(args, args.val, tok) if args.val else ([], None, {})
   tc = T.TrainConfig(trainable=args.trainable, layers=None if not args.layers else tuple(
@@ -143,12 +172,11 @@ def cmd_fit(args) -> int:
   import numpy as np
 
   from bmoe_jax import laplace as LA
-  from bmoe_jax.checkpoint import load_params
-  from bmoe_jax.pipeline import load_model_and_tokenizer, write_run
+  from bmoe_jax.pipeline import write_run
 
   _need(args, "model", "out")
   t0 = time.perf_counter()
-  params, cfg, tok = load_model_and_tokenizer(args.model, args.tokenizer)
+  params, cfg, tok = _load(args, args.model)
   batches, class_ids, info = _batches(args, args.data, tok)
   num_classes = info["num_classes"]
   which = args.bayes_layers if args.bayes_layers in ("all", "Q1", "Q2", "Q3", "Q4") else [
@@ -159,7 +187,7 @@ def cmd_fit(args) -> int:
   state = LA.fit_factors(params, cfg, batches, class_ids, spec, key=jax.random.key(args.seed),
                          checkpoint_dir=Path(args.out) / "factors", total=len(batches), progress=not args.quiet,
                          **fkw)
-  pretrained = load_params(args.pretrained)[1] if args.pretrained else None
+  pretrained = _params(args, args.pretrained) if args.pretrained else None  # converted or HF dir
   post = LA.build(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), pretrained=pretrained,
                   log_lik=state.log_lik)
   if args.prior == "grid":
@@ -186,12 +214,12 @@ def cmd_evaluate(args) -> int:
 
   from bmoe_jax import baselines as BL
   from bmoe_jax.evaluate import evaluate
-  from bmoe_jax.pipeline import batches_of, load_examples, load_model_and_tokenizer, write_run
+  from bmoe_jax.pipeline import batches_of, load_examples, place_batches, write_run
   from bmoe_jax.train import same_prefix
 
   _need(args, "model", "out")
   t0 = time.perf_counter()
-  params, cfg, tok = load_model_and_tokenizer(args.model, args.tokenizer)
+  params, cfg, tok = _load(args, args.model)
   names = [m.strip() for m in args.methods.split(",") if m.strip()]
   bad = [m for m in names if m not in METHODS]
   if bad:
@@ -203,9 +231,10 @@ def cmd_evaluate(args) -> int:
   data, infos = {}, {}
   for spec in specs:
     key = spec.replace(":", "_").replace("+", "-")
-    data[key], class_ids, infos[key] = batches_of(loaded[spec], tok, batch_size=args.batch_size,
-                                                  max_length=args.max_length, seed=args.seed, chat=args.chat,
-                                                  num_classes=num_classes)
+    batches, class_ids, infos[key] = batches_of(loaded[spec], tok, batch_size=args.batch_size,
+                                                max_length=args.max_length, seed=args.seed, chat=args.chat,
+                                                num_classes=num_classes)
+    data[key] = place_batches(batches, args.mesh_)
   val = _batches(args, args.val, tok, num_classes=num_classes)[0] if any(m in names for m in ("ts", "llla")) else []
   start = min(cfg.moe_layer_ids, default=0)
   keys = list(data)
@@ -244,10 +273,13 @@ def _members(args, method, params, cfg) -> list:
   """ensemble: --model plus the --members directories (deep ensemble: other seeds); ckpt_ensemble: every
   kept save of the fine-tuning run in --checkpoints."""
   if method == "ensemble":
-    from bmoe_jax.checkpoint import load_params
-    return [params] + [load_params(d)[1] for d in args.members.split(",") if d]
+    return [params] + [_params(args, d) for d in args.members.split(",") if d]
   _need(args, "checkpoints")
   from bmoe_jax.train import load_checkpoints
   path = Path(args.checkpoints)
   path = path / "checkpoints" if (path / "checkpoints" / "finetune.json").exists() else path
-  return [p for _, p in load_checkpoints(path, params, cfg)]
+  members = [p for _, p in load_checkpoints(path, params, cfg)]
+  if args.mesh_ is not None:
+    from bmoe_jax.sharding import shard_params
+    members = [shard_params(p, cfg, args.mesh_) for p in members]
+  return members

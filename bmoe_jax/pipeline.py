@@ -17,21 +17,41 @@ from bmoe_jax.data import synthetic
 from bmoe_jax.data.batches import make_batches
 
 
-def load_model_and_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None = None):
+def load_model_params(model_dir: str | Path, mesh=None):
+  """(cfg, params) of a converted directory or an HF checkpoint. ``mesh``: the parameters are placed in
+  their shardings (a converted directory is restored straight into them, each host reading its shards)."""
+  from bmoe_jax import sharding as S
+  from bmoe_jax.checkpoint import CONFIG_FILE, load_model
+
+  if mesh is not None and (Path(model_dir) / CONFIG_FILE).exists():
+    return S.load_params(model_dir, mesh)
+  model = load_model(model_dir)
+  params = model.pure_params()
+  return model.cfg, (params if mesh is None else S.shard_params(params, model.cfg, mesh))
+
+
+def load_model_and_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None = None, mesh=None):
+  """(params, cfg, tokenizer); ``mesh`` as in ``load_model_params``."""
   from transformers import AutoTokenizer
 
-  from bmoe_jax.checkpoint import load_model
-
-  model = load_model(model_dir)
+  cfg, params = load_model_params(model_dir, mesh)
   tok_dir = Path(tokenizer_dir or model_dir)
   try:
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
   except Exception as err:
     raise ValueError(f"no tokenizer in {tok_dir} ({type(err).__name__}: {err}); pass --tokenizer DIR") from err
-  if len(tok) > model.cfg.vocab_size:
+  if len(tok) > cfg.vocab_size:
     raise ValueError(f"tokenizer in {tok_dir} has {len(tok)} tokens but the model's vocabulary is "
-                     f"{model.cfg.vocab_size}")
-  return model.pure_params(), model.cfg, tok
+                     f"{cfg.vocab_size}")
+  return params, cfg, tok
+
+
+def place_batches(batches, mesh):
+  """The batches split over the mesh's data axis (unchanged without a mesh)."""
+  if mesh is None:
+    return batches
+  from bmoe_jax import sharding as S
+  return [S.shard_batch(b, mesh) for b in batches]
 
 
 def parse_spec(spec: str) -> tuple[str, str, list[str] | None]:

@@ -9,8 +9,9 @@ DATA=${2:-${BMOE_DATA_DIR:-../shared/data}}
 BMOE=${BMOE:-bmoe}
 N=${N:-400}  # seeded subset of each dataset
 mkdir -p "$OUT"
-t() { local name=$1; shift; local t0=$(date +%s); "$@"; echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.txt"; }
-: > "$OUT/times.txt"
+# each step runs once: a rerun skips the steps whose output exists (times.txt keeps their times)
+t() { local name=$1; shift; grep -q "^$name " "$OUT/times.txt" 2>/dev/null && return 0
+      local t0=$(date +%s); "$@"; echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.txt"; }
 t upcycle $BMOE upcycle smollm2 "$OUT/moe" --experts 8 --top-k 2 --layers top:4 --quiet
 t finetune $BMOE finetune --model "$OUT/moe" --data-dir "$DATA" --train obqa:train --val obqa:dev \
   --max-examples $N --batch-size 16 --max-length 160 --trainable experts_router --layers 26,27,28,29 \
