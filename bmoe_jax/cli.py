@@ -156,7 +156,7 @@ def _demo_parser(sub):
                      ("val", str), ("test", str), ("shift", str), ("max-train", int), ("max-eval", int),
                      ("trainable", str), ("lr", float), ("epochs", int), ("batch-size", int),
                      ("max-length", int), ("rank", int), ("prior", str), ("tokens", str), ("methods", str),
-                     ("ensemble-members", int), ("seed", int)):
+                     ("ensemble-members", int), ("seed", int), ("mesh", str)):
     default = getattr(DemoConfig, name.replace("-", "_"))
     hint = " (0: full factors)" if name == "rank" else " (comma-separated)" if name in ("shift", "methods") else ""
     d.add_argument(f"--{name}", type=kind, help=f"default: {default}{hint}")

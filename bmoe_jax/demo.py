@@ -69,6 +69,7 @@ class DemoConfig:
   dropout: float = 0.1  # MC dropout rate on the experts' hidden units
   chat: bool = False
   seed: int = 0
+  mesh: str | None = None  # e.g. "data=2,expert=4": the model in its shardings, batches split on data
 
   def __post_init__(self):
     bad = sorted(set(self.methods) - set(METHODS))
@@ -204,7 +205,19 @@ def _posteriors(cfg: DemoConfig, mcfg, ft, mparams, data, class_ids, out: Path, 
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> dict:
-  """Run the pipeline (module docstring) and write the report into ``out_dir``; returns ``demo.json``."""
+  """Run the pipeline (module docstring) and write the report into ``out_dir``; returns ``demo.json``.
+  With ``cfg.mesh`` every step runs on that device mesh (``jax.set_mesh``)."""
+  import jax
+
+  if not cfg.mesh:
+    return _run_demo(cfg, out_dir, progress, None)
+  from bmoe_jax.sharding import make_mesh
+  mesh = make_mesh(cfg.mesh)
+  with jax.set_mesh(mesh):
+    return _run_demo(cfg, out_dir, progress, mesh)
+
+
+def _run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool, mesh) -> dict:
   import jax
 
   from bmoe_jax import baselines as BL
@@ -228,10 +241,16 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> dic
                           noise=cfg.noise, router_std=cfg.router_std, seed=cfg.seed)
   to_jax = lambda tree: jax.tree.map(jax.numpy.asarray, tree)
   dparams, mparams = to_jax(dparams), to_jax(mparams)
+  if mesh is not None:
+    from bmoe_jax.sharding import shard_params
+    mparams = shard_params(mparams, mcfg, mesh)
   clock.stage("load + upcycle", t)
 
   t = time.perf_counter()
   data, class_ids, infos = load_data(cfg, tok)
+  if mesh is not None:
+    from bmoe_jax.pipeline import place_batches
+    data = {k: place_batches(v, mesh) for k, v in data.items()}
   upcycle_err = preservation_check((dcfg, dparams), (mcfg, mparams), data["val"][:2])
   del dparams
   clock.stage("data + upcycling check", t)

@@ -30,6 +30,22 @@ from bmoe_jax.laplace import predictive as PR
 from bmoe_jax.model import forward as model_forward
 
 
+class _OnMesh:
+  """A jitted function that is traced and run under ``jax.set_mesh(mesh)``: the model's sorted expert
+  path then runs expert-parallel (``nn.moe.experts_expert_parallel``) when the mesh has an expert axis."""
+
+  def __init__(self, mesh, fn, **jit_kw):
+    self.mesh, self.jitted = mesh, jax.jit(fn, **jit_kw)
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
 def _data_spec(mesh, b: int, ndim: int) -> NamedSharding:
   return S._leading(mesh, "data", b, ndim)
 
@@ -42,13 +58,13 @@ def forward(cfg: MoEConfig, mesh, batch_like, rules=S.RULES, **forward_kw):
   def fn(params, batch):
     kw = kfac.batch_forward_kw(batch, forward_kw)
     return model_forward(params, cfg, batch.tokens_bs, batch.mask_bs, **kw).logits
-  return jax.jit(fn, in_shardings=(psh, bsh), out_shardings=out)
+  return _OnMesh(mesh, fn, in_shardings=(psh, bsh), out_shardings=out)
 
 
 def task_logits(cfg: MoEConfig, mesh, batch_like, class_ids_c, rules=S.RULES, **forward_kw):
   psh, bsh = S.param_shardings(cfg, mesh, rules), S.batch_shardings(batch_like, mesh)
   b = batch_like.tokens_bs.shape[0]
-  return jax.jit(lambda p, batch: kfac.task_logits(p, cfg, batch, class_ids_c, **forward_kw)[0],
+  return _OnMesh(mesh, lambda p, batch: kfac.task_logits(p, cfg, batch, class_ids_c, **forward_kw)[0],
                  in_shardings=(psh, bsh), out_shardings=_data_spec(mesh, b, 2))
 
 
@@ -68,7 +84,7 @@ def train_step(cfg: MoEConfig, mesh, params_like, batch_like, class_ids_c, tc: T
   init = jax.jit(opt.init, in_shardings=(train_sh,), out_shardings=opt_sh)
   bsh = S.batch_shardings(batch_like, mesh)
   raw = T.make_train_step(cfg, class_ids_c, opt, tc.prior_precision / (2.0 * dataset_size), **forward_kw)
-  step = jax.jit(lambda tr, st, batch, fr, an: raw(tr, st, batch, None, fr, an),
+  step = _OnMesh(mesh, lambda tr, st, batch, fr, an: raw(tr, st, batch, None, fr, an),
                  in_shardings=(train_sh, opt_sh, bsh, frozen_sh, train_sh),
                  out_shardings=(train_sh, opt_sh, rep, rep))
 
@@ -94,7 +110,8 @@ def factor_update(cfg: MoEConfig, mesh, batch_like, class_ids_c, spec: kfac.Fact
   ssh = factor_shardings(cfg, mesh, spec, dtype)
   psh, bsh = S.param_shardings(cfg, mesh, rules), S.batch_shardings(batch_like, mesh)
   rep = S.replicated(mesh)
-  update = jax.jit(lambda st, p, batch, key: kfac.update(st, p, cfg, batch, class_ids_c, spec, key, **forward_kw),
+  update = _OnMesh(mesh, lambda st, p, batch, key: kfac.update(st, p, cfg, batch, class_ids_c, spec, key,
+                                                               **forward_kw),
                    in_shardings=(ssh, psh, bsh, rep), out_shardings=ssh)
   init = jax.jit(lambda: kfac.init(cfg, spec, dtype), out_shardings=ssh)
   return update, init
@@ -125,6 +142,6 @@ def predictive(cfg: MoEConfig, mesh, post_like: PO.Posterior, batch_like, class_
   def fn(params, post, batch):
     stats = PR.jacobian_stats(params, cfg, batch, class_ids_c, post, **forward_kw)
     return PR.probit(stats.f_bc, PR.logit_covariance(stats, post))
-  return jax.jit(fn, in_shardings=(psh, posterior_shardings(post_like, mesh), bsh),
+  return _OnMesh(mesh, fn, in_shardings=(psh, posterior_shardings(post_like, mesh), bsh),
                  out_shardings=_data_spec(mesh, b, 2))
 

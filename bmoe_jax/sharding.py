@@ -142,11 +142,15 @@ def shard_batch(batch, mesh):
 
 def expert_shardings(tree, mesh, num_experts: int):
   """Arrays whose leading dimension is ``num_experts`` (factors, statistics, posterior blocks) split on
-  ``expert``; everything else replicated."""
+  ``expert``, and their second dimension (f of ``a_eff`` / ``w_map``, d of ``g_edd``) on ``model`` where
+  it divides: a device then holds its experts' rows; everything else replicated."""
   def one(x):
-    if x.ndim and x.shape[0] == num_experts:
-      return _leading(mesh, "expert", num_experts, x.ndim)
-    return NamedSharding(mesh, P())
+    if not (x.ndim and x.shape[0] == num_experts):
+      return NamedSharding(mesh, P())
+    lead = _leading(mesh, "expert", num_experts, x.ndim).spec[0]
+    m = mesh.shape["model"]
+    second = "model" if x.ndim >= 3 and m > 1 and x.shape[1] % m == 0 else None
+    return NamedSharding(mesh, P(lead, *([second] if x.ndim >= 2 else []), *([None] * max(x.ndim - 2, 0))))
   return jax.tree.map(one, tree)
 
 

@@ -60,9 +60,10 @@ def test_demo_real_data_cli(tiny_llama, tmp_path, shared_data):
                              "experts": 4, "moe_layers": "top:1", "eval_every": 0}))
   assert main(["demo", "--config", str(cfg), "--source", str(tiny_llama), "--data-dir", str(shared_data),
                "--shift", "arc_challenge:test,mmlu:test:astronomy", "--out-dir", str(tmp_path / "out"),
-               "--quiet"]) == 0
+               "--mesh", "data=1", "--quiet"]) == 0  # the mesh code path (multi-device: tests/sharding)
   s = json.loads((tmp_path / "out" / "demo.json").read_text())
   assert s["data"]["suite"] == "real benchmarks" and s["model"]["moe_layers"] == [2]
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["mesh"] == "data=1"
   assert sorted(s["summary"]["bmoe"]) == ["arc_challenge_test", "mmlu_test_astronomy", "obqa_test"]
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"epochz": 1}))

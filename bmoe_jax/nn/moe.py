@@ -8,6 +8,8 @@ k slots per token (top-k), p padded slot rows, m tiles, r rows per tile.
 * ``sorted``: slots are sorted by expert into tiles of ``r`` rows that each belong to one expert,
   then a ``lax.scan`` over tiles runs each against its expert's weights. Dropless: the padded buffer
   is sized for the worst case (n*k + e*(r-1) rows). The fast path on CPU.
+  Under a mesh with an ``expert`` axis (``jax.set_mesh``) it runs expert-parallel: ``shard_map`` over
+  the experts, each device computing only its own experts' slots (``experts_expert_parallel``).
 * ``ragged``: slots sorted by expert, then ``jax.lax.ragged_dot`` (GPU/TPU grouped GEMM; far slower
   than an equal einsum on XLA:CPU).
 
@@ -23,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bmoe_jax.nn.layers import activation
 
@@ -65,6 +68,15 @@ def experts_dense(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None)
   return _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, x_nd.dtype)
 
 
+def _varying_axes(x) -> frozenset:
+  """The mesh axes ``x`` varies over inside ``shard_map`` (empty outside it)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", ()))  # older JAX
+
+
 def default_tile_rows(num_slots: int, num_experts: int) -> int:
   """Rows per tile: the power of two at or below the mean expert load, at most 128 (measured on CPU:
   fewer, larger tiles amortise the per-tile weight reads; padding grows by at most e*(r-1) rows)."""
@@ -83,7 +95,7 @@ def _sort_slots(expert_nk, num_experts):
 
 
 def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None,
-                   tile_rows: int | None = None):
+                   tile_rows: int | None = None, valid_nk=None):
   """Tile-sorted dropless path. Same results as ``experts_dense``.
 
   Slots are sorted by expert into a padded buffer where each expert's rows start on a tile boundary,
@@ -91,16 +103,22 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   its expert's weights, indexed inside the loop (no per-tile weight copies are materialised). Tiles
   that hold only padding are skipped with ``lax.cond`` (under ``vmap`` the cond becomes a select:
   still exact, the padding tiles are then computed too).
+
+  ``valid_nk``: slots to compute (default all); the others go to a trailing group whose tiles are
+  skipped and give zero outputs (the expert-parallel path: slots of experts on other devices).
   """
   n, k = expert_nk.shape
   e, d, f = w["w_gate"].shape
   slots = n * k
   r = tile_rows or default_tile_rows(slots, e)
-  order_s, sorted_e_s, sizes_e, starts_e = _sort_slots(expert_nk, e)
+  groups = e if valid_nk is None else e + 1
+  if valid_nk is not None:
+    expert_nk = jnp.where(valid_nk, expert_nk, e)
+  order_s, sorted_e_s, sizes_e, starts_e = _sort_slots(expert_nk, groups)
   padded_sizes_e = (sizes_e + r - 1) // r * r
   padded_ends_e = jnp.cumsum(padded_sizes_e)
   padded_starts_e = padded_ends_e - padded_sizes_e
-  p = -(-(slots + e * (r - 1)) // r) * r  # static worst case, a multiple of r
+  p = -(-(slots + groups * (r - 1)) // r) * r  # static worst case, a multiple of r
   m = p // r
   # Row of each sorted slot in the padded buffer, and of each original slot.
   dest_sorted_s = padded_starts_e[sorted_e_s] + jnp.arange(slots, dtype=jnp.int32) - starts_e[sorted_e_s]
@@ -109,7 +127,7 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   src_p = jnp.full((p,), n, jnp.int32).at[dest_sorted_s].set(order_s // k)
   x_pd = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)], axis=0)[src_p]
   tile_e_m = jnp.minimum(jnp.searchsorted(padded_ends_e, jnp.arange(m) * r, side="right"), e - 1)
-  used_tiles = padded_ends_e[-1] // r  # tiles past this hold only padding: skipped
+  used_tiles = padded_ends_e[e - 1] // r  # tiles past this hold only padding (or invalid slots): skipped
   fn = activation(act)
 
   def compute(x_rd, wg_df, wu_df, wd_fd):
@@ -118,7 +136,10 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
 
   def skip(x_rd, wg_df, wu_df, wd_fd):
     h_dtype = jnp.result_type(x_rd, wg_df, wu_df)
-    return jnp.zeros((r, f), h_dtype), jnp.zeros((r, d), jnp.result_type(h_dtype, wd_fd))
+    zeros = jnp.zeros((r, f), h_dtype), jnp.zeros((r, d), jnp.result_type(h_dtype, wd_fd))
+    # inside shard_map both branches must vary over the same mesh axes as their inputs
+    vma = tuple(sorted(set().union(*(_varying_axes(a) for a in (x_rd, wg_df, wu_df, wd_fd)))))
+    return tuple(jax.lax.pcast(z, vma, to="varying") for z in zeros) if vma else zeros
 
   # Remat everything but the matmul outputs: without it, reverse mode saves each tile's [d, f] weight
   # slices as scan residuals (a copy of every used expert's weights per tile); measured on CPU this
@@ -174,6 +195,46 @@ def experts_ragged(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   return _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, x_nd.dtype)
 
 
+def _expert_mesh():
+  """The ambient mesh (``jax.set_mesh``) when it has an expert axis of size > 1, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] == 1:
+    return None
+  return mesh
+
+
+def experts_expert_parallel(mesh, x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None,
+                            tile_rows: int | None = None):
+  """The sorted path with the experts split over the mesh's ``expert`` axis (``jax.shard_map``): each
+  device runs only the slots routed to its own experts against its local weights (the others are
+  skipped), and the partial outputs are summed over the axis (``psum``). Tokens stay split over the
+  data axes. Same results as ``experts_sorted``; no expert weight leaves its device (under plain GSPMD
+  the sorted path's dynamic expert index makes XLA all-gather every layer's expert weights)."""
+  n = x_nd.shape[0]
+  e = w["w_gate"].shape[0]
+  num = mesh.shape["expert"]
+  data = tuple(a for a in mesh.axis_names if a not in ("expert", "model") and mesh.shape[a] > 1)
+  tok = data if data and n % int(np.prod([mesh.shape[a] for a in data])) == 0 else None
+  P = jax.sharding.PartitionSpec
+  rows, wspec = P(tok), P("expert")
+
+  def local(x_nd, expert_nk, gate_nk, w, perturb_nkd):
+    e_loc = w["w_gate"].shape[0]
+    ids_nk = expert_nk - jax.lax.axis_index("expert") * e_loc
+    mine_nk = (ids_nk >= 0) & (ids_nk < e_loc)
+    gate_nk = jnp.where(mine_nk, gate_nk, 0).astype(gate_nk.dtype)
+    out_nd, h_nkf = experts_sorted(x_nd, jnp.where(mine_nk, ids_nk, 0), gate_nk, w, act, perturb_nkd,
+                                   tile_rows, valid_nk=mine_nk)
+    return jax.lax.psum(out_nd, "expert"), jax.lax.psum(h_nkf, "expert")
+
+  if e % num:
+    raise ValueError(f"{e} experts do not split over a mesh expert axis of {num}")
+  wspecs = {name: wspec for name in w}
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, wspecs, None if perturb_nkd is None else rows),
+                     out_specs=(rows, rows))
+  return fn(x_nd, expert_nk, gate_nk, w, perturb_nkd)
+
+
 def routed_experts(impl: str, x_nd, expert_nk, gate_nk, w, act, perturb_nkd=None, tile_rows=None):
   w = {name: jnp.asarray(a) for name, a in w.items()}  # numpy weights cannot be indexed by tracers
   if expert_nk.size == 0:  # no tokens: nothing routed
@@ -183,6 +244,9 @@ def routed_experts(impl: str, x_nd, expert_nk, gate_nk, w, act, perturb_nkd=None
   if impl == "dense":
     return experts_dense(x_nd, expert_nk, gate_nk, w, act, perturb_nkd)
   if impl == "sorted":
+    mesh = _expert_mesh()
+    if mesh is not None and w["w_gate"].shape[0] % mesh.shape["expert"] == 0:
+      return experts_expert_parallel(mesh, x_nd, expert_nk, gate_nk, w, act, perturb_nkd, tile_rows)
     return experts_sorted(x_nd, expert_nk, gate_nk, w, act, perturb_nkd, tile_rows)
   if impl == "ragged":
     return experts_ragged(x_nd, expert_nk, gate_nk, w, act, perturb_nkd)

@@ -24,12 +24,12 @@ def test_sharded_pipeline_equals_one_device_on_three_meshes():
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert len(results) == 3
+  assert len(results) == 3 and "factors_lowrank" in results[-1]["max_rel_diff"]
   assert any(r["mesh"]["expert"] > 1 and r["expert_axis_of_factors"] == "expert" for r in results)
+  assert all(r["expert_parallel"] == (r["mesh"]["expert"] > 1) for r in results)  # shard_map expert dispatch
   assert any(r["mesh"]["model"] > 1 for r in results) and any(r["mesh"]["data"] == 8 for r in results)
   for r in results:
-    assert set(r["max_rel_diff"]) == {"logits", "task_logits", "train_step", "factors_full", "factors_lowrank",
-                                      "evidence", "predictive"}
+    assert set(r["max_rel_diff"]) >= {"logits", "task_logits", "train_step", "factors_full", "evidence", "predictive"}
     assert max(r["max_rel_diff"].values()) <= 1e-5, r
 
 
