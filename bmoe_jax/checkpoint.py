@@ -38,18 +38,29 @@ def save_params(out_dir: str | Path, cfg: MoEConfig, params: dict[str, Any],
   return out_dir
 
 
-def load_params(path: str | Path) -> tuple[MoEConfig, dict[str, Any]]:
+def restore_local(path: str | Path):
+  """An orbax tree restored onto this process's default device, whatever device topology saved it
+  (a run on an 8-device mesh writes sharded arrays; orbax refuses to restore them as saved elsewhere)."""
   import orbax.checkpoint as ocp
 
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
+                          is_leaf=is_meta)
+    return ckptr.restore(path, target)
+
+
+def load_params(path: str | Path) -> tuple[MoEConfig, dict[str, Any]]:
   path = Path(path).absolute()
   meta_file = path / CONFIG_FILE
   meta = json.loads(meta_file.read_text())
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
   cfg = MoEConfig.from_dict(meta["config"])
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(path / "params")
-  return cfg, params
+  return cfg, restore_local(path / "params")
 
 
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,

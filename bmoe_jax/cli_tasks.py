@@ -186,7 +186,7 @@ def cmd_fit(args) -> int:
   fkw, (batches,) = _prefixed(args, params, cfg, min(spec.layers), batches)
   state = LA.fit_factors(params, cfg, batches, class_ids, spec, key=jax.random.key(args.seed),
                          checkpoint_dir=Path(args.out) / "factors", total=len(batches), progress=not args.quiet,
-                         **fkw)
+                         mesh=args.mesh_, **fkw)
   pretrained = _params(args, args.pretrained) if args.pretrained else None  # converted or HF dir
   post = LA.build(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), pretrained=pretrained,
                   log_lik=state.log_lik)

@@ -40,18 +40,24 @@ def _tree_state(tree: dict, like: kfac.FactorState) -> kfac.FactorState:
 def fit_factors(params, cfg: MoEConfig, batches: Iterable[kfac.Batch], class_ids_c, spec: kfac.FactorSpec,
                 *, key: jax.Array | None = None, checkpoint_dir: str | Path | None = None,
                 checkpoint_every: int = 50, progress: bool = True, total: int | None = None,
-                **forward_kw) -> kfac.FactorState:
+                mesh=None, **forward_kw) -> kfac.FactorState:
   """One pass over ``batches`` accumulating every expert's factors (``kfac.update``, jitted).
 
   With ``checkpoint_dir`` the state is saved (orbax) every ``checkpoint_every`` batches and at the end;
   a rerun with the same directory restores the latest save and skips the batches it already holds, so an
   interrupted pass resumes to the same result. ``batches`` must then be deterministic (same order).
   ``labels="mc"`` draws batch i's labels from ``fold_in(key, i)``: resumed runs draw the same labels.
+  ``mesh``: the statistics live split on its expert axis (pass params and batches placed on it).
   """
   if spec.labels == "mc" and key is None:
     raise ValueError("FactorSpec(labels='mc') needs key=")
-  step = jax.jit(functools.partial(kfac.update, cfg=cfg, spec=spec, **forward_kw))
   state = kfac.init(cfg, spec)
+  jit_kw = {}
+  if mesh is not None:  # statistics split on the expert axis (bmoe_jax.sharded.factor_shardings)
+    from bmoe_jax.sharded import factor_shardings
+    jit_kw["out_shardings"] = factor_shardings(cfg, mesh, spec)
+    state = jax.device_put(state, jit_kw["out_shardings"])
+  step = jax.jit(functools.partial(kfac.update, cfg=cfg, spec=spec, **forward_kw), **jit_kw)
   done = 0
   mngr = None
   if checkpoint_dir is not None:
@@ -131,8 +137,6 @@ def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = No
 
 
 def load_posterior(path: str | Path) -> Posterior:
-  import orbax.checkpoint as ocp
-
   path = Path(path).absolute()
   meta_file = path / "posterior.json"
   if not meta_file.exists():
@@ -140,8 +144,8 @@ def load_posterior(path: str | Path) -> Posterior:
   meta = json.loads(meta_file.read_text())
   if meta.get("format") != POSTERIOR_FORMAT:
     raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {POSTERIOR_FORMAT!r}")
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(path / "state")
+  from bmoe_jax.checkpoint import restore_local
+  tree = restore_local(path / "state")
   keyed = lambda d, fn=jnp.asarray: {kfac.as_block(k): fn(v) for k, v in d.items()}
   factors = keyed(tree["factors"], lambda v: kfac.Factors(**{k: jnp.asarray(x) for k, x in v.items()}))
   return Posterior(factors, keyed(tree["w_map"]), keyed(tree["sq_dist_e"]), keyed(tree["log_prior_prec_e"]),
