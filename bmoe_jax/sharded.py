@@ -1,7 +1,8 @@
 """The pipeline's steps as jitted functions with declared input and output shardings on a mesh.
 
 Each builder takes example arguments (``*_like``: arrays or ShapeDtypeStructs of the right shapes), so the
-shardings are fixed when the function is built; the returned function is an ordinary ``jax.jit``:
+shardings are fixed when the function is built; the returned function is a ``jax.jit`` traced and run
+under ``jax.set_mesh(mesh)`` (so the routed experts run expert-parallel on an expert axis):
 
 * ``forward``: (params, batch) -> vocabulary logits [b, s, V], split (data, -, model).
 * ``task_logits``: (params, batch) -> answer logits [b, C], split on data.
@@ -47,7 +48,7 @@ class _OnMesh:
 
 
 def _data_spec(mesh, b: int, ndim: int) -> NamedSharding:
-  return S._leading(mesh, "data", b, ndim)
+  return S.leading_sharding(mesh, "data", b, ndim)
 
 
 def forward(cfg: MoEConfig, mesh, batch_like, rules=S.RULES, **forward_kw):

@@ -125,7 +125,8 @@ def load_params(model_dir: str | Path, mesh, rules=RULES, dtype=None):
   return cfg, params
 
 
-def _leading(mesh, axis: str, size: int, ndim: int) -> NamedSharding:
+def leading_sharding(mesh, axis: str, size: int, ndim: int) -> NamedSharding:
+  """An array of rank ``ndim`` split on its leading dimension (of ``size``) over ``axis`` where it divides."""
   lead = axis if ndim >= 1 and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0 else None
   return NamedSharding(mesh, P(lead, *([None] * max(ndim - 1, 0))) if ndim else P())
 
@@ -133,7 +134,7 @@ def _leading(mesh, axis: str, size: int, ndim: int) -> NamedSharding:
 def batch_shardings(batch, mesh):
   """The batch's arrays split on their leading (example) dimension over ``data`` (replicated where the
   batch size does not divide); None fields stay None."""
-  return jax.tree.map(lambda x: _leading(mesh, "data", x.shape[0], x.ndim), batch)
+  return jax.tree.map(lambda x: leading_sharding(mesh, "data", x.shape[0], x.ndim), batch)
 
 
 def shard_batch(batch, mesh):
@@ -147,7 +148,7 @@ def expert_shardings(tree, mesh, num_experts: int):
   def one(x):
     if not (x.ndim and x.shape[0] == num_experts):
       return NamedSharding(mesh, P())
-    lead = _leading(mesh, "expert", num_experts, x.ndim).spec[0]
+    lead = leading_sharding(mesh, "expert", num_experts, x.ndim).spec[0]
     m = mesh.shape["model"]
     second = "model" if x.ndim >= 3 and m > 1 and x.shape[1] % m == 0 else None
     return NamedSharding(mesh, P(lead, *([second] if x.ndim >= 2 else []), *([None] * max(x.ndim - 2, 0))))

@@ -113,7 +113,7 @@ def check_mesh(text, cfg, params, batches, spec, tc, ref) -> dict:
     raise AssertionError(f"mesh {text}: expert-parallel shard_map path used: {expert_parallel}")
   diffs["logits"] = _diff(logits, ref["logits"])
   task = SH.task_logits(cfg, mesh, b0, CLASSES)(p_sharded, b0)
-  _check_shardings("task logits", task, S._leading(mesh, "data", 8, 2))
+  _check_shardings("task logits", task, S.leading_sharding(mesh, "data", 8, 2))
   diffs["task_logits"] = _diff(task, ref["task"])
   step, init, split = SH.train_step(cfg, mesh, params, b0, CLASSES, tc, total_steps=4, dataset_size=8)
   train, frozen = split(p_sharded)
@@ -133,7 +133,7 @@ def check_mesh(text, cfg, params, batches, spec, tc, ref) -> dict:
   post_sharded = jax.device_put(post, SH.posterior_shardings(post, mesh))
   diffs["evidence"] = _diff(SH.log_evidence(post, mesh)(post_sharded), ref["evidence"])
   probs = SH.predictive(cfg, mesh, post, b1, CLASSES)(p_sharded, post_sharded, b1)
-  _check_shardings("predictive", probs, S._leading(mesh, "data", 8, 2))
+  _check_shardings("predictive", probs, S.leading_sharding(mesh, "data", 8, 2))
   diffs["predictive"] = _diff(probs, ref["probs"])
   expert_split = post_sharded.factors[LA.Block(0)].a_vec_eff.sharding.spec[0]
   return {"mesh": dict(mesh.shape), "expert_axis_of_factors": expert_split, "expert_parallel": expert_parallel,
