@@ -1,5 +1,6 @@
 """bmoe_jax: post-hoc Bayesian uncertainty for Mixture-of-Experts LLMs in JAX/Flax NNX."""
 
+from bmoe_jax import xla_cpu  # first: an XLA:CPU flag must be set before JAX's backend starts
 from bmoe_jax.config import MoEConfig, tiny_config
 from bmoe_jax.model import ForwardOutput, MoEModel, MoETaps, forward, zero_perturbations
 from bmoe_jax.params import abstract_params, count_params, init_params, logical_axes, param_specs

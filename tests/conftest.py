@@ -4,6 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+import bmoe_jax  # noqa: F401  (first: sets the XLA:CPU flag of bmoe_jax.xla_cpu before JAX's backend starts)
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

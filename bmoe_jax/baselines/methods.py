@@ -100,6 +100,8 @@ def bayesian_moe_variants(posts: dict, params, cfg: MoEConfig, class_ids_c, *, l
   batch (cached by batch) and every variant only redoes the cheap contraction."""
   if not posts:
     return {}
+  from bmoe_jax.xla_cpu import warn_if_broken
+  warn_if_broken()
   first = next(iter(posts.values()))
   if any(p.factors is not first.factors for p in posts.values()):
     raise ValueError("bayesian_moe_variants: the posteriors must share one factors dict (built from one fit)")
@@ -126,6 +128,8 @@ def bayesian_moe(post: P.Posterior, params, cfg: MoEConfig, class_ids_c, *, meth
                  link: str = "probit", key: jax.Array | None = None, num_samples: int = 1000,
                  **forward_kw) -> Method:
   """The Bayesian-MoE predictive (``bmoe_jax.laplace.predict``) as a Method."""
+  from bmoe_jax.xla_cpu import warn_if_broken
+  warn_if_broken()
   if method == "closed":
     stats = jax.jit(lambda p, po, b: PR.jacobian_stats(p, cfg, b, class_ids_c, po, **forward_kw))
     key = jax.random.key(0) if key is None else key

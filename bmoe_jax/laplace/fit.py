@@ -51,6 +51,8 @@ def fit_factors(params, cfg: MoEConfig, batches: Iterable[kfac.Batch], class_ids
   """
   if spec.labels == "mc" and key is None:
     raise ValueError("FactorSpec(labels='mc') needs key=")
+  from bmoe_jax.xla_cpu import warn_if_broken
+  warn_if_broken()
   state = kfac.init(cfg, spec)
   jit_kw = {}
   if mesh is not None:  # statistics split on the expert axis (bmoe_jax.sharded.factor_shardings)

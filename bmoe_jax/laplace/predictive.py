@@ -180,6 +180,8 @@ def predict(post: P.Posterior, params, cfg: MoEConfig, batch: Batch, class_ids_c
   mc (``num_samples`` Gaussian logit draws, seeded by ``key``) or probit."""
   if method not in METHODS:
     raise ValueError(f"method={method!r}: expected one of {METHODS}")
+  from bmoe_jax.xla_cpu import warn_if_broken
+  warn_if_broken()
   if link not in LINKS:
     raise ValueError(f"link={link!r}: expected one of {LINKS}")
   key = jax.random.key(0) if key is None else key
