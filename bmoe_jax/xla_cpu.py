@@ -88,7 +88,9 @@ def check() -> float:
 
 
 def warn_if_broken(tol: float = 1e-4) -> None:
-  err = check()
+  import jax
+  with jax.ensure_compile_time_eval():  # callers may be inside a jit trace: run the reproducer concretely
+    err = check()
   if err > tol:
     warnings.warn(f"XLA:CPU computes vmapped pullbacks wrongly in this process (reproducer error {err:.2g}; "
                   f"bmoe_jax.xla_cpu: {STATUS}); K-FAC factors and predictives would be wrong. Start Python "

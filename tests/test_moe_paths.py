@@ -31,7 +31,7 @@ def _run(impl, x, w, router, k=2, perturb=None, tile_rows=None):
 
 @given(n=st.integers(1, 40), e=st.integers(1, 9), k=st.integers(1, 4), tile=st.sampled_from([None, 1, 2, 3, 8]),
        seed=st.integers(0, 2**16))
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)  # every example compiles new shapes (~1.5 s each on 2 cores)
 def test_paths_agree_property(n, e, k, tile, seed):
   k = min(k, e)
   x, w, router = _problem(jax.random.key(seed), n=n, e=e, k=k)
