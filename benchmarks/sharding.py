@@ -141,11 +141,11 @@ def markdown(res) -> str:
     d = row["max_rel_diff_vs_1"]
     lines.append(f"| {row['mesh']} | {row['devices']} | {row['forward_ms']:.1f} | {row['train_step_ms']:.1f} | "
                  f"{row['factor_update_ms']:.1f} | {d['logits']:.1e} / {d['factors']:.1e} / {d['step']:.1e} |")
-  lines += ["", "The differences are float32 rounding of other summation orders, amplified in two places. A router "
-            "top-k near-tie that rounds the other way sends a token to another expert: a 1e-3 change of a logit, "
-            "or one row more in an expert's count (1/736 = 1.4e-3 of the largest count). A first AdamW step moves "
-            "each weight by about lr * sign(g), so a near-zero gradient whose sign flips moves it by up to 2 lr. "
-            "tests/sharding compares in float64, where every quantity agrees within 1e-5 (measured <= 6e-6)."]
+  lines += ["", "The differences are float32 rounding of other summation orders (~1e-6), amplified in two places. "
+            "A router top-k near-tie that rounds the other way sends a token to another expert, which moves logits "
+            "and factors by ~1e-3 (the data=8 row). A first AdamW step moves each weight by about lr * sign(g), so "
+            "a near-zero gradient whose sign flips moves it by up to 2 lr (lr = 1e-3 here). tests/sharding compares "
+            "in float64, where every quantity agrees within 1e-5 (measured <= 6e-6)."]
   return "\n".join(lines) + "\n"
 
 
