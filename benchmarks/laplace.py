@@ -30,14 +30,17 @@ import time
 import warnings
 from pathlib import Path
 
-# This file is named like the laplace-torch package: keep its directory off the import path.
+# This file is named like the laplace-torch package: keep its directory off the import path (the repository
+# root goes on it instead, for benchmarks.timing).
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import bmoe_jax as B
+from benchmarks.timing import median_time as timed
 from bmoe_jax.laplace import kfac, posterior as P, predictive as PR
 
 QUICK = dict(d_model=32, layers=2, experts=4, expert_width=16, vocab=128, batch=2, seq=8, repeats=2,
@@ -69,16 +72,6 @@ def parse_args():
     for k, v in QUICK.items():
       setattr(args, k, v)
   return args
-
-
-def timed(fn, repeats):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def moe_part(args):

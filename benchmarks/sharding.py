@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -32,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bmoe_jax as B  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
 from bmoe_jax import sharded as SH  # noqa: E402
 from bmoe_jax import sharding as S  # noqa: E402
 from bmoe_jax import train as T  # noqa: E402
@@ -77,16 +76,6 @@ def memory_table(rank: int) -> list[dict]:
   return rows
 
 
-def _median_time(fn, repeats):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def step_times(args) -> list[dict]:
   cfg = B.tiny_config(vocab_size=args.vocab, hidden_size=args.d_model, num_layers=args.layers, num_heads=8,
                       num_kv_heads=4, head_dim=args.d_model // 8, moe_intermediate_size=args.expert_width,
@@ -116,9 +105,9 @@ def step_times(args) -> list[dict]:
     diff = {k: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / max(1.0, float(np.max(np.abs(np.asarray(y))))))
                    for x, y in zip(jax.tree.leaves(out[k]), jax.tree.leaves(ref[k]))) for k in out}
     rows.append({"mesh": text, "devices": mesh.size,
-                 "forward_ms": 1e3 * _median_time(lambda: fwd(p, b), args.repeats),
-                 "train_step_ms": 1e3 * _median_time(lambda: step(tr, opt_state, b, fr, tr), args.repeats),
-                 "factor_update_ms": 1e3 * _median_time(lambda: update(st0, p, b, jax.random.key(0)), args.repeats),
+                 "forward_ms": 1e3 * median_time(lambda: fwd(p, b), args.repeats),
+                 "train_step_ms": 1e3 * median_time(lambda: step(tr, opt_state, b, fr, tr), args.repeats),
+                 "factor_update_ms": 1e3 * median_time(lambda: update(st0, p, b, jax.random.key(0)), args.repeats),
                  "max_rel_diff_vs_1": diff})  # float32
     print(rows[-1], flush=True)
   return rows
