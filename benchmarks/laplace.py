@@ -42,6 +42,8 @@ import numpy as np
 import bmoe_jax as B
 from benchmarks.timing import median_time as timed
 from bmoe_jax.laplace import kfac, posterior as P, predictive as PR
+from bmoe_jax.params import read_blocks
+from bmoe_jax.task import Batch, Task, probit
 
 QUICK = dict(d_model=32, layers=2, experts=4, expert_width=16, vocab=128, batch=2, seq=8, repeats=2,
              mlp_in=8, mlp_hidden=16, mlp_classes=4, mlp_n=64, mlp_batch=16, mlp_test=32)
@@ -82,18 +84,18 @@ def moe_part(args):
                       moe_layers=(True,) * args.layers, shared_expert_size=0, shared_expert_gate=False)
   params = B.init_params(cfg, jax.random.key(0), std=0.05)
   rng = np.random.RandomState(0)
-  batch = kfac.Batch(jnp.asarray(rng.randint(0, cfg.vocab_size, (args.batch, args.seq))),
-                     jnp.ones((args.batch, args.seq), jnp.int32), jnp.full((args.batch,), args.seq - 1),
-                     jnp.asarray(rng.randint(0, 4, args.batch)))
-  classes = jnp.arange(4) + 10
+  batch = Batch(jnp.asarray(rng.randint(0, cfg.vocab_size, (args.batch, args.seq))),
+                jnp.ones((args.batch, args.seq), jnp.int32), jnp.full((args.batch,), args.seq - 1),
+                jnp.asarray(rng.randint(0, 4, args.batch)))
+  task = Task(cfg, tuple(range(10, 14)))  # C = 4 answer tokens
 
   def loss(p):
-    f = kfac.task_logits(p, cfg, batch, classes)[0]
+    f = task.logits(p, batch)
     return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(f), batch.labels_b[:, None], 1))
 
   vg = jax.jit(jax.value_and_grad(loss))
   t_vg = timed(lambda: vg(params), args.repeats)
-  fwd = jax.jit(lambda p: kfac.task_logits(p, cfg, batch, classes)[0])
+  fwd = jax.jit(lambda p: task.logits(p, batch))
   t_fwd = timed(lambda: fwd(params), args.repeats)
   out = {"config": {k: getattr(args, k) for k in ("d_model", "layers", "experts", "top_k", "expert_width",
                                                    "vocab", "batch", "seq", "rank")},
@@ -106,18 +108,20 @@ def moe_part(args):
   for labels, tokens, rank, which in specs:
     spec = kfac.FactorSpec(layers=kfac.select_layers(cfg, which), labels=labels, tokens=tokens, rank=rank)
     state = kfac.init(cfg, spec)
-    step = jax.jit(functools.partial(kfac.update, cfg=cfg, spec=spec))
+    step = jax.jit(functools.partial(kfac.update, task=task, spec=spec))
     key = jax.random.key(1)
-    t = timed(lambda: step(state, params, batch=batch, class_ids_c=classes, key=key), args.repeats)
+    t = timed(lambda: step(state, params, batch=batch, key=key), args.repeats)
     row = {"layers": which, "labels": labels, "tokens": tokens, "rank": rank or "full", "seconds": t,
            "ratio_vs_value_and_grad": t / t_vg}
     out["factor_pass"].append(row)
     print(f"factor pass {which:3s} {labels:9s} {tokens:6s} rank={row['rank']!s:5s} {t * 1e3:8.1f} ms  "
           f"ratio {t / t_vg:5.2f} (value_and_grad {t_vg * 1e3:.1f} ms)", flush=True)
     if tokens == "last" and labels == "exact":
-      state = step(state, params, batch=batch, class_ids_c=classes, key=key)
-      post = P.build(kfac.finalize(state), params, num_sequences=args.batch)
-      pred = jax.jit(lambda p, post_: PR.probit(*_closed(p, post_, cfg, batch, classes)))
+      state = step(state, params, batch=batch, key=key)
+      factors = kfac.finalize(state)
+      # prior mean: the MAP itself (a post-hoc posterior; the predictive does not depend on it)
+      post = P.build(factors, read_blocks(params, factors), prior_mean="map", num_sequences=args.batch)
+      pred = jax.jit(lambda p, post_: probit(*_closed(p, post_, task, batch)))
       t_p = timed(lambda: pred(params, post), args.repeats)
       out["predictive"].append({"layers": which, "rank": rank or "full", "seconds": t_p,
                                 "ratio_vs_forward": t_p / t_fwd})
@@ -126,8 +130,8 @@ def moe_part(args):
   return out
 
 
-def _closed(params, post, cfg, batch, classes):
-  stats = PR.jacobian_stats(params, cfg, batch, classes, post)
+def _closed(params, post, task, batch):
+  stats = PR.jacobian_stats(params, task, batch, post)
   return stats.f_bc, PR.logit_covariance(stats, post)
 
 

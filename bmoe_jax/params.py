@@ -10,6 +10,10 @@ Layout (``torch [out, in]`` weights are stored transposed, ``[in, out]``; expert
   MoE layer:   layers/i/mlp/router/kernel [d,e]
                layers/i/mlp/experts/{w_gate [e,d,f], w_up [e,d,f], w_down [e,f,d]}
                layers/i/mlp/shared/{w_gate, w_up, w_down}     layers/i/mlp/shared_gate/kernel [d,1]
+
+Bayesian blocks (``Block``) are read and written here, and only here: a layer's routed experts'
+down_proj ``[e, f, d]``, its shared expert's as ``[1, f_shared, d]``, or the LM head's answer rows as
+``[1, d, C]`` (kind ``"head"``, last-layer Laplace; layer = the number of layers).
 """
 
 from __future__ import annotations
@@ -118,3 +122,85 @@ def count_params(cfg: MoEConfig) -> dict[str, int]:
   active = total - expert + int(round(expert * per_expert_share))
   return {"total": total, "routed_experts": expert, "active_per_token": active,
           "embedding": cfg.vocab_size * cfg.hidden_size}
+
+
+BLOCK_KINDS = ("routed", "shared", "head")
+
+
+class Block(NamedTuple):
+  """One Bayesian set of weights: the routed experts' down_proj (``kind="routed"``), the shared expert's
+  (``"shared"``) of MoE layer ``layer``, or the LM head's answer rows (``"head"``).
+  ``str(Block(3, "shared")) == "3.shared"``."""
+  layer: int
+  kind: str = "routed"
+
+  def __str__(self):
+    return f"{self.layer}.{self.kind}"
+
+
+def as_block(key) -> Block:
+  """A ``Block`` from a Block/tuple, an int layer id (its routed experts) or a string ``"3.shared"``."""
+  if isinstance(key, str):
+    layer, _, kind = key.partition(".")
+    key = (int(layer), kind or "routed")
+  if isinstance(key, (int, np.integer)):
+    key = (int(key), "routed")
+  blk = Block(int(key[0]), str(key[1]))
+  if blk.kind not in BLOCK_KINDS:
+    raise ValueError(f"block {key!r}: kind {blk.kind!r}, expected one of {BLOCK_KINDS}")
+  return blk
+
+
+def block_dims(cfg: MoEConfig, blk: Block) -> tuple[int, int, int]:
+  """(experts, input width f, output width d) of an expert block's down_proj."""
+  if blk.kind == "shared":
+    return 1, cfg.shared_expert_size, cfg.hidden_size
+  if blk.kind == "head":
+    raise ValueError(f"block {blk}: the head's width is the number of classes; use head_rows")
+  return cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+
+
+def head_rows(params, class_ids) -> jax.Array:
+  """The LM head's answer rows W [d, C] (the tied embedding's when the model has no ``lm_head``)."""
+  head_dv = params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]["embedding"].T
+  return head_dv[:, jnp.asarray(class_ids)]
+
+
+def read_block(params, key, class_ids=None) -> jax.Array:
+  """A block's weights ``[e, f, d]`` (shared expert ``[1, f_shared, d]``; head ``[1, d, C]`` of ``class_ids``)."""
+  blk = as_block(key)
+  if blk.kind == "head":
+    if class_ids is None:
+      raise ValueError(f"block {blk}: reading the head's answer rows needs class_ids")
+    return head_rows(params, class_ids)[None]
+  mlp = params["layers"][blk.layer]["mlp"]
+  if blk.kind == "shared":
+    if "shared" not in mlp:
+      raise ValueError(f"block {blk}: MoE layer {blk.layer} has no shared expert")
+    return mlp["shared"]["w_down"][None]
+  if "experts" not in mlp:
+    raise ValueError(f"block {blk}: layer {blk.layer} is not an MoE layer")
+  return mlp["experts"]["w_down"]
+
+
+def read_blocks(params, keys, class_ids=None) -> dict[Block, jax.Array]:
+  """``{block: read_block(...)}`` for every key."""
+  return {as_block(k): read_block(params, k, class_ids) for k in keys}
+
+
+def write_blocks(params, w_by_block: dict) -> dict[str, Any]:
+  """A shallow copy of ``params`` with the given expert blocks' down_proj (``[e, f, d]``) replaced."""
+  layers = list(params["layers"])
+  for key, w in w_by_block.items():
+    blk = as_block(key)
+    if blk.kind == "head":
+      raise ValueError(f"block {blk}: the head's answer rows are not written back into a model")
+    lp = dict(layers[blk.layer])
+    mlp = dict(lp["mlp"])
+    if blk.kind == "shared":
+      mlp["shared"] = {**mlp["shared"], "w_down": w[0]}
+    else:
+      mlp["experts"] = {**mlp["experts"], "w_down": w}
+    lp["mlp"] = mlp
+    layers[blk.layer] = lp
+  return {**params, "layers": layers}

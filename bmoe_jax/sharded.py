@@ -29,6 +29,7 @@ from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace import posterior as PO
 from bmoe_jax.laplace import predictive as PR
 from bmoe_jax.model import forward as model_forward
+from bmoe_jax.task import Task, probit
 
 
 class _OnMesh:
@@ -51,29 +52,30 @@ def _data_spec(mesh, b: int, ndim: int) -> NamedSharding:
   return S.leading_sharding(mesh, "data", b, ndim)
 
 
-def forward(cfg: MoEConfig, mesh, batch_like, rules=S.RULES, **forward_kw):
+def forward(task: Task, mesh, batch_like, rules=S.RULES):
+  cfg = task.cfg
   psh, bsh = S.param_shardings(cfg, mesh, rules), S.batch_shardings(batch_like, mesh)
   b, s = batch_like.tokens_bs.shape
   out = NamedSharding(mesh, S.spec_for(("batch", None, "vocab"), (b, s, cfg.vocab_size), mesh, rules))
 
   def fn(params, batch):
-    kw = kfac.batch_forward_kw(batch, forward_kw)
-    return model_forward(params, cfg, batch.tokens_bs, batch.mask_bs, **kw).logits
+    return model_forward(params, cfg, batch.tokens_bs, batch.mask_bs, **task.forward_kw(batch)).logits
   return _OnMesh(mesh, fn, in_shardings=(psh, bsh), out_shardings=out)
 
 
-def task_logits(cfg: MoEConfig, mesh, batch_like, class_ids_c, rules=S.RULES, **forward_kw):
-  psh, bsh = S.param_shardings(cfg, mesh, rules), S.batch_shardings(batch_like, mesh)
+def task_logits(task: Task, mesh, batch_like, rules=S.RULES):
+  psh, bsh = S.param_shardings(task.cfg, mesh, rules), S.batch_shardings(batch_like, mesh)
   b = batch_like.tokens_bs.shape[0]
-  return _OnMesh(mesh, lambda p, batch: kfac.task_logits(p, cfg, batch, class_ids_c, **forward_kw)[0],
+  return _OnMesh(mesh, task.logits,
                  in_shardings=(psh, bsh), out_shardings=_data_spec(mesh, b, 2))
 
 
-def train_step(cfg: MoEConfig, mesh, params_like, batch_like, class_ids_c, tc: T.TrainConfig, *,
-               total_steps: int, dataset_size: int, rules=S.RULES, **forward_kw):
+def train_step(task: Task, mesh, params_like, batch_like, tc: T.TrainConfig, *, total_steps: int,
+               dataset_size: int, rules=S.RULES):
   """Returns (step, init, split): ``split(params) -> (train, frozen)`` places both parts on the mesh,
   ``init(train) -> opt_state`` (sharded like the weights), and the jitted ``step(train, opt_state,
   batch, frozen, anchor) -> (train, opt_state, loss, right)``."""
+  cfg = task.cfg
   mask = T.trainable_mask(params_like, cfg, tc.trainable, tc.layers)
   psh = S.param_shardings(cfg, mesh, rules)
   train_sh, frozen_sh = T.split(psh, mask)
@@ -84,8 +86,7 @@ def train_step(cfg: MoEConfig, mesh, params_like, batch_like, class_ids_c, tc: T
   opt_sh = optax.tree_map_params(opt, lambda _, sh: sh, opt_like, train_sh, transform_non_params=lambda _: rep)
   init = jax.jit(opt.init, in_shardings=(train_sh,), out_shardings=opt_sh)
   bsh = S.batch_shardings(batch_like, mesh)
-  raw = T.make_train_step(cfg, class_ids_c, opt, tc.prior_precision / (2.0 * dataset_size), **forward_kw)
-  step = _OnMesh(mesh, lambda tr, st, batch, fr, an: raw(tr, st, batch, None, fr, an),
+  step = _OnMesh(mesh, T.make_train_step(task, opt, tc.prior_precision / (2.0 * dataset_size)),
                  in_shardings=(train_sh, opt_sh, bsh, frozen_sh, train_sh),
                  out_shardings=(train_sh, opt_sh, rep, rep))
 
@@ -104,15 +105,14 @@ def factor_shardings(cfg: MoEConfig, mesh, spec: kfac.FactorSpec, dtype=jnp.floa
   return kfac.FactorState({blk: one(blk, st) for blk, st in state.stats.items()}, rep, rep)
 
 
-def factor_update(cfg: MoEConfig, mesh, batch_like, class_ids_c, spec: kfac.FactorSpec, rules=S.RULES,
-                  dtype=jnp.float32, **forward_kw):
+def factor_update(task: Task, mesh, batch_like, spec: kfac.FactorSpec, rules=S.RULES, dtype=jnp.float32):
   """Returns (update, init): ``init()`` is the zero state on the mesh; ``update(state, params, batch, key)``
   adds one batch (the per-device partial sums over the data axis are all-reduced by the compiler)."""
+  cfg = task.cfg
   ssh = factor_shardings(cfg, mesh, spec, dtype)
   psh, bsh = S.param_shardings(cfg, mesh, rules), S.batch_shardings(batch_like, mesh)
   rep = S.replicated(mesh)
-  update = _OnMesh(mesh, lambda st, p, batch, key: kfac.update(st, p, cfg, batch, class_ids_c, spec, key,
-                                                               **forward_kw),
+  update = _OnMesh(mesh, lambda st, p, batch, key: kfac.update(st, p, task, batch, spec, key),
                    in_shardings=(ssh, psh, bsh, rep), out_shardings=ssh)
   init = jax.jit(lambda: kfac.init(cfg, spec, dtype), out_shardings=ssh)
   return update, init
@@ -134,15 +134,14 @@ def log_evidence(post_like: PO.Posterior, mesh):
                  out_shardings=S.replicated(mesh))
 
 
-def predictive(cfg: MoEConfig, mesh, post_like: PO.Posterior, batch_like, class_ids_c, rules=S.RULES,
-               **forward_kw):
+def predictive(task: Task, mesh, post_like: PO.Posterior, batch_like, rules=S.RULES):
   """(params, posterior, batch) -> closed-form probit class probabilities [b, C], split on data."""
-  psh, bsh = S.param_shardings(cfg, mesh, rules), S.batch_shardings(batch_like, mesh)
+  psh, bsh = S.param_shardings(task.cfg, mesh, rules), S.batch_shardings(batch_like, mesh)
   b = batch_like.tokens_bs.shape[0]
 
   def fn(params, post, batch):
-    stats = PR.jacobian_stats(params, cfg, batch, class_ids_c, post, **forward_kw)
-    return PR.probit(stats.f_bc, PR.logit_covariance(stats, post))
+    stats = PR.jacobian_stats(params, task, batch, post)
+    return probit(stats.f_bc, PR.logit_covariance(stats, post))
   return _OnMesh(mesh, fn, in_shardings=(psh, posterior_shardings(post_like, mesh), bsh),
                  out_shardings=_data_spec(mesh, b, 2))
 

@@ -15,7 +15,6 @@ parameters as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -26,7 +25,8 @@ import numpy as np
 import optax
 
 from bmoe_jax.config import MoEConfig
-from bmoe_jax.laplace.kfac import Batch, task_logits
+from bmoe_jax.checkpoint import ResumableRun
+from bmoe_jax.task import Batch, Task, nll_and_correct, with_prefix
 
 SUBSETS = ("experts", "experts_router", "attention", "all")
 
@@ -35,9 +35,10 @@ SUBSETS = ("experts", "experts_router", "attention", "all")
 class TrainConfig:
   trainable: str = "experts"  # experts | experts_router | attention | all
   layers: tuple[int, ...] | None = None  # restrict to these layers (None: every layer)
-  learning_rate: float = 1e-4
+  lr: float = 1e-4  # peak learning rate (AdamW)
   schedule: str = "cosine"  # cosine | linear | constant (after linear warm-up)
   warmup_steps: int = 0
+  warmup_ratio: float = 0.0  # warm-up as a fraction of the optimizer steps, used when warmup_steps is 0
   weight_decay: float = 0.0  # AdamW's decoupled decay (towards zero); the prior below pulls to theta_0
   prior_precision: float = 0.0
   grad_accum: int = 1
@@ -95,25 +96,22 @@ def merge(train, frozen):
 
 
 def make_optimizer(tc: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-  decay = max(total_steps - tc.warmup_steps, 1)
+  warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
+  decay = max(total_steps - warmup, 1)
   if tc.schedule == "cosine":
-    main = optax.cosine_decay_schedule(tc.learning_rate, decay)
+    main = optax.cosine_decay_schedule(tc.lr, decay)
   elif tc.schedule == "linear":
-    main = optax.linear_schedule(tc.learning_rate, 0.0, decay)
+    main = optax.linear_schedule(tc.lr, 0.0, decay)
   else:
-    main = optax.constant_schedule(tc.learning_rate)
-  sched = optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps), main],
-                               [tc.warmup_steps]) if tc.warmup_steps else main
+    main = optax.constant_schedule(tc.lr)
+  sched = optax.join_schedules([optax.linear_schedule(0.0, tc.lr, warmup), main], [warmup]) if warmup else main
   opt = optax.adamw(sched, weight_decay=tc.weight_decay)
   return optax.MultiSteps(opt, every_k_schedule=tc.grad_accum) if tc.grad_accum > 1 else opt
 
 
-def batch_loss(params, cfg: MoEConfig, batch: Batch, class_ids_c, **forward_kw):
-  """Mean cross-entropy of the answer letters (and the batch's correct count)."""
-  f_bc = task_logits(params, cfg, batch, class_ids_c, **forward_kw)[0]
-  logp = jax.nn.log_softmax(f_bc)
-  nll_b = -jnp.take_along_axis(logp, batch.labels_b[:, None], 1)[:, 0]
-  return jnp.mean(nll_b), jnp.sum(jnp.argmax(f_bc, -1) == batch.labels_b)
+def batch_loss(params, task: Task, batch: Batch):
+  """Mean cross-entropy of the answers (and the batch's correct count)."""
+  return nll_and_correct(task.logits(params, batch), batch.labels_b)
 
 
 class TrainState(NamedTuple):
@@ -131,12 +129,12 @@ class TrainResult(NamedTuple):
   state: TrainState
 
 
-def evaluate_nll(params, cfg, batches: Sequence[Batch], class_ids_c, fwd=None, states=None) -> tuple[float, float]:
-  """(mean NLL, accuracy) over batches (``states``: cached prefix states per batch, with ``fwd``)."""
-  fwd = fwd or jax.jit(lambda p, b: batch_loss(p, cfg, b, class_ids_c))
+def evaluate_nll(params, task: Task, batches: Sequence[Batch], fwd=None) -> tuple[float, float]:
+  """(mean NLL, accuracy) over batches (``fwd``: a jitted ``batch_loss`` to reuse)."""
+  fwd = fwd or jax.jit(lambda p, b: batch_loss(p, task, b))
   tot, correct, n = 0.0, 0, 0
-  for i, b in enumerate(batches):
-    loss, right = fwd(params, b) if states is None else fwd(params, b, states[i])
+  for b in batches:
+    loss, right = fwd(params, b)
     m = b.labels_b.shape[0]
     tot, correct, n = tot + float(loss) * m, correct + int(right), n + m
   return tot / max(n, 1), correct / max(n, 1)
@@ -150,64 +148,38 @@ def first_trainable_layer(mask) -> int:
   return min(layers) if layers else len(mask["layers"])
 
 
-def cache_prefix_states(params, cfg: MoEConfig, batches: Sequence[Batch], start: int, progress: bool = True,
-                        **forward_kw) -> list:
-  """Each batch's input states of layer ``start`` (the frozen prefix run once)."""
-  from tqdm.auto import tqdm
-
-  from bmoe_jax.model import prefix_states
-
-  fn = jax.jit(lambda p, b: prefix_states(p, cfg, b.tokens_bs, b.mask_bs, stop_layer=start, **forward_kw))
-  return [fn(params, b) for b in tqdm(batches, desc=f"cache layers <{start}", disable=not progress, leave=False)]
-
-
-def with_prefix_states(params, cfg: MoEConfig, batches: Sequence[Batch], start: int, progress: bool = True,
-                       **forward_kw) -> list[Batch]:
-  """The batches with their layer-``start`` input states attached (``Batch.states_bsd``): every model call
-  given ``start_layer=start`` (training, factors, predictives, baselines) then skips the frozen prefix."""
-  states = cache_prefix_states(params, cfg, batches, start, progress, **forward_kw)
-  return [b._replace(states_bsd=s) for b, s in zip(batches, states)]
-
-
-def _states_kw(forward_kw, start, states):
-  return forward_kw if states is None else dict(forward_kw, start_layer=start, states_bsd=states)
-
-
-def make_train_step(cfg: MoEConfig, class_ids_c, opt: optax.GradientTransformation, coef: float, start: int = 0,
-                    **forward_kw):
-  """One optimizer update, a pure function ``(train, opt_state, batch, states, frozen, anchor) -> (train,
-  opt_state, loss, right)``: cross-entropy plus ``coef * ||train - anchor||^2`` (jit it; ``states``: the
-  batch's cached layer-``start`` inputs or None). ``frozen`` and ``anchor`` are arguments, not closure
-  constants: XLA would otherwise embed the frozen weights (most of the model) in the compiled step."""
-  def objective(train, batch, states, frozen, anchor):
-    loss, right = batch_loss(merge(train, frozen), cfg, batch, class_ids_c, **_states_kw(forward_kw, start, states))
+def make_train_step(task: Task, opt: optax.GradientTransformation, coef: float):
+  """One optimizer update, a pure function ``(train, opt_state, batch, frozen, anchor) -> (train,
+  opt_state, loss, right)``: cross-entropy plus ``coef * ||train - anchor||^2`` (jit it). ``frozen`` and
+  ``anchor`` are arguments, not closure constants: XLA would otherwise embed the frozen weights (most of
+  the model) in the compiled step."""
+  def objective(train, batch, frozen, anchor):
+    loss, right = batch_loss(merge(train, frozen), task, batch)
     sq = sum(jnp.sum(jnp.square(t - a)) for t, a in zip(jax.tree.leaves(train), jax.tree.leaves(anchor)))
     return loss + coef * sq, (loss, right)
 
-  def step(train, opt_state, batch, states, frozen, anchor):
-    (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch, states, frozen, anchor)
+  def step(train, opt_state, batch, frozen, anchor):
+    (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch, frozen, anchor)
     updates, opt_state = opt.update(grads, opt_state, train)
     return optax.apply_updates(train, updates), opt_state, loss, right
   return step
 
 
-def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c, tc: TrainConfig, *,
+def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig, *,
              val_batches: Sequence[Batch] = (), dataset_size: int | None = None, pretrained=None,
-             checkpoint_dir: str | Path | None = None, progress: bool = True, cache_prefix: bool = False,
-             **forward_kw) -> TrainResult:
+             checkpoint_dir: str | Path | None = None, progress: bool = True,
+             cache_prefix: bool = False) -> TrainResult:
   """Fine-tune ``tc.trainable`` on ``train_batches`` (see the module docstring).
 
-  ``cache_prefix``: when nothing below layer L trains, run layers < L once per batch and train on
-  their cached output (same result, each step then costs only the top layers; memory: one
-  [b, s, d] array per batch)."""
+  ``pretrained``: the anchor of the L2 prior (default ``params``). ``cache_prefix``: when nothing below
+  layer L trains, run layers < L once per batch and train on their cached output (same result, each step
+  then costs only the top layers; memory: one [b, s, d] array per batch)."""
   if not train_batches:
     raise ValueError("no training batches")
-  mask = trainable_mask(params, cfg, tc.trainable, tc.layers)
-  start = first_trainable_layer(mask) if cache_prefix else 0
-  train_states = val_states = None
-  if start:
-    train_states = cache_prefix_states(params, cfg, train_batches, start, progress, **forward_kw)
-    val_states = cache_prefix_states(params, cfg, val_batches, start, progress, **forward_kw)
+  mask = trainable_mask(params, task.cfg, tc.trainable, tc.layers)
+  if cache_prefix and not task.start_layer:
+    task, (train_batches, val_batches) = with_prefix(params, task, (train_batches, val_batches),
+                                                     first_trainable_layer(mask), progress)
   train0, frozen = split(params, mask)
   anchor = split(pretrained if pretrained is not None else params, mask)[0]
   n_data = dataset_size or sum(int(b.labels_b.shape[0]) for b in train_batches)
@@ -215,16 +187,16 @@ def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c
   if tc.max_steps is not None:
     micro_total = min(micro_total, tc.max_steps * tc.grad_accum)
   opt = make_optimizer(tc, micro_total // tc.grad_accum)
-  coef = tc.prior_precision / (2.0 * n_data)
-
-  kw = functools.partial(_states_kw, forward_kw, start)
-  step_fn = jax.jit(make_train_step(cfg, class_ids_c, opt, coef, start, **forward_kw))
-  fwd = jax.jit(lambda p, b, st=None: batch_loss(p, cfg, b, class_ids_c, **kw(st)))
+  step_fn = jax.jit(make_train_step(task, opt, tc.prior_precision / (2.0 * n_data)))
+  fwd = jax.jit(lambda p, b: batch_loss(p, task, b))
   state = TrainState(0, train0, opt.init(train0), float("inf"), train0, 0)
   history: list[dict] = []
-  mngr = _manager(checkpoint_dir, tc, cfg)
-  if mngr is not None and mngr.latest_step() is not None:
-    state, history = _restore(mngr, state)
+  run = None
+  if checkpoint_dir is not None:
+    run = ResumableRun(checkpoint_dir, _fingerprint(tc, task.cfg), keep=tc.keep_checkpoints,
+                       fingerprint_file=FINGERPRINT_FILE)
+    if run.latest_step() is not None:
+      state, history = _restore(run, state)
   from tqdm.auto import tqdm
 
   bar = tqdm(total=micro_total, initial=state.step, desc="fine-tune", unit="batch", disable=not progress)
@@ -232,46 +204,38 @@ def finetune(params, cfg: MoEConfig, train_batches: Sequence[Batch], class_ids_c
   try:
     while state.step < micro_total and not stopped:
       epoch, pos = divmod(state.step, len(train_batches))
-      order = np.random.RandomState(tc.seed + epoch).permutation(len(train_batches))
-      i = order[pos]
-      train, opt_state, loss, right = step_fn(state.train, state.opt_state, train_batches[i],
-                                              None if train_states is None else train_states[i], frozen, anchor)
+      i = np.random.RandomState(tc.seed + epoch).permutation(len(train_batches))[pos]
+      train, opt_state, loss, _ = step_fn(state.train, state.opt_state, train_batches[i], frozen, anchor)
       state = state._replace(step=state.step + 1, train=train, opt_state=opt_state)
       bar.update(1)
       bar.set_postfix(loss=f"{float(loss):.4f}")
       opt_step = state.step // tc.grad_accum
       if state.step % tc.grad_accum == 0 and tc.eval_every and opt_step % tc.eval_every == 0 and val_batches:
-        nll, acc = evaluate_nll(merge(state.train, frozen), cfg, val_batches, class_ids_c, fwd, val_states)
+        nll, acc = evaluate_nll(merge(state.train, frozen), task, val_batches, fwd)
         history.append({"step": opt_step, "train_loss": float(loss), "val_nll": nll, "val_acc": acc})
-        if nll < state.best_nll:
-          state = state._replace(best_nll=nll, best_train=state.train, bad_evals=0)
-        else:
-          state = state._replace(bad_evals=state.bad_evals + 1)
-          stopped = bool(tc.patience) and state.bad_evals >= tc.patience
-      if mngr is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped):
-        _save(mngr, state, history)
+        state, stopped = _early_stopping(state, nll, tc.patience)
+      if run is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped):
+        run.save(state.step, _tree(state), {"history": history})
   finally:
     bar.close()
-    if mngr is not None:
-      mngr.close()
+    if run is not None:
+      run.close()
   best = state.best_train if np.isfinite(state.best_nll) else state.train
   return TrainResult(merge(best, frozen), history, state)
 
 
-def _manager(checkpoint_dir, tc: TrainConfig, cfg: MoEConfig):
-  if checkpoint_dir is None:
-    return None
-  import orbax.checkpoint as ocp
+def _early_stopping(state: TrainState, nll: float, patience: int) -> tuple[TrainState, bool]:
+  if nll < state.best_nll:
+    return state._replace(best_nll=nll, best_train=state.train, bad_evals=0), False
+  state = state._replace(bad_evals=state.bad_evals + 1)
+  return state, bool(patience) and state.bad_evals >= patience
 
-  directory = Path(checkpoint_dir).absolute()
-  directory.mkdir(parents=True, exist_ok=True)
-  meta = {"train_config": dataclasses.asdict(tc), "config": cfg.to_dict()}
-  meta_file = directory / "finetune.json"
-  if meta_file.exists() and json.loads(meta_file.read_text()) != json.loads(json.dumps(meta)):
-    raise ValueError(f"{meta_file}: the checkpoints there are of a different TrainConfig or model config; "
-                     "use a new checkpoint_dir")
-  meta_file.write_text(json.dumps(meta, indent=2))
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints))
+
+FINGERPRINT_FILE = "finetune.json"
+
+
+def _fingerprint(tc: TrainConfig, cfg: MoEConfig) -> dict:
+  return {"train_config": dataclasses.asdict(tc), "config": cfg.to_dict()}
 
 
 def _tree(state: TrainState) -> dict:
@@ -282,25 +246,13 @@ def _tree(state: TrainState) -> dict:
                       "bad_evals": np.asarray(state.bad_evals, np.int64)}}
 
 
-def _save(mngr, state: TrainState, history):
-  import orbax.checkpoint as ocp
-
-  mngr.save(state.step, args=ocp.args.Composite(state=ocp.args.StandardSave(_tree(state)),
-                                                 history=ocp.args.JsonSave({"history": history})))
-  mngr.wait_until_finished()
-
-
-def _restore(mngr, like: TrainState):
-  import orbax.checkpoint as ocp
-
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(like))
-  got = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-  st, sc = got["state"], got["state"]["scalars"]
+def _restore(run: ResumableRun, like: TrainState, step: int | None = None):
+  st, meta = run.restore(_tree(like), step)
+  sc = st["scalars"]
   unflat = lambda tree, leaves: jax.tree.unflatten(jax.tree.structure(tree), [jnp.asarray(x) for x in leaves])
   state = TrainState(int(sc["step"]), unflat(like.train, st["train"]), unflat(like.opt_state, st["opt_state"]),
                      float(sc["best_nll"]), unflat(like.best_train, st["best_train"]), int(sc["bad_evals"]))
-  return state, list(got["history"]["history"])
+  return state, list(meta.get("history", []))
 
 
 def load_checkpoints(checkpoint_dir: str | Path, params, cfg: MoEConfig,
@@ -310,43 +262,25 @@ def load_checkpoints(checkpoint_dir: str | Path, params, cfg: MoEConfig,
 
   The run's trainable leaves come from the checkpoints; the frozen ones from ``params`` (the model the
   run started from, or its result: they agree outside the trainable subset)."""
-  import orbax.checkpoint as ocp
-
   directory = Path(checkpoint_dir).absolute()
-  meta_file = directory / "finetune.json"
-  if not meta_file.exists():
-    raise FileNotFoundError(f"{meta_file} not found: expected the checkpoints directory of a fine-tuning run "
-                            "(bmoe finetune --out RUN writes RUN/checkpoints)")
-  meta = json.loads(meta_file.read_text())
-  if meta["config"] != json.loads(json.dumps(cfg.to_dict())):
-    raise ValueError(f"{meta_file}: the run fine-tuned a different model config than the one given")
-  known = {f.name for f in dataclasses.fields(TrainConfig)}
-  tc_dict = {k: v for k, v in meta["train_config"].items() if k in known}
-  if tc_dict.get("layers") is not None:
-    tc_dict["layers"] = tuple(tc_dict["layers"])
-  tc = TrainConfig(**tc_dict)
-  mask = trainable_mask(params, cfg, tc.trainable, tc.layers)
-  train0, frozen = split(params, mask)
-  opt_state = jax.eval_shape(make_optimizer(tc, 1).init, train0)
-  like = TrainState(0, train0, opt_state, 0.0, train0, 0)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(like))
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    saved = list(mngr.all_steps())
+  if not (directory / FINGERPRINT_FILE).exists():
+    raise FileNotFoundError(f"{directory / FINGERPRINT_FILE} not found: expected the checkpoints directory of a "
+                            "fine-tuning run (bmoe finetune --out RUN writes RUN/checkpoints)")
+  with ResumableRun(directory, None, fingerprint_file=FINGERPRINT_FILE, read_only=True) as run:
+    meta = run.fingerprint
+    if meta["config"] != json.loads(json.dumps(cfg.to_dict())):
+      raise ValueError(f"{run.fingerprint_path}: the run fine-tuned a different model config than the one given")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc_dict = {k: v for k, v in meta["train_config"].items() if k in known}
+    if tc_dict.get("layers") is not None:
+      tc_dict["layers"] = tuple(tc_dict["layers"])
+    tc = TrainConfig(**tc_dict)
+    mask = trainable_mask(params, cfg, tc.trainable, tc.layers)
+    train0, frozen = split(params, mask)
+    like = TrainState(0, train0, jax.eval_shape(make_optimizer(tc, 1).init, train0), 0.0, train0, 0)
+    saved = run.steps()
     steps = sorted(saved if steps is None else steps)
     missing = sorted(set(steps) - set(saved))
     if missing or not steps:
-      raise ValueError(f"{directory}: steps {missing or steps} not saved (saved: {sorted(saved)})")
-    out = []
-    for step in steps:
-      got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-      leaves = [jnp.asarray(x) for x in got["state"]["train"]]
-      out.append((step, merge(jax.tree.unflatten(jax.tree.structure(train0), leaves), frozen)))
-  return out
-
-
-def same_prefix(params_a, params_b, start: int) -> bool:
-  """Whether two parameter trees agree below layer ``start`` (embedding and layers < start): then a prefix
-  cached with one serves the other."""
-  pick = lambda p: (p["embed"], p["layers"][:start])
-  return all(np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(pick(params_a)), jax.tree.leaves(pick(params_b))))
+      raise ValueError(f"{directory}: steps {missing or steps} not saved (saved: {saved})")
+    return [(step, merge(_restore(run, like, step)[0].train, frozen)) for step in steps]

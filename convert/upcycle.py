@@ -11,6 +11,7 @@ Mixtral cannot keep dense layers; DeepSeek-MoE V1 is remote code on the hub.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -59,25 +60,29 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
   return tuple(out)
 
 
-def upcycle(cfg: MoEConfig, params: dict[str, Any], *, num_experts: int, top_k: int, layers: str = "all",
-            noise: float = 0.0, router_std: float = 0.02, seed: int = 0) -> tuple[MoEConfig, dict[str, Any]]:
-  """Dense ``(cfg, params)`` -> an upcycled MoE ``(cfg, params)`` (numpy arrays, float32).
+@dataclasses.dataclass(frozen=True)
+class UpcycleConfig:
+  num_experts: int = 8  # routed experts per upcycled layer
+  top_k: int = 2  # experts per token (top-k gates renormalised)
+  moe_layers: str = "all"  # which layers become MoE: 'all', 'top:K', 'every:N', 'range:A-B' or '3,7,11'
+  noise: float = 0.0  # symmetry-breaking noise per expert weight, relative to the weight's std (0: exact)
+  router_std: float = 0.02  # std of the new routers' normal init (irrelevant while the experts are equal)
+  seed: int = 0
 
-  Args:
-    num_experts, top_k: experts per MoE layer and experts per token (top-k gates renormalised).
-    layers: which layers become MoE (``parse_layers``).
-    noise: symmetry-breaking noise: each expert's weights get ``noise * std(W)`` Gaussian noise per entry
-      (0 keeps the dense function exactly).
-    router_std: std of the new routers' normal init (the routing is irrelevant while experts are equal).
-  """
+
+def upcycle(cfg: MoEConfig, params: dict[str, Any], **options) -> tuple[MoEConfig, dict[str, Any]]:
+  """Dense ``(cfg, params)`` -> an upcycled MoE ``(cfg, params)`` (numpy arrays, float32); ``options``:
+  the fields of ``UpcycleConfig`` (``moe_layers``: ``parse_layers``)."""
+  uc = UpcycleConfig(**options)
+  num_experts, top_k, noise, router_std = uc.num_experts, uc.top_k, uc.noise, uc.router_std
   if any(cfg.moe_layers):
     raise ValueError(f"upcycle: the source already has MoE layers {list(cfg.moe_layer_ids)}; pass a dense model")
   if not 1 <= top_k <= num_experts:
     raise ValueError(f"upcycle: top_k={top_k} must be in [1, num_experts={num_experts}]")
   if noise < 0 or router_std < 0:
     raise ValueError(f"upcycle: noise={noise} and router_std={router_std} must be >= 0")
-  chosen = parse_layers(layers, cfg.num_layers)
-  rng = np.random.default_rng(seed)
+  chosen = parse_layers(uc.moe_layers, cfg.num_layers)
+  rng = np.random.default_rng(uc.seed)
   new_cfg = cfg.replace(
       moe_layers=tuple(i in chosen for i in range(cfg.num_layers)), num_experts=num_experts,
       num_experts_per_tok=top_k, moe_intermediate_size=cfg.intermediate_size, norm_topk_prob=True,
@@ -122,27 +127,25 @@ def load_dense(source: str | Path, progress: bool = False):
   return info.cfg, params, tok, {"hf_dir": str(source)}
 
 
-def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, num_experts: int = 8, top_k: int = 2,
-                       layers: str = "all", noise: float = 0.0, router_std: float = 0.02, seed: int = 0,
-                       progress: bool = True) -> Path:
+def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: bool = True, **options) -> Path:
   """Dense llama (``.gguf`` or HF dir) -> an upcycled Qwen2-MoE HF directory (config.json, safetensors,
-  tokenizer files and ``upcycle.json`` recording the source and every option)."""
+  tokenizer files and ``upcycle.json`` recording the source and every option); ``options``: the fields of
+  ``UpcycleConfig``."""
   from convert.export import export_hf
 
+  uc = UpcycleConfig(**options)
   out_dir = Path(out_dir)
   if (out_dir / "config.json").exists():
     raise FileExistsError(f"{out_dir / 'config.json'} already exists; choose an empty output directory")
   if family := dense_family(source):
     raise ConversionError(f"{source}: model_type {family!r} is not a dense llama; upcycling needs one")
   cfg, params, tok, prov = load_dense(source, progress=progress)
-  new_cfg, new_params = upcycle(cfg, params, num_experts=num_experts, top_k=top_k, layers=layers,
-                                noise=noise, router_std=router_std, seed=seed)
+  new_cfg, new_params = upcycle(cfg, params, **dataclasses.asdict(uc))
   export_hf(new_cfg, new_params, out_dir, "qwen2_moe")
   if tok is not None:
     tok.save_pretrained(str(out_dir))
-  record = {"source": prov, "num_experts": num_experts, "top_k": top_k, "layers": layers,
-            "moe_layers": list(new_cfg.moe_layer_ids), "noise": noise, "router_std": router_std,
-            "seed": seed, "family": "qwen2_moe",
+  record = {"source": prov, **dataclasses.asdict(uc), "moe_layer_ids": list(new_cfg.moe_layer_ids),
+            "family": "qwen2_moe",
             "note": ("weights dequantised to float32 from the GGUF file's quantised tensors"
                      if "gguf" in prov else "weights as stored in the source checkpoint")}
   (out_dir / "upcycle.json").write_text(json.dumps(record, indent=2))

@@ -7,21 +7,21 @@ set -euo pipefail
 OUT=${1:?usage: $0 OUT_DIR [DATA_DIR]}
 DATA=${2:-${BMOE_DATA_DIR:-../shared/data}}
 BMOE=${BMOE:-bmoe}
-N=${N:-400}  # seeded subset of each dataset
+N=${N:-400}  # seeded subset of each dataset (the training subset is also last-layer Laplace's fit data)
 mkdir -p "$OUT"
 # each step runs once: a rerun skips the steps whose output exists (times.txt keeps their times)
 t() { local name=$1; shift; grep -q "^$name " "$OUT/times.txt" 2>/dev/null && return 0
       local t0=$(date +%s); "$@"; echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.txt"; }
 t upcycle $BMOE upcycle smollm2 "$OUT/moe" --experts 8 --top-k 2 --layers top:4 --quiet
 t finetune $BMOE finetune --model "$OUT/moe" --data-dir "$DATA" --train obqa:train --val obqa:dev \
-  --max-examples $N --batch-size 16 --max-length 160 --trainable experts_router --layers 26,27,28,29 \
+  --max-train $N --max-eval $N --batch-size 16 --max-length 160 --trainable experts_router --layers 26,27,28,29 \
   --lr 1e-3 --epochs 2 --eval-every 25 --keep-checkpoints 4 --checkpoint-every 25 --cache-prefix \
   --out "$OUT/finetune" --quiet
-t fit $BMOE fit --model "$OUT/finetune/model" --pretrained "$OUT/moe" --data-dir "$DATA" --data obqa:train \
-  --max-examples $N --batch-size 16 --max-length 160 --bayes-layers all --rank 10 --prior grid --val obqa:dev --cache-prefix \
+t fit $BMOE fit --model "$OUT/finetune/model" --pretrained "$OUT/moe" --data-dir "$DATA" --train obqa:train \
+  --max-train $N --max-eval $N --batch-size 16 --max-length 160 --bayes-layers all --rank 10 --prior grid --val obqa:dev --cache-prefix \
   --out "$OUT/fit" --quiet
-t evaluate $BMOE evaluate --model "$OUT/finetune/model" --data-dir "$DATA" --max-examples $N --batch-size 16 \
-  --max-length 160 --id obqa:test \
+t evaluate $BMOE evaluate --model "$OUT/finetune/model" --data-dir "$DATA" --max-eval $N --batch-size 16 \
+  --max-length 160 --test obqa:test --train obqa:train --max-train $N \
   --shift arc_challenge:test,arc_easy:test,mmlu:test:astronomy+high_school_geography+high_school_biology+conceptual_physics \
   --methods map,ts,mc_dropout,llla,ckpt_ensemble,bmoe --posterior "$OUT/fit/posterior" \
   --checkpoints "$OUT/finetune/checkpoints" --cache-prefix --out "$OUT/evaluate" --quiet

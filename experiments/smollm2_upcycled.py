@@ -15,10 +15,12 @@ experiments/results/smollm2_<suite>/. No data and no weights are committed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 
-from bmoe_jax.demo import SYNTHETIC, DemoConfig, run_demo
+from bmoe_jax.demo import DemoConfig, run_demo
+from bmoe_jax.pipeline.configs import SUITES as DATA_SUITES
 
 ALL = ("pretrained", "map", "ts", "mc_dropout", "llla", "ensemble", "bmoe", "bmoe_ml", "bmoe_fixed")
 SUITES = {
@@ -30,6 +32,22 @@ SUITES = {
 }
 
 
+def make_config(suite: str, data_dir: str | None = None, quick: bool = False) -> DemoConfig:
+  """The demo's config with this experiment's methods and sizes (``SUITES``) on ``suite``."""
+  over = dict(SUITES[suite])
+  if quick:
+    over.update(max_train=32, max_eval=32, epochs=1, ensemble_members=2)
+  base = DemoConfig()
+  data = dataclasses.replace(base.data, max_train=over["max_train"], max_eval=over["max_eval"])
+  if suite == "real":
+    data = dataclasses.replace(data, data_dir=data_dir)
+  else:  # the specs set explicitly, so a $BMOE_DATA_DIR in the environment does not switch suites
+    data = dataclasses.replace(data, **{k: DATA_SUITES["synthetic"][k] for k in ("train", "val", "test", "shift")})
+  return dataclasses.replace(base, ensemble_members=over["ensemble_members"], data=data,
+                             train=dataclasses.replace(base.train, epochs=over["epochs"]),
+                             eval=dataclasses.replace(base.eval, methods=over["methods"]))
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--suite", choices=sorted(SUITES), default="real")
@@ -39,13 +57,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.suite == "real" and not args.data_dir:
     ap.error("--suite real needs --data-dir (the layout of ../shared/data)")
-  over = dict(SUITES[args.suite])
-  if args.quick:
-    over.update(max_train=32, max_eval=32, epochs=1, ensemble_members=2)
-  if args.suite == "real":
-    cfg = DemoConfig(data_dir=args.data_dir, **over)
-  else:  # the specs set explicitly, so a $BMOE_DATA_DIR in the environment does not switch suites
-    cfg = DemoConfig(**{k: SYNTHETIC[k] for k in ("train", "val", "test", "shift")}, **over)
+  cfg = make_config(args.suite, args.data_dir, args.quick)
   run_dir = Path(args.runs) / f"smollm2_{args.suite}"
   run_demo(cfg, run_dir)
   dest = Path(__file__).parent / "results" / f"smollm2_{args.suite}"

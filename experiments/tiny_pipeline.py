@@ -50,13 +50,16 @@ def main_(argv=None):
   times["build"] = time.perf_counter() - t
   steps = {
       "finetune": ["finetune", "--model", str(out / "base"), "--train", "obqa:train", "--val", "obqa:dev",
-                   "--max-examples", "512", "--lr", "1e-3", "--epochs", "2", "--eval-every", "8", "--patience", "3",
-                   "--prior-precision", "1.0", "--out", str(out / "ft")],
-      "fit": ["fit", "--model", str(out / "ft" / "model"), "--pretrained", str(out / "base"), "--data", "obqa:train",
-              "--max-examples", "512", "--rank", "8", "--out", str(out / "fit")],
+                   "--max-train", "512", "--max-eval", "512", "--lr", "1e-3", "--epochs", "2", "--eval-every", "8",
+                   "--patience", "3", "--prior-precision", "1.0", "--out", str(out / "ft")],
+      "fit": ["fit", "--model", str(out / "ft" / "model"), "--pretrained", str(out / "base"), "--train", "obqa:train",
+              "--max-train", "512", "--rank", "8", "--out", str(out / "fit")],
       "evaluate": ["evaluate", "--model", str(out / "ft" / "model"), "--posterior", str(out / "fit" / "posterior"),
-                   "--id", "obqa:test", "--shift", "arc_challenge:test,arc_easy:test,mmlu:test:astronomy+college_physics",
-                   "--val", "obqa:dev", "--max-examples", "500", "--methods", "map,ts,mc_dropout,llla,bmoe",
+                   "--test", "obqa:test",
+                   "--shift", "arc_challenge:test,arc_easy:test,mmlu:test:astronomy+college_physics",
+                   "--val", "obqa:dev", "--max-eval", "500", "--methods", "map,ts,mc_dropout,llla,bmoe",
+                   # last-layer Laplace is fit on the training split: the fine-tuning subset
+                   "--train", "obqa:train", "--max-train", "512",
                    "--out", str(out / "eval")],
   }
   for name, argv_ in steps.items():

@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 
 import bmoe_jax as B
+from bmoe_jax.task import Task
 from bmoe_jax import baselines as BL
 from bmoe_jax import metrics as M
 from bmoe_jax.evaluate import collect, evaluate
-from tests.tasks import CLASSES, synthetic_task
+from tests.fixtures import CLASSES, synthetic_task
 
 
 def test_evaluate_writes_consistent_reports(tmp_path):
   cfg = B.tiny_config(num_experts=4)
   params = B.init_params(cfg, jax.random.key(0), std=0.3)
   data = {"id": synthetic_task(cfg, 2), "shift": synthetic_task(cfg, 1, seed=3, s=9)}
-  ts, _ = BL.temperature_scaling(params, cfg, CLASSES, data["id"])
-  methods = {"map": BL.map_method(params, cfg, CLASSES), "ts": ts}
+  ts, _ = BL.temperature_scaling(params, Task(cfg, CLASSES), data["id"])
+  methods = {"map": BL.map_method(params, Task(cfg, CLASSES)), "ts": ts}
   res = evaluate(methods, data, in_distribution="id", out_dir=tmp_path, progress=False,
                  record={"config": {"what": "test"}, "seed": 0})
   saved = json.loads((tmp_path / "results.json").read_text())

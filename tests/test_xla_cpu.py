@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bmoe_jax as B
+from bmoe_jax.task import Batch, Task
 from bmoe_jax import xla_cpu
 from bmoe_jax.laplace import kfac
 
@@ -40,18 +41,18 @@ def test_exact_factors_at_1k_tokens_equal_per_class_gradients():
   params = B.init_params(cfg, jax.random.key(0), std=0.05)
   b, s = 16, 64
   tokens = np.random.RandomState(0).randint(0, 256, (b, s))
-  batch = kfac.Batch(jnp.asarray(tokens), jnp.ones((b, s), jnp.int32), jnp.full((b,), s - 1),
+  batch = Batch(jnp.asarray(tokens), jnp.ones((b, s), jnp.int32), jnp.full((b,), s - 1),
                      jnp.asarray(tokens[:, 0] % 4))
   classes = jnp.array([3, 7, 11, 19])
   spec = kfac.FactorSpec(layers=(0,))
-  got = jax.jit(lambda p, bt: kfac.update(kfac.init(cfg, spec), p, cfg, bt, classes, spec))(params, batch)
+  got = jax.jit(lambda p, bt: kfac.update(kfac.init(cfg, spec), p, Task(cfg, classes), bt, spec))(params, batch)
   zero = B.zero_perturbations(cfg, b, s)
-  f_bc, taps = kfac.task_logits(params, cfg, batch, classes, zero)
+  f_bc, taps = Task(cfg, classes).logits_and_taps(params, batch, zero)
   p = np.asarray(jax.nn.softmax(f_bc, -1), np.float64)
   expert_bk = np.asarray(taps[0].expert_bsk[:, -1])  # the answer position's slots ("last" tokens)
   # J[c, b, k, :] = d f_bc[b, c] / d (slot k's expert output), one class at a time
   jac_cbkd = np.stack([np.asarray(jax.jit(jax.grad(
-      lambda z, c=c: kfac.task_logits(params, cfg, batch, classes, z)[0][:, c].sum()))(zero)[0]["routed"][:, -1])
+      lambda z, c=c: Task(cfg, classes).logits_and_taps(params, batch, z)[0][:, c].sum()))(zero)[0]["routed"][:, -1])
       for c in range(4)])
   # exact labels: G_e = sum_b sum_y p_y g g^T with g = J^T (p - e_y), the gradient of -log p_y
   want = np.zeros(got.stats[kfac.Block(0)].g_edd.shape)

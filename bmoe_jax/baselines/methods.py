@@ -8,20 +8,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmoe_jax.config import MoEConfig
 from bmoe_jax.laplace import posterior as P
 from bmoe_jax.laplace import predictive as PR
-from bmoe_jax.laplace.kfac import Batch, Block, task_logits
+from bmoe_jax.params import Block, read_blocks, write_blocks
+from bmoe_jax.task import Batch, Task, class_probs
 
 Method = Callable[[Batch], jax.Array]
 
 
-def _logits_fn(cfg: MoEConfig, class_ids_c, **forward_kw):
-  return jax.jit(lambda p, b: task_logits(p, cfg, b, class_ids_c, **forward_kw)[0])
+def _logits_fn(task: Task):
+  return jax.jit(lambda p, b: task.logits(p, b))
 
 
-def map_method(params, cfg: MoEConfig, class_ids_c, **forward_kw) -> Method:
-  logits = _logits_fn(cfg, class_ids_c, **forward_kw)
+def map_method(params, task: Task) -> Method:
+  logits = _logits_fn(task)
   return lambda batch: jax.nn.softmax(logits(params, batch), -1)
 
 
@@ -48,65 +48,60 @@ def fit_temperature(logits_nc, labels_n, *, grid=None) -> float:
   return float(jnp.exp(log_t))
 
 
-def temperature_scaling(params, cfg: MoEConfig, class_ids_c, val_batches: Sequence[Batch],
-                        **forward_kw) -> tuple[Method, float]:
+def temperature_scaling(params, task: Task, val_batches: Sequence[Batch]) -> tuple[Method, float]:
   """Fit T on validation batches; the method returns softmax(f / T). Returns (method, T)."""
   if not val_batches:
     raise ValueError("temperature scaling needs validation batches")
-  logits = _logits_fn(cfg, class_ids_c, **forward_kw)
+  logits = _logits_fn(task)
   f = jnp.concatenate([logits(params, b) for b in val_batches])
   y = jnp.concatenate([b.labels_b for b in val_batches])
   t = fit_temperature(f, y)
   return (lambda batch: jax.nn.softmax(logits(params, batch) / t, -1)), t
 
 
-def mc_dropout(params, cfg: MoEConfig, class_ids_c, *, rate: float = 0.1, num_samples: int = 16,
-               key: jax.Array | None = None, layers: Sequence[int] | None = None, **forward_kw) -> Method:
+def mc_dropout(params, task: Task, *, rate: float = 0.1, num_samples: int = 16, key: jax.Array | None = None,
+               layers: Sequence[int] | None = None) -> Method:
   """MC dropout on the routed experts' hidden units: each of ``num_samples`` forward passes drops every
   expert's down_proj input unit with probability ``rate`` (scaling the rest by 1/(1-rate)), one mask
   per pass shared by all tokens (as variational dropout ties masks over time). Averages the softmax.
   ``layers``: MoE layers to drop in (default all). Seeded by ``key``; every call reuses the same masks."""
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"rate={rate}: expected 0 <= rate < 1")
-  layers = tuple(cfg.moe_layer_ids if layers is None else layers)
+  blocks = [Block(l) for l in (task.cfg.moe_layer_ids if layers is None else layers)]
   key = jax.random.key(0) if key is None else key
+
   def one(p, sample_key, batch):
-    w = {Block(l): P.down_proj(p, l) for l in layers}
     dropped = {}
-    for i, (blk, w_efd) in enumerate(sorted(w.items())):
+    for i, (blk, w_efd) in enumerate(sorted(read_blocks(p, blocks).items())):
       keep_ef = jax.random.bernoulli(jax.random.fold_in(sample_key, i), 1.0 - rate, w_efd.shape[:2])
       dropped[blk] = w_efd * (keep_ef[..., None] / (1.0 - rate)).astype(w_efd.dtype)
-    f = task_logits(P.with_down_proj(p, dropped), cfg, batch, class_ids_c, **forward_kw)[0]
-    return jax.nn.softmax(f, -1)
+    return jax.nn.softmax(task.logits(write_blocks(p, dropped), batch), -1)
 
   keys = jax.random.split(key, num_samples)
   run = jax.jit(lambda p, ks, batch: jnp.mean(jax.lax.map(lambda k: one(p, k, batch), ks), 0))
   return lambda batch: run(params, keys, batch)
 
 
-def ensemble(param_list: Sequence, cfg: MoEConfig, class_ids_c, **forward_kw) -> Method:
+def ensemble(param_list: Sequence, task: Task) -> Method:
   """Average of the members' softmax (checkpoint ensemble: checkpoints of one run; deep ensemble:
   independently fine-tuned seeds)."""
   if not param_list:
     raise ValueError("an ensemble needs at least one member")
-  logits = _logits_fn(cfg, class_ids_c, **forward_kw)
+  logits = _logits_fn(task)
   return lambda batch: jnp.mean(jnp.stack([jax.nn.softmax(logits(p, batch), -1) for p in param_list]), 0)
 
 
-def bayesian_moe_variants(posts: dict, params, cfg: MoEConfig, class_ids_c, *, link: str = "probit",
-                          key: jax.Array | None = None, num_samples: int = 1000, **forward_kw) -> dict[str, Method]:
+def bayesian_moe_variants(posts: dict, params, task: Task, *, link: str = "probit", key: jax.Array | None = None,
+                          num_samples: int = 1000) -> dict[str, Method]:
   """Closed-form Bayesian-MoE methods for posteriors that share their factors and differ only in prior
   precision (fixed, evidence, grid): the lambda-independent Jacobian statistics are computed once per
   batch (cached by batch) and every variant only redoes the cheap contraction."""
   if not posts:
     return {}
-  from bmoe_jax.xla_cpu import warn_if_broken
-  warn_if_broken()
   first = next(iter(posts.values()))
   if any(p.factors is not first.factors for p in posts.values()):
     raise ValueError("bayesian_moe_variants: the posteriors must share one factors dict (built from one fit)")
-  stats_fn = jax.jit(lambda p, po, b: PR.jacobian_stats(p, cfg, b, class_ids_c, po, **forward_kw))
-  key = jax.random.key(0) if key is None else key
+  stats_fn = jax.jit(lambda p, po, b: PR.jacobian_stats(p, task, b, po))
   cache: dict[int, tuple] = {}
 
   def stats(batch):
@@ -118,26 +113,15 @@ def bayesian_moe_variants(posts: dict, params, cfg: MoEConfig, class_ids_c, *, l
   def make(post):
     def run(batch):
       s = stats(batch)
-      cov = PR.logit_covariance(s, post)
-      return PR.probit(s.f_bc, cov) if link == "probit" else PR.mc_softmax(s.f_bc, cov, key, num_samples)
+      return class_probs(s.f_bc, PR.logit_covariance(s, post), link, key, num_samples)
     return run
   return {name: make(post) for name, post in posts.items()}
 
 
-def bayesian_moe(post: P.Posterior, params, cfg: MoEConfig, class_ids_c, *, method: str = "closed",
-                 link: str = "probit", key: jax.Array | None = None, num_samples: int = 1000,
-                 **forward_kw) -> Method:
+def bayesian_moe(post: P.Posterior, params, task: Task, *, method: str = "closed", link: str = "probit",
+                 key: jax.Array | None = None, num_samples: int = 1000) -> Method:
   """The Bayesian-MoE predictive (``bmoe_jax.laplace.predict``) as a Method."""
-  from bmoe_jax.xla_cpu import warn_if_broken
-  warn_if_broken()
   if method == "closed":
-    stats = jax.jit(lambda p, po, b: PR.jacobian_stats(p, cfg, b, class_ids_c, po, **forward_kw))
-    key = jax.random.key(0) if key is None else key
-
-    def run(batch):
-      s = stats(params, post, batch)
-      cov = PR.logit_covariance(s, post)
-      return PR.probit(s.f_bc, cov) if link == "probit" else PR.mc_softmax(s.f_bc, cov, key, num_samples)
-    return run
-  return lambda batch: PR.predict(post, params, cfg, batch, class_ids_c, method=method, link=link, key=key,
-                                  num_samples=num_samples, **forward_kw).probs_bc
+    return bayesian_moe_variants({"bmoe": post}, params, task, link=link, key=key, num_samples=num_samples)["bmoe"]
+  return lambda batch: PR.predict(post, params, task, batch, method=method, link=link, key=key,
+                                  num_samples=num_samples).probs_bc

@@ -14,11 +14,23 @@ import numpy as np
 from bmoe_jax.data.prompts import (INSTRUCTIONS, answer_token_ids, apply_chat, cloze_token_ids, encode,
                                    format_cloze, format_prompt)
 from bmoe_jax.data.records import MCExample
-from bmoe_jax.laplace.kfac import Batch
+from bmoe_jax.task import Batch
 
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+def _pad_length(tokens, mask, pos, tokenizer, max_length: int, pad_to: int, padding_side: str):
+  """Extra padding on the padding side up to a multiple of ``pad_to`` (at most ``max_length``)."""
+  s = min(_round_up(tokens.shape[1], pad_to), max(max_length, tokens.shape[1]))
+  if s <= tokens.shape[1]:
+    return tokens, mask, pos
+  extra = s - tokens.shape[1]
+  pad_id = int(tokens[mask == 0][0]) if (mask == 0).any() else (tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+  width = ((0, 0), (0, extra)) if padding_side == "right" else ((0, 0), (extra, 0))
+  return (np.pad(tokens, width, constant_values=pad_id), np.pad(mask, width),
+          pos + (extra if padding_side == "left" else 0))
 
 
 def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, max_length: int = 512,
@@ -65,14 +77,7 @@ def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, m
       prompts = [apply_chat(tokenizer, p) for p in prompts]
     tokens, mask, pos, cut = encode(tokenizer, prompts, max_length, padding_side=padding_side)
     truncated += cut
-    s = min(_round_up(tokens.shape[1], pad_to), max(max_length, tokens.shape[1]))
-    if s > tokens.shape[1]:  # extra padding on the padding side
-      extra = s - tokens.shape[1]
-      pad_id = int(tokens[mask == 0][0]) if (mask == 0).any() else (tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
-      width = ((0, 0), (0, extra)) if padding_side == "right" else ((0, 0), (extra, 0))
-      tokens = np.pad(tokens, width, constant_values=pad_id)
-      mask = np.pad(mask, width)
-      pos = pos + (extra if padding_side == "left" else 0)
+    tokens, mask, pos = _pad_length(tokens, mask, pos, tokenizer, max_length, pad_to, padding_side)
     choice_mask = np.arange(c)[None, :] < np.asarray([len(e.choices) for e in exs])[:, None]
     ids_bc = None
     if style == "cloze":  # missing choices point at token 0 and are masked

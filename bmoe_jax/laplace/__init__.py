@@ -10,9 +10,9 @@ posterior, evidence, prior precision, samples), ``predictive`` (closed-form / jv
 
 from bmoe_jax.laplace import kfac, lowrank, posterior, predictive
 from bmoe_jax.laplace.fit import fit_factors, load_posterior, save_posterior
-from bmoe_jax.laplace.kfac import Batch, Block, FactorSpec
+from bmoe_jax.laplace.kfac import Block, FactorSpec
 from bmoe_jax.laplace.posterior import Posterior, build, optimize_prior_precision
 from bmoe_jax.laplace.predictive import predict
 
 __all__ = ["kfac", "lowrank", "posterior", "predictive", "fit_factors", "load_posterior", "save_posterior",
-           "Batch", "Block", "FactorSpec", "Posterior", "build", "optimize_prior_precision", "predict"]
+           "Block", "FactorSpec", "Posterior", "build", "optimize_prior_precision", "predict"]

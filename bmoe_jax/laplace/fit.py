@@ -1,15 +1,18 @@
 """The user-facing loop: a resumable factor pass over a dataset, and posterior save/load (orbax).
 
-  state = fit_factors(params, cfg, batches, class_ids, spec, checkpoint_dir="runs/kfac")
-  post = posterior.build(kfac.finalize(state), params, num_sequences=int(state.num_sequences),
-                         log_lik=state.log_lik)
+  task = Task(cfg, class_ids)
+  state = fit_factors(params, task, batches, spec, checkpoint_dir="runs/kfac")
+  factors = kfac.finalize(state)
+  post = posterior.build(factors, read_blocks(params, factors), prior_mean=read_blocks(pretrained, factors),
+                         num_sequences=int(state.num_sequences), log_lik=state.log_lik)
   post, curve = posterior.optimize_prior_precision(post, "layer")
-  pred = predictive.predict(post, params, cfg, test_batch, class_ids)
+  pred = predictive.predict(post, params, task, test_batch)
   save_posterior("runs/posterior", post); post = load_posterior("runs/posterior")
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -19,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmoe_jax.config import MoEConfig
+from bmoe_jax.checkpoint import ResumableRun
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace.posterior import Posterior
+from bmoe_jax.params import read_block
+from bmoe_jax.task import Batch, Task
 
 POSTERIOR_FORMAT = "bmoe_jax/posterior-v2"  # v2: keyed by block ("3.routed", "3.shared")
 
@@ -37,56 +42,45 @@ def _tree_state(tree: dict, like: kfac.FactorState) -> kfac.FactorState:
   return kfac.FactorState(stats, jnp.asarray(tree["num_sequences"]), jnp.asarray(tree["log_lik"]))
 
 
-def fit_factors(params, cfg: MoEConfig, batches: Iterable[kfac.Batch], class_ids_c, spec: kfac.FactorSpec,
-                *, key: jax.Array | None = None, checkpoint_dir: str | Path | None = None,
+def factor_dtype(params, spec: kfac.FactorSpec):
+  """The accumulation dtype of a factor pass: the Bayesian weights' dtype, at least float32 (float64
+  parameters under ``jax_enable_x64`` give float64 factors and evidence)."""
+  w = read_block(params, spec.blocks[0])
+  return jnp.promote_types(w.dtype, jnp.float32)
+
+
+def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorSpec, *,
+                key: jax.Array | None = None, checkpoint_dir: str | Path | None = None,
                 checkpoint_every: int = 50, progress: bool = True, total: int | None = None,
-                mesh=None, **forward_kw) -> kfac.FactorState:
+                mesh=None) -> kfac.FactorState:
   """One pass over ``batches`` accumulating every expert's factors (``kfac.update``, jitted).
 
-  With ``checkpoint_dir`` the state is saved (orbax) every ``checkpoint_every`` batches and at the end;
-  a rerun with the same directory restores the latest save and skips the batches it already holds, so an
-  interrupted pass resumes to the same result. ``batches`` must then be deterministic (same order).
-  ``labels="mc"`` draws batch i's labels from ``fold_in(key, i)``: resumed runs draw the same labels.
+  With ``checkpoint_dir`` the state is saved (orbax, ``checkpoint.ResumableRun``) every
+  ``checkpoint_every`` batches and at the end; a rerun with the same directory restores the latest save
+  and skips the batches it already holds, so an interrupted pass resumes to the same result. ``batches``
+  must then be deterministic (same order). ``labels="mc"`` draws batch i's labels from
+  ``fold_in(key, i)``: resumed runs draw the same labels.
   ``mesh``: the statistics live split on its expert axis (pass params and batches placed on it).
   """
   if spec.labels == "mc" and key is None:
     raise ValueError("FactorSpec(labels='mc') needs key=")
-  from bmoe_jax.xla_cpu import warn_if_broken
-  warn_if_broken()
-  state = kfac.init(cfg, spec)
+  cfg = task.cfg
+  dtype = factor_dtype(params, spec)
+  state = kfac.init(cfg, spec, dtype)
   jit_kw = {}
   if mesh is not None:  # statistics split on the expert axis (bmoe_jax.sharded.factor_shardings)
     from bmoe_jax.sharded import factor_shardings
-    jit_kw["out_shardings"] = factor_shardings(cfg, mesh, spec)
+    jit_kw["out_shardings"] = factor_shardings(cfg, mesh, spec, dtype)
     state = jax.device_put(state, jit_kw["out_shardings"])
-  step = jax.jit(functools.partial(kfac.update, cfg=cfg, spec=spec, **forward_kw), **jit_kw)
-  done = 0
-  mngr = None
+  step = jax.jit(functools.partial(kfac.update, task=task, spec=spec), **jit_kw)
+  run, done = None, 0
   if checkpoint_dir is not None:
-    import orbax.checkpoint as ocp
-
-    directory = Path(checkpoint_dir).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {"spec": {"layers": list(spec.layers), "labels": spec.labels, "tokens": spec.tokens,
-                     "rank": spec.rank, "shared": spec.shared}, "config": cfg.to_dict()}
-    meta_file = directory / "factor_pass.json"
-    if meta_file.exists() and json.loads(meta_file.read_text()) != json.loads(json.dumps(meta)):
-      raise ValueError(f"{meta_file}: the checkpoints there are of a different FactorSpec or model "
-                       f"config; expected {meta['spec']}. Use a new checkpoint_dir.")
-    meta_file.write_text(json.dumps(meta, indent=2))
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    latest = mngr.latest_step()
-    if latest is not None:
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
-      state = _tree_state(mngr.restore(latest, args=ocp.args.StandardRestore(abstract)), state)
-      done = latest
-
-  def save(i):
-    if mngr is not None and mngr.latest_step() != i:
-      import orbax.checkpoint as ocp
-      mngr.save(i, args=ocp.args.StandardSave(_state_tree(state)))
-      mngr.wait_until_finished()
-
+    fingerprint = {"spec": dataclasses.asdict(spec), "task": {"class_ids": task.class_ids,
+                   "start_layer": task.start_layer}, "dtype": str(dtype), "config": cfg.to_dict()}
+    run = ResumableRun(checkpoint_dir, fingerprint, keep=2, fingerprint_file="factor_pass.json")
+    if run.latest_step() is not None:
+      done = run.latest_step()
+      state = _tree_state(run.restore(_state_tree(state))[0], state)
   from tqdm.auto import tqdm
 
   bar = tqdm(total=total, initial=done, desc="K-FAC factors", unit="batch", disable=not progress)
@@ -96,17 +90,18 @@ def fit_factors(params, cfg: MoEConfig, batches: Iterable[kfac.Batch], class_ids
       if i <= done:
         continue
       sub = None if key is None else jax.random.fold_in(key, i - 1)
-      state = step(state, params, batch=batch, class_ids_c=class_ids_c, key=sub)
+      state = step(state, params, batch=batch, key=sub)
       bar.update(1)
-      if i % checkpoint_every == 0:
-        save(i)
+      if run is not None and i % checkpoint_every == 0:
+        run.save(i, _state_tree(state))
     if i < done:
       raise ValueError(f"{checkpoint_dir} holds a pass over {done} batches but the data has only {i}")
-    save(max(i, done))
+    if run is not None:
+      run.save(max(i, done), _state_tree(state))
   finally:
     bar.close()
-    if mngr is not None:
-      mngr.close()
+    if run is not None:
+      run.close()
   return state
 
 

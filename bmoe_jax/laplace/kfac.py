@@ -6,8 +6,8 @@ down_proj ``[e, f, d]``) and, optionally, its shared expert (``Block(l, "shared"
 shared-expert gate inside its output gradient). Every dict of factors, posteriors and statistics is keyed
 by blocks.
 
-Task output: the C class logits ``f = logits[b, answer_pos_b, class_ids]`` (or ``batch.class_ids_bc``,
-per example, for cloze-style choices). For expert e of MoE layer l,
+Task output: the C class logits ``f = task.logits(params, batch)`` (``bmoe_jax.task``). For expert e of
+MoE layer l,
 with down_proj inputs ``a`` (per routed slot) and gradients ``g`` of the loss w.r.t. that expert's output
 (routing weight included, read off the zero perturbations of ``bmoe_jax.model.forward``)::
 
@@ -35,47 +35,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.laplace import lowrank
-from bmoe_jax.model import forward, zero_perturbations
+from bmoe_jax.model import zero_perturbations
+from bmoe_jax.params import Block, as_block, block_dims  # noqa: F401  (re-exported)
+from bmoe_jax.task import Batch, Task
 
 LABEL_MODES = ("exact", "mc", "empirical")
 TOKEN_MODES = ("last", "expand", "reduce")
-
-
-BLOCK_KINDS = ("routed", "shared")
-
-
-class Block(NamedTuple):
-  """One Bayesian set of down_proj weights: the routed experts (``kind="routed"``) or the shared expert
-  (``"shared"``) of MoE layer ``layer``. ``str(Block(3, "shared")) == "3.shared"``."""
-  layer: int
-  kind: str = "routed"
-
-  def __str__(self):
-    return f"{self.layer}.{self.kind}"
-
-
-def as_block(key) -> Block:
-  """A ``Block`` from a Block/tuple, an int layer id (its routed experts) or a string ``"3.shared"``."""
-  if isinstance(key, str):
-    layer, _, kind = key.partition(".")
-    key = (int(layer), kind or "routed")
-  if isinstance(key, (int, np.integer)):
-    key = (int(key), "routed")
-  blk = Block(int(key[0]), str(key[1]))
-  if blk.kind not in BLOCK_KINDS:
-    raise ValueError(f"block {key!r}: kind {blk.kind!r}, expected one of {BLOCK_KINDS}")
-  return blk
-
-
-def block_dims(cfg: MoEConfig, blk: Block) -> tuple[int, int, int]:
-  """(experts, input width f, output width d) of a block's down_proj."""
-  if blk.kind == "shared":
-    return 1, cfg.shared_expert_size, cfg.hidden_size
-  return cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
 
 
 def block_slots(taps, grads, blk: Block):
@@ -100,7 +68,7 @@ class FactorSpec:
 
   @property
   def blocks(self) -> tuple[Block, ...]:
-    kinds = BLOCK_KINDS if self.shared else ("routed",)
+    kinds = ("routed", "shared") if self.shared else ("routed",)
     return tuple(Block(l, k) for l in self.layers for k in kinds)
 
   def __post_init__(self):
@@ -133,50 +101,10 @@ def select_layers(cfg: MoEConfig, which="all") -> tuple[int, ...]:
   return layers
 
 
-class Batch(NamedTuple):
-  tokens_bs: jax.Array
-  mask_bs: jax.Array
-  answer_pos_b: jax.Array
-  labels_b: jax.Array  # index into class_ids
-  # Optional [b, c] bool: False where an example has fewer choices than the C classes (ARC has 3-5).
-  # Those logits are set to CHOICE_MASK_VALUE: probability ~0, no gradient, no curvature.
-  choice_mask_bc: jax.Array | None = None
-  # Optional [b, s, d]: cached input states of layer ``start_layer`` (the frozen prefix run once,
-  # ``bmoe_jax.train.with_prefix_states``); every model call on the batch then runs only layers >= it.
-  states_bsd: jax.Array | None = None
-  # Optional [b, c] int: per-example class token ids (cloze-style choices); else the shared class_ids_c.
-  class_ids_bc: jax.Array | None = None
-
-
-CHOICE_MASK_VALUE = -1e9
-
-
-def batch_forward_kw(batch: Batch, forward_kw: dict) -> dict:
-  """``forward`` keywords for ``batch``: its cached prefix states, if any (``start_layer`` must be given)."""
-  if batch.states_bsd is None:
-    return forward_kw
-  if not forward_kw.get("start_layer"):
-    raise ValueError("this batch carries cached prefix states (states_bsd); pass start_layer= (the layer "
-                     "they enter) to the model call")
-  return dict(forward_kw, states_bsd=batch.states_bsd)
-
-
 class LayerStats(NamedTuple):
   a_eff: jax.Array  # [e, f, f] sum of a a^T
   g_edd: jax.Array  # [e, d, d] sum of g g^T
   rows_e: jax.Array  # [e] rows that entered A
-
-
-def task_logits(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, perturb=None, **kw):
-  out = forward(params, cfg, batch.tokens_bs, batch.mask_bs, perturb=perturb, return_taps=True,
-                logit_positions_b=batch.answer_pos_b, **batch_forward_kw(batch, kw))
-  if batch.class_ids_bc is not None:
-    f_bc = jnp.take_along_axis(out.logits, batch.class_ids_bc, axis=1)
-  else:
-    f_bc = out.logits[:, class_ids_c]
-  if batch.choice_mask_bc is not None:
-    f_bc = jnp.where(batch.choice_mask_bc, f_bc, CHOICE_MASK_VALUE)
-  return f_bc, out.taps
 
 
 def label_cotangents(f_bc, labels_b, mode: str, key=None):
@@ -241,14 +169,15 @@ def expert_sums(a_rf, g_lrd, w_lr, expert_r, valid_r, num_experts) -> LayerStats
   return LayerStats(a_eff, g_edd, rows_e)
 
 
-def _block_rows(params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorSpec, key, **forward_kw):
+def _block_rows(params, task: Task, batch: Batch, spec: FactorSpec, key):
   """One forward and one vjp per label draw (vmapped). Per block: rows a [r, f], g [labels, r, d], their
   label weights [labels, r], expert ids [r], validity [r]; and the log-likelihood of the batch."""
   b, s = batch.tokens_bs.shape
+  cfg = task.cfg
   zero = zero_perturbations(cfg, b, s, blocks=spec.blocks)
 
   def f(perturb):
-    return task_logits(params, cfg, batch, class_ids_c, perturb, **forward_kw)
+    return task.logits_and_taps(params, batch, perturb)
 
   f_bc, pullback, taps = jax.vjp(f, zero, has_aux=True)
   f_bc = jax.lax.stop_gradient(f_bc)
@@ -268,11 +197,11 @@ def _block_rows(params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorS
   return out, log_lik
 
 
-def factor_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c: jax.Array, spec: FactorSpec,
-                 key: jax.Array | None = None, **forward_kw) -> dict[Block, LayerStats]:
+def factor_stats(params, task: Task, batch: Batch, spec: FactorSpec,
+                 key: jax.Array | None = None) -> dict[Block, LayerStats]:
   """Full A/G sums of one batch for every expert of ``spec.blocks``."""
-  rows, _ = _block_rows(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
-  return {blk: expert_sums(a, g, w, e, v, block_dims(cfg, blk)[0]) for blk, (a, g, w, e, v) in rows.items()}
+  rows, _ = _block_rows(params, task, batch, spec, key)
+  return {blk: expert_sums(a, g, w, e, v, block_dims(task.cfg, blk)[0]) for blk, (a, g, w, e, v) in rows.items()}
 
 
 class FactorState(NamedTuple):
@@ -315,10 +244,11 @@ def init(cfg: MoEConfig, spec: FactorSpec, dtype=jnp.float32) -> FactorState:
   return FactorState(stats, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
 
 
-def update(state: FactorState, params, cfg: MoEConfig, batch: Batch, class_ids_c, spec: FactorSpec,
-           key: jax.Array | None = None, **forward_kw) -> FactorState:
-  """Add one batch. Pure and jit-able (``spec`` and ``cfg`` static)."""
-  rows, log_lik = _block_rows(params, cfg, batch, class_ids_c, spec, key, **forward_kw)
+def update(state: FactorState, params, task: Task, batch: Batch, spec: FactorSpec,
+           key: jax.Array | None = None) -> FactorState:
+  """Add one batch. Pure and jit-able (``task`` and ``spec`` static)."""
+  rows, log_lik = _block_rows(params, task, batch, spec, key)
+  cfg = task.cfg
   stats = {}
   for blk, (a, g, w, expert, valid) in rows.items():
     old = state.stats[blk]
@@ -337,25 +267,30 @@ def update(state: FactorState, params, cfg: MoEConfig, batch: Batch, class_ids_c
                      state.log_lik + log_lik.astype(state.log_lik.dtype))
 
 
+def eigen_factors(stats: LayerStats | lowrank.LowRankStats, name: str = "") -> Factors:
+  """Eigendecompose one block's sums (vmapped over experts): full ``eigh`` (A divided by its row count),
+  or the SVD of the low-rank B (eigenvectors [e, n, r]). Experts that received no rows get zero factors
+  (their posterior is the prior). Raises on non-finite sums, naming the block ``name``."""
+  leaves = list(stats[:2])
+  if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
+    raise FloatingPointError(f"non-finite K-FAC factor sums in block {name}: NaN/inf activations or gradients "
+                             "in the factor pass")
+  rows_e = jnp.maximum(stats.rows_e, 1).astype(leaves[0].dtype)
+  if isinstance(stats, LayerStats):
+    a_eig, a_vec = jax.vmap(jnp.linalg.eigh)(stats.a_eff / rows_e[:, None, None])
+    g_eig, g_vec = jax.vmap(jnp.linalg.eigh)(stats.g_edd)
+  else:
+    a_eig, a_vec = lowrank.eigenform(stats.a_efr)
+    a_eig = a_eig / rows_e[:, None]
+    g_eig, g_vec = lowrank.eigenform(stats.g_edr)
+  # Factors are PSD: clip round-off negatives.
+  return Factors(jnp.maximum(a_eig, 0), a_vec, jnp.maximum(g_eig, 0), g_vec, stats.rows_e)
+
+
 def finalize(state: FactorState) -> dict[Block, Factors]:
-  """Eigendecompose every expert's factors (vmapped over experts): full ``eigh`` of the sums, or the SVD
-  of the low-rank B (eigenvectors [e, n, r]). Experts that received no rows get zero factors (their
-  posterior is the prior)."""
+  """``eigen_factors`` of every block of a factor pass."""
   out = {}
   for key, s in state.stats.items():
     blk = as_block(key)
-    leaves = [x for x in s[:2]]
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
-      raise FloatingPointError(f"non-finite K-FAC factor sums in block {blk} (MoE layer {blk.layer}, "
-                               f"{blk.kind} experts): NaN/inf activations or gradients in the factor pass")
-    rows_e = jnp.maximum(s.rows_e, 1).astype(leaves[0].dtype)
-    if isinstance(s, LayerStats):
-      a_eig, a_vec = jax.vmap(jnp.linalg.eigh)(s.a_eff / rows_e[:, None, None])
-      g_eig, g_vec = jax.vmap(jnp.linalg.eigh)(s.g_edd)
-    else:
-      a_eig, a_vec = lowrank.eigenform(s.a_efr)
-      a_eig = a_eig / rows_e[:, None]
-      g_eig, g_vec = lowrank.eigenform(s.g_edr)
-    # Factors are PSD: clip round-off negatives.
-    out[blk] = Factors(jnp.maximum(a_eig, 0), a_vec, jnp.maximum(g_eig, 0), g_vec, s.rows_e)
+    out[blk] = eigen_factors(s, f"{blk} (MoE layer {blk.layer}, {blk.kind} experts)")
   return out

@@ -19,8 +19,8 @@ Three routes, each tested against the others and against a materialised Jacobian
    of the linearised network (``jax.linearize`` once, ``vmap`` over samples).
 3. ``nn_mc``: sampled weights, full forward passes (not linearised).
 
-Then ``p = E softmax(f)``: ``mc`` over Gaussian logits (seeded, cheap for small C) or ``probit``
-(``softmax(f* / sqrt(1 + pi/8 diag Sigma_f))``).
+Then ``p = E softmax(f)`` by ``bmoe_jax.task.class_probs``: ``mc`` over Gaussian logits (seeded, cheap for
+small C) or ``probit`` (``softmax(f* / sqrt(1 + pi/8 diag Sigma_f))``).
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ import numpy as np
 
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.laplace import posterior as P
-from bmoe_jax.laplace.kfac import Batch, Block, Factors, block_slots, task_logits
+from bmoe_jax.laplace.kfac import Block, Factors, block_slots
 from bmoe_jax.model import zero_perturbations
+from bmoe_jax.params import write_blocks
+from bmoe_jax.task import Batch, Task, class_probs
 
 METHODS = ("closed", "jvp_mc", "nn_mc")
-LINKS = ("mc", "probit")
 
 
 class LayerJacobian(NamedTuple):
@@ -91,15 +92,14 @@ def project_rows(fac: Factors, a_btf, g_bctd, expert_bt, valid_bt, gather: bool 
   return LayerJacobian(proj, gram)
 
 
-def jacobian_stats(params, cfg: MoEConfig, batch: Batch, class_ids_c, post: P.Posterior,
-                   **forward_kw) -> JacobianStats:
+def jacobian_stats(params, task: Task, batch: Batch, post: P.Posterior) -> JacobianStats:
   """One forward and C vjps: the lambda-independent statistics of the closed-form predictive."""
   b, s = batch.tokens_bs.shape
 
   def f(perturb):
-    return task_logits(params, cfg, batch, class_ids_c, perturb, **forward_kw)
+    return task.logits_and_taps(params, batch, perturb)
 
-  f_bc, pullback, taps = jax.vjp(f, zero_perturbations(cfg, b, s, blocks=post.factors), has_aux=True)
+  f_bc, pullback, taps = jax.vjp(f, zero_perturbations(task.cfg, b, s, blocks=post.factors), has_aux=True)
   c = f_bc.shape[-1]
   grads = jax.vmap(lambda ct: pullback(ct)[0])(jnp.broadcast_to(jnp.eye(c, dtype=f_bc.dtype)[:, None], (c, b, c)))
   blocks = {}
@@ -132,81 +132,57 @@ def logit_covariance(stats: JacobianStats, post: P.Posterior, log_prior_prec_e=N
   return cov
 
 
-def probit(f_mean_bc, f_cov_bcc):
-  var_bc = jnp.diagonal(f_cov_bcc, axis1=-2, axis2=-1)
-  return jax.nn.softmax(f_mean_bc / jnp.sqrt(1.0 + jnp.pi / 8.0 * var_bc), axis=-1)
-
-
-def gaussian_logit_samples(f_mean_bc, f_cov_bcc, key, num_samples: int):
-  """[n, b, c] draws of N(f*, Sigma_f) (symmetric PSD square root: robust to singular Sigma_f)."""
-  eig_bc, vec_bcc = jnp.linalg.eigh(f_cov_bcc)
-  root_bcc = vec_bcc * jnp.sqrt(jnp.maximum(eig_bc, 0))[:, None, :]
-  z_nbc = jax.random.normal(key, (num_samples,) + f_mean_bc.shape, f_mean_bc.dtype)
-  return f_mean_bc + jnp.einsum("bij,nbj->nbi", root_bcc, z_nbc)
-
-
-def mc_softmax(f_mean_bc, f_cov_bcc, key, num_samples: int = 1000):
-  return jnp.mean(jax.nn.softmax(gaussian_logit_samples(f_mean_bc, f_cov_bcc, key, num_samples), -1), 0)
-
-
-def jvp_samples(params, cfg: MoEConfig, batch: Batch, class_ids_c, post: P.Posterior, key,
-                num_samples: int, **forward_kw):
+def jvp_samples(params, task: Task, batch: Batch, post: P.Posterior, key, num_samples: int):
   """[n, b, c] linearised samples f* + J eps, eps ~ N(0, Sigma) structured per expert."""
   def f(w_by_block):
-    return task_logits(P.with_down_proj(params, w_by_block), cfg, batch, class_ids_c, **forward_kw)[0]
+    return task.logits(write_blocks(params, w_by_block), batch)
 
   f_bc, f_jvp = jax.linearize(f, {l: w.astype(jnp.float32) for l, w in post.w_map.items()})
   eps = P.sample_perturbations(post, key, num_samples)
   return f_bc + jax.vmap(f_jvp)(eps)
 
 
-def nn_samples(params, cfg: MoEConfig, batch: Batch, class_ids_c, post: P.Posterior, key,
-               num_samples: int, **forward_kw):
+def nn_samples(params, task: Task, batch: Batch, post: P.Posterior, key, num_samples: int):
   """[n, b, c] logits of full forward passes with sampled down_proj weights (routing recomputed by the
   forward, but the router and everything before the Bayesian layers are at the MAP)."""
   eps = P.sample_perturbations(post, key, num_samples)
 
   def one(eps_one):
     w = {l: (post.w_map[l] + eps_one[l]).astype(post.w_map[l].dtype) for l in eps_one}
-    return task_logits(P.with_down_proj(params, w), cfg, batch, class_ids_c, **forward_kw)[0]
+    return task.logits(write_blocks(params, w), batch)
 
   return jax.lax.map(one, eps)
 
 
-def predict(post: P.Posterior, params, cfg: MoEConfig, batch: Batch, class_ids_c, *, method: str = "closed",
-            link: str = "mc", key: jax.Array | None = None, num_samples: int = 1000,
-            **forward_kw) -> Predictive:
+def predict(post: P.Posterior, params, task: Task, batch: Batch, *, method: str = "closed",
+            link: str = "mc", key: jax.Array | None = None, num_samples: int = 1000) -> Predictive:
   """Class probabilities with uncertainty. ``method``: closed | jvp_mc | nn_mc; ``link`` (closed only):
   mc (``num_samples`` Gaussian logit draws, seeded by ``key``) or probit."""
   if method not in METHODS:
     raise ValueError(f"method={method!r}: expected one of {METHODS}")
-  from bmoe_jax.xla_cpu import warn_if_broken
-  warn_if_broken()
-  if link not in LINKS:
-    raise ValueError(f"link={link!r}: expected one of {LINKS}")
   key = jax.random.key(0) if key is None else key
   if method == "closed":
-    stats = jacobian_stats(params, cfg, batch, class_ids_c, post, **forward_kw)
+    stats = jacobian_stats(params, task, batch, post)
     cov = logit_covariance(stats, post)
-    probs = probit(stats.f_bc, cov) if link == "probit" else mc_softmax(stats.f_bc, cov, key, num_samples)
-    return Predictive(probs, stats.f_bc, cov)
+    return Predictive(class_probs(stats.f_bc, cov, link, key, num_samples), stats.f_bc, cov)
   sampler = jvp_samples if method == "jvp_mc" else nn_samples
-  f_nbc = sampler(params, cfg, batch, class_ids_c, post, key, num_samples, **forward_kw)
+  f_nbc = sampler(params, task, batch, post, key, num_samples)
   mean = f_nbc.mean(0)
   centred = f_nbc - mean
   cov = jnp.einsum("nbi,nbj->bij", centred, centred) / max(num_samples - 1, 1)
   return Predictive(jax.nn.softmax(f_nbc, -1).mean(0), mean, cov)
 
 
-def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats, jax.Array]],
-                                grid=None, link: str = "probit", key: jax.Array | None = None,
+def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats, jax.Array]], grid,
+                                link: str = "probit", key: jax.Array | None = None,
                                 num_samples: int = 1000) -> tuple[P.Posterior, dict]:
-  """Global lambda minimising validation NLL over ``grid`` (default: 10^-4..10^4, 41 points).
+  """Global lambda minimising validation NLL over ``grid`` (the pipeline's default:
+  ``pipeline.configs.FitConfig.grid``).
 
   ``val``: (``jacobian_stats`` of a validation batch, its labels) pairs, computed once; every grid
   point then costs only the contraction. Returns the posterior at the best lambda and the curve
   ``{"prior_precision": [...], "nll": [...]}`` (mean NLL per example)."""
-  grid = np.logspace(-4, 4, 41) if grid is None else np.asarray(grid, np.float64)
+  grid = np.asarray(grid, np.float64)
   key = jax.random.key(0) if key is None else key
   num_e = {l: w.shape[0] for l, w in post.w_map.items()}
   nlls = []
@@ -215,7 +191,7 @@ def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats
     total, count = 0.0, 0
     for stats, labels_b in val:
       cov = logit_covariance(stats, post, log_prec)
-      probs = probit(stats.f_bc, cov) if link == "probit" else mc_softmax(stats.f_bc, cov, key, num_samples)
+      probs = class_probs(stats.f_bc, cov, link, key, num_samples)
       total += float(-jnp.sum(jnp.log(jnp.take_along_axis(probs, labels_b[:, None], 1) + 1e-12)))
       count += labels_b.shape[0]
     nlls.append(total / max(count, 1))

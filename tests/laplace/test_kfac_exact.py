@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import bmoe_jax as B
-from bmoe_jax.laplace import posterior as P
-from bmoe_jax.laplace.kfac import Batch, Block, FactorSpec, factor_stats, task_logits
+from bmoe_jax.task import Task
+from bmoe_jax.laplace.kfac import Block, FactorSpec, factor_stats
+from bmoe_jax.params import read_block, write_blocks
+from bmoe_jax.task import Batch
 
 CLASSES = jnp.array([3, 7, 11, 19])
 
@@ -22,8 +24,8 @@ def _ggn_block(params, cfg, batch, block):
   """Exact GGN of sum_b CE w.r.t. a block's down_proj [e, f, d]: J^T (diag p - p p^T) J per example."""
   def f(w_down, b):
     one = jax.tree.map(lambda x: x[b:b + 1], batch)
-    return task_logits(P.with_down_proj(params, {block: w_down}), cfg, one, CLASSES)[0][0]
-  w = P.down_proj(params, block)
+    return Task(cfg, CLASSES).logits(write_blocks(params, {block: w_down}), one)[0]
+  w = read_block(params, block)
   e, fdim, d = w.shape
   total = 0.0
   for b in range(batch.tokens_bs.shape[0]):
@@ -48,7 +50,7 @@ def test_last_token_top_layer_equals_exact_ggn_block(kind):
   cfg, params = _model()
   batch = _batch(1, 5, cfg)
   spec = FactorSpec(layers=(1,), labels="exact", tokens="last", shared=True)
-  stats = factor_stats(params, cfg, batch, CLASSES, spec)[Block(1, kind)]
+  stats = factor_stats(params, Task(cfg, CLASSES), batch, spec)[Block(1, kind)]
   exact = _ggn_block(params, cfg, batch, Block(1, kind))
   assert exact.shape[0] == (cfg.num_experts if kind == "routed" else 1)
   for e in range(exact.shape[0]):
@@ -59,7 +61,7 @@ def test_last_token_top_layer_equals_exact_ggn_block(kind):
 def test_expand_single_token_equals_exact_ggn_every_layer():
   cfg, params = _model(num_layers=2)
   batch = _batch(1, 1, cfg, seed=1)
-  stats = factor_stats(params, cfg, batch, CLASSES, FactorSpec(layers=(0, 1), tokens="expand", shared=True))
+  stats = factor_stats(params, Task(cfg, CLASSES), batch, FactorSpec(layers=(0, 1), tokens="expand", shared=True))
   assert len(stats) == 4
   for blk, st in stats.items():
     exact = _ggn_block(params, cfg, batch, blk)
@@ -76,7 +78,7 @@ def test_factor_sums_match_per_expert_loop(tokens, labels):
   batch = _batch(3, 4, cfg, seed=2)
   batch = batch._replace(mask_bs=batch.mask_bs.at[1, 3].set(0), answer_pos_b=jnp.array([3, 2, 3]))
   spec = FactorSpec(layers=(0, 1), labels=labels, tokens=tokens, shared=True)
-  stats = jax.jit(factor_stats, static_argnums=(1, 4))(params, cfg, batch, CLASSES, spec)
+  stats = jax.jit(factor_stats, static_argnums=(1, 3))(params, Task(cfg, CLASSES), batch, spec)
   k = cfg.num_experts_per_tok
   for layer in (0, 1):
     a_ref = np.zeros((cfg.num_experts, 16, 16))
@@ -86,10 +88,10 @@ def test_factor_sums_match_per_expert_loop(tokens, labels):
     for b in range(3):
       one = jax.tree.map(lambda x: x[b:b + 1], batch)
       zero = B.zero_perturbations(cfg, 1, 4)
-      logits, taps = task_logits(params, cfg, one, CLASSES, zero)
+      logits, taps = Task(cfg, CLASSES).logits_and_taps(params, one, zero)
       p = np.asarray(jax.nn.softmax(logits[0]))
       ys = range(4) if labels == "exact" else [int(one.labels_b[0])]
-      grads = {y: jax.grad(lambda z: -jax.nn.log_softmax(task_logits(params, cfg, one, CLASSES, z)[0][0])[y])(zero)
+      grads = {y: jax.grad(lambda z: -jax.nn.log_softmax(Task(cfg, CLASSES).logits_and_taps(params, one, z)[0][0])[y])(zero)
                for y in ys}
       weight = {y: (p[y] if labels == "exact" else 1.0) for y in ys}
       positions = [int(one.answer_pos_b[0])] if tokens == "last" else [t for t in range(4) if one.mask_bs[0, t]]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import bmoe_jax as B
+from bmoe_jax.task import Task
 from bmoe_jax.laplace import kfac, lowrank
-from tests.laplace.helpers import top_layer_moe
+from tests.fixtures import top_layer_moe
 
 
 def test_incremental_svd_equals_batch_sum_when_rank_fits():
@@ -54,7 +55,7 @@ def test_lowrank_converges_to_full(tokens):
     spec = kfac.FactorSpec(layers=(1,), tokens=tokens, rank=rank)
     state = kfac.init(cfg, spec)
     for h in halves:
-      state = kfac.update(state, params, cfg, h, classes, spec)
+      state = kfac.update(state, params, Task(cfg, classes), h, spec)
     return state, kfac.finalize(state)[kfac.Block(1)]
 
   full_state, full = run(None)

@@ -145,10 +145,9 @@ def test_closed_form_sigma_f_matches_laplax_where_kfac_is_exact(dataset_size):
     phi_nf, ct_lnd, w_ln = _our_rows(w1_ih, w_fd, x1, y1)
     stats = kfac.expert_sums(phi_nf, ct_lnd, w_ln, jnp.zeros(1, jnp.int32), jnp.ones(1, bool), 1)
     log_lik = jax.nn.log_softmax(phi_nf @ w_fd)[0, y1[0]]
-    factors = kfac.finalize(kfac.FactorState({BLK: stats}, jnp.asarray(1), log_lik))
-    fac = factors[BLK]
-    params = {"layers": [{"mlp": {"experts": {"w_down": w_fd[None]}}}]}
-    post = P.build(factors, params, num_sequences=1, dataset_size=dataset_size, prior_mean="zero",
+    fac = kfac.eigen_factors(stats)
+    factors = {BLK: fac}
+    post = P.build(factors, {BLK: w_fd[None]}, num_sequences=1, dataset_size=dataset_size, prior_mean="zero",
                    prior_precision=PRIOR, log_lik=log_lik)
 
     phit_bf = jnp.tanh(xt_bi @ w1_ih)

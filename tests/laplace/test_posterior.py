@@ -45,10 +45,9 @@ def _dense_prec(fac, scale, prec_e):
 def _post(fac, rng, prec=(0.5, 2.0, 1.3), scale_n=(6, 4), prior_mean="pretrained"):
   w = rng.randn(E, F, D).astype(np.float32)
   w0 = w - 0.3 * rng.randn(E, F, D).astype(np.float32)
-  params = {"layers": [{"mlp": {"experts": {"w_down": jnp.asarray(w)}}}]}
-  pre = {"layers": [{"mlp": {"experts": {"w_down": jnp.asarray(w0)}}}]}
-  post = P.build({0: fac}, params, num_sequences=scale_n[1], dataset_size=scale_n[0], prior_mean=prior_mean,
-                 pretrained=pre, prior_precision={0: np.asarray(prec)}, log_lik=-3.0)
+  mu0 = {0: jnp.asarray(w0)} if prior_mean == "pretrained" else prior_mean
+  post = P.build({0: fac}, {0: jnp.asarray(w)}, num_sequences=scale_n[1], dataset_size=scale_n[0], prior_mean=mu0,
+                 prior_precision={0: np.asarray(prec)}, log_lik=-3.0)
   return post, w, w0
 
 
@@ -128,18 +127,29 @@ def test_lpo_finds_the_evidence_maximum():
 def test_bad_prior_and_shapes():
   rng = np.random.RandomState(5)
   fac = _factors(rng)
-  params = {"layers": [{"mlp": {"experts": {"w_down": jnp.zeros((E, F, D))}}}]}
+  params = {0: jnp.zeros((E, F, D))}
   for bad in (0.0, -1.0, np.nan, [1.0, 0.0, 1.0]):
     with pytest.raises(ValueError, match="positive and finite"):
-      P.build({0: fac}, params, num_sequences=3, prior_precision={0: np.asarray(bad)} if isinstance(bad, list)
-              else bad)
+      P.build({0: fac}, params, prior_mean="zero", num_sequences=3,
+              prior_precision={0: np.asarray(bad)} if isinstance(bad, list) else bad)
   with pytest.raises(ValueError, match="num_sequences=0"):
-    P.build({0: fac}, params, num_sequences=0)
-  with pytest.raises(ValueError, match="prior_mean='map'"):
-    P.build({0: fac}, params, num_sequences=3, prior_mean="map")
-  wrong = {"layers": [{"mlp": {"experts": {"w_down": jnp.zeros((E, F + 1, D))}}}]}
-  with pytest.raises(ValueError, match="do not match down_proj"):
-    P.build({0: fac}, wrong, num_sequences=3)
-  post = P.build({0: fac}, params, num_sequences=3)
+    P.build({0: fac}, params, prior_mean="zero", num_sequences=0)
+  with pytest.raises(ValueError, match="prior_mean='mode'"):
+    P.build({0: fac}, params, num_sequences=3, prior_mean="mode")
+  with pytest.raises(ValueError, match="shapes differ"):
+    P.build({0: fac}, params, num_sequences=3, prior_mean={0: jnp.zeros((E, F, D + 1))})
+  with pytest.raises(ValueError, match="do not match the weights"):
+    P.build({0: fac}, {0: jnp.zeros((E, F + 1, D))}, prior_mean="zero", num_sequences=3)
+  with pytest.raises(TypeError, match="prior_mean"):
+    P.build({0: fac}, params, num_sequences=3)  # the prior mean is an explicit choice
+  # centred at the MAP, the evidence grows with lambda forever: LPO refuses it (a grid on validation data is fine)
+  at_map = P.build({0: fac}, {0: jnp.ones((E, F, D))}, prior_mean="map", num_sequences=3)
+  assert float(jnp.max(at_map.sq_dist_e[Block(0)])) == 0.0
+  lml = [float(P.log_marginal_likelihood(at_map._replace(log_prior_prec_e=P.expand_prior_precision(lam, {0: E}))))
+         for lam in (1.0, 1e2, 1e4)]
+  assert lml[0] < lml[1] < lml[2]
+  with pytest.raises(ValueError, match="grows with the prior precision"):
+    P.optimize_prior_precision(at_map, "layer")
+  post = P.build({0: fac}, params, prior_mean="zero", num_sequences=3)
   with pytest.raises(ValueError, match="mode='per_head'"):
     P.optimize_prior_precision(post, "per_head")

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 import bmoe_jax as B
+from bmoe_jax.params import write_blocks
+from bmoe_jax.task import Batch, Task, mc_softmax, probit
+from tests.fixtures import posterior_of
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace import posterior as P
 from bmoe_jax.laplace import predictive as PR
@@ -20,12 +23,12 @@ def _fit(rank=None, prior=1.0, layers=LAYERS, shared=False):
   rng = np.random.RandomState(0)
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (4, 6)))
   mask = jnp.ones((4, 6), jnp.int32).at[1, 4:].set(0)
-  batch = kfac.Batch(tokens, mask, jnp.array([5, 3, 5, 4]), jnp.array([0, 2, 1, 3]))
+  batch = Batch(tokens, mask, jnp.array([5, 3, 5, 4]), jnp.array([0, 2, 1, 3]))
   spec = kfac.FactorSpec(layers=layers, tokens="expand", rank=rank, shared=shared)
-  state = kfac.update(kfac.init(cfg, spec), params, cfg, batch, CLASSES, spec)
-  post = P.build(kfac.finalize(state), params, num_sequences=4, dataset_size=10, prior_precision=prior,
-                 log_lik=state.log_lik)
-  test = kfac.Batch(jnp.asarray(rng.randint(0, cfg.vocab_size, (3, 5))), jnp.ones((3, 5), jnp.int32).at[2, 0].set(0),
+  state = kfac.update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), batch, spec)
+  post = posterior_of(kfac.finalize(state), params, num_sequences=4, dataset_size=10, prior_precision=prior,
+                      log_lik=state.log_lik)
+  test = Batch(jnp.asarray(rng.randint(0, cfg.vocab_size, (3, 5))), jnp.ones((3, 5), jnp.int32).at[2, 0].set(0),
                     jnp.array([4, 2, 4]), jnp.array([1, 0, 3]))
   return cfg, params, post, test
 
@@ -33,7 +36,7 @@ def _fit(rank=None, prior=1.0, layers=LAYERS, shared=False):
 def _dense_cov(post, params, cfg, batch):
   """J Sigma J^T with J = jacrev of the answer logits w.r.t. every Bayesian down_proj, Sigma dense."""
   def f(w):
-    return kfac.task_logits(P.with_down_proj(params, w), cfg, batch, CLASSES)[0]
+    return Task(cfg, CLASSES).logits(write_blocks(params, w), batch)
   jac = jax.jacrev(f)(dict(post.w_map))
   b, c = batch.tokens_bs.shape[0], len(CLASSES)
   cov = np.zeros((b, c, c))
@@ -53,12 +56,12 @@ def test_closed_form_equals_dense_jacobian(rank, shared):
   """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well."""
   cfg, params, post, test = _fit(rank, shared=shared)
   assert len(post.factors) == (4 if shared else 2)
-  stats = jax.jit(PR.jacobian_stats, static_argnums=1)(params, cfg, test, CLASSES, post)
+  stats = jax.jit(PR.jacobian_stats, static_argnums=1)(params, Task(cfg, CLASSES), test, post)
   got = PR.logit_covariance(stats, post)
   want = _dense_cov(post, params, cfg, test)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
   assert np.abs(want).max() > 1e-3  # a non-trivial covariance
-  np.testing.assert_allclose(stats.f_bc, kfac.task_logits(params, cfg, test, CLASSES)[0], atol=1e-5)
+  np.testing.assert_allclose(stats.f_bc, Task(cfg, CLASSES).logits(params, test), atol=1e-5)
   # the two slot-projection strategies agree
   fac = post.factors[kfac.Block(1)]
   a, g = jax.random.normal(jax.random.key(0), (2, 5, 16)), jax.random.normal(jax.random.key(1), (2, 4, 5, 32))
@@ -71,14 +74,14 @@ def test_closed_form_equals_dense_jacobian(rank, shared):
 
 def test_jvp_mc_is_the_linear_map_and_converges_to_closed_form():
   cfg, params, post, test = _fit()
-  closed = PR.predict(post, params, cfg, test, CLASSES, method="closed", link="probit")
-  mc = PR.predict(post, params, cfg, test, CLASSES, method="jvp_mc", key=jax.random.key(1), num_samples=4000)
+  closed = PR.predict(post, params, Task(cfg, CLASSES), test, method="closed", link="probit")
+  mc = PR.predict(post, params, Task(cfg, CLASSES), test, method="jvp_mc", key=jax.random.key(1), num_samples=4000)
   np.testing.assert_allclose(mc.f_mean_bc, closed.f_mean_bc, atol=4 * np.sqrt(np.abs(closed.f_cov_bcc).max() / 4000))
   scale = np.abs(closed.f_cov_bcc).max()
   assert np.abs(mc.f_cov_bcc - closed.f_cov_bcc).max() < 0.1 * scale
   # same draws twice: seeded
-  again = PR.jvp_samples(params, cfg, test, CLASSES, post, jax.random.key(1), 8)
-  np.testing.assert_array_equal(again, PR.jvp_samples(params, cfg, test, CLASSES, post, jax.random.key(1), 8))
+  again = PR.jvp_samples(params, Task(cfg, CLASSES), test, post, jax.random.key(1), 8)
+  np.testing.assert_array_equal(again, PR.jvp_samples(params, Task(cfg, CLASSES), test, post, jax.random.key(1), 8))
 
 
 def test_nn_mc_matches_linearised_for_a_tight_posterior():
@@ -86,8 +89,8 @@ def test_nn_mc_matches_linearised_for_a_tight_posterior():
   in those weights for a tight posterior (with layer 0 Bayesian too, nn_mc re-routes layer 1 and the
   two routes differ by design)."""
   cfg, params, post, test = _fit(prior=400.0, layers=(1,))
-  lin = PR.predict(post, params, cfg, test, CLASSES, method="jvp_mc", key=jax.random.key(2), num_samples=300)
-  nn = PR.predict(post, params, cfg, test, CLASSES, method="nn_mc", key=jax.random.key(2), num_samples=300)
+  lin = PR.predict(post, params, Task(cfg, CLASSES), test, method="jvp_mc", key=jax.random.key(2), num_samples=300)
+  nn = PR.predict(post, params, Task(cfg, CLASSES), test, method="nn_mc", key=jax.random.key(2), num_samples=300)
   scale = np.abs(lin.f_cov_bcc).max()
   assert scale > 1e-6
   np.testing.assert_allclose(nn.f_mean_bc, lin.f_mean_bc, atol=0.05 * np.sqrt(scale) + 1e-4)
@@ -96,26 +99,25 @@ def test_nn_mc_matches_linearised_for_a_tight_posterior():
 
 def test_links():
   f = jnp.array([[1.0, -0.5, 0.2]])
-  assert np.allclose(PR.mc_softmax(f, jnp.zeros((1, 3, 3)), jax.random.key(0), 10), jax.nn.softmax(f), atol=1e-6)
+  assert np.allclose(mc_softmax(f, jnp.zeros((1, 3, 3)), jax.random.key(0), 10), jax.nn.softmax(f), atol=1e-6)
   cov = jnp.diag(jnp.array([2.0, 0.5, 1.0]))[None]
-  mc = PR.mc_softmax(f, cov, jax.random.key(0), 200000)
-  np.testing.assert_allclose(mc, PR.probit(f, cov), atol=0.03)  # probit is an approximation
+  mc = mc_softmax(f, cov, jax.random.key(0), 200000)
+  np.testing.assert_allclose(mc, probit(f, cov), atol=0.03)  # probit is an approximation
   # mc with a diagonal covariance: per-sample softmax of independent Gaussians (brute force)
   z = np.random.RandomState(0).randn(200000, 3) * np.sqrt([2.0, 0.5, 1.0]) + np.asarray(f)
   brute = np.exp(z - z.max(1, keepdims=True))
   np.testing.assert_allclose(mc[0], (brute / brute.sum(1, keepdims=True)).mean(0), atol=3e-3)
   # probabilities sum to one; wider posterior => flatter prediction
-  assert np.allclose(PR.probit(f, 10 * cov).sum(-1), 1)
-  assert PR.probit(f, 10 * cov).max() < PR.probit(f, cov).max()
+  assert np.allclose(probit(f, 10 * cov).sum(-1), 1)
+  assert probit(f, 10 * cov).max() < probit(f, cov).max()
 
 
 def test_grid_search_uses_the_lambda_independent_stats():
   cfg, params, post, test = _fit()
-  stats = PR.jacobian_stats(params, cfg, test, CLASSES, post)
+  stats = PR.jacobian_stats(params, Task(cfg, CLASSES), test, post)
   best, curve = PR.grid_search_prior_precision(post, [(stats, test.labels_b)], grid=[0.01, 1.0, 100.0])
   for lam, nll in zip(curve["prior_precision"], curve["nll"]):
-    p = PR.predict(post._replace(log_prior_prec_e=P.expand_prior_precision(lam, {0: 3, 1: 3})), params, cfg,
-                   test, CLASSES, link="probit").probs_bc
+    p = PR.predict(post._replace(log_prior_prec_e=P.expand_prior_precision(lam, {0: 3, 1: 3})), params, Task(cfg, CLASSES), test, link="probit").probs_bc
     np.testing.assert_allclose(nll, -np.mean(np.log(np.take_along_axis(np.asarray(p), test.labels_b[:, None], 1))),
                                rtol=1e-5)
   assert float(jnp.exp(best.log_prior_prec_e[kfac.Block(0)][0])) == pytest.approx(
@@ -125,6 +127,6 @@ def test_grid_search_uses_the_lambda_independent_stats():
 def test_bad_method_and_link():
   cfg, params, post, test = _fit()
   with pytest.raises(ValueError, match="method='laplace'"):
-    PR.predict(post, params, cfg, test, CLASSES, method="laplace")
+    PR.predict(post, params, Task(cfg, CLASSES), test, method="laplace")
   with pytest.raises(ValueError, match="link='logit'"):
-    PR.predict(post, params, cfg, test, CLASSES, link="logit")
+    PR.predict(post, params, Task(cfg, CLASSES), test, link="logit")

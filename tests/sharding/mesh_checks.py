@@ -22,7 +22,8 @@ from bmoe_jax import laplace as LA
 from bmoe_jax import sharded as SH
 from bmoe_jax import sharding as S
 from bmoe_jax import train as T
-from bmoe_jax.laplace.kfac import Batch
+from bmoe_jax.task import Batch, Task
+from tests.fixtures import posterior_of
 
 MESHES = ("data=8", "data=2,expert=4", "data=2,expert=2,model=2")
 CLASSES = jnp.array([3, 7, 11, 19])
@@ -73,25 +74,26 @@ def _check_shardings(name, got_tree, want_tree):
 def reference(cfg, params, batches, spec, tc):
   """Single-device results of every step."""
   f = jax.jit(lambda p, b: B.forward(p, cfg, b.tokens_bs, b.mask_bs).logits)
-  tl = jax.jit(lambda p, b: LA.kfac.task_logits(p, cfg, b, CLASSES)[0])
+  task = Task(cfg, CLASSES)
+  tl = jax.jit(task.logits)
   mask = T.trainable_mask(params, cfg, tc.trainable)
   train, frozen = T.split(params, mask)
   opt = T.make_optimizer(tc, 4)
-  step = jax.jit(T.make_train_step(cfg, CLASSES, opt, tc.prior_precision / 16.0))
-  new_train, _, loss, _ = step(train, opt.init(train), batches[0], None, frozen, train)
+  step = jax.jit(T.make_train_step(task, opt, tc.prior_precision / 16.0))
+  new_train, _, loss, _ = step(train, opt.init(train), batches[0], frozen, train)
   out = {"logits": f(params, batches[0]), "task": tl(params, batches[0]), "train": new_train, "loss": loss}
   for name, sp in spec.items():
-    upd = jax.jit(lambda st, p, b, k, sp=sp: LA.kfac.update(st, p, cfg, b, CLASSES, sp, k))
+    upd = jax.jit(lambda st, p, b, k, sp=sp: LA.kfac.update(st, p, task, b, sp, k))
     state = LA.kfac.init(cfg, sp, jnp.float64)
     for i, b in enumerate(batches):
       state = upd(state, params, b, jax.random.key(i))
     out[f"factors_{name}"] = state
   state = out["factors_full"]
-  post = LA.build(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), prior_precision=3.0,
-                  log_lik=state.log_lik)
+  post = posterior_of(LA.kfac.finalize(state), params, num_sequences=int(state.num_sequences), prior_precision=3.0,
+                      log_lik=state.log_lik)
   out["post"] = post
   out["evidence"] = jax.jit(LA.posterior.log_marginal_likelihood)(post)
-  out["probs"] = jax.jit(lambda p, po, b: LA.predictive.predict(po, p, cfg, b, CLASSES, link="probit").probs_bc)(
+  out["probs"] = jax.jit(lambda p, po, b: LA.predictive.predict(po, p, task, b, link="probit").probs_bc)(
       params, post, batches[1])
   return out
 
@@ -103,7 +105,8 @@ def check_mesh(text, cfg, params, batches, spec, tc, ref) -> dict:
   p_sharded = S.shard_params(params, cfg, mesh)
   _check_shardings("params", p_sharded, psh)
   b0, b1 = (S.shard_batch(b, mesh) for b in batches)
-  fwd = SH.forward(cfg, mesh, b0)
+  task = Task(cfg, CLASSES)
+  fwd = SH.forward(task, mesh, b0)
   logits = fwd(p_sharded, b0)
   lowered = fwd.lower(p_sharded, b0)
   _check_shardings("forward", logits, lowered.compile().output_shardings)
@@ -112,10 +115,10 @@ def check_mesh(text, cfg, params, batches, spec, tc, ref) -> dict:
   if expert_parallel != (mesh.shape["expert"] > 1):
     raise AssertionError(f"mesh {text}: expert-parallel shard_map path used: {expert_parallel}")
   diffs["logits"] = _diff(logits, ref["logits"])
-  task = SH.task_logits(cfg, mesh, b0, CLASSES)(p_sharded, b0)
-  _check_shardings("task logits", task, S.leading_sharding(mesh, "data", 8, 2))
-  diffs["task_logits"] = _diff(task, ref["task"])
-  step, init, split = SH.train_step(cfg, mesh, params, b0, CLASSES, tc, total_steps=4, dataset_size=8)
+  f_bc = SH.task_logits(task, mesh, b0)(p_sharded, b0)
+  _check_shardings("task logits", f_bc, S.leading_sharding(mesh, "data", 8, 2))
+  diffs["task_logits"] = _diff(f_bc, ref["task"])
+  step, init, split = SH.train_step(task, mesh, params, b0, tc, total_steps=4, dataset_size=8)
   train, frozen = split(p_sharded)
   new_train, _, loss, _ = step(train, init(train), b0, frozen, train)
   _check_shardings("train step", new_train, T.split(psh, T.trainable_mask(params, cfg, tc.trainable))[0])
@@ -123,7 +126,7 @@ def check_mesh(text, cfg, params, batches, spec, tc, ref) -> dict:
   for name, sp in spec.items():
     if name == "lowrank" and text != MESHES[-1]:  # low-rank factors on the mesh with all three axes only
       continue
-    update, zero = SH.factor_update(cfg, mesh, b0, CLASSES, sp, dtype=jnp.float64)
+    update, zero = SH.factor_update(task, mesh, b0, sp, dtype=jnp.float64)
     state = zero()
     for i, b in enumerate((b0, b1)):
       state = update(state, p_sharded, b, jax.random.key(i))
@@ -132,7 +135,7 @@ def check_mesh(text, cfg, params, batches, spec, tc, ref) -> dict:
   post = ref["post"]
   post_sharded = jax.device_put(post, SH.posterior_shardings(post, mesh))
   diffs["evidence"] = _diff(SH.log_evidence(post, mesh)(post_sharded), ref["evidence"])
-  probs = SH.predictive(cfg, mesh, post, b1, CLASSES)(p_sharded, post_sharded, b1)
+  probs = SH.predictive(task, mesh, post, b1)(p_sharded, post_sharded, b1)
   _check_shardings("predictive", probs, S.leading_sharding(mesh, "data", 8, 2))
   diffs["predictive"] = _diff(probs, ref["probs"])
   expert_split = post_sharded.factors[LA.Block(0)].a_vec_eff.sharding.spec[0]
@@ -150,7 +153,7 @@ def main(argv) -> int:
   batches = _batches(cfg)
   spec = {"full": LA.FactorSpec(layers=cfg.moe_layer_ids, shared=True),
           "lowrank": LA.FactorSpec(layers=cfg.moe_layer_ids, rank=4, labels="mc")}
-  tc = T.TrainConfig(trainable="experts_router", learning_rate=1e-2, prior_precision=1.0)
+  tc = T.TrainConfig(trainable="experts_router", lr=1e-2, prior_precision=1.0)
   ref = reference(cfg, params, batches, spec, tc)
   for text in argv or MESHES:
     t0 = time.perf_counter()

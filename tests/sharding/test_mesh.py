@@ -85,23 +85,16 @@ def test_sharded_restore_and_memory_accounting(tmp_path):
 def test_bmoe_fit_on_a_mesh_gives_the_same_posterior(tmp_path, shared_data):
   """``bmoe fit --mesh data=2,expert=4`` (8 virtual devices, own processes) against the same fit on one
   device: same prior precision and log evidence."""
-  from bmoe_jax import data as D
-  from bmoe_jax.checkpoint import save_params
-  from bmoe_jax.data.toy_tokenizer import train_bpe
+  from tests.fixtures import tiny_model_dir
 
-  model = tmp_path / "model"
-  text = [f"Question: {e.question}\n" + "\n".join(f"{L}. {c}" for L, c in zip("ABCD", e.choices)) + "\nAnswer: A B C D"
-          for e in D.load("obqa", "train", data_dir=shared_data).examples[:200]]
-  cfg = B.tiny_config(vocab_size=512, num_experts=8, moe_layers=(False, True))
-  save_params(model, cfg, B.init_params(cfg, jax.random.key(0), std=0.3))
-  train_bpe(text, 480).save_pretrained(str(model))
+  model = tiny_model_dir(tmp_path / "model", shared_data, num_experts=8, rows=200)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   runs = {}
   for mesh in ("", "data=2,expert=4"):
     out = tmp_path / f"fit{len(mesh)}"
     cmd = [sys.executable, "-m", "bmoe_jax.cli", "fit", "--model", str(model), "--data-dir", shared_data,
-           "--data", "obqa:train", "--max-examples", "32", "--batch-size", "8", "--max-length", "96",
-           "--prior", "layer", "--quiet", "--out", str(out)] + (["--mesh", mesh] if mesh else [])
+           "--train", "obqa:train", "--max-train", "32", "--batch-size", "8", "--max-length", "96",
+           "--prior", "layer", "--prior-mean", "zero", "--quiet", "--out", str(out)] + (["--mesh", mesh] if mesh else [])
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs[mesh] = json.loads((out / "run.json").read_text())

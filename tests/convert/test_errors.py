@@ -9,14 +9,13 @@ import pytest
 
 from convert import ConversionError, load_hf_checkpoint, parse_hf_config
 from convert.reference import make_checkpoint
+from tests.fixtures import hf_checkpoint
 from convert.safetensors_io import read_header, save_file
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-  d = tmp_path_factory.mktemp("good")
-  make_checkpoint("qwen2_moe", d, seed=1)
-  return d
+  return hf_checkpoint(tmp_path_factory, "qwen2_moe", seed=1)
 
 
 def _copy(good, tmp_path):

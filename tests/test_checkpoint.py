@@ -13,14 +13,13 @@ from bmoe_jax.checkpoint import convert_checkpoint, load_params
 from bmoe_jax.cli import main
 from convert import load_hf_checkpoint
 from convert.reference import make_checkpoint
+from tests.fixtures import hf_checkpoint
 from convert.safetensors_io import save_file
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("hf")
-  make_checkpoint("deepseek_v1", d, seed=2)
-  return d
+  return hf_checkpoint(tmp_path_factory, "deepseek_v1", seed=2)
 
 
 def test_convert_roundtrip_and_load_model(hf_dir, tmp_path):
@@ -83,3 +82,25 @@ def test_cli_reports_conversion_errors(tmp_path, capsys):
   assert main(["info", str(tmp_path)]) == 2
   err = capsys.readouterr().err
   assert "bmoe info: error:" in err and "model_type='gpt2'" in err
+
+
+def test_resumable_run_saves_restores_and_refuses_another_run(tmp_path):
+  from bmoe_jax.checkpoint import ResumableRun
+
+  tree = {"w": np.arange(6.0).reshape(2, 3), "n": np.asarray(3)}
+  with ResumableRun(tmp_path, {"config": {"a": 1}, "spec": [1, 2]}, keep=2, fingerprint_file="f.json") as run:
+    assert run.latest_step() is None
+    for step in (1, 2, 3):
+      run.save(step, {**tree, "n": np.asarray(step)}, {"history": [step]})
+    run.save(3, tree)  # a step is saved once
+    assert run.steps() == [2, 3]  # keep=2
+    got, meta = run.restore(tree)
+    assert int(got["n"]) == 3 and meta == {"history": [3]}
+    np.testing.assert_array_equal(got["w"], tree["w"])
+  with ResumableRun(tmp_path, None, fingerprint_file="f.json", read_only=True) as run:
+    assert run.fingerprint == {"config": {"a": 1}, "spec": [1, 2]}
+    assert int(run.restore(tree, step=2)[0]["n"]) == 2
+  with pytest.raises(ValueError, match="f.json: the saves there are of a different run .it differs in spec"):
+    ResumableRun(tmp_path, {"config": {"a": 1}, "spec": [1]}, fingerprint_file="f.json")
+  with pytest.raises(FileNotFoundError, match="nothing.json not found"):
+    ResumableRun(tmp_path, None, fingerprint_file="nothing.json", read_only=True)

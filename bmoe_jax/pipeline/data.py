@@ -1,4 +1,4 @@
-"""The steps behind ``bmoe finetune / fit / evaluate``: model + tokenizer, dataset specs -> batches.
+"""Model + tokenizer loading and dataset specs -> batches, for the stages (``bmoe_jax.pipeline.stages``).
 
 A dataset spec is ``name:split`` with an optional MMLU subject list, ``mmlu:test:astronomy+virology``;
 ``max_examples`` takes a seeded subset (for CPU-sized runs; recorded in the run files).
@@ -93,6 +93,11 @@ def batches_of(loaded, tok, *, batch_size=8, max_length=256, seed=0, shuffle=Fal
                                            num_classes=num_classes, dataset=name, chat=chat,
                                            padding_side=padding_side, shuffle=shuffle, seed=seed, style=style)
   return batches, class_ids, {**info, **{k: binfo[k] for k in ("truncated", "num_classes", "style", "unscorable")}}
+
+
+def eval_key(spec: str) -> str:
+  """A dataset spec as a result key: ``mmlu:test:a+b`` -> ``mmlu_test_a-b``."""
+  return spec.replace(":", "_").replace("+", "-")
 
 
 def write_run(out_dir: str | Path, record: dict, **extra) -> Path:

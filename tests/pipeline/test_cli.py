@@ -4,30 +4,19 @@ real OBQA / MMLU rows from ../shared/data (config file + flags). Layer 0 is dens
 
 import json
 
-import jax
 import pytest
 
-import bmoe_jax as B
-from bmoe_jax import data as D
-from bmoe_jax.checkpoint import save_params
-from bmoe_jax.data.toy_tokenizer import train_bpe
 from bmoe_jax.cli import main
+from tests.fixtures import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, shared_data):
-  out = tmp_path_factory.mktemp("tiny") / "model"
-  text = [f"Question: {e.question}\n" + "\n".join(f"{L}. {c}" for L, c in zip("ABCD", e.choices)) + "\nAnswer: A B C D"
-          for e in D.load("obqa", "train", data_dir=shared_data).examples[:400]]
-  tok = train_bpe(text, 480)
-  cfg = B.tiny_config(vocab_size=512, num_experts=4, moe_layers=(False, True))
-  save_params(out, cfg, B.init_params(cfg, jax.random.key(0), std=0.3))
-  tok.save_pretrained(str(out))
-  return out
+  return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", shared_data)
 
 
 def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
-  common = ["--data-dir", shared_data, "--max-examples", "24", "--batch-size", "8", "--max-length", "128", "--quiet"]
+  common = ["--data-dir", shared_data, "--max-train", "24", "--max-eval", "24", "--batch-size", "8", "--max-length", "128", "--quiet"]
   ft = tmp_path / "ft"
   assert main(["finetune", "--model", str(model_dir), "--train", "obqa:train", "--val", "obqa:dev", "--lr", "1e-3",
                "--epochs", "2", "--eval-every", "3", "--layers", "1", "--cache-prefix", "--checkpoint-every", "2",
@@ -36,14 +25,15 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
   assert run["data"]["train"]["used"] == 24 and len(run["history"]) == 2 and run["config"]["lr"] == 1e-3
   assert (ft / "model" / "bmoe_config.json").exists() and (ft / "model" / "tokenizer.json").exists()
   fit = tmp_path / "fit"
-  assert main(["fit", "--model", str(ft / "model"), "--pretrained", str(model_dir), "--data", "obqa:train",
+  assert main(["fit", "--model", str(ft / "model"), "--pretrained", str(model_dir), "--train", "obqa:train",
                "--rank", "4", "--shared", "--out", str(fit)] + common) == 0
   meta = json.loads((fit / "posterior" / "posterior.json").read_text())
   assert meta["blocks"] == ["1.routed", "1.shared"]
   grids = {}
   for cached in ([], ["--cache-prefix"]):
     grid = tmp_path / f"fit_grid{len(cached)}"
-    assert main(["fit", "--model", str(ft / "model"), "--data", "obqa:train", "--rank", "4", "--prior", "grid",
+    assert main(["fit", "--model", str(ft / "model"), "--train", "obqa:train", "--rank", "4", "--prior", "grid",
+                 "--prior-mean", "map",
                  "--val", "obqa:dev", "--out", str(grid)] + cached + common) == 0
     grids[len(cached)] = g = json.loads((grid / "run.json").read_text())
     assert g["val_nll"] == min(g["grid"]["nll"]) and len(g["grid"]["prior_precision"]) == 41
@@ -54,11 +44,11 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
                                 "ci": True, "cache-prefix": True}))
   ev = tmp_path / "eval"
   assert main(["evaluate", "--config", str(config), "--model", str(ft / "model"), "--posterior",
-               str(fit / "posterior"), "--checkpoints", str(ft), "--id", "obqa:test", "--batch-size", "8",
+               str(fit / "posterior"), "--checkpoints", str(ft), "--test", "obqa:test", "--batch-size", "8",
                "--out", str(ev)] + common) == 0
   res = json.loads((ev / "results.json").read_text())
   assert sorted(res["methods"]) == ["bmoe", "ckpt_ensemble", "llla", "map", "mc_dropout", "ts"]
-  assert json.loads((ev / "run.json").read_text())["data"]["ckpt_ensemble_members"] == 2  # steps 4 and 6
+  assert json.loads((ev / "run.json").read_text())["methods"]["ckpt_ensemble"]["members"] == 2  # steps 4 and 6
   for m in res["methods"].values():
     assert m["obqa_test"]["n"] == 24 and 0 <= m["mmlu_test_astronomy"]["ood"]["auroc"] <= 1
     assert m["arc_challenge_test"]["n"] == 24
@@ -68,7 +58,7 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
   assert " [" in (ev / "results.md").read_text()  # intervals in the table
   full = tmp_path / "eval_full"  # the same methods without the cached prefix
   assert main(["evaluate", "--model", str(ft / "model"), "--posterior", str(fit / "posterior"), "--methods", "map,bmoe",
-               "--shift", "arc_challenge:test", "--id", "obqa:test", "--out", str(full)] + common) == 0
+               "--shift", "arc_challenge:test", "--test", "obqa:test", "--out", str(full)] + common) == 0
   again = json.loads((full / "results.json").read_text())["methods"]
   for m in ("map", "bmoe"):
     for key in ("nll", "ece", "brier"):
@@ -81,6 +71,12 @@ def test_cli_errors(model_dir, shared_data, tmp_path, capsys):
   bad.write_text(json.dumps({"learning_rate": 1.0}))
   assert main(["finetune", "--config", str(bad), "--model", str(model_dir), "--out", str(tmp_path / "x")]) == 2
   assert "unknown keys ['learning_rate']" in capsys.readouterr().err
-  assert main(["evaluate", "--model", str(model_dir), "--data-dir", shared_data, "--id", "piqa:test",
+  assert main(["evaluate", "--model", str(model_dir), "--data-dir", shared_data, "--test", "piqa:test",
                "--out", str(tmp_path / "y")]) == 2
   assert "unknown dataset 'piqa'" in capsys.readouterr().err
+  # the prior mean is an explicit choice: no pretrained weights and no --prior-mean is refused before any work
+  assert main(["fit", "--model", str(model_dir), "--data-dir", shared_data, "--out", str(tmp_path / "z")]) == 2
+  err = capsys.readouterr().err
+  assert "pass --pretrained DIR" in err and "--prior-mean zero" in err
+  assert main(["fit", "--model", str(model_dir), "--prior-mean", "map", "--out", str(tmp_path / "w")]) == 2
+  assert "use prior='grid'" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 Bayesian-MoE -> evaluation report), on the synthetic suite and on ../shared/data; and the cached-prefix
 batches give the same numbers as full forwards."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 
 from bmoe_jax import baselines as BL
+from bmoe_jax.task import Task, with_prefix
+from tests.fixtures import posterior_of
 from bmoe_jax import laplace as LA
-from bmoe_jax import train as T
 from bmoe_jax.cli import main
 from bmoe_jax.data import synthetic
 from bmoe_jax.data.prompts import format_prompt
@@ -29,9 +31,12 @@ def tiny_llama(tmp_path_factory):
   return out
 
 
-def _cfg(src, **kw):
-  return DemoConfig(source=str(src), experts=4, top_k=2, moe_layers="top:2", max_train=32, max_eval=16,
-                    epochs=1, batch_size=8, eval_every=2, rank=4, **kw)
+def _cfg(src):
+  d = DemoConfig()
+  return dataclasses.replace(
+      d, source=str(src), upcycle=dataclasses.replace(d.upcycle, num_experts=4, top_k=2, moe_layers="top:2"),
+      data=dataclasses.replace(d.data, max_train=32, max_eval=16, batch_size=8),
+      train=dataclasses.replace(d.train, epochs=1, eval_every=2), fit=dataclasses.replace(d.fit, rank=4))
 
 
 def test_demo_synthetic(tiny_llama, tmp_path, monkeypatch):
@@ -49,7 +54,7 @@ def test_demo_synthetic(tiny_llama, tmp_path, monkeypatch):
   assert "auroc" in res["methods"]["bmoe"]["synthetic_capitals_test"]["ood"]
   md = (tmp_path / "results.md").read_text()
   assert "**SYNTHETIC**" in md and "| bmoe |" in md
-  assert json.loads((tmp_path / "config.json").read_text())["train"] == "synthetic:train"
+  assert json.loads((tmp_path / "config.json").read_text())["data"]["train"] == "synthetic:train"
   assert list((tmp_path / "plots").glob("*.png")) and (tmp_path / "posterior").is_dir()
   assert set(s["seconds"]) >= {"MAP fine-tuning", "Bayesian-MoE fit + prior", "evaluation"}
 
@@ -57,13 +62,13 @@ def test_demo_synthetic(tiny_llama, tmp_path, monkeypatch):
 def test_demo_real_data_cli(tiny_llama, tmp_path, shared_data):
   cfg = tmp_path / "demo.json"
   cfg.write_text(json.dumps({"max_train": 16, "max_eval": 8, "epochs": 1, "batch_size": 8, "rank": 4,
-                             "experts": 4, "moe_layers": "top:1", "eval_every": 0}))
+                             "num_experts": 4, "moe_layers": "top:1", "eval_every": 0}))
   assert main(["demo", "--config", str(cfg), "--source", str(tiny_llama), "--data-dir", str(shared_data),
                "--shift", "arc_challenge:test,mmlu:test:astronomy", "--out-dir", str(tmp_path / "out"),
                "--mesh", "data=1", "--quiet"]) == 0  # the mesh code path (multi-device: tests/sharding)
   s = json.loads((tmp_path / "out" / "demo.json").read_text())
   assert s["data"]["suite"] == "real benchmarks" and s["model"]["moe_layers"] == [2]
-  assert json.loads((tmp_path / "out" / "config.json").read_text())["mesh"] == "data=1"
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["run"]["mesh"] == "data=1"
   assert sorted(s["summary"]["bmoe"]) == ["arc_challenge_test", "mmlu_test_astronomy", "obqa_test"]
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"epochz": 1}))
@@ -71,24 +76,22 @@ def test_demo_real_data_cli(tiny_llama, tmp_path, shared_data):
 
 
 def test_prefix_batches_match_full_forward(tiny_llama):
-  """Cached prefix states (Batch.states_bsd + start_layer) change nothing: logits, factors, predictive."""
-  from bmoe_jax.pipeline import batches_for
+  """Cached prefix states (Batch.states_bsd + Task.start_layer) change nothing: factors, predictive."""
+  from bmoe_jax.pipeline.data import batches_for
   from convert.upcycle import load_dense, upcycle
 
   dcfg, dparams, tok, _ = load_dense(tiny_llama)
-  cfg, params = upcycle(dcfg, dparams, num_experts=4, top_k=2, layers="top:2", noise=0.1)
+  cfg, params = upcycle(dcfg, dparams, num_experts=4, top_k=2, moe_layers="top:2", noise=0.1)
   params = jax.tree.map(jax.numpy.asarray, params)
   batches, class_ids, _ = batches_for("synthetic:dev", tok, batch_size=8, max_examples=16)
-  cached = T.with_prefix_states(params, cfg, batches, 1, progress=False)
+  task = Task(cfg, class_ids)
+  fast, (cached,) = with_prefix(params, task, [batches], 1, progress=False)
   spec = LA.FactorSpec(layers=cfg.moe_layer_ids, labels="exact", tokens="expand", rank=None)
-  full = LA.fit_factors(params, cfg, batches, class_ids, spec, progress=False)
-  fast = LA.fit_factors(params, cfg, cached, class_ids, spec, progress=False, start_layer=1)
-  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(fast)):
+  full = LA.fit_factors(params, task, batches, spec, progress=False)
+  part = LA.fit_factors(params, fast, cached, spec, progress=False)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(part)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
-  post = LA.build(LA.kfac.finalize(full), params, num_sequences=16)
-  for m_full, m_fast in [(BL.map_method(params, cfg, class_ids), BL.map_method(params, cfg, class_ids, start_layer=1)),
-                         (BL.bayesian_moe(post, params, cfg, class_ids),
-                          BL.bayesian_moe(post, params, cfg, class_ids, start_layer=1))]:
+  post = posterior_of(LA.kfac.finalize(full), params, num_sequences=16)
+  for m_full, m_fast in [(BL.map_method(params, task), BL.map_method(params, fast)),
+                         (BL.bayesian_moe(post, params, task), BL.bayesian_moe(post, params, fast))]:
     np.testing.assert_allclose(np.asarray(m_full(batches[0])), np.asarray(m_fast(cached[0])), atol=1e-5)
-  with pytest.raises(ValueError, match="pass start_layer="):
-    BL.map_method(params, cfg, class_ids)(cached[0])

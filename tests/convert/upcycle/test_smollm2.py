@@ -38,7 +38,7 @@ def test_smollm2_upcycled_matches_dense(smollm2):
   real = mask.astype(bool)
   with torch.no_grad():
     ref = ref_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  up_cfg, up_params = upcycle(cfg, params, num_experts=4, top_k=2, layers="every:3", seed=0)
+  up_cfg, up_params = upcycle(cfg, params, num_experts=4, top_k=2, moe_layers="every:3", seed=0)
   assert up_cfg.moe_layer_ids == tuple(range(2, 30, 3))
   with jax.enable_x64(True):
     for c, p in ((cfg, params), (up_cfg, up_params)):

@@ -15,7 +15,7 @@ from convert.gguf import gguf_config, permute_rotary, read_gguf, unpermute_rotar
 from convert.hf_config import parse_hf_config_dict
 from convert.reference import make_checkpoint, reference_outputs
 from tests.conftest import padded_batch
-from tests.upcycle.gguf_files import write_llama_gguf
+from tests.convert.upcycle.gguf_files import write_llama_gguf
 
 
 def test_rotary_permutation_roundtrip():

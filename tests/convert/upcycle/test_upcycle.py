@@ -22,9 +22,9 @@ TOL = 1e-4
 def test_upcycled_equals_dense(tmp_path, layers, top_k):
   dense = make_checkpoint("llama", tmp_path / "dense", seed=4, tie_word_embeddings=True)
   out_dir = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=top_k,
-                               layers=layers, router_std=0.5, progress=False)
+                               moe_layers=layers, router_std=0.5, progress=False)
   rec = json.loads((out_dir / "upcycle.json").read_text())
-  assert rec["moe_layers"] == list(parse_layers(layers, 3)) and rec["noise"] == 0.0
+  assert rec["moe_layer_ids"] == list(parse_layers(layers, 3)) and rec["moe_layers"] == layers and rec["noise"] == 0.0
   from transformers import AutoModelForCausalLM
   moe_t = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
   assert type(moe_t).__name__ == "Qwen2MoeForCausalLM"
@@ -48,7 +48,7 @@ def test_noise_breaks_symmetry(tmp_path):
   tokens, mask = padded_batch(96)
   logits = {}
   for noise in (0.0, 0.05):
-    cfg, p = upcycle(info.cfg, params, num_experts=3, top_k=2, layers="all", noise=noise, seed=7)
+    cfg, p = upcycle(info.cfg, params, num_experts=3, top_k=2, moe_layers="all", noise=noise, seed=7)
     w = p["layers"][0]["mlp"]["experts"]["w_down"]
     assert (np.array_equal(w[0], w[1])) == (noise == 0.0)
     logits[noise] = np.asarray(B.forward(jax.tree.map(jnp.asarray, p), cfg, tokens, mask).logits)

@@ -1,0 +1,130 @@
+"""The stages' options: one frozen dataclass per concern, one default per option, stated here once.
+
+``RunConfig`` (model, output, seed, mesh), ``DataConfig`` (which datasets, how batched), ``TrainConfig``
+(``bmoe_jax.train``: MAP fine-tuning), ``FitConfig`` (factors -> posterior -> prior precision) and
+``EvalConfig`` (methods, metrics). The command line's flags are generated from their fields
+(``bmoe_jax.pipeline.flags``); ``bmoe demo``'s ``DemoConfig`` composes them.
+
+Dataset specs are ``name:split`` (MMLU: ``mmlu:test:subject+subject``); a spec left ``None`` takes the
+suite's: the real benchmarks (OBQA -> ARC / MMLU) when a data directory is given (``data_dir`` or
+``$BMOE_DATA_DIR``), otherwise the embedded synthetic suite (``bmoe_jax.data.synthetic``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from bmoe_jax.laplace.posterior import PRIOR_MEANS, PRIOR_MODES
+from bmoe_jax.laplace.kfac import LABEL_MODES, TOKEN_MODES
+from bmoe_jax.task import LINKS
+from bmoe_jax.train import TrainConfig
+
+SUITES = {
+    "real": dict(train="obqa:train", val="obqa:dev", test="obqa:test",
+                 shift=("arc_challenge:test", "arc_easy:test",
+                        "mmlu:test:high_school_geography+high_school_biology+conceptual_physics+astronomy")),
+    "synthetic": dict(train="synthetic:train", val="synthetic:dev", test="synthetic:test",
+                      shift=("synthetic_capitals:test", "synthetic_opposites:test", "synthetic_languages:test")),
+}
+
+
+def _choice(name: str, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r}: expected one of {tuple(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: str | None = None  # converted model directory (bmoe convert) or HF checkpoint
+  tokenizer: str | None = None  # tokenizer directory (default: the model directory)
+  out: str | None = None  # output directory
+  seed: int = 0  # data subsets and order, fine-tuning, MC labels, dropout masks
+  mesh: str | None = None  # device mesh, e.g. data=2,expert=4: parameters sharded, batches split on data
+  cache_prefix: bool = False  # run the frozen layers below the lowest trainable / Bayesian one once per batch
+  quiet: bool = False  # no progress bars
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  data_dir: str | None = None  # benchmark files in the layout of ../shared/data (default $BMOE_DATA_DIR)
+  train: str | None = None  # fine-tuning and factor data (None: the suite's)
+  val: str | None = None  # early stopping, temperature scaling, the prior-precision grid
+  test: str | None = None  # in-distribution evaluation
+  shift: tuple[str, ...] | None = None  # evaluation under distribution shift
+  max_train: int | None = None  # seeded subset of the training set (None: all of it)
+  max_eval: int | None = None  # seeded subset of every other set
+  batch_size: int = 8
+  max_length: int = 256
+  chat: bool = False  # wrap prompts in the tokenizer's chat template
+
+  def resolved(self) -> "DataConfig":
+    """The data directory from ``$BMOE_DATA_DIR`` if unset, and every unset spec from its suite."""
+    data_dir = self.data_dir or os.environ.get("BMOE_DATA_DIR") or None
+    suite = SUITES["real" if data_dir else "synthetic"]
+    pick = lambda name: getattr(self, name) if getattr(self, name) is not None else suite[name]
+    return dataclasses.replace(self, data_dir=data_dir, train=pick("train"), val=pick("val"), test=pick("test"),
+                               shift=tuple(pick("shift")))
+
+  @property
+  def synthetic(self) -> bool:
+    return str(self.resolved().train).startswith("synthetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  bayes_layers: str = "all"  # all | Q1..Q4 | comma-separated MoE layer ids
+  shared: bool = False  # also the shared experts
+  labels: str = "exact"  # exact | mc | empirical
+  tokens: str = "last"  # last | expand | reduce
+  rank: int | None = None  # low-rank factors (None: full)
+  prior: str = "layer"  # global | layer | expert (evidence, LPO) or grid (validation NLL)
+  grid: tuple[float, float, int] = (1e-4, 1e4, 41)  # log-spaced prior precisions (low, high, points)
+  prior_mean: str = "pretrained"  # pretrained (needs pretrained=) | zero | map (refused by the evidence)
+  pretrained: str | None = None  # model directory of the pretrained weights, the prior mean
+  fixed_prior: float = 1.0  # the prior precision of method bmoe_fixed, and the evidence optimiser's start
+
+  def __post_init__(self):
+    _choice("labels", self.labels, LABEL_MODES)
+    _choice("tokens", self.tokens, TOKEN_MODES)
+    _choice("prior", self.prior, PRIOR_MODES + ("grid",))
+    _choice("prior_mean", self.prior_mean, PRIOR_MEANS)
+    if self.rank == 0:  # 0 on the command line: full factors
+      object.__setattr__(self, "rank", None)
+    if self.prior_mean == "map" and self.prior != "grid":
+      raise ValueError(f"prior_mean='map' with prior={self.prior!r}: centred at the MAP the evidence grows with "
+                       "the prior precision forever; use prior='grid', or prior_mean='pretrained' / 'zero'")
+
+  @property
+  def grid_values(self):
+    import numpy as np
+    lo, hi, n = self.grid
+    return np.logspace(np.log10(lo), np.log10(hi), int(n))
+
+  def layers(self):
+    """The ``kfac.select_layers`` argument."""
+    if self.bayes_layers in ("all", "Q1", "Q2", "Q3", "Q4"):
+      return self.bayes_layers
+    return [int(x) for x in str(self.bayes_layers).split(",") if x.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  methods: tuple[str, ...] = ("map", "ts")  # bmoe_jax.pipeline.methods.METHODS
+  dropout: float = 0.1  # MC dropout rate on the experts' hidden units
+  dropout_samples: int = 16
+  posterior: str | None = None  # posterior directory (bmoe fit) for method bmoe
+  members: tuple[str, ...] = ()  # model directories of method ensemble (besides the model itself)
+  checkpoints: str | None = None  # a fine-tuning run's checkpoints (RUN or RUN/checkpoints): ckpt_ensemble
+  ci: bool = False  # bootstrap 95% intervals
+  link: str = "probit"  # probit | mc: class probabilities of Gaussian logits (Laplace methods)
+
+  def __post_init__(self):
+    _choice("link", self.link, LINKS)
+    from bmoe_jax.pipeline.methods import METHODS
+    bad = sorted(set(self.methods) - set(METHODS))
+    if bad:
+      raise ValueError(f"methods {bad} are unknown; choose from {METHODS}")
+
+
+__all__ = ["SUITES", "RunConfig", "DataConfig", "TrainConfig", "FitConfig", "EvalConfig"]

@@ -1,0 +1,103 @@
+"""One registry of uncertainty methods by name: ``build_methods(names, ctx, cfg)`` -> {name: Method}.
+
+Each entry turns the evaluation ``Context`` (the fine-tuned model, its task, the data, what earlier stages
+produced) and the ``EvalConfig`` into a ``bmoe_jax.baselines.Method`` (a ``Batch`` -> class
+probabilities [b, C]) and a dict of what it fitted (temperature, members, prior precision). The CLI's
+``bmoe evaluate``, ``bmoe demo`` and the experiments all build their methods here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from bmoe_jax import baselines as BL
+from bmoe_jax.task import Task, same_prefix
+
+
+@dataclasses.dataclass
+class Context:
+  """What the methods are built from. ``members``: parameter trees per ensemble method (``ensemble``:
+  besides ``params``; ``ckpt_ensemble``: all of them); ``posteriors``: Bayesian-MoE posteriors by method
+  name (``bmoe``, ``bmoe_ml``, ``bmoe_fixed``), built from one factor pass."""
+  params: Any
+  task: Task
+  train: list = dataclasses.field(default_factory=list)
+  val: list = dataclasses.field(default_factory=list)
+  pretrained: Any = None
+  posteriors: dict = dataclasses.field(default_factory=dict)
+  members: dict = dataclasses.field(default_factory=dict)
+  seed: int = 0
+  link: str = "probit"
+
+
+def _need(ctx_value, what: str, method: str):
+  if ctx_value is None or (hasattr(ctx_value, "__len__") and not len(ctx_value)):
+    raise ValueError(f"method {method} needs {what}")
+  return ctx_value
+
+
+def _pretrained(ctx: Context, cfg):
+  return BL.map_method(_need(ctx.pretrained, "the pretrained model", "pretrained"), ctx.task), {}
+
+
+def _map(ctx: Context, cfg):
+  return BL.map_method(ctx.params, ctx.task), {}
+
+
+def _ts(ctx: Context, cfg):
+  method, temp = BL.temperature_scaling(ctx.params, ctx.task, _need(ctx.val, "validation batches", "ts"))
+  return method, {"temperature": temp}
+
+
+def _mc_dropout(ctx: Context, cfg):
+  return BL.mc_dropout(ctx.params, ctx.task, rate=cfg.dropout, num_samples=cfg.dropout_samples,
+                       key=jax.random.key(ctx.seed)), {"rate": cfg.dropout, "samples": cfg.dropout_samples}
+
+
+def _llla(ctx: Context, cfg):
+  method, post = BL.last_layer_laplace(ctx.params, ctx.task, _need(ctx.train, "training batches", "llla"),
+                                       link=ctx.link)
+  return method, {"prior_precision": float(jax.numpy.exp(next(iter(post.log_prior_prec_e.values()))[0]))}
+
+
+def _ensemble(name: str, with_model: bool):
+  def build(ctx: Context, cfg):
+    members = ([ctx.params] if with_model else []) + list(ctx.members.get(name, ()))
+    _need(members, "members (--members / --checkpoints)", name)
+    start = ctx.task.start_layer
+    if start and not all(same_prefix(ctx.params, p, start) for p in members):
+      raise ValueError(f"the {name} members differ from the model below layer {start}, where the batches' "
+                       "cached prefix was computed; evaluate without --cache-prefix")
+    return BL.ensemble(members, ctx.task), {"members": len(members)}
+  return build
+
+
+BAYESIAN_MOE = ("bmoe", "bmoe_ml", "bmoe_fixed")  # grid / evidence / fixed prior precision, one factor pass
+
+REGISTRY: dict[str, Callable] = {
+    "pretrained": _pretrained, "map": _map, "ts": _ts, "mc_dropout": _mc_dropout, "llla": _llla,
+    "ensemble": _ensemble("ensemble", True), "ckpt_ensemble": _ensemble("ckpt_ensemble", False),
+    **{name: None for name in BAYESIAN_MOE},  # built together (bayesian_moe_variants)
+}
+METHODS = tuple(REGISTRY)
+
+
+def build_methods(names, ctx: Context, cfg) -> tuple[dict[str, Any], dict[str, dict]]:
+  """({name: Method} in the order of ``names``, {name: what it fitted})."""
+  unknown = sorted(set(names) - set(METHODS))
+  if unknown:
+    raise ValueError(f"methods {unknown} are unknown; choose from {METHODS}")
+  methods, info = {}, {}
+  for name in names:
+    if name not in BAYESIAN_MOE:
+      methods[name], info[name] = REGISTRY[name](ctx, cfg)
+  wanted = [n for n in names if n in BAYESIAN_MOE]
+  missing = [n for n in wanted if n not in ctx.posteriors]
+  if missing:
+    raise ValueError(f"methods {missing} need a posterior (bmoe fit, or --posterior for bmoe)")
+  methods.update(BL.bayesian_moe_variants({n: ctx.posteriors[n] for n in wanted}, ctx.params, ctx.task,
+                                          link=ctx.link))  # one Jacobian pass per batch for all of them
+  return {n: methods[n] for n in names}, info

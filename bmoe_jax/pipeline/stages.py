@@ -1,0 +1,135 @@
+"""The pipeline's stages, shared by ``bmoe finetune / fit / evaluate``, ``bmoe demo`` and the experiments:
+
+  params, cfg, tok = load_model(run, mesh)
+  batches, task, infos = load_data(data, tok, cfg, ("train", "val", "eval"), seed, mesh)
+  task, batches = cache_prefix(params, task, batches, start)     # optional: frozen layers < start, once
+  result = finetune(params, task, batches, train_cfg, out)
+  posteriors, info = fit(params, task, batches, fit_cfg, out, pretrained=...)
+  results, info = evaluate(Context(params, task, ...), eval_sets, eval_cfg, out, in_distribution=...)
+
+``batches`` is a dict: ``train``, ``val`` and one key per evaluation set (``data.eval_key(spec)``); every
+set is padded to one set of C answer letters (the most choices of any example), so a method fitted on one
+scores all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from bmoe_jax import laplace as LA
+from bmoe_jax import train as T
+from bmoe_jax.params import read_blocks
+from bmoe_jax.pipeline import data as PD
+from bmoe_jax.pipeline.configs import DataConfig, EvalConfig, FitConfig, RunConfig
+from bmoe_jax.pipeline.methods import BAYESIAN_MOE, Context, build_methods
+from bmoe_jax.task import Task, with_prefix
+
+
+def load_model(run: RunConfig, mesh=None):
+  """(params, cfg, tokenizer) of ``run.model``; ``mesh``: the parameters in their shardings."""
+  if not run.model:
+    raise ValueError("no model: pass --model DIR (a converted directory or an HF checkpoint)")
+  return PD.load_model_and_tokenizer(run.model, run.tokenizer, mesh=mesh)
+
+
+def load_data(data: DataConfig, tok, cfg, splits: Sequence[str], seed: int = 0, mesh=None):
+  """(batches {train, val, <eval keys>}, task, infos) of the wanted ``splits`` (train | val | eval: the
+  test set and every shift set), with one set of answer letters for all of them."""
+  data = data.resolved()
+  specs = {}
+  if "train" in splits:
+    specs["train"] = (data.train, data.max_train)
+  if "val" in splits:
+    specs["val"] = (data.val, data.max_eval)
+  if "eval" in splits:
+    specs.update({PD.eval_key(s): (s, data.max_eval) for s in (data.test,) + tuple(data.shift)})
+  loaded = {k: PD.load_examples(spec, data.data_dir, n, seed) for k, (spec, n) in specs.items()}
+  num_classes = max(len(e.choices) for _, examples, _ in loaded.values() for e in examples)
+  batches, infos, class_ids = {}, {}, None
+  for k, ld in loaded.items():
+    bl, class_ids, infos[k] = PD.batches_of(ld, tok, batch_size=data.batch_size, max_length=data.max_length,
+                                            seed=seed, chat=data.chat, num_classes=num_classes)
+    batches[k] = PD.place_batches(bl, mesh)
+  return batches, Task(cfg, class_ids), infos
+
+
+def eval_keys(data: DataConfig) -> list[str]:
+  """The evaluation sets' keys: the in-distribution test set first."""
+  data = data.resolved()
+  return [PD.eval_key(s) for s in (data.test,) + tuple(data.shift)]
+
+
+def cache_prefix(params, task: Task, batches: dict, start: int, progress: bool = True):
+  """(task, batches) with every batch's layer-``start`` inputs computed once (``task.with_prefix``)."""
+  keys = list(batches)
+  task, lists = with_prefix(params, task, [batches[k] for k in keys], start, progress)
+  return task, dict(zip(keys, lists))
+
+
+def finetune(params, task: Task, batches: dict, tc: T.TrainConfig, out: str | Path, *, pretrained=None,
+             progress: bool = True, cache_prefix: bool = False) -> T.TrainResult:
+  """MAP fine-tuning on ``batches["train"]`` (early stopping on ``batches["val"]``), resumable from
+  ``out/checkpoints``."""
+  return T.finetune(params, task, batches["train"], tc, val_batches=batches.get("val", ()), pretrained=pretrained,
+                    checkpoint_dir=Path(out) / "checkpoints", progress=progress, cache_prefix=cache_prefix)
+
+
+def mean_prior_precision(post) -> float:
+  return float(np.exp(np.mean([np.mean(np.asarray(v)) for v in post.log_prior_prec_e.values()])))
+
+
+def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pretrained=None, seed: int = 0,
+        wanted: Sequence[str] = ("bmoe",), mesh=None, progress: bool = True) -> tuple[dict, dict]:
+  """Factors -> posterior -> prior precision. Returns ({method: posterior} for the ``wanted`` Bayesian-MoE
+  methods, info) and saves ``bmoe``'s posterior in ``out/posterior``: ``bmoe`` uses ``fc.prior`` (evidence
+  or grid), ``bmoe_ml`` the evidence, ``bmoe_fixed`` ``fc.fixed_prior``; all share one factor pass."""
+  if fc.prior_mean == "pretrained" and pretrained is None:  # before the factor pass, not after it
+    raise ValueError("the prior mean is the pretrained weights (prior_mean='pretrained'), but none were given: "
+                     "pass --pretrained DIR (the model before fine-tuning), or choose --prior-mean zero, or "
+                     "--prior-mean map with --prior grid")
+  spec = LA.FactorSpec(layers=LA.kfac.select_layers(task.cfg, fc.layers()), labels=fc.labels, tokens=fc.tokens,
+                       rank=fc.rank, shared=fc.shared)
+  state = LA.fit_factors(params, task, batches["train"], spec, key=jax.random.key(seed),
+                         checkpoint_dir=Path(out) / "factors", total=len(batches["train"]), progress=progress,
+                         mesh=mesh)
+  factors = LA.kfac.finalize(state)
+  base = LA.build(factors, read_blocks(params, factors), prior_mean=_prior_mean(fc, pretrained, factors),
+                  num_sequences=int(state.num_sequences), prior_precision=fc.fixed_prior, log_lik=state.log_lik)
+  posts, info = {"bmoe_fixed": base}, {"spec": str(spec), "bmoe_fixed": {"prior_precision": fc.fixed_prior}}
+  if "bmoe_ml" in wanted or fc.prior != "grid":
+    mode = fc.prior if fc.prior != "grid" else "layer"
+    posts["bmoe_ml"], curve = LA.optimize_prior_precision(base, mode)
+    info["bmoe_ml"] = {"mode": mode, "prior_precision": mean_prior_precision(posts["bmoe_ml"]),
+                       "log_marglik": curve["log_marglik"][-1]}
+  if fc.prior == "grid":
+    stats = jax.jit(lambda p, po, b: LA.predictive.jacobian_stats(p, task, b, po))
+    val = [(stats(params, base, b), b.labels_b) for b in batches["val"]]
+    posts["bmoe"], curve = LA.predictive.grid_search_prior_precision(base, val, grid=fc.grid_values)
+    info["bmoe"] = {"mode": "grid (validation NLL)", "prior_precision": mean_prior_precision(posts["bmoe"]),
+                    "val_nll": min(curve["nll"]), "grid": curve}
+  else:
+    posts["bmoe"], info["bmoe"] = posts["bmoe_ml"], info["bmoe_ml"]
+  info["bmoe"]["log_marglik_final"] = float(LA.posterior.log_marginal_likelihood(posts["bmoe"]))
+  if "bmoe" in wanted:
+    LA.save_posterior(Path(out) / "posterior", posts["bmoe"], metadata={"spec": str(spec), **info["bmoe"]})
+  return {m: posts[m] for m in wanted if m in BAYESIAN_MOE}, info
+
+
+def _prior_mean(fc: FitConfig, pretrained, factors):
+  return read_blocks(pretrained, factors) if fc.prior_mean == "pretrained" else fc.prior_mean
+
+
+def evaluate(ctx: Context, eval_sets: dict, ec: EvalConfig, out: str | Path, *, in_distribution: str,
+             record: dict | None = None, progress: bool = True) -> tuple[dict, dict]:
+  """Every method of ``ec.methods`` on every evaluation set: (results, what each method fitted);
+  ``out``: results.json, results.md, reliability diagrams."""
+  from bmoe_jax.evaluate import evaluate as run_eval
+  methods, info = build_methods(ec.methods, dataclasses.replace(ctx, link=ec.link), ec)
+  results = run_eval(methods, eval_sets, in_distribution=in_distribution, out_dir=out, ci=ec.ci, record=record,
+                     progress=progress)
+  return results, info

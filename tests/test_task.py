@@ -1,0 +1,72 @@
+"""The task: what is scored (letters, per-example cloze tokens, masked choices), the cached prefix, and
+class probabilities of Gaussian logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bmoe_jax as B
+from bmoe_jax.model import forward
+from bmoe_jax.task import (CHOICE_MASK_VALUE, Batch, Task, class_probs, mc_softmax, probit, same_prefix,
+                           with_prefix)
+from tests.fixtures import CLASSES, random_batches
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = B.tiny_config(vocab_size=64, moe_layers=(False, True))
+  return cfg, B.init_params(cfg, jax.random.key(3), std=0.2)
+
+
+def test_task_scores_letters_cloze_tokens_and_masks_choices(model):
+  cfg, params = model
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
+  logits = np.asarray(forward(params, cfg, tokens, jnp.ones((2, 6), jnp.int32)).logits)
+  letters = Batch(tokens, jnp.ones((2, 6), jnp.int32), jnp.asarray([5, 3]), jnp.asarray([0, 2]))
+  f = np.asarray(Task(cfg, CLASSES).logits(params, letters))
+  np.testing.assert_allclose(f, np.stack([logits[0, 5, np.asarray(CLASSES)], logits[1, 3, np.asarray(CLASSES)]]),
+                             atol=1e-5)
+  ids = jnp.asarray([[3, 9, 11], [40, 2, 7]])
+  cloze = letters._replace(class_ids_bc=ids)
+  want = np.stack([logits[0, 5, [3, 9, 11]], logits[1, 3, [40, 2, 7]]])
+  np.testing.assert_allclose(np.asarray(Task(cfg, None).logits(params, cloze)), want, atol=1e-5)
+  masked = letters._replace(choice_mask_bc=jnp.asarray([[True] * 4, [True, True, True, False]]))
+  fm = np.asarray(Task(cfg, CLASSES).logits(params, masked))
+  assert fm[1, 3] == CHOICE_MASK_VALUE and np.allclose(fm[0], f[0], atol=1e-6)
+  with pytest.raises(ValueError, match="nothing to score"):
+    Task(cfg, None).logits(params, letters)
+  # hashable and static: one compiled function per task, class ids normalised to a tuple of ints
+  assert Task(cfg, CLASSES) == Task(cfg, (3, 7, 11, 19)) and hash(Task(cfg, CLASSES)) == hash(Task(cfg, [3, 7, 11, 19]))
+  with pytest.raises(ValueError, match="start_layer=5"):
+    Task(cfg, CLASSES, start_layer=5)
+
+
+def test_cached_prefix_changes_nothing_and_mismatches_are_refused(model):
+  cfg, params = model
+  task = Task(cfg, CLASSES)
+  batches = random_batches(cfg, 2, b=4, s=6, ragged=True)
+  fast, (cached,) = with_prefix(params, task, [batches], 1, progress=False)
+  assert fast.start_layer == 1 and all(b.states_bsd is not None for b in cached)
+  for full, part in zip(batches, cached):
+    np.testing.assert_allclose(fast.logits(params, part), task.logits(params, full), atol=1e-5)
+  assert with_prefix(params, task, [batches], 0)[0] is task
+  with pytest.raises(ValueError, match="carries states_bsd but the task has start_layer=0"):
+    task.logits(params, cached[0])
+  with pytest.raises(ValueError, match="carries no cached states"):
+    fast.logits(params, batches[0])
+  with pytest.raises(ValueError, match="already starts at layer 1"):
+    with_prefix(params, fast, [batches], 1)
+  other = {**params, "layers": [params["layers"][0], {}]}  # only the prefix is compared
+  assert same_prefix(params, other, 1) and not same_prefix(params, B.init_params(cfg, jax.random.key(4)), 1)
+
+
+def test_class_probs_links():
+  f = jnp.asarray([[2.0, 0.0, -1.0]])
+  cov = jnp.asarray([[[1.0, 0.2, 0.0], [0.2, 0.5, 0.1], [0.0, 0.1, 2.0]]])
+  np.testing.assert_array_equal(class_probs(f, cov), probit(f, cov))
+  np.testing.assert_array_equal(class_probs(f, cov, "mc", jax.random.key(0), 50), mc_softmax(f, cov, jax.random.key(0), 50))
+  np.testing.assert_allclose(class_probs(f, 0 * cov, "mc"), jax.nn.softmax(f), atol=1e-6)  # no variance: softmax
+  np.testing.assert_allclose(class_probs(f, cov, "mc", num_samples=100000), probit(f, cov), atol=0.03)
+  with pytest.raises(ValueError, match="link='logit'"):
+    class_probs(f, cov, "logit")
