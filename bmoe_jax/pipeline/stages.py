@@ -80,7 +80,9 @@ def finetune(params, task: Task, batches: dict, tc: T.TrainConfig, out: str | Pa
 
 
 def mean_prior_precision(post) -> float:
-  return float(np.exp(np.mean([np.mean(np.asarray(v)) for v in post.log_prior_prec_e.values()])))
+  """The geometric mean of the prior precision over every Bayesian expert (as ``optimize_prior_precision``'s
+  curve reports it)."""
+  return float(np.exp(np.mean(np.concatenate([np.ravel(np.asarray(v)) for v in post.log_prior_prec_e.values()]))))
 
 
 def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pretrained=None, seed: int = 0,
