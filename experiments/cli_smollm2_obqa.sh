@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 # each step runs once: a rerun skips the steps whose output exists (times.txt keeps their times)
 t() { local name=$1; shift; grep -q "^$name " "$OUT/times.txt" 2>/dev/null && return 0
       local t0=$(date +%s); "$@"; echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.txt"; }
-t upcycle $BMOE upcycle smollm2 "$OUT/moe" --experts 8 --top-k 2 --layers top:4 --quiet
+t upcycle $BMOE upcycle smollm2 "$OUT/moe" --num-experts 8 --top-k 2 --moe-layers top:4 --quiet
 t finetune $BMOE finetune --model "$OUT/moe" --data-dir "$DATA" --train obqa:train --val obqa:dev \
   --max-train $N --max-eval $N --batch-size 16 --max-length 160 --trainable experts_router --layers 26,27,28,29 \
   --lr 1e-3 --epochs 2 --eval-every 25 --keep-checkpoints 4 --checkpoint-every 25 --cache-prefix \
