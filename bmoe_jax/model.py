@@ -117,21 +117,13 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
   hidden = [x_bsd] if return_hidden else None
   taps: dict[int, MoETaps] = {}
   for i in range(start_layer, cfg.num_layers if stop_layer is None else stop_layer):
-    lp = params["layers"][i]
     w = cfg.window(i)
     if w not in masks:
       masks[w] = L.attention_mask(attention_mask_bs, s, w)
-    h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
-    x_bsd = x_bsd + L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, masks[w])
-    h_bsd = L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
-    if cfg.moe_layers[i]:
-      y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, tile_rows=tile_rows,
-                             perturb=None if perturb is None else perturb.get(i))
-      if return_taps:
-        taps[i] = tap
-    else:
-      y_bsd = L.gated_mlp(lp["mlp"], h_bsd, cfg.hidden_act)
-    x_bsd = x_bsd + y_bsd
+    x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, cos_bsc, sin_bsc, masks[w], expert_impl,
+                                tile_rows, None if perturb is None else perturb.get(i))
+    if return_taps and tap is not None:
+      taps[i] = tap
     if return_hidden:
       hidden.append(x_bsd)
   if stop_layer is not None:
@@ -141,6 +133,17 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     hidden[-1] = x_bsd
   return ForwardOutput(_head(params, cfg, x_bsd, logit_positions_b), tuple(hidden) if return_hidden else None,
                        taps if return_taps else None)
+
+
+def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, expert_impl, tile_rows, perturb):
+  """One pre-norm decoder layer: (output states, the MoE taps or None for a dense layer)."""
+  h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
+  x_bsd = x_bsd + L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask)
+  h_bsd = L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
+  if not cfg.moe_layers[i]:
+    return x_bsd + L.gated_mlp(lp["mlp"], h_bsd, cfg.hidden_act), None
+  y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, tile_rows=tile_rows, perturb=perturb)
+  return x_bsd + y_bsd, tap
 
 
 def _head(params, cfg: MoEConfig, x_bsd, logit_positions_b=None):

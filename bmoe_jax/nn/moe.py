@@ -94,6 +94,24 @@ def _sort_slots(expert_nk, num_experts):
   return order_s, sorted_e_s, sizes_e, starts_e
 
 
+def _tile_layout(expert_nk, groups: int, r: int, e: int):
+  """The padded buffer of ``experts_sorted``: (row of each original slot [n k], token feeding each padded
+  row [p] (n = the appended zero row), expert of each tile [p / r], number of tiles in use)."""
+  n, k = expert_nk.shape
+  slots = n * k
+  order_s, sorted_e_s, sizes_e, starts_e = _sort_slots(expert_nk, groups)
+  padded_sizes_e = (sizes_e + r - 1) // r * r
+  padded_ends_e = jnp.cumsum(padded_sizes_e)
+  padded_starts_e = padded_ends_e - padded_sizes_e
+  p = -(-(slots + groups * (r - 1)) // r) * r  # static worst case, a multiple of r
+  dest_sorted_s = padded_starts_e[sorted_e_s] + jnp.arange(slots, dtype=jnp.int32) - starts_e[sorted_e_s]
+  dest_s = jnp.zeros((slots,), jnp.int32).at[order_s].set(dest_sorted_s)
+  src_p = jnp.full((p,), n, jnp.int32).at[dest_sorted_s].set(order_s // k)
+  tile_e_m = jnp.minimum(jnp.searchsorted(padded_ends_e, jnp.arange(p // r) * r, side="right"), e - 1)
+  used_tiles = padded_ends_e[e - 1] // r  # tiles past this hold only padding (or invalid slots): skipped
+  return dest_s, src_p, tile_e_m, used_tiles
+
+
 def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None,
                    tile_rows: int | None = None, valid_nk=None):
   """Tile-sorted dropless path. Same results as ``experts_dense``.
@@ -114,20 +132,10 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   groups = e if valid_nk is None else e + 1
   if valid_nk is not None:
     expert_nk = jnp.where(valid_nk, expert_nk, e)
-  order_s, sorted_e_s, sizes_e, starts_e = _sort_slots(expert_nk, groups)
-  padded_sizes_e = (sizes_e + r - 1) // r * r
-  padded_ends_e = jnp.cumsum(padded_sizes_e)
-  padded_starts_e = padded_ends_e - padded_sizes_e
-  p = -(-(slots + groups * (r - 1)) // r) * r  # static worst case, a multiple of r
+  dest_s, src_p, tile_e_m, used_tiles = _tile_layout(expert_nk, groups, r, e)
+  p = src_p.shape[0]
   m = p // r
-  # Row of each sorted slot in the padded buffer, and of each original slot.
-  dest_sorted_s = padded_starts_e[sorted_e_s] + jnp.arange(slots, dtype=jnp.int32) - starts_e[sorted_e_s]
-  dest_s = jnp.zeros((slots,), jnp.int32).at[order_s].set(dest_sorted_s)
-  # Token feeding each padded row (n = the appended zero row for padding).
-  src_p = jnp.full((p,), n, jnp.int32).at[dest_sorted_s].set(order_s // k)
   x_pd = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)], axis=0)[src_p]
-  tile_e_m = jnp.minimum(jnp.searchsorted(padded_ends_e, jnp.arange(m) * r, side="right"), e - 1)
-  used_tiles = padded_ends_e[e - 1] // r  # tiles past this hold only padding (or invalid slots): skipped
   fn = activation(act)
 
   def compute(x_rd, wg_df, wu_df, wd_fd):
