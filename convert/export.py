@@ -53,6 +53,7 @@ def _uniform_window(cfg: MoEConfig, family: str) -> int:
 def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   """Inverse of the family's config gate; errors where ``cfg`` has no exact HF equivalent."""
   _need(cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
+  _need(cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r} (no HF family has it)")
   if family == "qwen2_moe":
     _need(cfg.shared_expert_gate or not cfg.shared_expert_size, family,
           "Qwen2-MoE's shared expert is gated (a zero-width one stands for none)")

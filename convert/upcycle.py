@@ -1,5 +1,11 @@
-"""Sparse upcycling (Komatsuzaki et al., 2023): a dense decoder becomes an MoE by copying each chosen
-layer's FFN into E experts and adding a freshly initialised router.
+"""A dense decoder becomes an MoE, by one of two methods (``UpcycleConfig.method``):
+
+* ``carve`` (``convert.carve``): each chosen FFN's neurons are split into a shared expert and E routed
+  experts, with a router fitted to activation statistics; the experts differ, so routing matters, and
+  with every expert selected the model is the dense one exactly. Written in bmoe_jax's own layout.
+* ``copy``, sparse upcycling (Komatsuzaki et al., 2023), described below.
+
+Sparse upcycling copies each chosen layer's FFN into E experts and adds a freshly initialised router.
 
 The experts are exact copies (plus optional symmetry-breaking noise) and the top-k gate weights are
 renormalised to sum to one, so with zero noise the MoE computes exactly the dense function, whatever the
@@ -60,20 +66,36 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
   return tuple(out)
 
 
+METHODS = ("copy", "carve")
+DEFAULT_CALIB_TEXT = "corpora/nltk_english_plain.txt"  # inside the data directory
+
+
 @dataclasses.dataclass(frozen=True)
 class UpcycleConfig:
-  num_experts: int = 8  # routed experts per upcycled layer
-  top_k: int = 2  # experts per token (top-k gates renormalised)
+  method: str = "copy"  # copy (every expert = the FFN) | carve (the FFN's neurons split into experts)
+  num_experts: int = 8  # routed experts per MoE layer
+  top_k: int = 2  # experts per token (copy: top-k gates renormalised; carve: gates 1)
   moe_layers: str = "all"  # which layers become MoE: 'all', 'top:K', 'every:N', 'range:A-B' or '3,7,11'
-  noise: float = 0.0  # symmetry-breaking noise per expert weight, relative to the weight's std (0: exact)
-  router_std: float = 0.02  # std of the new routers' normal init (irrelevant while the experts are equal)
+  noise: float = 0.0  # copy: symmetry-breaking noise per expert weight, relative to the weight's std
+  router_std: float = 0.02  # copy: std of the new routers' normal init (irrelevant while experts are equal)
+  shared_neurons: int = 256  # carve: the most often active neurons, kept as an always-on shared expert
+  active_frac: float = 0.1  # carve: a neuron is active on a token when in its top fraction of contributions
+  calib_tokens: int = 16384  # carve: calibration tokens (seeded windows of the calibration text)
+  calib_text: str | None = None  # carve: a plain-text file (default: <data dir>/corpora/nltk_english_plain.txt)
+  router_steps: int = 0  # carve: Adam steps training the router to the oracle top-k after its fit
   seed: int = 0
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
 
 
 def upcycle(cfg: MoEConfig, params: dict[str, Any], **options) -> tuple[MoEConfig, dict[str, Any]]:
   """Dense ``(cfg, params)`` -> an upcycled MoE ``(cfg, params)`` (numpy arrays, float32); ``options``:
   the fields of ``UpcycleConfig`` (``moe_layers``: ``parse_layers``)."""
   uc = UpcycleConfig(**options)
+  if uc.method != "copy":
+    raise ValueError(f"upcycle() copies experts; method={uc.method!r} is convert.carve.carve (upcycle_checkpoint)")
   num_experts, top_k, noise, router_std = uc.num_experts, uc.top_k, uc.noise, uc.router_std
   if any(cfg.moe_layers):
     raise ValueError(f"upcycle: the source already has MoE layers {list(cfg.moe_layer_ids)}; pass a dense model")
@@ -127,29 +149,69 @@ def load_dense(source: str | Path, progress: bool = False):
   return info.cfg, params, tok, {"hf_dir": str(source)}
 
 
-def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: bool = True, **options) -> Path:
-  """Dense llama (``.gguf`` or HF dir) -> an upcycled Qwen2-MoE HF directory (config.json, safetensors,
-  tokenizer files and ``upcycle.json`` recording the source and every option); ``options``: the fields of
-  ``UpcycleConfig``."""
+def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: bool = True, data_dir=None,
+                       **options) -> Path:
+  """Dense llama (``.gguf`` or HF dir) -> an MoE directory with its tokenizer files and ``upcycle.json``
+  (the source and every option). ``copy``: a Qwen2-MoE HF directory; ``carve``: bmoe_jax's own layout,
+  calibrated on ``calib_text`` (default: ``DEFAULT_CALIB_TEXT`` in ``data_dir`` or ``$BMOE_DATA_DIR``).
+  ``options``: the fields of ``UpcycleConfig``."""
   from convert.export import export_hf
 
   uc = UpcycleConfig(**options)
   out_dir = Path(out_dir)
-  if (out_dir / "config.json").exists():
-    raise FileExistsError(f"{out_dir / 'config.json'} already exists; choose an empty output directory")
+  if (out_dir / "config.json").exists() or (out_dir / "bmoe_config.json").exists():
+    raise FileExistsError(f"{out_dir} already holds a model; choose an empty output directory")
   if family := dense_family(source):
     raise ConversionError(f"{source}: model_type {family!r} is not a dense llama; upcycling needs one")
   cfg, params, tok, prov = load_dense(source, progress=progress)
-  new_cfg, new_params = upcycle(cfg, params, **dataclasses.asdict(uc))
-  export_hf(new_cfg, new_params, out_dir, "qwen2_moe")
-  if tok is not None:
-    tok.save_pretrained(str(out_dir))
-  record = {"source": prov, **dataclasses.asdict(uc), "moe_layer_ids": list(new_cfg.moe_layer_ids),
-            "family": "qwen2_moe",
+  record = {"source": prov, **dataclasses.asdict(uc),
             "note": ("weights dequantised to float32 from the GGUF file's quantised tensors"
                      if "gguf" in prov else "weights as stored in the source checkpoint")}
-  (out_dir / "upcycle.json").write_text(json.dumps(record, indent=2))
+  new_cfg, new_params, report = build_moe(cfg, params, tok, uc, data_dir=data_dir, progress=progress)
+  if uc.method == "copy":
+    export_hf(new_cfg, new_params, out_dir, "qwen2_moe")
+    record["family"] = "qwen2_moe"
+  else:
+    from bmoe_jax.checkpoint import save_params
+    save_params(out_dir, new_cfg, new_params, source={"family": "carved", **prov})
+    record.update(family="carved", carve=report)
+  record["moe_layer_ids"] = list(new_cfg.moe_layer_ids)
+  if tok is not None:
+    tok.save_pretrained(str(out_dir))
+  (out_dir / "upcycle.json").write_text(json.dumps(record, indent=2, default=str))
   return out_dir
+
+
+def build_moe(cfg: MoEConfig, params, tok, uc: UpcycleConfig, *, data_dir=None, text: str | None = None,
+              progress: bool = True) -> tuple[MoEConfig, dict, dict]:
+  """The MoE ``(cfg, params, report)`` of a dense model by ``uc.method``. Carving reads its calibration
+  ``text`` if given, else ``uc.calib_text``, else ``DEFAULT_CALIB_TEXT`` in ``data_dir`` or
+  ``$BMOE_DATA_DIR``."""
+  if uc.method == "copy":
+    return (*upcycle(cfg, params, **dataclasses.asdict(uc)), {})
+  import os
+
+  from convert.carve import carve
+
+  if tok is None:
+    raise ValueError("carve: the source has no tokenizer, needed to tokenise the calibration text")
+  source = "given text"
+  if text is None:
+    path = uc.calib_text
+    if path is None:
+      root = data_dir or os.environ.get("BMOE_DATA_DIR")
+      if not root:
+        raise ValueError("carve needs calibration text: pass calib_text (--calib-text FILE) or a data directory "
+                         f"holding {DEFAULT_CALIB_TEXT} (--data-dir or $BMOE_DATA_DIR)")
+      path = Path(root) / DEFAULT_CALIB_TEXT
+    if not Path(path).is_file():
+      raise FileNotFoundError(f"carve: calibration text {path} not found")
+    text, source = Path(path).read_text(encoding="utf-8", errors="replace")[: uc.calib_tokens * 12], str(path)
+  new_cfg, new_params, report = carve(
+      cfg, params, tok, text, layers=parse_layers(uc.moe_layers, cfg.num_layers), num_experts=uc.num_experts,
+      top_k=uc.top_k, shared_neurons=uc.shared_neurons, active_frac=uc.active_frac, calib_tokens=uc.calib_tokens,
+      router_steps=uc.router_steps, seed=uc.seed, progress=progress)
+  return new_cfg, new_params, {**report, "calib_text": source}
 
 
 def dense_family(source: str | Path) -> str | None:

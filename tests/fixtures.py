@@ -63,6 +63,26 @@ def fitted_posterior(params, task: Task, batches, spec: kfac.FactorSpec, **kw) -
   return posterior_of(kfac.finalize(state), params, log_lik=state.log_lik, **kw)
 
 
+def exact_ggn_block(params, task: Task, batch, block):
+  """The exact GGN of sum_b CE w.r.t. a block's down_proj [e, f, d]: J^T (diag p - p p^T) J per example,
+  J the materialised Jacobian of the task output. Returns [e, f*d, f*d] (the expert-diagonal blocks)."""
+  from bmoe_jax.params import read_block, write_blocks
+
+  def f(w_down, b):
+    one = jax.tree.map(lambda x: x[b:b + 1], batch)
+    return task.logits(write_blocks(params, {block: w_down}), one)[0]
+  w = read_block(params, block)
+  e, fdim, d = w.shape
+  total = 0.0
+  f_jit, jac_fn = jax.jit(f, static_argnums=1), jax.jit(jax.jacrev(f), static_argnums=1)
+  for b in range(batch.tokens_bs.shape[0]):
+    p = jax.nn.softmax(f_jit(w, b))
+    jac = jac_fn(w, b).reshape(p.shape[0], e, fdim * d)
+    lam = jnp.diag(p) - jnp.outer(p, p)
+    total = total + jnp.einsum("cep,cq,qeo->epo", jac, lam, jac)
+  return total
+
+
 def obqa_prompts(shared_data, n=400):
   """Lettered OBQA prompts (question, options, the letters) of the first ``n`` training rows."""
   from bmoe_jax import data as D

@@ -56,9 +56,11 @@ def last_layer_laplace(params, task: Task, fit_batches: Sequence[Batch], *, prio
   """Fit and return (method, posterior). ``prior_precision=None``: maximise the evidence (LPO)."""
   if not fit_batches:
     raise ValueError("last-layer Laplace needs fit batches")
-  if task.class_ids is None or any(b.class_ids_bc is not None for b in fit_batches):
-    raise ValueError("last-layer Laplace needs one set of class tokens (lettered prompts); cloze-style "
-                     "batches score different head rows per example")
+  if task.class_ids is None or any(b.class_ids_bc is not None or b.cont is not None for b in fit_batches):
+    raise ValueError("last-layer Laplace needs one set of class tokens (lettered prompts): cloze batches "
+                     "score different head rows per example, and continuation-scored batches (scoring="
+                     "'continuation') read every row through the vocabulary softmax; use scoring='letters' or "
+                     "another method")
   blk = head_block(task)
   w_dc = read_block(params, blk, task.class_ids)[0].astype(jnp.float32)
   total, log_lik, n = _fit_stats(params, task, w_dc, fit_batches)

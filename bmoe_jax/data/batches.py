@@ -1,8 +1,10 @@
-"""Datasets -> fixed-shape token batches (``bmoe_jax.laplace.Batch``) and their class token ids.
+"""Datasets -> fixed-shape token batches (``bmoe_jax.task.Batch``) and their class token ids.
 
-Two answer styles: ``letters`` (options listed as A., B., ...; the classes are the answer-letter tokens,
-one set for the whole dataset) and ``cloze`` (only the question; the classes are each choice's first
-token, per example, in ``Batch.class_ids_bc``: the formulation small LMs answer above chance)."""
+Three answer styles (``STYLES``): ``letters`` (options listed as A., B., ...; the classes are the
+answer-letter tokens, one set for the whole dataset), ``cloze`` (only the question; the classes are each
+choice's first token, per example, in ``Batch.class_ids_bc``) and ``continuation`` (each choice's whole
+text scored as a continuation, ``bmoe_jax.data.continuation``: how lm-evaluation-harness scores small
+LMs, which answer lettered options at chance)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from bmoe_jax.data import continuation
 from bmoe_jax.data.prompts import (INSTRUCTIONS, answer_token_ids, apply_chat, cloze_token_ids, encode,
                                    format_cloze, format_prompt)
 from bmoe_jax.data.records import MCExample
 from bmoe_jax.task import Batch
+
+STYLES = ("letters", "cloze", "continuation")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -36,8 +41,8 @@ def _pad_length(tokens, mask, pos, tokenizer, max_length: int, pad_to: int, padd
 def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, max_length: int = 512,
                  num_classes: int | None = None, padding_side: str = "right", chat: bool = False,
                  instruction: str | None = None, dataset: str | None = None, leading_space: bool = True,
-                 shuffle: bool = False, seed: int = 0, pad_to: int = 16, style: str = "letters"
-                 ) -> tuple[list[Batch], jnp.ndarray | None, dict]:
+                 shuffle: bool = False, seed: int = 0, pad_to: int = 16, style: str = "letters",
+                 norm: str = "none") -> tuple[list[Batch], jnp.ndarray | None, dict]:
   """Prompts of ``style`` (module docstring), tokenised and padded into batches of ``batch_size`` (the
   last may be smaller).
 
@@ -45,9 +50,17 @@ def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, m
   ``choice_mask_bc``. Sequence lengths are rounded up to ``pad_to`` to bound recompilation. Returns
   (batches, class_ids [C] (None for cloze: per example in the batches), info {"truncated": n,
   "num_classes": C, "order": example indices, "unscorable": cloze examples dropped because two choices
-  share a first token})."""
-  if style not in ("letters", "cloze"):
-    raise ValueError(f"style={style!r}: expected 'letters' or 'cloze'")
+  share a first token, or continuation examples whose choices alone exceed ``max_length``}).
+  ``norm``: the continuation scores' normalisation (``continuation.NORMS``)."""
+  if style not in STYLES:
+    raise ValueError(f"style={style!r}: expected one of {STYLES}")
+  if style == "continuation":
+    if chat:
+      raise ValueError("continuation scoring scores raw text continuations; use chat=False")
+    batches, info = continuation.make_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length,
+                                              num_classes=num_classes, dataset=dataset, norm=norm,
+                                              shuffle=shuffle, seed=seed, pad_to=pad_to)
+    return batches, None, {**info, "style": style}
   unscorable = 0
   cloze_ids = {}
   if style == "cloze":

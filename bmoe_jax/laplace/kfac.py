@@ -16,8 +16,10 @@ with down_proj inputs ``a`` (per routed slot) and gradients ``g`` of the loss w.
 Label modes (how g is formed): ``exact`` (expectation over the C classes under the model's predictive,
 C vector-Jacobian products: sum_c p_c g_c g_c^T, so Fisher = GGN exactly), ``mc`` (one label sampled from
 the predictive), ``empirical`` (the true label).
-Token modes: ``last`` (only the answer position contributes), ``expand`` (every real routed token is a
-row for A and for G), ``reduce`` (per sequence and expert: mean of a over its tokens, sum of g).
+Token modes: ``last`` (only the positions whose logits enter f contribute: the answer position, or for
+continuation scoring every position that predicts a scored token of a choice), ``expand`` (every real
+routed token is a row for A and for G), ``reduce`` (per sequence and expert: mean of a over its tokens,
+sum of g).
 
 Forms: ``rank=None`` keeps the full f x f and d x d sums per expert; ``rank=r`` keeps rank-r factors
 by incremental SVD (``bmoe_jax.laplace.lowrank``), never forming a d x d matrix.
@@ -25,6 +27,16 @@ by incremental SVD (``bmoe_jax.laplace.lowrank``), never forming a d x d matrix.
 These are sums; ``finalize`` divides A by its row count so that A (x) G is the K-FAC estimate of the
 summed GGN: exact for one sequence with one contributing row (see the tests), and the usual
 "expectation of A times sum of G" approximation otherwise. Routing is held at its MAP value.
+
+**Continuation scoring** (``task.Continuation``): f_c sums the log-probabilities of choice c's tokens,
+read at several positions. The loss is still the cross-entropy of softmax(f), so the GGN is
+``sum_n J_n^T (diag p - p p^T) J_n`` with ``J_n = df/dtheta`` of the C scores (the vocabulary softmax
+inside f is part of the network), and ``exact`` labels give its output factor exactly. For expert e,
+``J_n = sum_t a_t (x) g_t`` over the rows t it saw, so ``A (x) G`` is exact only when one row carries
+the whole Jacobian (one sequence, the Bayesian layer is the last, every choice one token, all read at one
+position). With multi-token choices ``last`` treats each scoring position as an independent row and
+drops the cross-terms between positions (the ``expand`` approximation of Eschenhagen et al. 2023);
+``tests/laplace/test_kfac_continuation.py`` measures that error against the materialised GGN.
 All functions are pure and jit-able; the per-expert work is a ``jax.vmap`` over the expert axis.
 """
 
@@ -40,7 +52,7 @@ from bmoe_jax.config import MoEConfig
 from bmoe_jax.laplace import lowrank
 from bmoe_jax.model import zero_perturbations
 from bmoe_jax.params import Block, as_block, block_dims  # noqa: F401  (re-exported)
-from bmoe_jax.task import Batch, Task
+from bmoe_jax.task import Batch, Task, output_mask
 
 LABEL_MODES = ("exact", "mc", "empirical")
 TOKEN_MODES = ("last", "expand", "reduce")
@@ -128,17 +140,22 @@ def label_cotangents(f_bc, labels_b, mode: str, key=None):
   return ct_lbc, w_lb
 
 
-def _rows(a_bskf, g_lbskd, expert_bsk, mask_bs, answer_pos_b, mode):
+def _rows(a_bskf, g_lbskd, expert_bsk, batch: Batch, mode):
   """Select the rows each token mode uses: returns a [rows, f], g [labels, rows, d], expert [rows],
-  row weight [rows] (0 for rows that must not count)."""
+  row weight [rows] (0 for rows that must not count). ``last``: the positions whose logits enter the
+  task output (``task.output_mask``: one answer position, gathered; for continuation batches every
+  position that predicts a scored token)."""
   b, s, k, _ = a_bskf.shape
-  if mode == "last":
-    take = lambda x: jnp.take_along_axis(x, answer_pos_b.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)
+  if mode == "last" and batch.cont is None:
+    pos_b = batch.answer_pos_b
+    take = lambda x: jnp.take_along_axis(x, pos_b.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)
     a_bskf, expert_bsk = take(a_bskf), take(expert_bsk)
     g_lbskd = jax.vmap(take)(g_lbskd)
     valid_bs = jnp.ones((b, 1), bool)
+  elif mode == "last":
+    valid_bs = output_mask(batch) & batch.mask_bs.astype(bool)
   else:
-    valid_bs = mask_bs.astype(bool)
+    valid_bs = batch.mask_bs.astype(bool)
   valid_bsk = jnp.broadcast_to(valid_bs[:, :, None], expert_bsk.shape)
   return (a_bskf.reshape(-1, a_bskf.shape[-1]), g_lbskd.reshape(g_lbskd.shape[0], -1, g_lbskd.shape[-1]),
           expert_bsk.reshape(-1), valid_bsk.reshape(-1))
@@ -187,7 +204,7 @@ def _block_rows(params, task: Task, batch: Batch, spec: FactorSpec, key):
   out = {}
   for blk in spec.blocks:
     a_bskf, g_lbskd, expert_bsk = block_slots(taps, grads, blk)
-    a, g, expert, valid = _rows(a_bskf, g_lbskd, expert_bsk, batch.mask_bs, batch.answer_pos_b, spec.tokens)
+    a, g, expert, valid = _rows(a_bskf, g_lbskd, expert_bsk, batch, spec.tokens)
     rows_per_seq = a.shape[0] // b
     if spec.tokens == "reduce":
       num_e = block_dims(cfg, blk)[0]
@@ -214,12 +231,22 @@ class FactorState(NamedTuple):
 
 class Factors(NamedTuple):
   """Per-expert eigendecomposed factors: A_e = Q_A diag(eig_A) Q_A^T (mean over rows), G_e likewise
-  (sum over rows), so that A_e (x) G_e estimates the summed GGN block of expert e."""
+  (sum over rows), so that A_e (x) G_e estimates the summed GGN block of expert e.
+
+  ``a_rest_e`` / ``g_rest_e`` (low-rank factors): each factor's isotropic remainder, the eigenvalue it
+  has on the complement of its rank-r span: ``(tr A - sum a_r) / (f - r_a)`` from the exact trace kept by
+  the factor pass (``tr G`` alike). ``A (x) G`` is then approximated by ``(A_r + alpha P_A) (x) (G_r +
+  beta P_G)``, still diagonal in the factors' completed eigenbases, so the posterior, its evidence,
+  samples and predictive stay closed-form (``laplace.posterior``). 0 for full factors; None reads as 0.
+  Without them the evidence sees no curvature outside the rank-r span and picks a far too small prior
+  precision."""
   a_eig_ef: jax.Array
   a_vec_eff: jax.Array
   g_eig_ed: jax.Array
   g_vec_edd: jax.Array
   rows_e: jax.Array
+  a_rest_e: jax.Array | None = None
+  g_rest_e: jax.Array | None = None
 
 
 def init(cfg: MoEConfig, spec: FactorSpec, dtype=jnp.float32) -> FactorState:
@@ -240,7 +267,9 @@ def init(cfg: MoEConfig, spec: FactorSpec, dtype=jnp.float32) -> FactorState:
     if spec.rank > min(f, d):
       raise ValueError(f"rank={spec.rank} exceeds a factor dimension of block {blk} (expert width f={f}, "
                        f"model width d={d}); use rank <= {min(f, d)} or rank=None for full factors")
-    stats[blk] = lowrank.LowRankStats(jnp.zeros((e, f, spec.rank), dtype), jnp.zeros((e, d, spec.rank), dtype), rows)
+    zeros_e = jnp.zeros((e,), dtype)
+    stats[blk] = lowrank.LowRankStats(jnp.zeros((e, f, spec.rank), dtype), jnp.zeros((e, d, spec.rank), dtype), rows,
+                                      zeros_e, zeros_e)
   return FactorState(stats, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
 
 
@@ -258,11 +287,16 @@ def update(state: FactorState, params, task: Task, batch: Batch, spec: FactorSpe
       continue
     num_l = g.shape[0]
     g_rows = (g * jnp.sqrt(w)[..., None]).reshape(-1, g.shape[-1])
+    slot = jnp.where(valid, expert, num_e)
+    per_expert = lambda v_r: jax.ops.segment_sum(v_r, slot, num_segments=num_e + 1)[:-1]
+    dt = old.a_tr_e.dtype
     stats[blk] = lowrank.LowRankStats(
         lowrank.update_factor(old.a_efr, a.astype(old.a_efr.dtype), expert, valid),
         lowrank.update_factor(old.g_edr, g_rows.astype(old.g_edr.dtype), jnp.tile(expert, num_l),
                               jnp.tile(valid, num_l)),
-        old.rows_e + jnp.bincount(jnp.where(valid, expert, num_e), length=num_e + 1)[:-1])
+        old.rows_e + jnp.bincount(slot, length=num_e + 1)[:-1],
+        old.a_tr_e + per_expert(jnp.sum(jnp.square(a.astype(dt)), -1)),
+        old.g_tr_e + per_expert(jnp.sum(w.astype(dt)[..., None] * jnp.square(g.astype(dt)), (0, 2))))
   return FactorState(stats, state.num_sequences + batch.tokens_bs.shape[0],
                      state.log_lik + log_lik.astype(state.log_lik.dtype))
 
@@ -279,12 +313,16 @@ def eigen_factors(stats: LayerStats | lowrank.LowRankStats, name: str = "") -> F
   if isinstance(stats, LayerStats):
     a_eig, a_vec = jax.vmap(jnp.linalg.eigh)(stats.a_eff / rows_e[:, None, None])
     g_eig, g_vec = jax.vmap(jnp.linalg.eigh)(stats.g_edd)
-  else:
-    a_eig, a_vec = lowrank.eigenform(stats.a_efr)
-    a_eig = a_eig / rows_e[:, None]
-    g_eig, g_vec = lowrank.eigenform(stats.g_edr)
-  # Factors are PSD: clip round-off negatives.
-  return Factors(jnp.maximum(a_eig, 0), a_vec, jnp.maximum(g_eig, 0), g_vec, stats.rows_e)
+    # Factors are PSD: clip round-off negatives.
+    return Factors(jnp.maximum(a_eig, 0), a_vec, jnp.maximum(g_eig, 0), g_vec, stats.rows_e,
+                   jnp.zeros_like(rows_e), jnp.zeros_like(rows_e))
+  a_eig, a_vec = lowrank.eigenform(stats.a_efr)
+  a_eig, (g_eig, g_vec) = jnp.maximum(a_eig / rows_e[:, None], 0), lowrank.eigenform(stats.g_edr)
+  g_eig = jnp.maximum(g_eig, 0)
+  (f, ra), (d, rg) = a_vec.shape[1:], g_vec.shape[1:]
+  a_rest = jnp.maximum(stats.a_tr_e / rows_e - jnp.sum(a_eig, 1), 0) / max(f - ra, 1)
+  g_rest = jnp.maximum(stats.g_tr_e - jnp.sum(g_eig, 1), 0) / max(d - rg, 1)
+  return Factors(a_eig, a_vec, g_eig, g_vec, stats.rows_e, a_rest.astype(a_eig.dtype), g_rest.astype(a_eig.dtype))
 
 
 def finalize(state: FactorState) -> dict[Block, Factors]:

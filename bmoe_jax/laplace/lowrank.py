@@ -22,6 +22,8 @@ class LowRankStats(NamedTuple):
   a_efr: jax.Array  # B for A: B B^T ~ sum of a a^T
   g_edr: jax.Array  # B for G: B B^T ~ sum of g g^T
   rows_e: jax.Array  # rows that entered A
+  a_tr_e: jax.Array  # the exact traces of the sums (tr sum a a^T = sum ||a||^2): what the rank-r B drop
+  g_tr_e: jax.Array  # is their difference (kfac.eigen_factors' remainder)
 
 
 def window_rows(num_rows: int, num_experts: int) -> int:

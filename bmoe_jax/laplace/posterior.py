@@ -17,6 +17,21 @@ Woodbury's r_a r_g x r_a r_g inner matrix is diagonal and
 
   Sigma_e = Lambda_e^{-1} = I / lambda + U diag(1 / (s a_i g_j + lambda) - 1 / lambda) U^T.
 
+**Remainders.** That form puts no curvature outside the rank-r span: the complement's ``P log lambda``
+in ``log det Lambda`` cancels the prior's, the evidence's effective number of parameters
+``sum k_i / (k_i + lambda)`` is capped at ``r_a r_g`` per expert while all of ``||theta* - mu_0||^2``
+stays in the scatter term, and the evidence-optimal lambda comes out far too small (0.2 on SmolLM2 at
+r = 10). So each low-rank factor keeps an isotropic remainder on the complement of its span
+(``Factors.a_rest_e`` = alpha, ``g_rest_e`` = beta: the trace it drops, spread evenly), and the
+curvature is ``(A_r + alpha P_A) (x) (G_r + beta P_G)`` (P the complement projectors): diagonal in the
+completed eigenbases, with four groups of precisions (``spectrum``)
+
+  s a_i g_j + lambda (span x span),   s a_i beta + lambda (x d - r_g),
+  s alpha g_j + lambda (x f - r_a),   s alpha beta + lambda (x (f - r_a)(d - r_g)),
+
+so the covariance, its square root, the evidence and the predictive stay closed-form and never form an
+f d x f d matrix. ``build(remainder=False)`` zeroes alpha and beta (the plain Woodbury form above).
+
 Prior: ``N(mu_0, I / lambda_e)`` per expert; ``mu_0`` is an explicit choice (``build(prior_mean=)``). The
 pretrained weights are the one to use after fine-tuning: the MAP comes from fine-tuning with an L2 pull towards the pretrained model, and a zero mean would put
 the norm of the pretrained weights (O(f d sigma^2), large for LLM weights) into the evidence's scatter
@@ -59,7 +74,7 @@ PRIOR_MEANS = ("pretrained", "zero", "map")
 
 def build(factors: dict[Block, Factors], w_map: dict, *, prior_mean, num_sequences: int,
           dataset_size: int | None = None, prior_precision: Any = 1.0,
-          log_lik: float | jax.Array = 0.0) -> Posterior:
+          log_lik: float | jax.Array = 0.0, remainder: bool = True) -> Posterior:
   """Assemble the posterior of the blocks in ``factors`` (keys: ``Block``s; ints mean routed experts).
 
   Args:
@@ -72,13 +87,15 @@ def build(factors: dict[Block, Factors], w_map: dict, *, prior_mean, num_sequenc
     dataset_size: N the posterior is for (default ``num_sequences``): curvature is scaled by N / that.
     prior_precision: a positive scalar, or anything ``expand_prior_precision`` accepts.
     log_lik: sum of log-likelihoods over the fit data at the MAP (``FactorState.log_lik``).
+    remainder: keep low-rank factors' isotropic remainders (``Factors.a_rest_e``, ``g_rest_e``); False:
+      curvature 0 outside the rank-r span.
   """
   if num_sequences <= 0:
     raise ValueError(f"num_sequences={num_sequences}: the factors were fit on no data")
   n = num_sequences if dataset_size is None else dataset_size
   if n <= 0:
     raise ValueError(f"dataset_size={dataset_size}: expected a positive number of sequences")
-  factors = {as_block(k): v for k, v in factors.items()}
+  factors = {as_block(k): _with_remainder(v, remainder) for k, v in factors.items()}
   layers = tuple(sorted(factors))
   w_map = {as_block(k): jnp.asarray(v) for k, v in w_map.items()}
   if sorted(w_map) != list(layers):
@@ -96,6 +113,12 @@ def build(factors: dict[Block, Factors], w_map: dict, *, prior_mean, num_sequenc
   num_e = {l: w_map[l].shape[0] for l in layers}
   log_prec = expand_prior_precision(prior_precision, num_e, dtype)
   return Posterior(dict(factors), w_map, sq, log_prec, s, jnp.asarray(log_lik, dtype) * s)
+
+
+def _with_remainder(fac: Factors, remainder: bool) -> Factors:
+  zero = jnp.zeros(fac.rows_e.shape, fac.a_eig_ef.dtype)
+  pick = lambda v: zero if v is None or not remainder else jnp.asarray(v, fac.a_eig_ef.dtype)
+  return fac._replace(a_rest_e=pick(fac.a_rest_e), g_rest_e=pick(fac.g_rest_e))
 
 
 def _prior_mean(prior_mean, w_map: dict[Block, jax.Array]) -> dict[Block, jax.Array]:
@@ -151,12 +174,25 @@ def curvature_eigs(fac: Factors, scale) -> jax.Array:
   return scale * fac.a_eig_ef[:, :, None] * fac.g_eig_ed[:, None, :]
 
 
+def spectrum(fac: Factors, scale, prec_e: jax.Array):
+  """The precision's eigenvalues in four groups (module docstring): span x span ``[e, r_a, r_g]``, span
+  of A x complement of G ``[e, r_a]``, complement of A x span of G ``[e, r_g]``, complement x complement
+  ``[e]``."""
+  zero = jnp.zeros_like(prec_e)
+  alpha = zero if fac.a_rest_e is None else fac.a_rest_e
+  beta = zero if fac.g_rest_e is None else fac.g_rest_e
+  lam = prec_e[:, None]
+  return (curvature_eigs(fac, scale) + lam[:, :, None], scale * fac.a_eig_ef * beta[:, None] + lam,
+          scale * alpha[:, None] * fac.g_eig_ed + lam, scale * alpha * beta + prec_e)
+
+
 def log_det_precision(fac: Factors, scale, prec_e: jax.Array) -> jax.Array:
-  """[e] log det Lambda_e from the spectra (the complement of a low-rank span has eigenvalue lambda)."""
+  """[e] log det Lambda_e from the spectra (``spectrum``: each group times its multiplicity)."""
   _, f, ra = fac.a_vec_eff.shape
   _, d, rg = fac.g_vec_edd.shape
-  lam = prec_e[:, None, None]
-  return jnp.sum(jnp.log(curvature_eigs(fac, scale) + lam), axis=(1, 2)) + (f * d - ra * rg) * jnp.log(prec_e)
+  ss, sp, ps, pp = spectrum(fac, scale, prec_e)
+  return (jnp.sum(jnp.log(ss), axis=(1, 2)) + (d - rg) * jnp.sum(jnp.log(sp), 1)
+          + (f - ra) * jnp.sum(jnp.log(ps), 1) + (f - ra) * (d - rg) * jnp.log(pp))
 
 
 def log_marginal_likelihood(post: Posterior, log_prior_prec_e: dict[Block, jax.Array] | None = None) -> jax.Array:
@@ -233,14 +269,22 @@ def optimize_prior_precision(post: Posterior, mode: str = "global", *, steps: in
 
 
 def _apply_spectral(fac: Factors, scale, prec_e, z_efd, power: float):
-  """Lambda_e^{power} z for every expert (power -1: covariance, -1/2: a square root for sampling)."""
-  w_erq = (curvature_eigs(fac, scale) + prec_e[:, None, None]) ** power
-  proj = jnp.einsum("efr,efd,edq->erq", fac.a_vec_eff, z_efd, fac.g_vec_edd)
+  """Lambda_e^{power} z for every expert (power -1: covariance, -1/2: a square root for sampling): z split
+  over the four eigen-groups of ``spectrum`` by the factors' span projections, each group scaled."""
+  ss, sp, ps, pp = (x ** power for x in spectrum(fac, scale, prec_e))
+  ua, ug = fac.a_vec_eff, fac.g_vec_edd
+  proj = jnp.einsum("efr,efd,edq->erq", ua, z_efd, ug)
+  span = jnp.einsum("efr,erq,edq->efd", ua, ss * proj, ug)
   if is_full_rank(fac):
-    return jnp.einsum("efr,erq,edq->efd", fac.a_vec_eff, w_erq * proj, fac.g_vec_edd)
-  iso_e = prec_e ** power
-  coef = (w_erq - iso_e[:, None, None]) * proj
-  return iso_e[:, None, None] * z_efd + jnp.einsum("efr,erq,edq->efd", fac.a_vec_eff, coef, fac.g_vec_edd)
+    return span
+  za_erd = jnp.einsum("efr,efd->erd", ua, z_efd)  # U_A^T z
+  zg_efq = jnp.einsum("efd,edq->efq", z_efd, ug)  # z U_G
+  a_only = za_erd - jnp.einsum("erq,edq->erd", proj, ug)  # span of A x complement of G
+  g_only = zg_efq - jnp.einsum("efr,erq->efq", ua, proj)  # complement of A x span of G
+  rest = (z_efd - jnp.einsum("efr,erd->efd", ua, za_erd) - jnp.einsum("efq,edq->efd", zg_efq, ug)
+          + jnp.einsum("efr,erq,edq->efd", ua, proj, ug))
+  return (span + jnp.einsum("efr,erd->efd", ua, sp[:, :, None] * a_only)
+          + jnp.einsum("efq,edq->efd", ps[:, None, :] * g_only, ug) + pp[:, None, None] * rest)
 
 
 def covariance_apply(post: Posterior, block, v_efd: jax.Array) -> jax.Array:

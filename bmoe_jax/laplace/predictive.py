@@ -12,9 +12,11 @@ Three routes, each tested against the others and against a materialised Jacobian
 1. ``closed``: C vector-Jacobian products (one per class, vmapped) give every routed slot's
    ``g_c = d f_c / d y`` (routing weight included); with the slot's down_proj input ``a``, expert e's
    Jacobian row is ``M_c = sum_t a_t g_ct^T`` [f, d]. It is never formed: it is projected on the factors'
-   eigenvectors, ``P_c = U_A^T M_c U_G`` (r_a x r_g, summed slot by slot), and for low-rank factors the
-   complement's isotropic part needs only ``<M_c, M_c'>`` (a Gram over slots). Both are independent of
-   the prior precision (``jacobian_stats``), so tuning lambda on validation data costs one pass.
+   eigenvectors, ``P_c = U_A^T M_c U_G`` (r_a x r_g, summed slot by slot). Low-rank factors also need
+   the parts of ``M`` outside the spans (``posterior.spectrum``'s four groups): by inclusion-exclusion
+   from ``<M_c, M_k>`` (a Gram over slots), ``RA_i = (U_A^T M_c M_k^T U_A)_ii`` and ``RG_j = (U_G^T M_c^T
+   M_k U_G)_jj`` (from ``U_A^T M`` and ``M U_G``). All are independent of the prior precision
+   (``jacobian_stats``), so tuning lambda on validation data costs one pass.
 2. ``jvp_mc``: structured samples ``eps ~ N(0, Sigma)`` in the eigenbasis, ``f* + J eps`` by ``jax.jvp``
    of the linearised network (``jax.linearize`` once, ``vmap`` over samples).
 3. ``nn_mc``: sampled weights, full forward passes (not linearised).
@@ -44,6 +46,8 @@ METHODS = ("closed", "jvp_mc", "nn_mc")
 class LayerJacobian(NamedTuple):
   proj_becrq: jax.Array  # [b, e, c, r_a, r_g] Jacobian rows projected on U_A (x) U_G
   gram_becc: jax.Array | None  # [b, e, c, c] <M_c, M_c'> (low-rank factors only)
+  ra_becci: jax.Array | None = None  # [b, e, c, c, r_a] (U_A^T M_c M_k^T U_A)_ii (low-rank only)
+  rg_beccj: jax.Array | None = None  # [b, e, c, c, r_g] (U_G^T M_c^T M_k U_G)_jj (low-rank only)
 
 
 class JacobianStats(NamedTuple):
@@ -89,6 +93,10 @@ def project_rows(fac: Factors, a_btf, g_bctd, expert_bt, valid_bt, gather: bool 
     h_bktd = jnp.einsum("btu,bkud->bktd", aa_btu, g_bctd)
     row_bckt = jnp.einsum("bctd,bktd->bckt", g_bctd, h_bktd)
     gram = jnp.einsum("bte,bckt->beck", onehot_bte, row_bckt)
+    xa_becrd = jnp.einsum("bte,btr,bctd->becrd", onehot_bte, pa_btr, g_bctd)  # U_A^T M_c per expert
+    yg_becfq = jnp.einsum("bte,btf,bctq->becfq", onehot_bte, a_btf, pg_bctq)  # M_c U_G per expert
+    return LayerJacobian(proj, gram, jnp.einsum("becrd,bekrd->beckr", xa_becrd, xa_becrd),
+                         jnp.einsum("becfq,bekfq->beckq", yg_becfq, yg_becfq))
   return LayerJacobian(proj, gram)
 
 
@@ -114,13 +122,19 @@ def jacobian_stats(params, task: Task, batch: Batch, post: P.Posterior) -> Jacob
 
 
 def layer_covariance(fac: Factors, jac: LayerJacobian, scale, prec_e) -> jax.Array:
-  """[b, c, c] contribution of one block's experts to Sigma_f."""
-  w_erq = 1.0 / (P.curvature_eigs(fac, scale) + prec_e[:, None, None])
-  pp = jnp.einsum("becrq,erq,bekrq->bck", jac.proj_becrq, w_erq, jac.proj_becrq)
+  """[b, c, c] contribution of one block's experts to Sigma_f: ``<M_c, Sigma_e M_k>`` summed over the
+  four eigen-groups of ``posterior.spectrum`` (module docstring)."""
+  ss, sp, ps, pp = (1.0 / x for x in P.spectrum(fac, scale, prec_e))
+  span = jnp.einsum("becrq,erq,bekrq->bck", jac.proj_becrq, ss, jac.proj_becrq)
   if jac.gram_becc is None:
-    return pp
-  in_span = jnp.einsum("becrq,bekrq->beck", jac.proj_becrq, jac.proj_becrq)
-  return pp + jnp.einsum("beck,e->bck", jac.gram_becc - in_span, 1.0 / prec_e)
+    return span
+  pp_i = jnp.einsum("becrq,bekrq->beckr", jac.proj_becrq, jac.proj_becrq)  # sum over j of P_c P_k
+  pp_j = jnp.einsum("becrq,bekrq->beckq", jac.proj_becrq, jac.proj_becrq)  # sum over i
+  in_span = jnp.sum(pp_i, -1)
+  a_only = jnp.einsum("beckr,er->bck", jac.ra_becci - pp_i, sp)
+  g_only = jnp.einsum("beckq,eq->bck", jac.rg_beccj - pp_j, ps)
+  rest = jac.gram_becc - jnp.sum(jac.ra_becci, -1) - jnp.sum(jac.rg_beccj, -1) + in_span
+  return span + a_only + g_only + jnp.einsum("beck,e->bck", rest, pp)
 
 
 def logit_covariance(stats: JacobianStats, post: P.Posterior, log_prior_prec_e=None) -> jax.Array:

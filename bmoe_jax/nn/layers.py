@@ -47,19 +47,32 @@ def apply_rope(x_bshc: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array) -> jax
   return x_bshc * cos + rotated * sin
 
 
-def attention_mask(mask_bt: jax.Array | None, seq_len: int, window: int = 0) -> jax.Array:
-  """Boolean [b, 1, 1, s, t]: causal (by index), padding from ``mask_bt``, optional sliding window.
+def attention_mask(mask_bt: jax.Array | None, seq_len: int, window: int = 0,
+                   segments_bt: jax.Array | None = None, positions_bt: jax.Array | None = None) -> jax.Array:
+  """Boolean [b, 1, 1, s, t]: causal (by index), padding from ``mask_bt``, optional sliding window and
+  packed segments.
 
   A key t is visible from query s when t <= s, the key is not padding, and (with a window w > 0)
   s - t < w, the convention of transformers' sliding-window masks. Causality is by index, as in
   transformers; positions only feed RoPE.
+
+  ``segments_bt`` packs several continuations of one shared context into a row (``bmoe_jax.task``):
+  segment 0 is the shared context, segment c > 0 one continuation; a query sees the keys of segment 0
+  and of its own segment only. Each continuation then computes exactly as if it followed the context
+  alone, provided its RoPE positions (``positions_bt``) continue the context's; the window is then
+  measured in those positions.
   """
   q = jnp.arange(seq_len)[:, None]
   t = jnp.arange(seq_len)[None, :]
-  allowed_st = t <= q
+  allowed = (t <= q)[None, None, None]
+  if segments_bt is not None:
+    seg_q, seg_t = segments_bt[:, None, None, :, None], segments_bt[:, None, None, None, :]
+    allowed = allowed & ((seg_t == 0) | (seg_t == seg_q))
   if window > 0:
-    allowed_st = allowed_st & (q - t < window)
-  allowed = allowed_st[None, None, None]
+    if segments_bt is None:
+      allowed = allowed & (q - t < window)[None, None, None]
+    else:
+      allowed = allowed & (positions_bt[:, None, None, :, None] - positions_bt[:, None, None, None, :] < window)
   if mask_bt is not None:
     allowed = allowed & mask_bt.astype(bool)[:, None, None, None, :]
   return allowed

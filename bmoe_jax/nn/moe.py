@@ -39,9 +39,18 @@ class Routing(NamedTuple):
 
 
 def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: bool,
-          norm_eps: float = 0.0, scaling: float = 1.0) -> Routing:
-  """Softmax top-k routing in float32 (Qwen2-MoE, Mixtral, DeepSeek-V1 greedy)."""
+          norm_eps: float = 0.0, scaling: float = 1.0, scoring: str = "softmax") -> Routing:
+  """Top-k routing in float32. ``scoring``: ``softmax`` (Qwen2-MoE, Mixtral, DeepSeek-V1 greedy: the gates
+  are the top-k softmax probabilities, optionally renormalised and scaled) or ``select`` (carved MoEs:
+  each selected expert enters with gate exactly 1, so with every expert selected the layer is the dense
+  FFN; the gate is ``exp(log p - stop_gradient(log p))``, whose gradient reaches the router through
+  log p, a straight-through estimator free of custom_vjp)."""
   logits_ne = x_nd.astype(jnp.float32) @ router_de.astype(jnp.float32)
+  if scoring == "select":
+    logp_ne = jax.nn.log_softmax(logits_ne, axis=-1)
+    logp_nk, expert_nk = jax.lax.top_k(logp_ne, top_k)
+    gate_nk = jnp.exp(logp_nk - jax.lax.stop_gradient(logp_nk))
+    return Routing(expert_nk.astype(jnp.int32), gate_nk, logits_ne)
   probs_ne = jax.nn.softmax(logits_ne, axis=-1)
   gate_nk, expert_nk = jax.lax.top_k(probs_ne, top_k)
   if norm_topk_prob:

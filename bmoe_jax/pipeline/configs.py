@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from bmoe_jax.data.batches import STYLES
+from bmoe_jax.data.continuation import NORMS
 from bmoe_jax.laplace.posterior import PRIOR_MEANS, PRIOR_MODES
 from bmoe_jax.laplace.kfac import LABEL_MODES, TOKEN_MODES
 from bmoe_jax.task import LINKS
@@ -56,7 +58,13 @@ class DataConfig:
   max_eval: int | None = None  # seeded subset of every other set
   batch_size: int = 8
   max_length: int = 256
-  chat: bool = False  # wrap prompts in the tokenizer's chat template
+  scoring: str = "continuation"  # letters | cloze (first token) | continuation (each choice's log-likelihood)
+  norm: str = "byte"  # continuation scores: none | token (per token) | byte (per UTF-8 byte, lm-eval acc_norm)
+  chat: bool = False  # wrap prompts in the tokenizer's chat template (letters and cloze only)
+
+  def __post_init__(self):
+    _choice("scoring", self.scoring, STYLES)
+    _choice("norm", self.norm, NORMS)
 
   def resolved(self) -> "DataConfig":
     """The data directory from ``$BMOE_DATA_DIR`` if unset, and every unset spec from its suite."""

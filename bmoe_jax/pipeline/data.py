@@ -74,25 +74,23 @@ def load_examples(spec: str, data_dir=None, max_examples: int | None = None, see
   return name, examples, info
 
 
-def batches_for(spec: str, tok, *, data_dir=None, batch_size=8, max_length=256, max_examples=None, seed=0,
-                shuffle=False, chat=False, padding_side="right", num_classes=None):
-  """Batches of a dataset spec; ``num_classes`` pads every example to C answer letters (choice masks),
-  so datasets with different numbers of choices (OBQA 4, ARC 3-5) share one set of class ids."""
-  loaded = load_examples(spec, data_dir, max_examples, seed)
-  return batches_of(loaded, tok, batch_size=batch_size, max_length=max_length, seed=seed, shuffle=shuffle,
-                    chat=chat, padding_side=padding_side, num_classes=num_classes)
+def batches_for(spec: str, tok, *, data_dir=None, max_examples=None, seed=0, **kw):
+  """Batches of a dataset spec (``kw``: ``batches_of``'s)."""
+  return batches_of(load_examples(spec, data_dir, max_examples, seed), tok, seed=seed, **kw)
 
 
 def batches_of(loaded, tok, *, batch_size=8, max_length=256, seed=0, shuffle=False, chat=False,
-               padding_side="right", num_classes=None, style=None):
-  """Batches of ``load_examples``' (name, examples, info). ``style``: letters | cloze; default cloze for
-  the synthetic suite (its choices are single words), letters for the benchmarks."""
+               padding_side="right", num_classes=None, scoring="continuation", norm="byte"):
+  """Batches of ``load_examples``' (name, examples, info), scored as ``scoring`` (letters | cloze |
+  continuation, ``bmoe_jax.data.batches``); ``num_classes`` pads every example to C classes (choice
+  masks), so datasets with different numbers of choices (OBQA 4, ARC 3-5) share one task."""
   name, examples, info = loaded
-  style = style or ("cloze" if name in synthetic.TASKS else "letters")
   batches, class_ids, binfo = make_batches(examples, tok, batch_size=batch_size, max_length=max_length,
                                            num_classes=num_classes, dataset=name, chat=chat,
-                                           padding_side=padding_side, shuffle=shuffle, seed=seed, style=style)
-  return batches, class_ids, {**info, **{k: binfo[k] for k in ("truncated", "num_classes", "style", "unscorable")}}
+                                           padding_side=padding_side, shuffle=shuffle, seed=seed, style=scoring,
+                                           norm=norm)
+  keep = ("truncated", "num_classes", "style", "unscorable", "norm")
+  return batches, class_ids, {**info, **{k: binfo[k] for k in keep if k in binfo}}
 
 
 def eval_key(spec: str) -> str:

@@ -39,7 +39,8 @@ def load_model(run: RunConfig, mesh=None):
 
 def load_data(data: DataConfig, tok, cfg, splits: Sequence[str], seed: int = 0, mesh=None):
   """(batches {train, val, <eval keys>}, task, infos) of the wanted ``splits`` (train | val | eval: the
-  test set and every shift set), with one set of answer letters for all of them."""
+  test set and every shift set), scored as ``data.scoring`` with one number of classes C for all of them
+  (and one set of answer letters when lettered)."""
   data = data.resolved()
   specs = {}
   if "train" in splits:
@@ -53,7 +54,8 @@ def load_data(data: DataConfig, tok, cfg, splits: Sequence[str], seed: int = 0, 
   batches, infos, class_ids = {}, {}, None
   for k, ld in loaded.items():
     bl, class_ids, infos[k] = PD.batches_of(ld, tok, batch_size=data.batch_size, max_length=data.max_length,
-                                            seed=seed, chat=data.chat, num_classes=num_classes)
+                                            seed=seed, chat=data.chat, num_classes=num_classes,
+                                            scoring=data.scoring, norm=data.norm)
     batches[k] = PD.place_batches(bl, mesh)
   return batches, Task(cfg, class_ids), infos
 

@@ -9,8 +9,8 @@ import pytest
 import bmoe_jax as B
 from bmoe_jax.task import Task
 from bmoe_jax.laplace.kfac import Block, FactorSpec, factor_stats
-from bmoe_jax.params import read_block, write_blocks
 from bmoe_jax.task import Batch
+from tests.fixtures import exact_ggn_block
 
 CLASSES = jnp.array([3, 7, 11, 19])
 
@@ -21,20 +21,7 @@ def _model(num_layers=2, **kw):
 
 
 def _ggn_block(params, cfg, batch, block):
-  """Exact GGN of sum_b CE w.r.t. a block's down_proj [e, f, d]: J^T (diag p - p p^T) J per example."""
-  def f(w_down, b):
-    one = jax.tree.map(lambda x: x[b:b + 1], batch)
-    return Task(cfg, CLASSES).logits(write_blocks(params, {block: w_down}), one)[0]
-  w = read_block(params, block)
-  e, fdim, d = w.shape
-  total = 0.0
-  for b in range(batch.tokens_bs.shape[0]):
-    logits = f(w, b)
-    p = jax.nn.softmax(logits)
-    jac = jax.jacrev(f)(w, b).reshape(len(CLASSES), e, fdim * d)
-    lam = jnp.diag(p) - jnp.outer(p, p)
-    total = total + jnp.einsum("cep,cq,qeo->epo", jac, lam, jac)
-  return total  # [e, f*d, f*d] (blocks on the expert diagonal)
+  return exact_ggn_block(params, Task(cfg, CLASSES), batch, block)
 
 
 def _batch(b, s, cfg, seed=0):

@@ -66,6 +66,13 @@ def test_lowrank_converges_to_full(tokens):
     np.testing.assert_array_equal(state.stats[kfac.Block(1)].rows_e, full_state.stats[kfac.Block(1)].rows_e)
     np.testing.assert_allclose(float(state.log_lik), float(full_state.log_lik), rtol=1e-6)
     errs.append(np.abs(_kron_blocks(fac) - ref).max() / np.abs(ref).max())
+    # the remainders: the trace each rank-r factor drops, spread over the complement of its span
+    for rest, eig_full, eig, vec in ((fac.a_rest_e, full.a_eig_ef, fac.a_eig_ef, fac.a_vec_eff),
+                                     (fac.g_rest_e, full.g_eig_ed, fac.g_eig_ed, fac.g_vec_edd)):
+      n, r = vec.shape[1:]
+      total = np.sum(eig_full, 1)
+      want = np.maximum(total - np.sum(eig, 1), 0) / max(n - r, 1)
+      np.testing.assert_allclose(rest, want, rtol=2e-3, atol=1e-5 * float(np.max(total)) / max(n - r, 1))
   assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs
   assert errs[0] > 1e-2 and errs[-1] < 1e-4, errs  # f = 16 = full rank of A; G's rows number <= 16 here
 
@@ -76,3 +83,28 @@ def test_rank_larger_than_factor_is_rejected():
     kfac.init(cfg, kfac.FactorSpec(layers=(1,), rank=17))
   with pytest.raises(ValueError, match="rank=0"):
     kfac.FactorSpec(layers=(1,), rank=0)
+
+
+def test_remainder_brings_the_evidence_prior_precision_back_to_full_rank():
+  """LPO's lambda* with rank-2 factors: without the remainder far below the full-rank lambda*, with it
+  close (the effective number of parameters is no longer capped at r^2 per expert)."""
+  from bmoe_jax.laplace import posterior as P
+  from bmoe_jax.params import read_blocks
+
+  cfg, params, batch = _setup()
+  task = Task(cfg, jnp.array([1, 2, 5]))
+  blk = kfac.Block(1)
+  w_map = read_blocks(params, [blk])
+  mu0 = {blk: w_map[blk] - 0.05 * jax.random.normal(jax.random.key(1), w_map[blk].shape)}
+
+  def lam(rank, remainder=True):
+    spec = kfac.FactorSpec(layers=(1,), tokens="expand", rank=rank)
+    state = kfac.update(kfac.init(cfg, spec), params, task, batch, spec)
+    post = P.build(kfac.finalize(state), w_map, prior_mean=mu0, num_sequences=4, dataset_size=400,
+                   log_lik=state.log_lik, remainder=remainder)
+    best, _ = P.optimize_prior_precision(post, "global", steps=300, learning_rate=0.1)
+    return float(jnp.exp(best.log_prior_prec_e[blk][0]))
+
+  full, bare, kept = lam(None), lam(2, remainder=False), lam(2)
+  print(f"lambda*: full {full:.3g}, rank 2 without remainder {bare:.3g}, with {kept:.3g}")
+  assert abs(np.log(kept / full)) < 0.5 * abs(np.log(bare / full))

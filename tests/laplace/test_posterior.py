@@ -30,6 +30,9 @@ def _factors(rng, rank=None):
     g_eig, g_vec = lowrank.eigenform(jnp.asarray(np.linalg.cholesky(g + 1e-9 * np.eye(D))[..., :rank]))
   fac = Factors(*(jnp.asarray(x, jnp.float32) for x in (np.maximum(a_eig, 0), a_vec, np.maximum(g_eig, 0),
                                                           g_vec)), jnp.full((E,), 3))
+  if rank is not None:  # each factor's isotropic remainder on the complement of its rank-r span
+    fac = fac._replace(a_rest_e=jnp.asarray(rng.uniform(0.2, 1.0, E), jnp.float32),
+                       g_rest_e=jnp.asarray(rng.uniform(0.5, 2.0, E), jnp.float32))
   return fac
 
 
@@ -38,6 +41,10 @@ def _dense_prec(fac, scale, prec_e):
   for e in range(E):
     a = np.asarray(fac.a_vec_eff[e] * fac.a_eig_ef[e]) @ np.asarray(fac.a_vec_eff[e]).T
     g = np.asarray(fac.g_vec_edd[e] * fac.g_eig_ed[e]) @ np.asarray(fac.g_vec_edd[e]).T
+    if fac.a_rest_e is not None:  # (A_r + alpha P_A) (x) (G_r + beta P_G)
+      ua, ug = np.asarray(fac.a_vec_eff[e]), np.asarray(fac.g_vec_edd[e])
+      a = a + float(fac.a_rest_e[e]) * (np.eye(F) - ua @ ua.T)
+      g = g + float(fac.g_rest_e[e]) * (np.eye(D) - ug @ ug.T)
     out.append(scale * np.kron(a, g) + prec_e[e] * np.eye(F * D))
   return np.stack(out).astype(np.float64)
 
@@ -53,6 +60,7 @@ def _post(fac, rng, prec=(0.5, 2.0, 1.3), scale_n=(6, 4), prior_mean="pretrained
 
 @pytest.mark.parametrize("rank", [None, 2])
 def test_covariance_and_sqrt_equal_dense_inverse(rank):
+  """Including, at rank 2, each factor's isotropic remainder on the complement of its span."""
   rng = np.random.RandomState(0)
   fac = _factors(rng, rank)
   post, _, _ = _post(fac, rng)
@@ -60,7 +68,7 @@ def test_covariance_and_sqrt_equal_dense_inverse(rank):
   cov = np.linalg.inv(_dense_prec(fac, 1.5, prec_e))
   basis = jnp.eye(F * D).reshape(F * D, F, D)
   got = jax.vmap(lambda v: P.covariance_apply(post, 0, jnp.broadcast_to(v, (E, F, D))))(basis)
-  sqrt = jax.vmap(lambda v: P._apply_spectral(fac, post.scale, jnp.asarray(prec_e, jnp.float32),
+  sqrt = jax.vmap(lambda v: P._apply_spectral(post.factors[Block(0)], post.scale, jnp.asarray(prec_e, jnp.float32),
                                              jnp.broadcast_to(v, (E, F, D)), -0.5))(basis)
   for e in range(E):
     np.testing.assert_allclose(np.asarray(got[:, e]).reshape(F * D, F * D), cov[e], rtol=1e-4, atol=1e-5)
@@ -85,9 +93,10 @@ def test_evidence_equals_dense_formula(rank, prior_mean):
   np.testing.assert_allclose(float(P.log_marginal_likelihood(post)), want, rtol=1e-5)
 
 
-def test_samples_have_posterior_covariance():
+@pytest.mark.parametrize("rank", [None, 2])
+def test_samples_have_posterior_covariance(rank):
   rng = np.random.RandomState(2)
-  fac = _factors(rng)
+  fac = _factors(rng, rank)
   post, _, _ = _post(fac, rng)
   eps = P.sample_perturbations(post, jax.random.key(0), 20000)[Block(0)]
   cov = np.linalg.inv(_dense_prec(fac, 1.5, np.exp(np.asarray(post.log_prior_prec_e[Block(0)], np.float64))))

@@ -1,6 +1,7 @@
 """bmoe finetune -> fit -> evaluate end to end on a tiny model, a tokenizer trained here and a few
 real OBQA / MMLU rows from ../shared/data (config file + flags). Layer 0 is dense, so --cache-prefix
-(layer 1's inputs computed once) changes what runs and must not change a number."""
+(layer 1's inputs computed once) changes what runs and must not change a number. Lettered scoring here:
+last-layer Laplace needs one set of class tokens; the demo tests run the default continuation scoring."""
 
 import json
 
@@ -16,7 +17,8 @@ def model_dir(tmp_path_factory, shared_data):
 
 
 def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
-  common = ["--data-dir", shared_data, "--max-train", "24", "--max-eval", "24", "--batch-size", "8", "--max-length", "128", "--quiet"]
+  common = ["--data-dir", shared_data, "--max-train", "24", "--max-eval", "24", "--batch-size", "8", "--max-length", "128",
+            "--scoring", "letters", "--quiet"]
   ft = tmp_path / "ft"
   assert main(["finetune", "--model", str(model_dir), "--train", "obqa:train", "--val", "obqa:dev", "--lr", "1e-3",
                "--epochs", "2", "--eval-every", "3", "--layers", "1", "--cache-prefix", "--checkpoint-every", "2",

@@ -34,7 +34,8 @@ def tiny_llama(tmp_path_factory):
 def _cfg(src):
   d = DemoConfig()
   return dataclasses.replace(
-      d, source=str(src), upcycle=dataclasses.replace(d.upcycle, num_experts=4, top_k=2, moe_layers="top:2"),
+      d, source=str(src), upcycle=dataclasses.replace(d.upcycle, num_experts=4, top_k=2, moe_layers="top:2",
+                                                      shared_neurons=8, calib_tokens=512),
       data=dataclasses.replace(d.data, max_train=32, max_eval=16, batch_size=8),
       train=dataclasses.replace(d.train, epochs=1, eval_every=2), fit=dataclasses.replace(d.fit, rank=4))
 
@@ -42,12 +43,13 @@ def _cfg(src):
 def test_demo_synthetic(tiny_llama, tmp_path, monkeypatch):
   monkeypatch.delenv("BMOE_DATA_DIR", raising=False)
   s = run_demo(_cfg(tiny_llama), tmp_path, progress=False)
-  assert s["model"]["upcycled_vs_dense_max_abs_logit_diff"] <= 1e-4 and s["model"]["moe_layers"] == [1, 2]
+  assert s["model"]["all_experts_vs_dense_max_abs_logit_diff"] <= 1e-4 and s["model"]["moe_layers"] == [1, 2]
+  assert s["model"]["source"]["carve"]["calib_text"] == "synthetic training questions"
   train = s["data"]["sets"]["train"]
-  assert s["data"]["suite"].startswith("SYNTHETIC") and train["style"] == "cloze"
+  assert s["data"]["suite"].startswith("SYNTHETIC") and train["style"] == "continuation"
   assert s["finetune"]["steps"] == -(-(train["used"] - train["unscorable"]) // 8) > 0
   res = json.loads((tmp_path / "results.json").read_text())
-  assert sorted(res["methods"]) == ["bmoe", "map", "pretrained", "ts"]
+  assert sorted(res["methods"]) == ["bmoe", "bmoe_ml", "map", "pretrained", "ts"]
   sets = ["synthetic_test", "synthetic_capitals_test", "synthetic_opposites_test", "synthetic_languages_test"]
   assert sorted(res["methods"]["bmoe"]) == sorted(sets)
   assert 0 < res["methods"]["map"]["synthetic_capitals_test"]["n"] <= 16
@@ -62,7 +64,8 @@ def test_demo_synthetic(tiny_llama, tmp_path, monkeypatch):
 def test_demo_real_data_cli(tiny_llama, tmp_path, shared_data):
   cfg = tmp_path / "demo.json"
   cfg.write_text(json.dumps({"max_train": 16, "max_eval": 8, "epochs": 1, "batch_size": 8, "rank": 4,
-                             "num_experts": 4, "moe_layers": "top:1", "eval_every": 0}))
+                             "num_experts": 4, "moe_layers": "top:1", "eval_every": 0, "shared_neurons": 8,
+                             "calib_tokens": 512}))
   assert main(["demo", "--config", str(cfg), "--source", str(tiny_llama), "--data-dir", str(shared_data),
                "--shift", "arc_challenge:test,mmlu:test:astronomy", "--out-dir", str(tmp_path / "out"),
                "--mesh", "data=1", "--quiet"]) == 0  # the mesh code path (multi-device: tests/sharding)

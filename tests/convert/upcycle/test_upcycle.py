@@ -82,7 +82,7 @@ def test_upcycle_rejects(tmp_path):
   with pytest.raises(ValueError, match="top_k=5"):
     upcycle(dinfo.cfg, dparams, num_experts=4, top_k=5)
   upcycle_checkpoint(tmp_path / "dense", tmp_path / "out", num_experts=2, top_k=1, progress=False)
-  with pytest.raises(FileExistsError, match="already exists"):
+  with pytest.raises(FileExistsError, match="already holds a model"):
     upcycle_checkpoint(tmp_path / "dense", tmp_path / "out", progress=False)
 
 
