@@ -8,7 +8,8 @@ Zero-shot table: dense and the main carving (the first of ``--carvings``, top-2,
 setting) on OBQA, ARC-E, ARC-C, BoolQ, WinoGrande and an MMLU union (every subject, a seeded subset).
 
 Each carving (``convert.carve``: 256 shared neurons + 8 experts of 160 per carved layer, router fitted by
-least squares on NLTK prose, optionally trained to the oracle top-k) is evaluated at several top-k; the
+least squares on NLTK prose, optionally trained to the oracle top-k: ``LAYERS@STEPS``) is evaluated at
+several top-k; the
 "random" router is a Gaussian linear router (token-dependent, blind to the experts' content) at the same
 k. Perplexity: seeded 256-token windows of WikiText-2 valid; accuracy: seeded test questions, ``acc``
 (summed log-likelihood) and ``acc_norm`` (per byte of the scored text), 95% Wilson intervals. Writes
@@ -110,7 +111,7 @@ def variants_of(cfg, params, tok, text, layers, ks, router_steps, seed, calib_to
   rng = np.random.default_rng(seed + 1)
   for l in layers:
     rand["layers"][l]["mlp"]["router"]["kernel"] = rng.standard_normal((cfg.hidden_size, 8)).astype(np.float32)
-  tag = f"L{layers[0]}-{layers[-1]}" + (f" trained{router_steps}" if router_steps else "")
+  tag = f"L{layers[0]}-{layers[-1]}" + (f" router+{router_steps} steps" if router_steps else "")
   out = {}
   for k in ks:
     kc = c_cfg.replace(num_experts_per_tok=k)
@@ -127,9 +128,9 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--data-dir", required=True)
   ap.add_argument("--out", default="experiments/results/carve_smollm2")
-  ap.add_argument("--carvings", default="range:22-29,range:14-21", help="comma list of layer specs")
-  ap.add_argument("--ks", default="1,2,4,8")
-  ap.add_argument("--router-steps", default="0,300", help="router training steps per carving (comma list)")
+  ap.add_argument("--carvings", default="range:22-29@0,range:22-29@300,range:14-21@0",
+                  help="comma list of LAYERS@ROUTER_STEPS (layer spec, router training steps after the fit)")
+  ap.add_argument("--ks", default="2,4,8")
   ap.add_argument("--ppl-tokens", type=int, default=8192)
   ap.add_argument("--sweep-n", type=int, default=300, help="ARC-E questions for the k / router sweep")
   ap.add_argument("--zero-shot-n", type=int, default=500, help="questions per benchmark of the zero-shot table")
@@ -145,22 +146,21 @@ def main(argv=None):
   sweep = Scored("arc_easy:test", tok, str(data), args.sweep_n, args.seed)
   base = {"dense": {"cfg": cfg, "params": params}}
   results, reports, zero_shot, ks = {}, {}, {}, [int(k) for k in args.ks.split(",")]
-  for i, spec in enumerate(args.carvings.split(",")):
-    layers = parse_layers(spec, cfg.num_layers)
-    for j, steps in enumerate(int(s) for s in args.router_steps.split(",")):
-      variants, report = variants_of(cfg, params, tok, text, layers, ks, steps, args.seed, args.calib_tokens)
-      reports[f"{spec} router_steps={steps}"] = report
-      lm = lm_stats({**base, **variants}, windows)
-      acc = accuracy_stats({**(base if not results else {}), **variants}, sweep)
-      results.update({k: {**lm[k], **acc[k]} for k in acc})
-      print(json.dumps({k: results[k] for k in variants}, indent=1), flush=True)
-      if i == 0 and j == 0:
-        main_name = next(k for k in variants if k.endswith("top-2"))
-        for ds in ZERO_SHOT:
-          zero_shot[ds] = accuracy_stats({**base, main_name: variants[main_name]},
-                                         Scored(ds, tok, str(data), args.zero_shot_n, args.seed))
-          print(ds, json.dumps(zero_shot[ds]), flush=True)
-  write(Path(args.out), results, reports, zero_shot, vars(args), time.time() - t0)
+  for i, item in enumerate(args.carvings.split(",")):
+    spec, steps = item.split("@")
+    variants, report = variants_of(cfg, params, tok, text, parse_layers(spec, cfg.num_layers), ks, int(steps),
+                                   args.seed, args.calib_tokens)
+    reports[f"{spec} router_steps={steps}"] = report
+    lm = lm_stats({**base, **variants}, windows)
+    acc = accuracy_stats({**(base if not results else {}), **variants}, sweep)
+    results.update({k: {**lm[k], **acc[k]} for k in acc})
+    write(Path(args.out), results, reports, zero_shot, vars(args), time.time() - t0)  # after every stage
+    if i == 0:
+      main_name = next(k for k in variants if k.endswith("top-2"))
+      for ds in ZERO_SHOT:
+        zero_shot[ds] = accuracy_stats({**base, main_name: variants[main_name]},
+                                       Scored(ds, tok, str(data), args.zero_shot_n, args.seed))
+        write(Path(args.out), results, reports, zero_shot, vars(args), time.time() - t0)
 
 
 def _ci(r: dict, key: str) -> str:
