@@ -14,14 +14,14 @@ t() { local name=$1; shift; grep -q "^$name " "$OUT/times.txt" 2>/dev/null && re
       local t0=$(date +%s); "$@"; echo "$name $(( $(date +%s) - t0 ))" >> "$OUT/times.txt"; }
 t upcycle $BMOE upcycle smollm2 "$OUT/moe" --num-experts 8 --top-k 2 --moe-layers top:4 --quiet
 t finetune $BMOE finetune --model "$OUT/moe" --data-dir "$DATA" --train obqa:train --val obqa:dev \
-  --max-train $N --max-eval $N --batch-size 16 --max-length 160 --trainable experts_router --layers 26,27,28,29 \
+  --max-train $N --max-eval $N --batch-size 16 --max-length 160 --scoring letters --trainable experts_router --layers 26,27,28,29 \
   --lr 1e-3 --epochs 2 --eval-every 25 --keep-checkpoints 4 --checkpoint-every 25 --cache-prefix \
   --out "$OUT/finetune" --quiet
 t fit $BMOE fit --model "$OUT/finetune/model" --pretrained "$OUT/moe" --data-dir "$DATA" --train obqa:train \
-  --max-train $N --max-eval $N --batch-size 16 --max-length 160 --bayes-layers all --rank 10 --prior grid --val obqa:dev --cache-prefix \
+  --max-train $N --max-eval $N --batch-size 16 --max-length 160 --scoring letters --bayes-layers all --rank 10 --prior grid --val obqa:dev --cache-prefix \
   --out "$OUT/fit" --quiet
 t evaluate $BMOE evaluate --model "$OUT/finetune/model" --data-dir "$DATA" --max-eval $N --batch-size 16 \
-  --max-length 160 --test obqa:test --train obqa:train --max-train $N \
+  --max-length 160 --scoring letters --test obqa:test --train obqa:train --max-train $N \
   --shift arc_challenge:test,arc_easy:test,mmlu:test:astronomy+high_school_geography+high_school_biology+conceptual_physics \
   --methods map,ts,mc_dropout,llla,ckpt_ensemble,bmoe --posterior "$OUT/fit/posterior" \
   --checkpoints "$OUT/finetune/checkpoints" --cache-prefix --out "$OUT/evaluate" --quiet

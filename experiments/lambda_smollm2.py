@@ -65,6 +65,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--data-dir", required=True)
   ap.add_argument("--out", default="experiments/results/lambda_smollm2")
+  ap.add_argument("--runs", default="runs/lambda_smollm2", help="fine-tuning checkpoints (not committed)")
   ap.add_argument("--max-train", type=int, default=400)
   ap.add_argument("--max-eval", type=int, default=300)
   ap.add_argument("--rank", type=int, default=10)
@@ -83,7 +84,7 @@ def main(argv=None):
   task, batches = ST.cache_prefix(mparams, task, batches, min(mcfg.moe_layer_ids))
   tc = TrainConfig(trainable="experts_router", lr=1e-3, epochs=args.epochs, warmup_ratio=0.05, eval_every=20,
                    patience=3, seed=args.seed)
-  ft = ST.finetune(mparams, task, batches, tc, Path(args.out) / "run", pretrained=mparams).params
+  ft = ST.finetune(mparams, task, batches, tc, Path(args.runs), pretrained=mparams).params
   tests = {k: batches[k] for k in ST.eval_keys(data)}
   rows = {"MAP": {"lambda": None, **scores(BL.map_method(ft, task), tests)}}
   grid = FitConfig(grid=(1e-2, 1e6, 33)).grid_values

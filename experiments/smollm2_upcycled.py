@@ -38,7 +38,10 @@ def make_config(suite: str, data_dir: str | None = None, quick: bool = False) ->
   if quick:
     over.update(max_train=32, max_eval=32, epochs=1, ensemble_members=2)
   base = DemoConfig()
-  data = dataclasses.replace(base.data, max_train=over["max_train"], max_eval=over["max_eval"])
+  # as when its results were made: copy-upcycled top 4 layers; lettered (real) / first-token cloze (synthetic)
+  base = dataclasses.replace(base, upcycle=dataclasses.replace(base.upcycle, method="copy", moe_layers="top:4"))
+  data = dataclasses.replace(base.data, max_train=over["max_train"], max_eval=over["max_eval"],
+                             scoring="letters" if suite == "real" else "cloze")
   if suite == "real":
     data = dataclasses.replace(data, data_dir=data_dir)
   else:  # the specs set explicitly, so a $BMOE_DATA_DIR in the environment does not switch suites

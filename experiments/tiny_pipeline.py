@@ -43,7 +43,8 @@ def main_(argv=None):
   out = Path(args.out)
   if out.exists():
     shutil.rmtree(out)
-  common = ["--data-dir", args.data_dir, "--batch-size", "16", "--max-length", "192", "--quiet"]
+  # lettered scoring, as when its results were made (and last-layer Laplace needs it)
+  common = ["--data-dir", args.data_dir, "--batch-size", "16", "--max-length", "192", "--scoring", "letters", "--quiet"]
   times = {}
   t = time.perf_counter()
   build_model(out / "base", args.data_dir)
