@@ -54,7 +54,9 @@ def describe(path: str | Path) -> dict:
           "experts": f"{cfg.num_experts} routed, top-{cfg.num_experts_per_tok}, width {cfg.moe_intermediate_size}",
           "shared_expert": (f"width {cfg.shared_expert_size}" + (" with sigmoid gate" if cfg.shared_expert_gate
                                                                  else "")) if cfg.shared_expert_size else "none",
-          "routing": f"softmax top-k, norm_topk_prob={cfg.norm_topk_prob}, scaling={cfg.routed_scaling_factor}",
+          "routing": (f"{cfg.router_scoring} top-k" + (", gates 1" if cfg.router_scoring == "select" else
+                                                         f", norm_topk_prob={cfg.norm_topk_prob}, "
+                                                         f"scaling={cfg.routed_scaling_factor}")),
           "layer_pattern": layout, "params": counts, "config": cfg.to_dict()}
 
 
