@@ -7,7 +7,8 @@ metrics each gives.
 SmolLM2-135M-Instruct carved in its top 8 layers (``convert.carve`` defaults, top-2), continuation
 scoring, MAP fine-tuning of the experts and routers on seeded OBQA training questions (early stopping on
 OBQA dev), then one factor pass per rank (labels exact, tokens expand) and a posterior per variant, its
-global lambda by LPO (Adam on log lambda, 300 steps) or by the validation grid. Test metrics: OBQA test
+global lambda by LPO (Adam on log lambda, 300 steps) or, at rank r with the remainder, by the validation
+grid (the grid holds every validation batch's Jacobian statistics: at full rank tens of GB). Test metrics: OBQA test
 (in-distribution) and ARC-Easy test (shift), closed-form probit predictive. Writes
 experiments/results/lambda_smollm2/{results.json, results.md}.
 """
@@ -54,7 +55,7 @@ def variants(ft, pretrained, task, batches, rank, grid, seed):
                     num_sequences=int(state.num_sequences), log_lik=state.log_lik, remainder=remainder)
     name = tag + ("" if rank is None else (" + remainder" if remainder else " bare"))
     out[f"{name}, evidence"] = LA.optimize_prior_precision(post, "global", steps=300)[0]
-    if remainder:
+    if remainder and rank is not None:  # full-rank Jacobian statistics of a whole validation set: tens of GB
       stats = jax.jit(lambda p, po, b: LA.predictive.jacobian_stats(p, task, b, po))
       val = [(stats(ft, post, b), b.labels_b) for b in batches["val"]]
       out[f"{name}, grid"] = LA.predictive.grid_search_prior_precision(post, val, grid=grid)[0]
