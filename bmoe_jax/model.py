@@ -105,21 +105,9 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
       context, c > 0 for continuation c, which sees only the context and itself. Pass their RoPE
       ``positions_bs`` too (each continuation's positions continue the context's).
   """
-  b, s = tokens_bs.shape
-  if segments_bs is not None and positions_bs is None:
-    raise ValueError("segments_bs (packed continuations) needs positions_bs: each continuation's RoPE "
-                     "positions continue its context's")
-  if positions_bs is None:
-    positions_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  if start_layer:
-    if states_bsd is None or states_bsd.shape[:2] != (b, s):
-      raise ValueError(f"start_layer={start_layer} needs states_bsd [b, s, d] = the input of that layer "
-                       f"(prefix_states), got {None if states_bsd is None else states_bsd.shape}")
-    x_bsd = states_bsd
-  else:
-    x_bsd = params["embed"]["embedding"][tokens_bs]
-  cos_bsc, sin_bsc = L.rope_tables(positions_bs, cfg.head_dim, cfg.rope_theta, cfg.rope_type,
-                                   cfg.rope_factor)
+  s = tokens_bs.shape[1]
+  x_bsd, positions_bs, cos_bsc, sin_bsc = _inputs(params, cfg, tokens_bs, positions_bs, start_layer, states_bsd,
+                                                  segments_bs)
   masks = {}
   hidden = [x_bsd] if return_hidden else None
   taps: dict[int, MoETaps] = {}
@@ -142,6 +130,26 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
                        taps if return_taps else None)
 
 
+def _inputs(params, cfg: MoEConfig, tokens_bs, positions_bs, start_layer: int, states_bsd, segments_bs):
+  """(first layer's input states, RoPE positions, cos, sin): embeddings, or the cached states of
+  ``start_layer``; positions default to ``arange(s)``."""
+  b, s = tokens_bs.shape
+  if segments_bs is not None and positions_bs is None:
+    raise ValueError("segments_bs (packed continuations) needs positions_bs: each continuation's RoPE "
+                     "positions continue its context's")
+  if positions_bs is None:
+    positions_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  if start_layer:
+    if states_bsd is None or states_bsd.shape[:2] != (b, s):
+      raise ValueError(f"start_layer={start_layer} needs states_bsd [b, s, d] = the input of that layer "
+                       f"(prefix_states), got {None if states_bsd is None else states_bsd.shape}")
+    x_bsd = states_bsd
+  else:
+    x_bsd = params["embed"]["embedding"][tokens_bs]
+  cos_bsc, sin_bsc = L.rope_tables(positions_bs, cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_factor)
+  return x_bsd, positions_bs, cos_bsc, sin_bsc
+
+
 def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, expert_impl, tile_rows, perturb):
   """One pre-norm decoder layer: (output states, the MoE taps or None for a dense layer)."""
   x_bsd, h_bsd = _attention_half(lp, cfg, x_bsd, cos_bsc, sin_bsc, mask)
@@ -161,10 +169,9 @@ def _attention_half(lp, cfg: MoEConfig, x_bsd, cos_bsc, sin_bsc, mask):
 def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, layers) -> dict[int, jax.Array]:
   """{layer: [b, s, d]}: the normed input of each listed layer's MLP (calibration statistics, e.g. for
   carving a dense FFN into experts, ``convert.carve``). Runs the layers up to the highest listed one."""
-  b, s = tokens_bs.shape
-  positions_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  cos_bsc, sin_bsc = L.rope_tables(positions_bs, cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_factor)
-  x_bsd, out = params["embed"]["embedding"][tokens_bs], {}
+  s = tokens_bs.shape[1]
+  x_bsd, _, cos_bsc, sin_bsc = _inputs(params, cfg, tokens_bs, None, 0, None, None)
+  out = {}
   for i in range(max(layers) + 1):
     mask = L.attention_mask(attention_mask_bs, s, cfg.window(i))
     if i in layers:

@@ -38,6 +38,18 @@ def _pad_length(tokens, mask, pos, tokenizer, max_length: int, pad_to: int, padd
           pos + (extra if padding_side == "left" else 0))
 
 
+def _cloze_filter(examples, tokenizer):
+  """(examples whose choices have distinct first tokens, their token ids by uid, how many were dropped)."""
+  kept, ids = [], {}
+  for e in examples:
+    try:
+      ids[e.uid] = cloze_token_ids(tokenizer, e.choices)
+      kept.append(e)
+    except ValueError:
+      pass
+  return kept, ids, len(examples) - len(kept)
+
+
 def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, max_length: int = 512,
                  num_classes: int | None = None, padding_side: str = "right", chat: bool = False,
                  instruction: str | None = None, dataset: str | None = None, leading_space: bool = True,
@@ -61,17 +73,7 @@ def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, m
                                               num_classes=num_classes, dataset=dataset, norm=norm,
                                               shuffle=shuffle, seed=seed, pad_to=pad_to)
     return batches, None, {**info, "style": style}
-  unscorable = 0
-  cloze_ids = {}
-  if style == "cloze":
-    kept = []
-    for e in examples:
-      try:
-        cloze_ids[e.uid] = cloze_token_ids(tokenizer, e.choices)
-        kept.append(e)
-      except ValueError:
-        unscorable += 1
-    examples = kept
+  examples, cloze_ids, unscorable = _cloze_filter(examples, tokenizer) if style == "cloze" else (examples, {}, 0)
   if not examples:
     raise ValueError("no examples to batch" + (f" ({unscorable} unscorable in cloze style)" if unscorable else ""))
   c = num_classes or max(len(e.choices) for e in examples)

@@ -119,9 +119,10 @@ def collate(rows: Sequence[Row], labels: Sequence[int], num_choices: Sequence[in
     n = len(r.tokens)
     tokens[i, :n], mask[i, :n], segments[i, :n], positions[i, :n] = r.tokens, 1, r.segments, r.positions
     positions[i, n:] = np.arange(n, s)
-    answer_pos[i] = max(r.segments.count(0) - 1, 0)
+    last_ctx = r.segments.count(0) - 1
+    answer_pos[i] = max(last_ctx, 0)
     for j, (idx, c, w) in enumerate(r.scored):
-      prev = idx - 1 if r.segments[idx - 1] == r.segments[idx] else r.segments.count(0) - 1
+      prev = idx - 1 if r.segments[idx - 1] == r.segments[idx] else last_ctx
       pos_bt[i, j], tok_bt[i, j], weight_btc[i, j, c] = prev, r.tokens[idx], w
   choice_mask = np.arange(num_classes)[None, :] < np.asarray(num_choices)[:, None]
   cont = Continuation(jnp.asarray(positions), jnp.asarray(segments), jnp.asarray(pos_bt), jnp.asarray(tok_bt),
