@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.data import continuation
-from bmoe_jax.data.prompts import (INSTRUCTIONS, answer_token_ids, apply_chat, cloze_token_ids, encode,
+from bmoe_jax.data.prompts import (INSTRUCTIONS, answer_token_ids, apply_chat, cloze_token_ids, encode, round_up,
                                    format_cloze, format_prompt)
 from bmoe_jax.data.records import MCExample
 from bmoe_jax.task import Batch
@@ -22,13 +22,9 @@ from bmoe_jax.task import Batch
 STYLES = ("letters", "cloze", "continuation")
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def _pad_length(tokens, mask, pos, tokenizer, max_length: int, pad_to: int, padding_side: str):
   """Extra padding on the padding side up to a multiple of ``pad_to`` (at most ``max_length``)."""
-  s = min(_round_up(tokens.shape[1], pad_to), max(max_length, tokens.shape[1]))
+  s = min(round_up(tokens.shape[1], pad_to), max(max_length, tokens.shape[1]))
   if s <= tokens.shape[1]:
     return tokens, mask, pos
   extra = s - tokens.shape[1]

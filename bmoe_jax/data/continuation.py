@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from bmoe_jax.data.prompts import round_up
 from bmoe_jax.data.records import MCExample
 from bmoe_jax.task import Batch, Continuation
 
@@ -98,18 +99,14 @@ def pack(tokenizer, p: Parts, max_length: int, norm: str = "none") -> Row:
   return Row(tokens, segments, positions, scored, truncated)
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def collate(rows: Sequence[Row], labels: Sequence[int], num_choices: Sequence[int], num_classes: int,
             pad_id: int, pad_to: int = 16) -> Batch:
   """A ``Batch`` of packed rows (right padding; lengths rounded up to ``pad_to``): the context's last
   token is the answer position, scored token t of row b is predicted by the logits at position
   ``index - 1``, and ``weight_btc`` puts its weight in its choice's column."""
   b = len(rows)
-  s = _round_up(max(len(r.tokens) for r in rows), pad_to)
-  t = _round_up(max(len(r.scored) for r in rows), pad_to)
+  s = round_up(max(len(r.tokens) for r in rows), pad_to)
+  t = round_up(max(len(r.scored) for r in rows), pad_to)
   tokens = np.full((b, s), pad_id, np.int32)
   mask, segments, positions = np.zeros((b, s), np.int32), np.zeros((b, s), np.int32), np.zeros((b, s), np.int32)
   pos_bt, tok_bt = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)

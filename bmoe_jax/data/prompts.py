@@ -77,6 +77,11 @@ def answer_token_ids(tokenizer, num_choices: int, leading_space: bool = True) ->
   return np.asarray(ids, np.int32)
 
 
+def round_up(n: int, multiple: int) -> int:
+  """n rounded up to a multiple (padded lengths: fewer distinct shapes, fewer recompilations)."""
+  return -(-n // multiple) * multiple
+
+
 def encode(tokenizer, prompts: Sequence[str], max_length: int, *, padding_side: str = "right",
            pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
   """Token ids [b, s], mask [b, s] and answer positions [b] (the last real token: ":" of "Answer:").
