@@ -7,7 +7,7 @@
    every expert selected is checked against the dense model (``--upcycle-method copy``: sparse upcycling).
 2. **Data**: the real benchmarks (OBQA -> ARC-C/ARC-E/MMLU) when a data directory is given (``--data-dir``
    or ``$BMOE_DATA_DIR``); otherwise the embedded synthetic suite (``bmoe_jax.data.synthetic``), labelled
-   SYNTHETIC in every output. Continuation scoring (each choice's per-byte log-likelihood).
+   SYNTHETIC in every output. Continuation scoring (each choice's mean log-likelihood per token).
 3. **Frozen prefix once**: only the MoE layers (the top ones) train and are Bayesian, so every batch's
    input to the lowest MoE layer is computed once (``train.with_prefix_states``) and every later step
    (training, factors, predictives, baselines) runs only the top layers.
@@ -41,10 +41,10 @@ class DemoConfig:
   upcycle: UpcycleConfig = UpcycleConfig(method="carve", moe_layers="top:8", calib_tokens=4096)
   ensemble_members: int = 3  # fine-tuned seeds of method ensemble (the first is the MAP model)
   run: RunConfig = RunConfig(cache_prefix=True)
-  data: DataConfig = DataConfig(batch_size=16, max_length=192, max_train=600, max_eval=300)
+  data: DataConfig = DataConfig(batch_size=16, max_length=192, max_train=400, max_eval=200)
   train: TrainConfig = TrainConfig(trainable="experts_router", lr=1e-3, epochs=2, warmup_ratio=0.05, eval_every=20,
                                    patience=3, checkpoint_every=100)
-  fit: FitConfig = FitConfig(tokens="expand", rank=10, prior="grid", grid=(1e-2, 1e6, 33))
+  fit: FitConfig = FitConfig(tokens="expand", rank=10, prior="grid", grid=(1e-2, 1e6, 17))
   eval: EvalConfig = EvalConfig(methods=("pretrained", "map", "ts", "bmoe", "bmoe_ml"))
 
 

@@ -40,6 +40,7 @@ class LayerCarve(NamedTuple):
   expert_idx: np.ndarray  # [e, f] neuron ids of each routed expert
   router_de: np.ndarray  # [d, e]
   oracle_agreement: float  # fraction of the oracle's top-k experts the router's top-k finds (held-out tokens)
+  load_entropy: float  # how evenly the router's top-k picks spread over the experts (1: even, 0: static)
 
 
 def calibration_tokens(tok, text: str, num_tokens: int, seq_len: int, seed: int) -> np.ndarray:
@@ -125,6 +126,17 @@ def agreement(router_de, x_nd, norms_ne, top_k: int) -> float:
   return float(np.mean([len(set(a) & set(b)) / top_k for a, b in zip(mine, oracle)]))
 
 
+def load_entropy(router_de, x_nd, top_k: int) -> float:
+  """How evenly the router's top-k spreads over the E experts: the entropy H of the pick frequencies,
+  (H - log k) / (log E - log k): 1 when every expert is picked equally often, 0 when the same k experts
+  serve every token (a static router)."""
+  picks = np.argsort(-(x_nd @ router_de), axis=1)[:, :top_k]
+  freq_e = np.bincount(picks.ravel(), minlength=router_de.shape[1]) / picks.size
+  h = -np.sum(freq_e * np.log(np.where(freq_e > 0, freq_e, 1.0)))
+  e = router_de.shape[1]
+  return float((h - np.log(top_k)) / (np.log(e) - np.log(top_k))) if e > top_k else 1.0
+
+
 def train_router(router_de, x_nd, norms_ne, top_k: int, steps: int, lr: float = 1e-3, seed: int = 0):
   """Adam on the cross-entropy between softmax(x W) and the oracle's top-k set (uniform over it)."""
   import optax
@@ -164,7 +176,9 @@ def carve_layer(mlp: dict, x_nd: np.ndarray, act: str, *, num_experts: int, top_
   router = fit_router(x_nd[fit_n], norms_ne[fit_n])
   if router_steps:
     router = train_router(router, x_nd[fit_n], norms_ne[fit_n], top_k, router_steps, seed=seed)
-  return LayerCarve(shared_idx, expert_idx, router, agreement(router, x_nd[held_n], norms_ne[held_n], top_k))
+  x_held, norms_held = x_nd[held_n], norms_ne[held_n]
+  return LayerCarve(shared_idx, expert_idx, router, agreement(router, x_held, norms_held, top_k),
+                    load_entropy(router, x_held, top_k))
 
 
 def _split(n: int, seed: int, held_out: float = 0.2):
@@ -219,7 +233,7 @@ def carve(cfg: MoEConfig, params: dict, tok, text: str, *, layers, num_experts: 
       lc = carve_layer(layer["mlp"], inputs[i], cfg.hidden_act, num_experts=num_experts, top_k=top_k,
                        shared_neurons=shared_neurons, active_frac=active_frac, router_steps=router_steps,
                        seed=seed + i)
-      report[i] = {"oracle_agreement": lc.oracle_agreement,
+      report[i] = {"oracle_agreement": lc.oracle_agreement, "load_entropy": lc.load_entropy,
                    "shared_energy": shared_energy(layer["mlp"], inputs[i], cfg.hidden_act, lc.shared_idx)}
       layer["mlp"] = carved_mlp(layer["mlp"], lc)
     out["layers"].append(layer)

@@ -87,6 +87,8 @@ class Scored:
     self.bytes_nc = np.asarray([[len(t.encode()) for _, t in parts(e, name).choices] + [1] * (c - len(e.choices))
                                 for e in kept])
     self.labels_n = np.asarray([e.label for e in kept])
+    scored_nc = np.concatenate([np.asarray((b.cont.weight_btc != 0).sum(1)) for b in self.batches])
+    self.tokens_nc = np.maximum(scored_nc[:len(kept)], 1)
 
 
 def accuracy_stats(variants: dict, data: Scored) -> dict:
@@ -97,14 +99,17 @@ def accuracy_stats(variants: dict, data: Scored) -> dict:
     n = len(data.labels_n)
     acc = int(np.sum(np.argmax(f, 1) == data.labels_n))
     acc_norm = int(np.sum(np.argmax(f / data.bytes_nc, 1) == data.labels_n))
+    acc_token = int(np.sum(np.argmax(f / data.tokens_nc, 1) == data.labels_n))
     out[name] = {"acc": acc / n, "acc_ci": wilson(acc, n), "acc_norm": acc_norm / n,
-                 "acc_norm_ci": wilson(acc_norm, n), "n": n}
+                 "acc_norm_ci": wilson(acc_norm, n), "acc_token": acc_token / n, "acc_token_ci": wilson(acc_token, n),
+                 "n": n}
   return out
 
 
 def variants_of(cfg, params, tok, text, layers, ks, router_steps, seed, calib_tokens):
-  """{name: {cfg, params, ref}} for one carving: each k with the fitted router and with a random one."""
-  c_cfg, c_params, report = carve(cfg, params, tok, text, layers=layers, num_experts=8, top_k=8,
+  """{name: {cfg, params, ref}} for one carving: each k with the fitted router and with a random one. Carved
+  at the smallest k (the router's training target and the k of its reported agreement and load)."""
+  c_cfg, c_params, report = carve(cfg, params, tok, text, layers=layers, num_experts=8, top_k=min(ks),
                                   shared_neurons=256, active_frac=0.1, calib_tokens=calib_tokens,
                                   router_steps=router_steps, seed=seed)
   rand = jax.tree.map(lambda x: x, c_params)
@@ -145,7 +150,7 @@ def main(argv=None):
   windows = text_windows(tok, data / "corpora" / "wikitext2_tokenized" / "valid.txt", args.ppl_tokens, 256, args.seed)
   sweep = Scored("arc_easy:test", tok, str(data), args.sweep_n, args.seed)
   base = {"dense": {"cfg": cfg, "params": params}}
-  results, reports, zero_shot, ks = {}, {}, {}, [int(k) for k in args.ks.split(",")]
+  results, reports, zero_shot, ks = {}, {}, {}, sorted(int(k) for k in args.ks.split(","))
   for i, item in enumerate(args.carvings.split(",")):
     spec, steps = item.split("@")
     variants, report = variants_of(cfg, params, tok, text, parse_layers(spec, cfg.num_layers), ks, int(steps),
@@ -172,21 +177,25 @@ def write(out: Path, results: dict, reports: dict, zero_shot: dict, args: dict, 
   (out / "results.json").write_text(json.dumps({"results": results, "zero_shot": zero_shot, "carve_reports": reports,
                                                 "args": args, "seconds": seconds}, indent=2, default=str))
   names = list(next(iter(zero_shot.values()))) if zero_shot else []
-  lines = ["## Zero-shot continuation accuracy (acc / acc_norm per byte, 95% Wilson intervals)", "",
-           "| benchmark | n | " + " | ".join(f"{m} acc | {m} acc_norm" for m in names) + " |",
-           "|---|---:|" + "---:|" * (2 * len(names))]
+  lines = ["## Zero-shot continuation accuracy (95% Wilson intervals)", "",
+           "acc: summed log-likelihood (norm none); per token: divided by the choice's tokens; per byte (lm-eval's "
+           "acc_norm up to bytes vs characters): divided by its UTF-8 bytes.", "",
+           "| benchmark | n | " + " | ".join(f"{m} acc | {m} per token | {m} per byte" for m in names) + " |",
+           "|---|---:|" + "---:|" * (3 * len(names))]
   for ds, per in zero_shot.items():
-    lines.append(f"| {ds} | {per[names[0]]['n']} | "
-                 + " | ".join(f"{_ci(per[m], 'acc')} | {_ci(per[m], 'acc_norm')}" for m in names) + " |")
+    lines.append(f"| {ds} | {per[names[0]]['n']} | " + " | ".join(
+        f"{_ci(per[m], 'acc')} | {_ci(per[m], 'acc_token')} | {_ci(per[m], 'acc_norm')}" for m in names) + " |")
   lines += ["", "## Carving sweep (WikiText-2 valid perplexity, ARC-Easy test)", "",
             "| model | WikiText-2 ppl | KL to ref (nats/token) | ARC-E acc | ARC-E acc_norm |", "|---|---:|---:|---:|---:|"]
   for name, r in results.items():
     kl = "" if r.get("kl_to_ref") is None else f"{r['kl_to_ref']:.3f}"
     lines.append(f"| {name} | {r['ppl']:.2f} | {kl} | {_ci(r, 'acc')} | {_ci(r, 'acc_norm')} |")
-  lines += ["", "| carving | layer: router agreement with the oracle top-k / shared-expert energy share |", "|---|---|"]
+  k = min(int(k) for k in args["ks"].split(","))
+  lines += ["", f"| carving | layer: router agreement with the oracle top-{k} / load evenness / "
+            "shared-expert energy share |", "|---|---|"]
   for name, rep in reports.items():
-    lines.append(f"| {name} | " + ", ".join(f"{l}: {v['oracle_agreement']:.2f} / {v['shared_energy']:.2f}"
-                                              for l, v in rep["layers"].items()) + " |")
+    lines.append(f"| {name} | " + ", ".join(f"{l}: {v['oracle_agreement']:.2f} / {v['load_entropy']:.2f} / "
+                                              f"{v['shared_energy']:.2f}" for l, v in rep["layers"].items()) + " |")
   cmd = "python experiments/carve_smollm2.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items())
   (out / "results.md").write_text("\n".join(lines) + f"\n\nMade by `{cmd}` in {seconds / 60:.0f} min.\n"
                                   "KL to ref: top-k rows against dense, random-k rows against the same carving's "

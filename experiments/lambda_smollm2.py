@@ -56,8 +56,8 @@ def variants(ft, pretrained, task, batches, rank, grid, seed):
     name = tag + ("" if rank is None else (" + remainder" if remainder else " bare"))
     out[f"{name}, evidence"] = LA.optimize_prior_precision(post, "global", steps=300)[0]
     if remainder and rank is not None:  # full-rank Jacobian statistics of a whole validation set: tens of GB
-      stats = jax.jit(lambda p, po, b: LA.predictive.jacobian_stats(p, task, b, po))
-      val = [(stats(ft, post, b), b.labels_b) for b in batches["val"]]
+      val = [(LA.predictive.jacobian_stats_jit(ft, task=task, batch=b, post=post), b.labels_b)
+             for b in batches["val"]]
       out[f"{name}, grid"] = LA.predictive.grid_search_prior_precision(post, val, grid=grid)[0]
   return out
 

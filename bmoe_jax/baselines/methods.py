@@ -101,13 +101,12 @@ def bayesian_moe_variants(posts: dict, params, task: Task, *, link: str = "probi
   first = next(iter(posts.values()))
   if any(p.factors is not first.factors for p in posts.values()):
     raise ValueError("bayesian_moe_variants: the posteriors must share one factors dict (built from one fit)")
-  stats_fn = jax.jit(lambda p, po, b: PR.jacobian_stats(p, task, b, po))
   cache: dict[int, tuple] = {}
 
   def stats(batch):
     k = id(batch.tokens_bs)
     if k not in cache:  # the batch is kept with its statistics, so its id cannot be reused
-      cache[k] = (batch, stats_fn(params, first, batch))
+      cache[k] = (batch, PR.jacobian_stats_jit(params, task=task, batch=batch, post=first))
     return cache[k][1]
 
   def make(post):

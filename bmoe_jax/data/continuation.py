@@ -25,7 +25,7 @@ from typing import NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from bmoe_jax.data.prompts import round_up
+from bmoe_jax.data.prompts import bucket
 from bmoe_jax.data.records import MCExample
 from bmoe_jax.task import Batch, Continuation
 
@@ -100,13 +100,14 @@ def pack(tokenizer, p: Parts, max_length: int, norm: str = "none") -> Row:
 
 
 def collate(rows: Sequence[Row], labels: Sequence[int], num_choices: Sequence[int], num_classes: int,
-            pad_id: int, pad_to: int = 16) -> Batch:
-  """A ``Batch`` of packed rows (right padding; lengths rounded up to ``pad_to``): the context's last
-  token is the answer position, scored token t of row b is predicted by the logits at position
-  ``index - 1``, and ``weight_btc`` puts its weight in its choice's column."""
-  b = len(rows)
-  s = round_up(max(len(r.tokens) for r in rows), pad_to)
-  t = round_up(max(len(r.scored) for r in rows), pad_to)
+            pad_id: int, pad_to: int = 16, longest: Sequence[Row] | None = None) -> Batch:
+  """A ``Batch`` of packed rows (right padding to ``prompts.bucket(n, pad_to)`` of the longest of
+  ``longest``, default ``rows``): the context's last token is the answer position, scored token t of row
+  b is predicted by the logits at position ``index - 1``, and ``weight_btc`` puts its weight in its
+  choice's column."""
+  b, longest = len(rows), rows if longest is None else longest
+  s = bucket(max(len(r.tokens) for r in longest), pad_to)
+  t = bucket(max(len(r.scored) for r in longest), pad_to)
   tokens = np.full((b, s), pad_id, np.int32)
   mask, segments, positions = np.zeros((b, s), np.int32), np.zeros((b, s), np.int32), np.zeros((b, s), np.int32)
   pos_bt, tok_bt = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
@@ -131,9 +132,11 @@ def collate(rows: Sequence[Row], labels: Sequence[int], num_choices: Sequence[in
 def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, max_length: int = 512,
                  num_classes: int | None = None, dataset: str | None = None, norm: str = "none",
                  shuffle: bool = False, seed: int = 0, pad_to: int = 16) -> tuple[list[Batch], dict]:
-  """Packed continuation batches of ``examples`` (the last batch may be smaller). Returns (batches,
-  info {"truncated", "num_classes", "order", "unscorable": examples whose choices alone exceed
-  ``max_length``})."""
+  """Packed continuation batches of ``examples`` (the last batch may be smaller), all of one padded
+  length (the set's longest row, ``prompts.bucket``): each shape compiles every jitted pass once, which
+  on CPU costs more than the padding (measured: per-batch lengths made the demo's Jacobian passes mostly
+  compilation). Returns (batches, info {"truncated", "num_classes", "order", "unscorable": examples
+  whose choices alone exceed ``max_length``})."""
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   if pad_id is None:
     raise ValueError("the tokenizer has neither a pad nor an eos token")
@@ -153,6 +156,6 @@ def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, m
   for lo in range(0, len(order), batch_size):
     chunk = [packed[i] for i in order[lo:lo + batch_size]]
     batches.append(collate([r for _, r in chunk], [e.label for e, _ in chunk], [len(e.choices) for e, _ in chunk],
-                           c, pad_id, pad_to))
+                           c, pad_id, pad_to, longest=[r for _, r in packed]))
   return batches, {"truncated": sum(r.truncated for _, r in packed), "num_classes": c, "order": order.tolist(),
                    "unscorable": unscorable, "norm": norm}

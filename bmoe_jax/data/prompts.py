@@ -82,6 +82,20 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def bucket(n: int, multiple: int) -> int:
+  """The smallest of ``multiple`` x (1, 2, 3, 4, 6, 8, 12, 16, ...) that holds n: padded lengths on a
+  geometric ladder (from 2 x multiple on, at most 50% padding), so a set of varied lengths compiles a
+  handful of shapes, where rounding to a multiple compiles one per step (each jitted Jacobian pass
+  takes seconds to compile: measured, the demo's evaluation was mostly compilation)."""
+  size = multiple
+  while True:
+    if n <= size:
+      return size
+    if size >= 2 * multiple and n <= size * 3 // 2:
+      return size * 3 // 2
+    size *= 2
+
+
 def encode(tokenizer, prompts: Sequence[str], max_length: int, *, padding_side: str = "right",
            pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
   """Token ids [b, s], mask [b, s] and answer positions [b] (the last real token: ":" of "Answer:").

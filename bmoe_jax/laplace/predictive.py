@@ -121,6 +121,11 @@ def jacobian_stats(params, task: Task, batch: Batch, post: P.Posterior) -> Jacob
   return JacobianStats(jax.lax.stop_gradient(f_bc), blocks)
 
 
+# One compiled Jacobian pass per (task, shapes) for the whole process: the prior-precision grid and every
+# Bayesian-MoE method of an evaluation reuse each other's executables (compiling one takes seconds).
+jacobian_stats_jit = jax.jit(jacobian_stats, static_argnames="task")
+
+
 def layer_covariance(fac: Factors, jac: LayerJacobian, scale, prec_e) -> jax.Array:
   """[b, c, c] contribution of one block's experts to Sigma_f: ``<M_c, Sigma_e M_k>`` summed over the
   four eigen-groups of ``posterior.spectrum`` (module docstring)."""

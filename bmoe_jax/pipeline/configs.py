@@ -59,7 +59,7 @@ class DataConfig:
   batch_size: int = 8
   max_length: int = 256
   scoring: str = "continuation"  # letters | cloze (first token) | continuation (each choice's log-likelihood)
-  norm: str = "byte"  # continuation scores: none | token (per token) | byte (per UTF-8 byte, lm-eval acc_norm)
+  norm: str = "token"  # continuation scores: none | token (per token) | byte (per UTF-8 byte, lm-eval acc_norm)
   chat: bool = False  # wrap prompts in the tokenizer's chat template (letters and cloze only)
 
   def __post_init__(self):

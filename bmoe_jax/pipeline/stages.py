@@ -111,8 +111,8 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
     info["bmoe_ml"] = {"mode": mode, "prior_precision": mean_prior_precision(posts["bmoe_ml"]),
                        "log_marglik": curve["log_marglik"][-1]}
   if fc.prior == "grid":
-    stats = jax.jit(lambda p, po, b: LA.predictive.jacobian_stats(p, task, b, po))
-    val = [(stats(params, base, b), b.labels_b) for b in batches["val"]]
+    val = [(LA.predictive.jacobian_stats_jit(params, task=task, batch=b, post=base), b.labels_b)
+           for b in batches["val"]]
     posts["bmoe"], curve = LA.predictive.grid_search_prior_precision(base, val, grid=fc.grid_values)
     info["bmoe"] = {"mode": "grid (validation NLL)", "prior_precision": mean_prior_precision(posts["bmoe"]),
                     "val_nll": min(curve["nll"]), "grid": curve}

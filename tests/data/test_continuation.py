@@ -10,6 +10,7 @@ from bmoe_jax.data import MCExample
 from bmoe_jax.data import continuation as C
 from bmoe_jax.data.batches import make_batches
 from bmoe_jax.data.toy_tokenizer import train_bpe
+from bmoe_jax.data.prompts import bucket
 from bmoe_jax.task import CHOICE_MASK_VALUE, Task, output_mask
 
 QA = MCExample("q", "Which gas do plants take in?", ("carbon dioxide", "oxygen", "helium", "water vapor"), 0)
@@ -93,3 +94,13 @@ def test_pack_truncates_the_context_start_and_marks_output_positions(tok):
     make_batches([QA], tok, batch_size=1, max_length=tail, style="continuation")
   with pytest.raises(ValueError, match="chat=False"):
     make_batches([QA], tok, batch_size=1, style="continuation", chat=True)
+
+
+def test_batches_of_a_set_share_one_shape(tok):
+  """Every batch is padded to the set's longest row (one compilation per set, not one per batch)."""
+  long = MCExample("l", "word " * 30 + "which gas?", QA.choices, 1)
+  batches, _, _ = make_batches([QA, long, ARC3], tok, batch_size=1, max_length=128, style="continuation")
+  shapes = {(b.tokens_bs.shape, b.cont.weight_btc.shape) for b in batches}
+  assert len(batches) == 3 and len(shapes) == 1
+  (s_shape, _), = shapes
+  assert s_shape[1] == bucket(max(int(b.mask_bs.sum()) for b in batches), 16)

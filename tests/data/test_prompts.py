@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bmoe_jax.data import MCExample
-from bmoe_jax.data.prompts import answer_token_ids, apply_chat, encode, format_prompt
+from bmoe_jax.data.prompts import answer_token_ids, apply_chat, bucket, encode, format_prompt
 from bmoe_jax.data.toy_tokenizer import train_bpe
 
 
@@ -84,3 +84,11 @@ def test_cloze_batches(tok):
     cloze_token_ids(tok, same.choices)
   with pytest.raises(ValueError, match="style="):
     make_batches([EX], tok, batch_size=1, style="free")
+
+
+def test_bucket_ladder():
+  assert [bucket(n, 16) for n in (1, 16, 17, 33, 49, 65, 97, 129, 193)] == [16, 16, 32, 48, 64, 96, 128, 192, 256]
+  assert [bucket(n, 1) for n in range(1, 13)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12]
+  lengths = range(40, 193)  # ten multiples of 16 would be compiled, the ladder needs five shapes
+  assert sorted({bucket(n, 16) for n in lengths}) == [48, 64, 96, 128, 192]
+  assert all(n <= bucket(n, 16) <= max(32, 1.5 * n) for n in range(1, 2000))

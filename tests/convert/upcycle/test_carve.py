@@ -51,7 +51,8 @@ def test_all_experts_selected_is_the_dense_model_and_top_k_is_not(dense):
   k_cfg, k_params, report = _carve(dense, top_k=1)
   assert not np.allclose(np.asarray(B.forward(k_params, k_cfg, tokens).logits), want, atol=1e-3)
   assert set(report["layers"]) == {1, 2}
-  assert all(0 < r["shared_energy"] < 1 and 0 <= r["oracle_agreement"] <= 1 for r in report["layers"].values())
+  assert all(0 < r["shared_energy"] < 1 and 0 <= r["oracle_agreement"] <= 1 and 0 <= r["load_entropy"] <= 1
+             for r in report["layers"].values())
 
 
 def test_select_gates_are_one_with_a_gradient_to_the_router():
@@ -93,6 +94,14 @@ def test_active_pattern_router_fit_and_training():
   before = CV.agreement(CV.fit_router(x, noisy), x, noisy, 2)
   trained = CV.train_router(CV.fit_router(x, noisy), x, noisy, 2, steps=300, lr=1e-2)
   assert CV.agreement(trained, x, noisy, 2) >= before - 0.02
+  # load entropy: a router that prefers the same two experts for every token is static (0); one whose
+  # top-2 cycles evenly through the four experts is balanced (1)
+  static = np.zeros((6, 4), np.float32)
+  static[0] = [3.0, 2.0, 1.0, 0.0]
+  assert CV.load_entropy(static, np.abs(x) + 1.0, 2) == 0.0
+  eye = np.eye(4, dtype=np.float32)[np.arange(400) % 4]
+  cyc = np.concatenate([eye + np.roll(eye, 1, axis=1) * 0.5, np.zeros((400, 2), np.float32)], 1)
+  assert abs(CV.load_entropy(np.eye(6, 4, dtype=np.float32), cyc, 2) - 1.0) < 1e-6
 
 
 def test_carve_checkpoint_round_trip_and_errors(dense, tmp_path):
