@@ -57,6 +57,9 @@ def aggregate(per_seed: list[dict]) -> dict:
       for k in METRICS:
         vals = [r["methods"][m][ds][k] for r in per_seed]
         row[k] = t_interval(vals)
+        boot = per_seed[0]["methods"][m][ds].get("ci95", {}).get(k)
+        if len(per_seed) == 1 and boot:  # one seed: its bootstrap interval over questions
+          row[k] = (vals[0], *boot)
         if m != "map" and "map" in methods:
           row[f"{k}_vs_map"] = t_interval(np.subtract(vals, [r["methods"]["map"][ds][k] for r in per_seed]))
       row["acc_ci_per_seed"] = [r["methods"][m][ds].get("ci95", {}).get("acc") for r in per_seed]
@@ -73,7 +76,8 @@ def table(agg: dict, in_dist: str, prior: list[dict]) -> str:
   short = {ds: ds.split("_test")[0] + ("" if not ds.startswith("mmlu") else " (4 subjects)") for ds in datasets}
   lines = []
   for k in METRICS:
-    lines += [f"### {k.upper()} (mean over seeds, 95% t-interval; in-distribution: {in_dist})", "",
+    lines += [f"### {k.upper()} (mean over seeds, 95% t-interval over seeds; one seed: bootstrap over questions; "
+              f"in-distribution: {in_dist})", "",
               "| method | " + " | ".join(short[ds] for ds in datasets) + " |", "|---|" + "---:|" * len(datasets)]
     for m, per in agg.items():
       lines.append(f"| {m} | " + " | ".join(_cell(per[ds][k]) for ds in datasets) + " |")
@@ -116,7 +120,7 @@ def main(argv=None):
   cmd = " ".join(["python experiments/demo_seeds.py", "--data-dir", args.data_dir, "--seeds", args.seeds, *extra])
   above = {ds: agg["map"][ds]["acc"][1] > CHANCE for ds in agg["map"]}
   (out / "results.md").write_text(
-      f"# Fine-tuned carved SmolLM2: MAP vs temperature scaling vs Bayesian-MoE ({len(seeds)} seeds)\n\n"
+      f"# Fine-tuned carved SmolLM2: MAP vs temperature scaling vs Bayesian-MoE ({len(seeds)} seed{'s' * (len(seeds) > 1)})\n\n"
       + table(agg, per_seed[0]["in_distribution"], prior)
       + f"\n\nMAP accuracy's interval above chance ({CHANCE}): {above}.\n\nMade by `{cmd}`.\n")
   print((out / "results.md").read_text())
