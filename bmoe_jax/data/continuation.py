@@ -99,15 +99,19 @@ def pack(tokenizer, p: Parts, max_length: int, norm: str = "none") -> Row:
   return Row(tokens, segments, positions, scored, truncated)
 
 
+def padded_lengths(rows: Sequence[Row], pad_to: int) -> tuple[int, int]:
+  """(tokens, scored tokens) of the longest rows, on the ``prompts.bucket`` ladder."""
+  return (bucket(max(len(r.tokens) for r in rows), pad_to), bucket(max(len(r.scored) for r in rows), pad_to))
+
+
 def collate(rows: Sequence[Row], labels: Sequence[int], num_choices: Sequence[int], num_classes: int,
-            pad_id: int, pad_to: int = 16, longest: Sequence[Row] | None = None) -> Batch:
-  """A ``Batch`` of packed rows (right padding to ``prompts.bucket(n, pad_to)`` of the longest of
-  ``longest``, default ``rows``): the context's last token is the answer position, scored token t of row
-  b is predicted by the logits at position ``index - 1``, and ``weight_btc`` puts its weight in its
+            pad_id: int, pad_to: int = 16, padded: tuple[int, int] | None = None) -> Batch:
+  """A ``Batch`` of packed rows, right-padded to ``padded`` = (tokens, scored tokens) (default
+  ``padded_lengths(rows, pad_to)``): the context's last token is the answer position, scored token t of
+  row b is predicted by the logits at position ``index - 1``, and ``weight_btc`` puts its weight in its
   choice's column."""
-  b, longest = len(rows), rows if longest is None else longest
-  s = bucket(max(len(r.tokens) for r in longest), pad_to)
-  t = bucket(max(len(r.scored) for r in longest), pad_to)
+  b = len(rows)
+  s, t = padded or padded_lengths(rows, pad_to)
   tokens = np.full((b, s), pad_id, np.int32)
   mask, segments, positions = np.zeros((b, s), np.int32), np.zeros((b, s), np.int32), np.zeros((b, s), np.int32)
   pos_bt, tok_bt = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
@@ -152,10 +156,10 @@ def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, m
   if any(len(e.choices) > c for e, _ in packed):
     raise ValueError(f"an example has more than num_classes={c} choices")
   order = np.random.RandomState(seed).permutation(len(packed)) if shuffle else np.arange(len(packed))
-  batches = []
+  batches, padded = [], padded_lengths([r for _, r in packed], pad_to)
   for lo in range(0, len(order), batch_size):
     chunk = [packed[i] for i in order[lo:lo + batch_size]]
     batches.append(collate([r for _, r in chunk], [e.label for e, _ in chunk], [len(e.choices) for e, _ in chunk],
-                           c, pad_id, pad_to, longest=[r for _, r in packed]))
+                           c, pad_id, pad_to, padded))
   return batches, {"truncated": sum(r.truncated for _, r in packed), "num_classes": c, "order": order.tolist(),
                    "unscorable": unscorable, "norm": norm}
