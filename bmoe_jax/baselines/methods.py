@@ -16,12 +16,34 @@ from bmoe_jax.task import Batch, Task, class_probs
 Method = Callable[[Batch], jax.Array]
 
 
-def _logits_fn(task: Task):
-  return jax.jit(lambda p, b: task.logits(p, b))
+logits_jit = jax.jit(lambda params, batch, task: task.logits(params, batch), static_argnames="task")
+"""The class logits f [b, C], one process-wide jit (``task`` static): every method and every parameter tree
+of one shape reuses one executable per batch shape."""
 
 
-def map_method(params, task: Task) -> Method:
-  logits = _logits_fn(task)
+class LogitCache:
+  """Class logits per (parameter tree, batch), each computed once: MAP and temperature scaling (and the
+  pretrained model, when it is the same tree) share one forward per evaluation batch. Holds the trees and
+  batches it has seen, so their ids stay valid; build one per evaluation."""
+
+  def __init__(self, task: Task):
+    self.task, self._memo = task, {}
+
+  def __call__(self, params, batch: Batch) -> jax.Array:
+    key = (id(params), id(batch.tokens_bs))
+    if key not in self._memo:
+      self._memo[key] = (params, batch, logits_jit(params, batch, task=self.task))
+    return self._memo[key][2]
+
+
+def _logits_fn(task: Task, cache: LogitCache | None):
+  if cache is not None and cache.task != task:
+    raise ValueError("the LogitCache was built for another task")
+  return cache if cache is not None else (lambda p, b: logits_jit(p, b, task=task))
+
+
+def map_method(params, task: Task, cache: LogitCache | None = None) -> Method:
+  logits = _logits_fn(task, cache)
   return lambda batch: jax.nn.softmax(logits(params, batch), -1)
 
 
@@ -48,11 +70,13 @@ def fit_temperature(logits_nc, labels_n, *, grid=None) -> float:
   return float(jnp.exp(log_t))
 
 
-def temperature_scaling(params, task: Task, val_batches: Sequence[Batch]) -> tuple[Method, float]:
-  """Fit T on validation batches; the method returns softmax(f / T). Returns (method, T)."""
+def temperature_scaling(params, task: Task, val_batches: Sequence[Batch],
+                        cache: LogitCache | None = None) -> tuple[Method, float]:
+  """Fit T on validation batches; the method returns softmax(f / T). Returns (method, T). ``cache``: shared
+  with ``map_method`` of the same ``params``, the evaluation's forwards are not repeated."""
   if not val_batches:
     raise ValueError("temperature scaling needs validation batches")
-  logits = _logits_fn(task)
+  logits = _logits_fn(task, cache)
   f = jnp.concatenate([logits(params, b) for b in val_batches])
   y = jnp.concatenate([b.labels_b for b in val_batches])
   t = fit_temperature(f, y)
@@ -87,7 +111,7 @@ def ensemble(param_list: Sequence, task: Task) -> Method:
   independently fine-tuned seeds)."""
   if not param_list:
     raise ValueError("an ensemble needs at least one member")
-  logits = _logits_fn(task)
+  logits = _logits_fn(task, None)
   return lambda batch: jnp.mean(jnp.stack([jax.nn.softmax(logits(p, batch), -1) for p in param_list]), 0)
 
 

@@ -31,6 +31,7 @@ class Context:
   members: dict = dataclasses.field(default_factory=dict)
   seed: int = 0
   link: str = "probit"
+  logits: Any = None  # a baselines.LogitCache: MAP and temperature scaling share one forward per batch
 
 
 def _need(ctx_value, what: str, method: str):
@@ -40,15 +41,15 @@ def _need(ctx_value, what: str, method: str):
 
 
 def _pretrained(ctx: Context, cfg):
-  return BL.map_method(_need(ctx.pretrained, "the pretrained model", "pretrained"), ctx.task), {}
+  return BL.map_method(_need(ctx.pretrained, "the pretrained model", "pretrained"), ctx.task, ctx.logits), {}
 
 
 def _map(ctx: Context, cfg):
-  return BL.map_method(ctx.params, ctx.task), {}
+  return BL.map_method(ctx.params, ctx.task, ctx.logits), {}
 
 
 def _ts(ctx: Context, cfg):
-  method, temp = BL.temperature_scaling(ctx.params, ctx.task, _need(ctx.val, "validation batches", "ts"))
+  method, temp = BL.temperature_scaling(ctx.params, ctx.task, _need(ctx.val, "validation batches", "ts"), ctx.logits)
   return method, {"temperature": temp}
 
 
@@ -91,6 +92,8 @@ def build_methods(names, ctx: Context, cfg) -> tuple[dict[str, Any], dict[str, d
   if unknown:
     raise ValueError(f"methods {unknown} are unknown; choose from {METHODS}")
   methods, info = {}, {}
+  if ctx.logits is None:
+    ctx = dataclasses.replace(ctx, logits=BL.LogitCache(ctx.task))
   for name in names:
     if name not in BAYESIAN_MOE:
       methods[name], info[name] = REGISTRY[name](ctx, cfg)

@@ -42,6 +42,23 @@ def test_temperature_scaling_minimises_validation_nll(setup):
   assert fit_temperature(clean * 10, y) > 1 > fit_temperature(clean * 0.05, y)
 
 
+def test_logit_cache_shares_one_forward_between_map_and_ts(setup):
+  cfg, params, fit, val = setup
+  task = Task(cfg, CLASSES)
+  cache = BL.LogitCache(task)
+  ts, t = BL.temperature_scaling(params, task, fit, cache)
+  fitted = len(cache._memo)
+  assert fitted == len(fit)  # the validation forwards, once each
+  map_p, ts_p = BL.map_method(params, task, cache)(val[0]), ts(val[0])
+  assert len(cache._memo) == fitted + 1  # MAP and TS of the same tree and batch: one forward
+  np.testing.assert_allclose(map_p, BL.map_method(params, task)(val[0]), atol=1e-6)
+  np.testing.assert_allclose(ts_p, jax.nn.softmax(task.logits(params, val[0]) / t, -1), atol=1e-6)
+  other = B.init_params(cfg, jax.random.key(5), std=0.3)
+  assert np.abs(np.asarray(BL.map_method(other, task, cache)(val[0]) - map_p)).max() > 1e-3  # keyed by tree
+  with pytest.raises(ValueError, match="another task"):
+    BL.map_method(params, Task(cfg, CLASSES[:2]), cache)
+
+
 def test_mc_dropout_and_ensembles(setup):
   cfg, params, _, val = setup
   map_p = BL.map_method(params, Task(cfg, CLASSES))(val[0])
