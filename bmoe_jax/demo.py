@@ -38,11 +38,11 @@ class DemoConfig:
   """The demo's choices: the upcycled model, and the stage configs with the values that suit a 135M model
   on two CPU cores (every other option keeps its stage default)."""
   source: str = "smollm2"  # 'smollm2', a llama .gguf file, or a dense llama HF directory
-  upcycle: UpcycleConfig = UpcycleConfig(method="carve", moe_layers="top:8", calib_tokens=4096)
+  upcycle: UpcycleConfig = UpcycleConfig(method="carve", moe_layers="top:4", calib_tokens=4096)
   ensemble_members: int = 3  # fine-tuned seeds of method ensemble (the first is the MAP model)
   run: RunConfig = RunConfig(cache_prefix=True)
-  data: DataConfig = DataConfig(batch_size=16, max_length=192, max_train=400, max_eval=200)
-  train: TrainConfig = TrainConfig(trainable="experts_router", lr=1e-3, epochs=2, warmup_ratio=0.05, eval_every=20,
+  data: DataConfig = DataConfig(batch_size=16, max_length=192, max_train=400, max_eval=100)
+  train: TrainConfig = TrainConfig(trainable="experts_router", lr=1e-4, epochs=2, warmup_ratio=0.05, eval_every=20,
                                    patience=3, checkpoint_every=100)
   fit: FitConfig = FitConfig(tokens="expand", rank=10, prior="grid", grid=(1e-2, 1e6, 17))
   eval: EvalConfig = EvalConfig(methods=("pretrained", "map", "ts", "bmoe", "bmoe_ml"))

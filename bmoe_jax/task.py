@@ -207,7 +207,8 @@ def prefix_states(params, task: Task, batches: Sequence[Batch], start: int, prog
     raise ValueError(f"the task already starts at layer {task.start_layer}: cache from full batches")
   cfg = task.cfg
   fn = jax.jit(lambda p, b: model_prefix(p, cfg, b.tokens_bs, b.mask_bs, stop_layer=start, **layout_kw(b)))
-  return [fn(params, b) for b in tqdm(batches, desc=f"cache layers <{start}", disable=not progress, leave=False)]
+  states = [fn(params, b) for b in tqdm(batches, desc=f"cache layers <{start}", disable=not progress, leave=False)]
+  return jax.block_until_ready(states)  # done here, not queued ahead of the next stage's work
 
 
 def with_prefix(params, task: Task, batch_lists: Sequence[Sequence[Batch]], start: int,

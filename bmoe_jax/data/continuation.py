@@ -136,11 +136,15 @@ def collate(rows: Sequence[Row], labels: Sequence[int], num_choices: Sequence[in
 def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, max_length: int = 512,
                  num_classes: int | None = None, dataset: str | None = None, norm: str = "none",
                  shuffle: bool = False, seed: int = 0, pad_to: int = 16) -> tuple[list[Batch], dict]:
-  """Packed continuation batches of ``examples`` (the last batch may be smaller), all of one padded
-  length (the set's longest row, ``prompts.bucket``): each shape compiles every jitted pass once, which
-  on CPU costs more than the padding (measured: per-batch lengths made the demo's Jacobian passes mostly
-  compilation). Returns (batches, info {"truncated", "num_classes", "order", "unscorable": examples
-  whose choices alone exceed ``max_length``})."""
+  """Packed continuation batches of ``examples`` (the last batch may be smaller). Lengths are padded on
+  the ``prompts.bucket`` ladder so that few shapes compile (on CPU a compilation of the Jacobian pass
+  costs more than a batch's compute):
+  - ``shuffle=False``: examples sorted by packed length, each batch padded to its own bucket (sorted, the
+    buckets rise monotonically: at most one shape per ladder step). A set's median row is often a third of
+    its longest (MMLU, ARC), so one shape per set would triple the compute.
+  - ``shuffle=True``: a seeded permutation, every batch padded to the set's longest row (one shape).
+  Returns (batches, info {"truncated", "num_classes", "order": example indices in batch order,
+  "unscorable": examples whose choices alone exceed ``max_length``})."""
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   if pad_id is None:
     raise ValueError("the tokenizer has neither a pad nor an eos token")
@@ -155,8 +159,11 @@ def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, m
   c = num_classes or max(len(e.choices) for e, _ in packed)
   if any(len(e.choices) > c for e, _ in packed):
     raise ValueError(f"an example has more than num_classes={c} choices")
-  order = np.random.RandomState(seed).permutation(len(packed)) if shuffle else np.arange(len(packed))
-  batches, padded = [], padded_lengths([r for _, r in packed], pad_to)
+  if shuffle:
+    order = np.random.RandomState(seed).permutation(len(packed))
+  else:
+    order = np.argsort([len(r.tokens) for _, r in packed], kind="stable")
+  batches, padded = [], padded_lengths([r for _, r in packed], pad_to) if shuffle else None
   for lo in range(0, len(order), batch_size):
     chunk = [packed[i] for i in order[lo:lo + batch_size]]
     batches.append(collate([r for _, r in chunk], [e.label for e, _ in chunk], [len(e.choices) for e, _ in chunk],

@@ -67,7 +67,7 @@ def test_packed_scores_equal_separate_forwards(tok):
       batches, class_ids, info = make_batches(exs, tok, batch_size=4, max_length=128, dataset=dataset,
                                               style="continuation", norm=norm)
       assert class_ids is None and len(batches) == 1 and info["style"] == "continuation"
-      f_bc = np.asarray(scores(params, batches[0]))
+      f_bc = np.asarray(scores(params, batches[0]))[np.argsort(info["order"])]  # rows back in example order
       for i, ref in enumerate(refs):
         want = [total * {"none": 1.0, "token": 1.0 / n, "byte": 1.0 / nbytes}[norm] for total, n, nbytes in ref]
         np.testing.assert_allclose(f_bc[i, :len(want)], want, rtol=1e-4, atol=1e-4)
@@ -78,13 +78,14 @@ def test_pack_truncates_the_context_start_and_marks_output_positions(tok):
   long = MCExample("l", "word " * 80 + "which gas?", QA.choices, 1)
   batches, _, info = make_batches([long, QA], tok, batch_size=2, max_length=64, style="continuation")
   b = batches[0]
-  assert info["truncated"] == 1 and int(b.mask_bs[0].sum()) == 64
+  assert info["order"] == [1, 0]  # sorted by length: the truncated one last
+  assert info["truncated"] == 1 and int(b.mask_bs[1].sum()) == 64
   row = C.pack(tok, C.parts(QA), 128)
   # output positions: the context's last token (predicts every first choice token) and each choice token
   # that predicts the next one of the same choice
   n_ctx = row.segments.count(0)
   want = {n_ctx - 1} | {i - 1 for i, _, _ in row.scored if row.segments[i - 1] == row.segments[i]}
-  assert set(np.flatnonzero(np.asarray(output_mask(b))[1])) == want
+  assert set(np.flatnonzero(np.asarray(output_mask(b))[0])) == want
   with pytest.raises(ValueError, match="no room for the context"):
     C.pack(tok, C.parts(QA), 8)
   tail = len(row.tokens) - n_ctx  # the choices alone
@@ -96,11 +97,19 @@ def test_pack_truncates_the_context_start_and_marks_output_positions(tok):
     make_batches([QA], tok, batch_size=1, style="continuation", chat=True)
 
 
-def test_batches_of_a_set_share_one_shape(tok):
-  """Every batch is padded to the set's longest row (one compilation per set, not one per batch)."""
+def test_batch_shapes_few_and_on_the_bucket_ladder(tok):
+  """Unshuffled: examples sorted by length, each batch padded to its own bucket (rising, few shapes).
+  Shuffled: every batch padded to the set's longest row (one compilation per set)."""
   long = MCExample("l", "word " * 30 + "which gas?", QA.choices, 1)
-  batches, _, _ = make_batches([QA, long, ARC3], tok, batch_size=1, max_length=128, style="continuation")
-  shapes = {(b.tokens_bs.shape, b.cont.weight_btc.shape) for b in batches}
-  assert len(batches) == 3 and len(shapes) == 1
+  exs = [long, QA, ARC3, long]
+  batches, _, info = make_batches(exs, tok, batch_size=2, max_length=128, style="continuation")
+  lengths = [len(C.pack(tok, C.parts(e), 128).tokens) for e in exs]
+  assert [lengths[i] for i in info["order"]] == sorted(lengths)
+  widths = [b.tokens_bs.shape[1] for b in batches]
+  assert widths == [bucket(max(lengths[i] for i in info["order"][k:k + 2]), 16) for k in (0, 2)]
+  assert widths[0] < widths[1]  # the short pair is not padded to the long one
+  shuffled, _, info = make_batches(exs, tok, batch_size=1, max_length=128, style="continuation", shuffle=True)
+  shapes = {(b.tokens_bs.shape, b.cont.weight_btc.shape) for b in shuffled}
+  assert len(shuffled) == 4 and len(shapes) == 1 and sorted(info["order"]) == [0, 1, 2, 3]
   (s_shape, _), = shapes
-  assert s_shape[1] == bucket(max(int(b.mask_bs.sum()) for b in batches), 16)
+  assert s_shape[1] == bucket(max(lengths), 16)
