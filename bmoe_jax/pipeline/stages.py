@@ -15,6 +15,7 @@ scores all.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -115,13 +116,22 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
            for b in batches["val"]]
     posts["bmoe"], curve = LA.predictive.grid_search_prior_precision(base, val, grid=fc.grid_values)
     info["bmoe"] = {"mode": "grid (validation NLL)", "prior_precision": mean_prior_precision(posts["bmoe"]),
-                    "val_nll": min(curve["nll"]), "grid": curve}
+                    "val_nll": min(curve["nll"]), "grid": curve, "grid_edge": grid_edge(curve["nll"])}
+    if info["bmoe"]["grid_edge"]:
+      warnings.warn(f"prior-precision grid: the lowest validation NLL is at the grid's {info['bmoe']['grid_edge']} "
+                    f"end (lambda={info['bmoe']['prior_precision']:.3g}); the optimum may lie beyond it: widen --grid")
   else:
     posts["bmoe"], info["bmoe"] = posts["bmoe_ml"], info["bmoe_ml"]
   info["bmoe"]["log_marglik_final"] = float(LA.posterior.log_marginal_likelihood(posts["bmoe"]))
   if "bmoe" in wanted:
     LA.save_posterior(Path(out) / "posterior", posts["bmoe"], metadata={"spec": str(spec), **info["bmoe"]})
   return {m: posts[m] for m in wanted if m in BAYESIAN_MOE}, info
+
+
+def grid_edge(nll) -> str | None:
+  """'lower' / 'upper' when a grid's minimum is its first / last point (the optimum may lie outside)."""
+  i = int(np.argmin(nll))
+  return "lower" if i == 0 else "upper" if i == len(nll) - 1 else None
 
 
 def _prior_mean(fc: FitConfig, pretrained, factors):

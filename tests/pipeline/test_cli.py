@@ -5,6 +5,8 @@ last-layer Laplace needs one set of class tokens; the demo tests run the default
 
 import json
 
+import numpy as np
+
 import pytest
 
 from bmoe_jax.cli import main
@@ -39,6 +41,7 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
                  "--val", "obqa:dev", "--out", str(grid)] + cached + common) == 0
     grids[len(cached)] = g = json.loads((grid / "run.json").read_text())
     assert g["val_nll"] == min(g["grid"]["nll"]) and len(g["grid"]["prior_precision"]) == 41
+    assert g["grid_edge"] == {0: "lower", 40: "upper"}.get(int(np.argmin(g["grid"]["nll"])))
   assert grids[1]["grid"]["nll"] == pytest.approx(grids[0]["grid"]["nll"], rel=1e-5)
   config = tmp_path / "eval.json"
   config.write_text(json.dumps({"methods": "map,ts,mc_dropout,llla,bmoe,ckpt_ensemble",
