@@ -125,7 +125,8 @@ def main(argv=None):
     shutil.copy(r / "demo.json", out / f"demo_s{s}.json")
   (out / "results.json").write_text(json.dumps({"aggregate": agg, "prior": prior, "seeds": seeds, "demo_flags": extra,
                                                 "per_seed": per_seed}, indent=2))
-  cmd = " ".join(["python experiments/demo_seeds.py", "--data-dir", args.data_dir, "--seeds", args.seeds, *extra])
+  cmd = " ".join(["python experiments/demo_seeds.py", "--data-dir", args.data_dir, "--seeds", args.seeds,
+                  "--runs", args.runs, "--out", args.out, *extra])
   above = {ds: agg["map"][ds]["acc"][1] > CHANCE for ds in agg["map"]}
   (out / "results.md").write_text(
       f"# Fine-tuned carved SmolLM2: MAP vs temperature scaling vs Bayesian-MoE ({len(seeds)} seed{'s' * (len(seeds) > 1)})\n\n"
