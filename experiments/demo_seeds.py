@@ -88,12 +88,13 @@ def table(agg: dict, in_dist: str, prior: list[dict]) -> str:
     lines += [f"| {m} | " + " | ".join(_cell(agg[m][ds][f"{k}_vs_map"]) for ds in datasets) + " |" for m in diff]
     lines.append("")
   lines += ["### Accuracy per seed (bootstrap 95% interval over that seed's questions)", "",
-            "| method | seed | " + " | ".join(short[ds] for ds in datasets) + " |", "|---|---:|" + "---:|" * len(datasets)]
+            "| method | seed | " + " | ".join(short[ds] for ds in datasets) + " |",
+            "|---|---:|" + "---:|" * len(datasets)]
   for m, per in agg.items():
     for i, p in enumerate(prior):
       cells = [(per[ds]["acc_per_seed"][i], per[ds]["acc_ci_per_seed"][i]) for ds in datasets]
-      lines.append(f"| {m} | {p['seed']} | " + " | ".join(f"{a:.3f}" + ("" if c is None else f" [{c[0]:.3f}, {c[1]:.3f}]")
-                                                          for a, c in cells) + " |")
+      cell = lambda a, c: f"{a:.3f}" + ("" if c is None else f" [{c[0]:.3f}, {c[1]:.3f}]")
+      lines.append(f"| {m} | {p['seed']} | " + " | ".join(cell(a, c) for a, c in cells) + " |")
   lines += ["", "### Prior precision and temperature per seed", "",
             "| seed | grid lambda (bmoe) | evidence lambda (bmoe_ml) | T (ts) |", "|---:|---:|---:|---:|"]
   lines += [f"| {p['seed']} | {p['bmoe']:.3g} | {p['bmoe_ml']:.3g} | {p['ts']:.3f} |" for p in prior]

@@ -6,5 +6,5 @@ from bmoe_jax.baselines.methods import (LogitCache, Method, bayesian_moe, bayesi
                                         mc_dropout, temperature_scaling)
 from bmoe_jax.baselines.last_layer import last_layer_laplace
 
-__all__ = ["LogitCache", "Method", "bayesian_moe", "bayesian_moe_variants", "ensemble", "last_layer_laplace", "map_method",
-           "mc_dropout", "temperature_scaling"]
+__all__ = ["LogitCache", "Method", "bayesian_moe", "bayesian_moe_variants", "ensemble", "last_layer_laplace",
+           "map_method", "mc_dropout", "temperature_scaling"]
