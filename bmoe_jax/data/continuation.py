@@ -141,7 +141,9 @@ def make_batches(examples: Sequence[MCExample], tokenizer, *, batch_size: int, m
   costs more than a batch's compute):
   - ``shuffle=False``: examples sorted by packed length, each batch padded to its own bucket (sorted, the
     buckets rise monotonically: at most one shape per ladder step). A set's median row is often a third of
-    its longest (MMLU, ARC), so one shape per set would triple the compute.
+    its longest (MMLU, ARC), so one shape per set would triple the compute. The pipeline builds every
+    set this way, the training set too: its batches hold questions of similar length (as transformers'
+    ``group_by_length``) and ``train.finetune`` permutes the batch order every epoch.
   - ``shuffle=True``: a seeded permutation, every batch padded to the set's longest row (one shape).
   Returns (batches, info {"truncated", "num_classes", "order": example indices in batch order,
   "unscorable": examples whose choices alone exceed ``max_length``})."""
