@@ -135,7 +135,14 @@ def _posteriors(ec: EvalConfig, names) -> dict:
     return {}
   if not ec.posterior:
     raise ValueError("method bmoe needs --posterior DIR (the output of bmoe fit: RUN/posterior)")
+  import json
+  import warnings
+
   from bmoe_jax.laplace import load_posterior
+  meta = json.loads((Path(ec.posterior) / "posterior.json").read_text()).get("metadata", {})
+  if meta.get("link", ec.link) != ec.link:
+    warnings.warn(f"{ec.posterior}: its prior precision was chosen with link {meta['link']!r} and is evaluated with "
+                  f"--link {ec.link!r}; pass the same --link to bmoe fit and bmoe evaluate")
   return {"bmoe": load_posterior(ec.posterior)}
 
 

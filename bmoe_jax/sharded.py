@@ -10,7 +10,7 @@ under ``jax.set_mesh(mesh)`` (so the routed experts run expert-parallel on an ex
   weights and optimizer moments keep the parameters' shardings.
 * ``factor_update``: ``kfac.update`` of one batch; every block's statistics split on the expert axis.
 * ``log_evidence``: the Laplace log marginal likelihood of a posterior split on the expert axis.
-* ``predictive``: the closed-form (probit) Bayesian-MoE predictive [b, C], split on data.
+* ``predictive``: the closed-form Bayesian-MoE predictive [b, C], split on data.
 
 Numbers equal the single-device ones (``tests/sharding``); the compiler inserts the collectives.
 """
@@ -29,7 +29,7 @@ from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace import posterior as PO
 from bmoe_jax.laplace import predictive as PR
 from bmoe_jax.model import forward as model_forward
-from bmoe_jax.task import Task, probit
+from bmoe_jax.task import DEFAULT_LINK, Task, class_probs
 
 
 class _OnMesh:
@@ -134,14 +134,14 @@ def log_evidence(post_like: PO.Posterior, mesh):
                  out_shardings=S.replicated(mesh))
 
 
-def predictive(task: Task, mesh, post_like: PO.Posterior, batch_like, rules=S.RULES):
-  """(params, posterior, batch) -> closed-form probit class probabilities [b, C], split on data."""
+def predictive(task: Task, mesh, post_like: PO.Posterior, batch_like, rules=S.RULES, link: str = DEFAULT_LINK):
+  """(params, posterior, batch) -> closed-form class probabilities [b, C] (``link``), split on data."""
   psh, bsh = S.param_shardings(task.cfg, mesh, rules), S.batch_shardings(batch_like, mesh)
   b = batch_like.tokens_bs.shape[0]
 
   def fn(params, post, batch):
     stats = PR.jacobian_stats(params, task, batch, post)
-    return probit(stats.f_bc, PR.logit_covariance(stats, post))
+    return class_probs(stats.f_bc, PR.logit_covariance(stats, post), link)
   return _OnMesh(mesh, fn, in_shardings=(psh, posterior_shardings(post_like, mesh), bsh),
                  out_shardings=_data_spec(mesh, b, 2))
 

@@ -18,7 +18,7 @@ from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace import posterior as P
 from bmoe_jax.laplace import predictive as PR
 from bmoe_jax.params import Block, read_block
-from bmoe_jax.task import CHOICE_MASK_VALUE, Batch, Task, class_probs
+from bmoe_jax.task import CHOICE_MASK_VALUE, DEFAULT_LINK, Batch, Task, class_probs
 
 
 def head_block(task: Task) -> Block:
@@ -52,7 +52,7 @@ def _fit_stats(params, task: Task, w_dc, fit_batches):
 
 
 def last_layer_laplace(params, task: Task, fit_batches: Sequence[Batch], *, prior_precision: float | None = None,
-                       dataset_size: int | None = None, link: str = "probit"):
+                       dataset_size: int | None = None, link: str = DEFAULT_LINK):
   """Fit and return (method, posterior). ``prior_precision=None``: maximise the evidence (LPO)."""
   if not fit_batches:
     raise ValueError("last-layer Laplace needs fit batches")

@@ -11,7 +11,7 @@ import numpy as np
 from bmoe_jax.laplace import posterior as P
 from bmoe_jax.laplace import predictive as PR
 from bmoe_jax.params import Block, read_blocks, write_blocks
-from bmoe_jax.task import Batch, Task, class_probs
+from bmoe_jax.task import DEFAULT_LINK, Batch, Task, class_probs
 
 Method = Callable[[Batch], jax.Array]
 
@@ -115,7 +115,7 @@ def ensemble(param_list: Sequence, task: Task) -> Method:
   return lambda batch: jnp.mean(jnp.stack([jax.nn.softmax(logits(p, batch), -1) for p in param_list]), 0)
 
 
-def bayesian_moe_variants(posts: dict, params, task: Task, *, link: str = "probit", key: jax.Array | None = None,
+def bayesian_moe_variants(posts: dict, params, task: Task, *, link: str = DEFAULT_LINK, key: jax.Array | None = None,
                           num_samples: int = 1000) -> dict[str, Method]:
   """Closed-form Bayesian-MoE methods for posteriors that share their factors and differ only in prior
   precision (fixed, evidence, grid): the lambda-independent Jacobian statistics are computed once per
@@ -141,7 +141,7 @@ def bayesian_moe_variants(posts: dict, params, task: Task, *, link: str = "probi
   return {name: make(post) for name, post in posts.items()}
 
 
-def bayesian_moe(post: P.Posterior, params, task: Task, *, method: str = "closed", link: str = "probit",
+def bayesian_moe(post: P.Posterior, params, task: Task, *, method: str = "closed", link: str = DEFAULT_LINK,
                  key: jax.Array | None = None, num_samples: int = 1000) -> Method:
   """The Bayesian-MoE predictive (``bmoe_jax.laplace.predict``) as a Method."""
   if method == "closed":

@@ -22,7 +22,8 @@ Three routes, each tested against the others and against a materialised Jacobian
 3. ``nn_mc``: sampled weights, full forward passes (not linearised).
 
 Then ``p = E softmax(f)`` by ``bmoe_jax.task.class_probs``: ``mc`` over Gaussian logits (seeded, cheap for
-small C) or ``probit`` (``softmax(f* / sqrt(1 + pi/8 diag Sigma_f))``).
+small C) or a closed form (``probit_pairwise``, the default, on the contrasts ``f_c - f_k``; laplace-torch's
+``probit``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from bmoe_jax.laplace import posterior as P
 from bmoe_jax.laplace.kfac import Block, Factors, block_slots
 from bmoe_jax.model import zero_perturbations
 from bmoe_jax.params import write_blocks
-from bmoe_jax.task import Batch, Task, class_probs
+from bmoe_jax.task import DEFAULT_LINK, Batch, Task, class_probs
 
 METHODS = ("closed", "jvp_mc", "nn_mc")
 
@@ -174,9 +175,9 @@ def nn_samples(params, task: Task, batch: Batch, post: P.Posterior, key, num_sam
 
 
 def predict(post: P.Posterior, params, task: Task, batch: Batch, *, method: str = "closed",
-            link: str = "mc", key: jax.Array | None = None, num_samples: int = 1000) -> Predictive:
+            link: str = DEFAULT_LINK, key: jax.Array | None = None, num_samples: int = 1000) -> Predictive:
   """Class probabilities with uncertainty. ``method``: closed | jvp_mc | nn_mc; ``link`` (closed only):
-  mc (``num_samples`` Gaussian logit draws, seeded by ``key``) or probit."""
+  ``task.LINKS`` (mc: ``num_samples`` Gaussian logit draws, seeded by ``key``)."""
   if method not in METHODS:
     raise ValueError(f"method={method!r}: expected one of {METHODS}")
   key = jax.random.key(0) if key is None else key
@@ -193,7 +194,7 @@ def predict(post: P.Posterior, params, task: Task, batch: Batch, *, method: str 
 
 
 def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats, jax.Array]], grid,
-                                link: str = "probit", key: jax.Array | None = None,
+                                link: str = DEFAULT_LINK, key: jax.Array | None = None,
                                 num_samples: int = 1000) -> tuple[P.Posterior, dict]:
   """Global lambda minimising validation NLL over ``grid`` (the pipeline's default:
   ``pipeline.configs.FitConfig.grid``).

@@ -19,7 +19,7 @@ from bmoe_jax.data.batches import STYLES
 from bmoe_jax.data.continuation import NORMS
 from bmoe_jax.laplace.posterior import PRIOR_MEANS, PRIOR_MODES
 from bmoe_jax.laplace.kfac import LABEL_MODES, TOKEN_MODES
-from bmoe_jax.task import LINKS
+from bmoe_jax.task import DEFAULT_LINK, LINKS
 from bmoe_jax.train import TrainConfig
 
 SUITES = {
@@ -91,12 +91,14 @@ class FitConfig:
   prior_mean: str = "pretrained"  # pretrained (needs pretrained=) | zero | map (refused by the evidence)
   pretrained: str | None = None  # model directory of the pretrained weights, the prior mean
   fixed_prior: float = 1.0  # the prior precision of method bmoe_fixed, and the evidence optimiser's start
+  link: str = DEFAULT_LINK  # probit_pairwise | probit (laplace-torch) | mc: E softmax of Gaussian logits
 
   def __post_init__(self):
     _choice("labels", self.labels, LABEL_MODES)
     _choice("tokens", self.tokens, TOKEN_MODES)
     _choice("prior", self.prior, PRIOR_MODES + ("grid",))
     _choice("prior_mean", self.prior_mean, PRIOR_MEANS)
+    _choice("link", self.link, LINKS)
     if self.rank == 0:  # 0 on the command line: full factors
       object.__setattr__(self, "rank", None)
     if self.prior_mean == "map" and self.prior != "grid":
@@ -125,7 +127,7 @@ class EvalConfig:
   members: tuple[str, ...] = ()  # model directories of method ensemble (besides the model itself)
   checkpoints: str | None = None  # a fine-tuning run's checkpoints (RUN or RUN/checkpoints): ckpt_ensemble
   ci: bool = False  # bootstrap 95% intervals
-  link: str = "probit"  # probit | mc: class probabilities of Gaussian logits (Laplace methods)
+  link: str = DEFAULT_LINK  # probit_pairwise | probit (laplace-torch) | mc: E softmax of Gaussian logits
 
   def __post_init__(self):
     _choice("link", self.link, LINKS)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 
 from bmoe_jax import baselines as BL
-from bmoe_jax.task import Task, same_prefix
+from bmoe_jax.task import DEFAULT_LINK, Task, same_prefix
 
 
 @dataclasses.dataclass
@@ -30,7 +30,7 @@ class Context:
   posteriors: dict = dataclasses.field(default_factory=dict)
   members: dict = dataclasses.field(default_factory=dict)
   seed: int = 0
-  link: str = "probit"
+  link: str = DEFAULT_LINK
   logits: Any = None  # a baselines.LogitCache: MAP and temperature scaling share one forward per batch
 
 

@@ -114,8 +114,10 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
   if fc.prior == "grid":
     val = [(LA.predictive.jacobian_stats_jit(params, task=task, batch=b, post=base), b.labels_b)
            for b in batches["val"]]
-    posts["bmoe"], curve = LA.predictive.grid_search_prior_precision(base, val, grid=fc.grid_values)
-    info["bmoe"] = {"mode": "grid (validation NLL)", "prior_precision": mean_prior_precision(posts["bmoe"]),
+    posts["bmoe"], curve = LA.predictive.grid_search_prior_precision(base, val, grid=fc.grid_values,
+                                                                     link=fc.link)
+    info["bmoe"] = {"mode": f"grid (validation NLL, {fc.link})", "link": fc.link,
+                    "prior_precision": mean_prior_precision(posts["bmoe"]),
                     "val_nll": min(curve["nll"]), "grid": curve, "grid_edge": grid_edge(curve["nll"])}
     if info["bmoe"]["grid_edge"]:
       warnings.warn(f"prior-precision grid: the lowest validation NLL is at the grid's {info['bmoe']['grid_edge']} "

@@ -9,7 +9,7 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax.params import head_rows
-from bmoe_jax.task import Batch, Task
+from bmoe_jax.task import Batch, Task, probit_pairwise
 from bmoe_jax import baselines as BL
 from bmoe_jax.baselines import last_layer as LL
 from bmoe_jax.baselines.methods import fit_temperature
@@ -90,8 +90,10 @@ def test_last_layer_laplace_equals_dense_glm(setup):
   jac = jax.vmap(lambda p: jnp.kron(p[:, None], jnp.eye(c)))(phi)  # [b, d*c, c]: d f_c / d W[i, j]
   cov = np.einsum("bpc,pq,bqk->bck", jac, sig, jac)
   f = phi @ w_dc
+  np.testing.assert_allclose(probs, probit_pairwise(f, cov), rtol=1e-4, atol=1e-6)  # the default link
   want = jax.nn.softmax(f / jnp.sqrt(1 + jnp.pi / 8 * jnp.diagonal(cov, axis1=1, axis2=2)), -1)
-  np.testing.assert_allclose(probs, want, rtol=1e-4, atol=1e-6)
+  laplace_torch, _ = LL.last_layer_laplace(params, Task(cfg, CLASSES), fit, prior_precision=2.0, link="probit")
+  np.testing.assert_allclose(laplace_torch(val[0]), want, rtol=1e-4, atol=1e-6)
   # the MAP logits are the model's
   np.testing.assert_allclose(f, Task(cfg, CLASSES).logits(params, val[0]), atol=1e-4)
   # evidence-optimal prior by default
@@ -106,7 +108,7 @@ def test_bayesian_moe_method(setup):
   post = posterior_of(B.laplace.kfac.finalize(state), params, prior_mean="zero", num_sequences=int(state.num_sequences))
   p = BL.bayesian_moe(post, params, Task(cfg, CLASSES))(val[0])
   _ok(p, 8)
-  np.testing.assert_allclose(p, B.laplace.predict(post, params, Task(cfg, CLASSES), val[0], link="probit").probs_bc,
+  np.testing.assert_allclose(p, B.laplace.predict(post, params, Task(cfg, CLASSES), val[0]).probs_bc,
                              atol=1e-6)
   # variants sharing the factors (one Jacobian pass per batch) equal the separate methods
   posts = {"a": post, "b": B.laplace.optimize_prior_precision(post, "layer")[0]}

@@ -117,7 +117,7 @@ def test_grid_search_uses_the_lambda_independent_stats():
   stats = PR.jacobian_stats(params, Task(cfg, CLASSES), test, post)
   best, curve = PR.grid_search_prior_precision(post, [(stats, test.labels_b)], grid=[0.01, 1.0, 100.0])
   for lam, nll in zip(curve["prior_precision"], curve["nll"]):
-    p = PR.predict(post._replace(log_prior_prec_e=P.expand_prior_precision(lam, {0: 3, 1: 3})), params, Task(cfg, CLASSES), test, link="probit").probs_bc
+    p = PR.predict(post._replace(log_prior_prec_e=P.expand_prior_precision(lam, {0: 3, 1: 3})), params, Task(cfg, CLASSES), test).probs_bc
     np.testing.assert_allclose(nll, -np.mean(np.log(np.take_along_axis(np.asarray(p), test.labels_b[:, None], 1))),
                                rtol=1e-5)
   assert float(jnp.exp(best.log_prior_prec_e[kfac.Block(0)][0])) == pytest.approx(

@@ -43,6 +43,11 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
     assert g["val_nll"] == min(g["grid"]["nll"]) and len(g["grid"]["prior_precision"]) == 41
     assert g["grid_edge"] == {0: "lower", 40: "upper"}.get(int(np.argmin(g["grid"]["nll"])))
   assert grids[1]["grid"]["nll"] == pytest.approx(grids[0]["grid"]["nll"], rel=1e-5)
+  assert json.loads((tmp_path / "fit_grid0" / "posterior" / "posterior.json").read_text())["metadata"]["link"] == \
+      "probit_pairwise"
+  with pytest.warns(UserWarning, match="chosen with link 'probit_pairwise' and is evaluated with --link 'probit'"):
+    main(["evaluate", "--model", str(ft / "model"), "--posterior", str(tmp_path / "fit_grid0" / "posterior"),
+          "--methods", "bmoe", "--link", "probit", "--test", "obqa:test", "--out", str(tmp_path / "ev_link")] + common)
   config = tmp_path / "eval.json"
   config.write_text(json.dumps({"methods": "map,ts,mc_dropout,llla,bmoe,ckpt_ensemble",
                                 "shift": "mmlu:test:astronomy,arc_challenge:test", "dropout": 0.2, "batch-size": 4,

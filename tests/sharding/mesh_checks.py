@@ -93,7 +93,7 @@ def reference(cfg, params, batches, spec, tc):
                       log_lik=state.log_lik)
   out["post"] = post
   out["evidence"] = jax.jit(LA.posterior.log_marginal_likelihood)(post)
-  out["probs"] = jax.jit(lambda p, po, b: LA.predictive.predict(po, p, task, b, link="probit").probs_bc)(
+  out["probs"] = jax.jit(lambda p, po, b: LA.predictive.predict(po, p, task, b, link="probit_pairwise").probs_bc)(
       params, post, batches[1])
   return out
 
