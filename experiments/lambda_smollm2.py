@@ -9,7 +9,7 @@ scoring, MAP fine-tuning of the experts and routers on seeded OBQA training ques
 OBQA dev), then one factor pass per rank (labels exact, tokens expand) and a posterior per variant, its
 global lambda by LPO (Adam on log lambda, 300 steps) or, at rank r with the remainder, by the validation
 grid (the grid holds every validation batch's Jacobian statistics: at full rank tens of GB). Test metrics: OBQA test
-(in-distribution) and ARC-Easy test (shift), closed-form probit predictive. Writes
+(in-distribution) and ARC-Easy test (shift), closed-form predictive (``--link``, also the grid's). Writes
 experiments/results/lambda_smollm2/{results.json, results.md}.
 """
 
@@ -30,6 +30,7 @@ from bmoe_jax.evaluate import collect
 from bmoe_jax.params import read_blocks
 from bmoe_jax.pipeline import stages as ST
 from bmoe_jax.pipeline.configs import DataConfig, FitConfig
+from bmoe_jax.task import DEFAULT_LINK, LINKS
 from bmoe_jax.train import TrainConfig
 from convert.sources import fetch_gguf
 from convert.upcycle import UpcycleConfig, build_moe, load_dense
@@ -43,7 +44,7 @@ def scores(method, batches: dict) -> dict:
   return out
 
 
-def variants(ft, pretrained, task, batches, rank, grid, seed):
+def variants(ft, pretrained, task, batches, rank, grid, seed, link):
   """{name: (posterior, how lambda was chosen)} of one factor pass at ``rank``."""
   spec = LA.FactorSpec(layers=task.cfg.moe_layer_ids, labels="exact", tokens="expand", rank=rank)
   state = LA.fit_factors(ft, task, batches["train"], spec, key=jax.random.key(seed), total=len(batches["train"]))
@@ -58,7 +59,7 @@ def variants(ft, pretrained, task, batches, rank, grid, seed):
     if remainder and rank is not None:  # full-rank Jacobian statistics of a whole validation set: tens of GB
       val = [(LA.predictive.jacobian_stats_jit(ft, task=task, batch=b, post=post), b.labels_b)
              for b in batches["val"]]
-      out[f"{name}, grid"] = LA.predictive.grid_search_prior_precision(post, val, grid=grid)[0]
+      out[f"{name}, grid"] = LA.predictive.grid_search_prior_precision(post, val, grid=grid, link=link)[0]
   return out
 
 
@@ -72,6 +73,7 @@ def main(argv=None):
   ap.add_argument("--rank", type=int, default=10)
   ap.add_argument("--epochs", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--link", default=DEFAULT_LINK, choices=LINKS)
   args = ap.parse_args(argv)
   t0 = time.time()
   cfg, params, tok, _ = load_dense(fetch_gguf("smollm2"))
@@ -90,9 +92,9 @@ def main(argv=None):
   rows = {"MAP": {"lambda": None, **scores(BL.map_method(ft, task), tests)}}
   grid = FitConfig(grid=(1e-2, 1e6, 33)).grid_values
   for rank in (None, args.rank):
-    for name, post in variants(ft, mparams, task, batches, rank, grid, args.seed).items():
+    for name, post in variants(ft, mparams, task, batches, rank, grid, args.seed, args.link).items():
       lam = ST.mean_prior_precision(post)
-      rows[name] = {"lambda": lam, **scores(BL.bayesian_moe(post, ft, task, link="probit"), tests)}
+      rows[name] = {"lambda": lam, **scores(BL.bayesian_moe(post, ft, task, link=args.link), tests)}
       print(name, json.dumps(rows[name]), flush=True)
   write(Path(args.out), rows, vars(args), report, time.time() - t0)
 
