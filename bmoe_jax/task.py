@@ -32,7 +32,7 @@ form. ``E softmax(f)`` is unchanged by a shift common to all classes, fixed or r
 (log-likelihoods, all far below 0) make that matter. ``probit_pairwise`` (the default) acts on the
 contrasts ``f_c - f_k`` and is shift-invariant; laplace-torch's ``probit`` (``softmax(f / sqrt(1 + pi/8
 diag cov))``) is not: on continuation scores it pulls the most uncertain choice towards 0, i.e. up
-(``experiments/link_compare.py``: it cost 9 points of ARC-E accuracy). Against 200k-draw mc on random
+(``experiments/link_compare.py``: it cost 10 points of ARC-E accuracy). Against many-draw mc on random
 4-class Gaussians (``tests/test_task.py``) the pairwise form is the closer one in every regime measured;
 a probit on logits centred at their mean (also shift-invariant) was less accurate and is not offered.
 """
