@@ -97,7 +97,8 @@ def one_run(run: Path) -> dict:
       curve.append(M.nll(p, y))
     lam = float(grid[int(np.argmin(curve))])
     row = {"val_nll": curve, "grid_lambda": lam, "grid_edge": ST.grid_edge(curve)}
-    for name, log_prec in (("grid", LA.posterior.expand_prior_precision(lam, num_e)), ("evidence", evid.log_prior_prec_e)):
+    chosen = {"grid": LA.posterior.expand_prior_precision(lam, num_e), "evidence": evid.log_prior_prec_e}
+    for name, log_prec in chosen.items():
       for k in keys:
         p, y, common = probs_at(stats[k], base, log_prec, link)
         row[f"{name}/{k}"] = {**M.summary(p, y), "common_share": float(np.mean(common))}

@@ -8,8 +8,8 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax.model import forward
-from bmoe_jax.task import (CHOICE_MASK_VALUE, Batch, Task, class_probs, mc_softmax, probit, probit_pairwise, same_prefix,
-                           with_prefix)
+from bmoe_jax.task import (CHOICE_MASK_VALUE, Batch, Task, class_probs, mc_softmax, probit, probit_pairwise,
+                           same_prefix, with_prefix)
 from tests.fixtures import CLASSES, random_batches
 
 
