@@ -19,6 +19,9 @@ from bmoe_jax.config import MoEConfig
 from bmoe_jax.nn import layers as L
 from bmoe_jax.nn import moe as M
 from bmoe_jax.params import init_params, logical_axes
+from bmoe_jax.routing import gating as G
+from bmoe_jax.routing import routers as R
+from bmoe_jax.routing.plan import RoutingPlan, layer_router
 
 
 class MoETaps(NamedTuple):
@@ -27,6 +30,8 @@ class MoETaps(NamedTuple):
   router_logits_bse: jax.Array
   down_in_bskf: jax.Array  # routed down_proj inputs act(x W_gate) * (x W_up), per slot
   shared_in_bsf: jax.Array | None  # shared-expert down_proj input (None without shared experts)
+  router_aux_bs: jax.Array | None = None  # a Bayesian router's per-token regulariser (KL, -log T); else None
+  router_in_bsd: jax.Array | None = None  # the router's input u (the MoE block's normed input)
 
 
 class ForwardOutput(NamedTuple):
@@ -54,13 +59,21 @@ def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32,
 
 
 def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "sorted",
-              tile_rows: int | None = None, perturb: dict | None = None) -> tuple[jax.Array, MoETaps]:
+              tile_rows: int | None = None, perturb: dict | None = None, router=None,
+              train_router: bool = False) -> tuple[jax.Array, MoETaps]:
+  """One MoE MLP. ``router``: (config, parameters, key, sample) of a ``routing`` router (``plan.layer_router``);
+  None runs the deterministic router."""
   b, s, d = x_bsd.shape
   x_nd = x_bsd.reshape(b * s, d)
-  routing = M.route(x_nd, p["router"]["kernel"], cfg.num_experts_per_tok,
-                    norm_topk_prob=cfg.norm_topk_prob, norm_eps=cfg.norm_topk_eps,
-                    scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring)
   k = cfg.num_experts_per_tok
+  aux_n = None
+  if router is None:
+    routing = G.route(x_nd, p["router"]["kernel"], k, norm_topk_prob=cfg.norm_topk_prob, norm_eps=cfg.norm_topk_eps,
+                      scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring)
+  else:
+    rc, rp, key, sample = router
+    routing, aux_n = R.apply(rc, rp, R.RouterIn(x_nd, p["router"]["kernel"], key, sample, G.Gating.of(cfg), k,
+                                                train_router))
   perturb_nkd = None if perturb is None or "routed" not in perturb else perturb["routed"].reshape(b * s, k, d)
   out_nd, h_nkf = M.routed_experts(expert_impl, x_nd, routing.expert_nk, routing.gate_nk,
                                    p["experts"], cfg.hidden_act, perturb_nkd, tile_rows)
@@ -75,7 +88,8 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
     out_nd = out_nd + y_nd
     shared_in = shared_in.reshape(b, s, -1)
   taps = MoETaps(routing.expert_nk.reshape(b, s, k), routing.gate_nk.reshape(b, s, k),
-                 routing.logits_ne.reshape(b, s, -1), h_nkf.reshape(b, s, k, -1), shared_in)
+                 routing.logits_ne.reshape(b, s, -1), h_nkf.reshape(b, s, k, -1), shared_in,
+                 None if aux_n is None else aux_n.reshape(b, s), x_bsd)
   return out_nd.reshape(b, s, d), taps
 
 
@@ -85,7 +99,8 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
             perturb: dict[int, dict] | None = None, return_taps: bool = False,
             return_hidden: bool = False, logit_positions_b: jax.Array | None = None,
             start_layer: int = 0, states_bsd: jax.Array | None = None,
-            stop_layer: int | None = None, segments_bs: jax.Array | None = None) -> ForwardOutput:
+            stop_layer: int | None = None, segments_bs: jax.Array | None = None,
+            routing: RoutingPlan | None = None) -> ForwardOutput:
   """Logits of a batch of token ids.
 
   Args:
@@ -116,7 +131,8 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     if w not in masks:
       masks[w] = L.attention_mask(attention_mask_bs, s, w, segments_bs, positions_bs)
     x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, cos_bsc, sin_bsc, masks[w], expert_impl,
-                                tile_rows, None if perturb is None else perturb.get(i))
+                                tile_rows, None if perturb is None else perturb.get(i),
+                                layer_router(params, routing, i), routing is not None and routing.train)
     if return_taps and tap is not None:
       taps[i] = tap
     if return_hidden:
@@ -150,12 +166,14 @@ def _inputs(params, cfg: MoEConfig, tokens_bs, positions_bs, start_layer: int, s
   return x_bsd, positions_bs, cos_bsc, sin_bsc
 
 
-def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, expert_impl, tile_rows, perturb):
+def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, expert_impl, tile_rows, perturb,
+                   router=None, train_router: bool = False):
   """One pre-norm decoder layer: (output states, the MoE taps or None for a dense layer)."""
   x_bsd, h_bsd = _attention_half(lp, cfg, x_bsd, cos_bsc, sin_bsc, mask)
   if not cfg.moe_layers[i]:
     return x_bsd + L.gated_mlp(lp["mlp"], h_bsd, cfg.hidden_act), None
-  y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, tile_rows=tile_rows, perturb=perturb)
+  y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, tile_rows=tile_rows, perturb=perturb,
+                         router=router, train_router=train_router)
   return x_bsd + y_bsd, tap
 
 

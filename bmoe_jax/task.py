@@ -40,7 +40,7 @@ a probit on logits centred at their mean (also shift-invariant) was less accurat
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,16 +86,24 @@ class Task:
     class_ids: the C answer token ids shared by every example (lettered prompts), or None when the
       batches carry their own (``Batch.class_ids_bc``, cloze-style).
     start_layer: the layer whose cached inputs the batches carry (0: no cache, full forwards).
+    routing: a ``routing.RoutingPlan`` (Bayesian routers by layer; their state travels in ``params``,
+      ``routing.attach``); None: every layer routes deterministically.
   """
   cfg: MoEConfig
   class_ids: tuple[int, ...] | None = None
   start_layer: int = 0
+  routing: Any = None
 
   def __post_init__(self):
     if self.class_ids is not None:
       object.__setattr__(self, "class_ids", tuple(int(i) for i in np.asarray(self.class_ids).reshape(-1)))
     if not 0 <= self.start_layer <= self.cfg.num_layers:
       raise ValueError(f"start_layer={self.start_layer}: expected 0..{self.cfg.num_layers}")
+    if self.routing is not None:
+      self.routing.check(self.cfg)
+      low = [l for l in self.routing.layer_ids if l < self.start_layer]
+      if low:
+        raise ValueError(f"routers in layers {low} lie below the cached prefix (start_layer={self.start_layer})")
 
   def forward_kw(self, batch: Batch) -> dict:
     """The ``model.forward`` keywords of ``batch``: its cached prefix states, if any."""
@@ -105,6 +113,8 @@ class Task:
           "start_layer=0; build the task with with_prefix()" if batch.states_bsd is not None else
           f"the task starts at layer {self.start_layer} but the batch carries no cached states (states_bsd)")
     kw = layout_kw(batch)
+    if self.routing is not None:
+      kw["routing"] = self.routing
     return kw if self.start_layer == 0 else {"start_layer": self.start_layer, "states_bsd": batch.states_bsd, **kw}
 
   def logits_and_taps(self, params, batch: Batch, perturb=None):

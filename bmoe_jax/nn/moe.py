@@ -21,43 +21,14 @@ K-FAC's output factor needs. All paths are jit/vmap/jvp/vjp-safe (integer sortin
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.nn.layers import activation
+from bmoe_jax.routing.gating import Routing, route  # noqa: F401  (the MoE layer's deterministic router)
 
 EXPERT_IMPLS = ("dense", "sorted", "ragged")
-
-
-class Routing(NamedTuple):
-  expert_nk: jax.Array  # int32 expert ids of each token's k slots
-  gate_nk: jax.Array  # routing weights (after renormalisation and scaling)
-  logits_ne: jax.Array  # float32 router logits
-
-
-def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: bool,
-          norm_eps: float = 0.0, scaling: float = 1.0, scoring: str = "softmax") -> Routing:
-  """Top-k routing in float32. ``scoring``: ``softmax`` (Qwen2-MoE, Mixtral, DeepSeek-V1 greedy: the gates
-  are the top-k softmax probabilities, optionally renormalised and scaled) or ``select`` (carved MoEs:
-  each selected expert enters with gate exactly 1, so with every expert selected the layer is the dense
-  FFN; the gate is ``exp(log p - stop_gradient(log p))``, whose gradient reaches the router through
-  log p, a straight-through estimator free of custom_vjp)."""
-  logits_ne = x_nd.astype(jnp.float32) @ router_de.astype(jnp.float32)
-  if scoring == "select":
-    logp_ne = jax.nn.log_softmax(logits_ne, axis=-1)
-    logp_nk, expert_nk = jax.lax.top_k(logp_ne, top_k)
-    gate_nk = jnp.exp(logp_nk - jax.lax.stop_gradient(logp_nk))
-    return Routing(expert_nk.astype(jnp.int32), gate_nk, logits_ne)
-  probs_ne = jax.nn.softmax(logits_ne, axis=-1)
-  gate_nk, expert_nk = jax.lax.top_k(probs_ne, top_k)
-  if norm_topk_prob:
-    gate_nk = gate_nk / (jnp.sum(gate_nk, axis=-1, keepdims=True) + norm_eps)
-  if scaling != 1.0:
-    gate_nk = gate_nk * scaling
-  return Routing(expert_nk.astype(jnp.int32), gate_nk, logits_ne)
 
 
 def _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, dtype):

@@ -1,0 +1,106 @@
+"""A family's gating, split into its two steps so that any router can reuse the second one.
+
+Every router produces gating logits ``l [n, e]`` and a selection of ``k`` experts per token; the weights of
+the selected experts then follow the model family's own rule (``gates_at``), whatever chose them:
+
+* ``softmax`` (Qwen2-MoE, Mixtral, DeepSeek-V1 greedy): ``softmax(l)`` at the selected experts, renormalised
+  over them when ``norm_topk_prob`` (Mixtral's and Granite's top-k-then-softmax is exactly this),
+  times ``routed_scaling_factor``;
+* ``select`` (carved MoEs, ``convert.carve``): gate 1 for every selected expert, as
+  ``exp(log p - stop_gradient(log p))`` so that the gradient reaches the logits through ``log softmax(l)``
+  (a straight-through estimator free of ``custom_vjp``).
+
+``route`` is the deterministic MAP router (selection = top-k of the scores), the MoE layer's default. A
+stochastic router selects differently (``gumbel_topk``: k experts without replacement) and calls
+``gates_at`` on the logits it chose to gate with. All functions are pure and jit/vmap/jvp-safe.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+  expert_nk: jax.Array  # int32 expert ids of each token's k slots
+  gate_nk: jax.Array  # routing weights (after renormalisation and scaling)
+  logits_ne: jax.Array  # float32 router logits
+
+
+class Gating(NamedTuple):
+  """The family's gating rule (``MoEConfig`` fields ``router_scoring``, ``norm_topk_prob``, ``norm_topk_eps``,
+  ``routed_scaling_factor``)."""
+  scoring: str = "softmax"
+  norm_topk_prob: bool = False
+  norm_eps: float = 0.0
+  scaling: float = 1.0
+
+  @classmethod
+  def of(cls, cfg) -> "Gating":
+    return cls(cfg.router_scoring, cfg.norm_topk_prob, cfg.norm_topk_eps, cfg.routed_scaling_factor)
+
+
+def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: bool,
+          norm_eps: float = 0.0, scaling: float = 1.0, scoring: str = "softmax",
+          logit_offset_ne: jax.Array | None = None) -> Routing:
+  """Deterministic top-k routing in float32 (see the module docstring for ``scoring``).
+  ``logit_offset_ne``: added to the logits (zero perturbations whose gradient is the logits' gradient)."""
+  logits_ne = x_nd.astype(jnp.float32) @ router_de.astype(jnp.float32)
+  if logit_offset_ne is not None:
+    logits_ne = logits_ne + logit_offset_ne
+  if scoring == "select":
+    logp_ne = jax.nn.log_softmax(logits_ne, axis=-1)
+    logp_nk, expert_nk = jax.lax.top_k(logp_ne, top_k)
+    gate_nk = jnp.exp(logp_nk - jax.lax.stop_gradient(logp_nk))
+    return Routing(expert_nk.astype(jnp.int32), gate_nk, logits_ne)
+  probs_ne = jax.nn.softmax(logits_ne, axis=-1)
+  gate_nk, expert_nk = jax.lax.top_k(probs_ne, top_k)
+  return Routing(expert_nk.astype(jnp.int32), _normalise(gate_nk, norm_topk_prob, norm_eps, scaling), logits_ne)
+
+
+def _normalise(gate_nk, norm_topk_prob: bool, norm_eps: float, scaling: float):
+  if norm_topk_prob:
+    gate_nk = gate_nk / (jnp.sum(gate_nk, axis=-1, keepdims=True) + norm_eps)
+  if scaling != 1.0:
+    gate_nk = gate_nk * scaling
+  return gate_nk
+
+
+def gates_at(logits_ne: jax.Array, expert_nk: jax.Array, gating: Gating) -> jax.Array:
+  """[n, k] the family's weights of the experts ``expert_nk`` under gating logits ``logits_ne``. With the
+  top-k experts of ``logits_ne`` it equals ``route``'s gates."""
+  if gating.scoring == "select":
+    logp_nk = jnp.take_along_axis(jax.nn.log_softmax(logits_ne, axis=-1), expert_nk, axis=-1)
+    return jnp.exp(logp_nk - jax.lax.stop_gradient(logp_nk))
+  if gating.scoring != "softmax":
+    raise ValueError(f"gating scoring={gating.scoring!r}: expected softmax or select")
+  gate_nk = jnp.take_along_axis(jax.nn.softmax(logits_ne, axis=-1), expert_nk, axis=-1)
+  return _normalise(gate_nk, gating.norm_topk_prob, gating.norm_eps, gating.scaling)
+
+
+def topk_ids(logits_ne: jax.Array, k: int) -> jax.Array:
+  """[n, k] int32: the k largest logits' experts (ties: the lower id first, as ``route``)."""
+  return jax.lax.top_k(logits_ne, k)[1].astype(jnp.int32)
+
+
+def gumbel_topk(key: jax.Array, logits_ne: jax.Array, k: int) -> jax.Array:
+  """[n, k] int32: k experts drawn without replacement from ``softmax(logits)``, in draw order (the
+  Gumbel-top-k trick: the top k of ``logits + Gumbel noise`` has the law of k sequential categorical draws,
+  each renormalised over the experts not yet drawn; Vieira 2014, Kool et al. 2019)."""
+  g_ne = jax.random.gumbel(key, logits_ne.shape, jnp.float32)
+  return topk_ids(jax.lax.stop_gradient(logits_ne) + g_ne, k)
+
+
+def select_mask(expert_nk: jax.Array, num_experts: int) -> jax.Array:
+  """[n, e] bool: which experts each token selected."""
+  return jnp.any(jax.nn.one_hot(expert_nk, num_experts, dtype=bool), axis=1)
+
+
+def jaccard(expert_a_nk: jax.Array, expert_b_nk: jax.Array, num_experts: int) -> jax.Array:
+  """[n] |A ∩ B| / |A ∪ B| of two selections of the same tokens (routing stability)."""
+  a_ne, b_ne = select_mask(expert_a_nk, num_experts), select_mask(expert_b_nk, num_experts)
+  inter = jnp.sum(a_ne & b_ne, axis=-1)
+  union = jnp.sum(a_ne | b_ne, axis=-1)
+  return inter / jnp.maximum(union, 1)

@@ -1,0 +1,71 @@
+"""Gating: the deterministic router is bit-identical to the plain forward for every family's gating; gates_at
+reproduces route; Gumbel-top-k has the law of sequential sampling without replacement; Jaccard."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bmoe_jax as B
+from bmoe_jax import routing as RT
+from bmoe_jax.routing import gating as G
+
+# the gating rules of the families we convert (tiny configs): qwen2_moe, mixtral, deepseek_v1, carved
+FAMILY_GATING = {
+    "qwen2_moe": dict(norm_topk_prob=False, shared_expert_size=24, shared_expert_gate=True),
+    "mixtral": dict(norm_topk_prob=True, shared_expert_size=0, shared_expert_gate=False),
+    "deepseek_v1": dict(norm_topk_prob=False, routed_scaling_factor=1.5, shared_expert_size=24,
+                        shared_expert_gate=False),
+    "carved": dict(router_scoring="select", shared_expert_size=24, shared_expert_gate=False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_GATING))
+def test_deterministic_plan_is_bit_identical_to_the_plain_forward(family):
+  cfg = B.tiny_config(**FAMILY_GATING[family])
+  params = B.init_params(cfg, jax.random.key(1), std=0.3)
+  tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, cfg.vocab_size)
+  plain = B.forward(params, cfg, tokens, return_taps=True)
+  plan = RT.RoutingPlan.of({i: RT.RouterConfig() for i in cfg.moe_layer_ids})
+  for p in (params, RT.attach(params, {}, key=5)):
+    out = B.forward(p, cfg, tokens, return_taps=True, routing=plan)
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(plain.logits))
+    for i in cfg.moe_layer_ids:
+      np.testing.assert_array_equal(np.asarray(out.taps[i].gate_bsk), np.asarray(plain.taps[i].gate_bsk))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_GATING))
+def test_gates_at_the_topk_equal_route(family):
+  cfg = B.tiny_config(**FAMILY_GATING[family])
+  x = jax.random.normal(jax.random.key(0), (50, 16))
+  w = jax.random.normal(jax.random.key(1), (16, cfg.num_experts))
+  gating = G.Gating.of(cfg)
+  r = G.route(x, w, 2, norm_topk_prob=gating.norm_topk_prob, scaling=gating.scaling, scoring=gating.scoring)
+  np.testing.assert_array_equal(np.asarray(G.gates_at(r.logits_ne, r.expert_nk, gating)), np.asarray(r.gate_nk))
+  np.testing.assert_array_equal(np.asarray(G.topk_ids(r.logits_ne, 2)), np.asarray(r.expert_nk))
+
+
+def test_gumbel_topk_is_sequential_sampling_without_replacement():
+  logits = jnp.array([1.0, 0.3, -0.5, 0.9, -1.2])
+  p = np.asarray(jax.nn.softmax(logits))
+  n = 200_000
+  ids = np.asarray(G.gumbel_topk(jax.random.key(0), jnp.broadcast_to(logits, (n, 5)), 2))
+  assert (ids[:, 0] != ids[:, 1]).all()
+  for i, j in itertools.permutations(range(5), 2):
+    exact = p[i] * p[j] / (1 - p[i])  # first i, then j from the rest
+    freq = np.mean((ids[:, 0] == i) & (ids[:, 1] == j))
+    assert abs(freq - exact) < 4 * np.sqrt(exact * (1 - exact) / n) + 1e-4, (i, j, freq, exact)
+
+
+def test_gumbel_topk_at_low_temperature_is_the_topk():
+  logits = jax.random.normal(jax.random.key(3), (64, 8))
+  ids = G.gumbel_topk(jax.random.key(4), logits / 1e-4, 3)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(G.topk_ids(logits, 3)))
+
+
+def test_jaccard_hand_built():
+  a = jnp.array([[0, 1], [2, 3], [0, 1], [4, 5]])
+  b = jnp.array([[1, 0], [2, 4], [2, 3], [4, 5]])
+  np.testing.assert_allclose(np.asarray(G.jaccard(a, b, 6)), [1.0, 1 / 3, 0.0, 1.0])
