@@ -1,4 +1,4 @@
-"""``bmoe finetune``, ``bmoe fit`` and ``bmoe evaluate``: flags generated from the stages' configs (plus
+"""``bmoe finetune``, ``bmoe fit``, ``bmoe route-train`` and ``bmoe evaluate``: flags generated from the stages' configs (plus
 ``--config FILE.json``, flags win), one stage each (``bmoe_jax.pipeline.stages``), and ``run.json`` (its
 config, versions, seed, data used and wall time) beside the outputs."""
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 from bmoe_jax.pipeline import flags
 from bmoe_jax.pipeline.configs import DataConfig, EvalConfig, FitConfig, RunConfig, TrainConfig
+from bmoe_jax.routing.routers import RouterConfig
+from bmoe_jax.routing.train import RouteTrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,14 @@ class FitCommand:
 
 
 @dataclasses.dataclass(frozen=True)
+class RouteTrainCommand:
+  run: RunConfig = RunConfig()
+  data: DataConfig = DataConfig()
+  router: RouterConfig = RouterConfig(kind="mfvr")
+  route: RouteTrainConfig = RouteTrainConfig()
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateCommand:
   run: RunConfig = RunConfig()
   data: DataConfig = DataConfig()
@@ -35,6 +45,8 @@ class EvaluateCommand:
 
 COMMANDS = {"finetune": (FinetuneCommand, "MAP fine-tuning on a benchmark (optax AdamW)"),
             "fit": (FitCommand, "fit the Bayesian-MoE posterior (K-FAC factors, prior precision)"),
+            "route-train": (RouteTrainCommand, "train Bayesian routers (MCDR, SWAG, DER, MFVR, FCVR, VTSR) on top of "
+                                               "the model's MAP routers, from the last MoE layer down"),
             "evaluate": (EvaluateCommand, "evaluate methods in-distribution and under shift")}
 
 
@@ -111,6 +123,22 @@ def _fit(c: FitCommand, mesh) -> dict:
   return {"data": infos, **bmoe}
 
 
+def _route_train(c: RouteTrainCommand, mesh) -> dict:
+  from bmoe_jax.pipeline import stages as ST
+  from bmoe_jax.routing.train import parse_layers
+
+  params, cfg, tok = ST.load_model(c.run, mesh)
+  batches, task, infos = ST.load_data(c.data, tok, cfg, ("train",), c.run.seed, mesh)
+  if c.run.cache_prefix:
+    task, batches = ST.cache_prefix(params, task, batches, min(parse_layers(cfg, c.route.route_layers)),
+                                    not c.run.quiet)
+  rtc = dataclasses.replace(c.route, seed=c.run.seed)
+  out, history = ST.route_train(params, task, batches, c.router, rtc, c.run.out, model=str(c.run.model),
+                                progress=not c.run.quiet)
+  print(f"wrote {out} ({c.router.kind} routers in layers {parse_layers(cfg, rtc.route_layers)})")
+  return {"data": infos, "history": history}
+
+
 def _evaluate(c: EvaluateCommand, mesh) -> dict:
   from bmoe_jax.pipeline import stages as ST
   from bmoe_jax.pipeline.methods import Context
@@ -122,7 +150,8 @@ def _evaluate(c: EvaluateCommand, mesh) -> dict:
   if c.run.cache_prefix:
     task, batches = ST.cache_prefix(params, task, batches, min(cfg.moe_layer_ids, default=0), not c.run.quiet)
   ctx = Context(params, task, train=batches.get("train", []), val=batches.get("val", []), seed=c.run.seed,
-                posteriors=_posteriors(c.eval, names), members=_members(c.eval, names, params, cfg, mesh))
+                posteriors=_posteriors(c.eval, names), members=_members(c.eval, names, params, cfg, mesh),
+                routers=_routers(c.eval, cfg))
   keys = ST.eval_keys(c.data)
   _, info = ST.evaluate(ctx, {k: batches[k] for k in keys}, c.eval, c.run.out, in_distribution=keys[0],
                         record=_record(c), progress=not c.run.quiet)
@@ -130,11 +159,25 @@ def _evaluate(c: EvaluateCommand, mesh) -> dict:
   return {"data": infos, "methods": info}
 
 
+def _routers(ec: EvalConfig, cfg) -> dict:
+  """{router kind: (plan, router parameters)} of every --routers directory."""
+  from bmoe_jax.routing.io import load_routers
+  out = {}
+  for d in ec.routers:
+    plan, rparams, _ = load_routers(d, cfg)
+    kinds = {rc.kind for _, rc in plan.layers}
+    if len(kinds) != 1 or next(iter(kinds)) in out:
+      raise ValueError(f"--routers {d}: expected one router kind per directory, not already given (kinds {kinds})")
+    out[next(iter(kinds))] = (plan, rparams)
+  return out
+
+
 def _posteriors(ec: EvalConfig, names) -> dict:
-  if "bmoe" not in names:
+  if not any(n == "bmoe" or n.startswith("bmoe+") for n in names):
     return {}
   if not ec.posterior:
-    raise ValueError("method bmoe needs --posterior DIR (the output of bmoe fit: RUN/posterior)")
+    raise ValueError(f"methods {[n for n in names if n.startswith('bmoe')]} need --posterior DIR (the output of "
+                     "bmoe fit: RUN/posterior)")
   import json
   import warnings
 
@@ -167,4 +210,4 @@ def _members(ec: EvalConfig, names, params, cfg, mesh) -> dict:
   return out
 
 
-_RUNNERS = {"finetune": _finetune, "fit": _fit, "evaluate": _evaluate}
+_RUNNERS = {"finetune": _finetune, "fit": _fit, "route-train": _route_train, "evaluate": _evaluate}

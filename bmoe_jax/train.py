@@ -28,12 +28,12 @@ from bmoe_jax.config import MoEConfig
 from bmoe_jax.checkpoint import ResumableRun
 from bmoe_jax.task import Batch, Task, nll_and_correct, with_prefix
 
-SUBSETS = ("experts", "experts_router", "attention", "all")
+SUBSETS = ("experts", "experts_router", "router", "attention", "all")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  trainable: str = "experts"  # experts | experts_router | attention | all
+  trainable: str = "experts"  # experts | experts_router | router (MAP router tuning) | attention | all
   layers: tuple[int, ...] | None = None  # restrict to these layers (None: every layer)
   lr: float = 1e-4  # peak learning rate (AdamW)
   schedule: str = "cosine"  # cosine | linear | constant (after linear warm-up)
@@ -76,6 +76,8 @@ def trainable_mask(params, cfg: MoEConfig, which: str, layers: Sequence[int] | N
       return keys[2] == "attn"
     if keys[2] != "mlp" or not cfg.moe_layers[keys[1]]:
       return False
+    if which == "router":
+      return keys[3] == "router"
     return keys[3] == "experts" or (which == "experts_router" and keys[3] == "router")
 
   mask = jax.tree_util.tree_map_with_path(pick, params)

@@ -128,9 +128,16 @@ class EvalConfig:
   checkpoints: str | None = None  # a fine-tuning run's checkpoints (RUN or RUN/checkpoints): ckpt_ensemble
   ci: bool = False  # bootstrap 95% intervals
   link: str = DEFAULT_LINK  # probit_pairwise | probit (laplace-torch) | mc: E softmax of Gaussian logits
+  routers: tuple[str, ...] = ()  # bmoe route-train output directories (methods rt_mcdr, rt_mfvr, ..., bmoe+rt_*)
+  route_samples: int = 8  # forward draws of a stochastic router's predictive (an ensemble router: its members)
+  temp_layers: str = "last:1"  # rt_temp: MoE layers that sample (last:N or comma-separated ids)
+  sample_temperature: float = 0.3  # rt_temp: T of the sampling distribution softmax(l / T)
 
   def __post_init__(self):
     _choice("link", self.link, LINKS)
+    if self.route_samples < 1 or self.sample_temperature <= 0:
+      raise ValueError(f"route_samples={self.route_samples} (>= 1), sample_temperature={self.sample_temperature} "
+                       "(> 0)")
     from bmoe_jax.pipeline.methods import METHODS
     bad = sorted(set(self.methods) - set(METHODS))
     if bad:

@@ -32,6 +32,7 @@ class Context:
   seed: int = 0
   link: str = DEFAULT_LINK
   logits: Any = None  # a baselines.LogitCache: MAP and temperature scaling share one forward per batch
+  routers: dict = dataclasses.field(default_factory=dict)  # router kind -> (RoutingPlan, {layer: parameters})
 
 
 def _need(ctx_value, what: str, method: str):
@@ -78,10 +79,57 @@ def _ensemble(name: str, with_model: bool):
 
 BAYESIAN_MOE = ("bmoe", "bmoe_ml", "bmoe_fixed")  # grid / evidence / fixed prior precision, one factor pass
 
+# Bayesian routers (bmoe_jax.routing): method name -> router kind. rt_temp needs no training (its plan comes from
+# EvalConfig); the others load a bmoe route-train output (--routers). "bmoe+<router method>" combines the router
+# with Bayesian-MoE's expert posterior (routing.predict.routed_bayesian_moe).
+ROUTER_METHODS = {"rt_temp": "temperature", "rt_mcdr": "mcdr", "rt_swag": "swag", "rt_der": "ensemble",
+                  "rt_mfvr": "mfvr", "rt_fcvr": "fcvr", "rt_vtsr": "vtsr"}
+COMBINED = tuple(f"bmoe+{m}" for m in ROUTER_METHODS)
+
+
+def router_task(ctx: Context, cfg, method: str):
+  """(task with the method's routing plan, params carrying its router state)."""
+  from bmoe_jax import routing as RT
+  from bmoe_jax.routing.train import parse_layers
+
+  kind = ROUTER_METHODS[method]
+  if kind == "temperature":
+    rc = RT.RouterConfig(kind="temperature", sample_temperature=cfg.sample_temperature)
+    plan, rparams = RT.RoutingPlan.of({l: rc for l in parse_layers(ctx.task.cfg, cfg.temp_layers)}), {}
+  else:
+    if kind not in ctx.routers:
+      raise ValueError(f"method {method} needs trained {kind} routers: pass --routers DIR (a bmoe route-train "
+                       f"output with --kind {kind}); given: {sorted(ctx.routers) or 'none'}")
+    plan, rparams = ctx.routers[kind]
+  task = dataclasses.replace(ctx.task, routing=plan)
+  return task, RT.attach(ctx.params, rparams, key=jax.random.key(ctx.seed))
+
+
+def _router_method(name: str):
+  def build(ctx: Context, cfg):
+    from bmoe_jax.routing.predict import num_draws, routed_method
+    task, params = router_task(ctx, cfg, name)
+    draws = num_draws(task, cfg.route_samples)
+    return routed_method(params, task, num_samples=cfg.route_samples, key=jax.random.key(ctx.seed)), {
+        "plan": task.routing.to_dict(), "draws": draws}
+  return build
+
+
+def _combined(name: str):
+  def build(ctx: Context, cfg):
+    from bmoe_jax.routing.predict import num_draws, routed_bayesian_moe
+    post = _need(ctx.posteriors.get("bmoe"), "a posterior (--posterior, or bmoe fit)", name)
+    task, params = router_task(ctx, cfg, name.split("+", 1)[1])
+    method = routed_bayesian_moe(post, params, task, num_samples=cfg.route_samples, key=jax.random.key(ctx.seed),
+                                 link=ctx.link)
+    return method, {"plan": task.routing.to_dict(), "draws": num_draws(task, cfg.route_samples)}
+  return build
+
 REGISTRY: dict[str, Callable] = {
     "pretrained": _pretrained, "map": _map, "ts": _ts, "mc_dropout": _mc_dropout, "llla": _llla,
     "ensemble": _ensemble("ensemble", True), "ckpt_ensemble": _ensemble("ckpt_ensemble", False),
     **{name: None for name in BAYESIAN_MOE},  # built together (bayesian_moe_variants)
+    **{name: _router_method(name) for name in ROUTER_METHODS}, **{name: _combined(name) for name in COMBINED},
 }
 METHODS = tuple(REGISTRY)
 
@@ -98,7 +146,7 @@ def build_methods(names, ctx: Context, cfg) -> tuple[dict[str, Any], dict[str, d
     if name not in BAYESIAN_MOE:
       methods[name], info[name] = REGISTRY[name](ctx, cfg)
   wanted = [n for n in names if n in BAYESIAN_MOE]
-  missing = [n for n in wanted if n not in ctx.posteriors]
+  missing = [n for n in wanted if n not in ctx.posteriors]  # (bmoe+<router> checks its own in _combined)
   if missing:
     raise ValueError(f"methods {missing} need a posterior (bmoe fit, or --posterior for bmoe)")
   methods.update(BL.bayesian_moe_variants({n: ctx.posteriors[n] for n in wanted}, ctx.params, ctx.task,

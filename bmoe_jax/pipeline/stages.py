@@ -5,6 +5,7 @@
   task, batches = cache_prefix(params, task, batches, start)     # optional: frozen layers < start, once
   result = finetune(params, task, batches, train_cfg, out)
   posteriors, info = fit(params, task, batches, fit_cfg, out, pretrained=...)
+  routers_dir, history = route_train(params, task, batches, router_cfg, route_cfg, out)   # Bayesian routers
   results, info = evaluate(Context(params, task, ...), eval_sets, eval_cfg, out, in_distribution=...)
 
 ``batches`` is a dict: ``train``, ``val`` and one key per evaluation set (``data.eval_key(spec)``); every
@@ -138,6 +139,19 @@ def grid_edge(nll) -> str | None:
 
 def _prior_mean(fc: FitConfig, pretrained, factors):
   return read_blocks(pretrained, factors) if fc.prior_mean == "pretrained" else fc.prior_mean
+
+
+def route_train(params, task: Task, batches: dict, rc, rtc, out: str | Path, *, model: str | None = None,
+                progress: bool = True) -> tuple[Path, list]:
+  """Bayesian routers ``rc`` trained on ``batches["train"]`` (``routing.train``, resumable from ``out/stages``),
+  saved in ``out/routers`` (``routing.io``). Returns (that directory, the training history)."""
+  from bmoe_jax.routing.io import save_routers
+  from bmoe_jax.routing.train import train_routers
+
+  plan, rparams, history = train_routers(params, task, batches["train"], rc, rtc, out=Path(out) / "stages",
+                                         progress=progress)
+  meta = {"model": model, "route_train": dataclasses.asdict(rtc), "history": history}
+  return save_routers(Path(out) / "routers", plan, rparams, task.cfg, meta), history
 
 
 def evaluate(ctx: Context, eval_sets: dict, ec: EvalConfig, out: str | Path, *, in_distribution: str,

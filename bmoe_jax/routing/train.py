@@ -1,7 +1,7 @@
 """Training Bayesian routers on top of the MAP router, progressively from the last MoE layer backwards.
 
 As in the thesis (stage 2b): the model, its experts and its MAP router weights ``W_r`` are frozen; each
-chosen layer gets the router of ``RouteTrainConfig.router``, trained on the task's cross-entropy (the same
+chosen layer gets the router of a ``RouterConfig``, trained on the task's cross-entropy (the same
 continuation / letter scoring as every other stage), one layer at a time from the top layer down, each
 stage running the layers above it with their finished routers (in training mode: one sample per token).
 
@@ -48,7 +48,6 @@ KERNEL = ("swag", "ensemble")  # the router weight itself, retrained
 
 @dataclasses.dataclass(frozen=True)
 class RouteTrainConfig:
-  router: R.RouterConfig = R.RouterConfig(kind="mfvr")
   route_layers: str = "last:1"  # MoE layers given the router: last:N (the top N) or comma-separated ids
   route_lr: float = 1e-3  # Adam learning rate of the router networks (thesis 1e-5 on a 3B model)
   route_epochs: int = 5  # epochs per layer
@@ -107,9 +106,9 @@ def _masked(aux_bs, mask_bs, reduce: str):
   return total if reduce == "sum" else total / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def _objective(task: Task, done: dict, layer: int, rtc: RouteTrainConfig, num_batches: int, sample: int):
+def _objective(task: Task, rc: R.RouterConfig, done: dict, layer: int, rtc: RouteTrainConfig, num_batches: int,
+               sample: int):
   """(theta, params, batch, key) -> (loss, (ce, reg)) of the stage training ``layer``'s router."""
-  rc = rtc.router
   kernel_kind = rc.kind in KERNEL
   plan = RoutingPlan.of({**{l: rc for l in done}, **({} if kernel_kind else {layer: rc})}, train=True)
   t = dataclasses.replace(task, routing=plan if plan.layers else None)
@@ -128,23 +127,23 @@ def _objective(task: Task, done: dict, layer: int, rtc: RouteTrainConfig, num_ba
   return loss
 
 
-def stages_of(params, task: Task, layer: int, done: dict, rtc: RouteTrainConfig, num_batches: int) -> list[Stage]:
-  """The optimisation runs that train ``layer``'s router (several for an ensemble)."""
-  rc = rtc.router
+def stages_of(params, task: Task, rc: R.RouterConfig, layer: int, done: dict, rtc: RouteTrainConfig,
+              num_batches: int) -> list[Stage]:
+  """The optimisation runs that train ``layer``'s router ``rc`` (several for an ensemble)."""
   w_de = jnp.asarray(params["layers"][layer]["mlp"]["router"]["kernel"], jnp.float32)
   key = jax.random.fold_in(jax.random.key(rtc.seed), layer)
   if rc.kind in AMORTISED:
-    return [Stage(f"{layer}", R.init(rc, w_de, key), _objective(task, done, layer, rtc, num_batches, 0),
+    return [Stage(f"{layer}", R.init(rc, w_de, key), _objective(task, rc, done, layer, rtc, num_batches, 0),
                   optax.adam(rtc.route_lr))]
   if rc.kind == "swag":
     total = rtc.route_epochs * num_batches
-    return [Stage(f"{layer}", w_de, _objective(task, done, layer, rtc, num_batches, 0),
+    return [Stage(f"{layer}", w_de, _objective(task, rc, done, layer, rtc, num_batches, 0),
                   optax.sgd(rtc.swag_lr, momentum=0.9), collect=S.update, extra=S.init(w_de, rc.swag_rank),
                   collect_steps=frozenset(-(-j * total // rc.swag_rank) for j in range(1, rc.swag_rank + 1)))]
   if rc.kind == "ensemble":
     scale = rtc.init_noise * jnp.std(w_de)
     return [Stage(f"{layer}.{m}", w_de + scale * jax.random.normal(jax.random.fold_in(key, m), w_de.shape),
-                  _objective(task, done, layer, rtc, num_batches, m), optax.adam(rtc.route_lr))
+                  _objective(task, rc, done, layer, rtc, num_batches, m), optax.adam(rtc.route_lr))
             for m in range(rc.router_members)]
   return []
 
@@ -160,9 +159,9 @@ def router_params_of(rc: R.RouterConfig, results: list) -> dict:
   return {}
 
 
-def train_routers(params, task: Task, batches: Sequence[Batch], rtc: RouteTrainConfig, *, out: str | Path | None = None,
-                  progress: bool = True) -> tuple[RoutingPlan, dict[int, dict], list[dict]]:
-  """(plan, {layer: router parameters}, history): ``rtc.router`` trained in ``rtc.route_layers``, top-down."""
+def train_routers(params, task: Task, batches: Sequence[Batch], rc: R.RouterConfig, rtc: RouteTrainConfig, *,
+                  out: str | Path | None = None, progress: bool = True) -> tuple[RoutingPlan, dict[int, dict], list[dict]]:
+  """(plan, {layer: router parameters}, history): router ``rc`` trained in ``rtc.route_layers``, top-down."""
   if not batches:
     raise ValueError("no training batches for the routers")
   layers = parse_layers(task.cfg, rtc.route_layers)
@@ -173,15 +172,15 @@ def train_routers(params, task: Task, batches: Sequence[Batch], rtc: RouteTrainC
   history: list[dict] = []
   for layer in layers:
     results = []
-    for stage in stages_of(params, task, layer, done, rtc, len(batches)):
+    for stage in stages_of(params, task, rc, layer, done, rtc, len(batches)):
       run_dir = None if out is None else Path(out) / f"layer{stage.name}"
-      fingerprint = {"route_train": dataclasses.asdict(rtc), "stage": stage.name, "config": task.cfg.to_dict(),
+      fingerprint = {"router": dataclasses.asdict(rc), "route_train": dataclasses.asdict(rtc), "stage": stage.name, "config": task.cfg.to_dict(),
                      "done": sorted(done), "batches": len(batches), "kernel_sum": _digest(params, layer)}
-      theta, extra, hist = run_stage(stage, params, batches, rtc, run_dir, fingerprint, progress)
+      theta, extra, hist = run_stage(stage, params, batches, rtc, run_dir, fingerprint, f"{rc.kind} layer", progress)
       results.append((theta, extra))
       history.extend({"stage": stage.name, **h} for h in hist)
-    done[layer] = router_params_of(rtc.router, results)
-  return RoutingPlan.of({l: rtc.router for l in layers}), done, history
+    done[layer] = router_params_of(rc, results)
+  return RoutingPlan.of({l: rc for l in layers}), done, history
 
 
 def _digest(params, layer: int) -> float:
@@ -196,7 +195,7 @@ class LoopState(NamedTuple):
 
 
 def run_stage(stage: Stage, params, batches: Sequence[Batch], rtc: RouteTrainConfig, run_dir, fingerprint: dict,
-              progress: bool = True):
+              desc: str = "layer", progress: bool = True):
   """(theta, extra, history) after ``rtc.route_epochs`` epochs of ``stage``, resumable from ``run_dir``."""
   from tqdm.auto import tqdm
 
@@ -208,7 +207,7 @@ def run_stage(stage: Stage, params, batches: Sequence[Batch], rtc: RouteTrainCon
   if run is not None and run.latest_step() is not None:
     saved, meta = run.restore(_flat(state))
     state, history = _unflat(state, saved), list(meta.get("history", []))
-  bar = tqdm(total=total, initial=state.step, desc=f"route-train {rtc.router.kind} layer {stage.name}",
+  bar = tqdm(total=total, initial=state.step, desc=f"route-train {desc} {stage.name}",
              unit="batch", disable=not progress)
   losses = []
   try:

@@ -31,9 +31,9 @@ def _mean_objective(stage, params, batches, keys=8):
 def test_every_kind_trains_top_down_into_a_plan(setup, kind):
   cfg, params, batches = setup
   two = kind in ("mfvr", "ensemble")  # progressive over both layers (slower: a compile per stage)
-  rtc = RTT.RouteTrainConfig(router=R.RouterConfig(kind=kind, router_members=2, swag_rank=3),
-                             route_layers="last:2" if two else "last:1", route_epochs=1)
-  plan, rparams, hist = RTT.train_routers(params, Task(cfg, CLASSES), batches, rtc, progress=False)
+  rc = R.RouterConfig(kind=kind, router_members=2, swag_rank=3)
+  rtc = RTT.RouteTrainConfig(route_layers="last:2" if two else "last:1", route_epochs=1)
+  plan, rparams, hist = RTT.train_routers(params, Task(cfg, CLASSES), batches, rc, rtc, progress=False)
   assert plan.layer_ids == ((0, 1) if two else (1,)) and set(rparams) == set(plan.layer_ids)
   assert [h["stage"] for h in hist][0].startswith("1")  # the top layer first
   if kind == "swag":
@@ -49,11 +49,12 @@ def test_every_kind_trains_top_down_into_a_plan(setup, kind):
 @pytest.mark.parametrize("kind", ["mfvr", "vtsr"])
 def test_training_lowers_the_objective(setup, kind):
   cfg, params, batches = setup
-  rtc = RTT.RouteTrainConfig(router=R.RouterConfig(kind=kind), route_layers="1", route_epochs=6, route_lr=1e-2)
+  rc = R.RouterConfig(kind=kind)
+  rtc = RTT.RouteTrainConfig(route_layers="1", route_epochs=6, route_lr=1e-2)
   task = Task(cfg, CLASSES)
-  stage = RTT.stages_of(params, task, 1, {}, rtc, len(batches))[0]
+  stage = RTT.stages_of(params, task, rc, 1, {}, rtc, len(batches))[0]
   before = _mean_objective(stage, params, batches)
-  _, rparams, hist = RTT.train_routers(params, task, batches, rtc, progress=False)
+  _, rparams, hist = RTT.train_routers(params, task, batches, rc, rtc, progress=False)
   after = _mean_objective(stage._replace(theta=rparams[1]), params, batches)
   assert after < before - 0.02, (before, after)  # same keys before and after: no sampling noise
   assert hist[-1]["loss"] < hist[0]["loss"]
@@ -61,19 +62,18 @@ def test_training_lowers_the_objective(setup, kind):
 
 def test_interrupted_training_resumes_to_the_same_routers(setup, tmp_path):
   cfg, params, batches = setup
-  rtc = RTT.RouteTrainConfig(router=R.RouterConfig(kind="mfvr"), route_layers="last:2", route_epochs=2,
-                             route_checkpoint_every=3)
+  rc = R.RouterConfig(kind="mfvr")
+  rtc = RTT.RouteTrainConfig(route_layers="last:2", route_epochs=2, route_checkpoint_every=3)
   task = Task(cfg, CLASSES)
-  _, whole, hist = RTT.train_routers(params, task, batches, rtc, progress=False)
+  _, whole, hist = RTT.train_routers(params, task, batches, rc, rtc, progress=False)
   with pytest.raises(Stop):  # dies in the second layer's stage
-    RTT.train_routers(params, task, Interrupting(batches, 8 + 5), rtc, out=tmp_path, progress=False)
-  _, resumed, hist2 = RTT.train_routers(params, task, batches, rtc, out=tmp_path, progress=False)
+    RTT.train_routers(params, task, Interrupting(batches, 8 + 5), rc, rtc, out=tmp_path, progress=False)
+  _, resumed, hist2 = RTT.train_routers(params, task, batches, rc, rtc, out=tmp_path, progress=False)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   assert [h["epoch"] for h in hist2] == [h["epoch"] for h in hist]
   with pytest.raises(ValueError, match="different run"):
-    RTT.train_routers(params, task, batches, RTT.RouteTrainConfig(router=R.RouterConfig(kind="mfvr"),
-                                                                   route_layers="last:2", route_epochs=3),
+    RTT.train_routers(params, task, batches, rc, RTT.RouteTrainConfig(route_layers="last:2", route_epochs=3),
                       out=tmp_path, progress=False)
 
 

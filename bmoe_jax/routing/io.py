@@ -1,0 +1,50 @@
+"""Trained routers on disk: ``DIR/routing.json`` (the plan, the model config they were trained for, what the
+training recorded) and ``DIR/routers`` (orbax: the router parameters by layer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from bmoe_jax.routing.plan import RoutingPlan
+
+PLAN_FILE = "routing.json"
+
+
+def save_routers(out_dir: str | Path, plan: RoutingPlan, router_params: dict, cfg, meta: dict | None = None) -> Path:
+  """Write ``plan`` and ``router_params`` ({layer: dict of arrays}) to ``out_dir`` (refuses to overwrite)."""
+  import orbax.checkpoint as ocp
+
+  out = Path(out_dir).absolute()
+  if (out / PLAN_FILE).exists():
+    raise FileExistsError(f"{out / PLAN_FILE} already exists; choose an empty output directory")
+  out.mkdir(parents=True, exist_ok=True)
+  tree = {str(int(l)): jax.tree.map(jnp.asarray, p) for l, p in router_params.items()}
+  if jax.tree.leaves(tree):
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(out / "routers", tree)
+      ckptr.wait_until_finished()
+  (out / PLAN_FILE).write_text(json.dumps({"plan": plan.to_dict(), "config": cfg.to_dict(), "meta": meta or {}},
+                                          indent=2, default=str))
+  return out
+
+
+def load_routers(path: str | Path, cfg=None) -> tuple[RoutingPlan, dict[int, dict], dict]:
+  """(plan, {layer: router parameters}, meta) saved by ``save_routers``; ``cfg``: refuse routers trained
+  for another model config."""
+  from bmoe_jax.checkpoint import restore_local
+
+  path = Path(path).absolute()
+  if not (path / PLAN_FILE).exists():
+    raise FileNotFoundError(f"{path / PLAN_FILE} not found: expected the output of bmoe route-train")
+  saved = json.loads((path / PLAN_FILE).read_text())
+  if cfg is not None and saved["config"] != json.loads(json.dumps(cfg.to_dict())):
+    diff = sorted(k for k, v in cfg.to_dict().items() if json.loads(json.dumps(v)) != saved["config"].get(k))
+    raise ValueError(f"{path / PLAN_FILE}: the routers were trained for another model config (differs in {diff})")
+  plan = RoutingPlan.from_dict(saved["plan"])
+  tree = restore_local(path / "routers") if (path / "routers").exists() else {}
+  params = {l: dict(tree.get(str(l), {})) for l in plan.layer_ids}
+  return plan, params, saved.get("meta", {})

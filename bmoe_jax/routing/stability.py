@@ -1,0 +1,123 @@
+"""Routing stability (the thesis' motivation experiment "mtv-1") and the cost of a router.
+
+**Stability.** For every MoE layer l, the router input ``u`` of every real token (the forward's taps) is
+perturbed, ``u' = u + eps``, ``eps ~ N(0, sigma^2 I)`` with ``sigma = gamma * L_l``, ``L_l`` the mean L2 norm of
+the layer's router inputs over the evaluated tokens; the Jaccard index ``|E ∩ E'| / |E ∪ E'|`` of the top-k
+sets before and after is averaged over tokens, per layer and gamma (the thesis' grid ``GAMMAS``). One layer is
+perturbed at a time, everything upstream as in the forward. A stochastic router draws with the *same* key
+before and after (common random numbers), so the index measures sensitivity to the input, not sampling
+noise; that is reported apart, as ``resample``: the Jaccard of two independent draws on the same input.
+
+**Cost.** ``router_flops`` counts the extra multiply-adds (x2) per token of a router over the deterministic
+one at inference, from the config alone; ``forward_flops`` the whole forward per token (sequence length
+``seq``, causal attention averaged over positions). The predictive of a stochastic router runs S forwards.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmoe_jax.routing import gating as G
+from bmoe_jax.routing import routers as R
+from bmoe_jax.routing.plan import layer_router, with_draw
+from bmoe_jax.task import Batch, Task
+
+GAMMAS = (0.001, 0.002, 0.005, 0.007, 0.01, 0.02, 0.05)
+
+
+def _route_again(params, task: Task, layer: int, u_nd, key=None):
+  """The layer's routing of inputs ``u_nd`` with the forward's router (and its key, or ``key``)."""
+  cfg = task.cfg
+  kernel = params["layers"][layer]["mlp"]["router"]["kernel"]
+  router = layer_router(params, task.routing, layer)
+  if router is None:
+    return G.route(u_nd, kernel, cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+                   norm_eps=cfg.norm_topk_eps, scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring)
+  rc, rp, layer_key, sample = router
+  x = R.RouterIn(u_nd, kernel, layer_key if key is None else key, sample, G.Gating.of(cfg), cfg.num_experts_per_tok,
+                 False)
+  return R.apply(rc, rp, x)[0]
+
+
+def _batch_stats(params, task: Task, batch: Batch, gammas, norms, key):
+  """Per MoE layer: (sum of Jaccard per gamma [g], sum of resample Jaccard, tokens, sum of ||u||)."""
+  _, taps = task.logits_and_taps(params, batch)
+  mask_n = batch.mask_bs.reshape(-1).astype(jnp.float32)
+  e = task.cfg.num_experts
+  out = {}
+  for layer, tap in taps.items():
+    u_nd = tap.router_in_bsd.reshape(-1, tap.router_in_bsd.shape[-1]).astype(jnp.float32)
+    ids_nk = tap.expert_bsk.reshape(u_nd.shape[0], -1)
+    lkey = jax.random.fold_in(key, layer)
+    noise_nd = jax.random.normal(lkey, u_nd.shape)
+    jac = [jnp.sum(mask_n * G.jaccard(ids_nk, _route_again(params, task, layer, u_nd + g * norms[layer] * noise_nd
+                                                           ).expert_nk, e)) for g in gammas]
+    other = _route_again(params, task, layer, u_nd, key=jax.random.fold_in(lkey, 1)).expert_nk
+    out[layer] = (jnp.stack(jac), jnp.sum(mask_n * G.jaccard(ids_nk, other, e)), jnp.sum(mask_n),
+                  jnp.sum(mask_n * jnp.linalg.norm(u_nd, axis=-1)))
+  return out
+
+
+_batch_stats_jit = jax.jit(_batch_stats, static_argnames=("task", "gammas"))
+
+
+def routing_stability(params, task: Task, batches: Sequence[Batch], *, gammas: Sequence[float] = GAMMAS,
+                      key=None) -> dict:
+  """{layer: {"gamma": [...], "jaccard": [...], "resample": float, "mean_norm": float}} (module docstring)."""
+  key = jax.random.key(0) if key is None else key
+  params = with_draw(params, jax.random.fold_in(key, 7), 0) if task.routing is not None else params
+  zeros = {l: jnp.zeros(()) for l in task.cfg.moe_layer_ids}
+  # pass 1: the mean router-input norm per layer (gamma 0 costs one routing)
+  first = [_batch_stats_jit(params, task=task, batch=b, gammas=(0.0,), norms=zeros, key=key) for b in batches]
+  norms = {l: sum(s[l][3] for s in first) / sum(s[l][2] for s in first) for l in first[0]}
+  sums = [_batch_stats_jit(params, task=task, batch=b, gammas=tuple(gammas), norms=norms, key=jax.random.fold_in(key, i))
+          for i, b in enumerate(batches)]
+  out = {}
+  for l in norms:
+    tokens = float(sum(s[l][2] for s in sums))
+    out[l] = {"gamma": list(gammas), "jaccard": [float(x) for x in np.asarray(sum(s[l][0] for s in sums)) / tokens],
+              "resample": float(sum(s[l][1] for s in sums)) / tokens, "mean_norm": float(norms[l])}
+  return out
+
+
+# --- cost -------------------------------------------------------------------------------------------------
+
+
+def router_flops(rc: R.RouterConfig, d: int, e: int, tokens_per_forward: int = 128) -> float:
+  """Extra FLOPs per token of router ``rc`` over the deterministic router (``2 d E``) at inference.
+  Elementwise work (noise, exp, softmax, top-k) is counted as one FLOP per element and operation."""
+  h = max(1, d // rc.hidden_ratio)
+  s = rc.inner_samples
+  mlp = lambda out: 2 * d * h + 2 * h * out
+  return {
+      "deterministic": 0.0,
+      "temperature": 3.0 * e,  # Gumbel noise, scaling, add
+      "mcdr": 3.0 * d,  # the mean of S masks is one Binomial draw: sample, mask, rescale
+      "swag": (rc.swag_rank + 4.0) * d * e / tokens_per_forward,  # one weight draw per forward
+      "ensemble": 0.0,
+      "mfvr": 2.0 * d * e + mlp(e) + s * 5.0 * e + e,
+      "fcvr": 2.0 * d * e + mlp(e * (e + 1) // 2) + s * (2.0 * e * e + 5.0 * e) + e,
+      "vtsr": mlp(e if rc.per_expert else 1) + 5.0 * e,
+  }[rc.kind]
+
+
+def forward_flops(cfg, seq: int = 128) -> float:
+  """FLOPs per token of the model's forward (matmuls; attention over ``seq`` causal positions, on average
+  ``(seq + 1) / 2`` keys per query; the LM head on every position)."""
+  d, c = cfg.hidden_size, cfg.head_dim
+  attn = 2 * d * c * (cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * cfg.num_heads * c * d
+  attn += 2 * 2 * cfg.num_heads * c * (seq + 1) / 2
+  total = 0.0
+  for i in range(cfg.num_layers):
+    if cfg.moe_layers[i]:
+      mlp = 2 * d * cfg.num_experts + cfg.num_experts_per_tok * 3 * 2 * d * cfg.moe_intermediate_size
+      if cfg.shared_expert_size:
+        mlp += 3 * 2 * d * cfg.shared_expert_size + (2 * d if cfg.shared_expert_gate else 0)
+    else:
+      mlp = 3 * 2 * d * cfg.intermediate_size
+    total += attn + mlp
+  return total + 2 * d * cfg.vocab_size
