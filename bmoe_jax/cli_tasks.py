@@ -173,20 +173,27 @@ def _routers(ec: EvalConfig, cfg) -> dict:
 
 
 def _posteriors(ec: EvalConfig, names) -> dict:
-  if not any(n == "bmoe" or n.startswith("bmoe+") for n in names):
-    return {}
+  from bmoe_jax.laplace import load_posterior
+  out = {}
+  for name in ("rt_laplace", "bmoe+rt_laplace"):
+    if name in names:
+      if not ec.router_posterior:
+        raise ValueError(f"method {name} needs --router-posterior DIR (bmoe fit --laplace-router "
+                         f"{'only' if name == 'rt_laplace' else 'with'}: RUN/posterior)")
+      out[name] = load_posterior(ec.router_posterior)
+  if not any(n == "bmoe" or (n.startswith("bmoe+") and n != "bmoe+rt_laplace") for n in names):
+    return out
   if not ec.posterior:
     raise ValueError(f"methods {[n for n in names if n.startswith('bmoe')]} need --posterior DIR (the output of "
                      "bmoe fit: RUN/posterior)")
   import json
   import warnings
 
-  from bmoe_jax.laplace import load_posterior
   meta = json.loads((Path(ec.posterior) / "posterior.json").read_text()).get("metadata", {})
   if meta.get("link", ec.link) != ec.link:
     warnings.warn(f"{ec.posterior}: its prior precision was chosen with link {meta['link']!r} and is evaluated with "
                   f"--link {ec.link!r}; pass the same --link to bmoe fit and bmoe evaluate")
-  return {"bmoe": load_posterior(ec.posterior)}
+  return {**out, "bmoe": load_posterior(ec.posterior)}
 
 
 def _members(ec: EvalConfig, names, params, cfg, mesh) -> dict:

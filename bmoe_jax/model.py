@@ -43,8 +43,8 @@ class ForwardOutput(NamedTuple):
 def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32,
                        blocks=None) -> dict[int, dict]:
   """Zero perturbation inputs: routed [b, s, k, d] and shared [b, s, d] per MoE layer, or only for
-  ``blocks`` ((layer, "routed" | "shared") pairs). Gradients then flow back only as far as the lowest
-  perturbed layer, so perturb only the layers you need."""
+  ``blocks`` ((layer, "routed" | "shared" | "router") pairs; the router's [b, s, E] is added to its logits).
+  Gradients then flow back only as far as the lowest perturbed layer, so perturb only the layers you need."""
   if blocks is None:
     blocks = [(i, kind) for i in cfg.moe_layer_ids
               for kind in (("routed", "shared") if cfg.shared_expert_size else ("routed",))]
@@ -52,6 +52,8 @@ def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32,
   for layer, kind in blocks:
     if kind == "routed":
       arr = jnp.zeros((batch, seq, cfg.num_experts_per_tok, cfg.hidden_size), dtype)
+    elif kind == "router":
+      arr = jnp.zeros((batch, seq, cfg.num_experts), jnp.float32)
     else:
       arr = jnp.zeros((batch, seq, cfg.hidden_size), dtype)
     out.setdefault(layer, {})[kind] = arr
@@ -67,9 +69,12 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
   x_nd = x_bsd.reshape(b * s, d)
   k = cfg.num_experts_per_tok
   aux_n = None
+  offset = None if perturb is None or "router" not in perturb else perturb["router"].reshape(b * s, -1)
   if router is None:
     routing = G.route(x_nd, p["router"]["kernel"], k, norm_topk_prob=cfg.norm_topk_prob, norm_eps=cfg.norm_topk_eps,
-                      scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring)
+                      scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring, logit_offset_ne=offset)
+  elif offset is not None:
+    raise ValueError("a router-logit perturbation (Laplace router block) needs the deterministic router in its layer")
   else:
     rc, rp, key, sample = router
     routing, aux_n = R.apply(rc, rp, R.RouterIn(x_nd, p["router"]["kernel"], key, sample, G.Gating.of(cfg), k,

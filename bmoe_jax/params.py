@@ -12,8 +12,12 @@ Layout (``torch [out, in]`` weights are stored transposed, ``[in, out]``; expert
                layers/i/mlp/shared/{w_gate, w_up, w_down}     layers/i/mlp/shared_gate/kernel [d,1]
 
 Bayesian blocks (``Block``) are read and written here, and only here: a layer's routed experts'
-down_proj ``[e, f, d]``, its shared expert's as ``[1, f_shared, d]``, or the LM head's answer rows as
-``[1, d, C]`` (kind ``"head"``, last-layer Laplace; layer = the number of layers).
+down_proj ``[e, f, d]``, its shared expert's as ``[1, f_shared, d]``, its router weight as ``[1, d, E]`` (kind
+``"router"``: the Laplace router, one more linear layer), or the LM head's answer rows as ``[1, d, C]``
+(kind ``"head"``, last-layer Laplace; layer = the number of layers).
+
+A parameter tree may carry one more top-level entry, ``"routing"``: the state of Bayesian routers
+(``bmoe_jax.routing.plan.attach``), read only by a forward given a routing plan.
 """
 
 from __future__ import annotations
@@ -124,12 +128,13 @@ def count_params(cfg: MoEConfig) -> dict[str, int]:
           "embedding": cfg.vocab_size * cfg.hidden_size}
 
 
-BLOCK_KINDS = ("routed", "shared", "head")
+BLOCK_KINDS = ("routed", "shared", "router", "head")
 
 
 class Block(NamedTuple):
   """One Bayesian set of weights: the routed experts' down_proj (``kind="routed"``), the shared expert's
-  (``"shared"``) of MoE layer ``layer``, or the LM head's answer rows (``"head"``).
+  (``"shared"``), the router weight (``"router"``) of MoE layer ``layer``, or the LM head's answer rows
+  (``"head"``).
   ``str(Block(3, "shared")) == "3.shared"``."""
   layer: int
   kind: str = "routed"
@@ -152,9 +157,12 @@ def as_block(key) -> Block:
 
 
 def block_dims(cfg: MoEConfig, blk: Block) -> tuple[int, int, int]:
-  """(experts, input width f, output width d) of an expert block's down_proj."""
+  """(experts, input width f, output width d) of an expert block's down_proj (the router: one "expert" from
+  the model width to the experts' logits)."""
   if blk.kind == "shared":
     return 1, cfg.shared_expert_size, cfg.hidden_size
+  if blk.kind == "router":
+    return 1, cfg.hidden_size, cfg.num_experts
   if blk.kind == "head":
     raise ValueError(f"block {blk}: the head's width is the number of classes; use head_rows")
   return cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
@@ -174,6 +182,10 @@ def read_block(params, key, class_ids=None) -> jax.Array:
       raise ValueError(f"block {blk}: reading the head's answer rows needs class_ids")
     return head_rows(params, class_ids)[None]
   mlp = params["layers"][blk.layer]["mlp"]
+  if blk.kind == "router":
+    if "router" not in mlp:
+      raise ValueError(f"block {blk}: layer {blk.layer} is not an MoE layer")
+    return mlp["router"]["kernel"][None]
   if blk.kind == "shared":
     if "shared" not in mlp:
       raise ValueError(f"block {blk}: MoE layer {blk.layer} has no shared expert")
@@ -189,7 +201,7 @@ def read_blocks(params, keys, class_ids=None) -> dict[Block, jax.Array]:
 
 
 def write_blocks(params, w_by_block: dict) -> dict[str, Any]:
-  """A shallow copy of ``params`` with the given expert blocks' down_proj (``[e, f, d]``) replaced."""
+  """A shallow copy of ``params`` with the given blocks' weights (``[e, f, d]``) replaced."""
   layers = list(params["layers"])
   for key, w in w_by_block.items():
     blk = as_block(key)
@@ -199,6 +211,8 @@ def write_blocks(params, w_by_block: dict) -> dict[str, Any]:
     mlp = dict(lp["mlp"])
     if blk.kind == "shared":
       mlp["shared"] = {**mlp["shared"], "w_down": w[0]}
+    elif blk.kind == "router":
+      mlp["router"] = {**mlp["router"], "kernel": w[0]}
     else:
       mlp["experts"] = {**mlp["experts"], "w_down": w}
     lp["mlp"] = mlp

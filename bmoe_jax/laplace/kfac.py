@@ -61,10 +61,14 @@ TOKEN_MODES = ("last", "expand", "reduce")
 def block_slots(taps, grads, blk: Block):
   """A block's slots from the forward taps and the (label-batched) perturbation gradients: down_proj
   inputs a [b, s, k, f], output gradients g [l, b, s, k, d] and expert ids [b, s, k] (the shared expert
-  is one slot per token, expert 0)."""
+  and the router are one slot per token, expert 0)."""
   tap = taps[blk.layer]
   if blk.kind == "routed":
     return tap.down_in_bskf, grads[blk.layer]["routed"], tap.expert_bsk
+  if blk.kind == "router":  # the router weight: inputs u, gradients of the logits, one "expert"
+    u_bsd = tap.router_in_bsd
+    return (u_bsd[:, :, None], grads[blk.layer]["router"][:, :, :, None],
+            jnp.zeros(u_bsd.shape[:2] + (1,), jnp.int32))
   a_bsf = tap.shared_in_bsf
   return (a_bsf[:, :, None], grads[blk.layer]["shared"][:, :, :, None],
           jnp.zeros(a_bsf.shape[:2] + (1,), jnp.int32))
@@ -77,10 +81,17 @@ class FactorSpec:
   tokens: str = "last"
   rank: int | None = None  # None: full factors; r: rank-r factors by incremental SVD
   shared: bool = False  # also the layers' shared experts (models with shared experts only)
+  router: bool = False  # also the layers' router weights (a Laplace router)
+  experts: bool = True  # the routed experts (False with router=True: a Laplace router alone)
+
+  def rank_of(self, blk: Block) -> int | None:
+    """The factor rank of a block: ``rank``, but full factors for a router (d x d and E x E, E small)."""
+    return None if blk.kind == "router" else self.rank
 
   @property
   def blocks(self) -> tuple[Block, ...]:
-    kinds = ("routed", "shared") if self.shared else ("routed",)
+    kinds = (("routed",) if self.experts else ()) + (("shared",) if self.shared else ()) + \
+        (("router",) if self.router else ())
     return tuple(Block(l, k) for l in self.layers for k in kinds)
 
   def __post_init__(self):
@@ -90,6 +101,8 @@ class FactorSpec:
       raise ValueError(f"tokens={self.tokens!r}: expected one of {TOKEN_MODES}")
     if self.rank is not None and self.rank < 1:
       raise ValueError(f"rank={self.rank}: expected a positive rank or None (full factors)")
+    if not (self.experts or self.shared or self.router):
+      raise ValueError("FactorSpec: no block chosen (experts, shared and router all False)")
 
 
 def select_layers(cfg: MoEConfig, which="all") -> tuple[int, ...]:
@@ -261,7 +274,7 @@ def init(cfg: MoEConfig, spec: FactorSpec, dtype=jnp.float32) -> FactorState:
   for blk in spec.blocks:
     e, f, d = block_dims(cfg, blk)
     rows = jnp.zeros((e,), jnp.int32)
-    if spec.rank is None:
+    if spec.rank_of(blk) is None:
       stats[blk] = LayerStats(jnp.zeros((e, f, f), dtype), jnp.zeros((e, d, d), dtype), rows)
       continue
     if spec.rank > min(f, d):
@@ -282,7 +295,7 @@ def update(state: FactorState, params, task: Task, batch: Batch, spec: FactorSpe
   for blk, (a, g, w, expert, valid) in rows.items():
     old = state.stats[blk]
     num_e = block_dims(cfg, blk)[0]
-    if spec.rank is None:
+    if spec.rank_of(blk) is None:
       stats[blk] = jax.tree.map(lambda s, n: s + n.astype(s.dtype), old, expert_sums(a, g, w, expert, valid, num_e))
       continue
     num_l = g.shape[0]
@@ -330,5 +343,5 @@ def finalize(state: FactorState) -> dict[Block, Factors]:
   out = {}
   for key, s in state.stats.items():
     blk = as_block(key)
-    out[blk] = eigen_factors(s, f"{blk} (MoE layer {blk.layer}, {blk.kind} experts)")
+    out[blk] = eigen_factors(s, f"{blk} (MoE layer {blk.layer}, {blk.kind})")
   return out

@@ -83,6 +83,7 @@ class DataConfig:
 class FitConfig:
   bayes_layers: str = "all"  # all | Q1..Q4 | comma-separated MoE layer ids
   shared: bool = False  # also the shared experts
+  laplace_router: str = "off"  # off | with (experts and router weights) | only (router weights: a Laplace router)
   labels: str = "exact"  # exact | mc | empirical
   tokens: str = "last"  # last | expand | reduce
   rank: int | None = None  # low-rank factors (None: full)
@@ -99,6 +100,7 @@ class FitConfig:
     _choice("prior", self.prior, PRIOR_MODES + ("grid",))
     _choice("prior_mean", self.prior_mean, PRIOR_MEANS)
     _choice("link", self.link, LINKS)
+    _choice("laplace_router", self.laplace_router, ("off", "with", "only"))
     if self.rank == 0:  # 0 on the command line: full factors
       object.__setattr__(self, "rank", None)
     if self.prior_mean == "map" and self.prior != "grid":
@@ -129,6 +131,7 @@ class EvalConfig:
   ci: bool = False  # bootstrap 95% intervals
   link: str = DEFAULT_LINK  # probit_pairwise | probit (laplace-torch) | mc: E softmax of Gaussian logits
   routers: tuple[str, ...] = ()  # bmoe route-train output directories (methods rt_mcdr, rt_mfvr, ..., bmoe+rt_*)
+  router_posterior: str | None = None  # posterior directory of bmoe fit --laplace-router only (method rt_laplace)
   route_samples: int = 8  # forward draws of a stochastic router's predictive (an ensemble router: its members)
   temp_layers: str = "last:1"  # rt_temp: MoE layers that sample (last:N or comma-separated ids)
   sample_temperature: float = 0.3  # rt_temp: T of the sampling distribution softmax(l / T)

@@ -85,6 +85,8 @@ BAYESIAN_MOE = ("bmoe", "bmoe_ml", "bmoe_fixed")  # grid / evidence / fixed prio
 ROUTER_METHODS = {"rt_temp": "temperature", "rt_mcdr": "mcdr", "rt_swag": "swag", "rt_der": "ensemble",
                   "rt_mfvr": "mfvr", "rt_fcvr": "fcvr", "rt_vtsr": "vtsr"}
 COMBINED = tuple(f"bmoe+{m}" for m in ROUTER_METHODS)
+LAPLACE_ROUTER = "rt_laplace"  # sampled router weights of a router-only posterior (ctx.posteriors["rt_laplace"])
+JOINT = "bmoe+rt_laplace"  # the closed-form predictive of one posterior over experts and router weights
 
 
 def router_task(ctx: Context, cfg, method: str):
@@ -125,11 +127,32 @@ def _combined(name: str):
     return method, {"plan": task.routing.to_dict(), "draws": num_draws(task, cfg.route_samples)}
   return build
 
+def _laplace_router(ctx: Context, cfg):
+  from bmoe_jax.routing.predict import laplace_router_method
+  post = _need(ctx.posteriors.get(LAPLACE_ROUTER), "a router posterior (--router-posterior: bmoe fit "
+               "--laplace-router only)", LAPLACE_ROUTER)
+  if any(b.kind != "router" for b in post.factors):
+    raise ValueError(f"{LAPLACE_ROUTER}: the posterior holds non-router blocks {[str(b) for b in post.factors]}; fit "
+                     "it with --laplace-router only")
+  return laplace_router_method(post, ctx.params, ctx.task, num_samples=cfg.route_samples,
+                               key=jax.random.key(ctx.seed)), {"draws": cfg.route_samples}
+
+
+def _joint(ctx: Context, cfg):
+  post = _need(ctx.posteriors.get(JOINT), "a posterior over experts and router weights (--router-posterior: bmoe "
+               "fit --laplace-router with)", JOINT)
+  kinds = {b.kind for b in post.factors}
+  if "router" not in kinds or kinds == {"router"}:
+    raise ValueError(f"{JOINT}: the posterior's blocks are {sorted(kinds)}; fit it with --laplace-router with")
+  return BL.bayesian_moe(post, ctx.params, ctx.task, link=ctx.link), {"blocks": [str(b) for b in post.factors]}
+
+
 REGISTRY: dict[str, Callable] = {
     "pretrained": _pretrained, "map": _map, "ts": _ts, "mc_dropout": _mc_dropout, "llla": _llla,
     "ensemble": _ensemble("ensemble", True), "ckpt_ensemble": _ensemble("ckpt_ensemble", False),
     **{name: None for name in BAYESIAN_MOE},  # built together (bayesian_moe_variants)
     **{name: _router_method(name) for name in ROUTER_METHODS}, **{name: _combined(name) for name in COMBINED},
+    LAPLACE_ROUTER: _laplace_router, JOINT: _joint,
 }
 METHODS = tuple(REGISTRY)
 

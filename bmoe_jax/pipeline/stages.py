@@ -99,7 +99,8 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
                      "pass --pretrained DIR (the model before fine-tuning), or choose --prior-mean zero, or "
                      "--prior-mean map with --prior grid")
   spec = LA.FactorSpec(layers=LA.kfac.select_layers(task.cfg, fc.layers()), labels=fc.labels, tokens=fc.tokens,
-                       rank=fc.rank, shared=fc.shared)
+                       rank=fc.rank, shared=fc.shared, router=fc.laplace_router != "off",
+                       experts=fc.laplace_router != "only")
   state = LA.fit_factors(params, task, batches["train"], spec, key=jax.random.key(seed),
                          checkpoint_dir=Path(out) / "factors", total=len(batches["train"]), progress=progress,
                          mesh=mesh)

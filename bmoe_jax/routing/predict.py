@@ -3,6 +3,8 @@
 * ``routed_probs``: the mean of S sampled forwards' class probabilities, ``(1/S) sum_s softmax(f(x; draw s))``;
   draw s uses key ``fold_in(key, s)`` and sample index s (ensemble member s mod M). One compiled program
   (``jax.lax.map`` over the draws, the task static) serves every draw, batch shape and router state.
+* ``laplace_router_method``: the Laplace router (``Block(l, "router")`` posteriors): S router weights drawn from
+  the posterior, full forwards (the selection re-routes), mean softmax (the thesis drew 10).
 * ``routed_bayesian_moe``: per routing draw s, the linearised Laplace predictive of the experts **that draw
   selected** (``laplace.predictive.jacobian_stats`` under the sampled routing: ``f_s`` and
   ``Sigma_f,s = sum_e J_e,s Sigma_e J_e,s^T``), turned into class probabilities by the link, then averaged
@@ -68,3 +70,18 @@ def routed_bayesian_moe(post, params, task: Task, *, num_samples: int = 8, key=N
                                   mc_samples)
     return total / keys.shape[0]
   return run
+
+
+def _sampled_probs(post, params, task: Task, batch: Batch, key, num_samples: int):
+  from bmoe_jax.laplace import predictive as PR
+  return jnp.mean(jax.nn.softmax(PR.nn_samples(params, task, batch, post, key, num_samples), axis=-1), axis=0)
+
+
+_sampled_probs_jit = jax.jit(_sampled_probs, static_argnames=("task", "num_samples"))
+
+
+def laplace_router_method(post, params, task: Task, *, num_samples: int = 8, key=None) -> Callable[[Batch], jax.Array]:
+  """The Method of a Laplace router: the mean softmax of ``num_samples`` forwards with router weights (every
+  block of ``post``) drawn from the posterior."""
+  key = jax.random.key(0) if key is None else key
+  return lambda batch: _sampled_probs_jit(post, params, batch=batch, task=task, key=key, num_samples=num_samples)

@@ -1,0 +1,160 @@
+"""Bayesian routers on the carved SmolLM2 testbed (issue 16, arXiv 2509.23830), alone and combined with
+Bayesian-MoE's expert posterior.
+
+Reloads finished ``bmoe demo`` runs (``experiments/demo_seeds.py``: carving redone from the seed, the MAP
+fine-tuning, factors and grid posterior read from the run's checkpoints; nothing of them is retrained), then per
+run and per layer set (``--layers``: ``last:1`` = the top carved layer, as the thesis' single-layer runs;
+``last:4`` = every carved layer, trained top-down):
+
+1. trains every router kind on the run's training set (``bmoe route-train``'s stage, resumable under ``--work``);
+   the carved router (least squares on the experts' output norms, then frozen while the experts were
+   fine-tuned) is the deterministic MAP router underneath;
+2. evaluates MAP, temperature scaling, Bayesian-MoE and every router (``rt_*``) and the combinations
+   ``bmoe+rt_*`` on the in-distribution test set and the shift sets (``bmoe evaluate``'s stage: ACC, NLL,
+   ECE 15 / 10 bins, MCE, Brier, OOD AUROC/AUPRC by predictive entropy);
+3. measures routing stability (Jaccard of top-k sets under input noise, thesis gamma grid) on the first
+   ``--stability-batches`` in-distribution batches, and the time of one batch relative to MAP's (compiled,
+   median of ``--time-reps``); the analytic FLOPs per token come from the config.
+
+  JAX_COMPILATION_CACHE_DIR=runs/xla_cache .venv/bin/python experiments/routing_carved.py \\
+      --runs runs/seeds_arce/s0,runs/seeds_arce/s1,runs/seeds_arce/s2 --work runs/routing_arce \\
+      --out experiments/results/routing_arce
+
+Writes OUT/results.json (per run, and the aggregate) and OUT/results.md (``routing_report.py``), OUT/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bmoe_jax import laplace as LA  # noqa: E402
+from bmoe_jax.pipeline import stages as ST  # noqa: E402
+from bmoe_jax.pipeline.configs import EvalConfig  # noqa: E402
+from bmoe_jax.pipeline.methods import ROUTER_METHODS, Context, build_methods, router_task  # noqa: E402
+from bmoe_jax.routing import RouterConfig  # noqa: E402
+from bmoe_jax.routing import stability as STB  # noqa: E402
+from bmoe_jax.routing.io import load_routers  # noqa: E402
+from bmoe_jax.routing.train import RouteTrainConfig  # noqa: E402
+from experiments.link_compare import restore  # noqa: E402
+
+KIND_OF = {m[3:]: kind for m, kind in ROUTER_METHODS.items()}  # temp -> temperature, der -> ensemble, ...
+
+
+def trained_routers(ft, task, data, kinds, layers: str, args, work: Path, seed: int) -> dict:
+  """{kind: (plan, router params)} for every trainable kind in ``kinds`` (resumed / reloaded from ``work``)."""
+  out = {}
+  for short in kinds:
+    kind = KIND_OF[short]
+    if kind == "temperature":
+      continue
+    d = work / f"{short}_{layers.replace(':', '')}"
+    if not (d / "routers" / "routing.json").exists():
+      rc = RouterConfig(kind=kind, router_members=args.members)
+      rtc = RouteTrainConfig(route_layers=layers, route_epochs=args.epochs, route_lr=args.lr, seed=seed)
+      t0 = time.perf_counter()
+      ST.route_train(ft, task, data, rc, rtc, d, model="restored demo run", progress=False)
+      print(f"  trained {short} ({layers}) in {time.perf_counter() - t0:.0f} s", flush=True)
+    plan, rparams, meta = load_routers(d / "routers", task.cfg)
+    out[kind] = (plan, rparams)
+  return out
+
+
+def time_methods(methods: dict, batch, reps: int) -> dict:
+  """Median seconds of one (compiled) call per method on ``batch``."""
+  out = {}
+  for name, method in methods.items():
+    np.asarray(method(batch))
+    ts = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      np.asarray(method(batch))
+      ts.append(time.perf_counter() - t)
+    out[name] = float(np.median(ts))
+  return out
+
+
+def stability(ctx, ec, names, batches) -> dict:
+  """{method: {layer: stability}} of the deterministic router ("map") and every router method."""
+  out = {"map": STB.routing_stability(ctx.params, ctx.task, batches)}
+  for name in names:
+    task, params = router_task(ctx, ec, name)
+    out[name] = STB.routing_stability(params, task, batches)
+  return {m: {str(l): v for l, v in per.items()} for m, per in out.items()}
+
+
+def one_layer_set(ft, task, data, keys, post, layers: str, args, work: Path, seed: int, first: bool) -> dict:
+  kinds = args.routers.split(",")
+  routers = trained_routers(ft, task, data, kinds, layers, args, work, seed)
+  names = [f"rt_{k}" for k in kinds]
+  combined = [f"bmoe+rt_{k}" for k in args.combined.split(",") if k]
+  methods = (["map", "ts", "bmoe"] if first else []) + names + combined
+  ec = EvalConfig(methods=tuple(methods), route_samples=args.samples, temp_layers=layers,
+                  sample_temperature=args.temperature)
+  ctx = Context(ft, task, val=data["val"], posteriors={"bmoe": post}, routers=routers, seed=seed)
+  t0 = time.perf_counter()
+  results, info = ST.evaluate(ctx, {k: data[k] for k in keys}, ec, work / f"eval_{layers.replace(':', '')}",
+                              in_distribution=keys[0], progress=False)
+  print(f"  evaluated {len(methods)} methods ({layers}) in {time.perf_counter() - t0:.0f} s", flush=True)
+  built, _ = build_methods(["map"] + names + combined, ctx, ec)
+  times = time_methods(built, data[keys[0]][0], args.time_reps)
+  stab = stability(ctx, ec, names, data[keys[0]][:args.stability_batches])
+  flops = {n: sum(STB.router_flops(rc, task.cfg.hidden_size, task.cfg.num_experts)
+                  for _, rc in router_task(ctx, ec, n)[0].routing.layers) for n in names}
+  return {"results": results["methods"], "info": info, "seconds_per_batch": times, "stability": stab,
+          "router_flops_per_token": flops, "forward_flops_per_token": STB.forward_flops(task.cfg)}
+
+
+def one_run(run: Path, args) -> dict:
+  t0 = time.perf_counter()
+  cfg, ft, task, data, _, _ = restore(run)
+  seed = cfg.run.seed
+  post = LA.load_posterior(run / "posterior")
+  work = Path(args.work) / run.name
+  keys = ST.eval_keys(cfg.data)
+  out = {"run": str(run), "seed": seed, "in_distribution": keys[0], "layers": {}}
+  for i, layers in enumerate(args.layers):
+    out["layers"][layers] = one_layer_set(ft, task, data, keys, post, layers, args, work, seed, first=i == 0)
+  out["seconds"] = time.perf_counter() - t0
+  return out
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--runs", required=True, help="comma-separated finished bmoe demo output directories")
+  ap.add_argument("--work", required=True, help="router checkpoints and per-run evaluations (not committed)")
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--layers", nargs="+", default=["last:1"], help="layer sets (last:N or comma-separated ids)")
+  ap.add_argument("--routers", default="temp,mcdr,swag,der,mfvr,fcvr,vtsr")
+  ap.add_argument("--combined", default="temp,mfvr,vtsr", help="routers also combined with bmoe's posterior")
+  ap.add_argument("--samples", type=int, default=8, help="forward draws of a stochastic router's predictive")
+  ap.add_argument("--temperature", type=float, default=0.3, help="rt_temp's T (thesis default)")
+  ap.add_argument("--epochs", type=int, default=5)
+  ap.add_argument("--lr", type=float, default=1e-3)
+  ap.add_argument("--members", type=int, default=4, help="DER routers")
+  ap.add_argument("--stability-batches", type=int, default=10)
+  ap.add_argument("--time-reps", type=int, default=5)
+  args = ap.parse_args(argv)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  runs = []
+  for run in args.runs.split(","):
+    print(f"run {run}", flush=True)
+    runs.append(one_run(Path(run), args))
+    (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs},
+                                                 indent=2, default=float))
+  from experiments.routing_report import write_report
+  write_report(out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,126 @@
+"""Tables and plots of ``experiments/routing_carved.py``'s results.json: mean over runs (seeds) with a 95%
+t-interval over seeds, per layer set. ``python experiments/routing_report.py OUT`` rewrites OUT/results.md and
+OUT/*.png from OUT/results.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.demo_seeds import t_interval  # noqa: E402
+
+CALIB = ("acc", "nll", "ece", "ece10", "mce", "brier")
+
+
+def _cell(vals, digits=3) -> str:
+  m, lo, hi = t_interval(vals)
+  return f"{m:.{digits}f}" if len(vals) < 2 else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _short(ds: str) -> str:
+  return ds.split("_test")[0] + (" (4 subj.)" if ds.startswith("mmlu") else "")
+
+
+def calibration_table(runs, layers, ind) -> list[str]:
+  res = [r["layers"][layers]["results"] for r in runs]
+  methods = list(res[0])
+  lines = [f"| method | " + " | ".join(k.upper() for k in CALIB) + " |", "|---|" + "---:|" * len(CALIB)]
+  for m in methods:
+    lines.append(f"| {m} | " + " | ".join(_cell([x[m][ind][k] for x in res]) for k in CALIB) + " |")
+  return lines
+
+
+def shift_table(runs, layers, ind) -> list[str]:
+  res = [r["layers"][layers]["results"] for r in runs]
+  methods = list(res[0])
+  shifts = [d for d in res[0][methods[0]] if d != ind]
+  lines = ["| method | " + " | ".join(f"{_short(d)} ACC / NLL" for d in shifts) + " | "
+           + " | ".join(f"{_short(d)} AUROC" for d in shifts) + " |", "|---|" + "---:|" * (2 * len(shifts))]
+  for m in methods:
+    acc = [f"{np.mean([x[m][d]['acc'] for x in res]):.3f} / {np.mean([x[m][d]['nll'] for x in res]):.3f}"
+           for d in shifts]
+    auc = [_cell([x[m][d]["ood"]["auroc"] for x in res]) for d in shifts]
+    lines.append(f"| {m} | " + " | ".join(acc + auc) + " |")
+  return lines
+
+
+def stability_rows(runs, layers) -> tuple[list[str], dict]:
+  """Mean Jaccard over the router's layers (the plan's layers; map: the same layers) per gamma."""
+  stab = [r["layers"][layers]["stability"] for r in runs]
+  some = next(m for m in stab[0] if m != "map")
+  plan_layers = list(stab[0][some])
+  gammas = stab[0]["map"][plan_layers[0]]["gamma"]
+  curves = {}
+  lines = ["| method | " + " | ".join(f"γ={g:g}" for g in gammas) + " | resample |", "|---|" + "---:|" * (len(gammas) + 1)]
+  for m in stab[0]:
+    per_run = [np.mean([s[m][l]["jaccard"] for l in plan_layers], axis=0) for s in stab]
+    res = [np.mean([s[m][l]["resample"] for l in plan_layers]) for s in stab]
+    curves[m] = (gammas, np.mean(per_run, axis=0))
+    lines.append(f"| {m} | " + " | ".join(_cell([p[i] for p in per_run]) for i in range(len(gammas)))
+                 + f" | {_cell(res)} |")
+  return lines, curves
+
+
+def cost_table(runs, layers) -> list[str]:
+  one = runs[0]["layers"][layers]
+  fwd = one["forward_flops_per_token"]
+  draws = {m: i.get("draws", 1) for m, i in one["info"].items()}
+  t = [r["layers"][layers]["seconds_per_batch"] for r in runs]
+  lines = ["| method | router FLOPs / token | % of a forward | forward draws per prediction | "
+           "time per batch / MAP's (measured) |", "|---|---:|---:|---:|---:|"]
+  for m in t[0]:
+    f = one["router_flops_per_token"].get(m, 0.0)
+    ratio = [x[m] / x["map"] for x in t]
+    lines.append(f"| {m} | {f:,.0f} | {100 * f / fwd:.3f}% | {draws.get(m, 1)} | {_cell(ratio, 2)} |")
+  lines += ["", f"Forward FLOPs per token (sequence 128): {fwd:,.0f}."]
+  return lines
+
+
+def plot_stability(curves: dict, path: Path, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for m, (g, j) in curves.items():
+    ax.plot(g, j, marker="o", label=m, lw=2.5 if m == "map" else 1.2)
+  ax.set_xscale("log")
+  ax.set_xlabel("noise γ (σ = γ · mean ‖u‖)")
+  ax.set_ylabel("mean Jaccard of top-k sets")
+  ax.set_title(title)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_report(out: Path) -> Path:
+  out = Path(out)
+  d = json.loads((out / "results.json").read_text())
+  runs = d["runs"]
+  ind = runs[0]["in_distribution"]
+  lines = ["# Bayesian routers on the carved SmolLM2 testbed", "",
+           f"`{d['command']}`", "",
+           f"{len(runs)} run(s) (seeds {[r['seed'] for r in runs]}); mean with a 95% t-interval over seeds. "
+           f"In-distribution: {ind}; ECE with 15 and 10 bins.", ""]
+  for layers in runs[0]["layers"]:
+    lines += [f"## Routers in layers `{layers}`", "", f"### In-distribution calibration ({_short(ind)})", ""]
+    lines += calibration_table(runs, layers, ind)
+    lines += ["", "### Under shift: accuracy / NLL, and OOD detection by predictive entropy (AUROC)", ""]
+    lines += shift_table(runs, layers, ind)
+    stab, curves = stability_rows(runs, layers)
+    lines += ["", "### Routing stability (mean Jaccard of the top-k sets over the routed layers; input noise with "
+              "common random numbers; resample: two independent draws on the same input)", ""] + stab
+    plot_stability(curves, out / f"stability_{layers.replace(':', '')}.png", f"routers in {layers}")
+    lines += ["", f"![stability](stability_{layers.replace(':', '')}.png)", "", "### Cost", ""]
+    lines += cost_table(runs, layers) + [""]
+  (out / "results.md").write_text("\n".join(lines) + "\n")
+  return out / "results.md"
+
+
+if __name__ == "__main__":
+  print(write_report(Path(sys.argv[1])).read_text())
