@@ -234,15 +234,17 @@ def class_probs(f_mean_bc, f_cov_bcc, link: str = DEFAULT_LINK, key: jax.Array |
 
 
 def prefix_states(params, task: Task, batches: Sequence[Batch], start: int, progress: bool = True) -> list:
-  """Each batch's input states of layer ``start`` (the frozen prefix run once)."""
+  """Each batch's input states of layer ``start`` (the frozen prefix run once; from the batches' own cached
+  states when the task already starts at a lower layer)."""
   from tqdm.auto import tqdm
 
   from bmoe_jax.model import prefix_states as model_prefix
 
-  if task.start_layer:
-    raise ValueError(f"the task already starts at layer {task.start_layer}: cache from full batches")
+  if start < task.start_layer:
+    raise ValueError(f"the task starts at layer {task.start_layer}: cannot cache the lower layer {start}")
   cfg = task.cfg
-  fn = jax.jit(lambda p, b: model_prefix(p, cfg, b.tokens_bs, b.mask_bs, stop_layer=start, **layout_kw(b)))
+  plain = dataclasses.replace(task, routing=None)
+  fn = jax.jit(lambda p, b: model_prefix(p, cfg, b.tokens_bs, b.mask_bs, stop_layer=start, **plain.forward_kw(b)))
   states = [fn(params, b) for b in tqdm(batches, desc=f"cache layers <{start}", disable=not progress, leave=False)]
   return jax.block_until_ready(states)  # done here, not queued ahead of the next stage's work
 
@@ -250,9 +252,10 @@ def prefix_states(params, task: Task, batches: Sequence[Batch], start: int, prog
 def with_prefix(params, task: Task, batch_lists: Sequence[Sequence[Batch]], start: int,
                 progress: bool = True) -> tuple[Task, tuple[list[Batch], ...]]:
   """(task starting at layer ``start``, the batch lists with their layer-``start`` inputs attached).
-  ``start=0`` returns everything unchanged. Every call on the results then skips layers < start, which
+  ``start=0`` (or the task's own start) returns everything unchanged; a task that already starts at a lower
+  layer caches from its batches' states. Every call on the results then skips layers < start, which
   must be frozen (the cache holds ``params``' prefix)."""
-  if not start:
+  if start == task.start_layer:
     return task, tuple(list(bl) for bl in batch_lists)
   out = tuple([b._replace(states_bsd=s) for b, s in zip(bl, prefix_states(params, task, bl, start, progress))]
               for bl in batch_lists)

@@ -49,7 +49,8 @@ def load_config(run: Path) -> DemoConfig:
 
 
 def restore(run: Path):
-  """(cfg, fine-tuned params, task, data, base posterior, evidence posterior) of a finished demo run."""
+  """(cfg, fine-tuned params, task, data, base posterior, evidence posterior, pretrained params) of a finished
+  demo run."""
   cfg = load_config(run)
   _, (mcfg, mparams), tok, _ = _upcycled(cfg, True, None)
   data, task, _ = ST.load_data(cfg.data, tok, mcfg, ("train", "val", "eval"), cfg.run.seed)
@@ -59,7 +60,7 @@ def restore(run: Path):
                    pretrained=mparams).params
   posts, _ = ST.fit(ft, task, data, dataclasses.replace(cfg.fit, prior="layer"), run, pretrained=mparams,
                     seed=cfg.run.seed, wanted=("bmoe_fixed", "bmoe_ml"))
-  return cfg, ft, task, data, posts["bmoe_fixed"], posts["bmoe_ml"]
+  return cfg, ft, task, data, posts["bmoe_fixed"], posts["bmoe_ml"], mparams
 
 
 def set_stats(ft, task, batches, post):
@@ -84,7 +85,7 @@ def probs_at(stats, post, log_prec, link: str):
 
 def one_run(run: Path) -> dict:
   t0 = time.perf_counter()
-  cfg, ft, task, data, base, evid = restore(run)
+  cfg, ft, task, data, base, evid, _ = restore(run)
   keys = ST.eval_keys(cfg.data)
   stats = {"val": set_stats(ft, task, data["val"], base), **{k: set_stats(ft, task, data[k], base) for k in keys}}
   num_e = {l: w.shape[0] for l, w in base.w_map.items()}

@@ -51,8 +51,11 @@ KIND_OF = {m[3:]: kind for m, kind in ROUTER_METHODS.items()}  # temp -> tempera
 
 
 def trained_routers(ft, task, data, kinds, layers: str, args, work: Path, seed: int) -> dict:
-  """{kind: (plan, router params)} for every trainable kind in ``kinds`` (resumed / reloaded from ``work``)."""
+  """{kind: (plan, router params)} for every trainable kind in ``kinds`` (resumed / reloaded from ``work``),
+  trained on the training batches re-cached at the lowest router layer (nothing below it trains)."""
+  from bmoe_jax.routing.train import parse_layers
   out = {}
+  task, data = ST.cache_prefix(ft, task, {"train": data["train"]}, min(parse_layers(task.cfg, layers)), False)
   for short in kinds:
     kind = KIND_OF[short]
     if kind == "temperature":
@@ -92,20 +95,39 @@ def stability(ctx, ec, names, batches) -> dict:
   return {m: {str(l): v for l, v in per.items()} for m, per in out.items()}
 
 
-def one_layer_set(ft, task, data, keys, post, layers: str, args, work: Path, seed: int, first: bool) -> dict:
+def laplace_posteriors(ft, task, data, layers: str, work: Path, seed: int, pretrained) -> dict:
+  """The Laplace router (router weights of ``layers``) and the joint posterior (every expert and router of
+  the carved layers), each with the evidence's prior precision per block (``bmoe fit``'s stage, resumable)."""
+  from bmoe_jax.pipeline.configs import FitConfig
+  from bmoe_jax.routing.train import parse_layers
+  ids = ",".join(str(l) for l in sorted(parse_layers(task.cfg, layers)))
+  only = FitConfig(bayes_layers=ids, laplace_router="only", prior="layer", prior_mean="zero")
+  joint = FitConfig(bayes_layers="all", laplace_router="with", prior="layer", rank=10, prior_mean="pretrained")
+  out = {}
+  for name, fc in (("rt_laplace", only), ("bmoe+rt_laplace", joint)):
+    d = work / f"{name.replace('+', '_')}_{layers.replace(':', '')}"
+    posts, _ = ST.fit(ft, task, data, fc, d, pretrained=pretrained, seed=seed, progress=False)
+    out[name] = posts["bmoe"]
+  return out
+
+
+def one_layer_set(ft, task, data, keys, posts, layers: str, args, work: Path, seed: int, first: bool) -> dict:
   kinds = args.routers.split(",")
   routers = trained_routers(ft, task, data, kinds, layers, args, work, seed)
   names = [f"rt_{k}" for k in kinds]
   combined = [f"bmoe+rt_{k}" for k in args.combined.split(",") if k]
-  methods = (["map", "ts", "bmoe"] if first else []) + names + combined
+  laplace = [] if args.no_laplace else ["rt_laplace", "bmoe+rt_laplace"]
+  if laplace:
+    posts = {**posts, **laplace_posteriors(ft, task, data, layers, work, seed, args.pretrained)}
+  methods = (["map", "ts", "bmoe", "bmoe_ml"] if first else []) + names + laplace + combined
   ec = EvalConfig(methods=tuple(methods), route_samples=args.samples, temp_layers=layers,
                   sample_temperature=args.temperature)
-  ctx = Context(ft, task, val=data["val"], posteriors={"bmoe": post}, routers=routers, seed=seed)
+  ctx = Context(ft, task, val=data["val"], posteriors=posts, routers=routers, seed=seed)
   t0 = time.perf_counter()
   results, info = ST.evaluate(ctx, {k: data[k] for k in keys}, ec, work / f"eval_{layers.replace(':', '')}",
                               in_distribution=keys[0], progress=False)
   print(f"  evaluated {len(methods)} methods ({layers}) in {time.perf_counter() - t0:.0f} s", flush=True)
-  built, _ = build_methods(["map"] + names + combined, ctx, ec)
+  built, _ = build_methods(["map", "bmoe"] + names + laplace + combined, ctx, ec)
   times = time_methods(built, data[keys[0]][0], args.time_reps)
   stab = stability(ctx, ec, names, data[keys[0]][:args.stability_batches])
   flops = {n: sum(STB.router_flops(rc, task.cfg.hidden_size, task.cfg.num_experts)
@@ -116,14 +138,14 @@ def one_layer_set(ft, task, data, keys, post, layers: str, args, work: Path, see
 
 def one_run(run: Path, args) -> dict:
   t0 = time.perf_counter()
-  cfg, ft, task, data, _, _ = restore(run)
+  cfg, ft, task, data, _, evid, args.pretrained = restore(run)
   seed = cfg.run.seed
-  post = LA.load_posterior(run / "posterior")
+  posts = {"bmoe": LA.load_posterior(run / "posterior"), "bmoe_ml": evid}
   work = Path(args.work) / run.name
   keys = ST.eval_keys(cfg.data)
   out = {"run": str(run), "seed": seed, "in_distribution": keys[0], "layers": {}}
   for i, layers in enumerate(args.layers):
-    out["layers"][layers] = one_layer_set(ft, task, data, keys, post, layers, args, work, seed, first=i == 0)
+    out["layers"][layers] = one_layer_set(ft, task, data, keys, posts, layers, args, work, seed, first=i == 0)
   out["seconds"] = time.perf_counter() - t0
   return out
 
@@ -136,13 +158,14 @@ def main(argv=None) -> None:
   ap.add_argument("--layers", nargs="+", default=["last:1"], help="layer sets (last:N or comma-separated ids)")
   ap.add_argument("--routers", default="temp,mcdr,swag,der,mfvr,fcvr,vtsr")
   ap.add_argument("--combined", default="temp,mfvr,vtsr", help="routers also combined with bmoe's posterior")
-  ap.add_argument("--samples", type=int, default=8, help="forward draws of a stochastic router's predictive")
+  ap.add_argument("--samples", type=int, default=4, help="forward draws of a stochastic router's predictive")
   ap.add_argument("--temperature", type=float, default=0.3, help="rt_temp's T (thesis default)")
-  ap.add_argument("--epochs", type=int, default=5)
+  ap.add_argument("--epochs", type=int, default=3)
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--members", type=int, default=4, help="DER routers")
   ap.add_argument("--stability-batches", type=int, default=10)
   ap.add_argument("--time-reps", type=int, default=5)
+  ap.add_argument("--no-laplace", action="store_true", help="skip the Laplace router and the joint posterior")
   args = ap.parse_args(argv)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

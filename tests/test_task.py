@@ -55,8 +55,11 @@ def test_cached_prefix_changes_nothing_and_mismatches_are_refused(model):
     task.logits(params, cached[0])
   with pytest.raises(ValueError, match="carries no cached states"):
     fast.logits(params, batches[0])
-  with pytest.raises(ValueError, match="already starts at layer 1"):
-    with_prefix(params, fast, [batches], 1)
+  higher, (top,) = with_prefix(params, fast, [cached], 2, progress=False)  # re-cached from the cached states
+  assert higher.start_layer == 2
+  np.testing.assert_allclose(higher.logits(params, top[0]), task.logits(params, batches[0]), atol=1e-5)
+  with pytest.raises(ValueError, match="cannot cache the lower layer 0"):
+    with_prefix(params, higher, [top], 0)
   other = {**params, "layers": [params["layers"][0], {}]}  # only the prefix is compared
   assert same_prefix(params, other, 1) and not same_prefix(params, B.init_params(cfg, jax.random.key(4)), 1)
 

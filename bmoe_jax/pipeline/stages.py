@@ -139,7 +139,13 @@ def grid_edge(nll) -> str | None:
 
 
 def _prior_mean(fc: FitConfig, pretrained, factors):
-  return read_blocks(pretrained, factors) if fc.prior_mean == "pretrained" else fc.prior_mean
+  """The prior mean of every block: ``fc.prior_mean``, except that router blocks (the Laplace router) are
+  centred at zero when the experts are centred at the pretrained weights: routers are usually frozen in
+  fine-tuning, so the pretrained router is the MAP one and an evidence centred there grows without bound."""
+  if fc.prior_mean != "pretrained":
+    return fc.prior_mean
+  mean = read_blocks(pretrained, factors)
+  return {b: jax.numpy.zeros_like(w) if b.kind == "router" else w for b, w in mean.items()}
 
 
 def route_train(params, task: Task, batches: dict, rc, rtc, out: str | Path, *, model: str | None = None,

@@ -75,3 +75,16 @@ def test_sampled_router_weights_reroute():
   base = np.asarray(fwd(params))
   moved = [np.mean(np.asarray(fwd(p)) != base) for p in P.sample_weights(post, params, jax.random.key(0), 4)]
   assert max(moved) > 0.05  # a broad posterior over W_r changes expert choices
+
+
+def test_fit_centres_router_blocks_at_zero_when_experts_are_centred_at_the_pretrained_weights():
+  from bmoe_jax.pipeline.configs import FitConfig
+  from bmoe_jax.pipeline.stages import _prior_mean
+  cfg, params = _model()
+  blocks = {Block(1): None, Block(1, "router"): None}
+  mean = _prior_mean(FitConfig(prior_mean="pretrained"), params, blocks)
+  np.testing.assert_array_equal(mean[Block(1, "router")], 0.0)
+  np.testing.assert_array_equal(mean[Block(1)], read_block(params, Block(1)))
+  assert _prior_mean(FitConfig(prior_mean="zero"), params, blocks) == "zero"
+  with pytest.raises(ValueError, match="no block chosen"):
+    FactorSpec(layers=(1,), experts=False)
