@@ -1,4 +1,5 @@
-"""``bmoe finetune``, ``bmoe fit``, ``bmoe route-train`` and ``bmoe evaluate``: flags generated from the stages' configs (plus
+"""``bmoe finetune``, ``bmoe fit``, ``bmoe route-train`` and ``bmoe evaluate``: flags generated from the
+stages' configs (plus
 ``--config FILE.json``, flags win), one stage each (``bmoe_jax.pipeline.stages``), and ``run.json`` (its
 config, versions, seed, data used and wall time) beside the outputs."""
 

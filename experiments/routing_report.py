@@ -56,7 +56,8 @@ def stability_rows(runs, layers) -> tuple[list[str], dict]:
   plan_layers = list(stab[0][some])
   gammas = stab[0]["map"][plan_layers[0]]["gamma"]
   curves = {}
-  lines = ["| method | " + " | ".join(f"γ={g:g}" for g in gammas) + " | resample |", "|---|" + "---:|" * (len(gammas) + 1)]
+  lines = ["| method | " + " | ".join(f"γ={g:g}" for g in gammas) + " | resample |",
+           "|---|" + "---:|" * (len(gammas) + 1)]
   for m in stab[0]:
     per_run = [np.mean([s[m][l]["jaccard"] for l in plan_layers], axis=0) for s in stab]
     res = [np.mean([s[m][l]["resample"] for l in plan_layers]) for s in stab]

@@ -74,8 +74,8 @@ def routing_stability(params, task: Task, batches: Sequence[Batch], *, gammas: S
   # pass 1: the mean router-input norm per layer (gamma 0 costs one routing)
   first = [_batch_stats_jit(params, task=task, batch=b, gammas=(0.0,), norms=zeros, key=key) for b in batches]
   norms = {l: sum(s[l][3] for s in first) / sum(s[l][2] for s in first) for l in first[0]}
-  sums = [_batch_stats_jit(params, task=task, batch=b, gammas=tuple(gammas), norms=norms, key=jax.random.fold_in(key, i))
-          for i, b in enumerate(batches)]
+  sums = [_batch_stats_jit(params, task=task, batch=b, gammas=tuple(gammas), norms=norms,
+                           key=jax.random.fold_in(key, i)) for i, b in enumerate(batches)]
   out = {}
   for l in norms:
     tokens = float(sum(s[l][2] for s in sums))

@@ -160,7 +160,8 @@ def router_params_of(rc: R.RouterConfig, results: list) -> dict:
 
 
 def train_routers(params, task: Task, batches: Sequence[Batch], rc: R.RouterConfig, rtc: RouteTrainConfig, *,
-                  out: str | Path | None = None, progress: bool = True) -> tuple[RoutingPlan, dict[int, dict], list[dict]]:
+                  out: str | Path | None = None,
+                  progress: bool = True) -> tuple[RoutingPlan, dict[int, dict], list[dict]]:
   """(plan, {layer: router parameters}, history): router ``rc`` trained in ``rtc.route_layers``, top-down."""
   if not batches:
     raise ValueError("no training batches for the routers")
@@ -174,8 +175,9 @@ def train_routers(params, task: Task, batches: Sequence[Batch], rc: R.RouterConf
     results = []
     for stage in stages_of(params, task, rc, layer, done, rtc, len(batches)):
       run_dir = None if out is None else Path(out) / f"layer{stage.name}"
-      fingerprint = {"router": dataclasses.asdict(rc), "route_train": dataclasses.asdict(rtc), "stage": stage.name, "config": task.cfg.to_dict(),
-                     "done": sorted(done), "batches": len(batches), "kernel_sum": _digest(params, layer)}
+      fingerprint = {"router": dataclasses.asdict(rc), "route_train": dataclasses.asdict(rtc), "stage": stage.name,
+                     "config": task.cfg.to_dict(), "done": sorted(done), "batches": len(batches),
+                     "kernel_sum": _digest(params, layer)}
       theta, extra, hist = run_stage(stage, params, batches, rtc, run_dir, fingerprint, f"{rc.kind} layer", progress)
       results.append((theta, extra))
       history.extend({"stage": stage.name, **h} for h in hist)
