@@ -1,7 +1,6 @@
 """``bmoe finetune``, ``bmoe fit``, ``bmoe route-train`` and ``bmoe evaluate``: flags generated from the
-stages' configs (plus
-``--config FILE.json``, flags win), one stage each (``bmoe_jax.pipeline.stages``), and ``run.json`` (its
-config, versions, seed, data used and wall time) beside the outputs."""
+stages' configs (plus ``--config FILE.json``, flags win), one stage each (``bmoe_jax.pipeline.stages``), and
+``run.json`` (its config, versions, seed, data used and wall time) beside the outputs."""
 
 from __future__ import annotations
 

@@ -47,3 +47,24 @@ def reliability_diagram(probs_nc, labels_n, path: str | Path, *, title: str = ""
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def stability_curves(curves: dict, path: str | Path, *, title: str = "") -> Path:
+  """Routing stability: mean Jaccard of the top-k sets against the input-noise level gamma (log axis), one line
+  per method (``curves``: {method: (gammas, jaccards)})."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for name, (g, j) in curves.items():
+    ax.plot(g, j, marker="o", label=name, lw=2.5 if name == "map" else 1.2)
+  ax.set_xscale("log")
+  ax.set_xlabel("noise γ (σ = γ · mean ‖u‖)")
+  ax.set_ylabel("mean Jaccard of top-k sets")
+  ax.set_ylim(0, 1.02)
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -12,9 +12,9 @@ run and per layer set (``--layers``: ``last:1`` = the top carved layer, as the t
 2. evaluates MAP, temperature scaling, Bayesian-MoE and every router (``rt_*``) and the combinations
    ``bmoe+rt_*`` on the in-distribution test set and the shift sets (``bmoe evaluate``'s stage: ACC, NLL,
    ECE 15 / 10 bins, MCE, Brier, OOD AUROC/AUPRC by predictive entropy);
-3. measures routing stability (Jaccard of top-k sets under input noise, thesis gamma grid) on the first
-   ``--stability-batches`` in-distribution batches, and the time of one batch relative to MAP's (compiled,
-   median of ``--time-reps``); the analytic FLOPs per token come from the config.
+3. with the evaluation (``--stability``): routing stability (Jaccard of top-k sets under input noise, thesis
+   gamma grid) on the first ``--stability-batches`` in-distribution batches and the analytic FLOPs per token;
+   then the time of one batch relative to MAP's (compiled, median of ``--time-reps``).
 
   JAX_COMPILATION_CACHE_DIR=runs/xla_cache .venv/bin/python experiments/routing_carved.py \\
       --runs runs/seeds_arce/s0,runs/seeds_arce/s1,runs/seeds_arce/s2 --work runs/routing_arce \\
@@ -40,9 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bmoe_jax import laplace as LA  # noqa: E402
 from bmoe_jax.pipeline import stages as ST  # noqa: E402
 from bmoe_jax.pipeline.configs import EvalConfig  # noqa: E402
-from bmoe_jax.pipeline.methods import ROUTER_METHODS, Context, build_methods, router_task  # noqa: E402
+from bmoe_jax.pipeline.methods import ROUTER_METHODS, Context, build_methods  # noqa: E402
 from bmoe_jax.routing import RouterConfig  # noqa: E402
-from bmoe_jax.routing import stability as STB  # noqa: E402
 from bmoe_jax.routing.io import load_routers  # noqa: E402
 from bmoe_jax.routing.train import RouteTrainConfig  # noqa: E402
 from experiments.link_compare import restore  # noqa: E402
@@ -86,15 +85,6 @@ def time_methods(methods: dict, batch, reps: int) -> dict:
   return out
 
 
-def stability(ctx, ec, names, batches) -> dict:
-  """{method: {layer: stability}} of the deterministic router ("map") and every router method."""
-  out = {"map": STB.routing_stability(ctx.params, ctx.task, batches)}
-  for name in names:
-    task, params = router_task(ctx, ec, name)
-    out[name] = STB.routing_stability(params, task, batches)
-  return {m: {str(l): v for l, v in per.items()} for m, per in out.items()}
-
-
 def laplace_posteriors(ft, task, data, layers: str, work: Path, seed: int, pretrained) -> dict:
   """The Laplace router (router weights of ``layers``) and the joint posterior (every expert and router of
   the carved layers), each with the evidence's prior precision per block (``bmoe fit``'s stage, resumable)."""
@@ -121,19 +111,17 @@ def one_layer_set(ft, task, data, keys, posts, layers: str, args, work: Path, se
     posts = {**posts, **laplace_posteriors(ft, task, data, layers, work, seed, args.pretrained)}
   methods = (["map", "ts", "bmoe", "bmoe_ml"] if first else []) + names + laplace + combined
   ec = EvalConfig(methods=tuple(methods), route_samples=args.samples, temp_layers=layers,
-                  sample_temperature=args.temperature)
+                  sample_temperature=args.temperature, stability=True, stability_batches=args.stability_batches)
   ctx = Context(ft, task, val=data["val"], posteriors=posts, routers=routers, seed=seed)
   t0 = time.perf_counter()
-  results, info = ST.evaluate(ctx, {k: data[k] for k in keys}, ec, work / f"eval_{layers.replace(':', '')}",
+  sets = {k: data[k][::args.eval_stride] for k in keys}  # batches are sorted by length: a stride keeps the mix
+  results, info = ST.evaluate(ctx, sets, ec, work / f"eval_{layers.replace(':', '')}",
                               in_distribution=keys[0], progress=False)
   print(f"  evaluated {len(methods)} methods ({layers}) in {time.perf_counter() - t0:.0f} s", flush=True)
   built, _ = build_methods(["map", "bmoe"] + names + laplace + combined, ctx, ec)
   times = time_methods(built, data[keys[0]][0], args.time_reps)
-  stab = stability(ctx, ec, names, data[keys[0]][:args.stability_batches])
-  flops = {n: sum(STB.router_flops(rc, task.cfg.hidden_size, task.cfg.num_experts)
-                  for _, rc in router_task(ctx, ec, n)[0].routing.layers) for n in names}
-  return {"results": results["methods"], "info": info, "seconds_per_batch": times, "stability": stab,
-          "router_flops_per_token": flops, "forward_flops_per_token": STB.forward_flops(task.cfg)}
+  routing = info.pop("routing")
+  return {"results": results["methods"], "info": info, "seconds_per_batch": times, "routing": routing}
 
 
 def one_run(run: Path, args) -> dict:
@@ -166,6 +154,7 @@ def main(argv=None) -> None:
   ap.add_argument("--stability-batches", type=int, default=10)
   ap.add_argument("--time-reps", type=int, default=5)
   ap.add_argument("--no-laplace", action="store_true", help="skip the Laplace router and the joint posterior")
+  ap.add_argument("--eval-stride", type=int, default=1, help="evaluate every N-th batch of each set (1: all)")
   args = ap.parse_args(argv)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

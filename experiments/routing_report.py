@@ -12,6 +12,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bmoe_jax.plots import stability_curves  # noqa: E402
 from experiments.demo_seeds import t_interval  # noqa: E402
 
 CALIB = ("acc", "nll", "ece", "ece10", "mce", "brier")
@@ -50,53 +51,34 @@ def shift_table(runs, layers, ind) -> list[str]:
 
 
 def stability_rows(runs, layers) -> tuple[list[str], dict]:
-  """Mean Jaccard over the router's layers (the plan's layers; map: the same layers) per gamma."""
-  stab = [r["layers"][layers]["stability"] for r in runs]
-  some = next(m for m in stab[0] if m != "map")
-  plan_layers = list(stab[0][some])
-  gammas = stab[0]["map"][plan_layers[0]]["gamma"]
-  curves = {}
+  """Mean Jaccard over the routers' layers per gamma (``pipeline.routing.mean_curves``), mean over runs."""
+  from bmoe_jax.pipeline.routing import mean_curves
+  per_run = [mean_curves(r["layers"][layers]["routing"]) for r in runs]
+  gammas = next(iter(per_run[0].values()))[0]
   lines = ["| method | " + " | ".join(f"γ={g:g}" for g in gammas) + " | resample |",
            "|---|" + "---:|" * (len(gammas) + 1)]
-  for m in stab[0]:
-    per_run = [np.mean([s[m][l]["jaccard"] for l in plan_layers], axis=0) for s in stab]
-    res = [np.mean([s[m][l]["resample"] for l in plan_layers]) for s in stab]
-    curves[m] = (gammas, np.mean(per_run, axis=0))
-    lines.append(f"| {m} | " + " | ".join(_cell([p[i] for p in per_run]) for i in range(len(gammas)))
-                 + f" | {_cell(res)} |")
+  curves = {}
+  for m in per_run[0]:
+    j = [p[m][1] for p in per_run]
+    curves[m] = (gammas, np.mean(j, axis=0))
+    lines.append(f"| {m} | " + " | ".join(_cell([x[i] for x in j]) for i in range(len(gammas)))
+                 + f" | {_cell([p[m][2] for p in per_run])} |")
   return lines, curves
 
 
 def cost_table(runs, layers) -> list[str]:
   one = runs[0]["layers"][layers]
-  fwd = one["forward_flops_per_token"]
+  fwd = one["routing"]["forward_flops_per_token"]
   draws = {m: i.get("draws", 1) for m, i in one["info"].items()}
   t = [r["layers"][layers]["seconds_per_batch"] for r in runs]
   lines = ["| method | router FLOPs / token | % of a forward | forward draws per prediction | "
            "time per batch / MAP's (measured) |", "|---|---:|---:|---:|---:|"]
   for m in t[0]:
-    f = one["router_flops_per_token"].get(m, 0.0)
+    f = one["routing"]["router_flops_per_token"].get(m, 0.0)
     ratio = [x[m] / x["map"] for x in t]
     lines.append(f"| {m} | {f:,.0f} | {100 * f / fwd:.3f}% | {draws.get(m, 1)} | {_cell(ratio, 2)} |")
   lines += ["", f"Forward FLOPs per token (sequence 128): {fwd:,.0f}."]
   return lines
-
-
-def plot_stability(curves: dict, path: Path, title: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for m, (g, j) in curves.items():
-    ax.plot(g, j, marker="o", label=m, lw=2.5 if m == "map" else 1.2)
-  ax.set_xscale("log")
-  ax.set_xlabel("noise γ (σ = γ · mean ‖u‖)")
-  ax.set_ylabel("mean Jaccard of top-k sets")
-  ax.set_title(title)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def write_report(out: Path) -> Path:
@@ -116,7 +98,7 @@ def write_report(out: Path) -> Path:
     stab, curves = stability_rows(runs, layers)
     lines += ["", "### Routing stability (mean Jaccard of the top-k sets over the routed layers; input noise with "
               "common random numbers; resample: two independent draws on the same input)", ""] + stab
-    plot_stability(curves, out / f"stability_{layers.replace(':', '')}.png", f"routers in {layers}")
+    stability_curves(curves, out / f"stability_{layers.replace(':', '')}.png", title=f"routers in {layers}")
     lines += ["", f"![stability](stability_{layers.replace(':', '')}.png)", "", "### Cost", ""]
     lines += cost_table(runs, layers) + [""]
   (out / "results.md").write_text("\n".join(lines) + "\n")

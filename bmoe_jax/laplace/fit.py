@@ -49,6 +49,15 @@ def factor_dtype(params, spec: kfac.FactorSpec):
   return jnp.promote_types(w.dtype, jnp.float32)
 
 
+def spec_fingerprint(spec: kfac.FactorSpec) -> dict:
+  """The spec as a factor pass's fingerprint. The block switches added with the Laplace router (``router``,
+  ``experts``) are left out at their defaults: they then compute what a pass from before them computed, which
+  must resume."""
+  d = dataclasses.asdict(spec)
+  defaults = {"router": False, "experts": True}
+  return {k: v for k, v in d.items() if not (k in defaults and v == defaults[k])}
+
+
 def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorSpec, *,
                 key: jax.Array | None = None, checkpoint_dir: str | Path | None = None,
                 checkpoint_every: int = 50, progress: bool = True, total: int | None = None,
@@ -75,7 +84,7 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
   step = jax.jit(functools.partial(kfac.update, task=task, spec=spec), **jit_kw)
   run, done = None, 0
   if checkpoint_dir is not None:
-    fingerprint = {"spec": dataclasses.asdict(spec), "task": {"class_ids": task.class_ids,
+    fingerprint = {"spec": spec_fingerprint(spec), "task": {"class_ids": task.class_ids,
                    "start_layer": task.start_layer}, "dtype": str(dtype), "config": cfg.to_dict()}
     run = ResumableRun(checkpoint_dir, fingerprint, keep=2, fingerprint_file="factor_pass.json")
     if run.latest_step() is not None:

@@ -135,6 +135,8 @@ class EvalConfig:
   route_samples: int = 8  # forward draws of a stochastic router's predictive (an ensemble router: its members)
   temp_layers: str = "last:1"  # rt_temp: MoE layers that sample (last:N or comma-separated ids)
   sample_temperature: float = 0.3  # rt_temp: T of the sampling distribution softmax(l / T)
+  stability: bool = False  # routing stability and router FLOPs (routing.json / .md, plots/stability.png)
+  stability_batches: int = 10  # in-distribution batches the stability is measured on
 
   def __post_init__(self):
     _choice("link", self.link, LINKS)

@@ -169,4 +169,8 @@ def evaluate(ctx: Context, eval_sets: dict, ec: EvalConfig, out: str | Path, *, 
   methods, info = build_methods(ec.methods, dataclasses.replace(ctx, link=ec.link), ec)
   results = run_eval(methods, eval_sets, in_distribution=in_distribution, out_dir=out, ci=ec.ci, record=record,
                      progress=progress)
+  if ec.stability:
+    from bmoe_jax.pipeline.routing import routing_report
+    info["routing"] = routing_report(dataclasses.replace(ctx, link=ec.link), ec, ec.methods,
+                                     eval_sets[in_distribution][:ec.stability_batches], out)
   return results, info

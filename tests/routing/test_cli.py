@@ -37,12 +37,18 @@ def test_route_train_and_evaluate_router_methods(model_dir, shared_data, tmp_pat
   assert main(["evaluate", "--model", model, "--methods", methods, "--routers",
                f"{tmp_path / 'mfvr' / 'routers'},{tmp_path / 'ensemble' / 'routers'}", "--posterior",
                str(tmp_path / "fit" / "posterior"), "--router-posterior", str(tmp_path / "fit_router" / "posterior"),
-               "--route-samples", "3", "--shift", "arc_easy:test", "--cache-prefix", "--out", str(ev)] + common) == 0
+               "--route-samples", "3", "--shift", "arc_easy:test", "--cache-prefix", "--stability", "--stability-batches",
+               "1", "--out", str(ev)] + common) == 0
   res = json.loads((ev / "results.json").read_text())["methods"]
   assert sorted(res) == sorted(methods.split(","))
   for m in res.values():
     assert m["obqa_test"]["n"] == 16 and np.isfinite(m["obqa_test"]["nll"])
   info = json.loads((ev / "run.json").read_text())["methods"]
+  routing = json.loads((ev / "routing.json").read_text())
+  assert sorted(routing["stability"]) == ["map", "rt_der", "rt_mfvr", "rt_temp"]
+  assert routing["stability"]["map"]["1"]["resample"] == 1.0 and len(routing["stability"]["map"]["1"]["gamma"]) == 7
+  assert routing["router_flops_per_token"]["rt_mfvr"] > 0 and (ev / "plots" / "stability.png").exists()
+  assert "| rt_mfvr |" in (ev / "routing.md").read_text()
   assert info["rt_der"]["draws"] == 2 and info["rt_mfvr"]["draws"] == 3 and info["rt_temp"]["plan"]["layers"]["1"]
   capsys.readouterr()
   assert main(["evaluate", "--model", model, "--methods", "rt_fcvr", "--out", str(tmp_path / "e2")] + common) == 2

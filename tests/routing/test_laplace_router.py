@@ -89,3 +89,10 @@ def test_fit_centres_router_blocks_at_zero_when_experts_are_centred_at_the_pretr
   assert _prior_mean(FitConfig(prior_mean="zero"), params, blocks) == "zero"
   with pytest.raises(ValueError, match="no block chosen"):
     FactorSpec(layers=(1,), experts=False)
+
+
+def test_factor_pass_fingerprint_of_expert_only_specs_is_unchanged():
+  from bmoe_jax.laplace.fit import spec_fingerprint
+  old = {"layers": [1], "labels": "exact", "tokens": "last", "rank": None, "shared": False}  # before the router blocks
+  assert {k: list(v) if isinstance(v, tuple) else v for k, v in spec_fingerprint(FactorSpec(layers=(1,))).items()} == old
+  assert spec_fingerprint(FactorSpec(layers=(1,), router=True))["router"] is True
