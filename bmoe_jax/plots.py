@@ -18,6 +18,15 @@ def _plt():
   return plt
 
 
+def _save(plt, fig, path) -> Path:
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def reliability_diagram(probs_nc, labels_n, path: str | Path, *, title: str = "", num_bins: int = 15) -> Path:
   """Accuracy per confidence bin against the diagonal (gap shaded), with the confidence histogram
   below; the title carries ACC and ECE."""
@@ -41,12 +50,7 @@ def reliability_diagram(probs_nc, labels_n, path: str | Path, *, title: str = ""
   hx.set_xlim(0, 1)
   hx.set_xlabel("confidence")
   hx.set_ylabel("fraction")
-  fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def stability_curves(curves: dict, path: str | Path, *, title: str = "") -> Path:
@@ -62,9 +66,4 @@ def stability_curves(curves: dict, path: str | Path, *, title: str = "") -> Path
   ax.set_ylim(0, 1.02)
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
