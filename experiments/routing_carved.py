@@ -26,13 +26,11 @@ Writes OUT/results.json (per run, and the aggregate) and OUT/results.md (``routi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

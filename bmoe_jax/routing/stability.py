@@ -33,11 +33,7 @@ def _route_again(params, task: Task, layer: int, u_nd, key=None):
   """The layer's routing of inputs ``u_nd`` with the forward's router (and its key, or ``key``)."""
   cfg = task.cfg
   kernel = params["layers"][layer]["mlp"]["router"]["kernel"]
-  router = layer_router(params, task.routing, layer)
-  if router is None:
-    return G.route(u_nd, kernel, cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
-                   norm_eps=cfg.norm_topk_eps, scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring)
-  rc, rp, layer_key, sample = router
+  rc, rp, layer_key, sample = layer_router(params, task.routing, layer) or (R.RouterConfig(), {}, None, 0)
   x = R.RouterIn(u_nd, kernel, layer_key if key is None else key, sample, G.Gating.of(cfg), cfg.num_experts_per_tok,
                  False)
   return R.apply(rc, rp, x)[0]

@@ -2,7 +2,6 @@
 interrupted run resumes to the same routers."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
