@@ -121,9 +121,11 @@ class ResumableRun:
       self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
       old = json.loads(self.fingerprint_path.read_text()) if self.fingerprint_path.exists() else self.fingerprint
       if old != self.fingerprint:
-        keys = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+        from bmoe_jax.identity import differences
+        diff = differences(old, self.fingerprint)
+        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise ValueError(f"{self.fingerprint_path}: the saves there are of a different run (it differs in "
-                         f"{', '.join(keys)}); use a new directory, or delete it to start over")
+                         f"{', '.join(diff[:6])}{more}); use a new directory, or delete it to start over")
       self.fingerprint_path.write_text(json.dumps(self.fingerprint, indent=2))
     options = ocp.CheckpointManagerOptions(read_only=True) if read_only else \
         ocp.CheckpointManagerOptions(max_to_keep=keep)

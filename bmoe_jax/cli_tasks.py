@@ -150,7 +150,7 @@ def _evaluate(c: EvaluateCommand, mesh) -> dict:
   if c.run.cache_prefix:
     task, batches = ST.cache_prefix(params, task, batches, min(cfg.moe_layer_ids, default=0), not c.run.quiet)
   ctx = Context(params, task, train=batches.get("train", []), val=batches.get("val", []), seed=c.run.seed,
-                posteriors=_posteriors(c.eval, names), members=_members(c.eval, names, params, cfg, mesh),
+                posteriors=_posteriors(c.eval, names, params), members=_members(c.eval, names, params, cfg, mesh),
                 routers=_routers(c.eval, cfg))
   keys = ST.eval_keys(c.data)
   _, info = ST.evaluate(ctx, {k: batches[k] for k in keys}, c.eval, c.run.out, in_distribution=keys[0],
@@ -172,7 +172,7 @@ def _routers(ec: EvalConfig, cfg) -> dict:
   return out
 
 
-def _posteriors(ec: EvalConfig, names) -> dict:
+def _posteriors(ec: EvalConfig, names, params) -> dict:
   from bmoe_jax.laplace import load_posterior
   out = {}
   for name in ("rt_laplace", "bmoe+rt_laplace"):
@@ -180,7 +180,7 @@ def _posteriors(ec: EvalConfig, names) -> dict:
       if not ec.router_posterior:
         raise ValueError(f"method {name} needs --router-posterior DIR (bmoe fit --laplace-router "
                          f"{'only' if name == 'rt_laplace' else 'with'}: RUN/posterior)")
-      out[name] = load_posterior(ec.router_posterior)
+      out[name] = load_posterior(ec.router_posterior, params)
   if not any(n == "bmoe" or (n.startswith("bmoe+") and n != "bmoe+rt_laplace") for n in names):
     return out
   if not ec.posterior:
@@ -193,7 +193,7 @@ def _posteriors(ec: EvalConfig, names) -> dict:
   if meta.get("link", ec.link) != ec.link:
     warnings.warn(f"{ec.posterior}: its prior precision was chosen with link {meta['link']!r} and is evaluated with "
                   f"--link {ec.link!r}; pass the same --link to bmoe fit and bmoe evaluate")
-  return {**out, "bmoe": load_posterior(ec.posterior)}
+  return {**out, "bmoe": load_posterior(ec.posterior, params)}
 
 
 def _members(ec: EvalConfig, names, params, cfg, mesh) -> dict:

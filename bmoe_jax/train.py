@@ -26,6 +26,7 @@ import optax
 
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.checkpoint import ResumableRun
+from bmoe_jax.identity import data_digest, tree_digest
 from bmoe_jax.task import Batch, Task, nll_and_correct, with_prefix
 
 SUBSETS = ("experts", "experts_router", "router", "attention", "all")
@@ -179,6 +180,8 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
   if not train_batches:
     raise ValueError("no training batches")
   mask = trainable_mask(params, task.cfg, tc.trainable, tc.layers)
+  identity = None if checkpoint_dir is None else _identity(params, pretrained, task, train_batches, val_batches,
+                                                         dataset_size)
   if cache_prefix and not task.start_layer:
     task, (train_batches, val_batches) = with_prefix(params, task, (train_batches, val_batches),
                                                      first_trainable_layer(mask), progress)
@@ -195,7 +198,7 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
   history: list[dict] = []
   run = None
   if checkpoint_dir is not None:
-    run = ResumableRun(checkpoint_dir, _fingerprint(tc, task.cfg), keep=tc.keep_checkpoints,
+    run = ResumableRun(checkpoint_dir, {**_fingerprint(tc, task.cfg), **identity}, keep=tc.keep_checkpoints,
                        fingerprint_file=FINGERPRINT_FILE)
     if run.latest_step() is not None:
       state, history = _restore(run, state)
@@ -238,6 +241,15 @@ FINGERPRINT_FILE = "finetune.json"
 
 def _fingerprint(tc: TrainConfig, cfg: MoEConfig) -> dict:
   return {"train_config": dataclasses.asdict(tc), "config": cfg.to_dict()}
+
+
+def _identity(params, pretrained, task: Task, train_batches, val_batches, dataset_size) -> dict:
+  """What else determines a fine-tuning run's result: the starting weights, the prior's anchor, the data
+  (digests, ``identity``), the scored classes and the dataset size of the prior's scale."""
+  return {"model": tree_digest(params), "pretrained": None if pretrained is None else tree_digest(pretrained),
+          "data": {"train": data_digest(train_batches), "val": data_digest(val_batches)},
+          "task": {"class_ids": task.class_ids, "start_layer": task.start_layer, "routing": None if task.routing is None else task.routing.to_dict()},
+          "dataset_size": dataset_size}
 
 
 def _tree(state: TrainState) -> dict:

@@ -1,6 +1,8 @@
 """MAP fine-tuning on a tiny model: it lowers validation loss, trains only the chosen subset, and an
 interrupted run resumes to the same parameters."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,8 +74,18 @@ def test_interrupted_finetune_resumes_to_the_same_parameters(setup, tmp_path):
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(whole.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert resumed.history == whole.history
-  with pytest.raises(ValueError, match="different run .it differs in train_config"):
-    T.finetune(params, Task(cfg, CLASSES), train, T.TrainConfig(epochs=3), checkpoint_dir=tmp_path, progress=False)
+  with pytest.raises(ValueError, match=r"different run .it differs in train_config.epochs\)"):
+    T.finetune(params, Task(cfg, CLASSES), train, dataclasses.replace(tc, epochs=3), val_batches=val,
+               checkpoint_dir=tmp_path, progress=False)
+  # the same config on other data, a shorter dataset or another starting model is another run, never a resume
+  other = [train[0]._replace(labels_b=(train[0].labels_b + 1) % len(CLASSES))] + list(train[1:])
+  with pytest.raises(ValueError, match=r"differs in data.train.digest\)"):
+    T.finetune(params, Task(cfg, CLASSES), other, tc, val_batches=val, checkpoint_dir=tmp_path, progress=False)
+  with pytest.raises(ValueError, match=r"differs in data.train.batches, data.train.digest, data.train.rows\)"):
+    T.finetune(params, Task(cfg, CLASSES), train[:-1], tc, val_batches=val, checkpoint_dir=tmp_path, progress=False)
+  moved = jax.tree.map(lambda a: a * 1.001, params)
+  with pytest.raises(ValueError, match=r"differs in model\)"):
+    T.finetune(moved, Task(cfg, CLASSES), train, tc, val_batches=val, checkpoint_dir=tmp_path, progress=False)
 
 
 def test_checkpoints_of_a_run_load_as_ensemble_members(setup, tmp_path):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.checkpoint import ResumableRun
+from bmoe_jax.identity import DataDigest, tree_digest
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace.posterior import Posterior
 from bmoe_jax.params import read_block
@@ -82,36 +83,53 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
     jit_kw["out_shardings"] = factor_shardings(cfg, mesh, spec, dtype)
     state = jax.device_put(state, jit_kw["out_shardings"])
   step = jax.jit(functools.partial(kfac.update, task=task, spec=spec), **jit_kw)
-  run, done = None, 0
+  run, done, saved_meta = None, 0, {}
   if checkpoint_dir is not None:
     fingerprint = {"spec": spec_fingerprint(spec), "task": {"class_ids": task.class_ids,
-                   "start_layer": task.start_layer}, "dtype": str(dtype), "config": cfg.to_dict()}
+                   "start_layer": task.start_layer, "routing": None if task.routing is None else task.routing.to_dict()},
+                   "dtype": str(dtype), "config": cfg.to_dict(), "model": tree_digest(params),
+                   "key": None if key is None else tree_digest(key)}
     run = ResumableRun(checkpoint_dir, fingerprint, keep=2, fingerprint_file="factor_pass.json")
     if run.latest_step() is not None:
       done = run.latest_step()
-      state = _tree_state(run.restore(_state_tree(state))[0], state)
+      tree, saved_meta = run.restore(_state_tree(state))
+      state = _tree_state(tree, state)
   from tqdm.auto import tqdm
 
   bar = tqdm(total=total, initial=done, desc="K-FAC factors", unit="batch", disable=not progress)
-  i = 0
+  i, seen = 0, DataDigest()
   try:
     for i, batch in enumerate(batches, start=1):
+      if run is not None:
+        seen.update(batch)
+      if i == done:
+        _check_same_data(checkpoint_dir, saved_meta, seen.value())
       if i <= done:
         continue
       sub = None if key is None else jax.random.fold_in(key, i - 1)
       state = step(state, params, batch=batch, key=sub)
       bar.update(1)
       if run is not None and i % checkpoint_every == 0:
-        run.save(i, _state_tree(state))
+        run.save(i, _state_tree(state), {"data": seen.value()})
     if i < done:
       raise ValueError(f"{checkpoint_dir} holds a pass over {done} batches but the data has only {i}")
     if run is not None:
-      run.save(max(i, done), _state_tree(state))
+      run.save(max(i, done), _state_tree(state), {"data": seen.value()})
   finally:
     bar.close()
     if run is not None:
       run.close()
   return state
+
+
+def _check_same_data(checkpoint_dir, saved_meta: dict, seen: dict) -> None:
+  """A resumed pass must continue over the data it started on: the first batches' digest (``identity``)
+  equals the one saved with the checkpoint."""
+  saved = saved_meta.get("data")
+  if saved != seen:
+    raise ValueError(f"{checkpoint_dir}: the saved factor pass covered {seen['batches']} batches of other data "
+                     f"(saved {saved}, given {seen}); a resume would mix two datasets: use a new --out, or "
+                     "delete the directory to start over")
 
 
 def _posterior_tree(post: Posterior) -> dict:
@@ -142,7 +160,9 @@ def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = No
   return path
 
 
-def load_posterior(path: str | Path) -> Posterior:
+def load_posterior(path: str | Path, params=None) -> Posterior:
+  """The posterior saved in ``path``; with ``params`` (the model it is used with), refused unless it was fitted
+  on that model (``check_model``)."""
   path = Path(path).absolute()
   meta_file = path / "posterior.json"
   if not meta_file.exists():
@@ -154,6 +174,23 @@ def load_posterior(path: str | Path) -> Posterior:
   tree = restore_local(path / "state")
   keyed = lambda d, fn=jnp.asarray: {kfac.as_block(k): fn(v) for k, v in d.items()}
   factors = keyed(tree["factors"], lambda v: kfac.Factors(**{k: jnp.asarray(x) for k, x in v.items()}))
-  return Posterior(factors, keyed(tree["w_map"]), keyed(tree["sq_dist_e"]), keyed(tree["log_prior_prec_e"]),
+  post = Posterior(factors, keyed(tree["w_map"]), keyed(tree["sq_dist_e"]), keyed(tree["log_prior_prec_e"]),
                    jnp.asarray(tree["scale"]), jnp.asarray(tree["log_lik"]))
+  if params is not None:
+    check_model(post, params, meta.get("metadata", {}).get("model"), where=str(path))
+  return post
+
+
+def check_model(post: Posterior, params, model_digest: str | None = None, where: str = "the posterior") -> None:
+  """Refuse a posterior fitted on another model: its MAP weights must be the model's weights of every block,
+  and, when recorded (``bmoe fit`` records it), the digest of the whole model (``identity.tree_digest``) must
+  match."""
+  for blk, w in post.w_map.items():
+    mine = read_block(params, blk)
+    if mine.shape != w.shape or not np.array_equal(np.asarray(mine), np.asarray(w)):
+      raise ValueError(f"{where} was fitted on another model: its MAP weights of {blk} differ from the model's "
+                       f"(shapes {tuple(w.shape)} vs {tuple(mine.shape)}); fit it on this model (bmoe fit)")
+  if model_digest is not None and tree_digest(params) != model_digest:
+    raise ValueError(f"{where} was fitted on another model: the model's weights differ outside the Bayesian "
+                     f"blocks (digest {tree_digest(params)}, recorded {model_digest}); fit it on this model")
 

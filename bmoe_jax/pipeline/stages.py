@@ -25,6 +25,7 @@ import numpy as np
 
 from bmoe_jax import laplace as LA
 from bmoe_jax import train as T
+from bmoe_jax.identity import tree_digest
 from bmoe_jax.params import read_blocks
 from bmoe_jax.pipeline import data as PD
 from bmoe_jax.pipeline.configs import DataConfig, EvalConfig, FitConfig, RunConfig
@@ -128,7 +129,8 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
     posts["bmoe"], info["bmoe"] = posts["bmoe_ml"], info["bmoe_ml"]
   info["bmoe"]["log_marglik_final"] = float(LA.posterior.log_marginal_likelihood(posts["bmoe"]))
   if "bmoe" in wanted:
-    LA.save_posterior(Path(out) / "posterior", posts["bmoe"], metadata={"spec": str(spec), **info["bmoe"]})
+    LA.save_posterior(Path(out) / "posterior", posts["bmoe"],
+                      metadata={"spec": str(spec), "model": tree_digest(params), **info["bmoe"]})
   return {m: posts[m] for m in wanted if m in BAYESIAN_MOE}, info
 
 

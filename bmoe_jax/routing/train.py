@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from bmoe_jax.checkpoint import ResumableRun
+from bmoe_jax.identity import data_digest, tree_digest
 from bmoe_jax.routing import routers as R
 from bmoe_jax.routing import swag as S
 from bmoe_jax.routing.plan import RoutingPlan, attach
@@ -171,22 +172,19 @@ def train_routers(params, task: Task, batches: Sequence[Batch], rc: R.RouterConf
     raise ValueError(f"route_layers {low} lie below the cached prefix (layer {task.start_layer})")
   done: dict[int, dict] = {}
   history: list[dict] = []
+  identity = {} if out is None else {"model": tree_digest(params), "data": data_digest(batches),
+                                     "task": {"class_ids": task.class_ids, "start_layer": task.start_layer}}
   for layer in layers:
     results = []
     for stage in stages_of(params, task, rc, layer, done, rtc, len(batches)):
       run_dir = None if out is None else Path(out) / f"layer{stage.name}"
       fingerprint = {"router": dataclasses.asdict(rc), "route_train": dataclasses.asdict(rtc), "stage": stage.name,
-                     "config": task.cfg.to_dict(), "done": sorted(done), "batches": len(batches),
-                     "kernel_sum": _digest(params, layer)}
+                     "config": task.cfg.to_dict(), "done": sorted(done), **identity}
       theta, extra, hist = run_stage(stage, params, batches, rtc, run_dir, fingerprint, f"{rc.kind} layer", progress)
       results.append((theta, extra))
       history.extend({"stage": stage.name, **h} for h in hist)
     done[layer] = router_params_of(rc, results)
   return RoutingPlan.of({l: rc for l in layers}), done, history
-
-
-def _digest(params, layer: int) -> float:
-  return float(np.asarray(params["layers"][layer]["mlp"]["router"]["kernel"], np.float64).sum())
 
 
 class LoopState(NamedTuple):

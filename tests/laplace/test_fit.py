@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import bmoe_jax as B
+from bmoe_jax.identity import tree_digest
 from bmoe_jax.task import Batch, Task
 from tests.fixtures import posterior_of
 from bmoe_jax import laplace as LA
@@ -57,6 +58,16 @@ def test_interrupted_pass_resumes_to_the_same_result(tmp_path, rank):
   other = LA.FactorSpec(layers=(1,), labels="mc", tokens="expand", rank=rank)
   with pytest.raises(ValueError, match="different run .it differs in spec"):
     LA.fit_factors(params, Task(cfg, CLASSES), data, other, key=key, checkpoint_dir=tmp_path, progress=False)
+  with pytest.raises(ValueError, match=r"differs in model\)"):
+    LA.fit_factors(jax.tree.map(lambda a: a + 1e-3, params), Task(cfg, CLASSES), data, spec, key=key,
+                   checkpoint_dir=tmp_path, progress=False)
+  with pytest.raises(ValueError, match=r"differs in key\)"):
+    LA.fit_factors(params, Task(cfg, CLASSES), data, spec, key=jax.random.key(8), checkpoint_dir=tmp_path,
+                   progress=False)
+  # the same pass resumed over other data (a generator: the digest is taken as the batches stream past)
+  swapped = [data[0]._replace(tokens_bs=data[0].tokens_bs[::-1])] + list(data[1:])
+  with pytest.raises(ValueError, match="covered 5 batches of other data"):
+    LA.fit_factors(params, Task(cfg, CLASSES), iter(swapped), spec, key=key, checkpoint_dir=tmp_path, progress=False)
   with pytest.raises(ValueError, match="needs key="):
     LA.fit_factors(params, Task(cfg, CLASSES), data, spec, progress=False)
 
@@ -78,10 +89,16 @@ def test_user_loop_and_posterior_roundtrip(tmp_path):
   assert len(set(float(v[0]) for v in post.log_prior_prec_e.values())) == 4  # "layer": one lambda per block
   pred = LA.predict(post, params, Task(cfg, CLASSES), data[0], link="probit")
   assert pred.probs_bc.shape == (2, 4) and np.allclose(pred.probs_bc.sum(-1), 1, atol=1e-6)
-  LA.save_posterior(tmp_path / "post", post, metadata={"dataset": "synthetic"})
+  LA.save_posterior(tmp_path / "post", post, metadata={"dataset": "synthetic", "model": tree_digest(params)})
   meta = json.loads((tmp_path / "post" / "posterior.json").read_text())
   assert meta["blocks"] == ["0.routed", "0.shared", "1.routed", "1.shared"]
-  back = LA.load_posterior(tmp_path / "post")
+  back = LA.load_posterior(tmp_path / "post", params)  # the model it was fitted on: accepted
+  # another model is refused: other Bayesian weights, or the same ones and another final norm (the digest)
+  with pytest.raises(ValueError, match="post was fitted on another model: its MAP weights of 1.routed differ"):
+    LA.load_posterior(tmp_path / "post", pretrained)
+  other = {**params, "final_norm": jax.tree.map(lambda a: a * 2.0, params["final_norm"])}
+  with pytest.raises(ValueError, match="post was fitted on another model: the model's weights differ outside"):
+    LA.load_posterior(tmp_path / "post", other)
   assert sorted(back.factors) == sorted(post.factors)
   for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(post)):
     np.testing.assert_array_equal(x, y)

@@ -74,6 +74,8 @@ def test_interrupted_training_resumes_to_the_same_routers(setup, tmp_path):
   with pytest.raises(ValueError, match="different run"):
     RTT.train_routers(params, task, batches, rc, RTT.RouteTrainConfig(route_layers="last:2", route_epochs=3),
                       out=tmp_path, progress=False)
+  with pytest.raises(ValueError, match=r"differs in data.batches, data.digest, data.rows\)"):
+    RTT.train_routers(params, task, batches[:-1], rc, rtc, out=tmp_path, progress=False)
 
 
 def test_layer_specs():
