@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.config import MoEConfig
+from bmoe_jax.identity import tree_digest
 
 FORMAT = "bmoe_jax/params-v1"
 CONFIG_FILE = "bmoe_config.json"
@@ -29,47 +30,130 @@ def save_params(out_dir: str | Path, cfg: MoEConfig, params: dict[str, Any],
   if (out_dir / "params").exists():
     raise FileExistsError(f"{out_dir / 'params'} already exists; choose an empty output directory")
   out_dir.mkdir(parents=True, exist_ok=True)
+  check_shapes(cfg, params, str(out_dir))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(out_dir / "params", jax.tree.map(jnp.asarray, params))
     ckptr.wait_until_finished()
   meta = {"format": FORMAT, "config": cfg.to_dict(), "source": source or {},
-          "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+          "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "params_digest": tree_digest(params)}
   (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
   return out_dir
 
 
 def restore_local(path: str | Path):
   """An orbax tree restored onto this process's default device, whatever device topology saved it
-  (a run on an 8-device mesh writes sharded arrays; orbax refuses to restore them as saved elsewhere)."""
+  (a run on an 8-device mesh writes sharded arrays; orbax refuses to restore them as saved elsewhere).
+  An unreadable (truncated, corrupt) save raises one ``CorruptSaveError`` naming it."""
   import orbax.checkpoint as ocp
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
-                          is_leaf=is_meta)
-    return ckptr.restore(path, target)
+  if not Path(path).is_dir():
+    raise FileNotFoundError(f"{path} not found: expected an orbax save (a directory)")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(path)
+      meta = getattr(meta, "item_metadata", meta)
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
+                            is_leaf=is_meta)
+      return ckptr.restore(path, target)
+  except Exception as err:  # orbax / TensorStore raise many types for damaged files
+    raise CorruptSaveError(f"{path}: cannot be read, the save is damaged or incomplete ({first_line(err)}); "
+                           "delete it and write it again") from err
 
 
-def load_params(path: str | Path) -> tuple[MoEConfig, dict[str, Any]]:
+class CorruptSaveError(ValueError):
+  """A save (orbax directory, JSON file) that cannot be read back."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0][:limit] if text else ''}"
+
+
+def read_json(file: str | Path) -> dict:
+  """A JSON object from ``file``, or one error naming the file (missing, not UTF-8, not JSON, not an object)."""
+  file = Path(file)
+  if not file.is_file():
+    raise FileNotFoundError(f"{file} not found")
+  try:
+    value = json.loads(file.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise CorruptSaveError(f"{file}: not valid JSON ({first_line(err)})") from None
+  if not isinstance(value, dict):
+    raise CorruptSaveError(f"{file}: expected a JSON object, got {type(value).__name__}")
+  return value
+
+
+def check_shapes(cfg: MoEConfig, params, where: str) -> None:
+  """Refuse parameters whose structure, shapes or kinds do not match ``cfg`` (a config saying 4 experts over
+  8-expert weights, integer weights)."""
+  from bmoe_jax.params import abstract_params
+  from bmoe_jax.finite import path_name
+
+  want = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
+  got = dict((path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
+      {k: v for k, v in params.items() if k != "routing"})[0])
+  names = [path_name(p) for p, _ in want]
+  if sorted(names) != sorted(got):
+    diff = sorted(set(names) ^ set(got))
+    raise ValueError(f"{where}: the parameters do not match the config's parameter names (differ at {diff[:5]})")
+  for (p, spec), name in zip(want, names):
+    a = got[name]
+    if tuple(a.shape) != tuple(spec.shape):
+      raise ValueError(f"{where}: parameter {name} has shape {list(a.shape)}, the config says {list(spec.shape)}")
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      raise ValueError(f"{where}: parameter {name} has dtype {a.dtype}; weights must be floating point")
+
+
+def load_params(path: str | Path, verify: bool = True) -> tuple[MoEConfig, dict[str, Any]]:
+  """(config, parameters) of a converted directory. ``verify``: refuse parameters that differ from the digest
+  written at save, do not match the config's shapes, or hold NaN / inf (one message each, naming the file)."""
   path = Path(path).absolute()
   meta_file = path / CONFIG_FILE
-  meta = json.loads(meta_file.read_text())
+  meta = read_json(meta_file)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
-  cfg = MoEConfig.from_dict(meta["config"])
-  return cfg, restore_local(path / "params")
+  try:
+    cfg = MoEConfig.from_dict(meta["config"])
+  except (KeyError, TypeError, ValueError) as err:
+    raise ValueError(f"{meta_file}: invalid 'config' ({first_line(err)})") from None
+  params = restore_local(path / "params")
+  if verify:
+    check_shapes(cfg, params, str(meta_file))
+    digest = meta.get("params_digest")
+    if digest is not None and tree_digest(params) != digest:
+      raise CorruptSaveError(f"{path / 'params'}: the weights differ from the digest written at save "
+                             f"({CONFIG_FILE}: params_digest): the files were changed or damaged")
+    from bmoe_jax.finite import require_finite
+    require_finite(params, f"{path / 'params'}", "the model is damaged or diverged")
+  return cfg, params
+
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def param_dtype(dtype: str | None, flag: str = "--dtype"):
+  """The numpy dtype of a parameter cast named ``dtype`` (None: keep what is stored); refuses what a model cannot
+  run in, and float64 unless JAX's x64 mode is on (JAX would silently store float32)."""
+  if dtype is None:
+    return None
+  if str(dtype) not in PARAM_DTYPES:
+    raise ValueError(f"{flag} {dtype}: parameters must be one of {', '.join(PARAM_DTYPES)}")
+  if str(dtype) == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError(f"{flag} float64 needs JAX's 64-bit mode, which is off: set JAX_ENABLE_X64=1 (otherwise JAX "
+                     "stores float32)")
+  return jnp.dtype(dtype)
 
 
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
-                       progress: bool = True) -> Path:
-  """HF checkpoint directory -> converted directory (``bmoe convert``)."""
+                       progress: bool = True, allow_nonfinite: bool = False) -> Path:
+  """HF checkpoint directory -> converted directory (``bmoe convert``). Weights holding NaN or inf are refused
+  (naming them) unless ``allow_nonfinite``."""
   from convert import load_hf_checkpoint
 
-  info, params = load_hf_checkpoint(hf_dir, dtype=None if dtype is None else np.dtype(dtype),
-                                    progress=progress)
+  info, params = load_hf_checkpoint(hf_dir, dtype=param_dtype(dtype), progress=progress,
+                                    allow_nonfinite=allow_nonfinite)
   source = {"hf_dir": str(Path(hf_dir).absolute()), "family": info.family,
             "checkpoint_dtype": info.checkpoint_dtype, "dtype": dtype or "as stored"}
   return save_params(out_dir, info.cfg, params, source)
@@ -93,6 +177,7 @@ def load_model(path: str | Path, dtype: str | None = None, progress: bool = Fals
   else:
     raise FileNotFoundError(f"{path}: neither a converted model ({CONFIG_FILE}) nor an HF checkpoint "
                             "directory (config.json + *.safetensors)")
+  dtype = param_dtype(dtype, "dtype")
   params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
   return MoEModel(cfg, params=params)
 
@@ -148,14 +233,36 @@ class ResumableRun:
     self._mngr.wait_until_finished()
 
   def restore(self, like, step: int | None = None):
-    """(state shaped like ``like``, meta) of ``step`` (default: the latest save)."""
+    """(state shaped like ``like``, meta) of ``step`` (default: the latest save); an unreadable save raises
+    ``CorruptSaveError`` naming it."""
     import orbax.checkpoint as ocp
 
     step = self._mngr.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    got = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                            meta=ocp.args.JsonRestore()))
+    try:
+      got = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                              meta=ocp.args.JsonRestore()))
+    except Exception as err:  # orbax / TensorStore raise many types for damaged files
+      raise CorruptSaveError(f"{self.directory / str(step)}: save {step} cannot be read, it is damaged or "
+                             f"incomplete ({first_line(err)})") from err
     return got["state"], dict(got["meta"] or {})
+
+  def resume(self, like):
+    """(step, state, meta) of the newest readable save, or None when there is none. A damaged save is
+    reported, deleted and the one before it used; none readable raises ``CorruptSaveError``."""
+    import warnings
+
+    steps = self.steps()
+    for step in reversed(steps):
+      try:
+        return (step, *self.restore(like, step))
+      except CorruptSaveError as err:
+        warnings.warn(f"{err}; deleting it and resuming from the save before it")
+        self._mngr.delete(step)
+    if steps:
+      raise CorruptSaveError(f"{self.directory}: no save there can be read (steps {steps}); delete the directory "
+                             "to start over")
+    return None
 
   def close(self) -> None:
     self._mngr.close()

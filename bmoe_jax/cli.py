@@ -11,7 +11,8 @@ from pathlib import Path
 
 def _cmd_convert(args) -> int:
   from bmoe_jax.checkpoint import convert_checkpoint
-  out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.quiet)
+  out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.quiet,
+                           allow_nonfinite=args.allow_nonfinite)
   print(f"wrote {out}")
   return 0
 
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
   c = sub.add_parser("convert", help="convert an HF MoE checkpoint directory to a bmoe_jax directory")
   c.add_argument("hf_dir")
   c.add_argument("out_dir")
-  c.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16); default: as stored")
+  c.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "float64"),
+                 help="cast parameters; default: as stored (float64 needs JAX_ENABLE_X64=1)")
+  c.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN or inf (refused)")
   c.add_argument("--quiet", action="store_true", help="no progress bar")
   c.set_defaults(fn=_cmd_convert)
   from bmoe_jax.pipeline import flags

@@ -13,6 +13,11 @@ SUPPORTED_ROPE_TYPES = ("default", "linear")
 SUPPORTED_SCORING = ("softmax", "select")
 
 
+# the scalar fields' annotations -> (accepted Python types, what the message asks for)
+_SCALAR_KINDS = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false"),
+                 "str": (str, "a string")}
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """Architecture of a decoder-only MoE transformer, independent of the HF family it came from.
@@ -56,6 +61,11 @@ class MoEConfig:
       if not cond:
         raise ValueError(f"MoEConfig: {msg}")
 
+    for f in dataclasses.fields(self):
+      v, kind = getattr(self, f.name), _SCALAR_KINDS.get(f.type)
+      if kind is not None:
+        ok = isinstance(v, kind[0]) and (kind[0] is bool or not isinstance(v, bool))
+        need(ok, f"{f.name} must be {kind[1]}, got {v!r}")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
       need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
     need(self.num_heads % self.num_kv_heads == 0,

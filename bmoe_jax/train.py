@@ -26,6 +26,7 @@ import optax
 
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.checkpoint import ResumableRun
+from bmoe_jax.finite import NonFiniteError
 from bmoe_jax.identity import data_digest, tree_digest
 from bmoe_jax.task import Batch, Task, nll_and_correct, with_prefix
 
@@ -153,7 +154,8 @@ def first_trainable_layer(mask) -> int:
 
 def make_train_step(task: Task, opt: optax.GradientTransformation, coef: float):
   """One optimizer update, a pure function ``(train, opt_state, batch, frozen, anchor) -> (train,
-  opt_state, loss, right)``: cross-entropy plus ``coef * ||train - anchor||^2`` (jit it). ``frozen`` and
+  opt_state, loss, right)``: cross-entropy plus ``coef * ||train - anchor||^2`` (jit it); ``loss`` is NaN when
+  any gradient is not finite (a diverged step: do not keep its result). ``frozen`` and
   ``anchor`` are arguments, not closure constants: XLA would otherwise embed the frozen weights (most of
   the model) in the compiled step."""
   def objective(train, batch, frozen, anchor):
@@ -164,7 +166,8 @@ def make_train_step(task: Task, opt: optax.GradientTransformation, coef: float):
   def step(train, opt_state, batch, frozen, anchor):
     (_, (loss, right)), grads = jax.value_and_grad(objective, has_aux=True)(train, batch, frozen, anchor)
     updates, opt_state = opt.update(grads, opt_state, train)
-    return optax.apply_updates(train, updates), opt_state, loss, right
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    return optax.apply_updates(train, updates), opt_state, jnp.where(finite, loss, jnp.nan), right
   return step
 
 
@@ -200,8 +203,7 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
   if checkpoint_dir is not None:
     run = ResumableRun(checkpoint_dir, {**_fingerprint(tc, task.cfg), **identity}, keep=tc.keep_checkpoints,
                        fingerprint_file=FINGERPRINT_FILE)
-    if run.latest_step() is not None:
-      state, history = _restore(run, state)
+    state, history = _restore(run, state)
   from tqdm.auto import tqdm
 
   bar = tqdm(total=micro_total, initial=state.step, desc="fine-tune", unit="batch", disable=not progress)
@@ -211,12 +213,17 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
       epoch, pos = divmod(state.step, len(train_batches))
       i = np.random.RandomState(tc.seed + epoch).permutation(len(train_batches))[pos]
       train, opt_state, loss, _ = step_fn(state.train, state.opt_state, train_batches[i], frozen, anchor)
+      if not np.isfinite(float(loss)):
+        raise NonFiniteError(_diverged(state.step + 1, epoch, i, tc, run))
       state = state._replace(step=state.step + 1, train=train, opt_state=opt_state)
       bar.update(1)
       bar.set_postfix(loss=f"{float(loss):.4f}")
       opt_step = state.step // tc.grad_accum
       if state.step % tc.grad_accum == 0 and tc.eval_every and opt_step % tc.eval_every == 0 and val_batches:
         nll, acc = evaluate_nll(merge(state.train, frozen), task, val_batches, fwd)
+        if not np.isfinite(nll):
+          raise NonFiniteError(_diverged(state.step, epoch, i, tc, run).replace("the loss or a gradient",
+                                                                               "the validation NLL"))
         history.append({"step": opt_step, "train_loss": float(loss), "val_nll": nll, "val_acc": acc})
         state, stopped = _early_stopping(state, nll, tc.patience)
       if run is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped):
@@ -227,6 +234,15 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
       run.close()
   best = state.best_train if np.isfinite(state.best_nll) else state.train
   return TrainResult(merge(best, frozen), history, state)
+
+
+def _diverged(step: int, epoch: int, batch: int, tc: TrainConfig, run: ResumableRun | None) -> str:
+  last = None if run is None else run.latest_step()
+  kept = (f"the last finite save, step {last}, is kept in {run.directory}" if last is not None else
+          "nothing was saved")
+  return (f"fine-tuning diverged at step {step} (epoch {epoch}, batch {batch}): the loss or a gradient is not "
+          f"finite, so no model is returned; {kept}. Lower --lr (now {tc.lr:g}) or check the data and the "
+          "starting weights")
 
 
 def _early_stopping(state: TrainState, nll: float, patience: int) -> tuple[TrainState, bool]:
@@ -261,7 +277,14 @@ def _tree(state: TrainState) -> dict:
 
 
 def _restore(run: ResumableRun, like: TrainState, step: int | None = None):
-  st, meta = run.restore(_tree(like), step)
+  """(state, history) of ``step`` (default: the newest readable save; ``like`` and [] when there is none)."""
+  if step is None:
+    got = run.resume(_tree(like))
+    if got is None:
+      return like, []
+    _, st, meta = got
+  else:
+    st, meta = run.restore(_tree(like), step)
   sc = st["scalars"]
   unflat = lambda tree, leaves: jax.tree.unflatten(jax.tree.structure(tree), [jnp.asarray(x) for x in leaves])
   state = TrainState(int(sc["step"]), unflat(like.train, st["train"]), unflat(like.opt_state, st["opt_state"]),

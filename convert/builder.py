@@ -70,8 +70,9 @@ class MemRef(NamedTuple):
 
 
 class _Builder:
-  def __init__(self, info: CheckpointInfo, fam: Family, dtype):
-    self.info, self.fam, self.dtype = info, fam, dtype
+  def __init__(self, info: CheckpointInfo, fam: Family, dtype, allow_nonfinite: bool = False):
+    self.info, self.fam, self.dtype, self.allow_nonfinite = info, fam, dtype, allow_nonfinite
+    self.nonfinite: list[str] = []
     self.specs = flat_specs(info.cfg)
     self.out: dict[str, np.ndarray] = {}
     self.filled: dict[str, set] = {}  # stacked expert params: which experts were filled
@@ -123,6 +124,11 @@ class _Builder:
                             "matches it")
     if rule.kind == "skip":
       return
+    if not is_float(array.dtype):
+      raise ConversionError(f"{ref.file}: tensor {ref.key!r} has dtype {array.dtype}; weights must be floating "
+                            "point (float32, bfloat16, float16, float64 or fp8 with scales)")
+    if not self.allow_nonfinite and not np.isfinite(array).all():
+      self.nonfinite.append(f"{ref.key!r} ({int(np.isnan(array).sum())} NaN, {int(np.isinf(array).sum())} inf)")
     if "shared" in ref.key and self.info.cfg.shared_expert_size == 0 and (
         array.size == 0 or ref.key.endswith("shared_expert_gate.weight")):
       return  # a zero-width shared expert (transformers saves it so): contributes exactly 0
@@ -165,13 +171,24 @@ class _Builder:
     if missing:
       shown = missing[:12] + ([f"... {len(missing) - 12} more"] if len(missing) > 12 else [])
       raise ConversionError(f"{where}: checkpoint is missing tensors for {shown} (family {self.fam.name})")
+    if self.nonfinite:
+      more = f" and {len(self.nonfinite) - 5} more" if len(self.nonfinite) > 5 else ""
+      raise ConversionError(f"{where}: non-finite weights in {', '.join(self.nonfinite[:5])}{more}: the checkpoint "
+                            "is corrupt or from a diverged run; pass --allow-nonfinite (allow_nonfinite=True) to "
+                            "convert it anyway")
     return self.out
 
 
+def is_float(dtype) -> bool:
+  """Whether a numpy dtype (ml_dtypes' bfloat16 and fp8 included) is floating point."""
+  name = np.dtype(dtype).name
+  return name.startswith("float") or name == "bfloat16"
+
+
 def params_from_tensors(info: CheckpointInfo, tensors: dict[str, np.ndarray], where: str, dtype=None,
-                        progress: bool = False) -> dict[str, Any]:
+                        progress: bool = False, allow_nonfinite: bool = False) -> dict[str, Any]:
   """In-memory HF-named tensors (torch layout) -> our params tree, through the family's key table."""
-  builder = _Builder(info, FAMILY_BY_NAME[info.family], dtype)
+  builder = _Builder(info, FAMILY_BY_NAME[info.family], dtype, allow_nonfinite)
   for key in tqdm(sorted(tensors), desc=f"build {info.family}", disable=not progress, unit="tensor"):
     if key == "lm_head.weight" and info.cfg.tie_word_embeddings:
       continue
@@ -179,20 +196,21 @@ def params_from_tensors(info: CheckpointInfo, tensors: dict[str, np.ndarray], wh
   return unflatten(builder.finish(where), info.cfg)
 
 
-def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True
+def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True, allow_nonfinite: bool = False
                        ) -> tuple[CheckpointInfo, dict[str, Any]]:
   """Read an HF MoE checkpoint directory into (info, params tree of numpy arrays).
 
   Args:
     dtype: None keeps each tensor's stored dtype (bf16 stays bf16; fp8 weights are dequantised to the
       config's torch_dtype); e.g. ``np.float32`` converts everything.
+    allow_nonfinite: convert weights holding NaN or inf (refused by default, naming the tensors).
   """
   ckpt_dir = Path(ckpt_dir)
   info = parse_hf_config(ckpt_dir)
   fam = FAMILY_BY_NAME[info.family]
   refs = iter_tensors(ckpt_dir)
   scales = {k[: -len(SCALE_SUFFIX)]: refs.pop(k) for k in [k for k in refs if k.endswith(SCALE_SUFFIX)]}
-  builder = _Builder(info, fam, dtype)
+  builder = _Builder(info, fam, dtype, allow_nonfinite)
   tied_head = None
   for key, ref in tqdm(sorted(refs.items()), desc=f"convert {fam.name}", disable=not progress,
                        unit="tensor"):

@@ -48,9 +48,11 @@ def read_header(file: Path) -> dict[str, TensorRef]:
       raise ConversionError(f"{file}: truncated or not safetensors (header says {hlen} bytes, "
                             f"file has {size - 8} after the length)")
     try:
-      header = json.loads(fh.read(hlen))
+      header = json.loads(fh.read(hlen), object_pairs_hook=lambda pairs: _unique(file, pairs))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
       raise ConversionError(f"{file}: malformed safetensors header ({err})") from None
+  if not isinstance(header, dict):
+    raise ConversionError(f"{file}: malformed safetensors header (a JSON object expected, got {type(header).__name__})")
   header.pop("__metadata__", None)
   base = 8 + hlen
   refs = {}
@@ -60,8 +62,12 @@ def read_header(file: Path) -> dict[str, TensorRef]:
     dtype = info.get("dtype")
     if dtype not in DTYPES:
       raise ConversionError(f"{file}: tensor {key!r} has dtype {dtype!r}; supported: {sorted(DTYPES)}")
-    shape = tuple(int(x) for x in info["shape"])
-    start, end = (int(x) for x in info["data_offsets"])
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (_ints(shape) and all(x >= 0 for x in shape) and _ints(offsets) and len(offsets) == 2
+            and 0 <= offsets[0] <= offsets[1]):
+      raise ConversionError(f"{file}: header entry {key!r} needs a shape of non-negative integers and data_offsets "
+                            f"[start, end] with 0 <= start <= end; got shape {shape!r}, data_offsets {offsets!r}")
+    shape, (start, end) = tuple(shape), offsets
     nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
     if end - start != nbytes:
       raise ConversionError(f"{file}: tensor {key!r} spans {end - start} bytes, expected {nbytes} "
@@ -71,6 +77,20 @@ def read_header(file: Path) -> dict[str, TensorRef]:
                             f"file has {size} bytes")
     refs[key] = TensorRef(file, key, dtype, shape, base + start, nbytes)
   return refs
+
+
+def _unique(file: Path, pairs: list) -> dict:
+  """A JSON object's pairs as a dict, refusing a key listed twice (json keeps the last one silently)."""
+  seen = {}
+  for k, v in pairs:
+    if k in seen:
+      raise ConversionError(f"{file}: malformed safetensors header: key {k!r} is listed twice")
+    seen[k] = v
+  return seen
+
+
+def _ints(xs) -> bool:
+  return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in xs)
 
 
 def checkpoint_files(ckpt_dir: Path) -> list[Path]:

@@ -104,3 +104,59 @@ def test_resumable_run_saves_restores_and_refuses_another_run(tmp_path):
     ResumableRun(tmp_path, {"config": {"a": 1}, "spec": [1]}, fingerprint_file="f.json")
   with pytest.raises(FileNotFoundError, match="nothing.json not found"):
     ResumableRun(tmp_path, None, fingerprint_file="nothing.json", read_only=True)
+
+
+def _damage(directory):
+  """Overwrite the middle of every stored array file under ``directory`` (flipped bytes on disk)."""
+  files = [f for f in directory.rglob("*") if f.is_file() and f.stat().st_size > 64 and "json" not in f.name
+           and "METADATA" not in f.name.upper()]
+  assert files
+  for f in files:
+    raw = bytearray(f.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 32] = bytes(range(200, 232))
+    f.write_bytes(bytes(raw))
+
+
+def test_a_damaged_save_is_named_and_the_one_before_it_resumes(tmp_path):
+  from bmoe_jax.checkpoint import CorruptSaveError, ResumableRun
+
+  tree = {"w": np.random.RandomState(0).randn(64, 64), "n": np.asarray(0)}
+  with ResumableRun(tmp_path, {"a": 1}, keep=3) as run:
+    for step in (1, 2):
+      run.save(step, {**tree, "n": np.asarray(step)}, {"step": step})
+  _damage(tmp_path / "2")
+  with ResumableRun(tmp_path, {"a": 1}, keep=3) as run:
+    with pytest.raises(CorruptSaveError, match=r"/2: save 2 cannot be read"):
+      run.restore(tree, 2)
+    with pytest.warns(UserWarning, match="save 2 cannot be read.*deleting it and resuming from the save before it"):
+      step, got, meta = run.resume(tree)
+    assert step == 1 and int(got["n"]) == 1 and meta == {"step": 1} and run.steps() == [1]
+    run.save(2, {**tree, "n": np.asarray(2)})  # the step is written again, not skipped
+    assert int(run.restore(tree)[0]["n"]) == 2
+  for step in (1, 2):
+    _damage(tmp_path / str(step))
+  with ResumableRun(tmp_path, {"a": 1}, keep=3) as run:
+    with pytest.warns(UserWarning), pytest.raises(CorruptSaveError, match="no save there can be read"):
+      run.resume(tree)
+
+
+def test_a_damaged_or_mismatched_model_directory_is_refused(hf_dir, tmp_path):
+  from bmoe_jax.checkpoint import CorruptSaveError
+
+  out = convert_checkpoint(hf_dir, tmp_path / "conv", progress=False)
+  meta = json.loads((out / "bmoe_config.json").read_text())
+  wrong = {**meta, "config": {**meta["config"], "num_experts": meta["config"]["num_experts"] // 2}}
+  (out / "bmoe_config.json").write_text(json.dumps(wrong))
+  with pytest.raises(ValueError, match=r"bmoe_config.json: parameter .* has shape .*, the config says"):
+    load_params(out)
+  (out / "bmoe_config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "num_experts": "eight"}}))
+  with pytest.raises(ValueError, match="bmoe_config.json: invalid 'config' .*num_experts must be an integer"):
+    load_params(out)
+  (out / "bmoe_config.json").write_text("{not json")
+  with pytest.raises(CorruptSaveError, match="bmoe_config.json: not valid JSON"):
+    load_params(out)
+  (out / "bmoe_config.json").write_text(json.dumps(meta))
+  _damage(out / "params")
+  with pytest.raises(CorruptSaveError, match="params"):
+    load_params(out)

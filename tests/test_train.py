@@ -141,3 +141,22 @@ def test_cached_prefix_gives_the_same_fine_tune(setup):
   assert [h["val_nll"] for h in cached.history] == pytest.approx([h["val_nll"] for h in plain.history], rel=1e-5)
   assert T.first_trainable_layer(T.trainable_mask(params, cfg, "experts", layers=(1,))) == 1
   assert T.first_trainable_layer(T.trainable_mask(params, cfg, "all")) == 0
+
+
+def test_a_diverged_run_stops_with_the_step_and_keeps_only_finite_saves(setup, tmp_path):
+  """lr = 1e8 diverges: the run raises naming the step instead of returning (and saving) a NaN model, and the
+  saves it leaves behind are finite; a NaN gradient (here: a NaN in the trainable weights) stops step 1."""
+  from bmoe_jax.finite import NonFiniteError, nonfinite_leaves
+
+  cfg, params, train, val = setup
+  tc = T.TrainConfig(trainable="all", lr=1e8, epochs=20, eval_every=0, checkpoint_every=1, keep_checkpoints=1,
+                     warmup_steps=0, schedule="constant")
+  with pytest.raises(NonFiniteError, match=r"fine-tuning diverged at step (\d+) \(epoch \d+, batch \d+\): the loss "
+                                           r"or a gradient is not finite.*the last finite save, step \d+, is kept"):
+    T.finetune(params, Task(cfg, CLASSES), train, tc, checkpoint_dir=tmp_path, progress=False)
+  saved = T.load_checkpoints(tmp_path, params, cfg)
+  assert saved and not nonfinite_leaves(saved[-1][1])
+  bad = jax.tree.map(lambda a: a, params)
+  bad["layers"][0]["mlp"]["experts"]["w_up"] = bad["layers"][0]["mlp"]["experts"]["w_up"].at[0, 0, 0].set(jnp.nan)
+  with pytest.raises(NonFiniteError, match="diverged at step 1 .*nothing was saved"):
+    T.finetune(bad, Task(cfg, CLASSES), train, dataclasses.replace(tc, lr=1e-3), progress=False)

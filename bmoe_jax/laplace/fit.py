@@ -90,9 +90,9 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
                    "dtype": str(dtype), "config": cfg.to_dict(), "model": tree_digest(params),
                    "key": None if key is None else tree_digest(key)}
     run = ResumableRun(checkpoint_dir, fingerprint, keep=2, fingerprint_file="factor_pass.json")
-    if run.latest_step() is not None:
-      done = run.latest_step()
-      tree, saved_meta = run.restore(_state_tree(state))
+    got = run.resume(_state_tree(state))
+    if got is not None:
+      done, tree, saved_meta = got
       state = _tree_state(tree, state)
   from tqdm.auto import tqdm
 

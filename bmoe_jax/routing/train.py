@@ -204,9 +204,9 @@ def run_stage(stage: Stage, params, batches: Sequence[Batch], rtc: RouteTrainCon
   state = LoopState(0, stage.theta, stage.opt.init(stage.theta), stage.extra)
   history: list[dict] = []
   run = None if run_dir is None else ResumableRun(run_dir, fingerprint, keep=1, fingerprint_file="route_train.json")
-  if run is not None and run.latest_step() is not None:
-    saved, meta = run.restore(_flat(state))
-    state, history = _unflat(state, saved), list(meta.get("history", []))
+  got = None if run is None else run.resume(_flat(state))
+  if got is not None:
+    state, history = _unflat(state, got[1]), list(got[2].get("history", []))
   bar = tqdm(total=total, initial=state.step, desc=f"route-train {desc} {stage.name}",
              unit="batch", disable=not progress)
   losses = []

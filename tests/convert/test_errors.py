@@ -229,3 +229,74 @@ def test_deepseek_top1_is_not_renormalised(tmp_path):
   _edit_config(tmp_path, num_experts_per_tok=None)
   with pytest.raises(ConversionError, match="num_experts_per_tok is missing"):
     parse_hf_config(tmp_path)
+
+
+def _write_header(f, header: dict, duplicate: str):
+  """Rewrite ``f``'s header (same data) listing ``duplicate`` a second time, pointing at the next key's bytes (the
+  case where json's last-one-wins silently swaps two experts)."""
+  import struct
+  raw = f.read_bytes()
+  (hlen,) = struct.unpack("<Q", raw[:8])
+  keys = list(header)
+  other = header[keys[keys.index(duplicate) + 1]]
+  blob = json.dumps(header)[:-1] + ", " + json.dumps(duplicate) + ": " + json.dumps(other) + "}"
+  f.write_bytes(struct.pack("<Q", len(blob.encode())) + blob.encode() + raw[8 + hlen:])
+
+
+def _header(f):
+  import struct
+  raw = f.read_bytes()
+  (hlen,) = struct.unpack("<Q", raw[:8])
+  return json.loads(raw[8:8 + hlen])
+
+
+def test_a_key_listed_twice_in_one_header_is_refused(good, tmp_path):
+  d = _copy(good, tmp_path)
+  f = d / "model.safetensors"
+  header = _header(f)
+  key = "model.layers.0.mlp.experts.2.down_proj.weight"
+  header.pop("__metadata__", None)
+  compact = {k: header[k] for k in sorted(header)}
+  _write_header(f, compact, duplicate=key)
+  _raises(d, "model.safetensors", f"key '{key}' is listed twice")
+
+
+@pytest.mark.parametrize("field,value", [("shape", ["a", 2]), ("shape", [-1, 4]), ("data_offsets", [8, 4]),
+                                         ("data_offsets", [0]), ("shape", [True, 2])])
+def test_header_entries_with_bad_numbers_are_refused(good, tmp_path, field, value):
+  import struct
+  d = _copy(good, tmp_path)
+  blob = json.dumps({"x": {"dtype": "F32", "shape": [2, 1], "data_offsets": [0, 8], field: value}}).encode()
+  (d / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(8))
+  _raises(d, "header entry 'x' needs a shape of non-negative integers")
+
+
+def test_non_finite_and_integer_weights_are_refused(good, tmp_path):
+  d = _copy(good, tmp_path)
+  t = _tensors(d)
+  key = "model.layers.1.mlp.experts.4.up_proj.weight"
+  t[key][3, 5] = np.nan
+  t["model.norm.weight"][0] = np.inf
+  save_file(t, d / "model.safetensors")
+  msg = _raises(d, str(d), f"'{key}' (1 NaN, 0 inf)", "'model.norm.weight' (0 NaN, 1 inf)", "--allow-nonfinite")
+  assert "diverged" in msg
+  info, params = load_hf_checkpoint(d, progress=False, allow_nonfinite=True)  # explicitly allowed
+  assert np.isnan(params["layers"][1]["mlp"]["experts"]["w_up"][4]).sum() == 1
+  t = _tensors(good)
+  t["model.norm.weight"] = t["model.norm.weight"].astype(np.int32)
+  save_file(t, d / "model.safetensors")
+  _raises(d, "'model.norm.weight' has dtype int32; weights must be floating point")
+
+
+def test_unsupported_or_silently_lost_dtypes_are_refused(good, tmp_path):
+  from bmoe_jax.checkpoint import convert_checkpoint, load_model
+  import jax
+
+  with pytest.raises(ValueError, match="--dtype int8: parameters must be one of float32, bfloat16"):
+    convert_checkpoint(good, tmp_path / "a", dtype="int8", progress=False)
+  if not jax.config.jax_enable_x64:
+    with pytest.raises(ValueError, match="--dtype float64 needs JAX's 64-bit mode"):
+      convert_checkpoint(good, tmp_path / "b", dtype="float64", progress=False)
+  with pytest.raises(ValueError, match="dtype int32: parameters must be one of"):
+    load_model(good, dtype="int32")
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
