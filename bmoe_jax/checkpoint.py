@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.config import MoEConfig
+from bmoe_jax.files import first_line, read_json
 from bmoe_jax.identity import tree_digest
 
 FORMAT = "bmoe_jax/params-v1"
@@ -63,26 +64,7 @@ def restore_local(path: str | Path):
 
 
 class CorruptSaveError(ValueError):
-  """A save (orbax directory, JSON file) that cannot be read back."""
-
-
-def first_line(err: BaseException, limit: int = 200) -> str:
-  text = str(err).strip().splitlines()
-  return f"{type(err).__name__}: {text[0][:limit] if text else ''}"
-
-
-def read_json(file: str | Path) -> dict:
-  """A JSON object from ``file``, or one error naming the file (missing, not UTF-8, not JSON, not an object)."""
-  file = Path(file)
-  if not file.is_file():
-    raise FileNotFoundError(f"{file} not found")
-  try:
-    value = json.loads(file.read_text(encoding="utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as err:
-    raise CorruptSaveError(f"{file}: not valid JSON ({first_line(err)})") from None
-  if not isinstance(value, dict):
-    raise CorruptSaveError(f"{file}: expected a JSON object, got {type(value).__name__}")
-  return value
+  """A save (orbax directory, its JSON record) that cannot be read back."""
 
 
 def check_shapes(cfg: MoEConfig, params, where: str) -> None:

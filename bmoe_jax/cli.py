@@ -87,7 +87,9 @@ def _cmd_demo(args) -> int:
   from bmoe_jax.demo import DemoConfig, run_demo
   from bmoe_jax.pipeline import flags
 
+  from bmoe_jax.files import writable_dir
   cfg = flags.resolve(DemoConfig(), args)
+  writable_dir(args.out_dir, "out_dir")
   run_demo(cfg, args.out_dir, progress=not cfg.run.quiet)
   print((Path(args.out_dir) / "results.md").read_text())
   return 0
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
   warn_if_broken()  # once per process: every command's factors and predictives depend on it
   try:
     return args.fn(args)
-  except (ConversionError, DataError, ValueError, FileNotFoundError, FileExistsError) as err:
+  except (ConversionError, DataError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
     print(f"bmoe {args.command}: error: {err}", file=sys.stderr)
     return 2
 

@@ -64,6 +64,8 @@ def _command(name, root):
     command = flags.resolve(root(), args)
     if not command.run.model or not command.run.out:
       raise ValueError(f"bmoe {name}: missing --model and --out (flags or --config keys)")
+    from bmoe_jax.files import writable_dir
+    writable_dir(command.run.out)  # before the model loads, not after an hour of work
     t0 = time.perf_counter()
     mesh = None
     if command.run.mesh:

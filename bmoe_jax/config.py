@@ -13,6 +13,22 @@ SUPPORTED_ROPE_TYPES = ("default", "linear")
 SUPPORTED_SCORING = ("softmax", "select")
 
 
+def check_bounds(owner, bounds: dict[str, tuple]) -> None:
+  """Refuse fields of the dataclass ``owner`` outside ``bounds`` (``field: (low, high, strict)``, a bound None
+  when open; ``strict``: low excluded), naming the field and its command-line flag. None values pass (unset)."""
+  for name, (lo, hi, *strict) in bounds.items():
+    v = getattr(owner, name)
+    if v is None:
+      continue
+    strict = bool(strict and strict[0])
+    bad = (lo is not None and (v <= lo if strict else v < lo)) or (hi is not None and v > hi)
+    if bad or isinstance(v, bool) or not isinstance(v, (int, float)):
+      want = " and ".join(x for x in ((f"> {lo}" if strict else f">= {lo}") if lo is not None else "",
+                                      f"<= {hi}" if hi is not None else "") if x)
+      raise ValueError(f"{type(owner).__name__}.{name} (--{name.replace('_', '-')}) = {v!r}: expected a number "
+                       f"{want}")
+
+
 # the scalar fields' annotations -> (accepted Python types, what the message asks for)
 _SCALAR_KINDS = {"int": (int, "an integer"), "float": ((int, float), "a number"), "bool": (bool, "true or false"),
                  "str": (str, "a string")}

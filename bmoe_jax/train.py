@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bmoe_jax.config import MoEConfig
+from bmoe_jax.config import MoEConfig, check_bounds
 from bmoe_jax.checkpoint import ResumableRun
 from bmoe_jax.finite import NonFiniteError
 from bmoe_jax.identity import data_digest, tree_digest
@@ -57,8 +57,10 @@ class TrainConfig:
       raise ValueError(f"trainable={self.trainable!r}: expected one of {SUBSETS}")
     if self.schedule not in ("cosine", "linear", "constant"):
       raise ValueError(f"schedule={self.schedule!r}: expected cosine, linear or constant")
-    if self.grad_accum < 1 or self.epochs < 1 or self.keep_checkpoints < 1 or self.checkpoint_every < 1:
-      raise ValueError("grad_accum, epochs, keep_checkpoints and checkpoint_every must be >= 1")
+    check_bounds(self, {"lr": (0, None, True), "warmup_steps": (0, None), "warmup_ratio": (0, 1),
+                        "weight_decay": (0, None), "prior_precision": (0, None), "grad_accum": (1, None),
+                        "epochs": (1, None), "max_steps": (1, None), "eval_every": (0, None), "patience": (0, None),
+                        "checkpoint_every": (1, None), "keep_checkpoints": (1, None)})
 
 
 def trainable_mask(params, cfg: MoEConfig, which: str, layers: Sequence[int] | None = None):

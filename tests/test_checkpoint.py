@@ -154,7 +154,7 @@ def test_a_damaged_or_mismatched_model_directory_is_refused(hf_dir, tmp_path):
   with pytest.raises(ValueError, match="bmoe_config.json: invalid 'config' .*num_experts must be an integer"):
     load_params(out)
   (out / "bmoe_config.json").write_text("{not json")
-  with pytest.raises(CorruptSaveError, match="bmoe_config.json: not valid JSON"):
+  with pytest.raises(ValueError, match="bmoe_config.json: not valid JSON"):
     load_params(out)
   (out / "bmoe_config.json").write_text(json.dumps(meta))
   _damage(out / "params")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from bmoe_jax.config import check_bounds
 from bmoe_jax.data.batches import STYLES
 from bmoe_jax.data.continuation import NORMS
 from bmoe_jax.laplace.posterior import PRIOR_MEANS, PRIOR_MODES
@@ -65,6 +66,8 @@ class DataConfig:
   def __post_init__(self):
     _choice("scoring", self.scoring, STYLES)
     _choice("norm", self.norm, NORMS)
+    check_bounds(self, {"max_train": (1, None), "max_eval": (1, None), "batch_size": (1, None),
+                        "max_length": (1, None)})
 
   def resolved(self) -> "DataConfig":
     """The data directory from ``$BMOE_DATA_DIR`` if unset, and every unset spec from its suite."""
@@ -103,6 +106,10 @@ class FitConfig:
     _choice("laplace_router", self.laplace_router, ("off", "with", "only"))
     if self.rank == 0:  # 0 on the command line: full factors
       object.__setattr__(self, "rank", None)
+    check_bounds(self, {"rank": (1, None), "fixed_prior": (0, None, True)})
+    lo, hi, n = self.grid
+    if not (0 < lo < hi and int(n) >= 2):
+      raise ValueError(f"FitConfig.grid (--grid) = {self.grid}: expected low > 0, high > low and >= 2 points")
     if self.prior_mean == "map" and self.prior != "grid":
       raise ValueError(f"prior_mean='map' with prior={self.prior!r}: centred at the MAP the evidence grows with "
                        "the prior precision forever; use prior='grid', or prior_mean='pretrained' / 'zero'")
@@ -140,9 +147,8 @@ class EvalConfig:
 
   def __post_init__(self):
     _choice("link", self.link, LINKS)
-    if self.route_samples < 1 or self.sample_temperature <= 0:
-      raise ValueError(f"route_samples={self.route_samples} (>= 1), sample_temperature={self.sample_temperature} "
-                       "(> 0)")
+    check_bounds(self, {"dropout": (0, 1), "dropout_samples": (1, None), "route_samples": (1, None),
+                        "sample_temperature": (0, None, True), "stability_batches": (1, None)})
     from bmoe_jax.pipeline.methods import METHODS
     bad = sorted(set(self.methods) - set(METHODS))
     if bad:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import re
 from pathlib import Path
 from typing import Any
+
+from bmoe_jax.files import read_json
 
 
 def _comments(cls) -> dict[str, str]:
@@ -87,9 +88,7 @@ def resolve(root, args: argparse.Namespace):
   values: dict[str, Any] = {}
   if getattr(args, "config", None):
     path = Path(args.config)
-    if not path.is_file():
-      raise FileNotFoundError(f"--config {path}: no such file")
-    given = {k.replace("-", "_"): v for k, v in json.loads(path.read_text()).items()}
+    given = {k.replace("-", "_"): v for k, v in read_json(path, "--config").items()}
     unknown = sorted(set(given) - set(fields))
     if unknown:
       raise ValueError(f"{path}: unknown keys {unknown}; expected some of {sorted(fields)}")

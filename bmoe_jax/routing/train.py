@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from bmoe_jax.checkpoint import ResumableRun
+from bmoe_jax.config import check_bounds
 from bmoe_jax.identity import data_digest, tree_digest
 from bmoe_jax.routing import routers as R
 from bmoe_jax.routing import swag as S
@@ -60,8 +61,9 @@ class RouteTrainConfig:
   seed: int = 0
 
   def __post_init__(self):
-    if self.route_epochs < 1 or self.route_lr <= 0 or self.route_checkpoint_every < 1:
-      raise ValueError("route_epochs and route_checkpoint_every must be >= 1 and route_lr > 0")
+    check_bounds(self, {"route_lr": (0, None, True), "route_epochs": (1, None), "kl_beta": (0, None),
+                        "temp_reg": (0, None), "swag_lr": (0, None, True), "init_noise": (0, None),
+                        "route_checkpoint_every": (1, None)})
 
 
 def parse_layers(cfg, spec: str) -> tuple[int, ...]:
