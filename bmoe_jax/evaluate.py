@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from bmoe_jax import metrics as M
+from bmoe_jax.finite import NonFiniteError
 from bmoe_jax.task import Batch
 
 TABLE_METRICS = ("acc", "ece", "nll", "brier")
@@ -43,8 +44,17 @@ def collect(method, batches: Sequence[Batch], progress: bool = False, desc: str 
   from tqdm.auto import tqdm
 
   probs, labels = [], []
-  for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
-    probs.append(np.asarray(method(b), np.float64))
+  for i, b in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+    empty = np.flatnonzero(~np.asarray(b.mask_bs).astype(bool).any(-1))
+    if empty.size:
+      raise ValueError(f"{desc or 'evaluation'}: batch {i} rows {empty[:8].tolist()} are all padding (mask all "
+                       "zero): there is nothing to predict; drop those rows")
+    p = np.asarray(method(b), np.float64)
+    if not np.isfinite(p).all():
+      rows = np.flatnonzero(~np.isfinite(p).all(-1))
+      raise NonFiniteError(f"{desc or 'method'}: non-finite probabilities in batch {i} (rows {rows[:8].tolist()} "
+                           "of it): check the model's weights (NaN?) and the method's posterior or inputs")
+    probs.append(p)
     labels.append(np.asarray(b.labels_b))
   return np.concatenate(probs), np.concatenate(labels)
 

@@ -34,3 +34,18 @@ def test_evaluate_writes_consistent_reports(tmp_path):
       assert (tmp_path / "plots" / f"reliability_{name}_{ds}.png").stat().st_size > 1000
   with pytest.raises(ValueError, match="in_distribution='obqa'"):
     evaluate(methods, data, in_distribution="obqa", progress=False)
+
+
+def test_non_finite_predictions_and_empty_rows_are_named():
+  from bmoe_jax.finite import NonFiniteError
+
+  cfg = B.tiny_config(num_experts=4)
+  params = B.init_params(cfg, jax.random.key(0), std=0.3)
+  data = synthetic_task(cfg, 2)
+  bad = jax.tree.map(lambda a: a, params)
+  bad["final_norm"] = jax.tree.map(lambda a: a * np.nan, bad["final_norm"])
+  with pytest.raises(NonFiniteError, match=r"map/id: non-finite probabilities in batch 0 \(rows \[0, 1,"):
+    evaluate({"map": BL.map_method(bad, Task(cfg, CLASSES))}, {"id": data}, progress=False)
+  empty = data[1]._replace(mask_bs=data[1].mask_bs.at[3].set(0))
+  with pytest.raises(ValueError, match=r"map/id: batch 1 rows \[3\] are all padding"):
+    evaluate({"map": BL.map_method(params, Task(cfg, CLASSES))}, {"id": [data[0], empty]}, progress=False)

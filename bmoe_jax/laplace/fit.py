@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.checkpoint import ResumableRun
+from bmoe_jax.finite import NonFiniteError, nonfinite_leaves
 from bmoe_jax.identity import DataDigest, tree_digest
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace.posterior import Posterior
@@ -110,9 +111,11 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
       state = step(state, params, batch=batch, key=sub)
       bar.update(1)
       if run is not None and i % checkpoint_every == 0:
+        _check_finite(state, i)
         run.save(i, _state_tree(state), {"data": seen.value()})
     if i < done:
       raise ValueError(f"{checkpoint_dir} holds a pass over {done} batches but the data has only {i}")
+    _check_finite(state, max(i, done))
     if run is not None:
       run.save(max(i, done), _state_tree(state), {"data": seen.value()})
   finally:
@@ -120,6 +123,16 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
     if run is not None:
       run.close()
   return state
+
+
+def _check_finite(state: kfac.FactorState, batches: int) -> None:
+  """Non-finite statistics name the lowest block holding them (a NaN propagates upwards from there)."""
+  bad = sorted(blk for blk, st in state.stats.items() if nonfinite_leaves(st))
+  if bad or not np.isfinite(np.asarray(state.log_lik)):
+    where = f"first in block {bad[0]} ({len(bad)} blocks: {', '.join(map(str, bad[:6]))})" if bad else \
+        "in the log-likelihood"
+    raise NonFiniteError(f"K-FAC factor pass: non-finite statistics after {batches} batches, {where}: the model's "
+                         "weights or activations hold NaN / inf at or below that layer; check the model")
 
 
 def _check_same_data(checkpoint_dir, saved_meta: dict, seen: dict) -> None:

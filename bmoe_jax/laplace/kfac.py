@@ -153,6 +153,12 @@ def label_cotangents(f_bc, labels_b, mode: str, key=None):
   return ct_lbc, w_lb
 
 
+def nonempty_rows(batch: Batch) -> jax.Array:
+  """[b] bool: the rows holding at least one real token. An all-padding row (a batch padded to a fixed size)
+  is no sequence: it adds no rows, no count and no log-likelihood to a factor pass."""
+  return jnp.any(batch.mask_bs.astype(bool), axis=-1)
+
+
 def _rows(a_bskf, g_lbskd, expert_bsk, batch: Batch, mode):
   """Select the rows each token mode uses: returns a [rows, f], g [labels, rows, d], expert [rows],
   row weight [rows] (0 for rows that must not count). ``last``: the positions whose logits enter the
@@ -164,7 +170,7 @@ def _rows(a_bskf, g_lbskd, expert_bsk, batch: Batch, mode):
     take = lambda x: jnp.take_along_axis(x, pos_b.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)
     a_bskf, expert_bsk = take(a_bskf), take(expert_bsk)
     g_lbskd = jax.vmap(take)(g_lbskd)
-    valid_bs = jnp.ones((b, 1), bool)
+    valid_bs = nonempty_rows(batch)[:, None]
   elif mode == "last":
     valid_bs = output_mask(batch) & batch.mask_bs.astype(bool)
   else:
@@ -211,7 +217,8 @@ def _block_rows(params, task: Task, batch: Batch, spec: FactorSpec, key):
 
   f_bc, pullback, taps = jax.vjp(f, zero, has_aux=True)
   f_bc = jax.lax.stop_gradient(f_bc)
-  log_lik = jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(f_bc), batch.labels_b[:, None], axis=1))
+  ll_b = jnp.take_along_axis(jax.nn.log_softmax(f_bc), batch.labels_b[:, None], axis=1)[:, 0]
+  log_lik = jnp.sum(jnp.where(nonempty_rows(batch), ll_b, 0.0))
   ct_lbc, w_lb = label_cotangents(f_bc, batch.labels_b, spec.labels, key)
   grads = jax.vmap(lambda ct: pullback(ct)[0])(ct_lbc)
   out = {}
@@ -310,7 +317,7 @@ def update(state: FactorState, params, task: Task, batch: Batch, spec: FactorSpe
         old.rows_e + jnp.bincount(slot, length=num_e + 1)[:-1],
         old.a_tr_e + per_expert(jnp.sum(jnp.square(a.astype(dt)), -1)),
         old.g_tr_e + per_expert(jnp.sum(w.astype(dt)[..., None] * jnp.square(g.astype(dt)), (0, 2))))
-  return FactorState(stats, state.num_sequences + batch.tokens_bs.shape[0],
+  return FactorState(stats, state.num_sequences + jnp.sum(nonempty_rows(batch)).astype(state.num_sequences.dtype),
                      state.log_lik + log_lik.astype(state.log_lik.dtype))
 
 

@@ -124,3 +124,25 @@ def test_choice_mask_removes_missing_choices():
   pred = PR.predict(post, params, Task(cfg, C4), masked, link="probit")
   assert float(pred.probs_bc[0, 3]) < 1e-30 and np.allclose(pred.probs_bc.sum(-1), 1, atol=1e-6)
   assert np.all(np.asarray(pred.f_cov_bcc[0, 3]) == 0) and np.abs(np.asarray(pred.f_cov_bcc[0, :3, :3])).max() > 0
+
+
+@pytest.mark.parametrize("tokens", ["last", "expand", "reduce"])
+def test_all_padding_rows_add_nothing(tokens):
+  """A batch padded with empty rows (mask all zero) gives the factors, sequence count and log-likelihood of the
+  batch without them; NaN weights are named by the lowest block they reach."""
+  from bmoe_jax.finite import NonFiniteError
+
+  cfg, params, batch = _setup()
+  spec = kfac.FactorSpec(layers=(1,), tokens=tokens)
+  pad = jax.tree.map(lambda x: jnp.zeros_like(x[:2]), batch)
+  padded = jax.tree.map(lambda x, p: jnp.concatenate([x, p]), batch, pad)
+  one = lambda b: kfac.update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), b, spec)
+  want, got = one(batch), one(padded)
+  assert int(got.num_sequences) == int(want.num_sequences) == batch.tokens_bs.shape[0]
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # float noise of another batch size only
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.abs(np.asarray(y)).max()))
+  bad = jax.tree.map(lambda a: a, params)
+  bad["layers"][1]["mlp"]["experts"]["w_up"] = bad["layers"][1]["mlp"]["experts"]["w_up"] * jnp.nan
+  if tokens == "last":
+    with pytest.raises(NonFiniteError, match=r"non-finite statistics after 1 batches, first in block 1.routed"):
+      B.laplace.fit_factors(bad, Task(cfg, CLASSES), [batch], spec, progress=False)
