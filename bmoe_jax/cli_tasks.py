@@ -5,6 +5,7 @@ stages' configs (plus ``--config FILE.json``, flags win), one stage each (``bmoe
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +60,11 @@ def register(sub) -> dict:
   return parsers
 
 
+def _log(c):
+  """Reports for the user (stderr), unless --quiet."""
+  return None if c.run.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+
+
 def _command(name, root):
   def run(args) -> int:
     command = flags.resolve(root(), args)
@@ -92,7 +98,7 @@ def _finetune(c: FinetuneCommand, mesh) -> dict:
   from bmoe_jax.pipeline import stages as ST
 
   params, cfg, tok = ST.load_model(c.run, mesh)
-  batches, task, infos = ST.load_data(c.data, tok, cfg, ("train", "val"), c.run.seed, mesh)
+  batches, task, infos = ST.load_data(c.data, tok, cfg, ("train", "val"), c.run.seed, mesh, _log(c))
   tc = dataclasses.replace(c.train, seed=c.run.seed)
   res = ST.finetune(params, task, batches, tc, c.run.out, pretrained=params, progress=not c.run.quiet,
                     cache_prefix=c.run.cache_prefix)
@@ -112,7 +118,7 @@ def _fit(c: FitCommand, mesh) -> dict:
 
   params, cfg, tok = ST.load_model(c.run, mesh)
   splits = ("train", "val") if c.fit.prior == "grid" else ("train",)
-  batches, task, infos = ST.load_data(c.data, tok, cfg, splits, c.run.seed, mesh)
+  batches, task, infos = ST.load_data(c.data, tok, cfg, splits, c.run.seed, mesh, _log(c))
   if c.run.cache_prefix:
     start = min(LA.kfac.select_layers(cfg, c.fit.layers()))
     task, batches = ST.cache_prefix(params, task, batches, start, not c.run.quiet)
@@ -130,7 +136,7 @@ def _route_train(c: RouteTrainCommand, mesh) -> dict:
   from bmoe_jax.routing.train import parse_layers
 
   params, cfg, tok = ST.load_model(c.run, mesh)
-  batches, task, infos = ST.load_data(c.data, tok, cfg, ("train",), c.run.seed, mesh)
+  batches, task, infos = ST.load_data(c.data, tok, cfg, ("train",), c.run.seed, mesh, _log(c))
   if c.run.cache_prefix:
     task, batches = ST.cache_prefix(params, task, batches, min(parse_layers(cfg, c.route.route_layers)),
                                     not c.run.quiet)
@@ -148,7 +154,7 @@ def _evaluate(c: EvaluateCommand, mesh) -> dict:
   params, cfg, tok = ST.load_model(c.run, mesh)
   names = c.eval.methods
   splits = ("eval",) + (("val",) if "ts" in names else ()) + (("train",) if "llla" in names else ())
-  batches, task, infos = ST.load_data(c.data, tok, cfg, splits, c.run.seed, mesh)
+  batches, task, infos = ST.load_data(c.data, tok, cfg, splits, c.run.seed, mesh, _log(c))
   if c.run.cache_prefix:
     task, batches = ST.cache_prefix(params, task, batches, min(cfg.moe_layer_ids, default=0), not c.run.quiet)
   ctx = Context(params, task, train=batches.get("train", []), val=batches.get("val", []), seed=c.run.seed,

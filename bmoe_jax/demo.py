@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def _run_demo(cfg: DemoConfig, out: Path, progress: bool, mesh) -> dict:
   dense, (mcfg, mparams), tok, provenance = _upcycled(cfg, progress, mesh)
   clock.stage("load + upcycle", t)
   t = time.perf_counter()
-  data, task, infos = ST.load_data(cfg.data, tok, mcfg, ("train", "val", "eval"), seed, mesh)
+  log = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else None
+  data, task, infos = ST.load_data(cfg.data, tok, mcfg, ("train", "val", "eval"), seed, mesh, log)
   moe_err = preservation_check(dense, (mcfg, mparams), data["val"][:2])
   del dense
   clock.stage("data + upcycling check", t)

@@ -6,24 +6,38 @@ One parser per row format (each raises ``RowError`` naming the bad field); ``rea
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Iterator
 
-from bmoe_jax.data.records import LETTERS, MCExample, RowError, field, make_example
+from bmoe_jax.data.records import LETTERS, DataError, MCExample, RowError, field, make_example
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, object]]:
-  """(line number, parsed row) for a .jsonl or .csv file; a JSON syntax error yields a RowError."""
+  """(line number, parsed row) for a .jsonl or .csv file (UTF-8, a byte-order mark allowed); a line that is not
+  JSON or not UTF-8 yields a RowError; a CSV file that is not UTF-8 raises a DataError naming the line."""
   if path.suffix == ".csv":
-    with path.open(newline="", encoding="utf-8") as fh:
-      reader = csv.DictReader(fh)
-      for row in reader:
-        yield reader.line_num, row
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+      line = raw[:err.start].count(b"\n") + 1
+      raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); re-save the file as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for row in reader:
+      yield reader.line_num, row
     return
-  with path.open(encoding="utf-8") as fh:
-    for i, line in enumerate(fh, start=1):
+  with path.open("rb") as fh:
+    for i, raw in enumerate(fh, start=1):
+      raw = raw.removeprefix(codecs.BOM_UTF8) if i == 1 else raw
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as err:
+        yield i, RowError(f"not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1})")
+        continue
       if not line.strip():
         continue
       try:

@@ -43,14 +43,17 @@ class LoadReport:
   rows: int = 0
   kept: int = 0
   skipped: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)  # (file, line, reason)
+  duplicates: list[str] = dataclasses.field(default_factory=list)  # example ids kept more than once
 
   def summary(self) -> str:
     head = f"{self.source}: {self.kept} of {self.rows} rows kept"
-    if not self.skipped:
-      return head
-    shown = "; ".join(f"{f}:{line}: {why}" for f, line, why in self.skipped[:3])
-    more = f" (+{len(self.skipped) - 3} more)" if len(self.skipped) > 3 else ""
-    return f"{head}, {len(self.skipped)} skipped: {shown}{more}"
+    if self.skipped:
+      shown = "; ".join(f"{f}:{line}: {why}" for f, line, why in self.skipped[:3])
+      more = f" (+{len(self.skipped) - 3} more)" if len(self.skipped) > 3 else ""
+      head = f"{head}, {len(self.skipped)} skipped: {shown}{more}"
+    if self.duplicates:
+      head += f"; {len(self.duplicates)} ids occur more than once (e.g. {', '.join(self.duplicates[:3])})"
+    return head
 
 
 def field(row: dict, name: str, kind=str):

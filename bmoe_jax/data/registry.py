@@ -18,6 +18,7 @@ the ``test`` splits are the whole validation sets.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -164,6 +165,8 @@ def load(name: str, split: str, *, data_dir: str | Path | None = None, hub: str 
     examples, report = H.load_hub(name, split, bench, hub or None, subjects, on_error)
   else:
     examples, report = _load_local(name, root, source, bench, subjects, on_error)
+  counts = collections.Counter(e.uid for e in examples)
+  report.duplicates = sorted(uid for uid, n in counts.items() if n > 1)
   from_hub = hub is not None or root is None
   if source.carve is not None and not from_hub:  # the hub has the real training sets: nothing to carve
     examples = carve(examples, *source.carve, seed)

@@ -66,11 +66,13 @@ def load_examples(spec: str, data_dir=None, max_examples: int | None = None, see
   name, split, subjects = parse_spec(spec)
   ds = D.load(name, split, data_dir=data_dir, subjects=subjects, seed=seed)
   examples = ds.examples
+  if not examples:
+    raise D.DataError(f"{spec}: no usable examples ({ds.report.summary()})")
   if max_examples is not None and len(examples) > max_examples:
     keep = np.sort(np.random.RandomState(seed).permutation(len(examples))[:max_examples])
     examples = [examples[i] for i in keep]
   info = {"spec": spec, "rows": ds.report.rows, "kept": ds.report.kept, "skipped": len(ds.report.skipped),
-          "used": len(examples), "note": ds.note}
+          "used": len(examples), "note": ds.note, "report": ds.report.summary()}
   return name, examples, info
 
 

@@ -40,10 +40,11 @@ def load_model(run: RunConfig, mesh=None):
   return PD.load_model_and_tokenizer(run.model, run.tokenizer, mesh=mesh)
 
 
-def load_data(data: DataConfig, tok, cfg, splits: Sequence[str], seed: int = 0, mesh=None):
+def load_data(data: DataConfig, tok, cfg, splits: Sequence[str], seed: int = 0, mesh=None, log=None):
   """(batches {train, val, <eval keys>}, task, infos) of the wanted ``splits`` (train | val | eval: the
   test set and every shift set), scored as ``data.scoring`` with one number of classes C for all of them
-  (and one set of answer letters when lettered)."""
+  (and one set of answer letters when lettered). ``log``: called with each set's load report (rows kept and
+  skipped, the first reasons, duplicate ids)."""
   data = data.resolved()
   specs = {}
   if "train" in splits:
@@ -53,6 +54,9 @@ def load_data(data: DataConfig, tok, cfg, splits: Sequence[str], seed: int = 0, 
   if "eval" in splits:
     specs.update({PD.eval_key(s): (s, data.max_eval) for s in (data.test,) + tuple(data.shift)})
   loaded = {k: PD.load_examples(spec, data.data_dir, n, seed) for k, (spec, n) in specs.items()}
+  for k, (_, _, info) in loaded.items():
+    if log is not None:
+      log(f"data {k}: {info['report']}" + (f" ({info['used']} used)" if info["used"] != info["kept"] else ""))
   num_classes = max(len(e.choices) for _, examples, _ in loaded.values() for e in examples)
   batches, infos, class_ids = {}, {}, None
   for k, ld in loaded.items():

@@ -188,3 +188,33 @@ def test_synthetic_suite():
   assert len(ds.examples) == S.SIZES["dev"] and ds.note.startswith("SYNTHETIC")
   with pytest.raises(ValueError, match="only its 'test' split"):
     S.generate("synthetic_capitals", "train")
+
+
+def test_encodings_byte_order_marks_and_duplicate_ids(tmp_path):
+  """A BOM keeps the first row; a line that is not UTF-8 is skipped naming its line (JSONL) or refused naming
+  it (CSV); ids that occur twice are reported; a file with nothing usable is one DataError with the reasons."""
+  from bmoe_jax.pipeline.data import load_examples
+
+  good = {"id": "q1", "question": "Q?", "choices": ["a", "b", "c", "d"], "label": 2}
+  path = tmp_path / "obqa" / "train.jsonl"
+  path.parent.mkdir(parents=True)
+  lines = [b"\xef\xbb\xbf" + json.dumps(good).encode(), json.dumps({**good, "id": "q2"}).encode(),
+           b'{"id": "q3", "question": "caf\xe9?", "choices": ["a", "b", "c", "d"], "label": 1}',
+           json.dumps(good).encode()]  # 4: q1 again
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  ds = D.load("obqa", "train", data_dir=tmp_path)
+  assert [e.uid for e in ds.examples] == ["q1", "q2", "q1"]
+  assert ds.report.skipped == [(str(path), 3, "not UTF-8 text (byte 0xe9 at column 30)")]
+  assert ds.report.duplicates == ["q1"] and "1 ids occur more than once (e.g. q1)" in ds.report.summary()
+  csv_path = tmp_path / "mmlu" / "test" / "toy_test.csv"
+  csv_path.parent.mkdir(parents=True)
+  csv_path.write_bytes(b"\xef\xbb\xbfquestion,choice0,choice1,choice2,choice3,answer\nWhat?,a,b,c,d,3\n"
+                       b"Wh\xffy?,a,b,c,d,1\n")
+  with pytest.raises(D.DataError, match=r"toy_test.csv:3: not UTF-8 text \(byte 0xff\)"):
+    D.load("mmlu", "test", data_dir=tmp_path)
+  csv_path.write_bytes(b"\xef\xbb\xbfquestion,choice0,choice1,choice2,choice3,answer\nWhat?,a,b,c,d,3\n")
+  assert [e.label for e in D.load("mmlu", "test", data_dir=tmp_path).examples] == [3]  # the BOM header parses
+  path.write_bytes(json.dumps({"id": "x", "question": "Q?"}).encode() + b"\n")
+  with pytest.raises(D.DataError, match=r"obqa:train: no usable examples \(.*0 of 1 rows kept, 1 skipped: "
+                                        r".*train.jsonl:1: missing field 'choices'"):
+    load_examples("obqa:train", tmp_path)
