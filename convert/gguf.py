@@ -1,5 +1,5 @@
 """Reading a dense llama GGUF file (llama.cpp's format) as an HF llama checkpoint: config dict + HF-named
-float32 tensors in torch layout, and the tokenizer through transformers.
+float32 tensors in torch layout (the tokenizer: ``convert.gguf_tokenizer``).
 
 Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised to float32 with the ``gguf`` package.
 llama.cpp's converter permutes the rows of q_proj/k_proj (rotary halves -> interleaved pairs, per head);
@@ -148,15 +148,3 @@ def read_gguf(path: str | Path, progress: bool = False) -> tuple[dict[str, Any],
       a = unpermute_rotary(a, int(heads[m["name"]]))
     out[key] = a
   return cfg, out
-
-
-def gguf_tokenizer(path: str | Path):
-  """The tokenizer stored in the GGUF file, built by transformers (``from_pretrained(gguf_file=)``)."""
-  from transformers import AutoTokenizer
-
-  path = Path(path)
-  try:
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  except Exception as err:
-    raise ConversionError(f"{path}: transformers could not build the tokenizer from the GGUF metadata "
-                          f"({type(err).__name__}: {err})") from None

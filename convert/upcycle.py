@@ -134,7 +134,8 @@ def load_dense(source: str | Path, progress: bool = False):
 
   source = Path(source)
   if source.suffix == ".gguf":
-    from convert.gguf import gguf_tokenizer, read_gguf
+    from convert.gguf import read_gguf
+    from convert.gguf_tokenizer import gguf_tokenizer
     raw, tensors = read_gguf(source, progress=progress)
     info = parse_hf_config_dict(raw, str(source))
     params = params_from_tensors(info, tensors, str(source))

@@ -4,6 +4,9 @@ batches give the same numbers as full forwards."""
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -66,9 +69,14 @@ def test_demo_real_data_cli(tiny_llama, tmp_path, shared_data):
   cfg.write_text(json.dumps({"max_train": 16, "max_eval": 8, "epochs": 1, "batch_size": 8, "rank": 4,
                              "num_experts": 4, "moe_layers": "top:1", "eval_every": 0, "shared_neurons": 8,
                              "calib_tokens": 512}))
-  assert main(["demo", "--config", str(cfg), "--source", str(tiny_llama), "--data-dir", str(shared_data),
-               "--shift", "arc_challenge:test,mmlu:test:astronomy", "--out-dir", str(tmp_path / "out"),
-               "--mesh", "data=1", "--quiet"]) == 0  # the mesh code path (multi-device: tests/sharding)
+  argv = ["demo", "--config", str(cfg), "--source", str(tiny_llama), "--data-dir", str(shared_data),
+          "--shift", "arc_challenge:test,mmlu:test:astronomy", "--out-dir", str(tmp_path / "out"),
+          "--mesh", "data=1", "--quiet"]  # the mesh code path (multi-device: tests/sharding)
+  # the main job runs without torch (the README installs no test extras): any import of torch fails here
+  code = f"import sys; sys.modules['torch'] = None\nfrom bmoe_jax.cli import main\nsys.exit(main({argv!r}))"
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2])
+  assert res.returncode == 0, res.stderr[-3000:]
   s = json.loads((tmp_path / "out" / "demo.json").read_text())
   assert s["data"]["suite"] == "real benchmarks" and s["model"]["moe_layers"] == [2]
   assert json.loads((tmp_path / "out" / "config.json").read_text())["run"]["mesh"] == "data=1"
