@@ -35,16 +35,48 @@ class CheckpointInfo(NamedTuple):
   fp8_block: tuple[int, int] | None  # block size of fp8 weight_scale_inv dequantisation
 
 
+# the kind of the common attributes that have no family default (an example value of the kind)
+COMMON_KINDS = {"vocab_size": 0, "hidden_size": 0, "num_hidden_layers": 0, "num_attention_heads": 0,
+                "num_key_value_heads": 0, "head_dim": 0, "rms_norm_eps": 0.0, "tie_word_embeddings": False,
+                "max_position_embeddings": 0, "rope_theta": 0.0, "hidden_act": ""}
+
+
+def kind_error(value, like) -> str | None:
+  """What is wrong with ``value`` for an attribute whose default (or kind) is ``like``; None when it fits.
+  null is left to the family (some attributes mean "unset" by it)."""
+  if value is None or like is None:
+    return None
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(like, bool):
+    return None if isinstance(value, bool) else "expected true or false"
+  if isinstance(like, int):
+    return None if number and float(value).is_integer() else "expected an integer"
+  if isinstance(like, float):
+    return None if number else "expected a number"
+  if isinstance(like, str):
+    return None if isinstance(value, str) else "expected a string"
+  if isinstance(like, (list, tuple)):
+    return None if isinstance(value, (list, tuple)) else "expected a list"
+  return None
+
+
 class Getter:
-  """Reads config attributes with the family's HF defaults; only declared attributes may be read."""
+  """Reads config attributes with the family's HF defaults; only declared attributes may be read, and a value
+  of another kind than its default's (a string for an integer, 1 for true) is refused naming it."""
 
   def __init__(self, raw: dict[str, Any], defaults: dict[str, Any], handled: frozenset, where: str):
     self.raw, self.defaults, self.handled, self.where = raw, defaults, handled, where
+    self.last = None  # the attribute read last (named when converting its value fails)
 
   def __call__(self, name: str):
     assert name in self.handled, f"family table reads undeclared attribute {name}"
+    self.last = name
     if name in self.raw:
-      return self.raw[name]
+      value = self.raw[name]
+      wrong = kind_error(value, self.defaults.get(name, COMMON_KINDS.get(name)))
+      if wrong:
+        raise ConversionError(f"{self.where}: attribute {name!r} = {value!r}: {wrong}")
+      return value
     if name in self.defaults:
       return self.defaults[name]
     raise ConversionError(f"{self.where}: required attribute {name!r} is missing")
@@ -129,8 +161,14 @@ def parse_hf_config_dict(raw: dict[str, Any], where: str) -> CheckpointInfo:
         f"{where}: attributes {unknown} are not handled by the {fam.name} converter; refusing to guess "
         "their effect (if one has no effect on inference, add it to the family's ignored list)")
   g = Getter(raw, fam.defaults, handled, where)
-  fields = common_fields(g)
-  fields.update(fam.build(g, fields))
+  try:
+    fields = common_fields(g)
+    fields.update(fam.build(g, fields))
+  except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as err:
+    if isinstance(err, ConversionError):
+      raise
+    raise ConversionError(f"{where}: attribute {g.last!r} = {raw.get(g.last, '(default)')!r} cannot be used "
+                          f"({type(err).__name__}: {err})") from None
   try:
     cfg = MoEConfig(family=fam.name, **fields)
   except ValueError as err:
