@@ -34,7 +34,8 @@ def nonfinite_leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
 
 def describe(bad: list[tuple[str, np.ndarray]], limit: int = 5) -> str:
   """``name (n NaN, m inf of size), ...`` for the first ``limit`` non-finite leaves."""
-  parts = [f"{name} ({int(np.isnan(a).sum())} NaN, {int(np.isinf(a).sum())} inf of {a.size})" for name, a in bad[:limit]]
+  parts = [f"{name} ({int(np.isnan(a).sum())} NaN, {int(np.isinf(a).sum())} inf of {a.size})"
+           for name, a in bad[:limit]]
   return ", ".join(parts) + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
 
 

@@ -201,10 +201,9 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
   fwd = jax.jit(lambda p, b: batch_loss(p, task, b))
   state = TrainState(0, train0, opt.init(train0), float("inf"), train0, 0)
   history: list[dict] = []
-  run = None
-  if checkpoint_dir is not None:
-    run = ResumableRun(checkpoint_dir, {**_fingerprint(tc, task.cfg), **identity}, keep=tc.keep_checkpoints,
-                       fingerprint_file=FINGERPRINT_FILE)
+  run = None if checkpoint_dir is None else ResumableRun(checkpoint_dir, {**_fingerprint(tc, task.cfg), **identity},
+                                                         keep=tc.keep_checkpoints, fingerprint_file=FINGERPRINT_FILE)
+  if run is not None:
     state, history = _restore(run, state)
   from tqdm.auto import tqdm
 
@@ -215,17 +214,14 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
       epoch, pos = divmod(state.step, len(train_batches))
       i = np.random.RandomState(tc.seed + epoch).permutation(len(train_batches))[pos]
       train, opt_state, loss, _ = step_fn(state.train, state.opt_state, train_batches[i], frozen, anchor)
-      if not np.isfinite(float(loss)):
-        raise NonFiniteError(_diverged(state.step + 1, epoch, i, tc, run))
+      _require_finite_loss(float(loss), state.step + 1, epoch, i, tc, run)
       state = state._replace(step=state.step + 1, train=train, opt_state=opt_state)
       bar.update(1)
       bar.set_postfix(loss=f"{float(loss):.4f}")
       opt_step = state.step // tc.grad_accum
       if state.step % tc.grad_accum == 0 and tc.eval_every and opt_step % tc.eval_every == 0 and val_batches:
         nll, acc = evaluate_nll(merge(state.train, frozen), task, val_batches, fwd)
-        if not np.isfinite(nll):
-          raise NonFiniteError(_diverged(state.step, epoch, i, tc, run).replace("the loss or a gradient",
-                                                                               "the validation NLL"))
+        _require_finite_loss(nll, state.step, epoch, i, tc, run, "the validation NLL")
         history.append({"step": opt_step, "train_loss": float(loss), "val_nll": nll, "val_acc": acc})
         state, stopped = _early_stopping(state, nll, tc.patience)
       if run is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped):
@@ -238,13 +234,17 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
   return TrainResult(merge(best, frozen), history, state)
 
 
-def _diverged(step: int, epoch: int, batch: int, tc: TrainConfig, run: ResumableRun | None) -> str:
+def _require_finite_loss(loss: float, step: int, epoch: int, batch: int, tc: TrainConfig, run: ResumableRun | None,
+                         what: str = "the loss or a gradient") -> None:
+  """A diverged step stops the run: ``NonFiniteError`` naming the step and the last (finite) save kept."""
+  if np.isfinite(loss):
+    return
   last = None if run is None else run.latest_step()
   kept = (f"the last finite save, step {last}, is kept in {run.directory}" if last is not None else
           "nothing was saved")
-  return (f"fine-tuning diverged at step {step} (epoch {epoch}, batch {batch}): the loss or a gradient is not "
-          f"finite, so no model is returned; {kept}. Lower --lr (now {tc.lr:g}) or check the data and the "
-          "starting weights")
+  raise NonFiniteError(f"fine-tuning diverged at step {step} (epoch {epoch}, batch {batch}): {what} is not "
+                       f"finite, so no model is returned; {kept}. Lower --lr (now {tc.lr:g}) or check the data and "
+                       "the starting weights")
 
 
 def _early_stopping(state: TrainState, nll: float, patience: int) -> tuple[TrainState, bool]:
@@ -264,9 +264,10 @@ def _fingerprint(tc: TrainConfig, cfg: MoEConfig) -> dict:
 def _identity(params, pretrained, task: Task, train_batches, val_batches, dataset_size) -> dict:
   """What else determines a fine-tuning run's result: the starting weights, the prior's anchor, the data
   (digests, ``identity``), the scored classes and the dataset size of the prior's scale."""
+  routing = None if task.routing is None else task.routing.to_dict()
   return {"model": tree_digest(params), "pretrained": None if pretrained is None else tree_digest(pretrained),
           "data": {"train": data_digest(train_batches), "val": data_digest(val_batches)},
-          "task": {"class_ids": task.class_ids, "start_layer": task.start_layer, "routing": None if task.routing is None else task.routing.to_dict()},
+          "task": {"class_ids": task.class_ids, "start_layer": task.start_layer, "routing": routing},
           "dataset_size": dataset_size}
 
 

@@ -25,7 +25,8 @@ def read_rows(path: Path) -> Iterator[tuple[int, object]]:
       text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
       line = raw[:err.start].count(b"\n") + 1
-      raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); re-save the file as UTF-8") from None
+      raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); re-save the file as "
+                      "UTF-8") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     for row in reader:
       yield reader.line_num, row

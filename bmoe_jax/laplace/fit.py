@@ -86,11 +86,8 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
   step = jax.jit(functools.partial(kfac.update, task=task, spec=spec), **jit_kw)
   run, done, saved_meta = None, 0, {}
   if checkpoint_dir is not None:
-    fingerprint = {"spec": spec_fingerprint(spec), "task": {"class_ids": task.class_ids,
-                   "start_layer": task.start_layer, "routing": None if task.routing is None else task.routing.to_dict()},
-                   "dtype": str(dtype), "config": cfg.to_dict(), "model": tree_digest(params),
-                   "key": None if key is None else tree_digest(key)}
-    run = ResumableRun(checkpoint_dir, fingerprint, keep=2, fingerprint_file="factor_pass.json")
+    run = ResumableRun(checkpoint_dir, _fingerprint(params, task, spec, dtype, key), keep=2,
+                       fingerprint_file="factor_pass.json")
     got = run.resume(_state_tree(state))
     if got is not None:
       done, tree, saved_meta = got
@@ -123,6 +120,16 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
     if run is not None:
       run.close()
   return state
+
+
+def _fingerprint(params, task: Task, spec: kfac.FactorSpec, dtype, key) -> dict:
+  """What determines a factor pass besides its data (checked batch by batch on resume): spec, task, dtype,
+  config, the model's weights and the MC-label key."""
+  routing = None if task.routing is None else task.routing.to_dict()
+  return {"spec": spec_fingerprint(spec), "task": {"class_ids": task.class_ids, "start_layer": task.start_layer,
+                                                   "routing": routing},
+          "dtype": str(dtype), "config": task.cfg.to_dict(), "model": tree_digest(params),
+          "key": None if key is None else tree_digest(key)}
 
 
 def _check_finite(state: kfac.FactorState, batches: int) -> None:

@@ -13,7 +13,8 @@ from convert.gguf_tokenizer import gguf_tokenizer
 from convert.sources import fetch_gguf
 
 EDGES = ["", " ", "   leading and trailing   ", "Hello world! ünïcödé  spaces\n\nnew", "日本語のテキスト",
-         "emoji 🤗🚀 and ZWJ 👩‍👩‍👧", "tabs\tand\r\nCRLF", "<|im_start|>user\nhi<|im_end|>\n", "<repo_name>x<file_sep>",
+         "emoji 🤗🚀 and ZWJ 👩‍👩‍👧", "tabs\tand\r\nCRLF", "<|im_start|>user\nhi<|im_end|>\n",
+         "<repo_name>x<file_sep>",
          "123456789 3.14159 1e-5", "a" * 300, "don't won't y'all", "\u00a0non-breaking\u2009thin", "x<|endoftext|>y"]
 
 
