@@ -66,6 +66,12 @@ def data_digest(batches: Iterable) -> dict:
   return d.value()
 
 
+def task_identity(task) -> dict:
+  """What a ``task.Task`` scores, as a fingerprint entry: its classes, cached-prefix layer and routing plan."""
+  routing = None if task.routing is None else task.routing.to_dict()
+  return {"class_ids": task.class_ids, "start_layer": task.start_layer, "routing": routing}
+
+
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
   """The dotted keys at which two JSON-like fingerprints differ (leaves, or a whole subtree one side lacks)."""
   if isinstance(old, dict) and isinstance(new, dict):

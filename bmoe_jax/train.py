@@ -27,7 +27,7 @@ import optax
 from bmoe_jax.config import MoEConfig, check_bounds
 from bmoe_jax.checkpoint import ResumableRun
 from bmoe_jax.finite import NonFiniteError
-from bmoe_jax.identity import data_digest, tree_digest
+from bmoe_jax.identity import data_digest, task_identity, tree_digest
 from bmoe_jax.task import Batch, Task, nll_and_correct, with_prefix
 
 SUBSETS = ("experts", "experts_router", "router", "attention", "all")
@@ -264,11 +264,9 @@ def _fingerprint(tc: TrainConfig, cfg: MoEConfig) -> dict:
 def _identity(params, pretrained, task: Task, train_batches, val_batches, dataset_size) -> dict:
   """What else determines a fine-tuning run's result: the starting weights, the prior's anchor, the data
   (digests, ``identity``), the scored classes and the dataset size of the prior's scale."""
-  routing = None if task.routing is None else task.routing.to_dict()
   return {"model": tree_digest(params), "pretrained": None if pretrained is None else tree_digest(pretrained),
           "data": {"train": data_digest(train_batches), "val": data_digest(val_batches)},
-          "task": {"class_ids": task.class_ids, "start_layer": task.start_layer, "routing": routing},
-          "dataset_size": dataset_size}
+          "task": task_identity(task), "dataset_size": dataset_size}
 
 
 def _tree(state: TrainState) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 
 from bmoe_jax.checkpoint import ResumableRun
 from bmoe_jax.finite import NonFiniteError, nonfinite_leaves
-from bmoe_jax.identity import DataDigest, tree_digest
+from bmoe_jax.identity import DataDigest, task_identity, tree_digest
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace.posterior import Posterior
 from bmoe_jax.params import read_block
@@ -125,9 +125,7 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
 def _fingerprint(params, task: Task, spec: kfac.FactorSpec, dtype, key) -> dict:
   """What determines a factor pass besides its data (checked batch by batch on resume): spec, task, dtype,
   config, the model's weights and the MC-label key."""
-  routing = None if task.routing is None else task.routing.to_dict()
-  return {"spec": spec_fingerprint(spec), "task": {"class_ids": task.class_ids, "start_layer": task.start_layer,
-                                                   "routing": routing},
+  return {"spec": spec_fingerprint(spec), "task": task_identity(task),
           "dtype": str(dtype), "config": task.cfg.to_dict(), "model": tree_digest(params),
           "key": None if key is None else tree_digest(key)}
 

@@ -38,7 +38,7 @@ import optax
 
 from bmoe_jax.checkpoint import ResumableRun
 from bmoe_jax.config import check_bounds
-from bmoe_jax.identity import data_digest, tree_digest
+from bmoe_jax.identity import data_digest, task_identity, tree_digest
 from bmoe_jax.routing import routers as R
 from bmoe_jax.routing import swag as S
 from bmoe_jax.routing.plan import RoutingPlan, attach
@@ -175,7 +175,7 @@ def train_routers(params, task: Task, batches: Sequence[Batch], rc: R.RouterConf
   done: dict[int, dict] = {}
   history: list[dict] = []
   identity = {} if out is None else {"model": tree_digest(params), "data": data_digest(batches),
-                                     "task": {"class_ids": task.class_ids, "start_layer": task.start_layer}}
+                                     "task": task_identity(task)}
   for layer in layers:
     results = []
     for stage in stages_of(params, task, rc, layer, done, rtc, len(batches)):
