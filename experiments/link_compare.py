@@ -48,9 +48,10 @@ def load_config(run: Path) -> DemoConfig:
                     fit=FitConfig(**tup(d["fit"])), eval=EvalConfig(**tup(d["eval"])))
 
 
-def restore(run: Path):
-  """(cfg, fine-tuned params, task, data, base posterior, evidence posterior, pretrained params) of a finished
-  demo run."""
+def restore(run: Path, grid: bool = False):
+  """(cfg, fine-tuned params, task, data, base posterior, evidence posterior, pretrained params) of a demo run
+  (a run holding only ``config.json`` is fine-tuned and fitted here, resumably). With ``grid`` the evidence slot
+  is ``{"bmoe": grid posterior, "bmoe_ml": evidence posterior}``."""
   cfg = load_config(run)
   _, (mcfg, mparams), tok, _ = _upcycled(cfg, True, None)
   data, task, _ = ST.load_data(cfg.data, tok, mcfg, ("train", "val", "eval"), cfg.run.seed)
@@ -58,9 +59,11 @@ def restore(run: Path):
   task, data = ST.cache_prefix(mparams, task, data, start)
   ft = ST.finetune(mparams, task, data, dataclasses.replace(cfg.train, seed=cfg.run.seed), run,
                    pretrained=mparams).params
-  posts, _ = ST.fit(ft, task, data, dataclasses.replace(cfg.fit, prior="layer"), run, pretrained=mparams,
-                    seed=cfg.run.seed, wanted=("bmoe_fixed", "bmoe_ml"))
-  return cfg, ft, task, data, posts["bmoe_fixed"], posts["bmoe_ml"], mparams
+  fc = cfg.fit if grid else dataclasses.replace(cfg.fit, prior="layer")
+  posts, _ = ST.fit(ft, task, data, fc, run, pretrained=mparams, seed=cfg.run.seed,
+                    wanted=("bmoe_fixed", "bmoe_ml", *(("bmoe",) if grid else ())))
+  evid = {"bmoe": posts["bmoe"], "bmoe_ml": posts["bmoe_ml"]} if grid else posts["bmoe_ml"]
+  return cfg, ft, task, data, posts["bmoe_fixed"], evid, mparams
 
 
 def set_stats(ft, task, batches, post):

@@ -1,9 +1,10 @@
 """Bayesian routers on the carved SmolLM2 testbed (issue 16, arXiv 2509.23830), alone and combined with
 Bayesian-MoE's expert posterior.
 
-Reloads finished ``bmoe demo`` runs (``experiments/demo_seeds.py``: carving redone from the seed, the MAP
-fine-tuning, factors and grid posterior read from the run's checkpoints; nothing of them is retrained), then per
-run and per layer set (``--layers``: ``last:1`` = the top carved layer, as the thesis' single-layer runs;
+Reloads ``bmoe demo`` runs (``--runs``: carving redone from the seed, the MAP fine-tuning, factors and posteriors
+resumed from the run's checkpoints) or makes new ones from demo flags (``--seeds S,... -- DEMO FLAGS``: only the
+demo's ``config.json`` is written, then carving, fine-tuning and the factor pass run here, without the demo's own
+evaluation), then per run and per layer set (``--layers``: ``last:1`` = the top carved layer, as the thesis' single-layer runs;
 ``last:4`` = every carved layer, trained top-down):
 
 1. trains every router kind on the run's training set (``bmoe route-train``'s stage, resumable under ``--work``);
@@ -17,8 +18,10 @@ run and per layer set (``--layers``: ``last:1`` = the top carved layer, as the t
    then the time of one batch relative to MAP's (compiled, median of ``--time-reps``).
 
   JAX_COMPILATION_CACHE_DIR=runs/xla_cache .venv/bin/python experiments/routing_carved.py \\
-      --runs runs/seeds_arce/s0,runs/seeds_arce/s1,runs/seeds_arce/s2 --work runs/routing_arce \\
-      --out experiments/results/routing_arce
+      --seeds 0,1,2 --runs-dir runs/seeds_arce --work runs/routing_arce --out experiments/results/routing_arce \\
+      --eval-stride 3 -- --data-dir ../shared/data --train arc_easy:train --val arc_easy:dev \\
+      --test arc_easy:test --max-eval 400 --shift obqa:test,arc_challenge:test,\\
+mmlu:test:high_school_geography+high_school_biology+conceptual_physics+astronomy
 
 Writes OUT/results.json (per run, and the aggregate) and OUT/results.md (``routing_report.py``), OUT/*.png.
 """
@@ -36,7 +39,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bmoe_jax import laplace as LA  # noqa: E402
 from bmoe_jax.pipeline import stages as ST  # noqa: E402
 from bmoe_jax.pipeline.configs import EvalConfig  # noqa: E402
 from bmoe_jax.pipeline.methods import ROUTER_METHODS, Context, build_methods  # noqa: E402
@@ -126,10 +128,8 @@ def one_layer_set(ft, task, data, keys, posts, layers: str, args, work: Path, se
 
 def one_run(run: Path, args) -> dict:
   t0 = time.perf_counter()
-  cfg, ft, task, data, _, evid, args.pretrained = restore(run)
+  cfg, ft, task, data, _, posts, args.pretrained = restore(run, grid=True)  # grid and evidence lambda
   seed = cfg.run.seed
-  grid = LA.load_posterior(run / "posterior")  # the demo's grid choice, on the factors restored with ``evid``
-  posts = {"bmoe": evid._replace(log_prior_prec_e=grid.log_prior_prec_e), "bmoe_ml": evid}
   work = Path(args.work) / run.name
   keys = ST.eval_keys(cfg.data)
   out = {"run": str(run), "seed": seed, "in_distribution": keys[0], "layers": {}}
@@ -139,9 +139,32 @@ def one_run(run: Path, args) -> dict:
   return out
 
 
+def new_runs(seeds: str, runs_dir: str, demo_flags: list[str]) -> list[str]:
+  """Run directories holding only the ``config.json`` of ``bmoe demo DEMO_FLAGS --seed S`` (an existing one is
+  kept): ``restore`` carves, fine-tunes and fits them (resumably) without the demo's own evaluation."""
+  import dataclasses
+
+  from bmoe_jax.cli import build_parser
+  from bmoe_jax.demo import DemoConfig
+  from bmoe_jax.pipeline import flags
+  out = []
+  for seed in seeds.split(","):
+    run = Path(runs_dir) / f"s{seed}"
+    if not (run / "config.json").exists():
+      cfg = flags.resolve(DemoConfig(), build_parser().parse_args(["demo", *demo_flags, "--seed", seed]))
+      run.mkdir(parents=True, exist_ok=True)
+      cfg = dataclasses.replace(cfg, data=cfg.data.resolved())
+      (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    out.append(str(run))
+  return out
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--runs", required=True, help="comma-separated finished bmoe demo output directories")
+  ap.add_argument("--runs", default=None, help="comma-separated bmoe demo output directories")
+  ap.add_argument("--seeds", default=None, help="instead of --runs: new runs RUNS_DIR/sSEED from the demo flags "
+                                               "after --")
+  ap.add_argument("--runs-dir", default="runs/seeds_arce")
   ap.add_argument("--work", required=True, help="router checkpoints and per-run evaluations (not committed)")
   ap.add_argument("--out", required=True)
   ap.add_argument("--layers", nargs="+", default=["last:1"], help="layer sets (last:N or comma-separated ids)")
@@ -156,7 +179,13 @@ def main(argv=None) -> None:
   ap.add_argument("--time-reps", type=int, default=5)
   ap.add_argument("--no-laplace", action="store_true", help="skip the Laplace router and the joint posterior")
   ap.add_argument("--eval-stride", type=int, default=1, help="evaluate every N-th batch of each set (1: all)")
-  args = ap.parse_args(argv)
+  argv = sys.argv[1:] if argv is None else argv
+  demo_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+  args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+  if (args.runs is None) == (args.seeds is None):
+    ap.error("give one of --runs and --seeds")
+  if args.seeds is not None:
+    args.runs = ",".join(new_runs(args.seeds, args.runs_dir, demo_flags))
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   runs = []
