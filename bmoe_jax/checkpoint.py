@@ -67,6 +67,14 @@ class CorruptSaveError(ValueError):
   """A save (orbax directory, its JSON record) that cannot be read back."""
 
 
+def verify_digest(tree, recorded: str | None, where, record: str) -> None:
+  """Refuse a restored tree whose ``identity.tree_digest`` differs from ``recorded``, the digest written at save
+  into ``record`` (``None``: a save older than digests, not checked)."""
+  if recorded is not None and tree_digest(tree) != recorded:
+    raise CorruptSaveError(f"{where}: the arrays differ from the digest written at save ({record}): the files were "
+                           "changed or damaged; write them again")
+
+
 def check_shapes(cfg: MoEConfig, params, where: str) -> None:
   """Refuse parameters whose structure, shapes or kinds do not match ``cfg`` (a config saying 4 experts over
   8-expert weights, integer weights)."""
@@ -103,10 +111,7 @@ def load_params(path: str | Path, verify: bool = True) -> tuple[MoEConfig, dict[
   params = restore_local(path / "params")
   if verify:
     check_shapes(cfg, params, str(meta_file))
-    digest = meta.get("params_digest")
-    if digest is not None and tree_digest(params) != digest:
-      raise CorruptSaveError(f"{path / 'params'}: the weights differ from the digest written at save "
-                             f"({CONFIG_FILE}: params_digest): the files were changed or damaged")
+    verify_digest(params, meta.get("params_digest"), path / "params", f"{CONFIG_FILE}: params_digest")
     from bmoe_jax.finite import require_finite
     require_finite(params, f"{path / 'params'}", "the model is damaged or diverged")
   return cfg, params
@@ -164,6 +169,9 @@ def load_model(path: str | Path, dtype: str | None = None, progress: bool = Fals
   return MoEModel(cfg, params=params)
 
 
+DIGEST_KEY = "state_digest"  # a ResumableRun save's meta: the digest of its arrays
+
+
 class ResumableRun:
   """The orbax saves of a long pass (fine-tuning, a factor pass) that a rerun resumes.
 
@@ -210,13 +218,14 @@ class ResumableRun:
 
     if self._mngr.latest_step() == step:
       return
-    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta or {})))
+    state = jax.tree.map(jnp.asarray, state)
+    meta = {**(meta or {}), DIGEST_KEY: tree_digest(state)}
+    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     self._mngr.wait_until_finished()
 
   def restore(self, like, step: int | None = None):
-    """(state shaped like ``like``, meta) of ``step`` (default: the latest save); an unreadable save raises
-    ``CorruptSaveError`` naming it."""
+    """(state shaped like ``like``, meta) of ``step`` (default: the latest save); an unreadable save, or one whose
+    arrays differ from the digest written at save, raises ``CorruptSaveError`` naming it."""
     import orbax.checkpoint as ocp
 
     step = self._mngr.latest_step() if step is None else step
@@ -227,7 +236,9 @@ class ResumableRun:
     except Exception as err:  # orbax / TensorStore raise many types for damaged files
       raise CorruptSaveError(f"{self.directory / str(step)}: save {step} cannot be read, it is damaged or "
                              f"incomplete ({first_line(err)})") from err
-    return got["state"], dict(got["meta"] or {})
+    meta = dict(got["meta"] or {})
+    verify_digest(got["state"], meta.pop(DIGEST_KEY, None), self.directory / str(step), f"its meta: {DIGEST_KEY}")
+    return got["state"], meta
 
   def resume(self, like):
     """(step, state, meta) of the newest readable save, or None when there is none. A damaged save is

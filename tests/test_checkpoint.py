@@ -3,6 +3,7 @@
 
 import gc
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,24 @@ def test_a_damaged_save_is_named_and_the_one_before_it_resumes(tmp_path):
   with ResumableRun(tmp_path, {"a": 1}, keep=3) as run:
     with pytest.warns(UserWarning), pytest.raises(CorruptSaveError, match="no save there can be read"):
       run.resume(tree)
+
+
+def test_a_changed_but_readable_save_fails_its_digest_and_the_one_before_it_resumes(tmp_path):
+  """Step 1's arrays under step 2's record read back without error; the digest written at save catches it."""
+  from bmoe_jax.checkpoint import CorruptSaveError, ResumableRun
+
+  tree = {"w": np.random.RandomState(0).randn(8, 8), "n": np.asarray(0)}
+  with ResumableRun(tmp_path, {"a": 1}, keep=3) as run:
+    for step in (1, 2):
+      run.save(step, {**tree, "n": np.asarray(step)}, {"step": step})
+  shutil.rmtree(tmp_path / "2" / "state")
+  shutil.copytree(tmp_path / "1" / "state", tmp_path / "2" / "state")
+  with ResumableRun(tmp_path, {"a": 1}, keep=3) as run:
+    with pytest.raises(CorruptSaveError, match=r"/2: the arrays differ from the digest written at save \(its meta"):
+      run.restore(tree, 2)
+    with pytest.warns(UserWarning, match="differ from the digest.*resuming from the save before it"):
+      step, got, meta = run.resume(tree)
+    assert step == 1 and int(got["n"]) == 1 and meta == {"step": 1}
 
 
 def test_a_damaged_or_mismatched_model_directory_is_refused(hf_dir, tmp_path):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.checkpoint import ResumableRun
+from bmoe_jax.files import read_json
 from bmoe_jax.finite import NonFiniteError, nonfinite_leaves
 from bmoe_jax.identity import DataDigest, task_identity, tree_digest
 from bmoe_jax.laplace import kfac
@@ -166,14 +167,15 @@ def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = No
   if (path / "state").exists():
     raise FileExistsError(f"{path / 'state'} already exists; choose an empty directory")
   path.mkdir(parents=True, exist_ok=True)
+  tree = jax.tree.map(jnp.asarray, _posterior_tree(post))
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path / "state", _posterior_tree(post))
+    ckptr.save(path / "state", tree)
     ckptr.wait_until_finished()
   meta = {"format": POSTERIOR_FORMAT, "blocks": [str(b) for b in sorted(post.factors)],
           "rank": {str(l): [int(f.a_vec_eff.shape[-1]), int(f.g_vec_edd.shape[-1])] for l, f in post.factors.items()},
           "prior_precision": {str(l): np.exp(np.asarray(v, np.float64)).tolist()
                               for l, v in post.log_prior_prec_e.items()},
-          "scale": float(post.scale), "metadata": metadata or {}}
+          "scale": float(post.scale), "digest": tree_digest(tree), "metadata": metadata or {}}
   (path / "posterior.json").write_text(json.dumps(meta, indent=2))
   return path
 
@@ -185,11 +187,12 @@ def load_posterior(path: str | Path, params=None) -> Posterior:
   meta_file = path / "posterior.json"
   if not meta_file.exists():
     raise FileNotFoundError(f"{meta_file} not found: not a directory written by save_posterior")
-  meta = json.loads(meta_file.read_text())
+  meta = read_json(meta_file)
   if meta.get("format") != POSTERIOR_FORMAT:
     raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {POSTERIOR_FORMAT!r}")
-  from bmoe_jax.checkpoint import restore_local
+  from bmoe_jax.checkpoint import restore_local, verify_digest
   tree = restore_local(path / "state")
+  verify_digest(tree, meta.get("digest"), path / "state", f"{meta_file.name}: digest")
   keyed = lambda d, fn=jnp.asarray: {kfac.as_block(k): fn(v) for k, v in d.items()}
   factors = keyed(tree["factors"], lambda v: kfac.Factors(**{k: jnp.asarray(x) for k, x in v.items()}))
   post = Posterior(factors, keyed(tree["w_map"]), keyed(tree["sq_dist_e"]), keyed(tree["log_prior_prec_e"]),

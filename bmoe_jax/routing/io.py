@@ -9,6 +9,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from bmoe_jax.files import read_json
+from bmoe_jax.identity import tree_digest
 from bmoe_jax.routing.plan import RoutingPlan
 
 PLAN_FILE = "routing.json"
@@ -27,24 +29,25 @@ def save_routers(out_dir: str | Path, plan: RoutingPlan, router_params: dict, cf
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(out / "routers", tree)
       ckptr.wait_until_finished()
-  (out / PLAN_FILE).write_text(json.dumps({"plan": plan.to_dict(), "config": cfg.to_dict(), "meta": meta or {}},
-                                          indent=2, default=str))
+  record = {"plan": plan.to_dict(), "config": cfg.to_dict(), "digest": tree_digest(tree), "meta": meta or {}}
+  (out / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str))
   return out
 
 
 def load_routers(path: str | Path, cfg=None) -> tuple[RoutingPlan, dict[int, dict], dict]:
   """(plan, {layer: router parameters}, meta) saved by ``save_routers``; ``cfg``: refuse routers trained
   for another model config."""
-  from bmoe_jax.checkpoint import restore_local
+  from bmoe_jax.checkpoint import restore_local, verify_digest
 
   path = Path(path).absolute()
   if not (path / PLAN_FILE).exists():
     raise FileNotFoundError(f"{path / PLAN_FILE} not found: expected the output of bmoe route-train")
-  saved = json.loads((path / PLAN_FILE).read_text())
+  saved = read_json(path / PLAN_FILE)
   if cfg is not None and saved["config"] != json.loads(json.dumps(cfg.to_dict())):
     diff = sorted(k for k, v in cfg.to_dict().items() if json.loads(json.dumps(v)) != saved["config"].get(k))
     raise ValueError(f"{path / PLAN_FILE}: the routers were trained for another model config (differs in {diff})")
   plan = RoutingPlan.from_dict(saved["plan"])
   tree = restore_local(path / "routers") if (path / "routers").exists() else {}
+  verify_digest(tree, saved.get("digest"), path / "routers", f"{PLAN_FILE}: digest")
   params = {l: dict(tree.get(str(l), {})) for l in plan.layer_ids}
   return plan, params, saved.get("meta", {})

@@ -1,6 +1,7 @@
 """The user loop: an interrupted factor pass resumes to the same result; posteriors save and load."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,13 @@ def test_user_loop_and_posterior_roundtrip(tmp_path):
                                 pred.probs_bc)
   with pytest.raises(FileExistsError):
     LA.save_posterior(tmp_path / "post", post)
+  # another posterior's arrays under this one's record: readable, refused by the digest written at save
+  LA.save_posterior(tmp_path / "post2", post._replace(scale=post.scale * 2))
+  shutil.rmtree(tmp_path / "post2" / "state")
+  shutil.copytree(tmp_path / "post" / "state", tmp_path / "post2" / "state")
+  with pytest.raises(ValueError, match=r"post2/state: the arrays differ from the digest written at save "
+                                       r"\(posterior.json: digest\)"):
+    LA.load_posterior(tmp_path / "post2")
   with pytest.raises(FileNotFoundError, match="posterior.json"):
     LA.load_posterior(tmp_path)
   meta["format"] = "bmoe_jax/posterior-v1"

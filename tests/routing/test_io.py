@@ -1,0 +1,38 @@
+"""Routers on disk: a roundtrip, a config mismatch, and arrays changed after save (read back, refused by the
+digest written at save)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import bmoe_jax as B
+from bmoe_jax.checkpoint import CorruptSaveError
+from bmoe_jax.routing import RouterConfig
+from bmoe_jax.routing.io import load_routers, save_routers
+from bmoe_jax.routing.plan import RoutingPlan
+
+
+def test_routers_roundtrip_and_refuse_changed_arrays_or_another_config(tmp_path):
+  cfg = B.tiny_config(num_experts=4)
+  plan = RoutingPlan.of({1: RouterConfig(kind="mfvr")})
+  rng = np.random.default_rng(0)
+  trees = [{1: {"w": rng.standard_normal((cfg.hidden_size, 4)).astype(np.float32)}} for _ in range(2)]
+  for i, tree in enumerate(trees):
+    save_routers(tmp_path / f"r{i}", plan, tree, cfg, meta={"history": [i]})
+  got_plan, got, meta = load_routers(tmp_path / "r0", cfg)
+  assert got_plan == plan and meta == {"history": [0]}
+  np.testing.assert_array_equal(got[1]["w"], trees[0][1]["w"])
+  with pytest.raises(ValueError, match=r"routing.json: the routers were trained for another model config .*"
+                                       r"num_experts"):
+    load_routers(tmp_path / "r0", B.tiny_config(num_experts=8))
+  shutil.rmtree(tmp_path / "r1" / "routers")  # r0's arrays under r1's record: readable, but not what was saved
+  shutil.copytree(tmp_path / "r0" / "routers", tmp_path / "r1" / "routers")
+  with pytest.raises(CorruptSaveError, match=r"r1/routers: the arrays differ from the digest written at save "
+                                             r"\(routing.json: digest\)"):
+    load_routers(tmp_path / "r1", cfg)
+  (tmp_path / "r1" / "routing.json").write_text("{broken")
+  with pytest.raises(ValueError, match="r1/routing.json: not valid JSON"):
+    load_routers(tmp_path / "r1", cfg)
+  assert json.loads((tmp_path / "r0" / "routing.json").read_text())["digest"]
