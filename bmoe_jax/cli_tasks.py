@@ -61,8 +61,10 @@ def register(sub) -> dict:
 
 
 def _log(c):
-  """Reports for the user (stderr), unless --quiet."""
-  return None if c.run.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+  """Reports for the user (stderr); under --quiet only those that warn (rows skipped, ids repeated)."""
+  say = lambda text: print(text, file=sys.stderr, flush=True)
+  return (lambda text: say(text) if " skipped: " in text or " more than once " in text else None) if c.run.quiet \
+      else say
 
 
 def _command(name, root):

@@ -90,3 +90,17 @@ def test_cli_errors(model_dir, shared_data, tmp_path, capsys):
   assert "pass --pretrained DIR" in err and "--prior-mean zero" in err
   assert main(["fit", "--model", str(model_dir), "--prior-mean", "map", "--out", str(tmp_path / "w")]) == 2
   assert "use prior='grid'" in capsys.readouterr().err
+
+
+def test_quiet_still_reports_skipped_rows(model_dir, shared_data, tmp_path, capsys):
+  """--quiet drops progress and plain reports, never the reasons rows were skipped."""
+  rows = (tmp_path / "data" / "obqa")
+  rows.mkdir(parents=True)
+  lines = open(f"{shared_data}/obqa/test.jsonl").read().splitlines()[:12]
+  lines[3] = lines[3].replace('"question"', '"stem"')
+  (rows / "test.jsonl").write_text("\n".join(lines) + "\n")
+  assert main(["evaluate", "--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--test", "obqa:test",
+               "--shift", "", "--methods", "map", "--max-length", "96", "--quiet", "--out", str(tmp_path / "ev")]) == 0
+  err = capsys.readouterr().err
+  assert "data obqa_test: obqa (test.jsonl): 11 of 12 rows kept, 1 skipped: " in err and "test.jsonl:4: " in err
+  assert json.loads((tmp_path / "ev" / "results.json").read_text())["methods"]["map"]["obqa_test"]["n"] == 11
