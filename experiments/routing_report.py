@@ -36,6 +36,16 @@ def calibration_table(runs, layers, ind) -> list[str]:
   return lines
 
 
+def paired_table(runs, layers, ind, metrics=("acc", "nll", "ece", "brier")) -> list[str]:
+  """Each method's metric minus MAP's, paired by seed (the interval is over seeds)."""
+  res = [r["layers"][layers]["results"] for r in runs]
+  lines = ["| method | " + " | ".join(f"Δ{k.upper()}" for k in metrics) + " |", "|---|" + "---:|" * len(metrics)]
+  for m in [m for m in res[0] if m != "map"]:
+    lines.append(f"| {m} | " + " | ".join(_cell([x[m][ind][k] - x["map"][ind][k] for x in res]) for k in metrics)
+                 + " |")
+  return lines
+
+
 def shift_table(runs, layers, ind) -> list[str]:
   res = [r["layers"][layers]["results"] for r in runs]
   methods = list(res[0])
@@ -93,6 +103,7 @@ def write_report(out: Path) -> Path:
   for layers in runs[0]["layers"]:
     lines += [f"## Routers in layers `{layers}`", "", f"### In-distribution calibration ({_short(ind)})", ""]
     lines += calibration_table(runs, layers, ind)
+    lines += ["", "Minus MAP's, paired by seed:", ""] + paired_table(runs, layers, ind)
     lines += ["", "### Under shift: accuracy / NLL, and OOD detection by predictive entropy (AUROC)", ""]
     lines += shift_table(runs, layers, ind)
     stab, curves = stability_rows(runs, layers)
