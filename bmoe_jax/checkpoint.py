@@ -49,7 +49,8 @@ def restore_local(path: str | Path):
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-  if not Path(path).is_dir():
+  path = Path(path).absolute()  # orbax refuses relative paths (not a damaged save)
+  if not path.is_dir():
     raise FileNotFoundError(f"{path} not found: expected an orbax save (a directory)")
   try:
     with ocp.StandardCheckpointer() as ckptr:

@@ -189,13 +189,15 @@ def kl_chol(dmu_ne, raw_diag_ne, l_nee) -> jax.Array:
 
 
 def _variational(x: RouterIn, mu_ne, noise_fn: Callable, samples: int):
-  """Routing from samples ``mu + noise_fn(eps)``: one in training, else the mean softmax of ``samples``."""
+  """Routing from samples ``mu + noise_fn(eps)``: one in training, else the mean softmax of ``samples``, as the
+  log-mean-exp of log-softmaxes (``log`` of a mean probability that underflows to 0 would give -inf, and NaN
+  gates when such an expert is among the top k, as with a carved router's logits spread by hundreds)."""
   if x.train:
     l_ne = mu_ne + noise_fn(jax.random.normal(x.key, mu_ne.shape))
     return _gated(l_ne, topk_ids(l_ne, x.k), x.gating)
   eps_sne = jax.random.normal(x.key, (samples,) + mu_ne.shape)
-  probs_ne = jnp.mean(jax.nn.softmax(mu_ne + jax.vmap(noise_fn)(eps_sne), axis=-1), axis=0)
-  g_ne = jnp.log(probs_ne)
+  logp_sne = jax.nn.log_softmax(mu_ne + jax.vmap(noise_fn)(eps_sne), axis=-1)
+  g_ne = jax.nn.logsumexp(logp_sne, axis=0) - jnp.log(samples)
   return _gated(g_ne, topk_ids(g_ne, x.k), x.gating)
 
 

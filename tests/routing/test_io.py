@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 import bmoe_jax as B
-from bmoe_jax.checkpoint import CorruptSaveError
+from bmoe_jax.checkpoint import CorruptSaveError, restore_local
 from bmoe_jax.routing import RouterConfig
 from bmoe_jax.routing.io import load_routers, save_routers
 from bmoe_jax.routing.plan import RoutingPlan
 
 
-def test_routers_roundtrip_and_refuse_changed_arrays_or_another_config(tmp_path):
+def test_routers_roundtrip_and_refuse_changed_arrays_or_another_config(tmp_path, monkeypatch):
   cfg = B.tiny_config(num_experts=4)
   plan = RoutingPlan.of({1: RouterConfig(kind="mfvr")})
   rng = np.random.default_rng(0)
@@ -22,6 +22,8 @@ def test_routers_roundtrip_and_refuse_changed_arrays_or_another_config(tmp_path)
   for i, tree in enumerate(trees):
     save_routers(tmp_path / f"r{i}", plan, tree, cfg, meta={"history": [i]})
   got_plan, got, meta = load_routers(tmp_path / "r0", cfg)
+  monkeypatch.chdir(tmp_path)
+  np.testing.assert_array_equal(restore_local("r0/routers")["1"]["w"], trees[0][1]["w"])  # a relative path
   assert got_plan == plan and meta == {"history": [0]}
   np.testing.assert_array_equal(got[1]["w"], trees[0][1]["w"])
   with pytest.raises(ValueError, match=r"routing.json: the routers were trained for another model config .*"

@@ -136,6 +136,18 @@ def test_variational_inference_routing_is_log_mean_softmax_and_collapses_to_the_
   np.testing.assert_array_equal(np.asarray(r0.expert_nk), np.asarray(G.topk_ids(mean_l, K)))
 
 
+@pytest.mark.parametrize("kind", ("mfvr", "fcvr"))
+def test_variational_routing_stays_finite_when_mean_probabilities_underflow(kind):
+  """Logits spread by hundreds (a carved router's): every expert but one has mean probability 0 in float32,
+  yet the top-k, the gates ("select": 1) and the log mean probabilities stay finite."""
+  rc, p, x = _params(kind)
+  x = x._replace(kernel_de=300.0 * x.kernel_de, gating=G.Gating(scoring="select"))
+  r = R.apply(rc, p, x)[0]
+  assert np.isfinite(np.asarray(r.logits_ne)).all() and np.asarray(r.logits_ne).min() < -100.0
+  np.testing.assert_array_equal(np.asarray(r.gate_nk), 1.0)
+  np.testing.assert_array_equal(np.asarray(r.expert_nk), np.asarray(G.topk_ids(r.logits_ne, K)))
+
+
 def test_swag_draws_have_the_swag_moments():
   rc = R.RouterConfig(kind="swag", swag_scale=0.5, swag_rank=3)
   rng = np.random.RandomState(0)
