@@ -45,20 +45,33 @@ def restore_local(path: str | Path):
   """An orbax tree restored onto this process's default device, whatever device topology saved it
   (a run on an 8-device mesh writes sharded arrays; orbax refuses to restore them as saved elsewhere).
   An unreadable (truncated, corrupt) save raises one ``CorruptSaveError`` naming it."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return _read_orbax(path, lambda ckptr, path, meta: ckptr.restore(path, jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta, is_leaf=_is_meta)))
+
+
+def stored_shapes(path: str | Path):
+  """The tree of an orbax save's arrays as ``jax.ShapeDtypeStruct``s, read from its metadata (no array read)."""
+  return _read_orbax(path, lambda ckptr, path, meta: jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta, is_leaf=_is_meta))
+
+
+def _is_meta(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _read_orbax(path: str | Path, read):
+  """``read(checkpointer, absolute path, item metadata)``; a missing save raises FileNotFoundError, an unreadable
+  one ``CorruptSaveError``, each naming it."""
   import orbax.checkpoint as ocp
 
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
   path = Path(path).absolute()  # orbax refuses relative paths (not a damaged save)
   if not path.is_dir():
     raise FileNotFoundError(f"{path} not found: expected an orbax save (a directory)")
   try:
     with ocp.StandardCheckpointer() as ckptr:
       meta = ckptr.metadata(path)
-      meta = getattr(meta, "item_metadata", meta)
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
-                            is_leaf=is_meta)
-      return ckptr.restore(path, target)
+      return read(ckptr, path, getattr(meta, "item_metadata", meta))
   except Exception as err:  # orbax / TensorStore raise many types for damaged files
     raise CorruptSaveError(f"{path}: cannot be read, the save is damaged or incomplete ({first_line(err)}); "
                            "delete it and write it again") from err
@@ -97,10 +110,9 @@ def check_shapes(cfg: MoEConfig, params, where: str) -> None:
       raise ValueError(f"{where}: parameter {name} has dtype {a.dtype}; weights must be floating point")
 
 
-def load_params(path: str | Path, verify: bool = True) -> tuple[MoEConfig, dict[str, Any]]:
-  """(config, parameters) of a converted directory. ``verify``: refuse parameters that differ from the digest
-  written at save, do not match the config's shapes, or hold NaN / inf (one message each, naming the file)."""
-  path = Path(path).absolute()
+def read_record(path: Path, check: bool = False) -> tuple[dict, MoEConfig]:
+  """(the record, its config) of a converted directory ``path``; ``check``: the stored arrays' shapes and kinds
+  against the config, from the save's metadata (no weights read)."""
   meta_file = path / CONFIG_FILE
   meta = read_json(meta_file)
   if meta.get("format") != FORMAT:
@@ -109,9 +121,19 @@ def load_params(path: str | Path, verify: bool = True) -> tuple[MoEConfig, dict[
     cfg = MoEConfig.from_dict(meta["config"])
   except (KeyError, TypeError, ValueError) as err:
     raise ValueError(f"{meta_file}: invalid 'config' ({first_line(err)})") from None
+  if check:
+    check_shapes(cfg, stored_shapes(path / "params"), str(meta_file))
+  return meta, cfg
+
+
+def load_params(path: str | Path, verify: bool = True) -> tuple[MoEConfig, dict[str, Any]]:
+  """(config, parameters) of a converted directory. ``verify``: refuse parameters that differ from the digest
+  written at save, do not match the config's shapes, or hold NaN / inf (one message each, naming the file)."""
+  path = Path(path).absolute()
+  meta, cfg = read_record(path)
   params = restore_local(path / "params")
   if verify:
-    check_shapes(cfg, params, str(meta_file))
+    check_shapes(cfg, params, str(path / CONFIG_FILE))
     verify_digest(params, meta.get("params_digest"), path / "params", f"{CONFIG_FILE}: params_digest")
     from bmoe_jax.finite import require_finite
     require_finite(params, f"{path / 'params'}", "the model is damaged or diverged")

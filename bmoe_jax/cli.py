@@ -35,15 +35,15 @@ def _cmd_upcycle(args) -> int:
 
 
 def describe(path: str | Path) -> dict:
-  """Architecture summary of an HF checkpoint or converted directory (config only, no weights)."""
-  from bmoe_jax.checkpoint import CONFIG_FILE
-  from bmoe_jax.config import MoEConfig
+  """Architecture summary of an HF checkpoint or converted directory (no weights read; a converted directory's
+  stored shapes are checked against its config)."""
+  from bmoe_jax.checkpoint import CONFIG_FILE, read_record
   from bmoe_jax.params import count_params
 
-  path = Path(path)
+  path = Path(path).absolute()
   if (path / CONFIG_FILE).exists():
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    cfg, family = MoEConfig.from_dict(meta["config"]), meta["source"].get("family", "converted")
+    meta, cfg = read_record(path, check=True)
+    family = meta.get("source", {}).get("family", "converted")
   else:
     from convert import parse_hf_config
     info = parse_hf_config(path)

@@ -12,7 +12,7 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax.checkpoint import convert_checkpoint, load_params
-from bmoe_jax.cli import main
+from bmoe_jax.cli import describe, main
 from convert import load_hf_checkpoint
 from convert.reference import make_checkpoint
 from tests.fixtures import hf_checkpoint
@@ -179,6 +179,8 @@ def test_a_damaged_or_mismatched_model_directory_is_refused(hf_dir, tmp_path):
   (out / "bmoe_config.json").write_text(json.dumps(wrong))
   with pytest.raises(ValueError, match=r"bmoe_config.json: parameter .* has shape .*, the config says"):
     load_params(out)
+  with pytest.raises(ValueError, match=r"bmoe_config.json: parameter .* has shape .*, the config says"):
+    describe(out)  # bmoe info: from the save's metadata, no weights read
   (out / "bmoe_config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "num_experts": "eight"}}))
   with pytest.raises(ValueError, match="bmoe_config.json: invalid 'config' .*num_experts must be an integer"):
     load_params(out)
