@@ -68,6 +68,7 @@ def _read_orbax(path: str | Path, read):
   path = Path(path).absolute()  # orbax refuses relative paths (not a damaged save)
   if not path.is_dir():
     raise FileNotFoundError(f"{path} not found: expected an orbax save (a directory)")
+  _quiet_orphaned_reads()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       meta = ckptr.metadata(path)
@@ -75,6 +76,25 @@ def _read_orbax(path: str | Path, read):
   except Exception as err:  # orbax / TensorStore raise many types for damaged files
     raise CorruptSaveError(f"{path}: cannot be read, the save is damaged or incomplete ({first_line(err)}); "
                            "delete it and write it again") from err
+
+
+def _quiet_orphaned_reads() -> None:
+  """When an orbax read fails, TensorStore still completes the read's other pending futures; their callbacks
+  find orbax's event loop closed and each prints a traceback ("Event loop is closed") through
+  ``sys.unraisablehook`` around the one message, possibly before the error reaches us. Drop exactly those (the hook
+  is installed once, before any read); every other unraisable goes on as before."""
+  import sys
+
+  previous = sys.unraisablehook
+  if getattr(previous, "_bmoe_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._bmoe_quiet = True
+  sys.unraisablehook = hook
 
 
 class CorruptSaveError(ValueError):

@@ -191,3 +191,21 @@ def test_a_damaged_or_mismatched_model_directory_is_refused(hf_dir, tmp_path):
   _damage(out / "params")
   with pytest.raises(CorruptSaveError, match="params"):
     load_params(out)
+
+
+def test_orphaned_read_callbacks_of_a_failed_restore_are_quiet(monkeypatch):
+  """TensorStore callbacks of a failed orbax read hit a closed event loop; only those unraisables are dropped."""
+  import sys
+  import types
+
+  from bmoe_jax import checkpoint as C
+
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+  C._quiet_orphaned_reads()
+  C._quiet_orphaned_reads()  # installed once
+  report = lambda err: sys.unraisablehook(types.SimpleNamespace(exc_value=err))
+  report(RuntimeError("Event loop is closed"))
+  report(RuntimeError("something else"))
+  report(ValueError("Event loop is closed"))
+  assert seen == ["something else", "Event loop is closed"]
