@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def restore(run: Path, grid: bool = False):
   ft = ST.finetune(mparams, task, data, dataclasses.replace(cfg.train, seed=cfg.run.seed), run,
                    pretrained=mparams).params
   fc = cfg.fit if grid else dataclasses.replace(cfg.fit, prior="layer")
+  if grid:  # the grid posterior is written again from the (resumed) factor pass
+    shutil.rmtree(run / "posterior", ignore_errors=True)
   posts, _ = ST.fit(ft, task, data, fc, run, pretrained=mparams, seed=cfg.run.seed,
                     wanted=("bmoe_fixed", "bmoe_ml", *(("bmoe",) if grid else ())))
   evid = {"bmoe": posts["bmoe"], "bmoe_ml": posts["bmoe_ml"]} if grid else posts["bmoe_ml"]
