@@ -343,7 +343,7 @@ CASES = [
     Case("data: every label out of range", "data", data_edit(rows_edit(lambda rs: [{**r, "label": 9} for r in rs])),
          r"test\.jsonl.*label|label.*test\.jsonl"),
     Case("data: every row twice (duplicates reported)", "data", data_edit(rows_edit(lambda rs: rs + rs)),
-         r"duplicate", n_is(80, r"duplicate")),
+         r"more than once", n_is(80, r"more than once")),
     Case("data: one row without a question (39 scored, reason shown)", "data",
          data_edit(rows_edit(lambda rs: [{k: v for k, v in r.items() if k != "question" or i} for i, r in
                                          enumerate(rs)])), r"test\.jsonl:1: ", n_is(39, r"test\.jsonl:1: ")),
