@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import re
 from pathlib import Path
@@ -19,12 +20,26 @@ from typing import Any
 from bmoe_jax.files import read_json
 
 
+@functools.lru_cache(maxsize=None)
 def _comments(cls) -> dict[str, str]:
+  """{field: the comment beside it} in the class body, read from the source file line by line (no
+  ``inspect.getsource``: on a class it parses the whole module with ``ast``, which CPython 3.11.7 can fail
+  with "AST constructor recursion depth mismatch" while other threads run)."""
   try:
-    source = inspect.getsource(cls)
-  except (OSError, TypeError):
+    lines = Path(inspect.getsourcefile(cls) or "").read_text(encoding="utf-8").splitlines()
+  except (OSError, TypeError, UnicodeDecodeError):
     return {}
-  return dict(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", source, flags=re.M))
+  head = re.compile(rf"^(\s*)class {re.escape(cls.__name__)}\b")
+  start = next((i for i, line in enumerate(lines) if head.match(line)), None)
+  if start is None:
+    return {}
+  indent = len(head.match(lines[start]).group(1))
+  body = []
+  for line in lines[start + 1:]:
+    if line.strip() and len(line) - len(line.lstrip()) <= indent:
+      break
+    body.append(line)
+  return dict(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]+#\s*(.+)$", "\n".join(body), flags=re.M))
 
 
 def _kind(field) -> str:
