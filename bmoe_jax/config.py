@@ -11,6 +11,9 @@ SUPPORTED_ROPE_TYPES = ("default", "linear")
 # softmax: top-k of softmax(router logits), gates = those probabilities (renormalised with norm_topk_prob);
 # select: top-k of the router logits, every selected expert enters with gate 1 (carved MoEs, convert.carve).
 SUPPORTED_SCORING = ("softmax", "select")
+# RMSNorm on the attention's q and k projections, before RoPE: none; per head over the head dim (Qwen3-MoE,
+# scale [c]); over the full projection width (OLMoE, scale [heads, c]).
+SUPPORTED_QK_NORM = ("none", "head", "full")
 
 
 def check_bounds(owner, bounds: dict[str, tuple]) -> None:
@@ -62,6 +65,8 @@ class MoEConfig:
   router_scoring: str = "softmax"
   qkv_bias: bool = False
   attn_out_bias: bool = False
+  qk_norm: str = "none"
+  qkv_clip: float = 0.0  # > 0: q, k, v clamped to [-qkv_clip, qkv_clip] after the q/k norm (OLMoE's clip_qkv)
   rope_theta: float = 10000.0
   rope_type: str = "default"
   rope_factor: float = 1.0
@@ -102,6 +107,9 @@ class MoEConfig:
          f"hidden_act={self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
     need(self.rope_type in SUPPORTED_ROPE_TYPES,
          f"rope_type={self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+    need(self.qk_norm in SUPPORTED_QK_NORM,
+         f"qk_norm={self.qk_norm!r} is not supported (supported: {SUPPORTED_QK_NORM})")
+    need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
     need(self.router_scoring in SUPPORTED_SCORING,
          f"router_scoring={self.router_scoring!r} is not supported (supported: {SUPPORTED_SCORING})")
 

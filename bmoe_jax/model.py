@@ -185,7 +185,7 @@ def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, ex
 def _attention_half(lp, cfg: MoEConfig, x_bsd, cos_bsc, sin_bsc, mask):
   """(residual stream after attention, the normed MLP input) of one decoder layer."""
   h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
-  x_bsd = x_bsd + L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask)
+  x_bsd = x_bsd + L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask, cfg.rms_norm_eps, cfg.qkv_clip)
   return x_bsd, L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
 
 

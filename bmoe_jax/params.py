@@ -6,6 +6,7 @@ Layout (``torch [out, in]`` weights are stored transposed, ``[in, out]``; expert
   embed/embedding [vocab, d]                 final_norm/scale [d]      lm_head/kernel [d, vocab]
   layers/i/attn_norm/scale [d]               layers/i/mlp_norm/scale [d]
   layers/i/attn/{wq [d,h,c], wk [d,kv,c], wv [d,kv,c], wo [h,c,d], bq [h,c], bk/bv [kv,c], bo [d]}
+                q_norm/k_norm: [c] (qk_norm "head") or [h,c] / [kv,c] ("full")
   dense layer: layers/i/mlp/{w_gate [d,f], w_up [d,f], w_down [f,d]}
   MoE layer:   layers/i/mlp/router/kernel [d,e]
                layers/i/mlp/experts/{w_gate [e,d,f], w_up [e,d,f], w_down [e,f,d]}
@@ -57,6 +58,12 @@ def layer_specs(cfg: MoEConfig, i: int) -> dict[str, Any]:
     attn["bq"] = ParamSpec((h, c), ("heads", "head_dim"), "zeros")
     attn["bk"] = ParamSpec((kv, c), ("kv_heads", "head_dim"), "zeros")
     attn["bv"] = ParamSpec((kv, c), ("kv_heads", "head_dim"), "zeros")
+  if cfg.qk_norm == "head":
+    attn["q_norm"] = ParamSpec((c,), ("head_dim",), "ones")
+    attn["k_norm"] = ParamSpec((c,), ("head_dim",), "ones")
+  elif cfg.qk_norm == "full":
+    attn["q_norm"] = ParamSpec((h, c), ("heads", "head_dim"), "ones")
+    attn["k_norm"] = ParamSpec((kv, c), ("kv_heads", "head_dim"), "ones")
   if cfg.attn_out_bias:
     attn["bo"] = ParamSpec((d,), ("embed",), "zeros")
   if cfg.moe_layers[i]:

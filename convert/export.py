@@ -1,5 +1,5 @@
 """Flax -> HF: write a parameter tree as an HF checkpoint directory (config.json + safetensors with
-the hub's per-expert key layout) of one of our families, readable by transformers (Qwen2-MoE, Mixtral)
+the hub's per-expert key layout) of one of our families, readable by transformers (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral)
 or by the hub's remote code (DeepSeek-MoE V1) and by our own converter."""
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ DISK = {
     "qwen2_moe": dict(block="mlp", proj=_PROJ, shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
     "mixtral": dict(block="block_sparse_moe", proj={"gate": "w1", "up": "w3", "down": "w2"}),
     "deepseek_v1": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
+    "qwen3_moe": dict(block="mlp", proj=_PROJ),
+    "olmoe": dict(block="mlp", proj=_PROJ),
 }
 
 
@@ -50,49 +52,90 @@ def _uniform_window(cfg: MoEConfig, family: str) -> int:
   return max(wins)
 
 
+def _qwen2_moe(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  _need(cfg.shared_expert_gate or not cfg.shared_expert_size, family,
+        "Qwen2-MoE's shared expert is gated (a zero-width one stands for none)")
+  _need(cfg.norm_topk_eps == 0.0 and not cfg.attn_out_bias, family, "norm_topk_eps / attn_out_bias not representable")
+  w = _uniform_window(cfg, family)
+  types = ["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.num_layers)]
+  return dict(_common(cfg, False), architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+              intermediate_size=cfg.intermediate_size or cfg.moe_intermediate_size,
+              moe_intermediate_size=cfg.moe_intermediate_size,
+              shared_expert_intermediate_size=cfg.shared_expert_size, num_experts=cfg.num_experts,
+              num_experts_per_tok=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+              decoder_sparse_step=1, mlp_only_layers=[i for i, m in enumerate(cfg.moe_layers) if not m],
+              qkv_bias=cfg.qkv_bias, use_sliding_window=bool(w), sliding_window=w or None,
+              max_window_layers=cfg.num_layers, layer_types=types)
+
+
+def _qwen3_moe(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  _need(not cfg.shared_expert_size and cfg.norm_topk_eps == 0.0, family, "no shared expert, no norm_topk_eps")
+  _need(cfg.qkv_bias == cfg.attn_out_bias, family, "attention bias on q, k, v, o together")
+  w = _uniform_window(cfg, family)
+  _need(all(cfg.window(i) == w for i in range(cfg.num_layers)), family, "a sliding window on every layer or none")
+  return dict(_common(cfg, False), architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+              intermediate_size=cfg.intermediate_size or cfg.moe_intermediate_size,
+              moe_intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
+              num_experts_per_tok=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+              decoder_sparse_step=1, mlp_only_layers=[i for i, m in enumerate(cfg.moe_layers) if not m],
+              attention_bias=cfg.qkv_bias, use_sliding_window=bool(w), sliding_window=w or None)
+
+
+def _olmoe(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  _need(all(cfg.moe_layers) and not cfg.shared_expert_size and cfg.norm_topk_eps == 0.0, family,
+        "every OLMoE layer is MoE, without shared experts")
+  _need(cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows, family,
+        "attention bias on q, k, v, o together; no sliding window")
+  _need(cfg.head_dim * cfg.num_heads == cfg.hidden_size, family, "head_dim x heads = hidden_size")
+  return dict(_common(cfg, False), architectures=["OlmoeForCausalLM"], model_type="olmoe",
+              intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
+              num_experts_per_tok=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+              attention_bias=cfg.qkv_bias, clip_qkv=cfg.qkv_clip or None)
+
+
+def _mixtral(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  _need(all(cfg.moe_layers), family, "every Mixtral layer is MoE")
+  _need(cfg.norm_topk_prob and not cfg.shared_expert_size and not cfg.qkv_bias and not cfg.attn_out_bias,
+        family, "Mixtral renormalises top-k and has no shared expert or attention bias")
+  _need(all(cfg.window(i) == cfg.window(0) for i in range(cfg.num_layers)), family, "per-layer windows")
+  return dict(_common(cfg, False), architectures=["MixtralForCausalLM"], model_type="mixtral",
+              intermediate_size=cfg.moe_intermediate_size, num_local_experts=cfg.num_experts,
+              num_experts_per_tok=cfg.num_experts_per_tok, sliding_window=cfg.window(0) or None)
+
+
+def _deepseek_v1(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  f = cfg.moe_intermediate_size
+  _need(not cfg.shared_expert_gate and cfg.shared_expert_size % f == 0, family,
+        "shared experts are n_shared_experts x moe_intermediate_size, ungated")
+  _need(cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows, family, "attention bias on q,k,v,o together; "
+        "no sliding window")
+  _need(any(cfg.moe_layers), family, "no MoE layer")
+  first = cfg.moe_layers.index(True)
+  freq = next((q for q in range(1, cfg.num_layers + 1) if all(
+      m == (i >= first and i % q == 0) for i, m in enumerate(cfg.moe_layers))), None)
+  _need(freq is not None, family, f"layer pattern {cfg.moe_layers} is not first_k_dense_replace + moe_layer_freq")
+  return dict(_common(cfg, True), architectures=["DeepseekForCausalLM"], model_type="deepseek",
+              intermediate_size=cfg.intermediate_size, moe_intermediate_size=f,
+              n_shared_experts=cfg.shared_expert_size // f or None, n_routed_experts=cfg.num_experts,
+              num_experts_per_tok=cfg.num_experts_per_tok, first_k_dense_replace=first, moe_layer_freq=freq,
+              norm_topk_prob=cfg.norm_topk_prob, scoring_func="softmax", attention_bias=cfg.qkv_bias)
+
+
+# family -> (its HF config from ours, the q/k norm it has)
+_HF = {"qwen2_moe": (_qwen2_moe, "none"), "qwen3_moe": (_qwen3_moe, "head"), "olmoe": (_olmoe, "full"),
+       "mixtral": (_mixtral, "none"), "deepseek_v1": (_deepseek_v1, "none")}
+
+
 def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   """Inverse of the family's config gate; errors where ``cfg`` has no exact HF equivalent."""
+  if family not in _HF:
+    raise ConversionError(f"cannot export: unknown family {family!r} (known: {sorted(_HF)})")
+  build, qk_norm = _HF[family]
   _need(cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
   _need(cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r} (no HF family has it)")
-  if family == "qwen2_moe":
-    _need(cfg.shared_expert_gate or not cfg.shared_expert_size, family,
-          "Qwen2-MoE's shared expert is gated (a zero-width one stands for none)")
-    _need(cfg.norm_topk_eps == 0.0 and not cfg.attn_out_bias, family, "norm_topk_eps / attn_out_bias not representable")
-    w = _uniform_window(cfg, family)
-    types = ["sliding_attention" if cfg.window(i) else "full_attention" for i in range(cfg.num_layers)]
-    return dict(_common(cfg, False), architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
-                intermediate_size=cfg.intermediate_size or cfg.moe_intermediate_size,
-                moe_intermediate_size=cfg.moe_intermediate_size,
-                shared_expert_intermediate_size=cfg.shared_expert_size, num_experts=cfg.num_experts,
-                num_experts_per_tok=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
-                decoder_sparse_step=1, mlp_only_layers=[i for i, m in enumerate(cfg.moe_layers) if not m],
-                qkv_bias=cfg.qkv_bias, use_sliding_window=bool(w), sliding_window=w or None,
-                max_window_layers=cfg.num_layers, layer_types=types)
-  if family == "mixtral":
-    _need(all(cfg.moe_layers), family, "every Mixtral layer is MoE")
-    _need(cfg.norm_topk_prob and not cfg.shared_expert_size and not cfg.qkv_bias and not cfg.attn_out_bias,
-          family, "Mixtral renormalises top-k and has no shared expert or attention bias")
-    _need(all(cfg.window(i) == cfg.window(0) for i in range(cfg.num_layers)), family, "per-layer windows")
-    return dict(_common(cfg, False), architectures=["MixtralForCausalLM"], model_type="mixtral",
-                intermediate_size=cfg.moe_intermediate_size, num_local_experts=cfg.num_experts,
-                num_experts_per_tok=cfg.num_experts_per_tok, sliding_window=cfg.window(0) or None)
-  if family == "deepseek_v1":
-    f = cfg.moe_intermediate_size
-    _need(not cfg.shared_expert_gate and cfg.shared_expert_size % f == 0, family,
-          "shared experts are n_shared_experts x moe_intermediate_size, ungated")
-    _need(cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows, family, "attention bias on q,k,v,o together; "
-          "no sliding window")
-    _need(any(cfg.moe_layers), family, "no MoE layer")
-    first = cfg.moe_layers.index(True)
-    freq = next((q for q in range(1, cfg.num_layers + 1) if all(
-        m == (i >= first and i % q == 0) for i, m in enumerate(cfg.moe_layers))), None)
-    _need(freq is not None, family, f"layer pattern {cfg.moe_layers} is not first_k_dense_replace + moe_layer_freq")
-    return dict(_common(cfg, True), architectures=["DeepseekForCausalLM"], model_type="deepseek",
-                intermediate_size=cfg.intermediate_size, moe_intermediate_size=f,
-                n_shared_experts=cfg.shared_expert_size // f or None, n_routed_experts=cfg.num_experts,
-                num_experts_per_tok=cfg.num_experts_per_tok, first_k_dense_replace=first, moe_layer_freq=freq,
-                norm_topk_prob=cfg.norm_topk_prob, scoring_func="softmax", attention_bias=cfg.qkv_bias)
-  raise ConversionError(f"cannot export: unknown family {family!r} (known: {sorted(DISK)})")
+  _need(cfg.qk_norm == qk_norm, family, f"qk_norm={cfg.qk_norm!r}, the family has {qk_norm!r}")
+  _need(cfg.qkv_clip == 0.0 or family == "olmoe", family, "qkv_clip (only OLMoE clips q, k, v)")
+  return build(cfg, family)
 
 
 def _linear(a: np.ndarray, in_dims: int = 1) -> np.ndarray:
@@ -124,6 +167,8 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
         out[pre + "input_layernorm.weight"] = a
       elif group == "mlp_norm":
         out[pre + "post_attention_layernorm.weight"] = a
+      elif group == "attn" and name.endswith("_norm"):
+        out[pre + f"self_attn.{name}.weight"] = a.reshape(-1)
       elif group == "attn" and name.startswith("w"):
         out[pre + f"self_attn.{name[1]}_proj.weight"] = _linear(a, 2 if name == "wo" else 1)
       elif group == "attn":

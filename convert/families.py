@@ -38,6 +38,7 @@ COMMON_RULES = (
     Rule(LAYER + r"self_attn\.(?P<proj>[qkvo])_proj\.bias", "layers/{layer}/attn/b{proj}", "copy"),
     Rule(LAYER + r"self_attn\.o_proj\.weight", "layers/{layer}/attn/wo", "linear", in_dims=2),
     Rule(LAYER + r"self_attn\.rotary_emb\.inv_freq", None, "skip"),
+    Rule(LAYER + r"self_attn\.(?P<proj>[qk])_norm\.weight", "layers/{layer}/attn/{proj}_norm", "copy"),
     Rule(LAYER + r"mlp\." + GATE_UP_DOWN + r"_proj\.weight", "layers/{layer}/mlp/w_{proj}", "linear"),
 )
 EXPERTS = "layers/{layer}/mlp/experts/"
@@ -65,6 +66,7 @@ class Family:
   defaults: dict[str, Any]
   build: Callable[[Any, dict], dict]
   rules: tuple[Rule, ...]
+  aliases: tuple[tuple[str, str], ...] = ()  # (another name transformers writes, the name the table reads)
 
 
 def _windows(g, n_layers: int, layer_types, size) -> tuple[int, ...] | None:
@@ -85,19 +87,25 @@ def _windows(g, n_layers: int, layer_types, size) -> tuple[int, ...] | None:
   return tuple(out) if any(out) else None
 
 
-def _build_qwen2_moe(g, common: dict) -> dict:
-  n = common["num_layers"]
-  n_exp, step = int(g("num_experts")), int(g("decoder_sparse_step"))
+def _sparse_layers(g, n: int, n_exp: int) -> tuple[bool, ...]:
+  """Qwen's layer pattern: MoE where the layer is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
+  step = int(g("decoder_sparse_step"))
   if step < 1:
     g.fail(f"decoder_sparse_step={step} must be >= 1")
   only = set(g("mlp_only_layers") or [])
+  return tuple(i not in only and n_exp > 0 and (i + 1) % step == 0 for i in range(n))
+
+
+def _build_qwen2_moe(g, common: dict) -> dict:
+  n = common["num_layers"]
+  n_exp = int(g("num_experts"))
   use_sw, mwl = bool(g("use_sliding_window")), int(g("max_window_layers"))
   types = g("layer_types") or [
       "sliding_attention" if (i + 1) % 2 and i < mwl and use_sw else "full_attention" for i in range(n)]
   return dict(
       intermediate_size=int(g("intermediate_size")), moe_intermediate_size=int(g("moe_intermediate_size")),
       num_experts=n_exp, num_experts_per_tok=int(g("num_experts_per_tok")),
-      moe_layers=tuple(i not in only and n_exp > 0 and (i + 1) % step == 0 for i in range(n)),
+      moe_layers=_sparse_layers(g, n, n_exp),
       shared_expert_size=int(g("shared_expert_intermediate_size")), shared_expert_gate=True,
       norm_topk_prob=bool(g("norm_topk_prob")), qkv_bias=bool(g("qkv_bias")),
       attn_windows=_windows(g, n, types, g("sliding_window") if use_sw else 0))
@@ -194,6 +202,67 @@ DEEPSEEK_V1 = Family(
              "layers/{layer}/mlp/shared/w_{proj}", "linear"),
     ))
 
+def _build_qwen3_moe(g, common: dict) -> dict:
+  n, n_exp = common["num_layers"], int(g("num_experts"))
+  sw = g("sliding_window") if g("use_sliding_window") else None  # transformers: every layer, or none
+  bias = bool(g("attention_bias"))
+  return dict(
+      intermediate_size=int(g("intermediate_size")), moe_intermediate_size=int(g("moe_intermediate_size")),
+      num_experts=n_exp, num_experts_per_tok=int(g("num_experts_per_tok")), moe_layers=_sparse_layers(g, n, n_exp),
+      norm_topk_prob=bool(g("norm_topk_prob")), qkv_bias=bias, attn_out_bias=bias, qk_norm="head",
+      attn_windows=(int(sw),) * n if sw else None)
+
+
+def _build_olmoe(g, common: dict) -> dict:
+  n = common["num_layers"]
+  if common["head_dim"] * common["num_heads"] != common["hidden_size"]:
+    g.fail(f"head_dim={common['head_dim']} x num_attention_heads={common['num_heads']} must equal hidden_size="
+           f"{common['hidden_size']} (OLMoE's q_norm spans the hidden size)")
+  clip = g("clip_qkv")
+  if clip is not None and float(clip) <= 0:
+    g.fail(f"clip_qkv={clip} must be positive or null")
+  bias = bool(g("attention_bias"))
+  return dict(
+      intermediate_size=0, moe_intermediate_size=int(g("intermediate_size")), num_experts=int(g("num_experts")),
+      num_experts_per_tok=int(g("num_experts_per_tok")), moe_layers=(True,) * n,
+      norm_topk_prob=bool(g("norm_topk_prob")), qkv_bias=bias, attn_out_bias=bias, qk_norm="full",
+      qkv_clip=float(clip or 0.0))
+
+
+QWEN3_MOE = Family(
+    name="qwen3_moe", model_types=("qwen3_moe",), architectures=("Qwen3MoeForCausalLM",),
+    handled=frozenset({"intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+                       "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "attention_bias",
+                       "use_sliding_window", "sliding_window"}),
+    # transformers' Qwen3-MoE has no max_window_layers (the hub files carry it; its sliding window, when on,
+    # covers every layer).
+    ignored=frozenset({"max_window_layers"}),
+    defaults=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                  num_attention_heads=32, num_key_value_heads=4, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_theta=10000.0, rope_scaling=None, rope_parameters=None, attention_bias=False,
+                  use_sliding_window=False, sliding_window=4096, decoder_sparse_step=1,
+                  moe_intermediate_size=768, num_experts_per_tok=8, num_experts=128, norm_topk_prob=False,
+                  mlp_only_layers=None),
+    build=_build_qwen3_moe,
+    rules=COMMON_RULES + _routed_rules(r"mlp"),
+    aliases=(("num_local_experts", "num_experts"),))  # transformers 5 saves num_local_experts
+
+OLMOE = Family(
+    name="olmoe", model_types=("olmoe",), architectures=("OlmoeForCausalLM",),
+    handled=frozenset({"intermediate_size", "num_experts", "num_experts_per_tok", "norm_topk_prob",
+                       "attention_bias", "clip_qkv"}),
+    ignored=frozenset(),
+    defaults=dict(vocab_size=50304, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16,
+                  num_attention_heads=16, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  rope_theta=10000.0, rope_scaling=None, rope_parameters=None, attention_bias=False,
+                  clip_qkv=None, num_experts_per_tok=8, num_experts=64, norm_topk_prob=False),
+    build=_build_olmoe,
+    rules=COMMON_RULES + _routed_rules(r"mlp"),
+    aliases=(("num_local_experts", "num_experts"),))
+
+
 def _build_llama(g, common: dict) -> dict:
   if g("mlp_bias"):
     g.fail("mlp_bias=true is not supported (the MLP has no biases)")
@@ -217,9 +286,9 @@ LLAMA = Family(
                   mlp_bias=False, pretraining_tp=1),
     build=_build_llama, rules=COMMON_RULES)
 
-FAMILIES = (QWEN2_MOE, MIXTRAL, DEEPSEEK_V1, LLAMA)
-_NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "qwen3_moe": "Qwen3-MoE",
-            "olmoe": "OLMoE"}
+FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, MIXTRAL, DEEPSEEK_V1, LLAMA)
+_NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "granitemoe": "Granite-MoE",
+            "granitemoeshared": "Granite-MoE-Shared"}
 
 
 def family_for(raw: dict, where: str) -> Family:

@@ -149,11 +149,25 @@ def parse_hf_config(path: str | Path) -> CheckpointInfo:
   return parse_hf_config_dict(raw, str(file))
 
 
+def _canonical_names(raw: dict, aliases, where: str) -> dict:
+  """``raw`` with each alias renamed to the name the family table reads (transformers' attribute_map)."""
+  raw = dict(raw)
+  for alias, name in aliases:
+    if alias in raw:
+      value = raw.pop(alias)
+      if name in raw and raw[name] != value:
+        raise ConversionError(f"{where}: {alias}={value!r} and {name}={raw[name]!r} name the same attribute "
+                              "with different values")
+      raw[name] = value
+  return raw
+
+
 def parse_hf_config_dict(raw: dict[str, Any], where: str) -> CheckpointInfo:
   """``parse_hf_config`` on an already-read config (``where`` names its source in errors)."""
   from convert.families import family_for
 
   fam = family_for(raw, where)
+  raw = _canonical_names(raw, fam.aliases, where)
   handled = COMMON_HANDLED | fam.handled
   unknown = sorted(set(raw) - handled - fam.ignored - GENERIC_IGNORED)
   if unknown:

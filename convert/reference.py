@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = ("qwen2_moe", "mixtral", "deepseek_v1", "llama")
+FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v1", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -31,6 +31,21 @@ def _qwen(overrides: dict):
             num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1)
   kw.update(overrides)
   return Qwen2MoeForCausalLM(Qwen2MoeConfig(**kw)), None
+
+
+def _qwen3(overrides: dict):
+  from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+  kw = dict(_SMALL, intermediate_size=48, moe_intermediate_size=16, num_experts=6, num_experts_per_tok=2,
+            head_dim=12, norm_topk_prob=True)
+  kw.update(overrides)
+  return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw)), None
+
+
+def _olmoe(overrides: dict):
+  from transformers import OlmoeConfig, OlmoeForCausalLM
+  kw = dict(_SMALL, intermediate_size=16, num_experts=6, num_experts_per_tok=2)
+  kw.update(overrides)
+  return OlmoeForCausalLM(OlmoeConfig(**kw)), None
 
 
 def _mixtral(overrides: dict):
@@ -138,7 +153,7 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
   torch.manual_seed(seed)
-  model, v1_config = {"qwen2_moe": _qwen, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
+  model, v1_config = {"qwen2_moe": _qwen, "qwen3_moe": _qwen3, "olmoe": _olmoe, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
                         "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()

@@ -78,11 +78,22 @@ def attention_mask(mask_bt: jax.Array | None, seq_len: int, window: int = 0,
   return allowed
 
 
+def head_norm(x_bshc: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm of q or k: over the head dim when ``scale`` is [c] (Qwen3-MoE), over heads and head dim together
+  when it is [h, c] (OLMoE's full-width norm of the projection)."""
+  if scale.ndim == 1:
+    return rms_norm(x_bshc, scale, eps)
+  b, s, h, c = x_bshc.shape
+  return rms_norm(x_bshc.reshape(b, s, h * c), scale.reshape(h * c), eps).reshape(b, s, h, c)
+
+
 def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
-              allowed_b11st: jax.Array) -> jax.Array:
+              allowed_b11st: jax.Array, eps: float = 1e-6, clip: float = 0.0) -> jax.Array:
   """Grouped-query attention with RoPE; softmax in float32.
 
-  p: wq [d, h, c], wk [d, k, c], wv [d, k, c], wo [h, c, d], optional bq [h, c], bk/bv [k, c], bo [d].
+  p: wq [d, h, c], wk [d, k, c], wv [d, k, c], wo [h, c, d], optional bq [h, c], bk/bv [k, c], bo [d],
+  q_norm / k_norm (``head_norm`` scales, RMSNorm with ``eps`` before RoPE). ``clip`` > 0 clamps q, k, v after
+  the norms (OLMoE's clip_qkv).
   """
   q_bshc = jnp.einsum("bsd,dhc->bshc", x_bsd, p["wq"])
   k_bskc = jnp.einsum("bsd,dkc->bskc", x_bsd, p["wk"])
@@ -91,6 +102,11 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
     q_bshc = q_bshc + p["bq"]
     k_bskc = k_bskc + p["bk"]
     v_bskc = v_bskc + p["bv"]
+  if "q_norm" in p:
+    q_bshc = head_norm(q_bshc, p["q_norm"], eps)
+    k_bskc = head_norm(k_bskc, p["k_norm"], eps)
+  if clip > 0:
+    q_bshc, k_bskc, v_bskc = (jnp.clip(a, -clip, clip) for a in (q_bshc, k_bskc, v_bskc))
   q_bshc = apply_rope(q_bshc, cos_bsc, sin_bsc)
   k_bskc = apply_rope(k_bskc, cos_bsc, sin_bsc)
   b, s, h, c = q_bshc.shape

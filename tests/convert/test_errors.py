@@ -55,6 +55,16 @@ def test_planned_family_is_named(good, tmp_path):
   _raises(d, "DeepSeek-V3", "not supported yet")
 
 
+def test_attribute_aliases_are_read_and_must_agree(tmp_path):
+  """transformers 5 saves Qwen3-MoE's num_experts as num_local_experts (its attribute_map): both names are read;
+  both present with different values is refused."""
+  from convert.hf_config import parse_hf_config_dict
+  raw = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_local_experts": 16}
+  assert parse_hf_config_dict(raw, "c.json").cfg.num_experts == 16
+  with pytest.raises(ConversionError, match="c.json: num_local_experts=16 and num_experts=8 name the same"):
+    parse_hf_config_dict(dict(raw, num_experts=8), "c.json")
+
+
 def test_unhandled_config_attribute(good, tmp_path):
   d = _copy(good, tmp_path)
   _edit_config(d, moe_router_temperature=0.5)

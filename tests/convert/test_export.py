@@ -14,7 +14,9 @@ from tests.conftest import padded_batch
 
 
 @pytest.mark.parametrize("family,over", [("qwen2_moe", {"mlp_only_layers": [1]}), ("mixtral", {}),
-                                         ("deepseek_v1", {"moe_layer_freq": 2, "first_k_dense_replace": 0})])
+                                         ("deepseek_v1", {"moe_layer_freq": 2, "first_k_dense_replace": 0}),
+                                         ("qwen3_moe", {"mlp_only_layers": [0], "attention_bias": True}),
+                                         ("olmoe", {"clip_qkv": 2.0})])
 def test_hf_export_roundtrip(family, over, tmp_path):
   make_checkpoint(family, tmp_path / "a", seed=5, **over)
   info, params = load_hf_checkpoint(tmp_path / "a", progress=False)
@@ -26,16 +28,25 @@ def test_hf_export_roundtrip(family, over, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
-def test_random_bmoe_model_runs_in_transformers(family, tmp_path):
+NO_SHARED = dict(shared_expert_size=0, shared_expert_gate=False)
+
+
+@pytest.mark.parametrize("family,over", [
+    ("qwen2_moe", {}),
+    ("mixtral", dict(NO_SHARED, norm_topk_prob=True, qkv_bias=False, intermediate_size=0)),
+    ("qwen3_moe", dict(NO_SHARED, qk_norm="head", qkv_bias=True, attn_out_bias=True, moe_layers=(False, True))),
+    ("olmoe", dict(NO_SHARED, qk_norm="full", qkv_bias=False, num_heads=4, head_dim=8, qkv_clip=0.5,
+                   intermediate_size=0)),
+])
+def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   import torch
   from transformers import AutoModelForCausalLM
-  over = dict(family=family)
-  if family == "mixtral":
-    over.update(shared_expert_size=0, shared_expert_gate=False, norm_topk_prob=True, qkv_bias=False,
-                intermediate_size=0)
+  over = dict(over, family=family)
   cfg = B.tiny_config(**over)
   params = B.init_params(cfg, jax.random.key(3), std=0.2)
+  params = jax.tree_util.tree_map_with_path(  # q/k norm scales away from 1, so a misplaced one shows
+      lambda path, a: a + 0.3 * jnp.sin(jnp.arange(a.size).reshape(a.shape)) if "_norm" in jax.tree_util.keystr(
+          path) and "attn'" in jax.tree_util.keystr(path) else a, params)
   export_hf(cfg, params, tmp_path)
   hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
   tokens, mask = padded_batch(cfg.vocab_size)
@@ -48,4 +59,7 @@ def test_random_bmoe_model_runs_in_transformers(family, tmp_path):
 def test_unrepresentable_config_is_refused():
   cfg = B.tiny_config(moe_layers=(False, True), family="mixtral")
   with pytest.raises(ConversionError, match="every Mixtral layer is MoE"):
+    export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
+  cfg = B.tiny_config(**NO_SHARED, family="qwen3_moe")
+  with pytest.raises(ConversionError, match="qk_norm='none', the family has 'head'"):
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")

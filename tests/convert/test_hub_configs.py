@@ -16,6 +16,8 @@ PUBLISHED = [
     ("qwen1.5-moe-a2.7b.json", "qwen2_moe", 14.3, 2.7, 24),
     ("deepseek-moe-16b-base.json", "deepseek_v1", 16.4, 2.8, 27),
     ("mixtral-8x7b-v0.1.json", "mixtral", 46.7, 12.9, 32),
+    ("olmoe-1b-7b-0924.json", "olmoe", 6.9, 1.3, 16),  # allenai/OLMoE-1B-7B-0924: "1B active / 7B total", paper 6.9B / 1.3B
+    ("qwen3-30b-a3b.json", "qwen3_moe", 30.5, 3.3, 48),  # Qwen/Qwen3-30B-A3B model card: 30.5B / 3.3B activated
 ]
 
 

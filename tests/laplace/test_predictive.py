@@ -17,8 +17,8 @@ CLASSES = jnp.array([3, 7, 11, 19])
 LAYERS = (0, 1)
 
 
-def _fit(rank=None, prior=1.0, layers=LAYERS, shared=False):
-  cfg = B.tiny_config(num_experts=3)
+def _fit(rank=None, prior=1.0, layers=LAYERS, shared=False, **kw):
+  cfg = B.tiny_config(num_experts=3, **kw)
   params = B.init_params(cfg, jax.random.key(0), std=0.3)
   rng = np.random.RandomState(0)
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (4, 6)))
@@ -51,10 +51,12 @@ def _dense_cov(post, params, cfg, batch):
   return cov
 
 
-@pytest.mark.parametrize("rank,shared", [(None, False), (3, False), (None, True), (3, True)])
-def test_closed_form_equals_dense_jacobian(rank, shared):
-  """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well."""
-  cfg, params, post, test = _fit(rank, shared=shared)
+@pytest.mark.parametrize("rank,shared,qk_norm", [(None, False, "none"), (3, False, "none"), (None, True, "none"),
+                                                 (3, True, "none"), (3, False, "full")])
+def test_closed_form_equals_dense_jacobian(rank, shared, qk_norm):
+  """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well; once with
+  OLMoE's full-width q/k norm."""
+  cfg, params, post, test = _fit(rank, shared=shared, qk_norm=qk_norm)
   assert len(post.factors) == (4 if shared else 2)
   stats = jax.jit(PR.jacobian_stats, static_argnums=1)(params, Task(cfg, CLASSES), test, post)
   got = PR.logit_covariance(stats, post)

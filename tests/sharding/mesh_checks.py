@@ -148,7 +148,9 @@ def main(argv) -> int:
     print(f"needs 8 devices, found {jax.device_count()}: set XLA_FLAGS=--xla_force_host_platform_device_count=8 "
           "before JAX starts", file=sys.stderr)
     return 2
-  cfg = B.tiny_config(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16)
+  # OLMoE's full-width q/k norm: a reduction over the heads the model axis shards
+  cfg = B.tiny_config(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16, qk_norm="full",
+                      qkv_clip=1.5)
   params = B.init_params(cfg, jax.random.key(0), jnp.float64, std=0.2)
   batches = _batches(cfg)
   spec = {"full": LA.FactorSpec(layers=cfg.moe_layer_ids, shared=True),
