@@ -67,6 +67,13 @@ class MoEConfig:
   attn_out_bias: bool = False
   qk_norm: str = "none"
   qkv_clip: float = 0.0  # > 0: q, k, v clamped to [-qkv_clip, qkv_clip] after the q/k norm (OLMoE's clip_qkv)
+  # Granite-MoE's scalars: embeddings x embedding_multiplier; attention scores x attention_multiplier (0: the
+  # usual head_dim ** -0.5); each sublayer's output x residual_multiplier before the residual add; logits /
+  # logits_scaling.
+  embedding_multiplier: float = 1.0
+  attention_multiplier: float = 0.0
+  residual_multiplier: float = 1.0
+  logits_scaling: float = 1.0
   rope_theta: float = 10000.0
   rope_type: str = "default"
   rope_factor: float = 1.0
@@ -110,6 +117,8 @@ class MoEConfig:
     need(self.qk_norm in SUPPORTED_QK_NORM,
          f"qk_norm={self.qk_norm!r} is not supported (supported: {SUPPORTED_QK_NORM})")
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
+    need(self.attention_multiplier >= 0, f"attention_multiplier must be >= 0, got {self.attention_multiplier}")
+    need(self.logits_scaling != 0, "logits_scaling must be non-zero")
     need(self.router_scoring in SUPPORTED_SCORING,
          f"router_scoring={self.router_scoring!r} is not supported (supported: {SUPPORTED_SCORING})")
 

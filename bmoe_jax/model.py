@@ -167,6 +167,8 @@ def _inputs(params, cfg: MoEConfig, tokens_bs, positions_bs, start_layer: int, s
     x_bsd = states_bsd
   else:
     x_bsd = params["embed"]["embedding"][tokens_bs]
+    if cfg.embedding_multiplier != 1.0:
+      x_bsd = x_bsd * jnp.asarray(cfg.embedding_multiplier, x_bsd.dtype)
   cos_bsc, sin_bsc = L.rope_tables(positions_bs, cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_factor)
   return x_bsd, positions_bs, cos_bsc, sin_bsc
 
@@ -176,16 +178,24 @@ def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, ex
   """One pre-norm decoder layer: (output states, the MoE taps or None for a dense layer)."""
   x_bsd, h_bsd = _attention_half(lp, cfg, x_bsd, cos_bsc, sin_bsc, mask)
   if not cfg.moe_layers[i]:
-    return x_bsd + L.gated_mlp(lp["mlp"], h_bsd, cfg.hidden_act), None
+    return _residual(cfg, x_bsd, L.gated_mlp(lp["mlp"], h_bsd, cfg.hidden_act)), None
   y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, tile_rows=tile_rows, perturb=perturb,
                          router=router, train_router=train_router)
-  return x_bsd + y_bsd, tap
+  return _residual(cfg, x_bsd, y_bsd), tap
+
+
+def _residual(cfg: MoEConfig, x_bsd, y_bsd):
+  """x + y, or x + residual_multiplier * y (Granite)."""
+  if cfg.residual_multiplier == 1.0:
+    return x_bsd + y_bsd
+  return x_bsd + y_bsd * jnp.asarray(cfg.residual_multiplier, y_bsd.dtype)
 
 
 def _attention_half(lp, cfg: MoEConfig, x_bsd, cos_bsc, sin_bsc, mask):
   """(residual stream after attention, the normed MLP input) of one decoder layer."""
   h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
-  x_bsd = x_bsd + L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask, cfg.rms_norm_eps, cfg.qkv_clip)
+  x_bsd = _residual(cfg, x_bsd, L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask, cfg.rms_norm_eps,
+                                            cfg.qkv_clip, cfg.attention_multiplier))
   return x_bsd, L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
 
 
@@ -211,7 +221,10 @@ def _head(params, cfg: MoEConfig, x_bsd, logit_positions_b=None):
   elif logit_positions_b is not None:
     x_bsd = jnp.take_along_axis(x_bsd, logit_positions_b[:, None, None], axis=1)[:, 0]
   head_dv = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-  return (x_bsd @ head_dv).astype(jnp.float32)
+  logits = x_bsd @ head_dv
+  if cfg.logits_scaling != 1.0:  # Granite
+    logits = logits / jnp.asarray(cfg.logits_scaling, logits.dtype)
+  return logits.astype(jnp.float32)
 
 
 def prefix_states(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, positions_bs=None, *,

@@ -143,7 +143,8 @@ class Task:
     return self.logits_and_taps(params, batch)[0]
 
   def features(self, params, batch: Batch) -> jax.Array:
-    """phi [b, d]: the final normed hidden state at each answer position (the LM head's input)."""
+    """phi [b, d]: the final normed hidden state at each answer position (the LM head's input), divided by
+    ``logits_scaling`` (Granite) so that phi @ W is the model's logits."""
     from bmoe_jax.model import forward
 
     if batch.cont is not None:
@@ -152,7 +153,8 @@ class Task:
     out = forward(params, self.cfg, batch.tokens_bs, batch.mask_bs, return_hidden=True,
                   logit_positions_b=batch.answer_pos_b, **self.forward_kw(batch))
     h_bsd = out.hidden_states[-1]
-    return jnp.take_along_axis(h_bsd, batch.answer_pos_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    phi_bd = jnp.take_along_axis(h_bsd, batch.answer_pos_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    return phi_bd / self.cfg.logits_scaling
 
 
 def layout_kw(batch: Batch) -> dict:

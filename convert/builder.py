@@ -148,15 +148,15 @@ class _Builder:
       spec = self._spec(targets[0], ref)
       self._check(ref, array.shape, (spec.shape[2], spec.shape[1]))
       self._place(targets[0], array.T, ref, expert=int(groups["expert"]))
-    elif rule.kind == "fused_gate_up":
-      e, d, f = self._spec(targets[0], ref).shape
-      self._check(ref, array.shape, (e, 2 * f, d))
-      self._place(targets[0], array[:, :f, :].transpose(0, 2, 1), ref)
-      self._place(targets[1], array[:, f:, :].transpose(0, 2, 1), ref)
-    elif rule.kind == "fused_down":
-      e, f, d = self._spec(targets[0], ref).shape
-      self._check(ref, array.shape, (e, d, f))
-      self._place(targets[0], array.transpose(0, 2, 1), ref)
+    elif rule.kind == "fused_gate_up":  # [(e,) 2f, d] -> w_gate, w_up [(e,) d, f] (experts, or a dense MLP)
+      *lead, d, f = self._spec(targets[0], ref).shape
+      self._check(ref, array.shape, (*lead, 2 * f, d))
+      self._place(targets[0], np.swapaxes(array[..., :f, :], -1, -2), ref)
+      self._place(targets[1], np.swapaxes(array[..., f:, :], -1, -2), ref)
+    elif rule.kind == "fused_down":  # [(e,) d, f] -> [(e,) f, d]
+      *lead, f, d = self._spec(targets[0], ref).shape
+      self._check(ref, array.shape, (*lead, d, f))
+      self._place(targets[0], np.swapaxes(array, -1, -2), ref)
     else:
       raise AssertionError(rule.kind)
 

@@ -23,6 +23,9 @@ DISK = {
     "deepseek_v1": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
     "qwen3_moe": dict(block="mlp", proj=_PROJ),
     "olmoe": dict(block="mlp", proj=_PROJ),
+    # Granite: written per expert here, then fused into input_linear / output_linear (``_granite_layout``)
+    "granitemoe": dict(block="block_sparse_moe", proj=_PROJ),
+    "granitemoeshared": dict(block="block_sparse_moe", proj=_PROJ, shared="shared_mlp"),
 }
 
 
@@ -121,9 +124,47 @@ def _deepseek_v1(cfg: MoEConfig, family: str) -> dict[str, Any]:
               norm_topk_prob=cfg.norm_topk_prob, scoring_func="softmax", attention_bias=cfg.qkv_bias)
 
 
+def _granite(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  _need(all(cfg.moe_layers) and cfg.norm_topk_prob and cfg.norm_topk_eps == 0.0, family,
+        "every Granite layer is MoE with renormalised top-k gates")
+  _need(not cfg.shared_expert_gate and (family == "granitemoeshared" or not cfg.shared_expert_size), family,
+        "an ungated shared MLP (granitemoeshared only)")
+  _need(cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows, family,
+        "attention bias on q, k, v, o together; no sliding window")
+  arch = "GraniteMoeSharedForCausalLM" if family == "granitemoeshared" else "GraniteMoeForCausalLM"
+  out = dict(_common(cfg, False), architectures=[arch], model_type=family,
+             intermediate_size=cfg.moe_intermediate_size, num_local_experts=cfg.num_experts,
+             num_experts_per_tok=cfg.num_experts_per_tok, attention_bias=cfg.qkv_bias,
+             embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.residual_multiplier,
+             attention_multiplier=cfg.attention_multiplier or cfg.head_dim ** -0.5,
+             logits_scaling=cfg.logits_scaling)
+  if family == "granitemoeshared":
+    out["shared_intermediate_size"] = cfg.shared_expert_size
+  return out
+
+
+def _granite_layout(out: dict[str, np.ndarray], cfg: MoEConfig) -> None:
+  """Per-expert keys -> Granite's fused on-disk tensors: input_linear [e, 2f, d] (gate rows, then up rows),
+  output_linear [e, d, f], router.layer; the shared MLP likewise [2F, d] / [d, F]."""
+  def take(key):
+    return out.pop(key)
+  for i in cfg.moe_layer_ids:
+    pre = f"model.layers.{i}.block_sparse_moe."
+    out[pre + "router.layer.weight"] = take(pre + "gate.weight")
+    per = [{p: take(pre + f"experts.{e}.{p}_proj.weight") for p in ("gate", "up", "down")}
+           for e in range(cfg.num_experts)]
+    out[pre + "input_linear.weight"] = np.stack([np.concatenate([w["gate"], w["up"]]) for w in per])
+    out[pre + "output_linear.weight"] = np.stack([w["down"] for w in per])
+    sh = f"model.layers.{i}.shared_mlp."
+    if sh + "gate_proj.weight" in out:
+      out[sh + "input_linear.weight"] = np.concatenate([take(sh + "gate_proj.weight"), take(sh + "up_proj.weight")])
+      out[sh + "output_linear.weight"] = take(sh + "down_proj.weight")
+
+
 # family -> (its HF config from ours, the q/k norm it has)
 _HF = {"qwen2_moe": (_qwen2_moe, "none"), "qwen3_moe": (_qwen3_moe, "head"), "olmoe": (_olmoe, "full"),
-       "mixtral": (_mixtral, "none"), "deepseek_v1": (_deepseek_v1, "none")}
+       "mixtral": (_mixtral, "none"), "deepseek_v1": (_deepseek_v1, "none"), "granitemoe": (_granite, "none"),
+       "granitemoeshared": (_granite, "none")}
 
 
 def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
@@ -132,6 +173,9 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
     raise ConversionError(f"cannot export: unknown family {family!r} (known: {sorted(_HF)})")
   build, qk_norm = _HF[family]
   _need(cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
+  granite = family.startswith("granitemoe")
+  _need(granite or (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier,
+                    cfg.logits_scaling) == (1.0, 0.0, 1.0, 1.0), family, "Granite's multipliers / logits_scaling")
   _need(cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r} (no HF family has it)")
   _need(cfg.qk_norm == qk_norm, family, f"qk_norm={cfg.qk_norm!r}, the family has {qk_norm!r}")
   _need(cfg.qkv_clip == 0.0 or family == "olmoe", family, "qkv_clip (only OLMoE clips q, k, v)")
@@ -186,6 +230,8 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
         out[pre + f"{disk['shared_gate']}.weight"] = _linear(a)
       else:
         raise AssertionError(path)
+  if family.startswith("granitemoe"):
+    _granite_layout(out, cfg)
   if family == "qwen2_moe" and not cfg.shared_expert_size:
     # transformers always builds a shared expert: write it zero-width (output exactly 0), gate zero.
     d = cfg.hidden_size

@@ -263,6 +263,58 @@ OLMOE = Family(
     aliases=(("num_local_experts", "num_experts"),))
 
 
+def _build_granite(g, common: dict) -> dict:
+  """Granite-MoE (and -Shared): top-k of the logits, then softmax over them (= renormalised softmax top-k)."""
+  n = common["num_layers"]
+  scalars = {}
+  for name in ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"):
+    v = g(name)
+    if v is None or float(v) <= 0:
+      g.fail(f"{name}={v!r} must be a positive number")
+    scalars[name] = float(v)
+  bias = bool(g("attention_bias"))
+  shared = int(g("shared_intermediate_size")) if "shared_intermediate_size" in g.handled else 0
+  return dict(
+      intermediate_size=0, moe_intermediate_size=int(g("intermediate_size")),
+      num_experts=int(g("num_local_experts")), num_experts_per_tok=int(g("num_experts_per_tok")),
+      moe_layers=(True,) * n, norm_topk_prob=True, shared_expert_size=shared, qkv_bias=bias, attn_out_bias=bias,
+      **scalars)
+
+
+_GRANITE_HANDLED = frozenset({"intermediate_size", "num_local_experts", "num_experts_per_tok", "attention_bias",
+                              "embedding_multiplier", "attention_multiplier", "residual_multiplier",
+                              "logits_scaling"})
+_GRANITE_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                         max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         rope_theta=10000.0, rope_scaling=None, rope_parameters=None, attention_bias=False,
+                         embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
+                         attention_multiplier=1.0, num_local_experts=8, num_experts_per_tok=2)
+# On disk: block_sparse_moe.router.layer / input_linear [e, 2f, d] / output_linear [e, d, f]; transformers 5 in
+# memory: router.weight / experts.gate_up_proj / experts.down_proj.
+_GRANITE_RULES = COMMON_RULES + (
+    Rule(LAYER + r"block_sparse_moe\.router(\.layer)?\.weight", "layers/{layer}/mlp/router/kernel", "linear"),
+    Rule(LAYER + r"block_sparse_moe\.(input_linear\.weight|experts\.gate_up_proj)",
+         (EXPERTS + "w_gate", EXPERTS + "w_up"), "fused_gate_up"),
+    Rule(LAYER + r"block_sparse_moe\.(output_linear\.weight|experts\.down_proj)", EXPERTS + "w_down", "fused_down"),
+)
+
+GRANITEMOE = Family(
+    name="granitemoe", model_types=("granitemoe",), architectures=("GraniteMoeForCausalLM",),
+    handled=_GRANITE_HANDLED, ignored=frozenset(), defaults=_GRANITE_DEFAULTS, build=_build_granite,
+    rules=_GRANITE_RULES)
+
+GRANITEMOE_SHARED = Family(
+    name="granitemoeshared", model_types=("granitemoeshared",), architectures=("GraniteMoeSharedForCausalLM",),
+    handled=_GRANITE_HANDLED | {"shared_intermediate_size"}, ignored=frozenset(),
+    defaults=dict(_GRANITE_DEFAULTS, shared_intermediate_size=0), build=_build_granite,
+    rules=_GRANITE_RULES + (  # the shared MLP: input_linear [2F, d] (gate, up), output_linear [d, F], ungated
+        Rule(LAYER + r"shared_mlp\.input_linear\.weight", ("layers/{layer}/mlp/shared/w_gate",
+                                                           "layers/{layer}/mlp/shared/w_up"), "fused_gate_up"),
+        Rule(LAYER + r"shared_mlp\.output_linear\.weight", "layers/{layer}/mlp/shared/w_down", "fused_down"),
+    ))
+
+
 def _build_llama(g, common: dict) -> dict:
   if g("mlp_bias"):
     g.fail("mlp_bias=true is not supported (the MLP has no biases)")
@@ -286,9 +338,8 @@ LLAMA = Family(
                   mlp_bias=False, pretraining_tp=1),
     build=_build_llama, rules=COMMON_RULES)
 
-FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, MIXTRAL, DEEPSEEK_V1, LLAMA)
-_NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "granitemoe": "Granite-MoE",
-            "granitemoeshared": "Granite-MoE-Shared"}
+FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, GRANITEMOE_SHARED, MIXTRAL, DEEPSEEK_V1, LLAMA)
+_NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}
 
 
 def family_for(raw: dict, where: str) -> Family:

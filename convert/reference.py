@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v1", "llama")
+FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -46,6 +46,21 @@ def _olmoe(overrides: dict):
   kw = dict(_SMALL, intermediate_size=16, num_experts=6, num_experts_per_tok=2)
   kw.update(overrides)
   return OlmoeForCausalLM(OlmoeConfig(**kw)), None
+
+
+_GRANITE = dict(_SMALL, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, embedding_multiplier=3.0,
+                attention_multiplier=0.2, residual_multiplier=0.6, logits_scaling=2.5)
+
+
+def _granite(overrides: dict):
+  from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
+  return GraniteMoeForCausalLM(GraniteMoeConfig(**dict(_GRANITE, **overrides))), None
+
+
+def _granite_shared(overrides: dict):
+  from transformers import GraniteMoeSharedConfig, GraniteMoeSharedForCausalLM
+  kw = dict(_GRANITE, shared_intermediate_size=24, **overrides)
+  return GraniteMoeSharedForCausalLM(GraniteMoeSharedConfig(**kw)), None
 
 
 def _mixtral(overrides: dict):
@@ -153,7 +168,8 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
   torch.manual_seed(seed)
-  model, v1_config = {"qwen2_moe": _qwen, "qwen3_moe": _qwen3, "olmoe": _olmoe, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
+  model, v1_config = {"qwen2_moe": _qwen, "qwen3_moe": _qwen3, "olmoe": _olmoe, "granitemoe": _granite,
+                        "granitemoeshared": _granite_shared, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
                         "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
@@ -173,7 +189,7 @@ def reference_outputs(model, tokens: np.ndarray, mask: np.ndarray) -> dict[str, 
   torch = _torch()
   routers = []
   hooks = [m.register_forward_hook(lambda mod, inp, out: routers.append([o.detach().numpy() for o in out]))
-           for name, m in model.named_modules() if name.endswith("mlp.gate")]
+           for name, m in model.named_modules() if name.endswith(("mlp.gate", "block_sparse_moe.router"))]
   try:
     with torch.no_grad():
       out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),

@@ -88,12 +88,13 @@ def head_norm(x_bshc: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
-              allowed_b11st: jax.Array, eps: float = 1e-6, clip: float = 0.0) -> jax.Array:
+              allowed_b11st: jax.Array, eps: float = 1e-6, clip: float = 0.0, scale: float = 0.0) -> jax.Array:
   """Grouped-query attention with RoPE; softmax in float32.
 
   p: wq [d, h, c], wk [d, k, c], wv [d, k, c], wo [h, c, d], optional bq [h, c], bk/bv [k, c], bo [d],
   q_norm / k_norm (``head_norm`` scales, RMSNorm with ``eps`` before RoPE). ``clip`` > 0 clamps q, k, v after
-  the norms (OLMoE's clip_qkv).
+  the norms (OLMoE's clip_qkv). ``scale`` > 0 replaces the score scale head_dim ** -0.5 (Granite's
+  attention_multiplier).
   """
   q_bshc = jnp.einsum("bsd,dhc->bshc", x_bsd, p["wq"])
   k_bskc = jnp.einsum("bsd,dkc->bskc", x_bsd, p["wk"])
@@ -112,7 +113,7 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
   b, s, h, c = q_bshc.shape
   kv = k_bskc.shape[2]
   q_bskgc = q_bshc.reshape(b, s, kv, h // kv, c)
-  scores_bkgst = jnp.einsum("bskgc,btkc->bkgst", q_bskgc, k_bskc).astype(jnp.float32) * (c ** -0.5)
+  scores_bkgst = jnp.einsum("bskgc,btkc->bkgst", q_bskgc, k_bskc).astype(jnp.float32) * (scale or c ** -0.5)
   scores_bkgst = jnp.where(allowed_b11st, scores_bkgst, jnp.finfo(jnp.float32).min)
   probs_bkgst = jax.nn.softmax(scores_bkgst, axis=-1).astype(v_bskc.dtype)
   out_bskgc = jnp.einsum("bkgst,btkc->bskgc", probs_bkgst, v_bskc)

@@ -128,3 +128,15 @@ def test_last_layer_laplace_refuses_cloze_batches():
                 class_ids_bc=jnp.asarray([[3, 9, 11], [40, 2, 7]]))
   with pytest.raises(ValueError, match="one set of class tokens"):
     LL.last_layer_laplace(params, Task(cfg, None), [batch])
+
+
+def test_features_times_head_rows_are_the_logits_with_logits_scaling():
+  """Granite divides the logits by logits_scaling: the last-layer features carry it, so phi W stays the logits."""
+  cfg = B.tiny_config(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5)
+  params = B.init_params(cfg, jax.random.key(0), std=0.3)
+  rng = np.random.RandomState(0)
+  batch = Batch(jnp.asarray(rng.randint(0, cfg.vocab_size, (3, 6))), jnp.ones((3, 6), jnp.int32),
+                jnp.array([5, 2, 4]), jnp.array([0, 1, 3]))
+  task = Task(cfg, CLASSES)
+  np.testing.assert_allclose(task.features(params, batch) @ head_rows(params, CLASSES), task.logits(params, batch),
+                             atol=1e-5)

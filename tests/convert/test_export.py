@@ -16,7 +16,8 @@ from tests.conftest import padded_batch
 @pytest.mark.parametrize("family,over", [("qwen2_moe", {"mlp_only_layers": [1]}), ("mixtral", {}),
                                          ("deepseek_v1", {"moe_layer_freq": 2, "first_k_dense_replace": 0}),
                                          ("qwen3_moe", {"mlp_only_layers": [0], "attention_bias": True}),
-                                         ("olmoe", {"clip_qkv": 2.0})])
+                                         ("olmoe", {"clip_qkv": 2.0}), ("granitemoe", {}),
+                                         ("granitemoeshared", {"attention_bias": True})])
 def test_hf_export_roundtrip(family, over, tmp_path):
   make_checkpoint(family, tmp_path / "a", seed=5, **over)
   info, params = load_hf_checkpoint(tmp_path / "a", progress=False)
@@ -37,6 +38,9 @@ NO_SHARED = dict(shared_expert_size=0, shared_expert_gate=False)
     ("qwen3_moe", dict(NO_SHARED, qk_norm="head", qkv_bias=True, attn_out_bias=True, moe_layers=(False, True))),
     ("olmoe", dict(NO_SHARED, qk_norm="full", qkv_bias=False, num_heads=4, head_dim=8, qkv_clip=0.5,
                    intermediate_size=0)),
+    ("granitemoeshared", dict(shared_expert_gate=False, norm_topk_prob=True, qkv_bias=False, intermediate_size=0,
+                              embedding_multiplier=4.0, attention_multiplier=0.3, residual_multiplier=0.5,
+                              logits_scaling=3.0)),
 ])
 def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   import torch
@@ -63,3 +67,20 @@ def test_unrepresentable_config_is_refused():
   cfg = B.tiny_config(**NO_SHARED, family="qwen3_moe")
   with pytest.raises(ConversionError, match="qk_norm='none', the family has 'head'"):
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
+
+
+def test_granite_in_memory_key_layout_loads_the_same(tmp_path):
+  """transformers 5's in-memory names (router.weight, experts.gate_up_proj / down_proj) load as the on-disk ones."""
+  from convert.safetensors_io import read_header, save_file
+  make_checkpoint("granitemoe", tmp_path / "a", seed=2)
+  tensors = {k.replace("router.layer.weight", "router.weight").replace("input_linear.weight", "experts.gate_up_proj")
+             .replace("output_linear.weight", "experts.down_proj"): r.numpy()
+             for k, r in read_header(tmp_path / "a" / "model.safetensors").items()}
+  assert any(k.endswith("experts.gate_up_proj") for k in tensors)
+  (tmp_path / "b").mkdir()
+  save_file(tensors, tmp_path / "b" / "model.safetensors")
+  (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+  _, a = load_hf_checkpoint(tmp_path / "a", progress=False)
+  _, b = load_hf_checkpoint(tmp_path / "b", progress=False)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)

@@ -30,15 +30,18 @@ def _batch(b, s, cfg, seed=0):
   return Batch(tokens, jnp.ones((b, s), jnp.int32), jnp.full((b,), s - 1), jnp.asarray(rng.randint(0, 4, b)))
 
 
-QK_NORMS = {"none": {}, "head": {"qk_norm": "head"}, "full": {"qk_norm": "full", "qkv_clip": 0.8}}
+# the families' architecture variants: q/k norms (Qwen3-MoE, OLMoE), Granite's multipliers and logits scaling
+VARIANTS = {"plain": {}, "qk_head": {"qk_norm": "head"}, "qk_full": {"qk_norm": "full", "qkv_clip": 0.8},
+            "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.3, "residual_multiplier": 0.5,
+                        "logits_scaling": 2.5, "norm_topk_prob": True}}
 
 
-@pytest.mark.parametrize("qk", sorted(QK_NORMS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("kind", ["routed", "shared"])
-def test_last_token_top_layer_equals_exact_ggn_block(kind, qk):
+def test_last_token_top_layer_equals_exact_ggn_block(kind, variant):
   """One sequence, answer position only, the last layer: A (x) G is the exact GGN block, for the routed
-  experts and for the (sigmoid-gated) shared expert; with each attention's q/k norm (Qwen3-MoE, OLMoE)."""
-  cfg, params = _model(**QK_NORMS[qk])
+  experts and for the (sigmoid-gated) shared expert; for each family's architecture variant."""
+  cfg, params = _model(**VARIANTS[variant])
   batch = _batch(1, 5, cfg)
   spec = FactorSpec(layers=(1,), labels="exact", tokens="last", shared=True)
   stats = factor_stats(params, Task(cfg, CLASSES), batch, spec)[Block(1, kind)]

@@ -12,8 +12,13 @@ import bmoe_jax as B
 from bmoe_jax import routing as RT
 from bmoe_jax.routing import gating as G
 
-# the gating rules of the families we convert (tiny configs): qwen2_moe, mixtral, deepseek_v1, carved
+# the gating rules (and architecture variants) of the families we convert, as tiny configs
 FAMILY_GATING = {
+    "qwen3_moe": dict(norm_topk_prob=True, shared_expert_size=0, shared_expert_gate=False, qk_norm="head"),
+    "olmoe": dict(norm_topk_prob=False, shared_expert_size=0, shared_expert_gate=False, qk_norm="full", qkv_clip=1.0),
+    "granitemoeshared": dict(norm_topk_prob=True, shared_expert_size=24, shared_expert_gate=False,
+                             embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.5,
+                             logits_scaling=2.0),
     "qwen2_moe": dict(norm_topk_prob=False, shared_expert_size=24, shared_expert_gate=True),
     "mixtral": dict(norm_topk_prob=True, shared_expert_size=0, shared_expert_gate=False),
     "deepseek_v1": dict(norm_topk_prob=False, routed_scaling_factor=1.5, shared_expert_size=24,
