@@ -177,16 +177,16 @@ def param_dtype(dtype: str | None, flag: str = "--dtype"):
 
 
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
-                       progress: bool = True, allow_nonfinite: bool = False) -> Path:
+                       progress: bool = True, allow_nonfinite: bool = False, router_dtype: str = "float32") -> Path:
   """HF checkpoint directory -> converted directory (``bmoe convert``). Weights holding NaN or inf are refused
-  (naming them) unless ``allow_nonfinite``."""
+  (naming them) unless ``allow_nonfinite``. ``router_dtype``: ``MoEConfig.router_dtype`` of the result."""
   from convert import load_hf_checkpoint
 
   info, params = load_hf_checkpoint(hf_dir, dtype=param_dtype(dtype), progress=progress,
                                     allow_nonfinite=allow_nonfinite)
   source = {"hf_dir": str(Path(hf_dir).absolute()), "family": info.family,
             "checkpoint_dtype": info.checkpoint_dtype, "dtype": dtype or "as stored"}
-  return save_params(out_dir, info.cfg, params, source)
+  return save_params(out_dir, info.cfg.replace(router_dtype=router_dtype), params, source)
 
 
 def load_model(path: str | Path, dtype: str | None = None, progress: bool = False):

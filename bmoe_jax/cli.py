@@ -12,7 +12,7 @@ from pathlib import Path
 def _cmd_convert(args) -> int:
   from bmoe_jax.checkpoint import convert_checkpoint
   out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, progress=not args.quiet,
-                           allow_nonfinite=args.allow_nonfinite)
+                           allow_nonfinite=args.allow_nonfinite, router_dtype=args.router_dtype)
   print(f"wrote {out}")
   return 0
 
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "float64"),
                  help="cast parameters; default: as stored (float64 needs JAX_ENABLE_X64=1)")
   c.add_argument("--allow-nonfinite", action="store_true", help="convert weights holding NaN or inf (refused)")
+  c.add_argument("--router-dtype", default="float32", choices=("float32", "native"),
+                 help="router logits from float32 copies (default) or by a matmul in the weights' dtype, as "
+                      "transformers does in bfloat16 (identical top-k sets on near-ties)")
   c.add_argument("--quiet", action="store_true", help="no progress bar")
   c.set_defaults(fn=_cmd_convert)
   from bmoe_jax.pipeline import flags

@@ -14,6 +14,10 @@ SUPPORTED_SCORING = ("softmax", "select")
 # RMSNorm on the attention's q and k projections, before RoPE: none; per head over the head dim (Qwen3-MoE,
 # scale [c]); over the full projection width (OLMoE, scale [heads, c]).
 SUPPORTED_QK_NORM = ("none", "head", "full")
+# The deterministic router's logits: "float32" (the default) from float32 copies of its input and weight;
+# "native" by a matmul in the parameters' own dtype, then cast to float32 (transformers' order for Qwen-MoE,
+# Mixtral, OLMoE and Granite in bfloat16: the same top-k sets on near-ties).
+SUPPORTED_ROUTER_DTYPES = ("float32", "native")
 
 
 def check_bounds(owner, bounds: dict[str, tuple]) -> None:
@@ -63,6 +67,7 @@ class MoEConfig:
   norm_topk_eps: float = 0.0
   routed_scaling_factor: float = 1.0
   router_scoring: str = "softmax"
+  router_dtype: str = "float32"
   qkv_bias: bool = False
   attn_out_bias: bool = False
   qk_norm: str = "none"
@@ -119,6 +124,8 @@ class MoEConfig:
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
     need(self.attention_multiplier >= 0, f"attention_multiplier must be >= 0, got {self.attention_multiplier}")
     need(self.logits_scaling != 0, "logits_scaling must be non-zero")
+    need(self.router_dtype in SUPPORTED_ROUTER_DTYPES,
+         f"router_dtype={self.router_dtype!r} is not supported (supported: {SUPPORTED_ROUTER_DTYPES})")
     need(self.router_scoring in SUPPORTED_SCORING,
          f"router_scoring={self.router_scoring!r} is not supported (supported: {SUPPORTED_SCORING})")
 

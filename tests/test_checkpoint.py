@@ -70,6 +70,9 @@ def test_fused_in_memory_layout_is_accepted(tmp_path):
 def test_cli_convert_and_info(hf_dir, tmp_path, capsys):
   assert main(["convert", str(hf_dir), str(tmp_path / "c"), "--quiet", "--dtype", "float32"]) == 0
   assert "wrote" in capsys.readouterr().out
+  assert load_params(tmp_path / "c")[0].router_dtype == "float32"
+  assert main(["convert", str(hf_dir), str(tmp_path / "n"), "--quiet", "--router-dtype", "native"]) == 0
+  assert load_params(tmp_path / "n")[0].router_dtype == "native"
   assert main(["info", str(tmp_path / "c")]) == 0
   text = capsys.readouterr().out
   assert "deepseek_v1" in text and "D M M" in text and "params total" in text

@@ -44,10 +44,15 @@ class Gating(NamedTuple):
 
 def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: bool,
           norm_eps: float = 0.0, scaling: float = 1.0, scoring: str = "softmax",
-          logit_offset_ne: jax.Array | None = None) -> Routing:
+          logit_offset_ne: jax.Array | None = None, native: bool = False) -> Routing:
   """Deterministic top-k routing in float32 (see the module docstring for ``scoring``).
-  ``logit_offset_ne``: added to the logits (zero perturbations whose gradient is the logits' gradient)."""
-  logits_ne = x_nd.astype(jnp.float32) @ router_de.astype(jnp.float32)
+  ``logit_offset_ne``: added to the logits (zero perturbations whose gradient is the logits' gradient).
+  ``native``: the logits' matmul runs in the inputs' dtype (e.g. bfloat16) and is cast to float32 after it
+  (``MoEConfig.router_dtype``); by default both operands are cast to float32 first."""
+  if native:
+    logits_ne = (x_nd @ router_de.astype(x_nd.dtype)).astype(jnp.float32)
+  else:
+    logits_ne = x_nd.astype(jnp.float32) @ router_de.astype(jnp.float32)
   if logit_offset_ne is not None:
     logits_ne = logits_ne + logit_offset_ne
   if scoring == "select":

@@ -74,3 +74,35 @@ def test_jaccard_hand_built():
   a = jnp.array([[0, 1], [2, 3], [0, 1], [4, 5]])
   b = jnp.array([[1, 0], [2, 4], [2, 3], [4, 5]])
   np.testing.assert_allclose(np.asarray(G.jaccard(a, b, 6)), [1.0, 1 / 3, 0.0, 1.0])
+
+
+def test_native_router_dtype_reproduces_transformers_bf16_router():
+  """MoEConfig.router_dtype="native": the router's matmul in bfloat16 then float32, as transformers' Qwen2-MoE
+  router in bf16: the same logits (but for a rare last bit). Top-k sets then differ only where transformers' own
+  bf16 scores tie exactly (torch.topk's choice among equal values is implementation-defined), in both modes."""
+  import torch
+  from transformers import Qwen2MoeConfig
+  from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+  torch.manual_seed(0)
+  gate = Qwen2MoeTopKRouter(Qwen2MoeConfig(hidden_size=512, num_experts=64, num_experts_per_tok=4))
+  with torch.no_grad():
+    gate.weight.normal_(0, 0.05)
+    x = torch.randn(4096, 512).to(torch.bfloat16)
+    gate = gate.to(torch.bfloat16)
+    logits_ref, _, idx_ref = gate(x)
+  ref_ne, idx_ref = logits_ref.float().numpy(), idx_ref.numpy()
+  x_nd = jnp.asarray(x.float().numpy(), jnp.bfloat16)
+  w_de = jnp.asarray(gate.weight.detach().float().numpy().T, jnp.bfloat16)
+  for native in (True, False):
+    r = G.route(x_nd, w_de, 4, norm_topk_prob=False, native=native)
+    ours_ne, ours_nk = np.asarray(r.logits_ne), np.asarray(r.expert_nk)
+    diff = np.abs(ours_ne - ref_ne)
+    if native:  # bf16 roundings of the same sums: equal but for rare last bits (summation order)
+      ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(ours_ne), np.abs(ref_ne)) + 1e-30)) - 7)
+      assert (diff <= 2 * ulp + 1e-4).all() and (diff > 0).mean() < 1e-3  # (near 0: cancellation)
+    else:  # float32 logits are not rounded to bf16
+      assert (diff > 0).mean() > 0.9
+    # the experts we select score exactly as transformers' own choice under transformers' scores
+    ours_scores = np.sort(np.take_along_axis(ref_ne, ours_nk, -1), -1)
+    ref_scores = np.sort(np.take_along_axis(ref_ne, idx_ref, -1), -1)
+    np.testing.assert_array_equal(ours_scores, ref_scores)
