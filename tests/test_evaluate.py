@@ -49,3 +49,26 @@ def test_non_finite_predictions_and_empty_rows_are_named():
   empty = data[1]._replace(mask_bs=data[1].mask_bs.at[3].set(0))
   with pytest.raises(ValueError, match=r"map/id: batch 1 rows \[3\] are all padding"):
     evaluate({"map": BL.map_method(params, Task(cfg, CLASSES))}, {"id": [data[0], empty]}, progress=False)
+
+
+def test_a_finished_methods_programs_are_dropped():
+  """Each CPU executable holds memory mappings; a long evaluation (many methods x batch shapes) exhausted
+  vm.max_map_count. evaluate() drops a method's compiled programs when it is done: the mappings do not pile up."""
+  import jax.numpy as jnp
+  from bmoe_jax.task import Batch
+
+  def nmaps():
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+
+  def method(seed):
+    f = jax.jit(lambda t: jax.nn.softmax(jnp.tanh(t.astype(jnp.float32) @ jnp.ones((t.shape[1], 4)) * seed), -1))
+    return lambda b: f(b.tokens_bs)
+
+  shapes = [Batch(jnp.ones((2, s), jnp.int32), jnp.ones((2, s), jnp.int32), jnp.zeros(2, jnp.int32),
+                  jnp.zeros(2, jnp.int32)) for s in range(3, 23)]
+  evaluate({"warm": method(0.5)}, {"set": shapes}, progress=False, plots=False)
+  before = nmaps()
+  methods = {f"m{i}": method(1.0 + i) for i in range(3)}  # alive throughout, as in the pipeline
+  evaluate(methods, {"set": shapes}, progress=False, plots=False)
+  assert nmaps() - before < 60  # 60 programs of ~3 mappings each would add ~180
