@@ -10,7 +10,10 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 # softmax: top-k of softmax(router logits), gates = those probabilities (renormalised with norm_topk_prob);
 # select: top-k of the router logits, every selected expert enters with gate 1 (carved MoEs, convert.carve).
-SUPPORTED_SCORING = ("softmax", "select")
+SUPPORTED_SCORING = ("softmax", "sigmoid", "select")
+# the deterministic router's selection (``routing.gating``): plain top-k, or limited to topk_group of n_group
+# expert groups (DeepSeek-V2's group_limited_greedy, DeepSeek-V3's noaux_tc)
+SUPPORTED_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # RMSNorm on the attention's q and k projections, before RoPE: none; per head over the head dim (Qwen3-MoE,
 # scale [c]); over the full projection width (OLMoE, scale [heads, c]).
 SUPPORTED_QK_NORM = ("none", "head", "full")
@@ -68,6 +71,10 @@ class MoEConfig:
   routed_scaling_factor: float = 1.0
   router_scoring: str = "softmax"
   router_dtype: str = "float32"
+  topk_method: str = "greedy"
+  n_group: int = 1
+  topk_group: int = 1
+  router_bias: bool = False  # a per-expert selection bias (DeepSeek-V3's e_score_correction_bias): router/bias [E]
   qkv_bias: bool = False
   attn_out_bias: bool = False
   qk_norm: str = "none"
@@ -126,6 +133,18 @@ class MoEConfig:
     need(self.logits_scaling != 0, "logits_scaling must be non-zero")
     need(self.router_dtype in SUPPORTED_ROUTER_DTYPES,
          f"router_dtype={self.router_dtype!r} is not supported (supported: {SUPPORTED_ROUTER_DTYPES})")
+    need(self.topk_method in SUPPORTED_TOPK_METHODS,
+         f"topk_method={self.topk_method!r} is not supported (supported: {SUPPORTED_TOPK_METHODS})")
+    if self.topk_method != "greedy" and any(self.moe_layers):
+      need(self.n_group >= 1 and self.num_experts % self.n_group == 0 and 1 <= self.topk_group <= self.n_group,
+           f"n_group={self.n_group} must divide num_experts={self.num_experts} and 1 <= topk_group="
+           f"{self.topk_group} <= n_group")
+      need(self.topk_method != "noaux_tc" or self.num_experts // self.n_group >= 2,
+           f"noaux_tc ranks groups by their two best experts: n_group={self.n_group} leaves groups of "
+           f"{self.num_experts // self.n_group}")
+      need(self.topk_group * (self.num_experts // self.n_group) >= self.num_experts_per_tok,
+           f"topk_group={self.topk_group} groups of {self.num_experts // self.n_group} experts cannot hold "
+           f"num_experts_per_tok={self.num_experts_per_tok}")
     need(self.router_scoring in SUPPORTED_SCORING,
          f"router_scoring={self.router_scoring!r} is not supported (supported: {SUPPORTED_SCORING})")
 

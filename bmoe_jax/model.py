@@ -73,13 +73,14 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
   if router is None:
     routing = G.route(x_nd, p["router"]["kernel"], k, norm_topk_prob=cfg.norm_topk_prob, norm_eps=cfg.norm_topk_eps,
                       scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring, logit_offset_ne=offset,
-                      native=cfg.router_dtype == "native")
+                      native=cfg.router_dtype == "native", topk_method=cfg.topk_method, n_group=cfg.n_group,
+                      topk_group=cfg.topk_group, bias_e=p["router"].get("bias"))
   elif offset is not None:
     raise ValueError("a router-logit perturbation (Laplace router block) needs the deterministic router in its layer")
   else:
     rc, rp, key, sample = router
     routing, aux_n = R.apply(rc, rp, R.RouterIn(x_nd, p["router"]["kernel"], key, sample, G.Gating.of(cfg), k,
-                                                train_router))
+                                                train_router, p["router"].get("bias")))
   perturb_nkd = None if perturb is None or "routed" not in perturb else perturb["routed"].reshape(b * s, k, d)
   out_nd, h_nkf = M.routed_experts(expert_impl, x_nd, routing.expert_nk, routing.gate_nk,
                                    p["experts"], cfg.hidden_act, perturb_nkd, tile_rows)

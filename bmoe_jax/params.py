@@ -8,7 +8,7 @@ Layout (``torch [out, in]`` weights are stored transposed, ``[in, out]``; expert
   layers/i/attn/{wq [d,h,c], wk [d,kv,c], wv [d,kv,c], wo [h,c,d], bq [h,c], bk/bv [kv,c], bo [d]}
                 q_norm/k_norm: [c] (qk_norm "head") or [h,c] / [kv,c] ("full")
   dense layer: layers/i/mlp/{w_gate [d,f], w_up [d,f], w_down [f,d]}
-  MoE layer:   layers/i/mlp/router/kernel [d,e]
+  MoE layer:   layers/i/mlp/router/kernel [d,e]   (router/bias [e]: a selection bias, DeepSeek-V3)
                layers/i/mlp/experts/{w_gate [e,d,f], w_up [e,d,f], w_down [e,f,d]}
                layers/i/mlp/shared/{w_gate, w_up, w_down}     layers/i/mlp/shared_gate/kernel [d,1]
 
@@ -68,7 +68,8 @@ def layer_specs(cfg: MoEConfig, i: int) -> dict[str, Any]:
     attn["bo"] = ParamSpec((d,), ("embed",), "zeros")
   if cfg.moe_layers[i]:
     mlp: dict[str, Any] = {
-        "router": {"kernel": ParamSpec((d, cfg.num_experts), ("embed", "expert"), "normal")},
+        "router": {"kernel": ParamSpec((d, cfg.num_experts), ("embed", "expert"), "normal"),
+                   **({"bias": ParamSpec((cfg.num_experts,), ("expert",), "zeros")} if cfg.router_bias else {})},
         "experts": _mlp_specs(d, cfg.moe_intermediate_size, cfg.num_experts)}
     if cfg.shared_expert_size:
       mlp["shared"] = _mlp_specs(d, cfg.shared_expert_size)

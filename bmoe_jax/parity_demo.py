@@ -22,7 +22,8 @@ def _batch(vocab: int, seed: int):
   return tokens, mask
 
 
-def parity_row(family: str, work: Path, seed: int) -> dict:
+def parity_row(family: str, work: Path, seed: int, overrides: dict | None = None) -> dict:
+  """One family (with HF config ``overrides``) built in transformers, converted and compared."""
   from bmoe_jax.checkpoint import convert_checkpoint, load_model
   from bmoe_jax.model import forward
   from convert.reference import make_checkpoint, reference_outputs
@@ -30,7 +31,7 @@ def parity_row(family: str, work: Path, seed: int) -> dict:
   hf_dir, out_dir = work / family / "hf", work / family / "converted"
   for d in (hf_dir, out_dir):
     shutil.rmtree(d, ignore_errors=True)
-  torch_model = make_checkpoint(family, hf_dir, seed=seed)
+  torch_model = make_checkpoint(family, hf_dir, seed=seed, **(overrides or {}))
   convert_checkpoint(hf_dir, out_dir, progress=False)
   model = load_model(out_dir)
   cfg, params = model.cfg, model.pure_params()

@@ -177,6 +177,8 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   _need(granite or (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier,
                     cfg.logits_scaling) == (1.0, 0.0, 1.0, 1.0), family, "Granite's multipliers / logits_scaling")
   _need(cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r} (no HF family has it)")
+  _need(cfg.topk_method == "greedy" and not cfg.router_bias, family, "group-limited selection / a selection bias "
+        "(DeepSeek-V2/V3 export is not written yet)")
   _need(cfg.qk_norm == qk_norm, family, f"qk_norm={cfg.qk_norm!r}, the family has {qk_norm!r}")
   _need(cfg.qkv_clip == 0.0 or family == "olmoe", family, "qkv_clip (only OLMoE clips q, k, v)")
   return build(cfg, family)

@@ -6,13 +6,20 @@ the selected experts then follow the model family's own rule (``gates_at``), wha
 * ``softmax`` (Qwen2-MoE, Mixtral, DeepSeek-V1 greedy): ``softmax(l)`` at the selected experts, renormalised
   over them when ``norm_topk_prob`` (Mixtral's and Granite's top-k-then-softmax is exactly this),
   times ``routed_scaling_factor``;
+* ``sigmoid`` (DeepSeek-V3): ``sigmoid(l)`` at the selected experts, renormalised (``norm_topk_prob``, with
+  ``norm_topk_eps``) and scaled as above;
 * ``select`` (carved MoEs, ``convert.carve``): gate 1 for every selected expert, as
   ``exp(log p - stop_gradient(log p))`` so that the gradient reaches the logits through ``log softmax(l)``
   (a straight-through estimator free of ``custom_vjp``).
 
-``route`` is the deterministic MAP router (selection = top-k of the scores), the MoE layer's default. A
-stochastic router selects differently (``gumbel_topk``: k experts without replacement) and calls
-``gates_at`` on the logits it chose to gate with. All functions are pure and jit/vmap/jvp-safe.
+``route`` is the deterministic MAP router, the MoE layer's default: selection = top-k of the scores (softmax
+probabilities or sigmoids), optionally plus a per-expert selection bias (DeepSeek-V3's
+``e_score_correction_bias``, used for selection only) and limited to ``topk_group`` of ``n_group`` expert groups
+(``topk_method``: ``group_limited_greedy``, DeepSeek-V2: groups ranked by their best score;
+``noaux_tc``, DeepSeek-V3: by the sum of their two best biased scores). A stochastic router selects
+differently (``gumbel_topk``: k of all experts without replacement; group limits and the selection bias are the
+deterministic router's) and calls ``gates_at`` on the logits it chose to gate with. All functions are pure and
+jit/vmap/jvp-safe.
 """
 
 from __future__ import annotations
@@ -31,20 +38,37 @@ class Routing(NamedTuple):
 
 class Gating(NamedTuple):
   """The family's gating rule (``MoEConfig`` fields ``router_scoring``, ``norm_topk_prob``, ``norm_topk_eps``,
-  ``routed_scaling_factor``)."""
+  ``routed_scaling_factor``, ``topk_method``, ``n_group``, ``topk_group``)."""
   scoring: str = "softmax"
   norm_topk_prob: bool = False
   norm_eps: float = 0.0
   scaling: float = 1.0
+  topk_method: str = "greedy"
+  n_group: int = 1
+  topk_group: int = 1
 
   @classmethod
   def of(cls, cfg) -> "Gating":
-    return cls(cfg.router_scoring, cfg.norm_topk_prob, cfg.norm_topk_eps, cfg.routed_scaling_factor)
+    return cls(cfg.router_scoring, cfg.norm_topk_prob, cfg.norm_topk_eps, cfg.routed_scaling_factor,
+               cfg.topk_method, cfg.n_group, cfg.topk_group)
+
+
+def _group_limited(choice_ne: jax.Array, method: str, n_group: int, topk_group: int) -> jax.Array:
+  """``choice_ne`` with every expert outside the ``topk_group`` best of ``n_group`` contiguous groups at -inf."""
+  n, e = choice_ne.shape
+  grouped_ngm = choice_ne.reshape(n, n_group, e // n_group)
+  if method == "group_limited_greedy":
+    group_ng = jnp.max(grouped_ngm, axis=-1)
+  else:  # noaux_tc
+    group_ng = jnp.sum(jax.lax.top_k(grouped_ngm, 2)[0], axis=-1)
+  keep_ng = select_mask(jax.lax.top_k(group_ng, topk_group)[1], n_group)
+  return jnp.where(jnp.repeat(keep_ng, e // n_group, axis=-1), choice_ne, -jnp.inf)
 
 
 def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: bool,
           norm_eps: float = 0.0, scaling: float = 1.0, scoring: str = "softmax",
-          logit_offset_ne: jax.Array | None = None, native: bool = False) -> Routing:
+          logit_offset_ne: jax.Array | None = None, native: bool = False, topk_method: str = "greedy",
+          n_group: int = 1, topk_group: int = 1, bias_e: jax.Array | None = None) -> Routing:
   """Deterministic top-k routing in float32 (see the module docstring for ``scoring``).
   ``logit_offset_ne``: added to the logits (zero perturbations whose gradient is the logits' gradient).
   ``native``: the logits' matmul runs in the inputs' dtype (e.g. bfloat16) and is cast to float32 after it
@@ -60,8 +84,15 @@ def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: 
     logp_nk, expert_nk = jax.lax.top_k(logp_ne, top_k)
     gate_nk = jnp.exp(logp_nk - jax.lax.stop_gradient(logp_nk))
     return Routing(expert_nk.astype(jnp.int32), gate_nk, logits_ne)
-  probs_ne = jax.nn.softmax(logits_ne, axis=-1)
-  gate_nk, expert_nk = jax.lax.top_k(probs_ne, top_k)
+  scores_ne = jax.nn.sigmoid(logits_ne) if scoring == "sigmoid" else jax.nn.softmax(logits_ne, axis=-1)
+  if topk_method == "greedy" and bias_e is None:
+    gate_nk, expert_nk = jax.lax.top_k(scores_ne, top_k)
+  else:
+    choice_ne = scores_ne if bias_e is None else scores_ne + bias_e.astype(jnp.float32)
+    if topk_method != "greedy":
+      choice_ne = _group_limited(choice_ne, topk_method, n_group, topk_group)
+    expert_nk = jax.lax.top_k(jax.lax.stop_gradient(choice_ne), top_k)[1]
+    gate_nk = jnp.take_along_axis(scores_ne, expert_nk, axis=-1)
   return Routing(expert_nk.astype(jnp.int32), _normalise(gate_nk, norm_topk_prob, norm_eps, scaling), logits_ne)
 
 
@@ -79,9 +110,10 @@ def gates_at(logits_ne: jax.Array, expert_nk: jax.Array, gating: Gating) -> jax.
   if gating.scoring == "select":
     logp_nk = jnp.take_along_axis(jax.nn.log_softmax(logits_ne, axis=-1), expert_nk, axis=-1)
     return jnp.exp(logp_nk - jax.lax.stop_gradient(logp_nk))
-  if gating.scoring != "softmax":
-    raise ValueError(f"gating scoring={gating.scoring!r}: expected softmax or select")
-  gate_nk = jnp.take_along_axis(jax.nn.softmax(logits_ne, axis=-1), expert_nk, axis=-1)
+  if gating.scoring not in ("softmax", "sigmoid"):
+    raise ValueError(f"gating scoring={gating.scoring!r}: expected softmax, sigmoid or select")
+  scores_ne = jax.nn.sigmoid(logits_ne) if gating.scoring == "sigmoid" else jax.nn.softmax(logits_ne, axis=-1)
+  gate_nk = jnp.take_along_axis(scores_ne, expert_nk, axis=-1)
   return _normalise(gate_nk, gating.norm_topk_prob, gating.norm_eps, gating.scaling)
 
 

@@ -91,6 +91,7 @@ class RouterIn(NamedTuple):
   gating: Gating
   k: int
   train: bool
+  bias_e: jax.Array | None = None  # the family's selection bias (DeepSeek-V3), used by the deterministic router
 
 
 def _map_logits(x: RouterIn) -> jax.Array:
@@ -108,7 +109,8 @@ def _zeros_n(x: RouterIn):
 def _route_with(x: RouterIn, kernel_de) -> Routing:
   g = x.gating
   return route(x.u_nd, kernel_de, x.k, norm_topk_prob=g.norm_topk_prob, norm_eps=g.norm_eps, scaling=g.scaling,
-               scoring=g.scoring)
+               scoring=g.scoring, topk_method=g.topk_method, n_group=g.n_group, topk_group=g.topk_group,
+               bias_e=x.bias_e)
 
 
 def _mlp(p: dict, u_nd) -> jax.Array:

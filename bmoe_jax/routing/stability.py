@@ -32,10 +32,10 @@ GAMMAS = (0.001, 0.002, 0.005, 0.007, 0.01, 0.02, 0.05)
 def _route_again(params, task: Task, layer: int, u_nd, key=None):
   """The layer's routing of inputs ``u_nd`` with the forward's router (and its key, or ``key``)."""
   cfg = task.cfg
-  kernel = params["layers"][layer]["mlp"]["router"]["kernel"]
+  router = params["layers"][layer]["mlp"]["router"]
   rc, rp, layer_key, sample = layer_router(params, task.routing, layer) or (R.RouterConfig(), {}, None, 0)
-  x = R.RouterIn(u_nd, kernel, layer_key if key is None else key, sample, G.Gating.of(cfg), cfg.num_experts_per_tok,
-                 False)
+  x = R.RouterIn(u_nd, router["kernel"], layer_key if key is None else key, sample, G.Gating.of(cfg),
+                 cfg.num_experts_per_tok, False, router.get("bias"))
   return R.apply(rc, rp, x)[0]
 
 

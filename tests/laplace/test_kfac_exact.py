@@ -33,7 +33,9 @@ def _batch(b, s, cfg, seed=0):
 # the families' architecture variants: q/k norms (Qwen3-MoE, OLMoE), Granite's multipliers and logits scaling
 VARIANTS = {"plain": {}, "qk_head": {"qk_norm": "head"}, "qk_full": {"qk_norm": "full", "qkv_clip": 0.8},
             "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.3, "residual_multiplier": 0.5,
-                        "logits_scaling": 2.5, "norm_topk_prob": True}}
+                        "logits_scaling": 2.5, "norm_topk_prob": True},
+            "sigmoid": {"router_scoring": "sigmoid", "router_bias": True, "norm_topk_prob": True,
+                        "routed_scaling_factor": 2.5}}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

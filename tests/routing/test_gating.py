@@ -14,6 +14,11 @@ from bmoe_jax.routing import gating as G
 
 # the gating rules (and architecture variants) of the families we convert, as tiny configs
 FAMILY_GATING = {
+    "deepseek_v2": dict(topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5,
+                        shared_expert_size=24, shared_expert_gate=False),
+    "deepseek_v3": dict(router_scoring="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1, router_bias=True,
+                        norm_topk_prob=True, norm_topk_eps=1e-20, routed_scaling_factor=2.5, shared_expert_size=24,
+                        shared_expert_gate=False),
     "qwen3_moe": dict(norm_topk_prob=True, shared_expert_size=0, shared_expert_gate=False, qk_norm="head"),
     "olmoe": dict(norm_topk_prob=False, shared_expert_size=0, shared_expert_gate=False, qk_norm="full", qkv_clip=1.0),
     "granitemoeshared": dict(norm_topk_prob=True, shared_expert_size=24, shared_expert_gate=False,
@@ -31,6 +36,8 @@ FAMILY_GATING = {
 def test_deterministic_plan_is_bit_identical_to_the_plain_forward(family):
   cfg = B.tiny_config(**FAMILY_GATING[family])
   params = B.init_params(cfg, jax.random.key(1), std=0.3)
+  if cfg.router_bias:  # a selection bias that changes the selection
+    params["layers"][1]["mlp"]["router"]["bias"] = jnp.array([0.5, -0.5, 0.0, 0.3])
   tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, cfg.vocab_size)
   plain = B.forward(params, cfg, tokens, return_taps=True)
   plan = RT.RoutingPlan.of({i: RT.RouterConfig() for i in cfg.moe_layer_ids})
@@ -106,3 +113,39 @@ def test_native_router_dtype_reproduces_transformers_bf16_router():
     ours_scores = np.sort(np.take_along_axis(ref_ne, ours_nk, -1), -1)
     ref_scores = np.sort(np.take_along_axis(ref_ne, idx_ref, -1), -1)
     np.testing.assert_array_equal(ours_scores, ref_scores)
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy", "noaux_tc"])
+def test_deepseek_v2_v3_selection_equals_transformers_routers(method):
+  """DeepSeek-V2's greedy / group-limited softmax router and V3's sigmoid router with a selection-only bias and
+  noaux_tc groups: the same experts and weights as transformers' router modules on 2000 random tokens."""
+  import torch
+  from transformers import DeepseekV2Config, DeepseekV3Config
+  from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+  from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+  torch.manual_seed(0)
+  v3 = method == "noaux_tc"
+  kw = dict(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+  if v3:
+    gate = DeepseekV3TopkRouter(DeepseekV3Config(**kw, routed_scaling_factor=2.5, norm_topk_prob=True))
+  else:
+    gate = DeepseekV2TopkRouter(DeepseekV2Config(**kw, topk_method=method, routed_scaling_factor=1.5))
+  with torch.no_grad():
+    gate.weight.normal_(0, 0.5)
+    if v3:
+      gate.e_score_correction_bias.normal_(0, 0.3)
+    x = torch.randn(2000, 32)
+    _, w_ref, idx_ref = gate(x)
+  bias = jnp.asarray(gate.e_score_correction_bias.numpy()) if v3 else None
+  x_nd, w_de = jnp.asarray(x.numpy()), jnp.asarray(gate.weight.detach().numpy().T)
+  common = dict(norm_topk_prob=v3, norm_eps=1e-20 if v3 else 0.0, scaling=2.5 if v3 else 1.5,
+                scoring="sigmoid" if v3 else "softmax")
+  r = G.route(x_nd, w_de, 4, topk_method=method, n_group=4, topk_group=2, bias_e=bias, **common)
+  ours_ids, order = np.asarray(r.expert_nk), np.argsort(np.asarray(r.expert_nk), -1)
+  ref_ids, ref_order = idx_ref.numpy(), np.argsort(idx_ref.numpy(), -1)
+  np.testing.assert_array_equal(np.take_along_axis(ours_ids, order, -1), np.take_along_axis(ref_ids, ref_order, -1))
+  np.testing.assert_allclose(np.take_along_axis(np.asarray(r.gate_nk), order, -1),
+                             np.take_along_axis(w_ref.numpy(), ref_order, -1), rtol=1e-5, atol=1e-7)
+  if method != "greedy":  # the group limit (and bias) change the selection of some tokens
+    plain = np.asarray(G.route(x_nd, w_de, 4, **common).expert_nk)
+    assert (np.sort(plain, -1) != np.sort(ours_ids, -1)).any(-1).mean() > 0.05
