@@ -237,9 +237,10 @@ class ResumableRun:
     else:
       self.directory.mkdir(parents=True, exist_ok=True)
       self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+      from bmoe_jax.identity import differences, upgrade
       old = json.loads(self.fingerprint_path.read_text()) if self.fingerprint_path.exists() else self.fingerprint
+      old = json.loads(json.dumps(upgrade(old), default=str))
       if old != self.fingerprint:
-        from bmoe_jax.identity import differences
         diff = differences(old, self.fingerprint)
         more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise ValueError(f"{self.fingerprint_path}: the saves there are of a different run (it differs in "

@@ -72,6 +72,20 @@ def task_identity(task) -> dict:
   return {"class_ids": task.class_ids, "start_layer": task.start_layer, "routing": routing}
 
 
+def upgrade(old: dict) -> dict:
+  """A saved fingerprint in the current schema: its model config (``"config"``) read through today's
+  ``MoEConfig``, so a field added since (at its default: it changes nothing) does not make a finished run
+  "different"; a config that no longer parses is left as saved (and then differs)."""
+  from bmoe_jax.config import MoEConfig
+
+  if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+    return old
+  try:
+    return {**old, "config": MoEConfig.from_dict(old["config"]).to_dict()}
+  except (ValueError, TypeError, KeyError):
+    return old
+
+
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
   """The dotted keys at which two JSON-like fingerprints differ (leaves, or a whole subtree one side lacks)."""
   if isinstance(old, dict) and isinstance(new, dict):

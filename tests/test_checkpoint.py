@@ -111,6 +111,23 @@ def test_resumable_run_saves_restores_and_refuses_another_run(tmp_path):
     ResumableRun(tmp_path, None, fingerprint_file="nothing.json", read_only=True)
 
 
+def test_a_config_field_added_since_at_its_default_resumes(tmp_path):
+  """Saves made before MoEConfig gained a field (e.g. qk_norm) are the same run when the field is at its default;
+  a non-default value is a different run, named."""
+  from bmoe_jax.checkpoint import ResumableRun
+
+  cfg = B.tiny_config()
+  old = cfg.to_dict()
+  for added in ("qk_norm", "logits_scaling", "router_dtype"):
+    old.pop(added)
+  (tmp_path / "f.json").write_text(json.dumps({"config": old, "spec": 1}))
+  with ResumableRun(tmp_path, {"config": cfg.to_dict(), "spec": 1}, fingerprint_file="f.json"):
+    pass
+  (tmp_path / "f.json").write_text(json.dumps({"config": old, "spec": 1}))
+  with pytest.raises(ValueError, match="differs in config.qk_norm"):
+    ResumableRun(tmp_path, {"config": cfg.replace(qk_norm="head").to_dict(), "spec": 1}, fingerprint_file="f.json")
+
+
 @pytest.fixture(autouse=True)
 def _collect_after():
   """Collect the failed orbax / asyncio objects of a damaged-save test at its teardown: left to a later GC pass,
