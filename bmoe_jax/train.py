@@ -300,12 +300,14 @@ def load_checkpoints(checkpoint_dir: str | Path, params, cfg: MoEConfig,
 
   The run's trainable leaves come from the checkpoints; the frozen ones from ``params`` (the model the
   run started from, or its result: they agree outside the trainable subset)."""
+  from bmoe_jax.identity import upgrade
+
   directory = Path(checkpoint_dir).absolute()
   if not (directory / FINGERPRINT_FILE).exists():
     raise FileNotFoundError(f"{directory / FINGERPRINT_FILE} not found: expected the checkpoints directory of a "
                             "fine-tuning run (bmoe finetune --out RUN writes RUN/checkpoints)")
   with ResumableRun(directory, None, fingerprint_file=FINGERPRINT_FILE, read_only=True) as run:
-    meta = run.fingerprint
+    meta = json.loads(json.dumps(upgrade(run.fingerprint)))  # config fields added since: at their defaults
     if meta["config"] != json.loads(json.dumps(cfg.to_dict())):
       raise ValueError(f"{run.fingerprint_path}: the run fine-tuned a different model config than the one given")
     known = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from bmoe_jax.files import read_json
-from bmoe_jax.identity import tree_digest
+from bmoe_jax.identity import tree_digest, upgrade
 from bmoe_jax.routing.plan import RoutingPlan
 
 PLAN_FILE = "routing.json"
@@ -42,9 +42,10 @@ def load_routers(path: str | Path, cfg=None) -> tuple[RoutingPlan, dict[int, dic
   path = Path(path).absolute()
   if not (path / PLAN_FILE).exists():
     raise FileNotFoundError(f"{path / PLAN_FILE} not found: expected the output of bmoe route-train")
-  saved = read_json(path / PLAN_FILE)
-  if cfg is not None and saved["config"] != json.loads(json.dumps(cfg.to_dict())):
-    diff = sorted(k for k, v in cfg.to_dict().items() if json.loads(json.dumps(v)) != saved["config"].get(k))
+  saved = upgrade(read_json(path / PLAN_FILE))  # config fields added since, at their defaults, change nothing
+  saved_cfg = json.loads(json.dumps(saved["config"]))
+  if cfg is not None and saved_cfg != json.loads(json.dumps(cfg.to_dict())):
+    diff = sorted(k for k, v in cfg.to_dict().items() if json.loads(json.dumps(v)) != saved_cfg.get(k))
     raise ValueError(f"{path / PLAN_FILE}: the routers were trained for another model config (differs in {diff})")
   plan = RoutingPlan.from_dict(saved["plan"])
   tree = restore_local(path / "routers") if (path / "routers").exists() else {}

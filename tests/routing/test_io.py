@@ -38,3 +38,17 @@ def test_routers_roundtrip_and_refuse_changed_arrays_or_another_config(tmp_path,
   with pytest.raises(ValueError, match="r1/routing.json: not valid JSON"):
     load_routers(tmp_path / "r1", cfg)
   assert json.loads((tmp_path / "r0" / "routing.json").read_text())["digest"]
+
+
+def test_routers_saved_before_a_config_field_existed_load(tmp_path):
+  """A routing.json written before MoEConfig gained fields (qk_norm, router_dtype, ...) loads when those fields are
+  at their defaults; a non-default value is another config, named."""
+  cfg = B.tiny_config()
+  save_routers(tmp_path / "r", RoutingPlan.of({1: RouterConfig()}), {1: {}}, cfg)
+  record = json.loads((tmp_path / "r" / "routing.json").read_text())
+  for added in ("qk_norm", "router_dtype"):
+    record["config"].pop(added)
+  (tmp_path / "r" / "routing.json").write_text(json.dumps(record))
+  assert load_routers(tmp_path / "r", cfg)[0].layer_ids == (1,)
+  with pytest.raises(ValueError, match=r"another model config \(differs in \['qk_norm'\]\)"):
+    load_routers(tmp_path / "r", cfg.replace(qk_norm="head"))
