@@ -109,3 +109,18 @@ def hf_checkpoint(tmp_path_factory, family: str, seed: int) -> Path:
   d = tmp_path_factory.mktemp(family)
   make_checkpoint(family, d, seed=seed)
   return d
+
+
+def assert_same_conversion(source: Path, tensors: dict, out: Path) -> None:
+  """``tensors`` (another key layout of the checkpoint in ``source``), written to ``out`` with ``source``'s
+  config.json, convert to exactly the parameters ``source`` converts to."""
+  from convert import load_hf_checkpoint
+  from convert.safetensors_io import save_file
+  out.mkdir(parents=True)
+  save_file(tensors, out / "model.safetensors")
+  (out / "config.json").write_text((source / "config.json").read_text())
+  _, a = load_hf_checkpoint(source, progress=False)
+  _, b = load_hf_checkpoint(out, progress=False)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)

@@ -13,6 +13,7 @@ import pytest
 import bmoe_jax as B
 from bmoe_jax.checkpoint import convert_checkpoint, load_params
 from bmoe_jax.cli import describe, main
+from tests.fixtures import assert_same_conversion
 from convert import load_hf_checkpoint
 from convert.reference import make_checkpoint
 from tests.fixtures import hf_checkpoint
@@ -57,14 +58,7 @@ def test_fused_in_memory_layout_is_accepted(tmp_path):
   model = make_checkpoint("mixtral", tmp_path / "disk", seed=4)
   fused = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   assert any(k.endswith("mlp.experts.gate_up_proj") for k in fused)
-  (tmp_path / "fused").mkdir()
-  save_file(fused, tmp_path / "fused" / "model.safetensors")
-  (tmp_path / "fused" / "config.json").write_text((tmp_path / "disk" / "config.json").read_text())
-  _, a = load_hf_checkpoint(tmp_path / "disk", progress=False)
-  _, b = load_hf_checkpoint(tmp_path / "fused", progress=False)
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  assert_same_conversion(tmp_path / "disk", fused, tmp_path / "fused")
 
 
 def test_cli_convert_and_info(hf_dir, tmp_path, capsys):

@@ -71,16 +71,11 @@ def test_unrepresentable_config_is_refused():
 
 def test_granite_in_memory_key_layout_loads_the_same(tmp_path):
   """transformers 5's in-memory names (router.weight, experts.gate_up_proj / down_proj) load as the on-disk ones."""
-  from convert.safetensors_io import read_header, save_file
+  from convert.safetensors_io import read_header
+  from tests.fixtures import assert_same_conversion
   make_checkpoint("granitemoe", tmp_path / "a", seed=2)
   tensors = {k.replace("router.layer.weight", "router.weight").replace("input_linear.weight", "experts.gate_up_proj")
              .replace("output_linear.weight", "experts.down_proj"): r.numpy()
              for k, r in read_header(tmp_path / "a" / "model.safetensors").items()}
   assert any(k.endswith("experts.gate_up_proj") for k in tensors)
-  (tmp_path / "b").mkdir()
-  save_file(tensors, tmp_path / "b" / "model.safetensors")
-  (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
-  _, a = load_hf_checkpoint(tmp_path / "a", progress=False)
-  _, b = load_hf_checkpoint(tmp_path / "b", progress=False)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  assert_same_conversion(tmp_path / "a", tensors, tmp_path / "b")
