@@ -17,7 +17,6 @@ from tests.fixtures import assert_same_conversion
 from convert import load_hf_checkpoint
 from convert.reference import make_checkpoint
 from tests.fixtures import hf_checkpoint
-from convert.safetensors_io import save_file
 
 
 @pytest.fixture(scope="module")
