@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 # softmax: top-k of softmax(router logits), gates = those probabilities (renormalised with norm_topk_prob);
 # select: top-k of the router logits, every selected expert enters with gate 1 (carved MoEs, convert.carve).
 SUPPORTED_SCORING = ("softmax", "sigmoid", "select")
@@ -86,9 +86,27 @@ class MoEConfig:
   attention_multiplier: float = 0.0
   residual_multiplier: float = 1.0
   logits_scaling: float = 1.0
+  # Multi-head latent attention (DeepSeek-V2/V3), on when kv_lora_rank > 0: q from the input (or through a rank
+  # q_lora_rank bottleneck with its RMSNorm), per-head k_nope and v from a rank kv_lora_rank latent (RMSNorm'd),
+  # and one RoPE key of width head_dim shared by all heads. A head's q/k width is qk_nope_head_dim + head_dim,
+  # its v width v_head_dim; the scores are scaled by that q/k width ** -0.5 (times yarn's mscale_all_dim term).
+  q_lora_rank: int = 0
+  kv_lora_rank: int = 0
+  qk_nope_head_dim: int = 0
+  v_head_dim: int = 0
   rope_theta: float = 10000.0
   rope_type: str = "default"
   rope_factor: float = 1.0
+  rope_interleave: bool = False  # RoPE rotates pairs (x0, x1), (x2, x3), ... (DeepSeek) instead of halves
+  # yarn (rope_type "yarn", transformers' _compute_yarn_parameters): the pre-training context, the ramp's
+  # rotation bounds, mscale / mscale_all_dim (0: unset), an explicit attention_factor (0: derived), truncate.
+  yarn_original_max_position: int = 0
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_mscale: float = 0.0
+  yarn_mscale_all_dim: float = 0.0
+  yarn_attention_factor: float = 0.0
+  yarn_truncate: bool = True
   rms_norm_eps: float = 1e-6
   hidden_act: str = "silu"
   tie_word_embeddings: bool = False
@@ -126,6 +144,15 @@ class MoEConfig:
          f"hidden_act={self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
     need(self.rope_type in SUPPORTED_ROPE_TYPES,
          f"rope_type={self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+    if self.rope_type == "yarn":
+      need(self.rope_factor > 0 and self.yarn_original_max_position > 0,
+           "yarn RoPE needs rope_factor > 0 and yarn_original_max_position > 0")
+    if self.mla:
+      need(self.qk_nope_head_dim > 0 and self.v_head_dim > 0 and self.q_lora_rank >= 0,
+           "multi-head latent attention (kv_lora_rank > 0) needs qk_nope_head_dim > 0 and v_head_dim > 0")
+      need(self.num_kv_heads == self.num_heads and self.qk_norm == "none" and not self.qkv_clip,
+           "multi-head latent attention has one k/v per head (num_kv_heads = num_heads), no q/k norm or clip")
+    need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
     need(self.qk_norm in SUPPORTED_QK_NORM,
          f"qk_norm={self.qk_norm!r} is not supported (supported: {SUPPORTED_QK_NORM})")
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
@@ -147,6 +174,11 @@ class MoEConfig:
            f"num_experts_per_tok={self.num_experts_per_tok}")
     need(self.router_scoring in SUPPORTED_SCORING,
          f"router_scoring={self.router_scoring!r} is not supported (supported: {SUPPORTED_SCORING})")
+
+  @property
+  def mla(self) -> bool:
+    """Whether the attention is multi-head latent attention (DeepSeek-V2/V3)."""
+    return self.kv_lora_rank > 0
 
   @property
   def moe_layer_ids(self) -> tuple[int, ...]:

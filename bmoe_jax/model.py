@@ -18,6 +18,7 @@ from flax import nnx
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.nn import layers as L
 from bmoe_jax.nn import moe as M
+from bmoe_jax.nn import rope
 from bmoe_jax.params import init_params, logical_axes
 from bmoe_jax.routing import gating as G
 from bmoe_jax.routing import routers as R
@@ -171,7 +172,7 @@ def _inputs(params, cfg: MoEConfig, tokens_bs, positions_bs, start_layer: int, s
     x_bsd = params["embed"]["embedding"][tokens_bs]
     if cfg.embedding_multiplier != 1.0:
       x_bsd = x_bsd * jnp.asarray(cfg.embedding_multiplier, x_bsd.dtype)
-  cos_bsc, sin_bsc = L.rope_tables(positions_bs, cfg.head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_factor)
+  cos_bsc, sin_bsc = rope.tables(positions_bs, *rope.frequencies(cfg))
   return x_bsd, positions_bs, cos_bsc, sin_bsc
 
 
@@ -196,9 +197,23 @@ def _residual(cfg: MoEConfig, x_bsd, y_bsd):
 def _attention_half(lp, cfg: MoEConfig, x_bsd, cos_bsc, sin_bsc, mask):
   """(residual stream after attention, the normed MLP input) of one decoder layer."""
   h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
-  x_bsd = _residual(cfg, x_bsd, L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask, cfg.rms_norm_eps,
-                                            cfg.qkv_clip, cfg.attention_multiplier))
+  if cfg.mla:
+    a_bsd = L.mla_attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask, cfg.qk_nope_head_dim, mla_scale(cfg),
+                            cfg.rope_interleave)
+  else:
+    a_bsd = L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask, cfg.rms_norm_eps, cfg.qkv_clip,
+                        cfg.attention_multiplier)
+  x_bsd = _residual(cfg, x_bsd, a_bsd)
   return x_bsd, L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
+
+
+def mla_scale(cfg: MoEConfig) -> float:
+  """DeepSeek's score scale: (qk_nope_head_dim + head_dim) ** -0.5, times yarn's mscale(factor, mscale_all_dim)
+  squared when the RoPE is scaled and mscale_all_dim is set (transformers' yarn_apply_mscale)."""
+  scale = (cfg.qk_nope_head_dim + cfg.head_dim) ** -0.5
+  if cfg.rope_type != "default" and cfg.yarn_mscale_all_dim:
+    scale *= rope.yarn_mscale(cfg.rope_factor, cfg.yarn_mscale_all_dim) ** 2
+  return scale
 
 
 def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, layers) -> dict[int, jax.Array]:

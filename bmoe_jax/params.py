@@ -7,6 +7,9 @@ Layout (``torch [out, in]`` weights are stored transposed, ``[in, out]``; expert
   layers/i/attn_norm/scale [d]               layers/i/mlp_norm/scale [d]
   layers/i/attn/{wq [d,h,c], wk [d,kv,c], wv [d,kv,c], wo [h,c,d], bq [h,c], bk/bv [kv,c], bo [d]}
                 q_norm/k_norm: [c] (qk_norm "head") or [h,c] / [kv,c] ("full")
+  MLA (DeepSeek-V2/V3; n nope, r rope = head_dim, v value widths, q / l the q / kv latent ranks):
+  layers/i/attn/{wq [d,h,n+r] | wq_a [d,q], q_a_norm [q], wq_b [q,h,n+r]; wkv_a [d,l+r], kv_a_norm [l],
+                 wkv_b [l,h,n+v], wo [h,v,d]; with attention bias bq_a [q], bkv_a [l+r], bo [d]}
   dense layer: layers/i/mlp/{w_gate [d,f], w_up [d,f], w_down [f,d]}
   MoE layer:   layers/i/mlp/router/kernel [d,e]   (router/bias [e]: a selection bias, DeepSeek-V3)
                layers/i/mlp/experts/{w_gate [e,d,f], w_up [e,d,f], w_down [e,f,d]}
@@ -48,7 +51,32 @@ def _mlp_specs(d: int, f: int, expert: int | None = None) -> dict[str, ParamSpec
           "w_down": ParamSpec((expert, f, d), ("expert", "mlp", "embed"), "normal")}
 
 
-def layer_specs(cfg: MoEConfig, i: int) -> dict[str, Any]:
+def _mla_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
+  d, h, r, n, v = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+  q, l = cfg.q_lora_rank, cfg.kv_lora_rank
+  if q:
+    attn = {"wq_a": ParamSpec((d, q), ("embed", "lora"), "normal"),
+            "q_a_norm": ParamSpec((q,), ("lora",), "ones"),
+            "wq_b": ParamSpec((q, h, n + r), ("lora", "heads", "head_dim"), "normal")}
+  else:
+    attn = {"wq": ParamSpec((d, h, n + r), ("embed", "heads", "head_dim"), "normal")}
+  attn.update({"wkv_a": ParamSpec((d, l + r), ("embed", "lora"), "normal"),
+               "kv_a_norm": ParamSpec((l,), ("lora",), "ones"),
+               "wkv_b": ParamSpec((l, h, n + v), ("lora", "heads", "head_dim"), "normal"),
+               "wo": ParamSpec((h, v, d), ("heads", "head_dim", "embed"), "normal")})
+  if cfg.qkv_bias:  # DeepSeek's attention_bias: on the two down-projections and o_proj
+    if q:
+      attn["bq_a"] = ParamSpec((q,), ("lora",), "zeros")
+    attn["bkv_a"] = ParamSpec((l + r,), ("lora",), "zeros")
+  return attn
+
+
+def _attention_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
+  if cfg.mla:
+    attn = _mla_specs(cfg)
+    if cfg.attn_out_bias:
+      attn["bo"] = ParamSpec((cfg.hidden_size,), ("embed",), "zeros")
+    return attn
   d, h, kv, c = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   attn = {"wq": ParamSpec((d, h, c), ("embed", "heads", "head_dim"), "normal"),
           "wk": ParamSpec((d, kv, c), ("embed", "kv_heads", "head_dim"), "normal"),
@@ -66,6 +94,12 @@ def layer_specs(cfg: MoEConfig, i: int) -> dict[str, Any]:
     attn["k_norm"] = ParamSpec((kv, c), ("kv_heads", "head_dim"), "ones")
   if cfg.attn_out_bias:
     attn["bo"] = ParamSpec((d,), ("embed",), "zeros")
+  return attn
+
+
+def layer_specs(cfg: MoEConfig, i: int) -> dict[str, Any]:
+  d = cfg.hidden_size
+  attn = _attention_specs(cfg)
   if cfg.moe_layers[i]:
     mlp: dict[str, Any] = {
         "router": {"kernel": ParamSpec((d, cfg.num_experts), ("embed", "expert"), "normal"),

@@ -28,7 +28,8 @@ from bmoe_jax.params import ParamSpec, param_specs
 
 MESH_AXES = ("data", "expert", "model")
 RULES: dict[str, str | None] = {"batch": "data", "expert": "expert", "mlp": "model", "heads": "model",
-                                "kv_heads": "model", "vocab": "model", "embed": None, "head_dim": None}
+                                "kv_heads": "model", "vocab": "model", "embed": None, "head_dim": None,
+                                "lora": None}
 FSDP_RULES = dict(RULES, embed="data")
 
 

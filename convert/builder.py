@@ -23,6 +23,7 @@ from convert.hf_config import CheckpointInfo, parse_hf_config
 from convert.safetensors_io import DTYPES, FP8, TensorRef, iter_tensors
 
 SCALE_SUFFIX = "_scale_inv"
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
 DTYPE_NAMES = {"float32": DTYPES["F32"], "bfloat16": DTYPES["BF16"], "float16": DTYPES["F16"]}
 
@@ -114,7 +115,15 @@ class _Builder:
     buf[expert] = value
     self.filled[target].add(expert)
 
+  def skipped(self, key: str) -> bool:
+    """Whether ``key`` belongs to a layer past num_hidden_layers that the family leaves out (DeepSeek-V3's
+    multi-token-prediction modules, as transformers' _keys_to_ignore_on_load_unexpected)."""
+    m = self.fam.skip_layers_past_end and _LAYER_INDEX.match(key)
+    return bool(m) and int(m.group(1)) >= self.info.cfg.num_layers
+
   def add(self, ref: TensorRef, array: np.ndarray):
+    if self.skipped(ref.key):
+      return
     for rx, rule in self.rules:
       m = rx.fullmatch(ref.key)
       if m:
@@ -214,6 +223,9 @@ def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True, 
   tied_head = None
   for key, ref in tqdm(sorted(refs.items()), desc=f"convert {fam.name}", disable=not progress,
                        unit="tensor"):
+    if builder.skipped(key):
+      scales.pop(key, None)
+      continue
     if ref.dtype in FP8:
       array = _dequant_fp8(ref, scales.pop(key, None), info.fp8_block)
       if dtype is None and info.checkpoint_dtype in DTYPE_NAMES:  # one dtype, as transformers loads it

@@ -1,6 +1,6 @@
 """Flax -> HF: write a parameter tree as an HF checkpoint directory (config.json + safetensors with
-the hub's per-expert key layout) of one of our families, readable by transformers (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral)
-or by the hub's remote code (DeepSeek-MoE V1) and by our own converter."""
+the hub's per-expert key layout) of one of our families, readable by transformers (Qwen2-MoE, Qwen3-MoE, OLMoE,
+Granite-MoE, Mixtral, DeepSeek-V2/V3) or by the hub's remote code (DeepSeek-MoE V1) and by our own converter."""
 
 from __future__ import annotations
 
@@ -26,7 +26,15 @@ DISK = {
     # Granite: written per expert here, then fused into input_linear / output_linear (``_granite_layout``)
     "granitemoe": dict(block="block_sparse_moe", proj=_PROJ),
     "granitemoeshared": dict(block="block_sparse_moe", proj=_PROJ, shared="shared_mlp"),
+    "deepseek_v2": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
+    "deepseek_v3": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
 }
+# attention parameter -> its HF name under self_attn (MLA's too; norms and biases included)
+_ATTN = {"wq": "q_proj.weight", "wk": "k_proj.weight", "wv": "v_proj.weight", "wo": "o_proj.weight",
+         "bq": "q_proj.bias", "bk": "k_proj.bias", "bv": "v_proj.bias", "bo": "o_proj.bias",
+         "q_norm": "q_norm.weight", "k_norm": "k_norm.weight", "wq_a": "q_a_proj.weight", "bq_a": "q_a_proj.bias",
+         "q_a_norm": "q_a_layernorm.weight", "wq_b": "q_b_proj.weight", "wkv_a": "kv_a_proj_with_mqa.weight",
+         "bkv_a": "kv_a_proj_with_mqa.bias", "kv_a_norm": "kv_a_layernorm.weight", "wkv_b": "kv_b_proj.weight"}
 
 
 def _need(cond: bool, family: str, msg: str):
@@ -40,12 +48,23 @@ def _common(cfg: MoEConfig, v1_rope: bool) -> dict[str, Any]:
              hidden_act=cfg.hidden_act, rms_norm_eps=cfg.rms_norm_eps,
              tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings,
              torch_dtype="float32")
-  scaling = {"rope_type": "linear", "factor": cfg.rope_factor} if cfg.rope_type == "linear" else None
+  scaling = _rope_scaling(cfg)
   if v1_rope:
     out.update(rope_theta=cfg.rope_theta, rope_scaling=scaling)
   else:
-    out["rope_parameters"] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **(
-        {"factor": cfg.rope_factor} if scaling else {})}
+    out["rope_parameters"] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **(scaling or {})}
+  return out
+
+
+def _rope_scaling(cfg: MoEConfig) -> dict[str, Any] | None:
+  if cfg.rope_type == "default":
+    return None
+  out = {"rope_type": cfg.rope_type, "factor": cfg.rope_factor}
+  if cfg.rope_type == "yarn":
+    out.update(original_max_position_embeddings=cfg.yarn_original_max_position, beta_fast=cfg.yarn_beta_fast,
+               beta_slow=cfg.yarn_beta_slow, truncate=cfg.yarn_truncate)
+    out.update({k: v for k, v in (("mscale", cfg.yarn_mscale), ("mscale_all_dim", cfg.yarn_mscale_all_dim),
+                                  ("attention_factor", cfg.yarn_attention_factor)) if v})
   return out
 
 
@@ -143,6 +162,36 @@ def _granite(cfg: MoEConfig, family: str) -> dict[str, Any]:
   return out
 
 
+def _deepseek(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  """DeepSeek-V2 / V3: MLA, dense layers before first_k_dense_replace, then MoE with ungated shared experts."""
+  f = cfg.moe_intermediate_size
+  _need(cfg.mla, family, "multi-head latent attention (kv_lora_rank > 0)")
+  _need(not cfg.shared_expert_gate and cfg.shared_expert_size % f == 0, family,
+        "shared experts are n_shared_experts x moe_intermediate_size, ungated")
+  _need(cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows, family,
+        "attention bias on the down-projections and o together; no sliding window")
+  first = cfg.moe_layers.index(True) if any(cfg.moe_layers) else cfg.num_layers
+  _need(all(cfg.moe_layers[first:]), family, f"layer pattern {cfg.moe_layers} is not first_k_dense_replace dense "
+        "layers, then MoE")
+  out = dict(_common(cfg, False), model_type=family, intermediate_size=cfg.intermediate_size or f,
+             moe_intermediate_size=f, n_shared_experts=cfg.shared_expert_size // f, n_routed_experts=cfg.num_experts,
+             num_experts_per_tok=cfg.num_experts_per_tok, first_k_dense_replace=first,
+             routed_scaling_factor=cfg.routed_scaling_factor, q_lora_rank=cfg.q_lora_rank or None,
+             kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.head_dim,
+             v_head_dim=cfg.v_head_dim, attention_bias=cfg.qkv_bias, n_group=cfg.n_group, topk_group=cfg.topk_group)
+  if family == "deepseek_v2":
+    _need(cfg.router_scoring == "softmax" and not cfg.norm_topk_prob and not cfg.router_bias and cfg.rope_interleave,
+          family, "softmax scores without renormalisation or selection bias; interleaved RoPE")
+    _need(cfg.topk_method in ("greedy", "group_limited_greedy"), family, f"topk_method={cfg.topk_method!r}")
+    return dict(out, architectures=["DeepseekV2ForCausalLM"], topk_method=cfg.topk_method, norm_topk_prob=False,
+                scoring_func="softmax")
+  _need(cfg.router_scoring == "sigmoid" and cfg.topk_method == "noaux_tc" and cfg.router_bias, family,
+        "sigmoid scores, noaux_tc group selection with its selection bias")
+  _need(cfg.norm_topk_eps == (1e-20 if cfg.norm_topk_prob else cfg.norm_topk_eps), family, "norm_topk_eps 1e-20")
+  return dict(out, architectures=["DeepseekV3ForCausalLM"], norm_topk_prob=cfg.norm_topk_prob,
+              rope_interleave=cfg.rope_interleave, topk_method="noaux_tc", scoring_func="sigmoid")
+
+
 def _granite_layout(out: dict[str, np.ndarray], cfg: MoEConfig) -> None:
   """Per-expert keys -> Granite's fused on-disk tensors: input_linear [e, 2f, d] (gate rows, then up rows),
   output_linear [e, d, f], router.layer; the shared MLP likewise [2F, d] / [d, F]."""
@@ -164,7 +213,8 @@ def _granite_layout(out: dict[str, np.ndarray], cfg: MoEConfig) -> None:
 # family -> (its HF config from ours, the q/k norm it has)
 _HF = {"qwen2_moe": (_qwen2_moe, "none"), "qwen3_moe": (_qwen3_moe, "head"), "olmoe": (_olmoe, "full"),
        "mixtral": (_mixtral, "none"), "deepseek_v1": (_deepseek_v1, "none"), "granitemoe": (_granite, "none"),
-       "granitemoeshared": (_granite, "none")}
+       "granitemoeshared": (_granite, "none"), "deepseek_v2": (_deepseek, "none"), "deepseek_v3": (_deepseek, "none")}
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 
 
 def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
@@ -172,13 +222,15 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   if family not in _HF:
     raise ConversionError(f"cannot export: unknown family {family!r} (known: {sorted(_HF)})")
   build, qk_norm = _HF[family]
-  _need(cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
+  deepseek = family in DEEPSEEK
+  _need(deepseek or cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
+  _need(deepseek or not (cfg.mla or cfg.rope_interleave), family, "multi-head latent attention / interleaved RoPE")
   granite = family.startswith("granitemoe")
   _need(granite or (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier,
                     cfg.logits_scaling) == (1.0, 0.0, 1.0, 1.0), family, "Granite's multipliers / logits_scaling")
-  _need(cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r} (no HF family has it)")
-  _need(cfg.topk_method == "greedy" and not cfg.router_bias, family, "group-limited selection / a selection bias "
-        "(DeepSeek-V2/V3 export is not written yet)")
+  _need(deepseek or cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r}")
+  _need(deepseek or (cfg.topk_method == "greedy" and not cfg.router_bias), family,
+        "group-limited selection / a selection bias (DeepSeek-V2/V3 only)")
   _need(cfg.qk_norm == qk_norm, family, f"qk_norm={cfg.qk_norm!r}, the family has {qk_norm!r}")
   _need(cfg.qkv_clip == 0.0 or family == "olmoe", family, "qkv_clip (only OLMoE clips q, k, v)")
   return build(cfg, family)
@@ -213,16 +265,14 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
         out[pre + "input_layernorm.weight"] = a
       elif group == "mlp_norm":
         out[pre + "post_attention_layernorm.weight"] = a
-      elif group == "attn" and name.endswith("_norm"):
-        out[pre + f"self_attn.{name}.weight"] = a.reshape(-1)
-      elif group == "attn" and name.startswith("w"):
-        out[pre + f"self_attn.{name[1]}_proj.weight"] = _linear(a, 2 if name == "wo" else 1)
       elif group == "attn":
-        out[pre + f"self_attn.{name[1]}_proj.bias"] = a.reshape(-1)
+        out[pre + "self_attn." + _ATTN[name]] = _linear(a, 2 if name == "wo" else 1) if name[0] == "w" else \
+            a.reshape(-1)
       elif len(parts) == 4:  # dense MLP
         out[pre + f"mlp.{_PROJ[name[2:]]}.weight"] = _linear(a)
       elif parts[3] == "router":
-        out[pre + f"{disk['block']}.gate.weight"] = _linear(a)
+        out[pre + f"{disk['block']}.gate." + ("weight" if name == "kernel" else "e_score_correction_bias")] = \
+            _linear(a) if name == "kernel" else a
       elif parts[3] == "experts":
         for e in range(a.shape[0]):
           out[pre + f"{disk['block']}.experts.{e}.{disk['proj'][name[2:]]}.weight"] = _linear(a[e])

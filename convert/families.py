@@ -11,63 +11,9 @@ the stacked [e, ...] parameter), ``fused_gate_up`` ([e, 2f, d] -> w_gate, w_up [
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, NamedTuple
-
+from convert.deepseek import DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3
 from convert.errors import ConversionError
-
-LAYER = r"model\.layers\.(?P<layer>\d+)\."
-GATE_UP_DOWN = r"(?P<proj>gate|up|down)"
-
-
-class Rule(NamedTuple):
-  pattern: str
-  target: str | tuple[str, ...] | None
-  kind: str
-  in_dims: int = 1
-  names: dict[str, dict[str, str]] | None = None
-
-
-COMMON_RULES = (
-    Rule(r"model\.embed_tokens\.weight", "embed/embedding", "copy"),
-    Rule(r"model\.norm\.weight", "final_norm/scale", "copy"),
-    Rule(r"lm_head\.weight", "lm_head/kernel", "linear"),
-    Rule(LAYER + r"input_layernorm\.weight", "layers/{layer}/attn_norm/scale", "copy"),
-    Rule(LAYER + r"post_attention_layernorm\.weight", "layers/{layer}/mlp_norm/scale", "copy"),
-    Rule(LAYER + r"self_attn\.(?P<proj>[qkv])_proj\.weight", "layers/{layer}/attn/w{proj}", "linear"),
-    Rule(LAYER + r"self_attn\.(?P<proj>[qkvo])_proj\.bias", "layers/{layer}/attn/b{proj}", "copy"),
-    Rule(LAYER + r"self_attn\.o_proj\.weight", "layers/{layer}/attn/wo", "linear", in_dims=2),
-    Rule(LAYER + r"self_attn\.rotary_emb\.inv_freq", None, "skip"),
-    Rule(LAYER + r"self_attn\.(?P<proj>[qk])_norm\.weight", "layers/{layer}/attn/{proj}_norm", "copy"),
-    Rule(LAYER + r"mlp\." + GATE_UP_DOWN + r"_proj\.weight", "layers/{layer}/mlp/w_{proj}", "linear"),
-)
-EXPERTS = "layers/{layer}/mlp/experts/"
-
-
-def _routed_rules(block: str, proj_pattern: str = GATE_UP_DOWN + "_proj",
-                  names: dict | None = None) -> tuple[Rule, ...]:
-  """Router + per-expert keys (as on disk) + fused keys (transformers 5 in-memory layout)."""
-  return (
-      Rule(LAYER + block + r"\.gate\.weight", "layers/{layer}/mlp/router/kernel", "linear"),
-      Rule(LAYER + block + r"\.experts\.(?P<expert>\d+)\." + proj_pattern + r"\.weight",
-           EXPERTS + "w_{proj}", "expert_linear", names=names),
-      Rule(LAYER + block + r"\.experts\.gate_up_proj", (EXPERTS + "w_gate", EXPERTS + "w_up"), "fused_gate_up"),
-      Rule(LAYER + block + r"\.experts\.down_proj", EXPERTS + "w_down", "fused_down"),
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  name: str
-  model_types: tuple[str, ...]
-  architectures: tuple[str, ...]
-  handled: frozenset
-  ignored: frozenset
-  defaults: dict[str, Any]
-  build: Callable[[Any, dict], dict]
-  rules: tuple[Rule, ...]
-  aliases: tuple[tuple[str, str], ...] = ()  # (another name transformers writes, the name the table reads)
-
+from convert.family_table import COMMON_RULES, EXPERTS, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules
 
 def _windows(g, n_layers: int, layer_types, size) -> tuple[int, ...] | None:
   if layer_types is None:
@@ -121,30 +67,6 @@ def _build_mixtral(g, common: dict) -> dict:
       attn_windows=(int(sw),) * n if sw else None)
 
 
-def _build_deepseek_v1(g, common: dict) -> dict:
-  n = common["num_layers"]
-  n_exp = g("n_routed_experts")
-  if not n_exp:
-    g.fail("n_routed_experts is null: this is a dense model, not an MoE")
-  if g("scoring_func") != "softmax":
-    g.fail(f"scoring_func={g('scoring_func')!r} is not supported by DeepSeek-MoE V1 (softmax)")
-  freq, first = int(g("moe_layer_freq")), int(g("first_k_dense_replace"))
-  if freq < 1:
-    g.fail(f"moe_layer_freq={freq} must be >= 1")
-  top_k = g("num_experts_per_tok")
-  if not top_k:
-    g.fail("num_experts_per_tok is missing or null")
-  f_moe = int(g("moe_intermediate_size"))
-  bias = bool(g("attention_bias"))
-  return dict(
-      intermediate_size=int(g("intermediate_size")), moe_intermediate_size=f_moe,
-      num_experts=int(n_exp), num_experts_per_tok=int(top_k),
-      moe_layers=tuple(i >= first and i % freq == 0 for i in range(n)),
-      shared_expert_size=int(g("n_shared_experts") or 0) * f_moe, shared_expert_gate=False,
-      # V1's gate renormalises only when top_k > 1.
-      norm_topk_prob=bool(g("norm_topk_prob")) and int(top_k) > 1, norm_topk_eps=1e-20, qkv_bias=bias, attn_out_bias=bias)
-
-
 QWEN2_MOE = Family(
     name="qwen2_moe", model_types=("qwen2_moe",), architectures=("Qwen2MoeForCausalLM",),
     handled=frozenset({"intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
@@ -161,7 +83,7 @@ QWEN2_MOE = Family(
                   num_experts_per_tok=4, num_experts=60, norm_topk_prob=False, mlp_only_layers=None,
                   qkv_bias=True, layer_types=None),
     build=_build_qwen2_moe,
-    rules=COMMON_RULES + _routed_rules(r"mlp") + (
+    rules=COMMON_RULES + routed_rules(r"mlp") + (
         Rule(LAYER + r"mlp\.shared_expert\." + GATE_UP_DOWN + r"_proj\.weight",
              "layers/{layer}/mlp/shared/w_{proj}", "linear"),
         Rule(LAYER + r"mlp\.shared_expert_gate\.weight", "layers/{layer}/mlp/shared_gate/kernel", "linear"),
@@ -178,29 +100,9 @@ MIXTRAL = Family(
                   num_experts_per_tok=2, num_local_experts=8),
     build=_build_mixtral,
     rules=COMMON_RULES
-    + _routed_rules(r"block_sparse_moe", r"(?P<proj>w[123])", names={"proj": {"w1": "gate", "w2": "down",
+    + routed_rules(r"block_sparse_moe", r"(?P<proj>w[123])", names={"proj": {"w1": "gate", "w2": "down",
                                                                               "w3": "up"}})
-    + _routed_rules(r"mlp"))
-
-DEEPSEEK_V1 = Family(
-    name="deepseek_v1", model_types=("deepseek",), architectures=("DeepseekForCausalLM",),
-    handled=frozenset({"intermediate_size", "moe_intermediate_size", "n_shared_experts", "n_routed_experts",
-                       "num_experts_per_tok", "moe_layer_freq", "first_k_dense_replace", "norm_topk_prob",
-                       "scoring_func", "attention_bias"}),
-    ignored=frozenset({"aux_loss_alpha", "seq_aux", "pretraining_tp"}),
-    # The remote code's DeepseekConfig defaults (not the 16B checkpoint's values).
-    defaults=dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
-                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
-                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  rope_theta=10000.0, rope_scaling=None, rope_parameters=None, moe_intermediate_size=1407,
-                  n_shared_experts=None, n_routed_experts=None, num_experts_per_tok=None, moe_layer_freq=1,
-                  first_k_dense_replace=0, norm_topk_prob=False, scoring_func="softmax",
-                  attention_bias=False),
-    build=_build_deepseek_v1,
-    rules=COMMON_RULES + _routed_rules(r"mlp") + (
-        Rule(LAYER + r"mlp\.shared_experts\." + GATE_UP_DOWN + r"_proj\.weight",
-             "layers/{layer}/mlp/shared/w_{proj}", "linear"),
-    ))
+    + routed_rules(r"mlp"))
 
 def _build_qwen3_moe(g, common: dict) -> dict:
   n, n_exp = common["num_layers"], int(g("num_experts"))
@@ -245,7 +147,7 @@ QWEN3_MOE = Family(
                   moe_intermediate_size=768, num_experts_per_tok=8, num_experts=128, norm_topk_prob=False,
                   mlp_only_layers=None),
     build=_build_qwen3_moe,
-    rules=COMMON_RULES + _routed_rules(r"mlp"),
+    rules=COMMON_RULES + routed_rules(r"mlp"),
     aliases=(("num_local_experts", "num_experts"),))  # transformers 5 saves num_local_experts
 
 OLMOE = Family(
@@ -259,7 +161,7 @@ OLMOE = Family(
                   rope_theta=10000.0, rope_scaling=None, rope_parameters=None, attention_bias=False,
                   clip_qkv=None, num_experts_per_tok=8, num_experts=64, norm_topk_prob=False),
     build=_build_olmoe,
-    rules=COMMON_RULES + _routed_rules(r"mlp"),
+    rules=COMMON_RULES + routed_rules(r"mlp"),
     aliases=(("num_local_experts", "num_experts"),))
 
 
@@ -338,8 +240,8 @@ LLAMA = Family(
                   mlp_bias=False, pretraining_tp=1),
     build=_build_llama, rules=COMMON_RULES)
 
-FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, GRANITEMOE_SHARED, MIXTRAL, DEEPSEEK_V1, LLAMA)
-_NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}
+FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, GRANITEMOE_SHARED, MIXTRAL, DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3,
+            LLAMA)
 
 
 def family_for(raw: dict, where: str) -> Family:
@@ -352,5 +254,4 @@ def family_for(raw: dict, where: str) -> Family:
                               f"(expected one of {list(fam.architectures)})")
       return fam
   supported = sorted(t for f in FAMILIES for t in f.model_types)
-  hint = f" ({_NOT_YET[mt]} is planned but not supported yet)" if mt in _NOT_YET else ""
-  raise ConversionError(f"{where}: model_type={mt!r} is not supported{hint}; supported: {supported}")
+  raise ConversionError(f"{where}: model_type={mt!r} is not supported; supported: {supported}")

@@ -26,6 +26,8 @@ COMMON_HANDLED = frozenset({
     "rope_theta", "rope_scaling", "rope_parameters", "quantization_config",
 })
 _ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor"}
+_YARN_KEYS = {"original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "attention_factor", "truncate"}
 
 
 class CheckpointInfo(NamedTuple):
@@ -113,16 +115,36 @@ def _rope(g: Getter) -> dict[str, Any]:
       g.fail(f"rope_parameters={params!r}: expected an object with 'rope_theta'")
     theta, scaling = params["rope_theta"], params
   scaling = scaling or {}
-  unknown = sorted(set(scaling) - _ROPE_KEYS)
-  if unknown:
-    g.fail(f"rope parameters {unknown} are not supported (handled: {sorted(_ROPE_KEYS)})")
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-  if rope_type not in ("default", "linear"):
-    g.fail(f"rope type {rope_type!r} is not supported (supported: default, linear)")
-  if rope_type == "linear" and "factor" not in scaling:
-    g.fail("linear rope scaling needs a 'factor'")
-  factor = float(scaling["factor"]) if rope_type == "linear" else 1.0
-  return dict(rope_theta=float(theta), rope_type=rope_type, rope_factor=factor)
+  if rope_type not in ("default", "linear", "yarn"):
+    g.fail(f"rope type {rope_type!r} is not supported (supported: default, linear, yarn)")
+  known = _ROPE_KEYS | (_YARN_KEYS if rope_type == "yarn" else set())
+  unknown = sorted(set(scaling) - known)
+  if unknown:
+    g.fail(f"rope parameters {unknown} are not supported with rope type {rope_type!r} (handled: {sorted(known)})")
+  if rope_type in ("linear", "yarn") and scaling.get("factor") is None:
+    g.fail(f"{rope_type} rope scaling needs a 'factor'")
+  out = dict(rope_theta=float(theta), rope_type=rope_type,
+             rope_factor=float(scaling["factor"]) if rope_type == "linear" else 1.0)
+  if rope_type == "yarn":
+    out.update(_yarn(g, scaling))
+  return out
+
+
+def _yarn(g: Getter, scaling: dict) -> dict[str, Any]:
+  """transformers' yarn parameters, with its defaults."""
+  original = scaling.get("original_max_position_embeddings") or g("max_position_embeddings")
+  factor = scaling["factor"]
+  attention = scaling.get("attention_factor")
+  if attention is not None and not float(attention) > 0:
+    g.fail(f"rope parameter attention_factor={attention!r} must be positive (it multiplies cos and sin)")
+  # transformers: beta_fast / beta_slow fall back to 32 / 1 when absent or 0; mscale / mscale_all_dim count only
+  # when non-zero; truncate defaults to true.
+  return dict(rope_factor=float(factor), yarn_original_max_position=int(original),
+              yarn_beta_fast=float(scaling.get("beta_fast") or 32), yarn_beta_slow=float(scaling.get("beta_slow") or 1),
+              yarn_mscale=float(scaling.get("mscale") or 0),
+              yarn_mscale_all_dim=float(scaling.get("mscale_all_dim") or 0),
+              yarn_attention_factor=float(attention or 0), yarn_truncate=bool(scaling.get("truncate", True)))
 
 
 def _fp8_block(raw: dict, where: str) -> tuple[int, int] | None:

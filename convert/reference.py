@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "llama")
+FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "deepseek_v2",
+            "deepseek_v3", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -68,6 +69,29 @@ def _mixtral(overrides: dict):
   kw = dict(_SMALL, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2)
   kw.update(overrides)
   return MixtralForCausalLM(MixtralConfig(**kw)), None
+
+
+# MLA with distinct widths (nope 8, RoPE 4, v 6, kv latent 12); layer 0 dense; yarn RoPE with both mscales.
+_MLA = dict(_SMALL, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=6,
+            n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=12,
+            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+                             "original_max_position_embeddings": 32})
+
+
+def _deepseek_v2(overrides: dict):
+  from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+  kw = dict(_MLA, q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.0)
+  kw.update(overrides)
+  return DeepseekV2ForCausalLM(DeepseekV2Config(**kw)), None
+
+
+def _deepseek_v3(overrides: dict):
+  from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+  kw = dict(_MLA, q_lora_rank=10, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
+  kw.update(overrides)
+  return DeepseekV3ForCausalLM(DeepseekV3Config(**kw)), None
 
 
 def _llama(overrides: dict):
@@ -141,6 +165,9 @@ def randomize_(model, seed: int, std: float = 0.15) -> None:
     for name, p in model.named_parameters():
       noise = torch.randn(p.shape, generator=g) * std
       p.copy_(1.0 + noise if "norm" in name else noise)
+    for name, b in model.named_buffers():  # DeepSeek-V3's selection bias is a buffer
+      if name.endswith("e_score_correction_bias"):
+        b.copy_(torch.randn(b.shape, generator=g) * std)
 
 
 def _v1_state_dict(model) -> dict[str, np.ndarray]:
@@ -170,7 +197,7 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   torch.manual_seed(seed)
   model, v1_config = {"qwen2_moe": _qwen, "qwen3_moe": _qwen3, "olmoe": _olmoe, "granitemoe": _granite,
                         "granitemoeshared": _granite_shared, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
-                        "llama": _llama}[family](overrides)
+                        "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
   out_dir = Path(out_dir)

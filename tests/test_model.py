@@ -17,8 +17,16 @@ def test_config_validation_messages():
     B.tiny_config(moe_layers=(True,))
   with pytest.raises(ValueError, match="num_experts_per_tok=5"):
     B.tiny_config(num_experts_per_tok=5)
-  with pytest.raises(ValueError, match="rope_type='yarn'"):
-    B.tiny_config(rope_type="yarn")
+  with pytest.raises(ValueError, match="rope_type='ntk'"):
+    B.tiny_config(rope_type="ntk")
+  with pytest.raises(ValueError, match="yarn RoPE needs .* yarn_original_max_position > 0"):
+    B.tiny_config(rope_type="yarn", rope_factor=4.0)
+  with pytest.raises(ValueError, match="head_dim=7 must be even"):
+    B.tiny_config(head_dim=7)
+  with pytest.raises(ValueError, match=r"latent attention .* \(num_kv_heads = num_heads\)"):
+    B.tiny_config(kv_lora_rank=8, qk_nope_head_dim=4, v_head_dim=6)
+  with pytest.raises(ValueError, match="needs qk_nope_head_dim > 0"):
+    B.tiny_config(kv_lora_rank=8, num_kv_heads=4)
 
 
 def test_config_json_roundtrip():

@@ -1,4 +1,4 @@
-"""Dense building blocks: RMSNorm, RoPE, grouped-query attention, gated MLP.
+"""Dense building blocks: RMSNorm, grouped-query and multi-head latent attention, gated MLP (RoPE: ``rope``).
 
 Shapes in names: b batch, s query positions, t key positions, d model width, h query heads,
 k kv heads, g heads per kv head, c head dim, f MLP width.
@@ -9,12 +9,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bmoe_jax.nn import rope
+
 _ACTS = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
+
+
+MLA_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm (their RMSNorm default, not rms_norm_eps)
 
 
 def activation(name: str):
@@ -26,25 +31,6 @@ def rms_norm(x_bsd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
   x32 = x_bsd.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return scale_d * y.astype(x_bsd.dtype)
-
-
-def rope_tables(positions_bs: jax.Array, head_dim: int, theta: float, rope_type: str = "default",
-                factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """cos/sin tables [b, s, c] for rotate-half RoPE."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  if rope_type == "linear":
-    inv_freq = inv_freq / factor
-  freqs_bsc = positions_bs.astype(jnp.float32)[..., None] * inv_freq
-  emb = jnp.concatenate([freqs_bsc, freqs_bsc], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x_bshc: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array) -> jax.Array:
-  half = x_bshc.shape[-1] // 2
-  rotated = jnp.concatenate([-x_bshc[..., half:], x_bshc[..., :half]], axis=-1)
-  cos = cos_bsc[:, :, None, :].astype(x_bshc.dtype)
-  sin = sin_bsc[:, :, None, :].astype(x_bshc.dtype)
-  return x_bshc * cos + rotated * sin
 
 
 def attention_mask(mask_bt: jax.Array | None, seq_len: int, window: int = 0,
@@ -108,17 +94,59 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
     k_bskc = head_norm(k_bskc, p["k_norm"], eps)
   if clip > 0:
     q_bshc, k_bskc, v_bskc = (jnp.clip(a, -clip, clip) for a in (q_bshc, k_bskc, v_bskc))
-  q_bshc = apply_rope(q_bshc, cos_bsc, sin_bsc)
-  k_bskc = apply_rope(k_bskc, cos_bsc, sin_bsc)
+  q_bshc = rope.apply(q_bshc, cos_bsc, sin_bsc)
+  k_bskc = rope.apply(k_bskc, cos_bsc, sin_bsc)
+  out_bshc = attend(q_bshc, k_bskc, v_bskc, allowed_b11st, scale or q_bshc.shape[-1] ** -0.5)
+  return output_projection(p, out_bshc)
+
+
+def attend(q_bshc: jax.Array, k_bskc: jax.Array, v_bskv: jax.Array, allowed_b11st: jax.Array,
+           scale: float) -> jax.Array:
+  """softmax(scale q k^T) v per head, heads grouped over the kv heads; scores and softmax in float32.
+  v's width (v) may differ from q/k's (c): multi-head latent attention. Returns [b, s, h, v]."""
   b, s, h, c = q_bshc.shape
   kv = k_bskc.shape[2]
   q_bskgc = q_bshc.reshape(b, s, kv, h // kv, c)
-  scores_bkgst = jnp.einsum("bskgc,btkc->bkgst", q_bskgc, k_bskc).astype(jnp.float32) * (scale or c ** -0.5)
+  scores_bkgst = jnp.einsum("bskgc,btkc->bkgst", q_bskgc, k_bskc).astype(jnp.float32) * scale
   scores_bkgst = jnp.where(allowed_b11st, scores_bkgst, jnp.finfo(jnp.float32).min)
-  probs_bkgst = jax.nn.softmax(scores_bkgst, axis=-1).astype(v_bskc.dtype)
-  out_bskgc = jnp.einsum("bkgst,btkc->bskgc", probs_bkgst, v_bskc)
-  out_bsd = jnp.einsum("bshc,hcd->bsd", out_bskgc.reshape(b, s, h, c), p["wo"])
+  probs_bkgst = jax.nn.softmax(scores_bkgst, axis=-1).astype(v_bskv.dtype)
+  out_bskgv = jnp.einsum("bkgst,btkv->bskgv", probs_bkgst, v_bskv)
+  return out_bskgv.reshape(b, s, h, -1)
+
+
+def output_projection(p: dict, out_bshv: jax.Array) -> jax.Array:
+  """The heads' outputs through wo [h, v, d] (plus bo [d])."""
+  out_bsd = jnp.einsum("bshv,hvd->bsd", out_bshv, p["wo"])
   return out_bsd + p["bo"] if "bo" in p else out_bsd
+
+
+def mla_attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array, allowed_b11st: jax.Array,
+                  nope: int, scale: float, interleave: bool = False) -> jax.Array:
+  """Multi-head latent attention (DeepSeek-V2/V3), RoPE on the last ``head_dim`` of each q/k head.
+
+  p: q either wq [d, h, n + r] or wq_a [d, q], (bq_a [q]), q_a_norm [q], wq_b [q, h, n + r]; wkv_a [d, l + r],
+  (bkv_a [l + r]), kv_a_norm [l], wkv_b [l, h, n + v]; wo [h, v, d], (bo [d]). n = ``nope`` (no-RoPE width),
+  r the RoPE width (one RoPE key shared by every head), l the kv latent rank. Latent norms: RMSNorm eps 1e-6.
+  """
+  if "wq" in p:
+    q_bshc = jnp.einsum("bsd,dhc->bshc", x_bsd, p["wq"])
+  else:
+    q_bsq = x_bsd @ p["wq_a"]
+    q_bsq = rms_norm(q_bsq + p["bq_a"] if "bq_a" in p else q_bsq, p["q_a_norm"], MLA_NORM_EPS)
+    q_bshc = jnp.einsum("bsq,qhc->bshc", q_bsq, p["wq_b"])
+  kv_bsm = x_bsd @ p["wkv_a"]
+  kv_bsm = kv_bsm + p["bkv_a"] if "bkv_a" in p else kv_bsm
+  rank = p["kv_a_norm"].shape[0]
+  latent_bsl = rms_norm(kv_bsm[..., :rank], p["kv_a_norm"], MLA_NORM_EPS)
+  kv_bshc = jnp.einsum("bsl,lhc->bshc", latent_bsl, p["wkv_b"])
+  q_rope = rope.apply(q_bshc[..., nope:], cos_bsc, sin_bsc, interleave)
+  k_rope_bs1r = rope.apply(kv_bsm[:, :, None, rank:], cos_bsc, sin_bsc, interleave)
+  h = q_bshc.shape[2]
+  q_bshc = jnp.concatenate([q_bshc[..., :nope], q_rope], axis=-1)
+  k_bshc = jnp.concatenate([kv_bshc[..., :nope], jnp.broadcast_to(k_rope_bs1r, (*k_rope_bs1r.shape[:2], h,
+                                                                                 k_rope_bs1r.shape[-1]))], axis=-1)
+  out_bshv = attend(q_bshc, k_bshc, kv_bshc[..., nope:], allowed_b11st, scale)
+  return output_projection(p, out_bshv)
 
 
 def gated_mlp(p: dict, x_nd: jax.Array, act: str) -> jax.Array:

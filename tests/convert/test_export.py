@@ -17,7 +17,10 @@ from tests.conftest import padded_batch
                                          ("deepseek_v1", {"moe_layer_freq": 2, "first_k_dense_replace": 0}),
                                          ("qwen3_moe", {"mlp_only_layers": [0], "attention_bias": True}),
                                          ("olmoe", {"clip_qkv": 2.0}), ("granitemoe", {}),
-                                         ("granitemoeshared", {"attention_bias": True})])
+                                         ("granitemoeshared", {"attention_bias": True}),
+                                         ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 3,
+                                                          "topk_group": 2, "q_lora_rank": 10}),
+                                         ("deepseek_v3", {"attention_bias": True, "rope_interleave": False})])
 def test_hf_export_roundtrip(family, over, tmp_path):
   make_checkpoint(family, tmp_path / "a", seed=5, **over)
   info, params = load_hf_checkpoint(tmp_path / "a", progress=False)
@@ -30,6 +33,9 @@ def test_hf_export_roundtrip(family, over, tmp_path):
 
 
 NO_SHARED = dict(shared_expert_size=0, shared_expert_gate=False)
+# MLA: 4 heads of nope 6 + RoPE 4 (head_dim), v 5, kv latent 12
+MLA = dict(shared_expert_gate=False, qkv_bias=False, num_kv_heads=4, head_dim=4, kv_lora_rank=12, qk_nope_head_dim=6,
+           v_head_dim=5)
 
 
 @pytest.mark.parametrize("family,over", [
@@ -41,6 +47,12 @@ NO_SHARED = dict(shared_expert_size=0, shared_expert_gate=False)
     ("granitemoeshared", dict(shared_expert_gate=False, norm_topk_prob=True, qkv_bias=False, intermediate_size=0,
                               embedding_multiplier=4.0, attention_multiplier=0.3, residual_multiplier=0.5,
                               logits_scaling=3.0)),
+    ("deepseek_v2", dict(MLA, shared_expert_size=32, routed_scaling_factor=1.7, rope_interleave=True,
+                         moe_layers=(False, True))),
+    ("deepseek_v3", dict(MLA, shared_expert_size=16, q_lora_rank=6, routed_scaling_factor=2.5, norm_topk_prob=True,
+                         norm_topk_eps=1e-20, router_scoring="sigmoid", topk_method="noaux_tc", n_group=2,
+                         topk_group=1, router_bias=True, qkv_bias=True, attn_out_bias=True, rope_type="yarn",
+                         rope_factor=4.0, yarn_original_max_position=8, yarn_mscale=1.0, yarn_mscale_all_dim=0.8)),
 ])
 def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   import torch
@@ -51,6 +63,8 @@ def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   params = jax.tree_util.tree_map_with_path(  # q/k norm scales away from 1, so a misplaced one shows
       lambda path, a: a + 0.3 * jnp.sin(jnp.arange(a.size).reshape(a.shape)) if "_norm" in jax.tree_util.keystr(
           path) and "attn'" in jax.tree_util.keystr(path) else a, params)
+  if cfg.router_bias:  # a selection bias that changes the choice
+    params["layers"][1]["mlp"]["router"]["bias"] = 0.3 * jnp.cos(jnp.arange(cfg.num_experts, dtype=jnp.float32))
   export_hf(cfg, params, tmp_path)
   hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
   tokens, mask = padded_batch(cfg.vocab_size)

@@ -21,19 +21,28 @@ PUBLISHED = [
     ("olmoe-1b-7b-0924.json", "olmoe", 6.9, 1.3, 16),  # allenai/OLMoE-1B-7B-0924: "1B active / 7B total", paper 6.9B / 1.3B
     ("qwen3-30b-a3b.json", "qwen3_moe", 30.5, 3.3, 48),  # Qwen/Qwen3-30B-A3B model card: 30.5B / 3.3B activated
     ("granite-3.1-3b-a800m.json", "granitemoe", 3.3, 0.8, 32),  # ibm-granite: "3.3B total, 800M active"
+    # deepseek-ai/DeepSeek-V2-Lite: "15.7B total parameters, 2.4B activated" (we count 2.45B without the input
+    # embedding, 2.66B with it)
+    ("deepseek-v2-lite.json", "deepseek_v2", 15.7, 2.4, 26),
+    # deepseek-ai/DeepSeek-V3: "671B total, 37B activated" (+14B of multi-token-prediction module, not part of
+    # the causal LM's forward); 37B is rounded to 1B, hence the wider tolerance (we count 671.03B / 37.55B).
+    ("deepseek-v3.json", "deepseek_v3", 671.0, 37.0, 58),
 ]
-ACTIVE_WITHOUT_EMBEDDING = {"granite-3.1-3b-a800m.json"}  # 0.806B + 0.076B tied embedding
+ACTIVE_WITHOUT_EMBEDDING = {"granite-3.1-3b-a800m.json", "deepseek-v2-lite.json"}  # Granite: 0.806B + 0.076B tied
+TOLERANCE = {"deepseek-v3.json": 0.6}  # billions; default 0.06
 
 
 @pytest.mark.parametrize("name,family,total,active,moe_layers", PUBLISHED)
 def test_hub_config_counts_match_published_sizes(name, family, total, active, moe_layers):
   info = parse_hf_config(HUB / name)
   assert info.family == family and info.checkpoint_dtype == "bfloat16"
+  assert (info.fp8_block is not None) == (family == "deepseek_v3")  # V3's release is fp8 with 128x128 blocks
   assert sum(info.cfg.moe_layers) == moe_layers
   counts = B.count_params(info.cfg)
-  assert counts["total"] / 1e9 == pytest.approx(total, abs=0.06)
+  tol = TOLERANCE.get(name, 0.06)
+  assert counts["total"] / 1e9 == pytest.approx(total, abs=tol)
   embed = counts["embedding"] if name in ACTIVE_WITHOUT_EMBEDDING else 0
-  assert (counts["active_per_token"] - embed) / 1e9 == pytest.approx(active, abs=0.06)
+  assert (counts["active_per_token"] - embed) / 1e9 == pytest.approx(active, abs=tol)
 
 
 def test_forward_traces_at_real_size_without_weights():
@@ -45,3 +54,16 @@ def test_forward_traces_at_real_size_without_weights():
   assert out.logits.shape == (2, 16, 151936)
   assert out.taps[0].down_in_bskf.shape == (2, 16, 4, 1408)
   assert out.taps[0].shared_in_bsf.shape == (2, 16, 5632)
+
+
+def test_deepseek_v3_forward_traces_at_real_size_without_weights():
+  """MLA with q latent, yarn, noaux_tc routing and shared experts at DeepSeek-V3's real shapes (abstract)."""
+  cfg = parse_hf_config(HUB / "deepseek-v3.json").cfg
+  assert (cfg.mla, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.head_dim, cfg.rope_type) == (True, 1536, 512, 64, "yarn")
+  assert (cfg.router_scoring, cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.router_bias) == (
+      "sigmoid", "noaux_tc", 8, 4, True)
+  params = B.abstract_params(cfg, jnp.bfloat16)
+  assert params["layers"][3]["attn"]["wkv_b"].shape == (512, 128, 256)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  out = jax.eval_shape(lambda p, t: B.forward(p, cfg, t, return_taps=True, stop_layer=4), params, tokens)
+  assert out.hidden_states[0].shape == (1, 8, 7168) and out.taps[3].shared_in_bsf.shape == (1, 8, 2048)

@@ -11,6 +11,7 @@ from convert import load_hf_checkpoint
 from convert.reference import make_checkpoint, reference_outputs
 from tests.conftest import padded_batch
 
+YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0, "original_max_position_embeddings": 16}
 CASES = [
     ("qwen2_moe", {}),
     ("qwen2_moe", {"norm_topk_prob": True}),
@@ -23,6 +24,7 @@ CASES = [
     ("qwen3_moe", {"norm_topk_prob": False, "decoder_sparse_step": 2, "mlp_only_layers": [3],
                    "num_hidden_layers": 4}),
     ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 4, "attention_bias": True}),
+    ("qwen3_moe", {"rope_parameters": dict(YARN, beta_fast=16)}),  # yarn on grouped-query attention
     ("olmoe", {}),
     ("olmoe", {"norm_topk_prob": True, "clip_qkv": 0.4, "attention_bias": True, "num_key_value_heads": 4}),
     ("granitemoe", {}),
@@ -35,6 +37,18 @@ CASES = [
     ("deepseek_v1", {"first_k_dense_replace": 0, "moe_layer_freq": 2, "num_hidden_layers": 4}),
     ("deepseek_v1", {"n_shared_experts": None, "norm_topk_prob": True}),
     ("deepseek_v1", {"n_shared_experts": 2, "attention_bias": True, "num_experts_per_tok": 1}),
+    # DeepSeek: MLA (no q latent in V2's default case, q latent in V3's), yarn RoPE with both mscales (the
+    # reference's default), dense first layer, shared experts
+    ("deepseek_v2", {}),
+    ("deepseek_v2", {"q_lora_rank": 10, "topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 2,
+                     "routed_scaling_factor": 1.5, "first_k_dense_replace": 0, "attention_bias": True}),
+    ("deepseek_v2", {"rope_parameters": dict(YARN, mscale=1.0, mscale_all_dim=0.5, truncate=False),
+                     "n_shared_experts": 2}),
+    ("deepseek_v3", {}),
+    ("deepseek_v3", {"rope_interleave": False, "q_lora_rank": None, "attention_bias": True, "norm_topk_prob": False,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
+    ("deepseek_v3", {"rope_parameters": dict(YARN, factor=6.0, attention_factor=0.8, beta_fast=16, beta_slow=2),
+                     "n_group": 3, "topk_group": 2, "num_experts_per_tok": 3}),
     ("llama", {}),
     ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
 ]
@@ -101,3 +115,16 @@ def test_parity_sharded_bf16_checkpoint(tmp_path):
   out = B.forward(jax.tree.map(jnp.asarray, params32), info32.cfg, tokens, mask)
   err = np.abs(np.asarray(out.logits) - ref["logits"])[mask.astype(bool)].max()
   assert err <= LOGIT_TOL
+
+
+def test_parity_cases_exercise_yarn_and_its_softmax_scale(tmp_path):
+  """The DeepSeek parity cases are not blind to yarn: dropping its frequency ramp, its mscale_all_dim softmax
+  factor or the interleaved RoPE layout each moves the logits far past the tolerance."""
+  make_checkpoint("deepseek_v2", tmp_path, seed=0)
+  info, params = load_hf_checkpoint(tmp_path, progress=False)
+  tokens, mask = padded_batch(info.cfg.vocab_size)
+  real = mask.astype(bool)
+  base = np.asarray(B.forward(params, info.cfg, tokens, mask).logits)
+  for change in (dict(rope_type="default"), dict(yarn_mscale_all_dim=0.0), dict(rope_interleave=False)):
+    moved = np.asarray(B.forward(params, info.cfg.replace(**change), tokens, mask).logits)
+    assert np.abs(moved - base)[real].max() > 100 * LOGIT_TOL, change

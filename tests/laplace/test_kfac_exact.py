@@ -30,12 +30,18 @@ def _batch(b, s, cfg, seed=0):
   return Batch(tokens, jnp.ones((b, s), jnp.int32), jnp.full((b,), s - 1), jnp.asarray(rng.randint(0, 4, b)))
 
 
-# the families' architecture variants: q/k norms (Qwen3-MoE, OLMoE), Granite's multipliers and logits scaling
+# the families' architecture variants: q/k norms (Qwen3-MoE, OLMoE), Granite's multipliers and logits scaling,
+# DeepSeek-V3's sigmoid gates, DeepSeek-V2's latent attention
 VARIANTS = {"plain": {}, "qk_head": {"qk_norm": "head"}, "qk_full": {"qk_norm": "full", "qkv_clip": 0.8},
             "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.3, "residual_multiplier": 0.5,
                         "logits_scaling": 2.5, "norm_topk_prob": True},
             "sigmoid": {"router_scoring": "sigmoid", "router_bias": True, "norm_topk_prob": True,
-                        "routed_scaling_factor": 2.5}}
+                        "routed_scaling_factor": 2.5},
+            # DeepSeek-V2: MLA (q latent, interleaved yarn RoPE), group-limited greedy, ungated shared experts
+            "mla": {"num_kv_heads": 4, "head_dim": 4, "q_lora_rank": 6, "kv_lora_rank": 8, "qk_nope_head_dim": 6,
+                    "v_head_dim": 5, "rope_interleave": True, "rope_type": "yarn", "rope_factor": 4.0,
+                    "yarn_original_max_position": 4, "yarn_mscale_all_dim": 0.7, "topk_method": "group_limited_greedy",
+                    "n_group": 3, "topk_group": 2, "routed_scaling_factor": 1.5, "shared_expert_gate": False}}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -51,12 +51,19 @@ def _dense_cov(post, params, cfg, batch):
   return cov
 
 
-@pytest.mark.parametrize("rank,shared,qk_norm", [(None, False, "none"), (3, False, "none"), (None, True, "none"),
-                                                 (3, True, "none"), (3, False, "full")])
-def test_closed_form_equals_dense_jacobian(rank, shared, qk_norm):
+MLA_SIGMOID = dict(num_kv_heads=4, head_dim=4, q_lora_rank=6, kv_lora_rank=8, qk_nope_head_dim=6, v_head_dim=5,
+                   rope_interleave=True, rope_type="yarn", rope_factor=4.0, yarn_original_max_position=4,
+                   yarn_mscale_all_dim=0.7, router_scoring="sigmoid", router_bias=True, norm_topk_prob=True,
+                   routed_scaling_factor=2.5, shared_expert_gate=False)
+
+
+@pytest.mark.parametrize("rank,shared,arch", [(None, False, {}), (3, False, {}), (None, True, {}), (3, True, {}),
+                                              (3, False, {"qk_norm": "full"}), (None, True, MLA_SIGMOID)],
+                         ids=["full", "lowrank", "full-shared", "lowrank-shared", "qk_full", "mla_sigmoid"])
+def test_closed_form_equals_dense_jacobian(rank, shared, arch):
   """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well; once with
-  OLMoE's full-width q/k norm."""
-  cfg, params, post, test = _fit(rank, shared=shared, qk_norm=qk_norm)
+  OLMoE's full-width q/k norm, once with DeepSeek-V3's architecture (MLA, yarn, sigmoid gates, ungated shared)."""
+  cfg, params, post, test = _fit(rank, shared=shared, **arch)
   assert len(post.factors) == (4 if shared else 2)
   stats = jax.jit(PR.jacobian_stats, static_argnums=1)(params, Task(cfg, CLASSES), test, post)
   got = PR.logit_covariance(stats, post)

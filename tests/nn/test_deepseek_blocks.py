@@ -9,6 +9,7 @@ import torch
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.model import moe_block
 from bmoe_jax.nn import layers as L
+from bmoe_jax.nn import rope
 from convert.reference import randomize_
 
 
@@ -64,6 +65,6 @@ def test_attention_matches_llama(bias):
   if bias:
     p.update(bq=sd["q_proj.bias"].reshape(h, c), bk=sd["k_proj.bias"].reshape(kv, c),
              bv=sd["v_proj.bias"].reshape(kv, c), bo=sd["o_proj.bias"])
-  cos_j, sin_j = L.rope_tables(jnp.asarray(pos), c, 500.0)
+  cos_j, sin_j = rope.tables(jnp.asarray(pos), 1.0 / 500.0 ** (np.arange(0, c, 2, dtype=np.float32) / c))
   out = L.attention(p, jnp.asarray(x), cos_j, sin_j, L.attention_mask(jnp.asarray(mask), s))
   np.testing.assert_allclose(np.asarray(out)[mask], ref.numpy()[mask], atol=1e-5)

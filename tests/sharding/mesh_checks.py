@@ -28,6 +28,12 @@ from tests.fixtures import posterior_of
 MESHES = ("data=8", "data=2,expert=4", "data=2,expert=2,model=2")
 CLASSES = jnp.array([3, 7, 11, 19])
 TOL = 1e-5
+MLA_SIGMOID = dict(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16,
+                   shared_expert_gate=False, num_kv_heads=4, head_dim=4, q_lora_rank=6, kv_lora_rank=8,
+                   qk_nope_head_dim=6, v_head_dim=6, rope_interleave=True, rope_type="yarn", rope_factor=4.0,
+                   yarn_original_max_position=4, yarn_mscale=1.0, yarn_mscale_all_dim=0.7, router_scoring="sigmoid",
+                   topk_method="noaux_tc", n_group=2, topk_group=1, router_bias=True, norm_topk_prob=True,
+                   norm_topk_eps=1e-20, routed_scaling_factor=2.5)
 # float64: the comparison is of the mathematics, not of float32 summation orders (one AdamW step maps
 # a gradient g to about lr * sign(g), which turns rounding noise on near-zero gradients into lr-sized
 # differences in float32)
@@ -148,9 +154,11 @@ def main(argv) -> int:
     print(f"needs 8 devices, found {jax.device_count()}: set XLA_FLAGS=--xla_force_host_platform_device_count=8 "
           "before JAX starts", file=sys.stderr)
     return 2
-  # OLMoE's full-width q/k norm: a reduction over the heads the model axis shards
-  cfg = B.tiny_config(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16, qk_norm="full",
-                      qkv_clip=1.5)
+  if argv[:1] == ["--mla"]:  # DeepSeek-V3's architecture: MLA with yarn, sigmoid noaux_tc routing, shared experts
+    cfg, argv = B.tiny_config(**MLA_SIGMOID), argv[1:]
+  else:  # OLMoE's full-width q/k norm: a reduction over the heads the model axis shards
+    cfg = B.tiny_config(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16, qk_norm="full",
+                        qkv_clip=1.5)
   params = B.init_params(cfg, jax.random.key(0), jnp.float64, std=0.2)
   batches = _batches(cfg)
   spec = {"full": LA.FactorSpec(layers=cfg.moe_layer_ids, shared=True),

@@ -38,6 +38,17 @@ def _mesh(**sizes):
   return types.SimpleNamespace(shape={a: sizes.get(a, 1) for a in S.MESH_AXES})
 
 
+def test_sharded_mla_sigmoid_model_equals_one_device():
+  """DeepSeek-V3's architecture (MLA latents replicated, heads on the model axis; sigmoid noaux_tc routing with
+  its selection bias; ungated shared experts) on the mesh that uses all three axes."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "tests.sharding.mesh_checks", "--mla", "data=2,expert=2,model=2"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  (result,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert result["expert_parallel"] and max(result["max_rel_diff"].values()) <= 1e-5, result
+
+
 def test_rules_map_logical_axes_to_mesh_axes():
   mesh = _mesh(data=2, expert=4, model=2)
   assert S.spec_for(("expert", "mlp", "embed"), (8, 16, 32), mesh) == P("expert", "model", None)

@@ -1,0 +1,82 @@
+"""Rotary position embeddings: frequencies (default, linear, yarn), cos/sin tables, and the rotation in the
+rotate-half or the interleaved-pairs layout.
+
+The frequencies follow transformers' ``modeling_rope_utils`` (``_compute_default_rope_parameters``,
+``_compute_linear_scaling_rope_parameters``, ``_compute_yarn_parameters``); they are computed once per config in
+float32 numpy, a constant of the compiled forward. Shapes in names: b batch, s positions, h heads, c rotary width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+  """YaRN's magnitude correction 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1)."""
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(cfg, pos_freqs: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
+  factor, base = cfg.rope_factor, cfg.rope_theta
+  if cfg.yarn_attention_factor:
+    attention = cfg.yarn_attention_factor
+  elif cfg.yarn_mscale and cfg.yarn_mscale_all_dim:
+    attention = yarn_mscale(factor, cfg.yarn_mscale) / yarn_mscale(factor, cfg.yarn_mscale_all_dim)
+  else:
+    attention = yarn_mscale(factor)
+
+  def correction_dim(rotations: float) -> float:
+    return dim * math.log(cfg.yarn_original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = correction_dim(cfg.yarn_beta_fast), correction_dim(cfg.yarn_beta_slow)
+  if cfg.yarn_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # transformers' guard against a zero-width ramp
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+  extrapolation = (np.float32(1) - ramp).astype(np.float32)
+  inv_freq_extra = (np.float32(1) / pos_freqs).astype(np.float32)
+  inv_freq_inter = (np.float32(1) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+  inv_freq = inv_freq_inter * (np.float32(1) - extrapolation) + inv_freq_extra * extrapolation
+  return inv_freq.astype(np.float32), float(attention)
+
+
+def frequencies(cfg) -> tuple[np.ndarray, float]:
+  """(inverse frequencies [c/2] float32, the factor multiplying cos and sin) of a ``MoEConfig``'s RoPE over its
+  ``head_dim`` (MLA: the RoPE part of each head)."""
+  dim = cfg.head_dim
+  pos_freqs = np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+  if cfg.rope_type == "yarn":
+    return _yarn(cfg, pos_freqs, dim)
+  inv_freq = (np.float32(1) / pos_freqs).astype(np.float32)
+  if cfg.rope_type == "linear":
+    return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32), 1.0
+  return inv_freq, 1.0
+
+
+def tables(positions_bs: jax.Array, inv_freq_c: np.ndarray, factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables [b, s, c] (each half repeats the c/2 angles), times ``factor`` (yarn's attention factor)."""
+  freqs_bsc = positions_bs.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_c)
+  emb = jnp.concatenate([freqs_bsc, freqs_bsc], axis=-1)
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  if factor != 1.0:
+    cos, sin = cos * factor, sin * factor
+  return cos, sin
+
+
+def apply(x_bshc: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array, interleave: bool = False) -> jax.Array:
+  """Rotate ``x`` by the tables. Rotate-half pairs x[i] with x[i + c/2]; ``interleave`` pairs x[2i] with
+  x[2i + 1] (DeepSeek's layout) and returns the rotated pairs as [evens, odds], as transformers' DeepSeek-V3 does:
+  q and k get the same permutation, so their dot products are those of the interleaved rotation."""
+  if interleave:
+    x_bshc = jnp.concatenate([x_bshc[..., 0::2], x_bshc[..., 1::2]], axis=-1)
+  half = x_bshc.shape[-1] // 2
+  rotated = jnp.concatenate([-x_bshc[..., half:], x_bshc[..., :half]], axis=-1)
+  cos = cos_bsc[:, :, None, :].astype(x_bshc.dtype)
+  sin = sin_bsc[:, :, None, :].astype(x_bshc.dtype)
+  return x_bshc * cos + rotated * sin

@@ -1,0 +1,60 @@
+"""What every family table is made of: key rules and the ``Family`` record (see ``convert.families``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+LAYER = r"model\.layers\.(?P<layer>\d+)\."
+GATE_UP_DOWN = r"(?P<proj>gate|up|down)"
+
+
+class Rule(NamedTuple):
+  pattern: str
+  target: str | tuple[str, ...] | None
+  kind: str
+  in_dims: int = 1
+  names: dict[str, dict[str, str]] | None = None
+
+
+COMMON_RULES = (
+    Rule(r"model\.embed_tokens\.weight", "embed/embedding", "copy"),
+    Rule(r"model\.norm\.weight", "final_norm/scale", "copy"),
+    Rule(r"lm_head\.weight", "lm_head/kernel", "linear"),
+    Rule(LAYER + r"input_layernorm\.weight", "layers/{layer}/attn_norm/scale", "copy"),
+    Rule(LAYER + r"post_attention_layernorm\.weight", "layers/{layer}/mlp_norm/scale", "copy"),
+    Rule(LAYER + r"self_attn\.(?P<proj>[qkv])_proj\.weight", "layers/{layer}/attn/w{proj}", "linear"),
+    Rule(LAYER + r"self_attn\.(?P<proj>[qkvo])_proj\.bias", "layers/{layer}/attn/b{proj}", "copy"),
+    Rule(LAYER + r"self_attn\.o_proj\.weight", "layers/{layer}/attn/wo", "linear", in_dims=2),
+    Rule(LAYER + r"self_attn\.rotary_emb\.inv_freq", None, "skip"),
+    Rule(LAYER + r"self_attn\.(?P<proj>[qk])_norm\.weight", "layers/{layer}/attn/{proj}_norm", "copy"),
+    Rule(LAYER + r"mlp\." + GATE_UP_DOWN + r"_proj\.weight", "layers/{layer}/mlp/w_{proj}", "linear"),
+)
+EXPERTS = "layers/{layer}/mlp/experts/"
+
+
+def routed_rules(block: str, proj_pattern: str = GATE_UP_DOWN + "_proj",
+                  names: dict | None = None) -> tuple[Rule, ...]:
+  """Router + per-expert keys (as on disk) + fused keys (transformers 5 in-memory layout)."""
+  return (
+      Rule(LAYER + block + r"\.gate\.weight", "layers/{layer}/mlp/router/kernel", "linear"),
+      Rule(LAYER + block + r"\.experts\.(?P<expert>\d+)\." + proj_pattern + r"\.weight",
+           EXPERTS + "w_{proj}", "expert_linear", names=names),
+      Rule(LAYER + block + r"\.experts\.gate_up_proj", (EXPERTS + "w_gate", EXPERTS + "w_up"), "fused_gate_up"),
+      Rule(LAYER + block + r"\.experts\.down_proj", EXPERTS + "w_down", "fused_down"),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  model_types: tuple[str, ...]
+  architectures: tuple[str, ...]
+  handled: frozenset
+  ignored: frozenset
+  defaults: dict[str, Any]
+  build: Callable[[Any, dict], dict]
+  rules: tuple[Rule, ...]
+  aliases: tuple[tuple[str, str], ...] = ()  # (another name transformers writes, the name the table reads)
+  # tensors of layers past num_hidden_layers are not part of the model (DeepSeek-V3's multi-token prediction)
+  skip_layers_past_end: bool = False
