@@ -23,6 +23,7 @@ evaluation), then per run and per layer set (``--layers``: ``last:1`` = the top 
       --test arc_easy:test --max-eval 400 --shift obqa:test,arc_challenge:test,\\
 mmlu:test:high_school_geography+high_school_biology+conceptual_physics+astronomy
 
+A finished run's numbers are kept in WORK/RUN/result.json and reused by a rerun with the same settings.
 Writes OUT/results.json (per run, and the aggregate) and OUT/results.md (``routing_report.py``), OUT/*.png.
 """
 
@@ -139,6 +140,27 @@ def one_run(run: Path, args) -> dict:
   return out
 
 
+RESULT_ARGS = ("layers", "routers", "combined", "samples", "temperature", "epochs", "lr", "members",
+               "stability_batches", "no_laplace", "eval_stride")  # what a finished run's numbers depend on
+
+
+def cached_run(run: Path, args) -> dict:
+  """``one_run``, or its saved result (WORK/RUN/result.json) when that was made with the same RESULT_ARGS: a
+  stopped sweep restarts at the first unfinished run."""
+  path = Path(args.work) / run.name / "result.json"
+  same = {k: getattr(args, k) for k in RESULT_ARGS}
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved["args"] == same:
+      print(f"  reused {path}", flush=True)
+      return saved["result"]
+    print(f"  {path} was made with other arguments; rerunning", flush=True)
+  result = one_run(run, args)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"args": same, "result": result}, indent=2, default=float))
+  return result
+
+
 def new_runs(seeds: str, runs_dir: str, demo_flags: list[str]) -> list[str]:
   """Run directories holding only the ``config.json`` of ``bmoe demo DEMO_FLAGS --seed S`` (an existing one is
   kept): ``restore`` carves, fine-tunes and fits them (resumably) without the demo's own evaluation."""
@@ -191,7 +213,7 @@ def main(argv=None) -> None:
   runs = []
   for run in args.runs.split(","):
     print(f"run {run}", flush=True)
-    runs.append(one_run(Path(run), args))
+    runs.append(cached_run(Path(run), args))
     (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs},
                                                  indent=2, default=float))
   from experiments.routing_report import write_report
