@@ -51,14 +51,26 @@ def describe(path: str | Path) -> dict:
   counts = count_params(cfg)
   layout = ["moe" if m else "dense" for m in cfg.moe_layers]
   return {"family": family, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-          "attention": f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads x {cfg.head_dim}",
+          "attention": _attention_text(cfg),
           "experts": f"{cfg.num_experts} routed, top-{cfg.num_experts_per_tok}, width {cfg.moe_intermediate_size}",
           "shared_expert": (f"width {cfg.shared_expert_size}" + (" with sigmoid gate" if cfg.shared_expert_gate
                                                                  else "")) if cfg.shared_expert_size else "none",
           "routing": (f"{cfg.router_scoring} top-k" + (", gates 1" if cfg.router_scoring == "select" else
                                                          f", norm_topk_prob={cfg.norm_topk_prob}, "
-                                                         f"scaling={cfg.routed_scaling_factor}")),
+                                                         f"scaling={cfg.routed_scaling_factor}"))
+          + (f", {cfg.topk_method} over {cfg.topk_group} of {cfg.n_group} groups" if cfg.topk_method != "greedy"
+             else "") + (", selection bias" if cfg.router_bias else ""),
           "layer_pattern": layout, "params": counts, "config": cfg.to_dict()}
+
+
+def _attention_text(cfg) -> str:
+  rope = f"RoPE {cfg.rope_type}" + (f" x{cfg.rope_factor:g}" if cfg.rope_type != "default" else "") + (
+      ", interleaved" if cfg.rope_interleave else "")
+  if not cfg.mla:
+    return f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads x {cfg.head_dim}; {rope}"
+  q = f", q latent {cfg.q_lora_rank}" if cfg.q_lora_rank else ""
+  return (f"latent (MLA): {cfg.num_heads} heads, q/k {cfg.qk_nope_head_dim} + {cfg.head_dim} RoPE, "
+          f"v {cfg.v_head_dim}, kv latent {cfg.kv_lora_rank}{q}; {rope}")
 
 
 def _cmd_info(args) -> int:

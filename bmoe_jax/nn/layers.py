@@ -141,10 +141,10 @@ def mla_attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Ar
   kv_bshc = jnp.einsum("bsl,lhc->bshc", latent_bsl, p["wkv_b"])
   q_rope = rope.apply(q_bshc[..., nope:], cos_bsc, sin_bsc, interleave)
   k_rope_bs1r = rope.apply(kv_bsm[:, :, None, rank:], cos_bsc, sin_bsc, interleave)
-  h = q_bshc.shape[2]
+  b, s, h, _ = q_bshc.shape
+  k_rope_bshr = jnp.broadcast_to(k_rope_bs1r, (b, s, h, k_rope_bs1r.shape[-1]))
   q_bshc = jnp.concatenate([q_bshc[..., :nope], q_rope], axis=-1)
-  k_bshc = jnp.concatenate([kv_bshc[..., :nope], jnp.broadcast_to(k_rope_bs1r, (*k_rope_bs1r.shape[:2], h,
-                                                                                 k_rope_bs1r.shape[-1]))], axis=-1)
+  k_bshc = jnp.concatenate([kv_bshc[..., :nope], k_rope_bshr], axis=-1)
   out_bshv = attend(q_bshc, k_bshc, kv_bshc[..., nope:], allowed_b11st, scale)
   return output_projection(p, out_bshv)
 

@@ -104,9 +104,12 @@ def router_flops(rc: R.RouterConfig, d: int, e: int, tokens_per_forward: int = 1
 def forward_flops(cfg, seq: int = 128) -> float:
   """FLOPs per token of the model's forward (matmuls; attention over ``seq`` causal positions, on average
   ``(seq + 1) / 2`` keys per query; the LM head on every position)."""
-  d, c = cfg.hidden_size, cfg.head_dim
-  attn = 2 * d * c * (cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * cfg.num_heads * c * d
-  attn += 2 * 2 * cfg.num_heads * c * (seq + 1) / 2
+  from bmoe_jax.params import layer_specs
+  d = cfg.hidden_size
+  specs = layer_specs(cfg, 0)["attn"]  # every projection is one matmul per token (MLA's latents too)
+  attn = 2 * sum(float(np.prod(sp.shape)) for name, sp in specs.items() if name.startswith("w"))  # not b*, norms
+  qk, v = (cfg.qk_nope_head_dim + cfg.head_dim, cfg.v_head_dim) if cfg.mla else (cfg.head_dim, cfg.head_dim)
+  attn += 2 * cfg.num_heads * (qk + v) * (seq + 1) / 2
   total = 0.0
   for i in range(cfg.num_layers):
     if cfg.moe_layers[i]:

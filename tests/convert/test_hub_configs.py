@@ -67,3 +67,12 @@ def test_deepseek_v3_forward_traces_at_real_size_without_weights():
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   out = jax.eval_shape(lambda p, t: B.forward(p, cfg, t, return_taps=True, stop_layer=4), params, tokens)
   assert out.hidden_states[0].shape == (1, 8, 7168) and out.taps[3].shared_in_bsf.shape == (1, 8, 2048)
+
+
+def test_info_describes_latent_attention_and_group_routing():
+  from bmoe_jax.cli import describe
+  d = describe(HUB / "deepseek-v3.json")
+  assert d["attention"].startswith("latent (MLA): 128 heads, q/k 128 + 64 RoPE, v 128, kv latent 512, q latent 1536")
+  assert "RoPE yarn x40, interleaved" in d["attention"]
+  assert d["routing"].endswith("noaux_tc over 4 of 8 groups, selection bias")
+  assert describe(HUB / "qwen3-30b-a3b.json")["attention"] == "32 heads / 4 kv heads x 128; RoPE default"

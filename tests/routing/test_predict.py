@@ -109,3 +109,15 @@ def test_flops_count():
   per_layer_mlp = 2 * d * e + 2 * 3 * 2 * d * cfg.moe_intermediate_size
   attn = 2 * d * 8 * (4 + 2 * 2) + 2 * 4 * 8 * d + 4 * 4 * 8 * 129 / 2
   assert ST.forward_flops(cfg, seq=128) == pytest.approx(2 * (attn + per_layer_mlp) + 2 * d * cfg.vocab_size)
+
+
+def test_flops_count_of_latent_attention():
+  """MLA: every projection once per token (q latent, kv latent with the RoPE key, their up-projections, o),
+  then scores over q/k width nope + rope and values over v width."""
+  cfg = B.tiny_config(num_experts=4, shared_expert_size=0, shared_expert_gate=False, num_kv_heads=4, head_dim=4,
+                      q_lora_rank=6, kv_lora_rank=8, qk_nope_head_dim=6, v_head_dim=5)
+  d, h = cfg.hidden_size, cfg.num_heads
+  proj = d * 6 + 6 * h * 10 + d * (8 + 4) + 8 * h * (6 + 5) + h * 5 * d
+  attn = 2 * proj + 2 * h * (10 + 5) * 129 / 2
+  per_layer_mlp = 2 * d * 4 + 2 * 3 * 2 * d * cfg.moe_intermediate_size
+  assert ST.forward_flops(cfg, seq=128) == pytest.approx(2 * (attn + per_layer_mlp) + 2 * d * cfg.vocab_size)
