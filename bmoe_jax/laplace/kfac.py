@@ -324,9 +324,11 @@ def update(state: FactorState, params, task: Task, batch: Batch, spec: FactorSpe
 def eigen_factors(stats: LayerStats | lowrank.LowRankStats, name: str = "") -> Factors:
   """Eigendecompose one block's sums (vmapped over experts): full ``eigh`` (A divided by its row count),
   or the SVD of the low-rank B (eigenvectors [e, n, r]). Experts that received no rows get zero factors
-  (their posterior is the prior). Raises on non-finite sums, naming the block ``name``."""
+  (their posterior is the prior). Raises on non-finite sums, naming the block ``name`` (on concrete sums: under
+  ``jit`` / ``eval_shape`` the check is the caller's)."""
   leaves = list(stats[:2])
-  if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
+  concrete = not any(isinstance(x, jax.core.Tracer) for x in leaves)
+  if concrete and not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
     raise FloatingPointError(f"non-finite K-FAC factor sums in block {name}: NaN/inf activations or gradients "
                              "in the factor pass")
   rows_e = jnp.maximum(stats.rows_e, 1).astype(leaves[0].dtype)

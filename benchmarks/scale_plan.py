@@ -1,0 +1,153 @@
+"""Scale plan, checked by the compiler: does the whole pipeline fit one 141 GB accelerator at
+Qwen1.5-MoE-A2.7B size, and on which mesh if not?
+
+For the hub config of Qwen1.5-MoE-A2.7B (14.3 B parameters, 24 MoE layers x 60 experts) with bfloat16 weights,
+each program of the pipeline is compiled ahead of time from abstract inputs (no weights are allocated) on one
+device and on ``expert=4`` / ``data=2,expert=4`` meshes of virtual CPU devices, at batch B x S tokens:
+
+* ``forward``: vocabulary logits of the batch;
+* ``map_step``: one AdamW step of the routed experts and routers (float32 moments, bf16 weights);
+* ``factor_update``: one batch of the K-FAC factor pass over every MoE layer (full and rank-r factors, float32);
+* ``predictive``: the closed-form Bayesian-MoE predictive with every MoE layer Bayesian (rank r, C = 4).
+
+XLA's memory analysis per program and device: arguments, outputs, temporaries, and the peak (arguments +
+outputs + temporaries - aliased). Memory analysis is the compiler's static buffer assignment for the CPU
+backend, a proxy for an accelerator's (the fused kernels differ; the arrays the program must hold do not).
+
+  .venv/bin/python benchmarks/scale_plan.py                 # ~20 minutes on 2 cores
+  .venv/bin/python benchmarks/scale_plan.py --quick         # a 2-layer model of the same widths (smoke test)
+Writes --out JSON (default benchmarks/results/scale_plan.json) and a Markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bmoe_jax as B  # noqa: E402
+from benchmarks.sharding import qwen_a27b  # noqa: E402
+from bmoe_jax import sharded as SH  # noqa: E402
+from bmoe_jax import sharding as S  # noqa: E402
+from bmoe_jax import train as T  # noqa: E402
+from bmoe_jax.laplace import kfac  # noqa: E402
+from bmoe_jax.laplace import posterior as PO  # noqa: E402
+from bmoe_jax.params import read_blocks  # noqa: E402
+from bmoe_jax.task import Batch, Task  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MESHES = ("data=1", "expert=4", "data=2,expert=4")
+ACCELERATOR_GB = 141.0
+GB = 1024 ** 3
+
+
+def _like(shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  out = {k: getattr(m, f"{k}_size_in_bytes") / GB for k in ("argument", "output", "temp", "alias")}
+  out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
+def _posterior_like(state_like, params_like):
+  """The abstract posterior of a finished factor pass (shapes only)."""
+  def build(st, p):
+    factors = kfac.finalize(st)
+    return PO.build(factors, read_blocks(p, list(factors)), prior_mean="map", num_sequences=1)
+  return jax.eval_shape(build, state_like, params_like)
+
+
+def _programs(cfg, mesh, b: int, s: int, rank: int, dtype):
+  """(name, jitted-on-mesh function, abstract arguments) of every program."""
+  task = Task(cfg, (3, 7, 11, 19))
+  batch = Batch(_like((b, s), jnp.int32), _like((b, s), jnp.int32), _like((b,), jnp.int32), _like((b,), jnp.int32))
+  params = B.abstract_params(cfg, dtype)
+  out = [("forward", SH.forward(task, mesh, batch), (params, batch))]
+  tc = T.TrainConfig(trainable="experts_router", lr=1e-4)
+  step, init, _ = SH.train_step(task, mesh, params, batch, tc, total_steps=100, dataset_size=1000)
+  mask = T.trainable_mask(params, cfg, tc.trainable, tc.layers)
+  train, frozen = T.split(params, mask)
+  out.append(("map_step", step, (train, jax.eval_shape(init, train), batch, frozen, train)))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  for label, spec in (("factor_update_full", kfac.FactorSpec(layers=cfg.moe_layer_ids)),
+                      (f"factor_update_rank{rank}", kfac.FactorSpec(layers=cfg.moe_layer_ids, rank=rank))):
+    update, zero = SH.factor_update(task, mesh, batch, spec)
+    out.append((label, update, (jax.eval_shape(zero), params, batch, key)))
+  low = kfac.FactorSpec(layers=cfg.moe_layer_ids, rank=rank)
+  post = _posterior_like(jax.eval_shape(lambda: kfac.init(cfg, low)), params)
+  out.append((f"predictive_rank{rank}", SH.predictive(task, mesh, post, batch), (params, post, batch)))
+  return out
+
+
+def plan(cfg, args) -> list[dict]:
+  rows = []
+  dtype = jnp.dtype(args.dtype)
+  for text in MESHES:
+    n = int(np.prod(list(S.parse_mesh(text).values())))
+    mesh = S.make_mesh(text, devices=jax.devices()[:n])
+    for name, fn, fn_args in _programs(cfg, mesh, args.batch, args.seq, args.rank, dtype):
+      t0 = time.perf_counter()
+      compiled = fn.lower(*fn_args).compile()
+      row = {"mesh": text, "devices": n, "program": name, "compile_s": round(time.perf_counter() - t0, 1),
+             **_memory(compiled)}
+      row["fits"] = row["peak"] <= ACCELERATOR_GB
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def markdown(res) -> str:
+  lines = ["# Scale plan (ahead-of-time compiled, no weights)", "",
+           f"{res['model']}, {res['dtype']} weights, batch {res['batch']} x {res['seq']} tokens, rank {res['rank']}; "
+           f"GiB per device from XLA's memory analysis ({res['platform']}, jax {res['jax']}). Peak = arguments + "
+           f"outputs + temporaries - aliased; fits = peak <= {ACCELERATOR_GB:g} GB.", "",
+           "| mesh | program | arguments | outputs | temporaries | peak | fits | compile s |",
+           "|---|---|---:|---:|---:|---:|---|---:|"]
+  for r in res["rows"]:
+    lines.append(f"| {r['mesh']} | {r['program']} | {r['argument']:.2f} | {r['output']:.2f} | {r['temp']:.2f} | "
+                 f"{r['peak']:.2f} | {'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--quick", action="store_true", help="2 layers of the same widths (smoke test)")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=256)
+  ap.add_argument("--rank", type=int, default=10)
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale_plan.json"))
+  args = ap.parse_args()
+  if jax.device_count() < 8:
+    sys.exit(f"needs 8 devices (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}); run in a fresh process")
+  cfg = qwen_a27b()
+  if args.quick:
+    cfg = cfg.replace(num_layers=2, moe_layers=(True, True), attn_windows=None)
+  res = {"platform": platform.platform(), "jax": jax.__version__, "dtype": args.dtype, "batch": args.batch,
+         "seq": args.seq, "rank": args.rank,
+         "model": f"Qwen1.5-MoE-A2.7B{' (2 layers)' if args.quick else ''}: "
+                  f"{B.count_params(cfg)['total'] / 1e9:.2f} B parameters, {len(cfg.moe_layer_ids)} MoE layers x "
+                  f"{cfg.num_experts} experts", "rows": plan(cfg, args)}
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(res, indent=2))
+  out.with_suffix(".md").write_text(markdown(res))
+  print(markdown(res))
+
+
+if __name__ == "__main__":
+  main()
