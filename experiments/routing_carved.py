@@ -23,7 +23,7 @@ evaluation), then per run and per layer set (``--layers``: ``last:1`` = the top 
       --test arc_easy:test --max-eval 400 --shift obqa:test,arc_challenge:test,\\
 mmlu:test:high_school_geography+high_school_biology+conceptual_physics+astronomy
 
-A finished run's numbers are kept in WORK/RUN/result.json and reused by a rerun with the same settings.
+A finished run's numbers are kept in WORK/RUN/result_LAYERS.json and reused by a rerun with the same settings.
 Writes OUT/results.json (per run, and the aggregate) and OUT/results.md (``routing_report.py``), OUT/*.png.
 """
 
@@ -145,9 +145,9 @@ RESULT_ARGS = ("layers", "routers", "combined", "samples", "temperature", "epoch
 
 
 def cached_run(run: Path, args) -> dict:
-  """``one_run``, or its saved result (WORK/RUN/result.json) when that was made with the same RESULT_ARGS: a
-  stopped sweep restarts at the first unfinished run."""
-  path = Path(args.work) / run.name / "result.json"
+  """``one_run``, or its saved result (WORK/RUN/result_LAYERS.json) when that was made with the same RESULT_ARGS:
+  a stopped sweep restarts at the first unfinished run."""
+  path = Path(args.work) / run.name / f"result_{'_'.join(args.layers).replace(':', '')}.json"
   same = {k: getattr(args, k) for k in RESULT_ARGS}
   if path.exists():
     saved = json.loads(path.read_text())
