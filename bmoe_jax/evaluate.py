@@ -9,6 +9,7 @@ times, and the run record: config, versions, seed), ``results.md`` (the tables) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -60,16 +61,45 @@ def collect(method, batches: Sequence[Batch], progress: bool = False, desc: str 
   return np.concatenate(probs), np.concatenate(labels)
 
 
+def _labels_digest(datasets: Mapping[str, Sequence[Batch]]) -> str:
+  h = hashlib.sha256()
+  for ds_name, batches in datasets.items():
+    h.update(ds_name.encode())
+    for b in batches:
+      h.update(np.asarray(b.labels_b, np.int64).tobytes() + repr(np.shape(b.mask_bs)).encode())
+  return h.hexdigest()[:16]
+
+
+def _saved_method(path: Path, key: dict) -> dict | None:
+  """A method's saved metrics when they were made under the same ``key`` (else None: recomputed)."""
+  if not path.exists():
+    return None
+  saved = json.loads(path.read_text())
+  return saved["per"] if saved.get("key") == key else None
+
+
 def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batch]], *,
              in_distribution: str | None = None, out_dir: str | Path | None = None, ci: bool = False,
-             plots: bool = True, record: dict | None = None, progress: bool = True) -> dict:
-  """Metrics of every method on every dataset (and OOD scores against ``in_distribution``)."""
+             plots: bool = True, record: dict | None = None, progress: bool = True,
+             resume_key: dict | None = None) -> dict:
+  """Metrics of every method on every dataset (and OOD scores against ``in_distribution``).
+
+  ``resume_key`` (with ``out_dir``): each finished method's metrics are saved to OUT/methods/NAME.json with this
+  key, the datasets and their labels; a rerun with the same key reuses them, so a stopped evaluation restarts at
+  the first unfinished method. The key must identify everything the methods depend on (model, posterior,
+  routers, settings): the caller's run identity."""
   if in_distribution is not None and in_distribution not in datasets:
     raise ValueError(f"in_distribution={in_distribution!r} is not one of the datasets {list(datasets)}")
   t_all = time.perf_counter()
   results = {"record": record or run_record(), "in_distribution": in_distribution, "methods": {}}
   out = Path(out_dir) if out_dir is not None else None
   for name, method in methods.items():
+    key = None if resume_key is None or out is None else json.loads(json.dumps(dict(  # as it reads back
+        resume_key, method=name, in_distribution=in_distribution, ci=ci, labels=_labels_digest(datasets))))
+    saved = None if key is None else _saved_method(out / "methods" / f"{name}.json", key)
+    if saved is not None:
+      results["methods"][name] = saved
+      continue
     per = {}
     probs = {}
     for ds_name, batches in datasets.items():
@@ -85,6 +115,9 @@ def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batc
         if ds_name != in_distribution:
           per[ds_name]["ood"] = M.ood_summary(probs[in_distribution], probs[ds_name])
     results["methods"][name] = per
+    if key is not None:
+      (out / "methods").mkdir(parents=True, exist_ok=True)
+      (out / "methods" / f"{name}.json").write_text(json.dumps({"key": key, "per": per}, default=float))
     # Each method compiles a program per batch shape, and each CPU executable holds its own memory mappings
     # (LLVM JIT sections): an evaluation of 20 methods over four sets exhausted vm.max_map_count (65530) and
     # aborted ("LLVM ERROR: Unable to allocate section memory"). A finished method's programs are dropped.

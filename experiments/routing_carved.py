@@ -24,12 +24,14 @@ evaluation), then per run and per layer set (``--layers``: ``last:1`` = the top 
 mmlu:test:high_school_geography+high_school_biology+conceptual_physics+astronomy
 
 A finished run's numbers are kept in WORK/RUN/result_LAYERS.json and reused by a rerun with the same settings.
-Writes OUT/results.json (per run, and the aggregate) and OUT/results.md (``routing_report.py``), OUT/*.png.
+Each method's evaluation is saved as it finishes (WORK/RUN/eval_LAYERS/methods/), so a stopped evaluation resumes
+at the first unfinished method. Writes OUT/results.json (per run, and the aggregate) and OUT/results.md (``routing_report.py``), OUT/*.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -104,7 +106,16 @@ def laplace_posteriors(ft, task, data, layers: str, work: Path, seed: int, pretr
   return out
 
 
-def one_layer_set(ft, task, data, keys, posts, layers: str, args, work: Path, seed: int, first: bool) -> dict:
+def _resume_key(run: Path, layers: str, args, first: bool) -> dict:
+  """What a method's evaluation depends on beyond its name: the fine-tuned run (its checkpoint fingerprint), the
+  layer set and the settings (evaluation resumes per method under this key)."""
+  fingerprint = run / "checkpoints" / "finetune.json"
+  return {"run": str(run.resolve()), "finetune": hashlib.sha256(fingerprint.read_bytes()).hexdigest()[:16],
+          "layers": layers, "first": first, **{k: getattr(args, k) for k in RESULT_ARGS}}
+
+
+def one_layer_set(run: Path, ft, task, data, keys, posts, layers: str, args, seed: int, first: bool) -> dict:
+  work = Path(args.work) / run.name
   kinds = args.routers.split(",")
   routers = trained_routers(ft, task, data, kinds, layers, args, work, seed)
   names = [f"rt_{k}" for k in kinds]
@@ -118,8 +129,8 @@ def one_layer_set(ft, task, data, keys, posts, layers: str, args, work: Path, se
   ctx = Context(ft, task, val=data["val"], posteriors=posts, routers=routers, seed=seed)
   t0 = time.perf_counter()
   sets = {k: data[k][::args.eval_stride] for k in keys}  # batches are sorted by length: a stride keeps the mix
-  results, info = ST.evaluate(ctx, sets, ec, work / f"eval_{layers.replace(':', '')}",
-                              in_distribution=keys[0], progress=False)
+  results, info = ST.evaluate(ctx, sets, ec, work / f"eval_{layers.replace(':', '')}", in_distribution=keys[0],
+                              progress=False, resume_key=_resume_key(run, layers, args, first))
   print(f"  evaluated {len(methods)} methods ({layers}) in {time.perf_counter() - t0:.0f} s", flush=True)
   built, _ = build_methods(["map", "bmoe"] + names + laplace + combined, ctx, ec)
   times = time_methods(built, data[keys[0]][0], args.time_reps)
@@ -131,11 +142,10 @@ def one_run(run: Path, args) -> dict:
   t0 = time.perf_counter()
   cfg, ft, task, data, _, posts, args.pretrained = restore(run, grid=True)  # grid and evidence lambda
   seed = cfg.run.seed
-  work = Path(args.work) / run.name
   keys = ST.eval_keys(cfg.data)
   out = {"run": str(run), "seed": seed, "in_distribution": keys[0], "layers": {}}
   for i, layers in enumerate(args.layers):
-    out["layers"][layers] = one_layer_set(ft, task, data, keys, posts, layers, args, work, seed, first=i == 0)
+    out["layers"][layers] = one_layer_set(run, ft, task, data, keys, posts, layers, args, seed, first=i == 0)
   out["seconds"] = time.perf_counter() - t0
   return out
 

@@ -36,6 +36,46 @@ def test_evaluate_writes_consistent_reports(tmp_path):
     evaluate(methods, data, in_distribution="obqa", progress=False)
 
 
+def test_a_stopped_evaluation_resumes_at_the_first_unfinished_method(tmp_path):
+  """With resume_key, finished methods' metrics are reused (not recomputed) by a rerun with the same key; another
+  key, or other labels, recompute them."""
+  cfg = B.tiny_config(num_experts=4)
+  params = B.init_params(cfg, jax.random.key(0), std=0.3)
+  data = {"id": synthetic_task(cfg, 2), "shift": synthetic_task(cfg, 1, seed=3, s=9)}
+  calls = {"map": 0, "broken": 0}
+
+  def counted(name, fn):
+    def method(batch):
+      calls[name] += 1
+      return fn(batch)
+    return method
+  good = BL.map_method(params, Task(cfg, CLASSES))
+
+  def broken(batch):
+    calls["broken"] += 1
+    raise KeyboardInterrupt  # the session ends during the second method
+  key = {"run": "r0", "seed": 0}
+  with pytest.raises(KeyboardInterrupt):
+    evaluate({"map": counted("map", good), "broken": broken}, data, in_distribution="id", out_dir=tmp_path,
+             progress=False, plots=False, resume_key=key)
+  assert calls["map"] == 3 and (tmp_path / "methods" / "map.json").exists()
+  res = evaluate({"map": counted("map", good), "ts": counted("broken", good)}, data, in_distribution="id",
+                 out_dir=tmp_path, progress=False, plots=False, resume_key=key)
+  assert calls["map"] == 3 and calls["broken"] == 4  # map reused; the unfinished method computed
+  fresh = json.loads(json.dumps(evaluate({"map": good}, data, in_distribution="id", progress=False), default=float))
+
+  def metrics(per):  # all but the wall times
+    return {ds: {k: v for k, v in m.items() if k != "seconds"} for ds, m in per.items()}
+  assert metrics(res["methods"]["map"]) == metrics(fresh["methods"]["map"])
+  evaluate({"map": counted("map", good)}, data, in_distribution="id", out_dir=tmp_path, progress=False, plots=False,
+           resume_key=dict(key, seed=1))
+  assert calls["map"] == 6  # another key: recomputed
+  relabelled = {"id": [b._replace(labels_b=(b.labels_b + 1) % 4) for b in data["id"]], "shift": data["shift"]}
+  evaluate({"map": counted("map", good)}, relabelled, in_distribution="id", out_dir=tmp_path, progress=False,
+           plots=False, resume_key=dict(key, seed=1))
+  assert calls["map"] == 9  # other labels: recomputed
+
+
 def test_non_finite_predictions_and_empty_rows_are_named():
   from bmoe_jax.finite import NonFiniteError
 

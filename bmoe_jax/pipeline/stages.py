@@ -168,13 +168,13 @@ def route_train(params, task: Task, batches: dict, rc, rtc, out: str | Path, *, 
 
 
 def evaluate(ctx: Context, eval_sets: dict, ec: EvalConfig, out: str | Path, *, in_distribution: str,
-             record: dict | None = None, progress: bool = True) -> tuple[dict, dict]:
+             record: dict | None = None, progress: bool = True, resume_key: dict | None = None) -> tuple[dict, dict]:
   """Every method of ``ec.methods`` on every evaluation set: (results, what each method fitted);
-  ``out``: results.json, results.md, reliability diagrams."""
+  ``out``: results.json, results.md, reliability diagrams. ``resume_key``: see ``bmoe_jax.evaluate.evaluate``."""
   from bmoe_jax.evaluate import evaluate as run_eval
   methods, info = build_methods(ec.methods, dataclasses.replace(ctx, link=ec.link), ec)
   results = run_eval(methods, eval_sets, in_distribution=in_distribution, out_dir=out, ci=ec.ci, record=record,
-                     progress=progress)
+                     progress=progress, resume_key=resume_key)
   if ec.stability:
     from bmoe_jax.pipeline.routing import routing_report
     info["routing"] = routing_report(dataclasses.replace(ctx, link=ec.link), ec, ec.methods,
