@@ -111,7 +111,7 @@ def _resume_key(run: Path, layers: str, args, first: bool) -> dict:
   layer set and the settings (evaluation resumes per method under this key)."""
   fingerprint = run / "checkpoints" / "finetune.json"
   return {"run": str(run.resolve()), "finetune": hashlib.sha256(fingerprint.read_bytes()).hexdigest()[:16],
-          "layers": layers, "first": first, **{k: getattr(args, k) for k in RESULT_ARGS}}
+          "layer_set": layers, "first": first, **{k: getattr(args, k) for k in RESULT_ARGS if k != "layers"}}
 
 
 def one_layer_set(run: Path, ft, task, data, keys, posts, layers: str, args, seed: int, first: bool) -> dict:
