@@ -109,8 +109,9 @@ def laplace_posteriors(ft, task, data, layers: str, work: Path, seed: int, pretr
 def _resume_key(run: Path, layers: str, args, first: bool) -> dict:
   """What a method's evaluation depends on beyond its name: the fine-tuned run (its checkpoint fingerprint), the
   layer set and the settings (evaluation resumes per method under this key)."""
-  fingerprint = run / "checkpoints" / "finetune.json"
-  return {"run": str(run.resolve()), "finetune": hashlib.sha256(fingerprint.read_bytes()).hexdigest()[:16],
+  saved = json.loads((run / "checkpoints" / "finetune.json").read_text())  # the fine-tuning's identity
+  fingerprint = json.dumps({k: saved[k] for k in ("model", "data", "train_config")}, sort_keys=True)
+  return {"run": str(run.resolve()), "finetune": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],
           "layer_set": layers, "first": first, **{k: getattr(args, k) for k in RESULT_ARGS if k != "layers"}}
 
 

@@ -2,8 +2,8 @@
 rotate-half or the interleaved-pairs layout.
 
 The frequencies follow transformers' ``modeling_rope_utils`` (``_compute_default_rope_parameters``,
-``_compute_linear_scaling_rope_parameters``, ``_compute_yarn_parameters``); they are computed once per config in
-float32 numpy, a constant of the compiled forward. Shapes in names: b batch, s positions, h heads, c rotary width.
+``_compute_linear_scaling_rope_parameters``, ``_compute_yarn_parameters``), in float32 (yarn's in numpy, a
+constant of the compiled forward). Shapes in names: b batch, s positions, h heads, c rotary width.
 """
 
 from __future__ import annotations
@@ -46,22 +46,23 @@ def _yarn(cfg, pos_freqs: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
   return inv_freq.astype(np.float32), float(attention)
 
 
-def frequencies(cfg) -> tuple[np.ndarray, float]:
+def frequencies(cfg) -> tuple[jax.Array | np.ndarray, float]:
   """(inverse frequencies [c/2] float32, the factor multiplying cos and sin) of a ``MoEConfig``'s RoPE over its
-  ``head_dim`` (MLA: the RoPE part of each head)."""
+  ``head_dim`` (MLA: the RoPE part of each head). Default and linear: computed by XLA inside the forward, the
+  operations the forward always used; yarn: float32 numpy."""
   dim = cfg.head_dim
-  pos_freqs = np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
   if cfg.rope_type == "yarn":
+    pos_freqs = np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
     return _yarn(cfg, pos_freqs, dim)
-  inv_freq = (np.float32(1) / pos_freqs).astype(np.float32)
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
   if cfg.rope_type == "linear":
-    return (inv_freq / np.float32(cfg.rope_factor)).astype(np.float32), 1.0
+    inv_freq = inv_freq / cfg.rope_factor
   return inv_freq, 1.0
 
 
-def tables(positions_bs: jax.Array, inv_freq_c: np.ndarray, factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def tables(positions_bs: jax.Array, inv_freq_c, factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """cos/sin tables [b, s, c] (each half repeats the c/2 angles), times ``factor`` (yarn's attention factor)."""
-  freqs_bsc = positions_bs.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_c)
+  freqs_bsc = positions_bs.astype(jnp.float32)[..., None] * inv_freq_c
   emb = jnp.concatenate([freqs_bsc, freqs_bsc], axis=-1)
   cos, sin = jnp.cos(emb), jnp.sin(emb)
   if factor != 1.0:
