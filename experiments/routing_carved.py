@@ -225,7 +225,8 @@ def main(argv=None) -> None:
   for run in args.runs.split(","):
     print(f"run {run}", flush=True)
     runs.append(cached_run(Path(run), args))
-    (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs},
+    settings = {k: v for k, v in vars(args).items() if k != "pretrained"}  # not the pretrained weights
+    (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": settings, "runs": runs},
                                                  indent=2, default=float))
   from experiments.routing_report import write_report
   write_report(out)
