@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from convert.family_table import COMMON_RULES, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules
 
+
 def _build_deepseek_v1(g, common: dict) -> dict:
   n = common["num_layers"]
   n_exp = g("n_routed_experts")

@@ -15,6 +15,7 @@ from convert.deepseek import DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3
 from convert.errors import ConversionError
 from convert.family_table import COMMON_RULES, EXPERTS, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules
 
+
 def _windows(g, n_layers: int, layer_types, size) -> tuple[int, ...] | None:
   if layer_types is None:
     return None
