@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 import bmoe_jax as B  # noqa: E402
 from benchmarks.sharding import qwen_a27b  # noqa: E402
+from benchmarks.timing import write_results  # noqa: E402
 from bmoe_jax import sharded as SH  # noqa: E402
 from bmoe_jax import sharding as S  # noqa: E402
 from bmoe_jax import train as T  # noqa: E402
@@ -152,11 +153,7 @@ def main():
          "model": f"Qwen1.5-MoE-A2.7B{' (2 layers)' if args.quick else ''}: "
                   f"{B.count_params(cfg)['total'] / 1e9:.2f} B parameters, {len(cfg.moe_layer_ids)} MoE layers x "
                   f"{cfg.num_experts} experts", "rows": plan(cfg, args)}
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(res, indent=2))
-  out.with_suffix(".md").write_text(markdown(res))
-  print(markdown(res))
+  write_results(args.out, res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bmoe_jax as B  # noqa: E402
-from benchmarks.timing import median_time  # noqa: E402
+from benchmarks.timing import median_time, write_results  # noqa: E402
 from bmoe_jax import sharded as SH  # noqa: E402
 from bmoe_jax import sharding as S  # noqa: E402
 from bmoe_jax import train as T  # noqa: E402
@@ -164,11 +164,7 @@ def main():
                        f"batch {args.batch} x {args.seq} tokens",
          "memory": memory_table(args.rank)}
   res["steps"] = step_times(args)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(res, indent=2))
-  out.with_suffix(".md").write_text(markdown(res))
-  print(markdown(res))
+  write_results(args.out, res, markdown(res))
 
 
 if __name__ == "__main__":

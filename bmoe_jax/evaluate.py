@@ -93,9 +93,10 @@ def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batc
   t_all = time.perf_counter()
   results = {"record": record or run_record(), "in_distribution": in_distribution, "methods": {}}
   out = Path(out_dir) if out_dir is not None else None
+  labels = None if resume_key is None or out is None else _labels_digest(datasets)  # once, not per method
   for name, method in methods.items():
-    key = None if resume_key is None or out is None else json.loads(json.dumps(dict(  # as it reads back
-        resume_key, method=name, in_distribution=in_distribution, ci=ci, labels=_labels_digest(datasets))))
+    key = None if labels is None else json.loads(json.dumps(dict(  # as it reads back
+        resume_key, method=name, in_distribution=in_distribution, ci=ci, labels=labels)))
     saved = None if key is None else _saved_method(out / "methods" / f"{name}.json", key)
     if saved is not None:
       results["methods"][name] = saved

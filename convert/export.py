@@ -187,7 +187,7 @@ def _deepseek(cfg: MoEConfig, family: str) -> dict[str, Any]:
                 scoring_func="softmax")
   _need(cfg.router_scoring == "sigmoid" and cfg.topk_method == "noaux_tc" and cfg.router_bias, family,
         "sigmoid scores, noaux_tc group selection with its selection bias")
-  _need(cfg.norm_topk_eps == (1e-20 if cfg.norm_topk_prob else cfg.norm_topk_eps), family, "norm_topk_eps 1e-20")
+  _need(not cfg.norm_topk_prob or cfg.norm_topk_eps == 1e-20, family, "renormalisation with eps 1e-20")
   return dict(out, architectures=["DeepseekV3ForCausalLM"], norm_topk_prob=cfg.norm_topk_prob,
               rope_interleave=cfg.rope_interleave, topk_method="noaux_tc", scoring_func="sigmoid")
 

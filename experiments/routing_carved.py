@@ -25,7 +25,8 @@ mmlu:test:high_school_geography+high_school_biology+conceptual_physics+astronomy
 
 A finished run's numbers are kept in WORK/RUN/result_LAYERS.json and reused by a rerun with the same settings.
 Each method's evaluation is saved as it finishes (WORK/RUN/eval_LAYERS/methods/), so a stopped evaluation resumes
-at the first unfinished method. Writes OUT/results.json (per run, and the aggregate) and OUT/results.md (``routing_report.py``), OUT/*.png.
+at the first unfinished method. Writes OUT/results.json (per run, and the aggregate) and OUT/results.md
+(``routing_report.py``), OUT/*.png.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def _resume_key(run: Path, layers: str, args, first: bool) -> dict:
           "layer_set": layers, "first": first, **{k: getattr(args, k) for k in RESULT_ARGS if k != "layers"}}
 
 
-def one_layer_set(run: Path, ft, task, data, keys, posts, layers: str, args, seed: int, first: bool) -> dict:
+def one_layer_set(run: Path, ft, pretrained, task, data, keys, posts, layers: str, args, seed: int,
+                  first: bool) -> dict:
   work = Path(args.work) / run.name
   kinds = args.routers.split(",")
   routers = trained_routers(ft, task, data, kinds, layers, args, work, seed)
@@ -128,7 +130,7 @@ def one_layer_set(run: Path, ft, task, data, keys, posts, layers: str, args, see
   combined = [f"bmoe+rt_{k}" for k in args.combined.split(",") if k]
   laplace = [] if args.no_laplace else ["rt_laplace", "bmoe+rt_laplace"]
   if laplace:
-    posts = {**posts, **laplace_posteriors(ft, task, data, layers, work, seed, args.pretrained)}
+    posts = {**posts, **laplace_posteriors(ft, task, data, layers, work, seed, pretrained)}
   methods = (["map", "ts", "bmoe", "bmoe_ml"] if first else []) + names + laplace + combined
   ec = EvalConfig(methods=tuple(methods), route_samples=args.samples, temp_layers=layers,
                   sample_temperature=args.temperature, stability=True, stability_batches=args.stability_batches)
@@ -146,12 +148,13 @@ def one_layer_set(run: Path, ft, task, data, keys, posts, layers: str, args, see
 
 def one_run(run: Path, args) -> dict:
   t0 = time.perf_counter()
-  cfg, ft, task, data, _, posts, args.pretrained = restore(run, grid=True)  # grid and evidence lambda
+  cfg, ft, task, data, _, posts, pretrained = restore(run, grid=True)  # grid and evidence lambda
   seed = cfg.run.seed
   keys = ST.eval_keys(cfg.data)
   out = {"run": str(run), "seed": seed, "in_distribution": keys[0], "layers": {}}
   for i, layers in enumerate(args.layers):
-    out["layers"][layers] = one_layer_set(run, ft, task, data, keys, posts, layers, args, seed, first=i == 0)
+    out["layers"][layers] = one_layer_set(run, ft, pretrained, task, data, keys, posts, layers, args, seed,
+                                          first=i == 0)
   out["seconds"] = time.perf_counter() - t0
   return out
 
@@ -230,8 +233,7 @@ def main(argv=None) -> None:
   for run in args.runs.split(","):
     print(f"run {run}", flush=True)
     runs.append(cached_run(Path(run), args))
-    settings = {k: v for k, v in vars(args).items() if k != "pretrained"}  # not the pretrained weights
-    (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": settings, "runs": runs},
+    (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs},
                                                  indent=2, default=float))
   from experiments.routing_report import write_report
   write_report(out)
