@@ -170,3 +170,62 @@ def test_empty_batch_and_mixed_dtypes(impl):
   mixed = dict(w, w_down=w["w_down"].astype(jnp.bfloat16))
   out = jax.jit(lambda x: M.routed_experts(impl, x.astype(jnp.bfloat16), r.expert_nk, r.gate_nk, mixed, "silu")[0])(x)
   assert bool(jnp.isfinite(out).all())
+
+
+def test_take_rows_is_a_gather_both_ways():
+  """``take_rows`` equals ``x[idx]`` (zero rows out of range); its jvp and vjp are the gather's, and the pullback
+  is itself a gather (no scatter in the reverse-mode program)."""
+  x = jax.random.normal(jax.random.key(10), (5, 3))
+  idx = jnp.array([4, 7, 0, 2, 7, 1], jnp.int32)  # 7: out of range (a padding row), used twice
+  inv = jnp.array([2, 5, 3, 6, 0], jnp.int32)  # row 3 is taken by no b: out of range
+  ref = jnp.concatenate([x, jnp.zeros((3, 3))])[idx]
+  np.testing.assert_array_equal(M.take_rows(x, idx, inv), ref)
+  t = jax.random.normal(jax.random.key(11), x.shape)
+  np.testing.assert_array_equal(jax.jvp(lambda x: M.take_rows(x, idx, inv), (x,), (t,))[1],
+                                jnp.concatenate([t, jnp.zeros((3, 3))])[idx])
+  ct = jax.random.normal(jax.random.key(12), ref.shape)
+  pull = jax.vjp(lambda x: M.take_rows(x, idx, inv), x)[1]
+  np.testing.assert_array_equal(pull(ct)[0], jax.vjp(lambda x: jnp.concatenate([x, jnp.zeros((3, 3))])[idx], x)[1](
+      ct)[0][:5])
+  prims = {e.primitive.name for e in jax.make_jaxpr(pull)(ct).jaxpr.eqns}
+  assert "gather" in prims and not any("scatter" in p for p in prims), prims
+
+
+def test_sorted_backward_has_no_float_scatter():
+  """The sorted path's reverse mode moves rows with gathers only: the float scatter-adds that transpose gathers
+  (the slow part of the backward on CPU) are gone; integer scatters building the layout remain."""
+  x, w, router = _problem(jax.random.key(13), n=40, e=4)
+  r = M.route(x, router, 2, norm_topk_prob=True)
+  loss = lambda x, w: jnp.sum(M.experts_sorted(x, r.expert_nk, r.gate_nk, w, "silu", tile_rows=4)[0] ** 2)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr
+  float_scatters = [eqn for eqn in _all_eqns(jaxpr) if "scatter" in eqn.primitive.name
+                    and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating)]
+  assert not float_scatters, [e.primitive.name for e in float_scatters]
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      for j in (v if isinstance(v, (tuple, list)) else (v,)):
+        inner = getattr(j, "jaxpr", None)
+        if inner is not None:
+          yield from _all_eqns(getattr(inner, "jaxpr", inner))
+
+
+@pytest.mark.parametrize("loads", [(10, 10, 10, 10), (40, 0, 0, 0), (13, 7, 12, 8), (1, 2, 3, 34)])
+def test_capacity_block_and_overflow_tiles(loads):
+  """Balanced loads fill the capacity block exactly; skewed loads overflow into tiles; both equal the dense path,
+  for tile sizes that do and do not divide the overflow, and for explicit capacities (0: all tiles)."""
+  x, w, _ = _problem(jax.random.key(14), n=20, e=4)
+  expert = jnp.asarray(np.random.default_rng(0).permutation(np.repeat(np.arange(4), loads)).reshape(20, 2))
+  gate = jax.random.uniform(jax.random.key(15), (20, 2))
+  ref_out, ref_h = M.experts_dense(x, expert, gate, w, "silu")
+  for tile, cap in ((None, None), (1, None), (3, None), (4, 0), (2, 25)):
+    out, h = M.experts_sorted(x, expert, gate, w, "silu", tile_rows=tile, capacity=cap)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    np.testing.assert_allclose(h, ref_h, atol=1e-5)
+  lay = M._layout(expert, 4, 4, 10, 4)
+  assert sorted(np.asarray(lay.row_s).tolist()) == sorted(set(np.asarray(lay.row_s).tolist()))  # injective
+  np.testing.assert_array_equal(np.asarray(lay.slot_p)[np.asarray(lay.row_s)], np.arange(40))
+  assert int(lay.used_tiles) == sum(-(-max(c - 10, 0) // 4) for c in loads)
