@@ -88,11 +88,11 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
   shared_in = None
   if "shared" in p:
     shared_in = L.gated_hidden(p["shared"], x_nd, cfg.hidden_act)
-    y_nd = shared_in @ p["shared"]["w_down"]
+    y_nd = L.dot(shared_in, p["shared"]["w_down"])
     if perturb is not None and "shared" in perturb:
       y_nd = y_nd + perturb["shared"].reshape(b * s, d).astype(y_nd.dtype)
     if "shared_gate" in p:
-      y_nd = jax.nn.sigmoid(x_nd @ p["shared_gate"]["kernel"]) * y_nd
+      y_nd = jax.nn.sigmoid(L.dot(x_nd, p["shared_gate"]["kernel"])) * y_nd
     out_nd = out_nd + y_nd
     shared_in = shared_in.reshape(b, s, -1)
   taps = MoETaps(routing.expert_nk.reshape(b, s, k), routing.gate_nk.reshape(b, s, k),
@@ -238,7 +238,7 @@ def _head(params, cfg: MoEConfig, x_bsd, logit_positions_b=None):
   elif logit_positions_b is not None:
     x_bsd = jnp.take_along_axis(x_bsd, logit_positions_b[:, None, None], axis=1)[:, 0]
   head_dv = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-  logits = x_bsd @ head_dv
+  logits = L.dot(x_bsd, head_dv)
   if cfg.logits_scaling != 1.0:  # Granite
     logits = logits / jnp.asarray(cfg.logits_scaling, logits.dtype)
   return logits.astype(jnp.float32)

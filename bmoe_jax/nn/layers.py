@@ -26,6 +26,22 @@ def activation(name: str):
   return _ACTS[name]
 
 
+def mm(spec: str, *operands) -> jax.Array:
+  """``jnp.einsum`` that accumulates in float32. Operands narrower than float32 (bfloat16) are multiplied with
+  ``preferred_element_type=float32`` and the product is rounded once to their dtype: what an accelerator's bf16
+  GEMM does, and on XLA:CPU the fast path (measured here: a bf16 x bf16 -> f32 dot is ~1.25x faster than
+  float32, a bf16-output dot ~1.4x slower). float32 and float64 operands go through ``jnp.einsum`` unchanged."""
+  dtype = jnp.result_type(*operands)
+  if jnp.finfo(dtype).bits >= 32:
+    return jnp.einsum(spec, *operands)
+  return jnp.einsum(spec, *operands, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def dot(x: jax.Array, w_io: jax.Array) -> jax.Array:
+  """``x @ w`` over the last axis of ``x``, accumulated in float32 (``mm``)."""
+  return mm("...i,io->...o", x, w_io)
+
+
 def rms_norm(x_bsd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
   """RMSNorm computed in float32, cast back, then scaled (the HF Llama/Qwen order)."""
   x32 = x_bsd.astype(jnp.float32)
@@ -82,9 +98,9 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
   the norms (OLMoE's clip_qkv). ``scale`` > 0 replaces the score scale head_dim ** -0.5 (Granite's
   attention_multiplier).
   """
-  q_bshc = jnp.einsum("bsd,dhc->bshc", x_bsd, p["wq"])
-  k_bskc = jnp.einsum("bsd,dkc->bskc", x_bsd, p["wk"])
-  v_bskc = jnp.einsum("bsd,dkc->bskc", x_bsd, p["wv"])
+  q_bshc = mm("bsd,dhc->bshc", x_bsd, p["wq"])
+  k_bskc = mm("bsd,dkc->bskc", x_bsd, p["wk"])
+  v_bskc = mm("bsd,dkc->bskc", x_bsd, p["wv"])
   if "bq" in p:
     q_bshc = q_bshc + p["bq"]
     k_bskc = k_bskc + p["bk"]
@@ -107,16 +123,16 @@ def attend(q_bshc: jax.Array, k_bskc: jax.Array, v_bskv: jax.Array, allowed_b11s
   b, s, h, c = q_bshc.shape
   kv = k_bskc.shape[2]
   q_bskgc = q_bshc.reshape(b, s, kv, h // kv, c)
-  scores_bkgst = jnp.einsum("bskgc,btkc->bkgst", q_bskgc, k_bskc).astype(jnp.float32) * scale
+  scores_bkgst = mm("bskgc,btkc->bkgst", q_bskgc, k_bskc).astype(jnp.float32) * scale
   scores_bkgst = jnp.where(allowed_b11st, scores_bkgst, jnp.finfo(jnp.float32).min)
   probs_bkgst = jax.nn.softmax(scores_bkgst, axis=-1).astype(v_bskv.dtype)
-  out_bskgv = jnp.einsum("bkgst,btkv->bskgv", probs_bkgst, v_bskv)
+  out_bskgv = mm("bkgst,btkv->bskgv", probs_bkgst, v_bskv)
   return out_bskgv.reshape(b, s, h, -1)
 
 
 def output_projection(p: dict, out_bshv: jax.Array) -> jax.Array:
   """The heads' outputs through wo [h, v, d] (plus bo [d])."""
-  out_bsd = jnp.einsum("bshv,hvd->bsd", out_bshv, p["wo"])
+  out_bsd = mm("bshv,hvd->bsd", out_bshv, p["wo"])
   return out_bsd + p["bo"] if "bo" in p else out_bsd
 
 
@@ -129,16 +145,16 @@ def mla_attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Ar
   r the RoPE width (one RoPE key shared by every head), l the kv latent rank. Latent norms: RMSNorm eps 1e-6.
   """
   if "wq" in p:
-    q_bshc = jnp.einsum("bsd,dhc->bshc", x_bsd, p["wq"])
+    q_bshc = mm("bsd,dhc->bshc", x_bsd, p["wq"])
   else:
-    q_bsq = x_bsd @ p["wq_a"]
+    q_bsq = dot(x_bsd, p["wq_a"])
     q_bsq = rms_norm(q_bsq + p["bq_a"] if "bq_a" in p else q_bsq, p["q_a_norm"], MLA_NORM_EPS)
-    q_bshc = jnp.einsum("bsq,qhc->bshc", q_bsq, p["wq_b"])
-  kv_bsm = x_bsd @ p["wkv_a"]
+    q_bshc = mm("bsq,qhc->bshc", q_bsq, p["wq_b"])
+  kv_bsm = dot(x_bsd, p["wkv_a"])
   kv_bsm = kv_bsm + p["bkv_a"] if "bkv_a" in p else kv_bsm
   rank = p["kv_a_norm"].shape[0]
   latent_bsl = rms_norm(kv_bsm[..., :rank], p["kv_a_norm"], MLA_NORM_EPS)
-  kv_bshc = jnp.einsum("bsl,lhc->bshc", latent_bsl, p["wkv_b"])
+  kv_bshc = mm("bsl,lhc->bshc", latent_bsl, p["wkv_b"])
   q_rope = rope.apply(q_bshc[..., nope:], cos_bsc, sin_bsc, interleave)
   k_rope_bs1r = rope.apply(kv_bsm[:, :, None, rank:], cos_bsc, sin_bsc, interleave)
   b, s, h, _ = q_bshc.shape
@@ -152,9 +168,9 @@ def mla_attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Ar
 def gated_mlp(p: dict, x_nd: jax.Array, act: str) -> jax.Array:
   """down(act(x W_gate) * (x W_up)); p: w_gate [d, f], w_up [d, f], w_down [f, d]."""
   h_nf = gated_hidden(p, x_nd, act)
-  return h_nf @ p["w_down"]
+  return dot(h_nf, p["w_down"])
 
 
 def gated_hidden(p: dict, x_nd: jax.Array, act: str) -> jax.Array:
   """The down_proj input act(x W_gate) * (x W_up)."""
-  return activation(act)(x_nd @ p["w_gate"]) * (x_nd @ p["w_up"])
+  return activation(act)(dot(x_nd, p["w_gate"])) * dot(x_nd, p["w_up"])

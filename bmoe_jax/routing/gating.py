@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bmoe_jax.nn.layers import dot
+
 
 class Routing(NamedTuple):
   expert_nk: jax.Array  # int32 expert ids of each token's k slots
@@ -74,7 +76,7 @@ def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: 
   ``native``: the logits' matmul runs in the inputs' dtype (e.g. bfloat16) and is cast to float32 after it
   (``MoEConfig.router_dtype``); by default both operands are cast to float32 first."""
   if native:
-    logits_ne = (x_nd @ router_de.astype(x_nd.dtype)).astype(jnp.float32)
+    logits_ne = dot(x_nd, router_de.astype(x_nd.dtype)).astype(jnp.float32)
   else:
     logits_ne = x_nd.astype(jnp.float32) @ router_de.astype(jnp.float32)
   if logit_offset_ne is not None:
