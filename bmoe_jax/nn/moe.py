@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmoe_jax.nn.layers import activation
+from bmoe_jax.nn.layers import activation, dot, mm
 from bmoe_jax.routing.gating import Routing, route  # noqa: F401  (the MoE layer's deterministic router)
 
 EXPERT_IMPLS = ("dense", "sorted", "ragged")
@@ -38,16 +38,15 @@ EXPERT_IMPLS = ("dense", "sorted", "ragged")
 def _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, dtype):
   if perturb_nkd is not None:
     y_nkd = y_nkd + perturb_nkd.astype(y_nkd.dtype)
-  out_nd = jnp.einsum("nk,nkd->nd", gate_nk.astype(y_nkd.dtype), y_nkd)
+  out_nd = mm("nk,nkd->nd", gate_nk.astype(y_nkd.dtype), y_nkd)
   return out_nd.astype(dtype), h_nkf
 
 
 def experts_dense(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None):
   """Reference path. Returns (output [n, d], down_proj inputs per slot [n, k, f])."""
-  h_nef = activation(act)(jnp.einsum("nd,edf->nef", x_nd, w["w_gate"])) * jnp.einsum(
-      "nd,edf->nef", x_nd, w["w_up"])
+  h_nef = activation(act)(mm("nd,edf->nef", x_nd, w["w_gate"])) * mm("nd,edf->nef", x_nd, w["w_up"])
   h_nkf = jnp.take_along_axis(h_nef, expert_nk[:, :, None], axis=1)
-  y_ned = jnp.einsum("nef,efd->ned", h_nef, w["w_down"])
+  y_ned = mm("nef,efd->ned", h_nef, w["w_down"])
   y_nkd = jnp.take_along_axis(y_ned, expert_nk[:, :, None], axis=1)
   return _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, x_nd.dtype)
 
@@ -159,8 +158,8 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   x_pd = take_rows(x_sd, lay.slot_p, lay.row_s)
   fn = activation(act)
   x_ecd = x_pd[:e * capacity].reshape(e, capacity, d)
-  h_ecf = fn(jnp.einsum("ecd,edf->ecf", x_ecd, w["w_gate"])) * jnp.einsum("ecd,edf->ecf", x_ecd, w["w_up"])
-  y_ecd = jnp.einsum("ecf,efd->ecd", h_ecf, w["w_down"])
+  h_ecf = fn(mm("ecd,edf->ecf", x_ecd, w["w_gate"])) * mm("ecd,edf->ecf", x_ecd, w["w_up"])
+  y_ecd = mm("ecf,efd->ecd", h_ecf, w["w_down"])
   h_mrf, y_mrd = _overflow_tiles(x_pd[e * capacity:], lay, w, fn, r)
   h_pf = jnp.concatenate([h_ecf.reshape(-1, f), h_mrf.reshape(-1, f)])
   y_pd = jnp.concatenate([y_ecd.reshape(-1, d), y_mrd.reshape(-1, d)])
@@ -175,8 +174,8 @@ def _overflow_tiles(x_pd, lay: Layout, w: dict, fn, r: int):
   m = lay.tile_e_m.shape[0]
 
   def compute(x_rd, wg_df, wu_df, wd_fd):
-    h_rf = fn(x_rd @ wg_df) * (x_rd @ wu_df)
-    return h_rf, h_rf @ wd_fd
+    h_rf = fn(dot(x_rd, wg_df)) * dot(x_rd, wu_df)
+    return h_rf, dot(h_rf, wd_fd)
 
   def skip(x_rd, wg_df, wu_df, wd_fd):
     h_dtype = jnp.result_type(x_rd, wg_df, wu_df)
