@@ -14,7 +14,7 @@ XLA's memory analysis per program and device: arguments, outputs, temporaries, a
 outputs + temporaries - aliased). Memory analysis is the compiler's static buffer assignment for the CPU
 backend, a proxy for an accelerator's (the fused kernels differ; the arrays the program must hold do not).
 One CPU artefact matters: XLA:CPU computes bfloat16 dots in float32 and materialises float32 copies of the bf16
-weights as temporaries (a 2-layer forward: 5.40 GB of temporaries in bf16, 0.03 GB in float32). Each program is
+weights as temporaries (a 2-layer forward: 5.40 GiB of temporaries in bf16, 0.03 GiB in float32). Each program is
 therefore compiled with float32 weights as well, and the bf16 accelerator estimate is the bf16 arguments and
 outputs plus the float32 compile's temporaries (activations in float32: an upper bound for bf16 activations).
 
@@ -53,8 +53,8 @@ from bmoe_jax.task import Batch, Task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHES = ("data=1", "expert=4", "data=2,expert=4")
-ACCELERATOR_GB = 141.0
-GB = 1024 ** 3
+GIB = 1024 ** 3
+ACCELERATOR_GIB = 141e9 / GIB  # an H200's 141 GB (131.3 GiB)
 
 
 def _like(shape, dtype):
@@ -63,7 +63,7 @@ def _like(shape, dtype):
 
 def _memory(compiled) -> dict:
   m = compiled.memory_analysis()
-  out = {k: getattr(m, f"{k}_size_in_bytes") / GB for k in ("argument", "output", "temp", "alias")}
+  out = {k: getattr(m, f"{k}_size_in_bytes") / GIB for k in ("argument", "output", "temp", "alias")}
   out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
   return out
 
@@ -115,7 +115,7 @@ def plan(cfg, args) -> list[dict]:
       bf, f32 = mem["bfloat16"], mem["float32"]
       estimate = bf["argument"] + bf["output"] + f32["temp"] - bf["alias"]
       rows.append({"mesh": text, "devices": n, "program": name, "bf16_cpu": bf, "f32_cpu": f32,
-                   "bf16_estimate": estimate, "fits": estimate <= ACCELERATOR_GB})
+                   "bf16_estimate": estimate, "fits": estimate <= ACCELERATOR_GIB})
       print(json.dumps(rows[-1]), flush=True)
   return rows
 
@@ -125,7 +125,8 @@ def markdown(res) -> str:
            f"{res['model']}, batch {res['batch']} x {res['seq']} tokens, rank {res['rank']}; GiB per device from XLA's "
            f"memory analysis ({res['platform']}, jax {res['jax']}). bf16 estimate = the bf16 compile's arguments and "
            "outputs + the float32 compile's temporaries (XLA:CPU upcasts bf16 dots, so its bf16 temporaries hold "
-           f"float32 weight copies; see the script's docstring); fits = estimate <= {ACCELERATOR_GB:g} GB.", "",
+           f"float32 weight copies; see the script's docstring); fits = estimate <= {ACCELERATOR_GIB:.1f} GiB "
+           "(141 GB)." + (f" Code: {res['code']}." if "code" in res else ""), "",
            "| mesh | program | bf16 arguments | bf16 outputs | f32 temporaries | bf16 estimate | fits | "
            "bf16 CPU peak | f32 CPU peak |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
   for r in res["rows"]:
@@ -135,6 +136,19 @@ def markdown(res) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _commit() -> str:
+  """The repository's HEAD commit (and "+ local changes" when the tree differs), or "unknown"."""
+  import subprocess
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "bmoe_jax"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return head + (" + local changes" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--quick", action="store_true", help="2 layers of the same widths (smoke test)")
@@ -142,13 +156,20 @@ def main():
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--rank", type=int, default=10)
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale_plan.json"))
+  ap.add_argument("--table-only", action="store_true", help="rewrite the table (and fits) of an existing --out JSON")
   args = ap.parse_args()
+  if args.table_only:
+    res = json.loads(Path(args.out).read_text())
+    for row in res["rows"]:
+      row["fits"] = row["bf16_estimate"] <= ACCELERATOR_GIB
+    write_results(args.out, res, markdown(res))
+    return
   if jax.device_count() < 8:
     sys.exit(f"needs 8 devices (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}); run in a fresh process")
   cfg = qwen_a27b()
   if args.quick:
     cfg = cfg.replace(num_layers=2, moe_layers=(True, True), attn_windows=None)
-  res = {"platform": platform.platform(), "jax": jax.__version__, "batch": args.batch,
+  res = {"platform": platform.platform(), "jax": jax.__version__, "code": _commit(), "batch": args.batch,
          "seq": args.seq, "rank": args.rank,
          "model": f"Qwen1.5-MoE-A2.7B{' (2 layers)' if args.quick else ''}: "
                   f"{B.count_params(cfg)['total'] / 1e9:.2f} B parameters, {len(cfg.moe_layer_ids)} MoE layers x "
