@@ -71,14 +71,15 @@ def default_tile_rows(num_slots: int, num_experts: int) -> int:
 @jax.custom_jvp
 def take_rows(x_ad, idx_b, inv_a):
   """``y[b] = x[idx[b]]`` (zero where ``idx[b]`` is out of range), for an injective ``idx`` whose inverse is
-  ``inv`` (``inv[idx[b]] = b``; out of range for rows of ``x`` no ``b`` takes).
+  ``inv`` (``inv[idx[b]] = b``; out of range for rows of ``x`` no ``b`` takes). Both index arrays must be free of
+  repeats, out-of-range entries included (the scatter below promises unique indices).
 
   The same values as ``x[idx]``, but the tangent map is written as the scatter ``zeros.at[inv].set(dx)``, whose
   transpose is the gather ``ct[inv]``: reverse mode (K-FAC's and the predictive's pullbacks, the MAP step) then
   moves rows back with a gather instead of the scatter-add that transposes a gather. A ``custom_jvp``, so
   ``jax.jvp``/``linearize`` and everything built on them see an ordinary linear map.
   """
-  return x_ad.at[idx_b].get(mode="fill", fill_value=0, unique_indices=True)
+  return x_ad.at[idx_b].get(mode="fill", fill_value=0)
 
 
 @take_rows.defjvp
@@ -105,7 +106,7 @@ class Layout(NamedTuple):
   ``i`` owns rows ``[i * capacity, (i + 1) * capacity)``); the rows after it are overflow tiles of ``r`` rows,
   each owned by one expert."""
   row_s: jax.Array  # [n k] padded row of each slot
-  slot_p: jax.Array  # [p] slot of each padded row (n k for padding)
+  slot_p: jax.Array  # [p] slot of each padded row (>= n k for padding)
   tile_e_m: jax.Array  # [m] expert of each overflow tile
   used_tiles: jax.Array  # overflow tiles holding valid slots (the rest are skipped)
 
@@ -124,7 +125,9 @@ def _layout(expert_nk, groups: int, e: int, capacity: int, r: int) -> Layout:
   row_s = jnp.zeros((slots,), jnp.int32).at[order_s].set(row_sorted_s, unique_indices=True)
   worst = (slots if groups > e else max(slots - capacity, 0)) + groups * (r - 1)  # every slot past a capacity
   p = e * capacity + -(-worst // r) * r
-  slot_p = jnp.full((p,), slots, jnp.int32).at[row_s].set(jnp.arange(slots, dtype=jnp.int32), unique_indices=True)
+  # padding rows take distinct out-of-range slots, so the indices of every take_rows gather and scatter are unique
+  slot_p = (slots + jnp.arange(p, dtype=jnp.int32)).at[row_s].set(jnp.arange(slots, dtype=jnp.int32),
+                                                                  unique_indices=True)
   tiles = (p - e * capacity) // r
   tile_e_m = jnp.minimum(jnp.searchsorted(over_ends_e, jnp.arange(tiles) * r, side="right"), e - 1)
   return Layout(row_s, slot_p, tile_e_m, over_ends_e[e - 1] // r)

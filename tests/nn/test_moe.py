@@ -176,16 +176,16 @@ def test_take_rows_is_a_gather_both_ways():
   """``take_rows`` equals ``x[idx]`` (zero rows out of range); its jvp and vjp are the gather's, and the pullback
   is itself a gather (no scatter in the reverse-mode program)."""
   x = jax.random.normal(jax.random.key(10), (5, 3))
-  idx = jnp.array([4, 7, 0, 2, 7, 1], jnp.int32)  # 7: out of range (a padding row), used twice
+  idx = jnp.array([4, 7, 0, 2, 8, 1], jnp.int32)  # 7, 8: out of range (padding rows)
   inv = jnp.array([2, 5, 3, 6, 0], jnp.int32)  # row 3 is taken by no b: out of range
-  ref = jnp.concatenate([x, jnp.zeros((3, 3))])[idx]
+  ref = jnp.concatenate([x, jnp.zeros((4, 3))])[idx]
   np.testing.assert_array_equal(M.take_rows(x, idx, inv), ref)
   t = jax.random.normal(jax.random.key(11), x.shape)
   np.testing.assert_array_equal(jax.jvp(lambda x: M.take_rows(x, idx, inv), (x,), (t,))[1],
-                                jnp.concatenate([t, jnp.zeros((3, 3))])[idx])
+                                jnp.concatenate([t, jnp.zeros((4, 3))])[idx])
   ct = jax.random.normal(jax.random.key(12), ref.shape)
   pull = jax.vjp(lambda x: M.take_rows(x, idx, inv), x)[1]
-  np.testing.assert_array_equal(pull(ct)[0], jax.vjp(lambda x: jnp.concatenate([x, jnp.zeros((3, 3))])[idx], x)[1](
+  np.testing.assert_array_equal(pull(ct)[0], jax.vjp(lambda x: jnp.concatenate([x, jnp.zeros((4, 3))])[idx], x)[1](
       ct)[0][:5])
   prims = {e.primitive.name for e in jax.make_jaxpr(pull)(ct).jaxpr.eqns}
   assert "gather" in prims and not any("scatter" in p for p in prims), prims
