@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import collections
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bmoe_jax as B  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
 
 KINDS = ("convert", "dot", "fusion", "copy", "gather", "scatter")
 
@@ -44,13 +43,8 @@ def main():
   for dtype in (jnp.float32, jnp.bfloat16):
     p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     ops = census(fwd.lower(p, tokens).compile().as_text())
-    fwd(p, tokens).block_until_ready()
-    times = []
-    for _ in range(7):
-      t0 = time.perf_counter()
-      fwd(p, tokens).block_until_ready()
-      times.append(time.perf_counter() - t0)
-    print(f"| {jnp.dtype(dtype).name} | {1e3 * statistics.median(times):.1f} | "
+    seconds = median_time(lambda: fwd(p, tokens), 7)
+    print(f"| {jnp.dtype(dtype).name} | {1e3 * seconds:.1f} | "
           + " | ".join(str(ops[k]) for k in KINDS) + " |")
 
 

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,8 +138,7 @@ def markdown(res) -> str:
 
 
 def _commit() -> str:
-  """The repository's HEAD commit (and "+ local changes" when the tree differs), or "unknown"."""
-  import subprocess
+  """The repository's HEAD commit (and "+ local changes" when the library differs from it), or "unknown"."""
   try:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
