@@ -2,8 +2,11 @@
 
 One MoE layer of the forward benchmark's model (d=512, 16 experts top-2, width 1024, 8 heads x 64, vocab 8192;
 batch 8 x 128) is compiled with every weight in float32 and in bfloat16. For each it prints the median time of
-the jitted forward and how many HLO instructions of each kind the optimised program holds (``convert`` counts
-the dtype casts XLA:CPU inserts around bf16 elementwise work, which it computes in float32).
+the jitted forward, how many HLO instructions of each kind the optimised program holds, and how many of its dots
+multiply bfloat16 operands ("bf16 dots") rather than operands XLA upcast to float32 ("f32 dots"; a ``convert``
+of each operand, often of a whole expert weight, precedes them). XLA:CPU (jaxlib 0.10.2) keeps a bf16 dot only
+when YNNPACK takes it (``bmoe_jax.xla_cpu`` keeps YNNPACK's dots on), and YNNPACK takes no dot whose operand is a
+slice or gather of another array: the experts' dots (capacity block and overflow tiles) are upcast.
 
   .venv/bin/python benchmarks/bf16_census.py        # ~30 s on 2 cores
 """
@@ -31,6 +34,13 @@ def census(hlo_text: str) -> dict[str, int]:
   return {k: ops.get(k, 0) for k in KINDS}
 
 
+def dot_operand_dtypes(hlo_text: str) -> collections.Counter:
+  """How many dots take operands of each dtype (instruction names are unique in an HLO module)."""
+  dtype_of = dict(re.findall(r"%([\w.-]+) = (\w+)\[", hlo_text))
+  dots = re.findall(r"= \w+\[[^\]]*\]\S* dot\(%([\w.-]+), %([\w.-]+)\)", hlo_text)
+  return collections.Counter("+".join(sorted({dtype_of.get(a, "?"), dtype_of.get(b, "?")})) for a, b in dots)
+
+
 def main():
   cfg = B.tiny_config(vocab_size=8192, hidden_size=512, num_layers=1, num_heads=8, num_kv_heads=8, head_dim=64,
                       moe_intermediate_size=1024, num_experts=16, moe_layers=(True,), shared_expert_size=0,
@@ -38,14 +48,16 @@ def main():
   params = B.init_params(cfg, jax.random.key(0), std=0.02)
   tokens = jax.random.randint(jax.random.key(1), (8, 128), 0, cfg.vocab_size)
   fwd = jax.jit(lambda p, t: B.forward(p, cfg, t).logits)
-  print("| weights | ms (median of 7) | " + " | ".join(KINDS) + " |")
-  print("|---|---:|" + "---:|" * len(KINDS))
+  print(f"bmoe_jax.xla_cpu: {B.xla_cpu.STATUS} ({B.xla_cpu.FLAG})")
+  print("| weights | ms (median of 7) | " + " | ".join(KINDS) + " | bf16 dots | f32 dots |")
+  print("|---|---:|" + "---:|" * (len(KINDS) + 2))
   for dtype in (jnp.float32, jnp.bfloat16):
     p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-    ops = census(fwd.lower(p, tokens).compile().as_text())
+    text = fwd.lower(p, tokens).compile().as_text()
+    ops, dots = census(text), dot_operand_dtypes(text)
     seconds = median_time(lambda: fwd(p, tokens), 7)
-    print(f"| {jnp.dtype(dtype).name} | {1e3 * seconds:.1f} | "
-          + " | ".join(str(ops[k]) for k in KINDS) + " |")
+    print(f"| {jnp.dtype(dtype).name} | {1e3 * seconds:.1f} | " + " | ".join(str(ops[k]) for k in KINDS)
+          + f" | {dots.get('bf16', 0)} | {dots.get('f32', 0)} |")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 Under ``jax.jit`` on CPU, ``jax.vmap`` over the pullback of ``y = x * sum(x * x, -1)`` (RMSNorm's
 pattern) with ``x`` of shape [16, 64, 64] in float32 returns gradients 10-45% off (eager and looped
 pullbacks are right; shapes below ~1k rows are right). The K-FAC pass (one pullback per class, vmapped)
-and the closed-form predictive hit it at realistic batch sizes. XLA's experimental YNNPACK fusion is the
-cause: with ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNN fusions) every case here is exact, at
-~5% CPU speed.
+and the closed-form predictive hit it at realistic batch sizes. XLA's experimental YNNPACK *reduce* fusion is
+the cause: with ``--xla_cpu_experimental_ynn_fusion_type=individual_dot`` (YNNPACK for dots only, no reduce
+fusions) every case here is exact. Keeping YNNPACK's dots matters for bfloat16: without them (an empty list,
+this module's first workaround) XLA:CPU upcasts every bf16 dot to float32 (measured 2026-12-03: a
+2048x512x1024 bf16 x bf16 -> f32 dot runs at ~390 GFLOP/s with YNNPACK's dot, ~170 without, float32 ~190 either
+way).
 
 ``apply()`` (run when ``bmoe_jax`` is imported) adds that flag to ``XLA_FLAGS`` if this jaxlib knows
 it, the user has not set it, and JAX's backend has not started yet (XLA reads its flags once). Set
@@ -22,7 +25,7 @@ import warnings
 from pathlib import Path
 
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
-FLAG = f"--{FLAG_NAME}="
+FLAG = f"--{FLAG_NAME}=individual_dot"
 ENV = "BMOE_XLA_WORKAROUND"
 
 

@@ -7,8 +7,9 @@ k slots per token (top-k), p padded slot rows, c capacity rows per expert, m til
   costs e/k times the routed work.
 * ``sorted``: slots are sorted by expert; each expert's first ``n*k // e`` slots (its share of a balanced load)
   run as one batched einsum over experts, the slots past that share go to overflow tiles of ``r`` rows that
-  each belong to one expert, and a ``lax.scan`` over tiles runs each against its expert's weights. Dropless:
-  the overflow buffer is sized for the worst case. The fast path on CPU.
+  each belong to one expert, and a loop over the used tiles runs each against its expert's weights (a
+  ``lax.scan`` over every tile under differentiation). Dropless: the overflow buffer is sized for the worst case.
+  The fast path on CPU.
   Under a mesh with an ``expert`` axis (``jax.set_mesh``) it runs expert-parallel: ``shard_map`` over
   the experts, each device computing only its own experts' slots (``experts_expert_parallel``).
 * ``ragged``: slots sorted by expert, then ``jax.lax.ragged_dot`` (GPU/TPU grouped GEMM; far slower
@@ -139,10 +140,10 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
 
   Slots are sorted by expert. Each expert's first ``capacity`` slots (default: the mean load, ``n k // e``) go to
   its rows of a capacity block ``[e, capacity, d]`` computed as one batched einsum (the balanced case's cost);
-  the slots past an expert's capacity go to overflow tiles of ``r`` rows aligned to expert boundaries, and a
-  ``lax.scan`` over tiles multiplies each by its expert's weights (indexed inside the loop: no per-tile weight
-  copies). Tiles holding only padding are skipped with ``lax.cond`` (under ``vmap`` with batched routing the
-  cond becomes a select: still exact, every tile is then computed). Rows move in and out of the padded buffer
+  the slots past an expert's capacity go to overflow tiles of ``r`` rows aligned to expert boundaries, each
+  multiplied by its expert's weights (``_overflow``): without differentiation a loop over the used tiles only;
+  under jvp/vjp a ``lax.scan`` over every tile that skips unused ones with ``lax.cond`` (under ``vmap`` with
+  batched routing the cond becomes a select: still exact, every tile is then computed). Rows move in and out of the padded buffer
   with ``take_rows`` (gathers both ways under reverse mode).
 
   ``valid_nk``: slots to compute (default all); the others go to a trailing group whose tiles are
@@ -172,21 +173,51 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
 
 
 def _overflow_tiles(x_pd, lay: Layout, w: dict, fn, r: int):
-  """([m, r, f] hidden, [m, r, d] output) of the overflow tiles: a ``lax.scan`` over tiles, unused ones skipped."""
-  d, f = w["w_gate"].shape[1:]
+  """([m, r, f] hidden, [m, r, d] output) of the overflow tiles; unused tiles give zeros."""
   m = lay.tile_e_m.shape[0]
+  if m == 0:  # no overflow possible (one expert, one-row tiles)
+    tile = jax.ShapeDtypeStruct((r, x_pd.shape[1]), x_pd.dtype)
+    outs = jax.eval_shape(functools.partial(_tile_mlp, fn), tile, *(w[k][0] for k in ("w_gate", "w_up", "w_down")))
+    return tuple(jnp.zeros((0,) + o.shape, o.dtype) for o in outs)
+  return _overflow(fn, x_pd.reshape(m, r, -1), w["w_gate"], w["w_up"], w["w_down"], lay.tile_e_m, lay.used_tiles)
 
-  def compute(x_rd, wg_df, wu_df, wd_fd):
-    h_rf = fn(dot(x_rd, wg_df)) * dot(x_rd, wu_df)
-    return h_rf, dot(h_rf, wd_fd)
 
-  def skip(x_rd, wg_df, wu_df, wd_fd):
-    h_dtype = jnp.result_type(x_rd, wg_df, wu_df)
-    zeros = jnp.zeros((r, f), h_dtype), jnp.zeros((r, d), jnp.result_type(h_dtype, wd_fd))
-    # inside shard_map both branches must vary over the same mesh axes as their inputs
-    vma = tuple(sorted(set().union(*(_varying_axes(a) for a in (x_rd, wg_df, wu_df, wd_fd)))))
-    return tuple(jax.lax.pcast(z, vma, to="varying") for z in zeros) if vma else zeros
+def _tile_mlp(fn, x_rd, wg_df, wu_df, wd_fd):
+  h_rf = fn(dot(x_rd, wg_df)) * dot(x_rd, wu_df)
+  return h_rf, dot(h_rf, wd_fd)
 
+
+def _zeros_like_tile(fn, *args):
+  """Zero (hidden, output) of one tile; inside ``shard_map`` varying over the same mesh axes as ``args``."""
+  zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in jax.eval_shape(functools.partial(_tile_mlp, fn), *args))
+  vma = tuple(sorted(set().union(*(_varying_axes(a) for a in args))))
+  return tuple(jax.lax.pcast(z, vma, to="varying") for z in zeros) if vma else zeros
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _overflow(fn, x_mrd, wg_edf, wu_edf, wd_efd, tile_e_m, used_tiles):
+  """Forward: a loop over the used tiles only (each slices its expert's weights), so the worst-case buffer costs
+  nothing when it is empty. Derivatives (jvp, and through it vjp) come from ``_overflow_scan``, whose values are
+  the same; a ``custom_jvp``, so ``jax.jvp``/``linearize`` see ordinary linear maps."""
+  def body(i, carry):
+    h_mrf, y_mrd = carry
+    e = tile_e_m[i]
+    h_rf, y_rd = _tile_mlp(fn, x_mrd[i], wg_edf[e], wu_edf[e], wd_efd[e])
+    return h_mrf.at[i].set(h_rf), y_mrd.at[i].set(y_rd)
+
+  m = x_mrd.shape[0]
+  zeros = _zeros_like_tile(fn, x_mrd[0], wg_edf[0], wu_edf[0], wd_efd[0])
+  init = tuple(jnp.broadcast_to(z, (m,) + z.shape) for z in zeros)
+  return jax.lax.fori_loop(0, used_tiles, body, init)
+
+
+@_overflow.defjvp
+def _overflow_jvp(fn, primals, tangents):
+  return jax.jvp(functools.partial(_overflow_scan, fn), primals, tangents)
+
+
+def _overflow_scan(fn, x_mrd, wg_edf, wu_edf, wd_efd, tile_e_m, used_tiles):
+  """The differentiable form of ``_overflow``: a ``lax.scan`` over every tile, unused ones skipped by a cond."""
   # Remat everything but the matmul outputs: without it, reverse mode saves each tile's [d, f] weight
   # slices as scan residuals (a copy of every used expert's weights per tile).
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
@@ -194,10 +225,12 @@ def _overflow_tiles(x_pd, lay: Layout, w: dict, fn, r: int):
     # The expert's weights are sliced outside the cond, so the backward pass accumulates [d, f]
     # cotangents per tile rather than full [e, d, f] ones out of each cond.
     x_rd, expert, i = inp
-    ws = (w["w_gate"][expert], w["w_up"][expert], w["w_down"][expert])
-    return None, jax.lax.cond(i < lay.used_tiles, compute, skip, x_rd, *ws)
+    ws = (wg_edf[expert], wu_edf[expert], wd_efd[expert])
+    return None, jax.lax.cond(i < used_tiles, functools.partial(_tile_mlp, fn),
+                              functools.partial(_zeros_like_tile, fn), x_rd, *ws)
 
-  _, (h_mrf, y_mrd) = jax.lax.scan(tile, None, (x_pd.reshape(m, r, d), lay.tile_e_m, jnp.arange(m)))
+  m = x_mrd.shape[0]
+  _, (h_mrf, y_mrd) = jax.lax.scan(tile, None, (x_mrd, tile_e_m, jnp.arange(m)))
   return h_mrf, y_mrd
 
 

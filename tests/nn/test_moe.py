@@ -229,3 +229,30 @@ def test_capacity_block_and_overflow_tiles(loads):
   assert sorted(np.asarray(lay.row_s).tolist()) == sorted(set(np.asarray(lay.row_s).tolist()))  # injective
   np.testing.assert_array_equal(np.asarray(lay.slot_p)[np.asarray(lay.row_s)], np.arange(40))
   assert int(lay.used_tiles) == sum(-(-max(c - 10, 0) // 4) for c in loads)
+
+
+def test_forward_loops_over_used_tiles_only_and_equals_the_differentiable_scan():
+  """Without differentiation the overflow tiles run in a loop whose trip count is the number of used tiles (the
+  worst-case buffer costs nothing when empty); jvp and vjp go through the scan over every tile. Same values, also
+  under vmap with a different load per example (a batched trip count)."""
+  x, w, _ = _problem(jax.random.key(16), n=20, e=4)
+  rng = np.random.default_rng(1)
+  experts = jnp.asarray(np.stack([rng.permutation(np.repeat(np.arange(4), loads)).reshape(20, 2)
+                                  for loads in ((1, 2, 3, 34), (10, 10, 10, 10), (13, 7, 12, 8))]))
+  gate = jax.random.uniform(jax.random.key(17), (20, 2))
+  lay = M._layout(experts[0], 4, 4, 10, 3)
+  x_mrd = jax.random.normal(jax.random.key(18), (lay.tile_e_m.shape[0], 3, x.shape[1]))
+  args = (x_mrd, w["w_gate"], w["w_up"], w["w_down"], lay.tile_e_m, lay.used_tiles)
+  loop, scan = M._overflow(jax.nn.silu, *args), M._overflow_scan(jax.nn.silu, *args)
+  for a, b in zip(loop, scan):
+    np.testing.assert_array_equal(a, b)
+    assert not np.asarray(a[int(lay.used_tiles):]).any()  # unused tiles are zeros
+  prims = {e.primitive.name for e in _all_eqns(jax.make_jaxpr(lambda a: M._overflow(jax.nn.silu, *a))(args).jaxpr)}
+  assert "while" in prims and "scan" not in prims, prims
+  sorted_ = lambda x, e: M.experts_sorted(x, e, gate, w, "silu", tile_rows=3)
+  dense = lambda x, e: M.experts_dense(x, e, gate, w, "silu")
+  for got, want in zip(jax.vmap(sorted_, (None, 0))(x, experts), jax.vmap(dense, (None, 0))(x, experts)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  t = jax.random.normal(jax.random.key(19), x.shape)
+  np.testing.assert_allclose(jax.jvp(lambda x: sorted_(x, experts[0])[0], (x,), (t,))[1],
+                             jax.jvp(lambda x: dense(x, experts[0])[0], (x,), (t,))[1], atol=1e-4)
