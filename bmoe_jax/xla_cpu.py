@@ -3,17 +3,22 @@
 Under ``jax.jit`` on CPU, ``jax.vmap`` over the pullback of ``y = x * sum(x * x, -1)`` (RMSNorm's
 pattern) with ``x`` of shape [16, 64, 64] in float32 returns gradients 10-45% off (eager and looped
 pullbacks are right; shapes below ~1k rows are right). The K-FAC pass (one pullback per class, vmapped)
-and the closed-form predictive hit it at realistic batch sizes. XLA's experimental YNNPACK *reduce* fusion is
-the cause: with ``--xla_cpu_experimental_ynn_fusion_type=individual_dot`` (YNNPACK for dots only, no reduce
-fusions) every case here is exact. Keeping YNNPACK's dots matters for bfloat16: without them (an empty list,
-this module's first workaround) XLA:CPU upcasts every bf16 dot to float32 (measured 2026-12-03: a
-2048x512x1024 bf16 x bf16 -> f32 dot runs at ~390 GFLOP/s with YNNPACK's dot, ~170 without, float32 ~190 either
-way).
+and the closed-form predictive hit it at realistic batch sizes. XLA's experimental YNNPACK fusion is the
+cause, its *reduce* fusion precisely: with ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNN fusions, the
+default here) every case here is exact, and so is ``=individual_dot`` (YNNPACK for dots only).
+
+The two differ elsewhere (measured 2026-12-03). Without YNNPACK, XLA:CPU upcasts every bf16 dot to float32 (a
+2048x512x1024 bf16 x bf16 -> f32 dot: ~170 GFLOP/s, against ~390 with YNNPACK's dot; float32 ~190 either way), so
+a bf16 forward is slower than float32. With YNNPACK's dots, float32 results drift: a last-layer K-FAC GLM
+predictive covariance (``benchmarks/laplace.py``'s MLP) is 2.7e-4 off laplace-torch's float64 one, against
+4.6e-5 without. Exact float32 numerics stay the default; ``BMOE_XLA_WORKAROUND=dots`` opts into YNNPACK's dots
+(for bf16 work on CPU).
 
 ``apply()`` (run when ``bmoe_jax`` is imported) adds that flag to ``XLA_FLAGS`` if this jaxlib knows
 it, the user has not set it, and JAX's backend has not started yet (XLA reads its flags once). Set
-``BMOE_XLA_WORKAROUND=0`` to leave ``XLA_FLAGS`` alone. ``check()`` runs the reproducer; the K-FAC and
-predictive entry points warn once if it fails (e.g. when JAX computed something before the import).
+``BMOE_XLA_WORKAROUND=0`` to leave ``XLA_FLAGS`` alone (``=dots``: YNNPACK's dots on, see above). ``check()``
+runs the reproducer; the K-FAC and predictive entry points warn once if it fails (e.g. when JAX computed something
+before the import).
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import warnings
 from pathlib import Path
 
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
-FLAG = f"--{FLAG_NAME}=individual_dot"
 ENV = "BMOE_XLA_WORKAROUND"
+FLAG = f"--{FLAG_NAME}=" + ("individual_dot" if os.environ.get(ENV) == "dots" else "")
 
 
 def _jaxlib_knows_flag() -> bool:

@@ -33,6 +33,18 @@ def test_opt_out_and_too_late_are_reported():
   assert out.stdout.strip() == "disabled"
 
 
+def test_opt_in_to_ynnpack_dots_keeps_the_reproducer_exact():
+  """BMOE_XLA_WORKAROUND=dots keeps YNNPACK's dots (fast bf16 on CPU) and still leaves its reduce fusion out."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  code = "import os, bmoe_jax; print(os.environ['XLA_FLAGS'], bmoe_jax.xla_cpu.check())"
+  out = subprocess.run([sys.executable, "-c", code], env=dict(env, BMOE_XLA_WORKAROUND="dots"), capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  if xla_cpu.STATUS != "flag unknown to this jaxlib":
+    flags, err = out.stdout.split()
+    assert flags == "--xla_cpu_experimental_ynn_fusion_type=individual_dot" and float(err) < 1e-5, out.stdout
+
+
 def test_exact_factors_at_1k_tokens_equal_per_class_gradients():
   """The G factor of exact labels is sum_c p_c g_c g_c^T with g_c the gradient of class c's logit
   w.r.t. the expert outputs: recomputed here one class at a time with jax.grad."""
