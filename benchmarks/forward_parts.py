@@ -117,7 +117,7 @@ def main():
     summed += 0.0 if name.startswith("reference") else per_fwd
     rows.append(dict(part=name, ms_per_call=1e3 * sec, calls_per_forward=times, ms_per_forward=1e3 * per_fwd,
                      useful_gflop_per_s=flops / sec / 1e9))
-  lines = [f"# Forward by parts ({args.dtype}, bmoe_jax.xla_cpu: {B.xla_cpu.STATUS})", "",
+  lines = [f"# Forward by parts ({args.dtype}, bmoe_jax.xla_cpu: {B.xla_cpu.STATUS}, {B.xla_cpu.FLAG})", "",
            f"Whole jitted forward: {1e3 * total_s:.1f} ms; sum of the parts: {1e3 * summed:.1f} ms "
            f"(median of {args.repeats}; {os.cpu_count()} CPUs).", "",
            "| part | ms / call | calls / forward | ms / forward | share | useful GFLOP/s |", "|---|---:|---:|---:|---:|---:|"]
