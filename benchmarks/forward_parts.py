@@ -120,13 +120,14 @@ def main():
   lines = [f"# Forward by parts ({args.dtype}, bmoe_jax.xla_cpu: {B.xla_cpu.STATUS}, {B.xla_cpu.FLAG})", "",
            f"Whole jitted forward: {1e3 * total_s:.1f} ms; sum of the parts: {1e3 * summed:.1f} ms "
            f"(median of {args.repeats}; {os.cpu_count()} CPUs).", "",
-           "| part | ms / call | calls / forward | ms / forward | share | useful GFLOP/s |", "|---|---:|---:|---:|---:|---:|"]
+           "| part | ms / call | calls / forward | ms / forward | share | useful GFLOP/s |",
+           "|---|---:|---:|---:|---:|---:|"]
   for r in rows:
     share = "" if r["part"].startswith("reference") else f"{r['ms_per_forward'] / (1e3 * summed):.0%}"
     lines.append(f"| {r['part']} | {r['ms_per_call']:.2f} | {r['calls_per_forward']} | {r['ms_per_forward']:.1f} "
                  f"| {share} | {r['useful_gflop_per_s']:.0f} |")
-  lines += ["", "Expert loads of this batch (the sorted path's capacity block holds mean-load rows per expert, the rest "
-            "goes to overflow tiles):", ""] + [f"- {x}" for x in load_stats(cfg, params, tokens)]
+  lines += ["", "Expert loads of this batch (the sorted path's capacity block holds mean-load rows per expert, "
+            "the rest goes to overflow tiles):", ""] + [f"- {x}" for x in load_stats(cfg, params, tokens)]
   out = args.out or f"benchmarks/results/forward_parts{'' if args.dtype == 'float32' else '_' + args.dtype}.json"
   write_results(out, dict(dtype=args.dtype, forward_ms=1e3 * total_s, parts_ms=1e3 * summed, rows=rows,
                           xla_cpu=B.xla_cpu.STATUS), "\n".join(lines) + "\n")

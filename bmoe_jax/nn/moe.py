@@ -143,8 +143,8 @@ def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   the slots past an expert's capacity go to overflow tiles of ``r`` rows aligned to expert boundaries, each
   multiplied by its expert's weights (``_overflow``): without differentiation a loop over the used tiles only;
   under jvp/vjp a ``lax.scan`` over every tile that skips unused ones with ``lax.cond`` (under ``vmap`` with
-  batched routing the cond becomes a select: still exact, every tile is then computed). Rows move in and out of the padded buffer
-  with ``take_rows`` (gathers both ways under reverse mode).
+  batched routing the cond becomes a select: still exact, every tile is then computed). Rows move in and out of
+  the padded buffer with ``take_rows`` (gathers both ways under reverse mode).
 
   ``valid_nk``: slots to compute (default all); the others go to a trailing group whose tiles are
   skipped and give zero outputs (the expert-parallel path: slots of experts on other devices).
