@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bmoe_jax as B  # noqa: E402
+from benchmarks.forward_parts import build  # noqa: E402
 from benchmarks.timing import median_time  # noqa: E402
 
 KINDS = ("convert", "dot", "fusion", "copy", "gather", "scatter")
@@ -44,17 +45,13 @@ def dot_operand_dtypes(hlo_text: str) -> collections.Counter:
 
 
 def main():
-  cfg = B.tiny_config(vocab_size=8192, hidden_size=512, num_layers=1, num_heads=8, num_kv_heads=8, head_dim=64,
-                      moe_intermediate_size=1024, num_experts=16, moe_layers=(True,), shared_expert_size=0,
-                      shared_expert_gate=False, qkv_bias=False, norm_topk_prob=True)
-  params = B.init_params(cfg, jax.random.key(0), std=0.02)
-  tokens = jax.random.randint(jax.random.key(1), (8, 128), 0, cfg.vocab_size)
+  cfg = build("float32", layers=1)[0]
   fwd = jax.jit(lambda p, t: B.forward(p, cfg, t).logits)
   print(f"bmoe_jax.xla_cpu: {B.xla_cpu.STATUS} ({B.xla_cpu.FLAG})")
   print("| weights | ms (median of 7) | " + " | ".join(KINDS) + " | bf16 dots | f32 dots |")
   print("|---|---:|" + "---:|" * (len(KINDS) + 2))
   for dtype in (jnp.float32, jnp.bfloat16):
-    p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    _, p, tokens = build(dtype, layers=1)
     text = fwd.lower(p, tokens).compile().as_text()
     ops, dots = census(text), dot_operand_dtypes(text)
     seconds = median_time(lambda: fwd(p, tokens), 7)

@@ -41,9 +41,10 @@ def parse_args():
   return ap.parse_args()
 
 
-def build(dtype):
-  cfg = B.tiny_config(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
-                      moe_intermediate_size=1024, num_experts=16, moe_layers=(True,) * 8, shared_expert_size=0,
+def build(dtype, layers: int = 8):
+  """(config, parameters cast to ``dtype``, one token batch) of the forward benchmark's model, random init."""
+  cfg = B.tiny_config(vocab_size=8192, hidden_size=512, num_layers=layers, num_heads=8, num_kv_heads=8, head_dim=64,
+                      moe_intermediate_size=1024, num_experts=16, moe_layers=(True,) * layers, shared_expert_size=0,
                       shared_expert_gate=False, qkv_bias=False, norm_topk_prob=True)
   params = B.init_params(cfg, jax.random.key(0), std=0.02)
   params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
