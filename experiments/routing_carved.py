@@ -163,9 +163,21 @@ RESULT_ARGS = ("layers", "routers", "combined", "samples", "temperature", "epoch
                "stability_batches", "no_laplace", "eval_stride")  # what a finished run's numbers depend on
 
 
-def cached_run(run: Path, args) -> dict:
-  """``one_run``, or its saved result (WORK/RUN/result_LAYERS.json) when that was made with the same RESULT_ARGS:
-  a stopped sweep restarts at the first unfinished run."""
+def published_runs(args) -> dict:
+  """{run path: entry} of an existing OUT/results.json made with the same RESULT_ARGS (read once, before the sweep
+  rewrites it): a sweep continued on another machine (WORK is not committed) keeps the runs already reported."""
+  path = Path(args.out) / "results.json"
+  if not path.exists():
+    return {}
+  saved = json.loads(path.read_text())
+  if any(saved["args"].get(k) != getattr(args, k) for k in RESULT_ARGS):
+    return {}
+  return {r["run"]: r for r in saved["runs"]}
+
+
+def cached_run(run: Path, args, published: dict) -> dict:
+  """``one_run``, or its saved result (WORK/RUN/result_LAYERS.json, else OUT/results.json) when that was made with
+  the same RESULT_ARGS: a stopped sweep restarts at the first unfinished run."""
   path = Path(args.work) / run.name / f"result_{'_'.join(args.layers).replace(':', '')}.json"
   same = {k: getattr(args, k) for k in RESULT_ARGS}
   if path.exists():
@@ -174,6 +186,9 @@ def cached_run(run: Path, args) -> dict:
       print(f"  reused {path}", flush=True)
       return saved["result"]
     print(f"  {path} was made with other arguments; rerunning", flush=True)
+  if str(run) in published:
+    print(f"  reused {run}'s entry in {Path(args.out) / 'results.json'}", flush=True)
+    return published[str(run)]
   result = one_run(run, args)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps({"args": same, "result": result}, indent=2, default=float))
@@ -229,10 +244,10 @@ def main(argv=None) -> None:
     args.runs = ",".join(new_runs(args.seeds, args.runs_dir, demo_flags))
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  runs = []
+  runs, published = [], published_runs(args)
   for run in args.runs.split(","):
     print(f"run {run}", flush=True)
-    runs.append(cached_run(Path(run), args))
+    runs.append(cached_run(Path(run), args, published))
     (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs},
                                                  indent=2, default=float))
   from experiments.routing_report import write_report
