@@ -5,8 +5,9 @@ transformers, saved with ``save_pretrained`` and converted with ``convert.load_h
 both sides run exactly the same weights. For one batch of random token ids (no padding) it
 measures the median wall time of a full forward (logits included) over several repeats, after
 warm-up (for JAX: after compilation), and reports tokens/s and the ratio to transformers' float32. Our side
-runs ``jax.jit(bmoe_jax.forward)`` with expert_impl "dense", "sorted" (swept over ``tile_rows``;
-"auto" is ``bmoe_jax.nn.moe.default_tile_rows``) and "ragged" (very slow on CPU: fewer repeats).
+runs ``jax.jit(bmoe_jax.forward)`` with expert_impl "dense", "sorted" (its forward runs per-expert chunks of
+``bmoe_jax.nn.moe.default_chunk_rows``; ``tile_rows`` only sizes the tiles of its derivatives, so ``--tiles``
+sweeps nothing the forward does unless asked) and "ragged" (very slow on CPU: fewer repeats).
 transformers runs under ``torch.inference_mode()`` with its default experts implementation
 ("grouped_mm") and with "eager"; the faster of the two in float32 is the baseline of the ratio. With
 ``--dtypes float32,bfloat16`` (the default) both sides also run with every weight cast to bfloat16 (ours:
@@ -43,7 +44,7 @@ from bmoe_jax.nn.moe import default_tile_rows
 from convert import load_hf_checkpoint
 
 QUICK = dict(d_model=64, layers=2, experts=4, top_k=2, expert_width=128, heads=4, kv_heads=4,
-             head_dim=16, vocab=256, batch=2, seq=16, repeats=3, ragged_repeats=1, tiles="2,auto")
+             head_dim=16, vocab=256, batch=2, seq=16, repeats=3, ragged_repeats=1, tiles="auto")
 
 
 def parse_args():
@@ -61,7 +62,7 @@ def parse_args():
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--ragged-repeats", type=int, default=1, help="0 skips the ragged path")
-  ap.add_argument("--tiles", default="16,64,auto", help="tile_rows (overflow tiles) sweep for 'sorted'")
+  ap.add_argument("--tiles", default="auto", help="tile_rows sweep for 'sorted' (its derivatives' tiles)")
   ap.add_argument("--dtypes", default="float32,bfloat16", help="float32 first; bfloat16 adds both sides in bf16")
   ap.add_argument("--torch-threads", type=int, default=0, help="0: leave torch's default")
   ap.add_argument("--seed", type=int, default=0)

@@ -92,17 +92,23 @@ def parts(cfg, params, tokens):
 
 
 def load_stats(cfg, params, tokens) -> list[str]:
-  """Per MoE layer: the largest and smallest expert load against the mean, and the overflow tiles the sorted path
-  runs past its capacity block (the model's own routing of this batch)."""
+  """Per MoE layer: the smallest and largest expert load against the mean, the rows the forward computes (each
+  load rounded up to chunk rows; ``moe._chunked_slots``) and its chunks, and the overflow tiles of the
+  differentiable form past its capacity block (the model's own routing of this batch)."""
   taps = B.forward(params, cfg, tokens, return_taps=True).taps
   lines = []
   for i, tap in sorted(taps.items()):
     ek = tap.expert_bsk.reshape(-1, cfg.num_experts_per_tok)
     loads = jnp.bincount(ek.reshape(-1), length=cfg.num_experts)
     cap, r = ek.size // cfg.num_experts, moe.default_tile_rows(ek.size, cfg.num_experts)
+    c = moe.default_chunk_rows(ek.size, cfg.num_experts)
+    units = -(-loads // c)
+    top = 1 << (moe.CHUNK_CLASSES - 1)
+    chunks = int(jnp.sum(units // top) + sum(jnp.sum((units // (top >> j)) % 2) for j in range(1, moe.CHUNK_CLASSES)))
     lay = moe._layout(ek, cfg.num_experts, cfg.num_experts, cap, r)
-    lines.append(f"layer {i}: loads {int(loads.min())}-{int(loads.max())} (mean {cap}), "
-                 f"{int(lay.used_tiles)} overflow tiles of {r} rows")
+    lines.append(f"layer {i}: loads {int(loads.min())}-{int(loads.max())} (mean {cap}); forward: "
+                 f"{int(jnp.sum(units)) * c} rows for {ek.size} slots in {chunks} chunks of {c}-{top * c} rows; "
+                 f"derivatives: {int(lay.used_tiles)} overflow tiles of {r} rows past the capacity block")
   return lines
 
 
@@ -127,8 +133,8 @@ def main():
     share = "" if r["part"].startswith("reference") else f"{r['ms_per_forward'] / (1e3 * summed):.0%}"
     lines.append(f"| {r['part']} | {r['ms_per_call']:.2f} | {r['calls_per_forward']} | {r['ms_per_forward']:.1f} "
                  f"| {share} | {r['useful_gflop_per_s']:.0f} |")
-  lines += ["", "Expert loads of this batch (the sorted path's capacity block holds mean-load rows per expert, "
-            "the rest goes to overflow tiles):", ""] + [f"- {x}" for x in load_stats(cfg, params, tokens)]
+  lines += ["", "Expert loads of this batch and the rows the sorted path computes:", ""]
+  lines += [f"- {x}" for x in load_stats(cfg, params, tokens)]
   out = args.out or f"benchmarks/results/forward_parts{'' if args.dtype == 'float32' else '_' + args.dtype}.json"
   write_results(out, dict(dtype=args.dtype, forward_ms=1e3 * total_s, parts_ms=1e3 * summed, rows=rows,
                           xla_cpu=B.xla_cpu.STATUS), "\n".join(lines) + "\n")

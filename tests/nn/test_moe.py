@@ -208,7 +208,7 @@ def _all_eqns(jaxpr):
     yield eqn
     for v in eqn.params.values():
       for j in (v if isinstance(v, (tuple, list)) else (v,)):
-        inner = getattr(j, "jaxpr", None)
+        inner = j if hasattr(j, "eqns") else getattr(j, "jaxpr", None)  # a Jaxpr (remat) or a ClosedJaxpr
         if inner is not None:
           yield from _all_eqns(getattr(inner, "jaxpr", inner))
 
@@ -221,9 +221,10 @@ def test_capacity_block_and_overflow_tiles(loads):
   expert = jnp.asarray(np.random.default_rng(0).permutation(np.repeat(np.arange(4), loads)).reshape(20, 2))
   gate = jax.random.uniform(jax.random.key(15), (20, 2))
   ref_out, ref_h = M.experts_dense(x, expert, gate, w, "silu")
-  for tile, cap in ((None, None), (1, None), (3, None), (4, 0), (2, 25)):
-    out, h = M.experts_sorted(x, expert, gate, w, "silu", tile_rows=tile, capacity=cap)
-    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+  ws = (w["w_gate"], w["w_up"], w["w_down"])
+  for tile, cap in ((2, 10), (1, 10), (3, 10), (4, 0), (2, 25)):  # the form derivatives are taken of
+    h, y = M._tiled_slots("silu", 4, (tile, cap), x, expert, *ws)
+    np.testing.assert_allclose(M._combine(y, h, gate, None, x.dtype)[0], ref_out, atol=1e-5)
     np.testing.assert_allclose(h, ref_h, atol=1e-5)
   lay = M._layout(expert, 4, 4, 10, 4)
   assert sorted(np.asarray(lay.row_s).tolist()) == sorted(set(np.asarray(lay.row_s).tolist()))  # injective
@@ -231,28 +232,32 @@ def test_capacity_block_and_overflow_tiles(loads):
   assert int(lay.used_tiles) == sum(-(-max(c - 10, 0) // 4) for c in loads)
 
 
-def test_forward_loops_over_used_tiles_only_and_equals_the_differentiable_scan():
-  """Without differentiation the overflow tiles run in a loop whose trip count is the number of used tiles (the
-  worst-case buffer costs nothing when empty); jvp and vjp go through the scan over every tile. Same values, also
-  under vmap with a different load per example (a batched trip count)."""
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_forward_chunks_each_expert_and_equals_the_differentiable_form(chunk):
+  """Without differentiation each expert's rows run in chunks of 8r..r rows in loops whose trip counts follow the
+  loads (no scan over worst-case tiles); jvp and vjp go through the capacity-plus-tiles form. Same values, also
+  for slots left out (``valid_nk``) and under vmap with a different load per example (batched trip counts)."""
   x, w, _ = _problem(jax.random.key(16), n=20, e=4)
   rng = np.random.default_rng(1)
   experts = jnp.asarray(np.stack([rng.permutation(np.repeat(np.arange(4), loads)).reshape(20, 2)
-                                  for loads in ((1, 2, 3, 34), (10, 10, 10, 10), (13, 7, 12, 8))]))
+                                  for loads in ((1, 2, 3, 34), (10, 10, 10, 10), (0, 0, 17, 23), (40, 0, 0, 0))]))
   gate = jax.random.uniform(jax.random.key(17), (20, 2))
-  lay = M._layout(experts[0], 4, 4, 10, 3)
-  x_mrd = jax.random.normal(jax.random.key(18), (lay.tile_e_m.shape[0], 3, x.shape[1]))
-  args = (x_mrd, w["w_gate"], w["w_up"], w["w_down"], lay.tile_e_m, lay.used_tiles)
-  loop, scan = M._overflow(jax.nn.silu, *args), M._overflow_scan(jax.nn.silu, *args)
-  for a, b in zip(loop, scan):
-    np.testing.assert_array_equal(a, b)
-    assert not np.asarray(a[int(lay.used_tiles):]).any()  # unused tiles are zeros
-  prims = {e.primitive.name for e in _all_eqns(jax.make_jaxpr(lambda a: M._overflow(jax.nn.silu, *a))(args).jaxpr)}
-  assert "while" in prims and "scan" not in prims, prims
-  sorted_ = lambda x, e: M.experts_sorted(x, e, gate, w, "silu", tile_rows=3)
+  ws = (w["w_gate"], w["w_up"], w["w_down"])
+  for ek in experts:
+    for a, b in zip(M._chunked_slots("silu", 4, chunk, x, ek, *ws), M._tiled_slots("silu", 4, (3, 10), x, ek, *ws)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  valid = jnp.asarray(rng.random((20, 2)) < 0.6)
+  skip = jnp.where(valid, experts[2], 4)  # the expert-parallel path's trailing group: never computed, zeros
+  for a, b in zip(M._chunked_slots("silu", 5, chunk, x, skip, *ws), M._tiled_slots("silu", 5, (3, 10), x, skip, *ws)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.asarray(a)[~np.asarray(valid)].any()
+  sorted_ = lambda x, e: M.experts_sorted(x, e, gate, w, "silu", tile_rows=3, chunk_rows=chunk)
   dense = lambda x, e: M.experts_dense(x, e, gate, w, "silu")
+  prims = {e.primitive.name for e in _all_eqns(jax.make_jaxpr(sorted_)(x, experts[0]).jaxpr)}
+  assert "while" in prims and "cond" not in prims, prims  # loops over chunks; no tile skipped by a cond
+  t = jax.random.normal(jax.random.key(19), x.shape)
+  jvp = lambda x: jax.jvp(lambda x: sorted_(x, experts[0])[0], (x,), (t,))
+  assert "cond" in {e.primitive.name for e in _all_eqns(jax.make_jaxpr(jvp)(x).jaxpr)}  # the tiles' scan
+  np.testing.assert_allclose(jvp(x)[1], jax.jvp(lambda x: dense(x, experts[0])[0], (x,), (t,))[1], atol=1e-4)
   for got, want in zip(jax.vmap(sorted_, (None, 0))(x, experts), jax.vmap(dense, (None, 0))(x, experts)):
     np.testing.assert_allclose(got, want, atol=1e-5)
-  t = jax.random.normal(jax.random.key(19), x.shape)
-  np.testing.assert_allclose(jax.jvp(lambda x: sorted_(x, experts[0])[0], (x,), (t,))[1],
-                             jax.jvp(lambda x: dense(x, experts[0])[0], (x,), (t,))[1], atol=1e-4)
