@@ -104,7 +104,7 @@ def load_stats(cfg, params, tokens) -> list[str]:
     c = moe.default_chunk_rows(ek.size, cfg.num_experts)
     units = -(-loads // c)
     top = 1 << (moe.CHUNK_CLASSES - 1)
-    chunks = int(jnp.sum(units // top) + sum(jnp.sum((units // (top >> j)) % 2) for j in range(1, moe.CHUNK_CLASSES)))
+    chunks = int(sum(jnp.sum(moe.chunk_counts(units, c)) for c in range(moe.CHUNK_CLASSES)))
     lay = moe._layout(ek, cfg.num_experts, cfg.num_experts, cap, r)
     lines.append(f"layer {i}: loads {int(loads.min())}-{int(loads.max())} (mean {cap}); forward: "
                  f"{int(jnp.sum(units)) * c} rows for {ek.size} slots in {chunks} chunks of {c}-{top * c} rows; "

@@ -208,6 +208,13 @@ def default_chunk_rows(num_slots: int, num_experts: int) -> int:
   return 1 << (target.bit_length() - 1)
 
 
+def chunk_counts(units, c: int):
+  """Chunks of class ``c`` (``8 >> c`` units of r rows each) for a load of ``units`` units: ``units // 8`` full
+  chunks for class 0, then one chunk per set bit of the remainder."""
+  top = 1 << (CHUNK_CLASSES - 1)
+  return units // top if c == 0 else (units // (top >> c)) % 2
+
+
 def _chunked_slots(act, groups, r, x_nd, expert_nk, wg_edf, wu_edf, wd_efd):
   """The forward of ``_slot_mlp``. Each of the first ``e`` groups' slots fill that expert's rows of a buffer, its
   load rounded up to ``r`` rows (``units_e`` units of r); a loop over experts slices each expert's weights once
@@ -234,7 +241,7 @@ def _chunked_slots(act, groups, r, x_nd, expert_nk, wg_edf, wu_edf, wd_efd):
     units = units_e[j]
     for c in range(CHUNK_CLASSES):
       m = top >> c  # units per chunk
-      count, start = (units // top, first_e[j]) if c == 0 else ((units // m) % 2, first_e[j] + units // (2 * m) * 2 * m)
+      count, start = chunk_counts(units, c), first_e[j] + (0 if c == 0 else units // (2 * m) * 2 * m)
 
       def chunk(i, bufs, m=m, start=start):
         row = (start + i * m) * r
