@@ -17,10 +17,11 @@ import bmoe_jax as B
 from bmoe_jax import sharding as S
 
 ROOT = Path(__file__).resolve().parents[2]
+EIGHT_DEVICES = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
 
 def test_sharded_pipeline_equals_one_device_on_three_meshes():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "tests.sharding.mesh_checks"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -41,7 +42,7 @@ def _mesh(**sizes):
 def test_sharded_mla_sigmoid_model_equals_one_device():
   """DeepSeek-V3's architecture (MLA latents replicated, heads on the model axis; sigmoid noaux_tc routing with
   its selection bias; ungated shared experts) on the mesh that uses all three axes."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "tests.sharding.mesh_checks", "--mla", "data=2,expert=2,model=2"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -99,7 +100,7 @@ def test_bmoe_fit_on_a_mesh_gives_the_same_posterior(tmp_path, shared_data):
   from tests.fixtures import tiny_model_dir
 
   model = tiny_model_dir(tmp_path / "model", shared_data, num_experts=8, rows=200)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
   runs = {}
   for mesh in ("", "data=2,expert=4"):
     out = tmp_path / f"fit{len(mesh)}"
