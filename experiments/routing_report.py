@@ -1,6 +1,7 @@
 """Tables and plots of ``experiments/routing_carved.py``'s results.json: mean over runs (seeds) with a 95%
 t-interval over seeds, per layer set. ``python experiments/routing_report.py OUT`` rewrites OUT/results.md and
-OUT/*.png from OUT/results.json."""
+OUT/*.png from OUT/results.json; ``--against OTHER`` adds a table comparing OUT's layer sets with OTHER's on the
+seeds both hold (same seed, same questions: e.g. last-4-layer routers against single-layer ones)."""
 
 from __future__ import annotations
 
@@ -98,7 +99,52 @@ def cost_table(runs, layers) -> list[str]:
   return lines
 
 
-def write_report(out: Path) -> Path:
+def _top_layer_stability(routing: dict, m: str, gamma_index: int) -> tuple[str, str]:
+  """(Jaccard at one gamma, resample Jaccard) of method ``m`` in the top routed layer, or dashes."""
+  stab = routing["stability"]
+  top = max(stab["map"], key=int)
+  if top not in stab.get(m, {}):
+    return "—", "—"
+  return f"{stab[m][top]['jaccard'][gamma_index]:.3f}", f"{stab[m][top]['resample']:.3f}"
+
+
+def layer_sets_table(runs, other_runs, ind, gamma_index=4) -> list[str]:
+  """Per method present in both: ΔNLL / ΔECE / ΔACC against the same run's MAP, the top layer's Jaccard at one
+  gamma and its resample Jaccard, for every layer set of both results, on the seeds both hold (mean over them)."""
+  mine = {r["seed"]: r for r in runs}
+  pairs = [(mine[r["seed"]], r) for r in other_runs if r["seed"] in mine]
+  if not pairs:
+    return []
+  sets = [(ls, 0) for ls in pairs[0][0]["layers"]] + [(ls, 1) for ls in pairs[0][1]["layers"]]
+  methods = [m for m in pairs[0][0]["layers"][sets[0][0]]["results"] if m != "map"
+             and all(m in p[i]["layers"][ls]["results"] for p in pairs for ls, i in sets)]
+  routing = pairs[0][0]["layers"][sets[0][0]]["routing"]
+  top = max(routing["stability"]["map"], key=int)
+  gamma = routing["stability"]["map"][top]["gamma"][gamma_index]
+  head = ["ΔNLL", "ΔECE", "ΔACC", f"Jaccard γ={gamma:g}", "resample"]
+  lines = [f"Seeds {sorted(p[0]['seed'] for p in pairs)}, {_short(ind)}; Δ against the same run's MAP; Jaccard of "
+           f"the top-k sets in the top layer ({top}); means over the seeds.", "",
+           "| method | layers | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(head)]
+  same = []
+  for m in methods:
+    rows = []
+    for ls, i in sets:
+      res = [p[i]["layers"][ls]["results"] for p in pairs]
+      d = [np.mean([x[m][ind][k] - x["map"][ind][k] for x in res]) for k in ("nll", "ece", "acc")]
+      stab = [_top_layer_stability(p[i]["layers"][ls]["routing"], m, gamma_index) for p in pairs]
+      cells = list(stab[0]) if "—" in stab[0] else [f"{np.mean([float(s[j]) for s in stab]):.3f}"
+                                                         for j in range(2)]
+      rows.append((d, f"| {m} | `{ls}` | " + " | ".join(f"{v:+.3f}" for v in d) + f" | {cells[0]} | {cells[1]} |"))
+    if all(np.allclose(r[0], rows[0][0], atol=1e-4) for r in rows):
+      same.append(m)  # e.g. ts, bmoe, and the joint posterior (every carved layer): no router layer set in them
+    else:
+      lines += [r[1] for r in rows]
+  if same:
+    lines += ["", f"Equal (within 1e-4) in every layer set, since they do not depend on it: {', '.join(same)}."]
+  return lines
+
+
+def write_report(out: Path, against: Path | None = None) -> Path:
   out = Path(out)
   d = json.loads((out / "results.json").read_text())
   runs = d["runs"]
@@ -119,9 +165,17 @@ def write_report(out: Path) -> Path:
     stability_curves(curves, out / f"stability_{layers.replace(':', '')}.png", title=f"routers in {layers}")
     lines += ["", f"![stability](stability_{layers.replace(':', '')}.png)", "", "### Cost", ""]
     lines += cost_table(runs, layers) + [""]
+  if against is not None:
+    other = json.loads((Path(against) / "results.json").read_text())["runs"]
+    lines += [f"## Layer sets compared (against `{against}`)", ""] + layer_sets_table(runs, other, ind) + [""]
   (out / "results.md").write_text("\n".join(lines) + "\n")
   return out / "results.md"
 
 
 if __name__ == "__main__":
-  print(write_report(Path(sys.argv[1])).read_text())
+  import argparse
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("out", type=Path, help="an experiments/routing_carved.py --out directory")
+  ap.add_argument("--against", type=Path, default=None, help="another --out directory to compare layer sets with")
+  a = ap.parse_args()
+  print(write_report(a.out, a.against).read_text())
