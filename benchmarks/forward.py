@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,9 +39,12 @@ import numpy as np
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-import bmoe_jax as B
-from bmoe_jax.nn.moe import default_tile_rows
-from convert import load_hf_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bmoe_jax as B  # noqa: E402
+from benchmarks.timing import cpu_description  # noqa: E402
+from bmoe_jax.nn.moe import default_tile_rows  # noqa: E402
+from convert import load_hf_checkpoint  # noqa: E402
 
 QUICK = dict(d_model=64, layers=2, experts=4, top_k=2, expert_width=128, heads=4, kv_heads=4,
              head_dim=16, vocab=256, batch=2, seq=16, repeats=3, ragged_repeats=1, tiles="auto")
@@ -196,7 +199,7 @@ def main():
   dtypes = args.dtypes.split(",")
   print(f"config: d={args.d_model} layers={args.layers} experts={args.experts} top{args.top_k} "
         f"f={args.expert_width} heads={args.heads}/{args.kv_heads}x{args.head_dim} vocab={args.vocab}; "
-        f"batch {args.batch}x{args.seq} = {n_tok} tokens, {dtypes}, CPU ({os.cpu_count()} cores)")
+        f"batch {args.batch}x{args.seq} = {n_tok} tokens, {dtypes}, CPU: {cpu_description()}")
   print(f"torch {torch.__version__} threads={torch.get_num_threads()}; jax {jax.__version__} "
         f"{jax.devices()[0].platform}; auto tile_rows={auto_r}", flush=True)
   load = os.getloadavg()[0]
@@ -216,12 +219,13 @@ def main():
   meta = dict(config={k: v for k, v in vars(args).items() if k != "out"}, tokens_per_batch=n_tok,
               auto_tile_rows=auto_r, torch_version=torch.__version__, jax_version=jax.__version__,
               torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-              processor=platform.processor() or platform.machine(), baseline=base["name"],
+              cpu=cpu_description(), baseline=base["name"],
               best_ours=best["name"], useful_gflop_per_batch=model_flops(args) / 1e9, loadavg_before=load)
   out_path = Path(args.out)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
-  out_path.with_suffix(".md").write_text("# Forward throughput, CPU\n\n" + "\n".join(lines) + "\n")
+  head = f"# Forward throughput, CPU: {cpu_description()}"
+  out_path.with_suffix(".md").write_text(head + "\n\n" + "\n".join(lines) + "\n")
   print(f"wrote {out_path} and {out_path.with_suffix('.md')}")
 
 

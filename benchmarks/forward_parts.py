@@ -18,7 +18,6 @@ Writes --out JSON (default benchmarks/results/forward_parts.json) and a Markdown
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bmoe_jax as B  # noqa: E402
-from benchmarks.timing import median_time, write_results  # noqa: E402
+from benchmarks.timing import cpu_description, median_time, write_results  # noqa: E402
 from bmoe_jax import model as M  # noqa: E402
 from bmoe_jax.nn import layers as L, moe, rope  # noqa: E402
 
@@ -126,7 +125,7 @@ def main():
                      useful_gflop_per_s=flops / sec / 1e9))
   lines = [f"# Forward by parts ({args.dtype}, bmoe_jax.xla_cpu: {B.xla_cpu.STATUS}, {B.xla_cpu.FLAG})", "",
            f"Whole jitted forward: {1e3 * total_s:.1f} ms; sum of the parts: {1e3 * summed:.1f} ms "
-           f"(median of {args.repeats}; {os.cpu_count()} CPUs).", "",
+           f"(median of {args.repeats}; {cpu_description()}).", "",
            "| part | ms / call | calls / forward | ms / forward | share | useful GFLOP/s |",
            "|---|---:|---:|---:|---:|---:|"]
   for r in rows:

@@ -2,9 +2,9 @@
 
 Ratios are against reference runs in the same process (same model, same batches):
   1. factor pass (``kfac.update``, jitted) / a plain ``jax.value_and_grad`` of the task loss w.r.t. all
-     parameters — goal <= 1.25 — for several FactorSpecs;
+     parameters — goal <= 1.15 (issue 19; exact labels, last token, all layers) — for several FactorSpecs;
   2. closed-form predictive (``jacobian_stats`` + ``logit_covariance`` + probit, C = 4) / MAP forward
-     (the answer logits) — goal <= 5;
+     (the answer logits) — goal <= 4 (every layer Bayesian, rank 10);
   3. ours vs laplace-torch 0.3 last-layer K-FAC (``hessian_structure="kron"``, GLM predictive) on the same
      dense MLP (features -> C logits; our side is one "expert" through the same pure functions the MoE
      path uses), fit over a dataset and predictive covariance on a test set — goal: ours faster;
@@ -23,7 +23,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bmoe_jax as B
-from benchmarks.timing import median_time as timed
+from benchmarks.timing import cpu_description, median_time as timed
 from bmoe_jax.laplace import kfac, posterior as P, predictive as PR
 from bmoe_jax.params import read_blocks
 from bmoe_jax.task import Batch, Task, probit
@@ -76,7 +75,8 @@ def parse_args():
   return args
 
 
-def moe_part(args):
+def moe_setup(args):
+  """(config, random parameters, one batch, C = 4 answer-token task) of the MoE benchmark model."""
   cfg = B.tiny_config(vocab_size=args.vocab, hidden_size=args.d_model, num_layers=args.layers,
                       num_heads=4, num_kv_heads=4, head_dim=args.d_model // 4,
                       intermediate_size=2 * args.expert_width, moe_intermediate_size=args.expert_width,
@@ -87,7 +87,11 @@ def moe_part(args):
   batch = Batch(jnp.asarray(rng.randint(0, cfg.vocab_size, (args.batch, args.seq))),
                 jnp.ones((args.batch, args.seq), jnp.int32), jnp.full((args.batch,), args.seq - 1),
                 jnp.asarray(rng.randint(0, 4, args.batch)))
-  task = Task(cfg, tuple(range(10, 14)))  # C = 4 answer tokens
+  return cfg, params, batch, Task(cfg, tuple(range(10, 14)))  # C = 4 answer tokens
+
+
+def moe_part(args):
+  cfg, params, batch, task = moe_setup(args)
 
   def loss(p):
     f = task.logits(p, batch)
@@ -237,12 +241,12 @@ def write_markdown(res, path):
            f"Machine: {res['machine']}. MoE config: {m['config']}.", "",
            f"MAP value_and_grad: {m['value_and_grad_s'] * 1e3:.1f} ms; MAP forward (answer logits): "
            f"{m['forward_s'] * 1e3:.1f} ms.", "",
-           "| factor pass | layers | labels | tokens | rank | ms | / value_and_grad (goal <= 1.25) |",
+           "| factor pass | layers | labels | tokens | rank | ms | / value_and_grad (goal <= 1.15) |",
            "|---|---|---|---|---|---|---|"]
   for r in m["factor_pass"]:
     lines.append(f"| | {r['layers']} | {r['labels']} | {r['tokens']} | {r['rank']} | {r['seconds'] * 1e3:.1f} | "
                  f"{r['ratio_vs_value_and_grad']:.2f} |")
-  lines += ["", "| closed-form predictive (C=4) | layers | rank | ms | / MAP forward (goal <= 5) |",
+  lines += ["", "| closed-form predictive (C=4) | layers | rank | ms | / MAP forward (goal <= 4) |",
             "|---|---|---|---|---|"]
   for r in m["predictive"]:
     lines.append(f"| | {r['layers']} | {r['rank']} | {r['seconds'] * 1e3:.1f} | {r['ratio_vs_forward']:.2f} |")
@@ -266,7 +270,7 @@ def write_markdown(res, path):
 
 def main():
   args = parse_args()
-  res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} {jax.default_backend()}",
+  res = {"machine": f"{cpu_description()}, jax {jax.__version__} {jax.default_backend()}",
          "moe": moe_part(args)}
   try:
     res["mlp"] = mlp_part(args)
