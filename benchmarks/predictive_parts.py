@@ -10,10 +10,11 @@ the MAP forward of the answer logits measured in the same run:
   * the whole predictive (adds ``logit_covariance`` and the probit).
 Then one layer's routed experts alone on the model's own routing, forward against forward + one vjp w.r.t.
 their input, for the sorted path (derivatives through its tiled form, ``nn.moe._tiled_slots``) and for the
-balanced reference (one einsum over experts with n k / e rows each): how much of the backward is the sorted
-path's own overhead.
+balanced reference (one einsum over experts with n k / e rows each, the size of the tiled form's capacity block)
+and for the tiled form's overflow tiles alone (the ``lax.scan`` past the capacity block): how much of the
+backward is the sorted path's own overhead.
 
-  .venv/bin/python benchmarks/predictive_parts.py            # ~1 minute on 2 cores
+  .venv/bin/python benchmarks/predictive_parts.py            # ~2 minutes on 2 cores
 Writes --out JSON (default benchmarks/results/predictive_parts.json) and a Markdown table beside it.
 """
 
@@ -40,7 +41,7 @@ from bmoe_jax.task import probit  # noqa: E402
 
 def parse_args():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--repeats", type=int, default=15)
   ap.add_argument("--out", default="benchmarks/results/predictive_parts.json")
   args = ap.parse_args()
   sizes = dict(d_model=256, layers=4, experts=8, top_k=2, expert_width=512, vocab=4096, batch=8, seq=64, rank=10)
@@ -76,14 +77,14 @@ def expert_backward(cfg, params, batch) -> dict:
   x_nd = taps[0].router_in_bsd.reshape(-1, cfg.hidden_size)  # the MoE block's normed input
   ek = taps[0].expert_bsk.reshape(-1, k)
   gk = taps[0].gate_bsk.reshape(-1, k).astype(x_nd.dtype)
-  w = params["layers"][0]["mlp"]["experts"]
+  w, act = params["layers"][0]["mlp"]["experts"], L.activation(cfg.hidden_act)
   x_ecd = jnp.broadcast_to(x_nd[:, None], (x_nd.shape[0], k, x_nd.shape[1])).reshape(e, -1, x_nd.shape[1])
 
   def sorted_fn(x):
     return moe.experts_sorted(x, ek, gk, w, cfg.hidden_act)[0]
 
   def balanced_fn(x):
-    return L.mm("ecf,efd->ecd", jax.nn.silu(L.mm("ecd,edf->ecf", x, w["w_gate"]))
+    return L.mm("ecf,efd->ecd", act(L.mm("ecd,edf->ecf", x, w["w_gate"]))
                 * L.mm("ecd,edf->ecf", x, w["w_up"]), w["w_down"])
 
   def with_vjp(fn):
@@ -92,8 +93,19 @@ def expert_backward(cfg, params, batch) -> dict:
       return y, pull(jnp.ones_like(y))[0]
     return jax.jit(run)
 
+  r, cap = moe.default_tile_rows(ek.size, e), ek.size // e  # experts_sorted's defaults
+  lay = moe._layout(ek, e, e, cap, r)
+  x_sd = jnp.broadcast_to(x_nd[:, None], (x_nd.shape[0], k, x_nd.shape[1])).reshape(ek.size, -1)
+  x_mrd = moe.take_rows(x_sd, lay.slot_p, lay.row_s)[e * cap:].reshape(-1, r, x_nd.shape[1])
+
+  def overflow_fn(x):
+    return moe._overflow_scan(act, x, w["w_gate"], w["w_up"], w["w_down"], lay.tile_e_m, lay.used_tiles)[1]
+
+  tiles = f"its overflow tiles ({int(lay.used_tiles)} used of a scan over {x_mrd.shape[0]} tiles of {r} rows)"
   return {"sorted path": (jax.jit(sorted_fn), with_vjp(sorted_fn), x_nd),
-          "balanced einsum (reference)": (jax.jit(balanced_fn), with_vjp(balanced_fn), x_ecd)}
+          "balanced einsum (reference; the size of the tiled form's capacity block)":
+              (jax.jit(balanced_fn), with_vjp(balanced_fn), x_ecd),
+          tiles: (jax.jit(overflow_fn), with_vjp(overflow_fn), x_mrd)}
 
 
 def main():
