@@ -51,6 +51,18 @@ def build(dtype, layers: int = 8):
   return cfg, params, tokens
 
 
+def balanced_rows(x_nd, k: int, e: int):
+  """[e, n k / e, d]: every token's k slot rows, dealt to the experts in equal shares (a perfectly balanced load)."""
+  n, d = x_nd.shape
+  return jnp.broadcast_to(x_nd[:, None], (n, k, d)).reshape(e, n * k // e, d)
+
+
+def balanced_experts(w: dict, x_ecd, act):
+  """The routed experts' matmuls on a balanced load as one batched einsum over experts (no routing, no gathers)."""
+  return L.mm("ecf,efd->ecd", act(L.mm("ecd,edf->ecf", x_ecd, w["w_gate"])) * L.mm("ecd,edf->ecf", x_ecd, w["w_up"]),
+              w["w_down"])
+
+
 def parts(cfg, params, tokens):
   """{name: (jitted fn, args, layers it stands for, useful FLOPs per call)} on the model's real intermediate
   inputs (the first layer's)."""
@@ -67,7 +79,7 @@ def parts(cfg, params, tokens):
   hd = cfg.num_heads * cfg.head_dim
   attn_flops = 2 * n * d * (hd + 2 * cfg.num_kv_heads * cfg.head_dim) + 2 * n * hd * d + 4 * n * s * hd
   expert_flops = 6 * n * k * d * f
-  x_ecd = jnp.broadcast_to(h_nd[:, None], (n, k, d)).reshape(e, n * k // e, d)
+  x_ecd = balanced_rows(h_nd, k, e)
   w = mp["experts"]
   return {
       "attention half (norms, attention, residual)": (
@@ -82,9 +94,7 @@ def parts(cfg, params, tokens):
           jax.jit(lambda p, x: M._head(p, cfg, L.rms_norm(x, p["final_norm"]["scale"], cfg.rms_norm_eps), None)),
           (params, h_bsd), 1, 2 * n * d * cfg.vocab_size),
       "reference: balanced experts (einsum, n k / e rows each)": (
-          jax.jit(lambda w, x: L.mm("ecf,efd->ecd", jax.nn.silu(L.mm("ecd,edf->ecf", x, w["w_gate"]))
-                                    * L.mm("ecd,edf->ecf", x, w["w_up"]), w["w_down"])),
-          (w, x_ecd), nl, expert_flops),
+          jax.jit(lambda w, x: balanced_experts(w, x, L.activation(cfg.hidden_act))), (w, x_ecd), nl, expert_flops),
       "reference: plain matmul [n, d] x [d, 2f]": (
           jax.jit(L.dot), (h_nd, jnp.concatenate([w["w_gate"][0], w["w_up"][0]], axis=1)), 0, 4 * n * d * f),
   }

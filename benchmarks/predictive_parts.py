@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bmoe_jax as B  # noqa: E402
+from benchmarks.forward_parts import balanced_experts, balanced_rows  # noqa: E402
 from benchmarks.laplace import moe_setup  # noqa: E402
 from benchmarks.timing import cpu_description, median_time, write_results  # noqa: E402
 from bmoe_jax.laplace import kfac, posterior as P, predictive as PR  # noqa: E402
@@ -78,14 +79,13 @@ def expert_backward(cfg, params, batch) -> dict:
   ek = taps[0].expert_bsk.reshape(-1, k)
   gk = taps[0].gate_bsk.reshape(-1, k).astype(x_nd.dtype)
   w, act = params["layers"][0]["mlp"]["experts"], L.activation(cfg.hidden_act)
-  x_ecd = jnp.broadcast_to(x_nd[:, None], (x_nd.shape[0], k, x_nd.shape[1])).reshape(e, -1, x_nd.shape[1])
+  x_ecd = balanced_rows(x_nd, k, e)
 
   def sorted_fn(x):
     return moe.experts_sorted(x, ek, gk, w, cfg.hidden_act)[0]
 
   def balanced_fn(x):
-    return L.mm("ecf,efd->ecd", act(L.mm("ecd,edf->ecf", x, w["w_gate"]))
-                * L.mm("ecd,edf->ecf", x, w["w_up"]), w["w_down"])
+    return balanced_experts(w, x, act)
 
   def with_vjp(fn):
     def run(x):
