@@ -6,8 +6,8 @@ the jitted forward, how many HLO instructions of each kind the optimised program
 multiply bfloat16 operands ("bf16 dots") rather than operands XLA upcast to float32 ("f32 dots"; a ``convert``
 of each operand, often of a whole expert weight, precedes them). XLA:CPU (jaxlib 0.10.2) keeps a bf16 dot only
 when YNNPACK takes it, which ``bmoe_jax.xla_cpu`` allows only under ``BMOE_XLA_WORKAROUND=dots`` (by default every
-bf16 dot is upcast); even then YNNPACK takes no dot whose operand is a slice of another array, such as the overflow
-tiles' expert weights (XLA then converts whole expert weights to float32 ahead of the tile loop).
+bf16 dot is upcast); even then YNNPACK takes no dot whose operand is a slice of another array, such as the chunk
+loops' expert weights (XLA then converts whole expert weights to float32 ahead of the loop).
 
   .venv/bin/python benchmarks/bf16_census.py                              # ~30 s on 2 cores
   BMOE_XLA_WORKAROUND=dots .venv/bin/python benchmarks/bf16_census.py     # with YNNPACK's dots

@@ -5,13 +5,13 @@ transformers, saved with ``save_pretrained`` and converted with ``convert.load_h
 both sides run exactly the same weights. For one batch of random token ids (no padding) it
 measures the median wall time of a full forward (logits included) over several repeats, after
 warm-up (for JAX: after compilation), and reports tokens/s and the ratio to transformers' float32. Our side
-runs ``jax.jit(bmoe_jax.forward)`` with expert_impl "dense", "sorted" (its forward runs per-expert chunks of
-``bmoe_jax.nn.moe.default_chunk_rows``; ``tile_rows`` only sizes the tiles of its derivatives, so ``--tiles``
-sweeps nothing the forward does unless asked) and "ragged" (very slow on CPU: fewer repeats).
+runs ``jax.jit(bmoe_jax.forward)`` with expert_impl "dense", "sorted" (per-expert chunks of 8 down to 1 times
+``chunk_rows``, default ``bmoe_jax.nn.expert_rows.default_chunk_rows``; ``--chunks`` sweeps it) and "ragged" (very
+slow on CPU: fewer repeats).
 transformers runs under ``torch.inference_mode()`` with its default experts implementation
 ("grouped_mm") and with "eager"; the faster of the two in float32 is the baseline of the ratio. With
 ``--dtypes float32,bfloat16`` (the default) both sides also run with every weight cast to bfloat16 (ours:
-"sorted" at the auto tile; matmuls accumulate in float32, ``nn.layers.mm``). "useful GFLOP/s" counts only the
+"sorted" at the auto chunk rows; matmuls accumulate in float32, ``nn.layers.mm``). "useful GFLOP/s" counts only the
 work a top-k model must do (k experts per token, full attention scores), so it compares against the CPU's
 matmul peak. The max abs difference of the logits (float32 rows: to transformers' float32; bfloat16 rows: to
 our float32) is printed as a sanity check. Timings are wall clock: run on an otherwise idle machine.
@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bmoe_jax as B  # noqa: E402
 from benchmarks.timing import cpu_description  # noqa: E402
-from bmoe_jax.nn.moe import default_tile_rows  # noqa: E402
+from bmoe_jax.nn.expert_rows import default_chunk_rows  # noqa: E402
 from convert import load_hf_checkpoint  # noqa: E402
 
 QUICK = dict(d_model=64, layers=2, experts=4, top_k=2, expert_width=128, heads=4, kv_heads=4,
-             head_dim=16, vocab=256, batch=2, seq=16, repeats=3, ragged_repeats=1, tiles="auto")
+             head_dim=16, vocab=256, batch=2, seq=16, repeats=3, ragged_repeats=1, chunks="auto")
 
 
 def parse_args():
@@ -65,7 +65,7 @@ def parse_args():
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--ragged-repeats", type=int, default=1, help="0 skips the ragged path")
-  ap.add_argument("--tiles", default="auto", help="tile_rows sweep for 'sorted' (its derivatives' tiles)")
+  ap.add_argument("--chunks", default="auto", help="chunk_rows sweep for 'sorted' (comma separated)")
   ap.add_argument("--dtypes", default="float32,bfloat16", help="float32 first; bfloat16 adds both sides in bf16")
   ap.add_argument("--torch-threads", type=int, default=0, help="0: leave torch's default")
   ap.add_argument("--seed", type=int, default=0)
@@ -123,7 +123,7 @@ def time_torch(model, tokens_bs, dtype: str, repeats: int) -> list[dict]:
       with torch.inference_mode():
         return model(input_ids=ids).logits
     med, best_s, first, out = time_it(run_torch, repeats, warmup=2)
-    rows.append(dict(name=f"transformers ({hf_impl}, {dtype})", impl=f"hf_{hf_impl}", dtype=dtype, tile_rows=None,
+    rows.append(dict(name=f"transformers ({hf_impl}, {dtype})", impl=f"hf_{hf_impl}", dtype=dtype, chunk_rows=None,
                      median_s=med, min_s=best_s, first_s=first, repeats=repeats, logits=out.float().numpy()))
     print(f"  {rows[-1]['name']}: {med:.3f} s", flush=True)
   model.set_experts_implementation(hf_default)
@@ -132,18 +132,18 @@ def time_torch(model, tokens_bs, dtype: str, repeats: int) -> list[dict]:
 
 
 def time_jax(params, cfg, tokens_bs, runs, auto_r: int) -> list[dict]:
-  """Rows for ``jax.jit(B.forward)``, one per (expert_impl, tile_rows, dtype, repeats) of ``runs``."""
-  fwd = jax.jit(B.forward, static_argnums=1, static_argnames=("expert_impl", "tile_rows"))
+  """Rows for ``jax.jit(B.forward)``, one per (expert_impl, chunk_rows, dtype, repeats) of ``runs``."""
+  fwd = jax.jit(B.forward, static_argnums=1, static_argnames=("expert_impl", "chunk_rows"))
   tokens_j = jnp.asarray(tokens_bs, jnp.int32)
   rows = []
   for impl, r, dtype, reps in runs:
     p = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
     def run_jax():
-      return fwd(p, cfg, tokens_j, expert_impl=impl, tile_rows=r).logits.block_until_ready()
+      return fwd(p, cfg, tokens_j, expert_impl=impl, chunk_rows=r).logits.block_until_ready()
     med, best_s, first, out = time_it(run_jax, reps)
     name = (impl if impl != "sorted" else f"sorted r={r or f'auto({auto_r})'}") + f", {dtype}"
-    rows.append(dict(name=name, impl=impl, dtype=dtype, tile_rows=r if r or impl != "sorted" else auto_r,
+    rows.append(dict(name=name, impl=impl, dtype=dtype, chunk_rows=r if r or impl != "sorted" else auto_r,
                      median_s=med, min_s=best_s, first_s=first, repeats=reps, logits=np.asarray(out, np.float32)))
     print(f"  {name}: {med:.3f} s (first call incl. compile {first:.1f} s)", flush=True)
   return rows
@@ -195,18 +195,18 @@ def main():
     info, params = load_hf_checkpoint(tmp, progress=False)
   params = jax.tree.map(jnp.asarray, params)
   tokens_bs = np.random.RandomState(args.seed).randint(0, args.vocab, (args.batch, args.seq))
-  auto_r = default_tile_rows(n_tok * args.top_k, args.experts)
+  auto_r = default_chunk_rows(n_tok * args.top_k, args.experts)
   dtypes = args.dtypes.split(",")
   print(f"config: d={args.d_model} layers={args.layers} experts={args.experts} top{args.top_k} "
         f"f={args.expert_width} heads={args.heads}/{args.kv_heads}x{args.head_dim} vocab={args.vocab}; "
         f"batch {args.batch}x{args.seq} = {n_tok} tokens, {dtypes}, CPU: {cpu_description()}")
   print(f"torch {torch.__version__} threads={torch.get_num_threads()}; jax {jax.__version__} "
-        f"{jax.devices()[0].platform}; auto tile_rows={auto_r}", flush=True)
+        f"{jax.devices()[0].platform}; auto chunk_rows={auto_r}", flush=True)
   load = os.getloadavg()[0]
   if load > 0.75 * os.cpu_count():  # a run that just ended leaves ~1 here for a minute
     print(f"WARNING: load average {load:.1f} before the run: other processes may skew the timings")
-  tiles = [None if t == "auto" else int(t) for t in args.tiles.split(",")]
-  runs = [("dense", None, "float32", args.repeats)] + [("sorted", t, "float32", args.repeats) for t in tiles]
+  chunks = [None if t == "auto" else int(t) for t in args.chunks.split(",")]
+  runs = [("dense", None, "float32", args.repeats)] + [("sorted", t, "float32", args.repeats) for t in chunks]
   if args.ragged_repeats > 0:
     runs.append(("ragged", None, "float32", args.ragged_repeats))
   runs += [("sorted", None, dt, args.repeats) for dt in dtypes if dt != "float32"]
@@ -217,7 +217,7 @@ def main():
   lines, base, best = summarise(rows, args, n_tok)
   print("\n" + "\n".join(lines))
   meta = dict(config={k: v for k, v in vars(args).items() if k != "out"}, tokens_per_batch=n_tok,
-              auto_tile_rows=auto_r, torch_version=torch.__version__, jax_version=jax.__version__,
+              auto_chunk_rows=auto_r, torch_version=torch.__version__, jax_version=jax.__version__,
               torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
               cpu=cpu_description(), baseline=base["name"],
               best_ours=best["name"], useful_gflop_per_batch=model_flops(args) / 1e9, loadavg_before=load)

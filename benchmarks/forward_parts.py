@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import bmoe_jax as B  # noqa: E402
 from benchmarks.timing import cpu_description, median_time, write_results  # noqa: E402
 from bmoe_jax import model as M  # noqa: E402
-from bmoe_jax.nn import layers as L, moe, rope  # noqa: E402
+from bmoe_jax.nn import expert_rows as R, layers as L, moe, rope  # noqa: E402
 
 
 def parse_args():
@@ -101,23 +101,20 @@ def parts(cfg, params, tokens):
 
 
 def load_stats(cfg, params, tokens) -> list[str]:
-  """Per MoE layer: the smallest and largest expert load against the mean, the rows the forward computes (each
-  load rounded up to chunk rows; ``moe._chunked_slots``) and its chunks, and the overflow tiles of the
-  differentiable form past its capacity block (the model's own routing of this batch)."""
+  """Per MoE layer: the smallest and largest expert load against the mean, and the rows the sorted path computes
+  (each load rounded up to chunk rows; ``nn.expert_rows``) in how many chunks: its forward and its derivatives
+  alike (the model's own routing of this batch)."""
   taps = B.forward(params, cfg, tokens, return_taps=True).taps
   lines = []
   for i, tap in sorted(taps.items()):
     ek = tap.expert_bsk.reshape(-1, cfg.num_experts_per_tok)
     loads = jnp.bincount(ek.reshape(-1), length=cfg.num_experts)
-    cap, r = ek.size // cfg.num_experts, moe.default_tile_rows(ek.size, cfg.num_experts)
-    c = moe.default_chunk_rows(ek.size, cfg.num_experts)
-    units = -(-loads // c)
-    top = 1 << (moe.CHUNK_CLASSES - 1)
-    chunks = int(sum(jnp.sum(moe.chunk_counts(units, c)) for c in range(moe.CHUNK_CLASSES)))
-    lay = moe._layout(ek, cfg.num_experts, cfg.num_experts, cap, r)
-    lines.append(f"layer {i}: loads {int(loads.min())}-{int(loads.max())} (mean {cap}); forward: "
-                 f"{int(jnp.sum(units)) * c} rows for {ek.size} slots in {chunks} chunks of {c}-{top * c} rows; "
-                 f"derivatives: {int(lay.used_tiles)} overflow tiles of {r} rows past the capacity block")
+    cap, r = ek.size // cfg.num_experts, R.default_chunk_rows(ek.size, cfg.num_experts)
+    units = -(-loads // r)
+    top = 1 << (R.CHUNK_CLASSES - 1)
+    chunks = int(sum(jnp.sum(R.chunk_counts(units, c)) for c in range(R.CHUNK_CLASSES)))
+    lines.append(f"layer {i}: loads {int(loads.min())}-{int(loads.max())} (mean {cap}); "
+                 f"{int(jnp.sum(units)) * r} rows for {ek.size} slots in {chunks} chunks of {r}-{top * r} rows")
   return lines
 
 

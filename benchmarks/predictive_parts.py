@@ -9,10 +9,9 @@ the MAP forward of the answer logits measured in the same run:
   * ``jacobian_stats`` (adds the per-expert projections of the Jacobian rows, ``predictive.project_rows``);
   * the whole predictive (adds ``logit_covariance`` and the probit).
 Then one layer's routed experts alone on the model's own routing, forward against forward + one vjp w.r.t.
-their input, for the sorted path (derivatives through its tiled form, ``nn.moe._tiled_slots``) and for the
-balanced reference (one einsum over experts with n k / e rows each, the size of the tiled form's capacity block)
-and for the tiled form's overflow tiles alone (the ``lax.scan`` past the capacity block): how much of the
-backward is the sorted path's own overhead.
+their input, for the sorted path (derivatives through the same per-expert chunk loops as its forward,
+``nn.expert_rows``) and for the balanced reference (one einsum over experts with n k / e rows each): how much of
+the backward is the sorted path's own overhead.
 
   .venv/bin/python benchmarks/predictive_parts.py            # ~2 minutes on 2 cores
 Writes --out JSON (default benchmarks/results/predictive_parts.json) and a Markdown table beside it.
@@ -93,19 +92,8 @@ def expert_backward(cfg, params, batch) -> dict:
       return y, pull(jnp.ones_like(y))[0]
     return jax.jit(run)
 
-  r, cap = moe.default_tile_rows(ek.size, e), ek.size // e  # experts_sorted's defaults
-  lay = moe._layout(ek, e, e, cap, r)
-  x_sd = jnp.broadcast_to(x_nd[:, None], (x_nd.shape[0], k, x_nd.shape[1])).reshape(ek.size, -1)
-  x_mrd = moe.take_rows(x_sd, lay.slot_p, lay.row_s)[e * cap:].reshape(-1, r, x_nd.shape[1])
-
-  def overflow_fn(x):
-    return moe._overflow_scan(act, x, w["w_gate"], w["w_up"], w["w_down"], lay.tile_e_m, lay.used_tiles)[1]
-
-  tiles = f"its overflow tiles ({int(lay.used_tiles)} used of a scan over {x_mrd.shape[0]} tiles of {r} rows)"
   return {"sorted path": (jax.jit(sorted_fn), with_vjp(sorted_fn), x_nd),
-          "balanced einsum (reference; the size of the tiled form's capacity block)":
-              (jax.jit(balanced_fn), with_vjp(balanced_fn), x_ecd),
-          tiles: (jax.jit(overflow_fn), with_vjp(overflow_fn), x_mrd)}
+          "balanced einsum (reference: n k / e rows per expert)": (jax.jit(balanced_fn), with_vjp(balanced_fn), x_ecd)}
 
 
 def main():

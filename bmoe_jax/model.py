@@ -62,7 +62,7 @@ def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32,
 
 
 def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "sorted",
-              tile_rows: int | None = None, perturb: dict | None = None, router=None,
+              chunk_rows: int | None = None, perturb: dict | None = None, router=None,
               train_router: bool = False) -> tuple[jax.Array, MoETaps]:
   """One MoE MLP. ``router``: (config, parameters, key, sample) of a ``routing`` router (``plan.layer_router``);
   None runs the deterministic router."""
@@ -84,7 +84,7 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
                                                 train_router, p["router"].get("bias")))
   perturb_nkd = None if perturb is None or "routed" not in perturb else perturb["routed"].reshape(b * s, k, d)
   out_nd, h_nkf = M.routed_experts(expert_impl, x_nd, routing.expert_nk, routing.gate_nk,
-                                   p["experts"], cfg.hidden_act, perturb_nkd, tile_rows)
+                                   p["experts"], cfg.hidden_act, perturb_nkd, chunk_rows)
   shared_in = None
   if "shared" in p:
     shared_in = L.gated_hidden(p["shared"], x_nd, cfg.hidden_act)
@@ -103,7 +103,7 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
 
 def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
             attention_mask_bs: jax.Array | None = None, positions_bs: jax.Array | None = None, *,
-            expert_impl: str = "sorted", tile_rows: int | None = None,
+            expert_impl: str = "sorted", chunk_rows: int | None = None,
             perturb: dict[int, dict] | None = None, return_taps: bool = False,
             return_hidden: bool = False, logit_positions_b: jax.Array | None = None,
             start_layer: int = 0, states_bsd: jax.Array | None = None,
@@ -139,7 +139,7 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     if w not in masks:
       masks[w] = L.attention_mask(attention_mask_bs, s, w, segments_bs, positions_bs)
     x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, cos_bsc, sin_bsc, masks[w], expert_impl,
-                                tile_rows, None if perturb is None else perturb.get(i),
+                                chunk_rows, None if perturb is None else perturb.get(i),
                                 layer_router(params, routing, i), routing is not None and routing.train)
     if return_taps and tap is not None:
       taps[i] = tap
@@ -176,13 +176,13 @@ def _inputs(params, cfg: MoEConfig, tokens_bs, positions_bs, start_layer: int, s
   return x_bsd, positions_bs, cos_bsc, sin_bsc
 
 
-def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, expert_impl, tile_rows, perturb,
+def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, expert_impl, chunk_rows, perturb,
                    router=None, train_router: bool = False):
   """One pre-norm decoder layer: (output states, the MoE taps or None for a dense layer)."""
   x_bsd, h_bsd = _attention_half(lp, cfg, x_bsd, cos_bsc, sin_bsc, mask)
   if not cfg.moe_layers[i]:
     return _residual(cfg, x_bsd, L.gated_mlp(lp["mlp"], h_bsd, cfg.hidden_act)), None
-  y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, tile_rows=tile_rows, perturb=perturb,
+  y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, chunk_rows=chunk_rows, perturb=perturb,
                          router=router, train_router=train_router)
   return _residual(cfg, x_bsd, y_bsd), tap
 

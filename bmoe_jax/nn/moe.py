@@ -1,16 +1,14 @@
 """Router and routed experts: three expert paths with identical results.
 
 Shapes in names: n tokens (flattened batch x sequence), d model width, f expert width, e experts,
-k slots per token (top-k), p padded slot rows, c capacity rows per expert, m tiles, r rows per tile.
+k slots per token (top-k), p padded slot rows.
 
 * ``dense``: every expert on every token, then the top-k slots are picked out. Exact reference;
   costs e/k times the routed work.
-* ``sorted``: slots are sorted by expert. Without differentiation, a loop over experts runs each expert's rows in
-  chunks of 8r, 4r, 2r and r rows (its load rounded up to r rows: no capacity, little padding; trip counts
-  follow the loads). Under jvp/vjp (a ``custom_jvp``: the derivatives come from a fixed-shape form with the same
-  values) each expert's first ``n*k // e`` slots (its share of a balanced load) run as one batched einsum over
-  experts and the slots past that share go to overflow tiles, a ``lax.scan`` over every tile that skips unused
-  ones. Dropless: the buffers are sized for the worst case. The fast path on CPU.
+* ``sorted``: slots are sorted by expert into a buffer (each load rounded up to r rows); a loop over experts runs
+  each expert's rows in chunks of 8r, 4r, 2r and r rows (trip counts follow the loads: no capacity, little
+  padding). The derivatives are the same loops (``nn.expert_rows``: a tangent map and its transpose), so the MAP
+  step, K-FAC's pullbacks and the predictive pay only for the routed rows. Dropless. The fast path on CPU.
   Under a mesh with an ``expert`` axis (``jax.set_mesh``) it runs expert-parallel: ``shard_map`` over
   the experts, each device computing only its own experts' slots (``experts_expert_parallel``).
 * ``ragged``: slots sorted by expert, then ``jax.lax.ragged_dot`` (GPU/TPU grouped GEMM; far slower
@@ -24,14 +22,12 @@ moved by ``take_rows``, a ``custom_jvp`` whose transpose is a gather, not a scat
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmoe_jax.nn.layers import activation, dot, mm
+from bmoe_jax.nn import expert_rows as R
+from bmoe_jax.nn.layers import activation, mm
 from bmoe_jax.routing.gating import Routing, route  # noqa: F401  (the MoE layer's deterministic router)
 
 EXPERT_IMPLS = ("dense", "sorted", "ragged")
@@ -51,23 +47,6 @@ def experts_dense(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None)
   y_ned = mm("nef,efd->ned", h_nef, w["w_down"])
   y_nkd = jnp.take_along_axis(y_ned, expert_nk[:, :, None], axis=1)
   return _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, x_nd.dtype)
-
-
-def _varying_axes(x) -> frozenset:
-  """The mesh axes ``x`` varies over inside ``shard_map`` (empty outside it)."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))  # older JAX
-
-
-def default_tile_rows(num_slots: int, num_experts: int) -> int:
-  """Rows per overflow tile: the power of two at or below half the mean expert load, at most 64 (measured on CPU,
-  random Mixtral d=512, 16 experts top-2, 1024 tokens: 64 gives the fastest forward; one layer's value_and_grad
-  is ~5% faster at 32)."""
-  target = min(64, max(1, num_slots // (2 * num_experts)))
-  return 1 << (target.bit_length() - 1)
 
 
 @jax.custom_jvp
@@ -93,208 +72,29 @@ def _take_rows_jvp(primals, tangents):
   return take_rows(x_ad, idx_b, inv_a), dy_bd
 
 
-def _sort_slots(expert_nk, num_experts):
-  """Order slots by expert; returns (order, expert of each sorted slot, group sizes, group starts)."""
-  flat_s = expert_nk.reshape(-1)
-  order_s = jnp.argsort(flat_s, stable=True).astype(jnp.int32)
-  sorted_e_s = flat_s[order_s]
-  sizes_e = jnp.bincount(flat_s, length=num_experts).astype(jnp.int32)
-  starts_e = jnp.cumsum(sizes_e) - sizes_e
-  return order_s, sorted_e_s, sizes_e, starts_e
-
-
-class Layout(NamedTuple):
-  """Where ``experts_sorted`` puts each slot. Rows ``[0, e * capacity)`` are the capacity block (expert
-  ``i`` owns rows ``[i * capacity, (i + 1) * capacity)``); the rows after it are overflow tiles of ``r`` rows,
-  each owned by one expert."""
-  row_s: jax.Array  # [n k] padded row of each slot
-  slot_p: jax.Array  # [p] slot of each padded row (>= n k for padding)
-  tile_e_m: jax.Array  # [m] expert of each overflow tile
-  used_tiles: jax.Array  # overflow tiles holding valid slots (the rest are skipped)
-
-
-def _layout(expert_nk, groups: int, e: int, capacity: int, r: int) -> Layout:
-  """Slots of each of the first ``e`` groups fill that expert's capacity rows in order, the rest go to the group's
-  overflow tiles; group ``e`` (if ``groups = e + 1``: slots not to compute) goes to tiles after every valid one."""
-  slots = expert_nk.size
-  order_s, sorted_e_s, sizes_e, starts_e = _sort_slots(expert_nk, groups)
-  rank_s = jnp.arange(slots, dtype=jnp.int32) - starts_e[sorted_e_s]
-  cap_e = jnp.where(jnp.arange(groups) < e, capacity, 0)
-  over_e = (jnp.maximum(sizes_e - cap_e, 0) + r - 1) // r * r
-  over_ends_e = jnp.cumsum(over_e)
-  over_row_s = e * capacity + over_ends_e[sorted_e_s] - over_e[sorted_e_s] + rank_s - cap_e[sorted_e_s]
-  row_sorted_s = jnp.where(rank_s < cap_e[sorted_e_s], sorted_e_s * capacity + rank_s, over_row_s)
-  row_s = jnp.zeros((slots,), jnp.int32).at[order_s].set(row_sorted_s, unique_indices=True)
-  worst = (slots if groups > e else max(slots - capacity, 0)) + groups * (r - 1)  # every slot past a capacity
-  p = e * capacity + -(-worst // r) * r
-  # padding rows take distinct out-of-range slots, so the indices of every take_rows gather and scatter are unique
-  slot_p = (slots + jnp.arange(p, dtype=jnp.int32)).at[row_s].set(jnp.arange(slots, dtype=jnp.int32),
-                                                                  unique_indices=True)
-  tiles = (p - e * capacity) // r
-  tile_e_m = jnp.minimum(jnp.searchsorted(over_ends_e, jnp.arange(tiles) * r, side="right"), e - 1)
-  return Layout(row_s, slot_p, tile_e_m, over_ends_e[e - 1] // r)
-
-
 def experts_sorted(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None,
-                   tile_rows: int | None = None, valid_nk=None, capacity: int | None = None,
-                   chunk_rows: int | None = None):
+                   chunk_rows: int | None = None, valid_nk=None):
   """Dropless sorted path. Same results as ``experts_dense`` (to float rounding).
 
-  Slots are sorted by expert. The forward is ``_chunked_slots`` (per expert, chunks of ``8 chunk_rows`` down to
-  ``chunk_rows`` rows; default ``default_chunk_rows``). Its derivatives (a ``custom_jvp``; ``jax.jvp``/``linearize``
-  and reverse mode through them) are those of ``_tiled_slots``: each expert's first ``capacity`` slots (default:
-  the mean load, ``n k // e``) go to its rows of a capacity block ``[e, capacity, d]`` computed as one batched
-  einsum (the balanced case's cost); the slots past an expert's capacity go to overflow tiles of ``tile_rows``
-  rows aligned to expert boundaries, a ``lax.scan`` over every tile that skips unused ones with ``lax.cond``
-  (under ``vmap`` with batched routing the cond becomes a select: still exact, every tile is then computed).
-  Rows move in and out of the padded buffer with ``take_rows`` (gathers both ways under reverse mode).
+  Slots are sorted by expert into a buffer where each expert's load is rounded up to ``chunk_rows`` rows (default
+  ``expert_rows.default_chunk_rows``); ``expert_rows.rows_mlp`` runs each expert's rows in chunks of 8 down to 1
+  times ``chunk_rows``, and so do its tangent map and that map's transpose: every derivative costs what the
+  routed rows cost. Rows move in and out of the buffer with ``take_rows`` (gathers both ways under reverse mode).
 
-  ``valid_nk``: slots to compute (default all); the others go to a trailing group that is never computed and
-  gives zero outputs (the expert-parallel path: slots of experts on other devices).
+  ``valid_nk``: slots to compute (default all); the others are never computed and give zero outputs (the
+  expert-parallel path: slots of experts on other devices).
   """
   n, k = expert_nk.shape
   e = w["w_gate"].shape[0]
-  sizes = (tile_rows or default_tile_rows(n * k, e), n * k // e if capacity is None else capacity,
-           chunk_rows or default_chunk_rows(n * k, e))
-  groups = e if valid_nk is None else e + 1
+  r = chunk_rows or R.default_chunk_rows(n * k, e)
   if valid_nk is not None:
     expert_nk = jnp.where(valid_nk, expert_nk, e)
-  h_nkf, y_nkd = _slot_mlp(act, groups, sizes, x_nd, expert_nk, w["w_gate"], w["w_up"], w["w_down"])
-  return _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, x_nd.dtype)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _slot_mlp(act, groups, sizes, x_nd, expert_nk, wg_edf, wu_edf, wd_efd):
-  """(down_proj inputs [n, k, f], outputs [n, k, d]) of every slot: ``_chunked_slots``, with the derivatives of
-  ``_tiled_slots`` (same values; ``sizes`` = (tile rows, capacity, chunk rows))."""
-  return _chunked_slots(act, groups, sizes[2], x_nd, expert_nk, wg_edf, wu_edf, wd_efd)
-
-
-@_slot_mlp.defjvp
-def _slot_mlp_jvp(act, groups, sizes, primals, tangents):
-  return jax.jvp(functools.partial(_tiled_slots, act, groups, sizes[:2]), primals, tangents)
-
-
-def _tiled_slots(act, groups, sizes, x_nd, expert_nk, wg_edf, wu_edf, wd_efd):
-  """The differentiable form of ``_slot_mlp``: capacity block plus a scan over overflow tiles (fixed shapes)."""
-  n, k = expert_nk.shape
-  e, d, f = wg_edf.shape
-  slots = n * k
-  r, capacity = sizes
-  w = {"w_gate": wg_edf, "w_up": wu_edf, "w_down": wd_efd}
-  lay = _layout(expert_nk, groups, e, capacity, r)
-  x_sd = jnp.broadcast_to(x_nd[:, None], (n, k, d)).reshape(slots, d)
+  lay = R.layout(expert_nk, e, r)
+  x_sd = jnp.broadcast_to(x_nd[:, None], (n, k, x_nd.shape[1])).reshape(n * k, -1)
   x_pd = take_rows(x_sd, lay.slot_p, lay.row_s)
-  fn = activation(act)
-  x_ecd = x_pd[:e * capacity].reshape(e, capacity, d)
-  h_ecf = fn(mm("ecd,edf->ecf", x_ecd, w["w_gate"])) * mm("ecd,edf->ecf", x_ecd, w["w_up"])
-  y_ecd = mm("ecf,efd->ecd", h_ecf, w["w_down"])
-  h_mrf, y_mrd = _overflow_tiles(x_pd[e * capacity:], lay, w, fn, r)
-  h_pf = jnp.concatenate([h_ecf.reshape(-1, f), h_mrf.reshape(-1, f)])
-  y_pd = jnp.concatenate([y_ecd.reshape(-1, d), y_mrd.reshape(-1, d)])
-  return take_rows(h_pf, lay.row_s, lay.slot_p).reshape(n, k, -1), take_rows(y_pd, lay.row_s, lay.slot_p).reshape(
-      n, k, -1)
-
-
-CHUNK_CLASSES = 4  # chunk sizes 8r, 4r, 2r, r: a load of L slots runs as L // 8r full chunks plus at most three
-
-
-def default_chunk_rows(num_slots: int, num_experts: int) -> int:
-  """The smallest chunk of the forward's per-expert chunks: the power of two at or below a quarter of the mean
-  expert load, at most 32 (measured on CPU, random Mixtral d=512, 16 experts top-2, 1024 tokens, loads 1-416:
-  32-row chunks up to 256 ran the experts in 0.72-1.04x the capacity-plus-tiles form's time over several noisy
-  runs; 16-row chunks or chunks up to 512 rows no different, 64-row chunks no better)."""
-  target = min(32, max(1, num_slots // (4 * num_experts)))
-  return 1 << (target.bit_length() - 1)
-
-
-def chunk_counts(units, c: int):
-  """Chunks of class ``c`` (``8 >> c`` units of r rows each) for a load of ``units`` units: ``units // 8`` full
-  chunks for class 0, then one chunk per set bit of the remainder."""
-  top = 1 << (CHUNK_CLASSES - 1)
-  return units // top if c == 0 else (units // (top >> c)) % 2
-
-
-def _chunked_slots(act, groups, r, x_nd, expert_nk, wg_edf, wu_edf, wd_efd):
-  """The forward of ``_slot_mlp``. Each of the first ``e`` groups' slots fill that expert's rows of a buffer, its
-  load rounded up to ``r`` rows (``units_e`` units of r); a loop over experts slices each expert's weights once
-  and runs its rows in chunks of 8r rows (``units_e // 8`` of them), then one chunk of 4r, 2r, r per set bit of
-  ``units_e % 8`` (loops with trip counts of the loads: no worst-case buffer is computed). Group ``e`` (slots not to
-  compute) gets zeros."""
-  n, k = expert_nk.shape
-  e, d, f = wg_edf.shape
-  slots = n * k
-  order_s, sorted_e_s, sizes_e, starts_e = _sort_slots(expert_nk, groups)
-  units_e = (sizes_e[:e] + r - 1) // r
-  first_e = jnp.cumsum(units_e) - units_e
-  top = 1 << (CHUNK_CLASSES - 1)
-  p = max((slots + e * (r - 1) + r - 1) // r, top) * r  # every load rounded up to r rows, at worst; >= a chunk
-  rank_s = jnp.arange(slots, dtype=jnp.int32) - starts_e[sorted_e_s]
-  row_sorted_s = jnp.where(sorted_e_s < e, first_e[jnp.minimum(sorted_e_s, e - 1)] * r + rank_s, p)
-  row_s = jnp.zeros((slots,), jnp.int32).at[order_s].set(row_sorted_s, unique_indices=True)
-  slot_p = jnp.full((p,), slots, jnp.int32).at[row_s].set(jnp.arange(slots, dtype=jnp.int32), mode="drop")
-  x_pd = x_nd.at[slot_p // k].get(mode="fill", fill_value=0)  # slot s is token s // k; padding rows are zeros
-  fn = activation(act)
-
-  def expert(j, bufs):
-    ws = (wg_edf[j], wu_edf[j], wd_efd[j])
-    units = units_e[j]
-    for c in range(CHUNK_CLASSES):
-      m = top >> c  # units per chunk
-      count, start = chunk_counts(units, c), first_e[j] + (0 if c == 0 else units // (2 * m) * 2 * m)
-
-      def chunk(i, bufs, m=m, start=start):
-        row = (start + i * m) * r
-        h_rf, y_rd = _tile_mlp(fn, jax.lax.dynamic_slice_in_dim(x_pd, row, m * r), *ws)
-        return tuple(jax.lax.dynamic_update_slice_in_dim(b, v, row, 0) for b, v in zip(bufs, (h_rf, y_rd)))
-      bufs = jax.lax.fori_loop(0, count, chunk, bufs)
-    return bufs
-
-  tile = (jax.ShapeDtypeStruct((p, d), x_pd.dtype), wg_edf[0], wu_edf[0], wd_efd[0])
-  h_pf, y_pd = jax.lax.fori_loop(0, e, expert, _zeros_like_tile(fn, *tile, like=(x_pd, wg_edf, wu_edf, wd_efd)))
-  return tuple(b.at[row_s].get(mode="fill", fill_value=0).reshape(n, k, -1) for b in (h_pf, y_pd))
-
-
-def _overflow_tiles(x_pd, lay: Layout, w: dict, fn, r: int):
-  """([m, r, f] hidden, [m, r, d] output) of the overflow tiles; unused tiles give zeros."""
-  m = lay.tile_e_m.shape[0]
-  if m == 0:  # no overflow possible (one expert, one-row tiles)
-    tile = jax.ShapeDtypeStruct((r, x_pd.shape[1]), x_pd.dtype)
-    outs = jax.eval_shape(functools.partial(_tile_mlp, fn), tile, *(w[k][0] for k in ("w_gate", "w_up", "w_down")))
-    return tuple(jnp.zeros((0,) + o.shape, o.dtype) for o in outs)
-  return _overflow_scan(fn, x_pd.reshape(m, r, -1), w["w_gate"], w["w_up"], w["w_down"], lay.tile_e_m,
-                        lay.used_tiles)
-
-
-def _tile_mlp(fn, x_rd, wg_df, wu_df, wd_fd):
-  h_rf = fn(dot(x_rd, wg_df)) * dot(x_rd, wu_df)
-  return h_rf, dot(h_rf, wd_fd)
-
-
-def _zeros_like_tile(fn, *args, like=None):
-  """Zero (hidden, output) of one tile (``args``: arrays or shapes); inside ``shard_map`` varying over the same mesh
-  axes as ``like`` (default ``args``)."""
-  zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in jax.eval_shape(functools.partial(_tile_mlp, fn), *args))
-  vma = tuple(sorted(set().union(*(_varying_axes(a) for a in (args if like is None else like)))))
-  return tuple(jax.lax.pcast(z, vma, to="varying") for z in zeros) if vma else zeros
-
-
-def _overflow_scan(fn, x_mrd, wg_edf, wu_edf, wd_efd, tile_e_m, used_tiles):
-  """A ``lax.scan`` over every overflow tile, unused ones skipped by a cond (zeros)."""
-  # Remat everything but the matmul outputs: without it, reverse mode saves each tile's [d, f] weight
-  # slices as scan residuals (a copy of every used expert's weights per tile).
-  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  def tile(_, inp):
-    # The expert's weights are sliced outside the cond, so the backward pass accumulates [d, f]
-    # cotangents per tile rather than full [e, d, f] ones out of each cond.
-    x_rd, expert, i = inp
-    ws = (wg_edf[expert], wu_edf[expert], wd_efd[expert])
-    return None, jax.lax.cond(i < used_tiles, functools.partial(_tile_mlp, fn),
-                              functools.partial(_zeros_like_tile, fn), x_rd, *ws)
-
-  m = x_mrd.shape[0]
-  _, (h_mrf, y_mrd) = jax.lax.scan(tile, None, (x_mrd, tile_e_m, jnp.arange(m)))
-  return h_mrf, y_mrd
+  h_pf, y_pd = R.rows_mlp(act, r, x_pd, lay.units_e, lay.first_e, w["w_gate"], w["w_up"], w["w_down"])
+  h_nkf, y_nkd = (take_rows(b, lay.row_s, lay.slot_p).reshape(n, k, -1) for b in (h_pf, y_pd))
+  return _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, x_nd.dtype)
 
 
 def _tie_batching(*arrays):
@@ -321,7 +121,7 @@ def experts_ragged(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   """Grouped-GEMM path with ``jax.lax.ragged_dot`` (for GPU/TPU)."""
   n, k = expert_nk.shape
   e = w["w_gate"].shape[0]
-  order_s, _, sizes_e, _ = _sort_slots(expert_nk, e)
+  order_s, _, sizes_e, _ = R.sort_slots(expert_nk, e)
   inv_s = jnp.zeros_like(order_s).at[order_s].set(jnp.arange(n * k, dtype=order_s.dtype), unique_indices=True)
   x_sd = take_rows(jnp.broadcast_to(x_nd[:, None], (n, k, x_nd.shape[1])).reshape(n * k, -1), order_s, inv_s)
   x_sd, sizes_e, *wts = _tie_batching(x_sd, sizes_e, w["w_gate"], w["w_up"], w["w_down"])
@@ -343,7 +143,7 @@ def _expert_mesh():
 
 
 def experts_expert_parallel(mesh, x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None,
-                            tile_rows: int | None = None):
+                            chunk_rows: int | None = None):
   """The sorted path with the experts split over the mesh's ``expert`` axis (``jax.shard_map``): each
   device runs only the slots routed to its own experts against its local weights (the others are
   skipped), and the partial outputs are summed over the axis (``psum``). Tokens stay split over the
@@ -363,7 +163,7 @@ def experts_expert_parallel(mesh, x_nd, expert_nk, gate_nk, w: dict, act: str, p
     mine_nk = (ids_nk >= 0) & (ids_nk < e_loc)
     gate_nk = jnp.where(mine_nk, gate_nk, 0).astype(gate_nk.dtype)
     out_nd, h_nkf = experts_sorted(x_nd, jnp.where(mine_nk, ids_nk, 0), gate_nk, w, act, perturb_nkd,
-                                   tile_rows, valid_nk=mine_nk, capacity=expert_nk.size // e)
+                                   chunk_rows, valid_nk=mine_nk)
     return jax.lax.psum(out_nd, "expert"), jax.lax.psum(h_nkf, "expert")
 
   if e % num:
@@ -374,7 +174,7 @@ def experts_expert_parallel(mesh, x_nd, expert_nk, gate_nk, w: dict, act: str, p
   return fn(x_nd, expert_nk, gate_nk, w, perturb_nkd)
 
 
-def routed_experts(impl: str, x_nd, expert_nk, gate_nk, w, act, perturb_nkd=None, tile_rows=None):
+def routed_experts(impl: str, x_nd, expert_nk, gate_nk, w, act, perturb_nkd=None, chunk_rows=None):
   w = {name: jnp.asarray(a) for name, a in w.items()}  # numpy weights cannot be indexed by tracers
   if expert_nk.size == 0:  # no tokens: nothing routed
     n, k = expert_nk.shape
@@ -385,8 +185,8 @@ def routed_experts(impl: str, x_nd, expert_nk, gate_nk, w, act, perturb_nkd=None
   if impl == "sorted":
     mesh = _expert_mesh()
     if mesh is not None and w["w_gate"].shape[0] % mesh.shape["expert"] == 0:
-      return experts_expert_parallel(mesh, x_nd, expert_nk, gate_nk, w, act, perturb_nkd, tile_rows)
-    return experts_sorted(x_nd, expert_nk, gate_nk, w, act, perturb_nkd, tile_rows)
+      return experts_expert_parallel(mesh, x_nd, expert_nk, gate_nk, w, act, perturb_nkd, chunk_rows)
+    return experts_sorted(x_nd, expert_nk, gate_nk, w, act, perturb_nkd, chunk_rows)
   if impl == "ragged":
     return experts_ragged(x_nd, expert_nk, gate_nk, w, act, perturb_nkd)
   raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {impl!r}")

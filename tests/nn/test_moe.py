@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bmoe_jax as B
+from bmoe_jax.nn import expert_rows as R
 from bmoe_jax.nn import moe as M
 
 IMPLS = ("dense", "sorted", "ragged")
@@ -24,9 +25,9 @@ def _problem(key, n=13, d=6, f=5, e=4, k=2, dtype=jnp.float32):
   return x, w, router
 
 
-def _run(impl, x, w, router, k=2, perturb=None, tile_rows=None):
+def _run(impl, x, w, router, k=2, perturb=None, chunk_rows=None):
   r = M.route(x, router, k, norm_topk_prob=True)
-  return M.routed_experts(impl, x, r.expert_nk, r.gate_nk.astype(x.dtype), w, "silu", perturb, tile_rows)
+  return M.routed_experts(impl, x, r.expert_nk, r.gate_nk.astype(x.dtype), w, "silu", perturb, chunk_rows)
 
 
 @given(n=st.integers(1, 40), e=st.integers(1, 9), k=st.integers(1, 4), tile=st.sampled_from([None, 1, 2, 3, 8]),
@@ -35,10 +36,10 @@ def _run(impl, x, w, router, k=2, perturb=None, tile_rows=None):
 def test_paths_agree_property(n, e, k, tile, seed):
   k = min(k, e)
   x, w, router = _problem(jax.random.key(seed), n=n, e=e, k=k)
-  run = jax.jit(_run, static_argnums=(0, 4), static_argnames="tile_rows")
+  run = jax.jit(_run, static_argnums=(0, 4), static_argnames="chunk_rows")
   ref_out, ref_h = run("dense", x, w, router, k)
   for impl in ("sorted", "ragged"):
-    out, h = run(impl, x, w, router, k, tile_rows=tile)
+    out, h = run(impl, x, w, router, k, chunk_rows=tile)
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(h, ref_h, atol=2e-5, rtol=1e-5)
 
@@ -50,7 +51,7 @@ def test_all_tokens_to_one_expert_is_dropless():
   gate = jnp.ones((32, 1))
   ref = M.experts_dense(x, expert, gate, w, "silu")[0]
   for tile in (None, 1, 4, 32):
-    np.testing.assert_allclose(M.experts_sorted(x, expert, gate, w, "silu", tile_rows=tile)[0], ref,
+    np.testing.assert_allclose(M.experts_sorted(x, expert, gate, w, "silu", chunk_rows=tile)[0], ref,
                                atol=1e-5)
   np.testing.assert_allclose(M.experts_ragged(x, expert, gate, w, "silu")[0], ref, atol=1e-5)
 
@@ -196,7 +197,7 @@ def test_sorted_backward_has_no_float_scatter():
   (the slow part of the backward on CPU) are gone; integer scatters building the layout remain."""
   x, w, router = _problem(jax.random.key(13), n=40, e=4)
   r = M.route(x, router, 2, norm_topk_prob=True)
-  loss = lambda x, w: jnp.sum(M.experts_sorted(x, r.expert_nk, r.gate_nk, w, "silu", tile_rows=4)[0] ** 2)
+  loss = lambda x, w: jnp.sum(M.experts_sorted(x, r.expert_nk, r.gate_nk, w, "silu", chunk_rows=4)[0] ** 2)
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr
   float_scatters = [eqn for eqn in _all_eqns(jaxpr) if "scatter" in eqn.primitive.name
                     and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating)]
@@ -213,51 +214,80 @@ def _all_eqns(jaxpr):
           yield from _all_eqns(getattr(inner, "jaxpr", inner))
 
 
-@pytest.mark.parametrize("loads", [(10, 10, 10, 10), (40, 0, 0, 0), (13, 7, 12, 8), (1, 2, 3, 34)])
-def test_capacity_block_and_overflow_tiles(loads):
-  """Balanced loads fill the capacity block exactly; skewed loads overflow into tiles; both equal the dense path,
-  for tile sizes that do and do not divide the overflow, and for explicit capacities (0: all tiles)."""
-  x, w, _ = _problem(jax.random.key(14), n=20, e=4)
-  expert = jnp.asarray(np.random.default_rng(0).permutation(np.repeat(np.arange(4), loads)).reshape(20, 2))
-  gate = jax.random.uniform(jax.random.key(15), (20, 2))
-  ref_out, ref_h = M.experts_dense(x, expert, gate, w, "silu")
-  ws = (w["w_gate"], w["w_up"], w["w_down"])
-  for tile, cap in ((2, 10), (1, 10), (3, 10), (4, 0), (2, 25)):  # the form derivatives are taken of
-    h, y = M._tiled_slots("silu", 4, (tile, cap), x, expert, *ws)
-    np.testing.assert_allclose(M._combine(y, h, gate, None, x.dtype)[0], ref_out, atol=1e-5)
-    np.testing.assert_allclose(h, ref_h, atol=1e-5)
-  lay = M._layout(expert, 4, 4, 10, 4)
-  assert sorted(np.asarray(lay.row_s).tolist()) == sorted(set(np.asarray(lay.row_s).tolist()))  # injective
-  np.testing.assert_array_equal(np.asarray(lay.slot_p)[np.asarray(lay.row_s)], np.arange(40))
-  assert int(lay.used_tiles) == sum(-(-max(c - 10, 0) // 4) for c in loads)
+LOADS = ((1, 2, 3, 34), (10, 10, 10, 10), (0, 0, 17, 23), (40, 0, 0, 0))
+
+
+def test_layout_is_a_permutation_of_slots():
+  """Each expert's rows start where the previous expert's load (rounded up to r rows) ends; slots not to compute
+  (group e) get distinct rows past the buffer; ``slot_p`` inverts ``row_s`` (padding rows: distinct, out of range)."""
+  rng = np.random.default_rng(0)
+  for loads in LOADS:
+    ek = jnp.asarray(rng.permutation(np.repeat(np.arange(4), loads)).reshape(20, 2))
+    skip = jnp.where(jnp.asarray(rng.random((20, 2)) < 0.7), ek, 4)
+    for experts, r in ((ek, 3), (ek, 1), (skip, 4)):
+      lay = R.layout(experts, 4, r)
+      row, slot = np.asarray(lay.row_s), np.asarray(lay.slot_p)
+      p = R.padded_rows(40, 4, r)
+      assert slot.shape == (p,) and len(set(row.tolist())) == 40 and len(set(slot.tolist())) == p
+      flat = np.asarray(experts).reshape(-1)
+      sizes = np.bincount(flat, minlength=5)[:4]
+      np.testing.assert_array_equal(lay.units_e, -(-sizes // r))
+      valid = flat < 4
+      np.testing.assert_array_equal(slot[row[valid]], np.arange(40)[valid])
+      assert (row[~valid] >= p).all()
+      first = np.asarray(lay.first_e) * r
+      for j in range(4):  # expert j's slots fill its rows in order
+        np.testing.assert_array_equal(np.sort(row[flat == j]), first[j] + np.arange(sizes[j]))
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5])
-def test_forward_chunks_each_expert_and_equals_the_differentiable_form(chunk):
-  """Without differentiation each expert's rows run in chunks of 8r..r rows in loops whose trip counts follow the
-  loads (no scan over worst-case tiles); jvp and vjp go through the capacity-plus-tiles form. Same values, also
-  for slots left out (``valid_nk``) and under vmap with a different load per example (batched trip counts)."""
+def test_chunk_loops_follow_the_loads_in_every_derivative(chunk):
+  """Forward, jvp and vjp (w.r.t. inputs and every expert weight) equal the dense path for skewed loads, slots
+  left out (``valid_nk``) and chunk sizes that do not divide the loads; all three run as loops over chunks
+  (``while``; no ``cond`` skipping worst-case tiles), the derivatives as one ``linear_call``."""
   x, w, _ = _problem(jax.random.key(16), n=20, e=4)
   rng = np.random.default_rng(1)
-  experts = jnp.asarray(np.stack([rng.permutation(np.repeat(np.arange(4), loads)).reshape(20, 2)
-                                  for loads in ((1, 2, 3, 34), (10, 10, 10, 10), (0, 0, 17, 23), (40, 0, 0, 0))]))
   gate = jax.random.uniform(jax.random.key(17), (20, 2))
-  ws = (w["w_gate"], w["w_up"], w["w_down"])
-  for ek in experts:
-    for a, b in zip(M._chunked_slots("silu", 4, chunk, x, ek, *ws), M._tiled_slots("silu", 4, (3, 10), x, ek, *ws)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  valid = jnp.asarray(rng.random((20, 2)) < 0.6)
-  skip = jnp.where(valid, experts[2], 4)  # the expert-parallel path's trailing group: never computed, zeros
-  for a, b in zip(M._chunked_slots("silu", 5, chunk, x, skip, *ws), M._tiled_slots("silu", 5, (3, 10), x, skip, *ws)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert not np.asarray(a)[~np.asarray(valid)].any()
-  sorted_ = lambda x, e: M.experts_sorted(x, e, gate, w, "silu", tile_rows=3, chunk_rows=chunk)
-  dense = lambda x, e: M.experts_dense(x, e, gate, w, "silu")
-  prims = {e.primitive.name for e in _all_eqns(jax.make_jaxpr(sorted_)(x, experts[0]).jaxpr)}
-  assert "while" in prims and "cond" not in prims, prims  # loops over chunks; no tile skipped by a cond
-  t = jax.random.normal(jax.random.key(19), x.shape)
-  jvp = lambda x: jax.jvp(lambda x: sorted_(x, experts[0])[0], (x,), (t,))
-  assert "cond" in {e.primitive.name for e in _all_eqns(jax.make_jaxpr(jvp)(x).jaxpr)}  # the tiles' scan
-  np.testing.assert_allclose(jvp(x)[1], jax.jvp(lambda x: dense(x, experts[0])[0], (x,), (t,))[1], atol=1e-4)
-  for got, want in zip(jax.vmap(sorted_, (None, 0))(x, experts), jax.vmap(dense, (None, 0))(x, experts)):
-    np.testing.assert_allclose(got, want, atol=1e-5)
+  tx = jax.random.normal(jax.random.key(19), x.shape)
+  tw = jax.tree.map(lambda a: 0.3 * a + 0.1, w)
+  for loads in LOADS:
+    ek = jnp.asarray(rng.permutation(np.repeat(np.arange(4), loads)).reshape(20, 2))
+    valid = jnp.asarray(rng.random((20, 2)) < 0.6)
+    sorted_ = lambda x, w: M.experts_sorted(x, ek, gate, w, "silu", chunk_rows=chunk, valid_nk=valid)
+    dense = lambda x, w: M.experts_dense(x, ek, jnp.where(valid, gate, 0), w, "silu")
+    out, ref = sorted_(x, w), dense(x, w)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[1], jnp.where(valid[..., None], ref[1], 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jvp(sorted_, (x, w), (tx, tw))[1][0], jax.jvp(dense, (x, w), (tx, tw))[1][0],
+                               rtol=1e-4, atol=1e-5)
+    ct = jax.random.normal(jax.random.key(20), x.shape)
+    for a, b in zip(jax.tree.leaves(jax.vjp(lambda x, w: sorted_(x, w)[0], x, w)[1](ct)),
+                    jax.tree.leaves(jax.vjp(lambda x, w: dense(x, w)[0], x, w)[1](ct))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  grad = jax.grad(lambda x, w: jnp.sum(sorted_(x, w)[0] ** 2), argnums=(0, 1))
+  jvp = lambda x: jax.jvp(lambda x: sorted_(x, w), (x,), (tx,))
+  for fn, args in ((sorted_, (x, w)), (grad, (x, w)), (jvp, (x,))):
+    prims = {e.primitive.name for e in _all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
+    assert "while" in prims and "cond" not in prims, prims  # chunk loops; no tile skipped by a cond
+  assert "linear_call" in {e.primitive.name for e in _all_eqns(jax.make_jaxpr(grad)(x, w).jaxpr)}
+
+
+def test_vmapped_pullbacks_and_linearisations_of_the_sorted_path():
+  """``vmap`` over cotangents (one pullback per class), over tangents of a linearisation (posterior samples) and
+  over routings with their gradients (batched trip counts) equals the dense path: the batching rule of
+  ``linear_call`` (``nn.linear_batching``)."""
+  x, w, router = _problem(jax.random.key(21), n=30)
+  r = M.route(x, router, 2, norm_topk_prob=True)
+  paths = {impl: (lambda x, w, ek=r.expert_nk, impl=impl: M.routed_experts(impl, x, ek, r.gate_nk, w, "silu"))
+           for impl in ("sorted", "dense")}
+  cts = jax.tree.map(lambda a: jnp.stack([a, -2 * a, a + 1]), paths["dense"](x, w))
+  txs = jax.random.normal(jax.random.key(22), (3,) + x.shape)
+  tws = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a]), w)
+  eks = jnp.stack([r.expert_nk, jnp.zeros_like(r.expert_nk) + jnp.arange(2), (r.expert_nk + 1) % 4])
+  got = {}
+  for impl, f in paths.items():
+    pull, lin = jax.vjp(f, x, w)[1], jax.linearize(f, x, w)[1]
+    per_routing = jax.vmap(lambda ek: jax.grad(lambda x, w: jnp.sum(f(x, w, ek)[0] ** 2), argnums=(0, 1))(x, w))
+    got[impl] = (jax.jit(jax.vmap(pull))(cts), jax.vmap(lin)(txs, tws), per_routing(eks))
+  for a, b in zip(jax.tree.leaves(got["sorted"]), jax.tree.leaves(got["dense"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
