@@ -8,8 +8,8 @@ over the batch axis, so a batched call is again a ``linear_call`` whose transpos
 ``L_b(x_b) = [L(r_i, x_i)]_i`` and ``L_b^T(c_b) = [L^T(r_i, c_i)]_i``. Every linear operand is given the batch
 axis (broadcast where it had none), so both directions are batched alike; residuals keep theirs (or none).
 
-It is registered through JAX's internal batching table (``jax._src``), the one place this library touches JAX
-internals; nothing is done where a rule already exists.
+It is registered through JAX's internal batching table (``jax._src``; the only other use of JAX internals is
+``xla_cpu``'s backend check); nothing is done where a rule already exists.
 """
 
 from __future__ import annotations
