@@ -30,8 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bmoe_jax as B  # noqa: E402
 from benchmarks.laplace import moe_setup  # noqa: E402
+from benchmarks.predictive_parts import layer0_routing  # noqa: E402
 from benchmarks.timing import cpu_description, write_results  # noqa: E402
 from bmoe_jax.nn import moe  # noqa: E402
 
@@ -70,11 +70,8 @@ def main():
   if args.big:
     sizes.update(d_model=512, experts=16, expert_width=1024, seq=128)
   cfg, params, batch, _ = moe_setup(argparse.Namespace(**sizes))
-  taps = B.forward(params, cfg, batch.tokens_bs, return_taps=True).taps
+  x, ek, gk, w = layer0_routing(cfg, params, batch)
   k = cfg.num_experts_per_tok
-  x = taps[0].router_in_bsd.reshape(-1, cfg.hidden_size)
-  ek, gk = taps[0].expert_bsk.reshape(-1, k), taps[0].gate_bsk.reshape(-1, k).astype(x.dtype)
-  w = params["layers"][0]["mlp"]["experts"]
   forms = {"old": old_moe().experts_sorted, "new": moe.experts_sorted}
   progs = {f: programs(lambda x, w, f=f: forms[f](x, ek, gk, w, cfg.hidden_act)[0], w) for f in forms}
   times = {(f, p): [] for f in progs for p in progs[f]}

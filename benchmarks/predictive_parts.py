@@ -70,15 +70,20 @@ def stages(cfg, params, batch, task, post) -> dict:
           "+ covariance and probit (whole predictive)": jax.jit(whole)}
 
 
+def layer0_routing(cfg, params, batch):
+  """(MoE input [n, d], expert ids [n, k], gates [n, k], expert weights) of layer 0 on the model's own routing."""
+  tap = B.forward(params, cfg, batch.tokens_bs, return_taps=True).taps[0]
+  k = cfg.num_experts_per_tok
+  x_nd = tap.router_in_bsd.reshape(-1, cfg.hidden_size)  # the MoE block's normed input
+  return (x_nd, tap.expert_bsk.reshape(-1, k), tap.gate_bsk.reshape(-1, k).astype(x_nd.dtype),
+          params["layers"][0]["mlp"]["experts"])
+
+
 def expert_backward(cfg, params, batch) -> dict:
   """{name: (forward fn, forward + vjp fn, args)} for layer 0's routed experts on the model's own routing."""
-  taps = B.forward(params, cfg, batch.tokens_bs, return_taps=True).taps
-  k, e = cfg.num_experts_per_tok, cfg.num_experts
-  x_nd = taps[0].router_in_bsd.reshape(-1, cfg.hidden_size)  # the MoE block's normed input
-  ek = taps[0].expert_bsk.reshape(-1, k)
-  gk = taps[0].gate_bsk.reshape(-1, k).astype(x_nd.dtype)
-  w, act = params["layers"][0]["mlp"]["experts"], L.activation(cfg.hidden_act)
-  x_ecd = balanced_rows(x_nd, k, e)
+  x_nd, ek, gk, w = layer0_routing(cfg, params, batch)
+  act = L.activation(cfg.hidden_act)
+  x_ecd = balanced_rows(x_nd, cfg.num_experts_per_tok, cfg.num_experts)
 
   def sorted_fn(x):
     return moe.experts_sorted(x, ek, gk, w, cfg.hidden_act)[0]
