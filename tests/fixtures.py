@@ -10,10 +10,19 @@ import numpy as np
 import bmoe_jax as B
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace import posterior as P
+from bmoe_jax.laplace import predictive as PR
 from bmoe_jax.params import read_blocks
 from bmoe_jax.task import Batch, Task
 
 CLASSES = jnp.array([3, 7, 11, 19])
+
+# The library's entry points as one compiled program each. Run op by op (outside jax.jit), a call compiles every
+# operation as its own small program the first time its shapes are seen (~20 ms each, hundreds per call); they are
+# jit-safe by contract, so the tests that only need their values call them through these.
+factor_stats = jax.jit(kfac.factor_stats, static_argnums=(1, 3))
+kfac_update = jax.jit(kfac.update, static_argnums=(2, 4))
+jacobian_stats = jax.jit(PR.jacobian_stats, static_argnums=1)
+predict = jax.jit(PR.predict, static_argnames=("task", "method", "link", "num_samples"))
 
 
 def random_batches(cfg, n_batches, b=8, s=6, seed=0, labels="first_token", ragged=False):
@@ -63,24 +72,29 @@ def fitted_posterior(params, task: Task, batches, spec: kfac.FactorSpec, **kw) -
   return posterior_of(kfac.finalize(state), params, log_lik=state.log_lik, **kw)
 
 
+def example(batch, b):
+  """Example ``b`` of ``batch`` as a batch of one; ``b`` may be traced (one compiled program for every b)."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, b, 1), batch)
+
+
 def exact_ggn_block(params, task: Task, batch, block):
   """The exact GGN of sum_b CE w.r.t. a block's down_proj [e, f, d]: J^T (diag p - p p^T) J per example,
-  J the materialised Jacobian of the task output. Returns [e, f*d, f*d] (the expert-diagonal blocks)."""
+  J the materialised Jacobian of the task output. Returns [e, f*d, f*d] (the expert-diagonal blocks). One
+  compiled program: the examples are a ``lax.map`` over the batch."""
   from bmoe_jax.params import read_block, write_blocks
 
-  def f(w_down, b):
-    one = jax.tree.map(lambda x: x[b:b + 1], batch)
-    return task.logits(write_blocks(params, {block: w_down}), one)[0]
   w = read_block(params, block)
   e, fdim, d = w.shape
-  total = 0.0
-  f_jit, jac_fn = jax.jit(f, static_argnums=1), jax.jit(jax.jacrev(f), static_argnums=1)
-  for b in range(batch.tokens_bs.shape[0]):
-    p = jax.nn.softmax(f_jit(w, b))
-    jac = jac_fn(w, b).reshape(p.shape[0], e, fdim * d)
+
+  def per_example(b):
+    f = lambda w_down: task.logits(write_blocks(params, {block: w_down}), example(batch, b))[0]
+    p = jax.nn.softmax(f(w))
+    jac = jax.jacrev(f)(w).reshape(p.shape[0], e, fdim * d)
     lam = jnp.diag(p) - jnp.outer(p, p)
-    total = total + jnp.einsum("cep,cq,qeo->epo", jac, lam, jac)
-  return total
+    return jnp.einsum("cep,cq,qeo->epo", jac, lam, jac)
+
+  per_b = jax.jit(lambda: jax.lax.map(per_example, jnp.arange(batch.tokens_bs.shape[0])))()
+  return per_b.sum(0)
 
 
 def obqa_prompts(shared_data, n=400):

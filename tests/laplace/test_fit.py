@@ -11,7 +11,7 @@ import pytest
 import bmoe_jax as B
 from bmoe_jax.identity import tree_digest
 from bmoe_jax.task import Batch, Task
-from tests.fixtures import posterior_of
+from tests.fixtures import posterior_of, predict
 from bmoe_jax import laplace as LA
 
 CLASSES = jnp.array([1, 2, 5, 9])
@@ -88,7 +88,7 @@ def test_user_loop_and_posterior_roundtrip(tmp_path):
   assert float(post.sq_dist_e[LA.Block(0)].max()) == 0.0 and float(post.sq_dist_e[LA.Block(1)].min()) > 0.0
   assert float(post.sq_dist_e[LA.Block(1, "shared")][0]) == 0.0
   assert len(set(float(v[0]) for v in post.log_prior_prec_e.values())) == 4  # "layer": one lambda per block
-  pred = LA.predict(post, params, Task(cfg, CLASSES), data[0], link="probit")
+  pred = predict(post, params, Task(cfg, CLASSES), data[0], link="probit")
   assert pred.probs_bc.shape == (2, 4) and np.allclose(pred.probs_bc.sum(-1), 1, atol=1e-6)
   LA.save_posterior(tmp_path / "post", post, metadata={"dataset": "synthetic", "model": tree_digest(params)})
   meta = json.loads((tmp_path / "post" / "posterior.json").read_text())
@@ -103,7 +103,7 @@ def test_user_loop_and_posterior_roundtrip(tmp_path):
   assert sorted(back.factors) == sorted(post.factors)
   for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(post)):
     np.testing.assert_array_equal(x, y)
-  np.testing.assert_array_equal(LA.predict(back, params, Task(cfg, CLASSES), data[0], link="probit").probs_bc,
+  np.testing.assert_array_equal(predict(back, params, Task(cfg, CLASSES), data[0], link="probit").probs_bc,
                                 pred.probs_bc)
   with pytest.raises(FileExistsError):
     LA.save_posterior(tmp_path / "post", post)

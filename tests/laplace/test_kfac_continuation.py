@@ -9,9 +9,9 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax.data import continuation as C
-from bmoe_jax.laplace.kfac import Block, FactorSpec, factor_stats
+from bmoe_jax.laplace.kfac import Block, FactorSpec
 from bmoe_jax.task import Task, output_mask
-from tests.fixtures import exact_ggn_block
+from tests.fixtures import exact_ggn_block, factor_stats
 
 
 def _model():
@@ -86,12 +86,12 @@ def test_rows_are_the_scoring_positions():
     for b in range(2):
       one = jax.tree.map(lambda x: x[b:b + 1], batch)
       zero = B.zero_perturbations(cfg, 1, batch.tokens_bs.shape[1])
-      f, taps = fwd(one, zero)
+      f, taps = jax.tree.map(np.asarray, fwd(one, zero))
       p = np.asarray(jax.nn.softmax(f[0]))
       num_c = len([[2, 1, 3], [1, 2, 2, 1]][b])
       tap = taps[layer]
       for y in range(num_c):
-        grad = grad_of(one, zero, y)
+        grad = jax.tree.map(np.asarray, grad_of(one, zero, y))
         for t in np.flatnonzero(out_bs[b]):
           for j in range(k):
             e, g = int(tap.expert_bsk[0, t, j]), np.asarray(grad[layer]["routed"][0, t, j])

@@ -10,7 +10,7 @@ import bmoe_jax as B
 from bmoe_jax.task import Task
 from bmoe_jax.laplace.kfac import Block, FactorSpec, factor_stats
 from bmoe_jax.task import Batch
-from tests.fixtures import exact_ggn_block
+from tests.fixtures import exact_ggn_block, example
 
 CLASSES = jnp.array([3, 7, 11, 19])
 
@@ -45,25 +45,27 @@ VARIANTS = {"plain": {}, "qk_head": {"qk_norm": "head"}, "qk_full": {"qk_norm": 
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("kind", ["routed", "shared"])
-def test_last_token_top_layer_equals_exact_ggn_block(kind, variant):
+def test_last_token_top_layer_equals_exact_ggn_block(variant):
   """One sequence, answer position only, the last layer: A (x) G is the exact GGN block, for the routed
   experts and for the (sigmoid-gated) shared expert; for each family's architecture variant."""
   cfg, params = _model(**VARIANTS[variant])
   batch = _batch(1, 5, cfg)
   spec = FactorSpec(layers=(1,), labels="exact", tokens="last", shared=True)
-  stats = factor_stats(params, Task(cfg, CLASSES), batch, spec)[Block(1, kind)]
-  exact = _ggn_block(params, cfg, batch, Block(1, kind))
-  assert exact.shape[0] == (cfg.num_experts if kind == "routed" else 1)
-  for e in range(exact.shape[0]):
-    np.testing.assert_allclose(np.kron(stats.a_eff[e], stats.g_edd[e]), exact[e], atol=1e-6, rtol=1e-4)
-  assert int(stats.rows_e.sum()) == (cfg.num_experts_per_tok if kind == "routed" else 1)
+  all_stats = jax.jit(factor_stats, static_argnums=(1, 3))(params, Task(cfg, CLASSES), batch, spec)
+  for kind in ("routed", "shared"):
+    stats = all_stats[Block(1, kind)]
+    exact = _ggn_block(params, cfg, batch, Block(1, kind))
+    assert exact.shape[0] == (cfg.num_experts if kind == "routed" else 1)
+    for e in range(exact.shape[0]):
+      np.testing.assert_allclose(np.kron(stats.a_eff[e], stats.g_edd[e]), exact[e], atol=1e-6, rtol=1e-4)
+    assert int(stats.rows_e.sum()) == (cfg.num_experts_per_tok if kind == "routed" else 1)
 
 
 def test_expand_single_token_equals_exact_ggn_every_layer():
   cfg, params = _model(num_layers=2)
   batch = _batch(1, 1, cfg, seed=1)
-  stats = factor_stats(params, Task(cfg, CLASSES), batch, FactorSpec(layers=(0, 1), tokens="expand", shared=True))
+  stats = jax.jit(factor_stats, static_argnums=(1, 3))(params, Task(cfg, CLASSES), batch,
+                                                        FactorSpec(layers=(0, 1), tokens="expand", shared=True))
   assert len(stats) == 4
   for blk, st in stats.items():
     exact = _ggn_block(params, cfg, batch, blk)
@@ -71,51 +73,65 @@ def test_expand_single_token_equals_exact_ggn_every_layer():
       np.testing.assert_allclose(np.kron(st.a_eff[e], st.g_edd[e]), exact[e], atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("tokens", ["last", "expand", "reduce"])
-@pytest.mark.parametrize("labels", ["exact", "empirical"])
-def test_factor_sums_match_per_expert_loop(tokens, labels):
-  """vmapped per-expert sums = a Python loop over experts and examples of brute-force gradients (routed
-  experts, and the shared expert: one row per real token, or per sequence for ``reduce``)."""
+@pytest.fixture(scope="module")
+def loop_case():
+  """A 3-sequence batch (one padded token, answers at other positions) and, per example, brute force in one
+  compiled program: the class probabilities, the taps and the gradient of each class's CE w.r.t. each
+  expert's output (``grads[layer][kind][b, y]``)."""
   cfg, params = _model()
   batch = _batch(3, 4, cfg, seed=2)
   batch = batch._replace(mask_bs=batch.mask_bs.at[1, 3].set(0), answer_pos_b=jnp.array([3, 2, 3]))
+  task = Task(cfg, CLASSES)
+
+  def one(b):
+    ex, zero = example(batch, b), B.zero_perturbations(cfg, 1, 4)
+    logits, taps = task.logits_and_taps(params, ex, zero)
+    grads = jax.jacrev(lambda z: -jax.nn.log_softmax(task.logits_and_taps(params, ex, z)[0][0]))(zero)
+    return jax.nn.softmax(logits[0]), taps, grads
+
+  per_b = jax.jit(lambda: jax.lax.map(one, jnp.arange(3)))()
+  return cfg, params, batch, jax.tree.map(np.asarray, per_b)
+
+
+def _loop_sums(a_rows, g_rows, weight, reduce):
+  """sum of a a^T over rows and of weight[y] g g^T over classes and rows (``reduce``: one row per sequence, the
+  mean of the inputs and the sum of the gradients)."""
+  if reduce:
+    a_rows, g_rows = [np.mean(a_rows, axis=0)], {y: [np.sum(g, axis=0)] for y, g in g_rows.items()}
+  return (sum(np.outer(a, a) for a in a_rows),
+          sum(weight[y] * np.outer(g, g) for y in g_rows for g in g_rows[y]))
+
+
+@pytest.mark.parametrize("tokens", ["last", "expand", "reduce"])
+@pytest.mark.parametrize("labels", ["exact", "empirical"])
+def test_factor_sums_match_per_expert_loop(tokens, labels, loop_case):
+  """vmapped per-expert sums = a Python loop over experts and examples of brute-force gradients (routed
+  experts, and the shared expert: one row per real token, or per sequence for ``reduce``)."""
+  cfg, params, batch, (probs, taps, grads) = loop_case
   spec = FactorSpec(layers=(0, 1), labels=labels, tokens=tokens, shared=True)
   stats = jax.jit(factor_stats, static_argnums=(1, 3))(params, Task(cfg, CLASSES), batch, spec)
-  k = cfg.num_experts_per_tok
+  k, mask, answer, labels_b = cfg.num_experts_per_tok, *map(np.asarray, batch[1:4])
   for layer in (0, 1):
     a_ref = np.zeros((cfg.num_experts, 16, 16))
     g_ref = np.zeros((cfg.num_experts, cfg.hidden_size, cfg.hidden_size))
     a_sh = np.zeros((1, cfg.shared_expert_size, cfg.shared_expert_size))
     g_sh = np.zeros((1, cfg.hidden_size, cfg.hidden_size))
+    tap, g_routed, g_shared = taps[layer], grads[layer]["routed"], grads[layer]["shared"]
     for b in range(3):
-      one = jax.tree.map(lambda x: x[b:b + 1], batch)
-      zero = B.zero_perturbations(cfg, 1, 4)
-      logits, taps = Task(cfg, CLASSES).logits_and_taps(params, one, zero)
-      p = np.asarray(jax.nn.softmax(logits[0]))
-      ys = range(4) if labels == "exact" else [int(one.labels_b[0])]
-      grads = {y: jax.grad(lambda z: -jax.nn.log_softmax(Task(cfg, CLASSES).logits_and_taps(params, one, z)[0][0])[y])(zero)
-               for y in ys}
-      weight = {y: (p[y] if labels == "exact" else 1.0) for y in ys}
-      positions = [int(one.answer_pos_b[0])] if tokens == "last" else [t for t in range(4) if one.mask_bs[0, t]]
-      tap = taps[layer]
+      ys = range(4) if labels == "exact" else [int(labels_b[b])]
+      weight = {y: (probs[b, y] if labels == "exact" else 1.0) for y in ys}
+      positions = [int(answer[b])] if tokens == "last" else [t for t in range(4) if mask[b, t]]
       for e in range(cfg.num_experts):
-        slots = [(t, j) for t in positions for j in range(k) if int(tap.expert_bsk[0, t, j]) == e]
-        if not slots:
-          continue
-        a_rows = [np.asarray(tap.down_in_bskf[0, t, j]) for t, j in slots]
-        g_rows = {y: [np.asarray(grads[y][layer]["routed"][0, t, j]) for t, j in slots] for y in ys}
-        if tokens == "reduce":
-          a_rows = [np.mean(a_rows, axis=0)]
-          g_rows = {y: [np.sum(g_rows[y], axis=0)] for y in ys}
-        a_ref[e] += sum(np.outer(a, a) for a in a_rows)
-        g_ref[e] += sum(weight[y] * np.outer(g, g) for y in ys for g in g_rows[y])
-      a_rows = [np.asarray(tap.shared_in_bsf[0, t]) for t in positions]
-      g_rows = {y: [np.asarray(grads[y][layer]["shared"][0, t]) for t in positions] for y in ys}
-      if tokens == "reduce":
-        a_rows = [np.mean(a_rows, axis=0)]
-        g_rows = {y: [np.sum(g_rows[y], axis=0)] for y in ys}
-      a_sh[0] += sum(np.outer(a, a) for a in a_rows)
-      g_sh[0] += sum(weight[y] * np.outer(g, g) for y in ys for g in g_rows[y])
+        slots = [(t, j) for t in positions for j in range(k) if tap.expert_bsk[b, 0, t, j] == e]
+        if slots:
+          a, g = _loop_sums([tap.down_in_bskf[b, 0, t, j] for t, j in slots],
+                            {y: [g_routed[b, y, 0, t, j] for t, j in slots] for y in ys}, weight, tokens == "reduce")
+          a_ref[e] += a
+          g_ref[e] += g
+      a, g = _loop_sums([tap.shared_in_bsf[b, 0, t] for t in positions],
+                        {y: [g_shared[b, y, 0, t] for t in positions] for y in ys}, weight, tokens == "reduce")
+      a_sh[0] += a
+      g_sh[0] += g
     np.testing.assert_allclose(stats[Block(layer)].a_eff, a_ref, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(stats[Block(layer)].g_edd, g_ref, atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(stats[Block(layer, "shared")].a_eff, a_sh, atol=1e-5, rtol=1e-4)

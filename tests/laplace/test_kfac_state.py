@@ -8,7 +8,7 @@ import pytest
 import bmoe_jax as B
 from bmoe_jax.task import Task
 from bmoe_jax.laplace import kfac
-from tests.fixtures import posterior_of, top_layer_moe
+from tests.fixtures import factor_stats, kfac_update, posterior_of, predict, top_layer_moe
 
 CLASSES = jnp.array([1, 2, 5])
 
@@ -23,8 +23,8 @@ def test_two_batches_add_up_to_one_and_finalize_reconstructs():
   halves = [jax.tree.map(lambda x: x[i:i + 2], batch) for i in (0, 2)]
   state = kfac.init(cfg, spec)
   for h in halves:
-    state = kfac.update(state, params, Task(cfg, CLASSES), h, spec)
-  whole = kfac.factor_stats(params, Task(cfg, CLASSES), batch, spec)[kfac.Block(1)]
+    state = kfac_update(state, params, Task(cfg, CLASSES), h, spec)
+  whole = factor_stats(params, Task(cfg, CLASSES), batch, spec)[kfac.Block(1)]
   np.testing.assert_allclose(state.stats[kfac.Block(1)].a_eff, whole.a_eff, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(state.stats[kfac.Block(1)].g_edd, whole.g_edd, atol=1e-7)
   assert int(state.num_sequences) == 4
@@ -40,12 +40,12 @@ def test_two_batches_add_up_to_one_and_finalize_reconstructs():
 def test_mc_labels_are_seeded_and_unbiased_in_expectation():
   cfg, params, batch = _setup()
   spec_mc = kfac.FactorSpec(layers=(1,), labels="mc")
-  a = kfac.factor_stats(params, Task(cfg, CLASSES), batch, spec_mc, jax.random.key(3))[kfac.Block(1)]
-  b = kfac.factor_stats(params, Task(cfg, CLASSES), batch, spec_mc, jax.random.key(3))[kfac.Block(1)]
+  a = factor_stats(params, Task(cfg, CLASSES), batch, spec_mc, jax.random.key(3))[kfac.Block(1)]
+  b = factor_stats(params, Task(cfg, CLASSES), batch, spec_mc, jax.random.key(3))[kfac.Block(1)]
   np.testing.assert_array_equal(a.g_edd, b.g_edd)
-  draws = jax.vmap(lambda k: kfac.factor_stats(params, Task(cfg, CLASSES), batch, spec_mc, k)[kfac.Block(1)].g_edd)(
-      jax.random.split(jax.random.key(4), 400)).mean(0)
-  exact = kfac.factor_stats(params, Task(cfg, CLASSES), batch, kfac.FactorSpec(layers=(1,)))[kfac.Block(1)].g_edd
+  draws = jax.jit(jax.vmap(lambda k: kfac.factor_stats(params, Task(cfg, CLASSES), batch, spec_mc, k)[
+      kfac.Block(1)].g_edd))(jax.random.split(jax.random.key(4), 400)).mean(0)
+  exact = factor_stats(params, Task(cfg, CLASSES), batch, kfac.FactorSpec(layers=(1,)))[kfac.Block(1)].g_edd
   np.testing.assert_allclose(draws, exact, atol=0.15 * float(jnp.abs(exact).max()))
 
 
@@ -110,21 +110,21 @@ def test_choice_mask_removes_missing_choices():
   cfg, params, batch = _setup()
   C4 = jnp.array([1, 2, 5, 9])
   spec = kfac.FactorSpec(layers=(1,), tokens="expand")
-  full = kfac.factor_stats(params, Task(cfg, C4), batch, spec)[kfac.Block(1)]
+  full = factor_stats(params, Task(cfg, C4), batch, spec)[kfac.Block(1)]
   all_true = batch._replace(choice_mask_bc=jnp.ones((4, 4), bool))
-  same = kfac.factor_stats(params, Task(cfg, C4), all_true, spec)[kfac.Block(1)]
+  same = factor_stats(params, Task(cfg, C4), all_true, spec)[kfac.Block(1)]
   np.testing.assert_allclose(same.g_edd, full.g_edd, rtol=1e-6)
   mask = jnp.ones((4, 4), bool).at[0, 3].set(False)
   masked = batch._replace(choice_mask_bc=mask, labels_b=batch.labels_b.at[0].set(1))
-  stats = kfac.factor_stats(params, Task(cfg, C4), masked, spec)[kfac.Block(1)]
+  stats = factor_stats(params, Task(cfg, C4), masked, spec)[kfac.Block(1)]
   # example 0 alone, classes 0..2 only, equals the masked sum's share: compare through a 3-class run
   one = jax.tree.map(lambda x: x[:1], masked._replace(choice_mask_bc=None))
-  three = kfac.factor_stats(params, Task(cfg, C4[:3]), one, spec)[kfac.Block(1)]
-  rest = kfac.factor_stats(params, Task(cfg, C4), jax.tree.map(lambda x: x[1:], masked._replace(choice_mask_bc=None)), spec)[kfac.Block(1)]
+  three = factor_stats(params, Task(cfg, C4[:3]), one, spec)[kfac.Block(1)]
+  rest = factor_stats(params, Task(cfg, C4), jax.tree.map(lambda x: x[1:], masked._replace(choice_mask_bc=None)), spec)[kfac.Block(1)]
   np.testing.assert_allclose(stats.g_edd, three.g_edd + rest.g_edd, rtol=1e-4, atol=1e-7)
-  post = posterior_of(kfac.finalize(kfac.update(kfac.init(cfg, spec), params, Task(cfg, C4), masked, spec)), params,
+  post = posterior_of(kfac.finalize(kfac_update(kfac.init(cfg, spec), params, Task(cfg, C4), masked, spec)), params,
                       num_sequences=4)
-  pred = PR.predict(post, params, Task(cfg, C4), masked, link="probit")
+  pred = predict(post, params, Task(cfg, C4), masked, link="probit")
   assert float(pred.probs_bc[0, 3]) < 1e-30 and np.allclose(pred.probs_bc.sum(-1), 1, atol=1e-6)
   assert np.all(np.asarray(pred.f_cov_bcc[0, 3]) == 0) and np.abs(np.asarray(pred.f_cov_bcc[0, :3, :3])).max() > 0
 
@@ -139,7 +139,7 @@ def test_all_padding_rows_add_nothing(tokens):
   spec = kfac.FactorSpec(layers=(1,), tokens=tokens)
   pad = jax.tree.map(lambda x: jnp.zeros_like(x[:2]), batch)
   padded = jax.tree.map(lambda x, p: jnp.concatenate([x, p]), batch, pad)
-  one = lambda b: kfac.update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), b, spec)
+  one = lambda b: kfac_update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), b, spec)
   want, got = one(batch), one(padded)
   assert int(got.num_sequences) == int(want.num_sequences) == batch.tokens_bs.shape[0]
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # float noise of another batch size only

@@ -8,7 +8,7 @@ import pytest
 import bmoe_jax as B
 from bmoe_jax.params import write_blocks
 from bmoe_jax.task import Batch, Task, mc_softmax, probit
-from tests.fixtures import posterior_of
+from tests.fixtures import jacobian_stats, kfac_update, posterior_of, predict
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace import posterior as P
 from bmoe_jax.laplace import predictive as PR
@@ -17,7 +17,19 @@ CLASSES = jnp.array([3, 7, 11, 19])
 LAYERS = (0, 1)
 
 
+_FITS = {}
+
+
 def _fit(rank=None, prior=1.0, layers=LAYERS, shared=False, **kw):
+  """The tiny MoE, its posterior (factors from one jitted K-FAC update) and a test batch; built once per
+  argument set in this module."""
+  key = repr((rank, prior, layers, shared, sorted(kw.items())))
+  if key not in _FITS:
+    _FITS[key] = _build_fit(rank, prior, layers, shared, **kw)
+  return _FITS[key]
+
+
+def _build_fit(rank, prior, layers, shared, **kw):
   cfg = B.tiny_config(num_experts=3, **kw)
   params = B.init_params(cfg, jax.random.key(0), std=0.3)
   rng = np.random.RandomState(0)
@@ -25,7 +37,7 @@ def _fit(rank=None, prior=1.0, layers=LAYERS, shared=False, **kw):
   mask = jnp.ones((4, 6), jnp.int32).at[1, 4:].set(0)
   batch = Batch(tokens, mask, jnp.array([5, 3, 5, 4]), jnp.array([0, 2, 1, 3]))
   spec = kfac.FactorSpec(layers=layers, tokens="expand", rank=rank, shared=shared)
-  state = kfac.update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), batch, spec)
+  state = kfac_update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), batch, spec)
   post = posterior_of(kfac.finalize(state), params, num_sequences=4, dataset_size=10, prior_precision=prior,
                       log_lik=state.log_lik)
   test = Batch(jnp.asarray(rng.randint(0, cfg.vocab_size, (3, 5))), jnp.ones((3, 5), jnp.int32).at[2, 0].set(0),
@@ -35,20 +47,30 @@ def _fit(rank=None, prior=1.0, layers=LAYERS, shared=False, **kw):
 
 def _dense_cov(post, params, cfg, batch):
   """J Sigma J^T with J = jacrev of the answer logits w.r.t. every Bayesian down_proj, Sigma dense."""
-  def f(w):
-    return Task(cfg, CLASSES).logits(write_blocks(params, w), batch)
-  jac = jax.jacrev(f)(dict(post.w_map))
+  jac, sigmas = jax.jit(_jacobian_and_dense_sigmas, static_argnums=2)(post, params, cfg, batch)
   b, c = batch.tokens_bs.shape[0], len(CLASSES)
   cov = np.zeros((b, c, c))
   for l in post.w_map:
     e, fd, d = post.w_map[l].shape
-    basis = jnp.eye(fd * d).reshape(fd * d, fd, d)
     for i in range(e):
-      sig = jax.vmap(lambda v: P.covariance_apply(post, l, jnp.zeros((e, fd, d)).at[i].set(v))[i])(basis)
-      sig = np.asarray(sig, np.float64).reshape(fd * d, fd * d)
+      sig = np.asarray(sigmas[l][i], np.float64)
       j = np.asarray(jac[l][:, :, i], np.float64).reshape(b, c, fd * d)
       cov += np.einsum("bcp,pq,bkq->bck", j, sig, j)
   return cov
+
+
+def _jacobian_and_dense_sigmas(post, params, cfg, batch):
+  """The Jacobian of the answer logits w.r.t. every Bayesian down_proj and each expert's dense covariance
+  [e, f*d, f*d] (covariance_apply on the basis vectors)."""
+  def f(w):
+    return Task(cfg, CLASSES).logits(write_blocks(params, w), batch)
+  sigmas = {}
+  for l in post.w_map:
+    e, fd, d = post.w_map[l].shape
+    basis = jnp.eye(fd * d).reshape(fd * d, fd, d)
+    sigmas[l] = [jax.vmap(lambda v: P.covariance_apply(post, l, jnp.zeros((e, fd, d)).at[i].set(v))[i])(
+        basis).reshape(fd * d, fd * d) for i in range(e)]
+  return jax.jacrev(f)(dict(post.w_map)), sigmas
 
 
 MLA_SIGMOID = dict(num_kv_heads=4, head_dim=4, q_lora_rank=6, kv_lora_rank=8, qk_nope_head_dim=6, v_head_dim=5,
@@ -65,7 +87,7 @@ def test_closed_form_equals_dense_jacobian(rank, shared, arch):
   OLMoE's full-width q/k norm, once with DeepSeek-V3's architecture (MLA, yarn, sigmoid gates, ungated shared)."""
   cfg, params, post, test = _fit(rank, shared=shared, **arch)
   assert len(post.factors) == (4 if shared else 2)
-  stats = jax.jit(PR.jacobian_stats, static_argnums=1)(params, Task(cfg, CLASSES), test, post)
+  stats = jacobian_stats(params, Task(cfg, CLASSES), test, post)
   got = PR.logit_covariance(stats, post)
   want = _dense_cov(post, params, cfg, test)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
@@ -83,14 +105,15 @@ def test_closed_form_equals_dense_jacobian(rank, shared, arch):
 
 def test_jvp_mc_is_the_linear_map_and_converges_to_closed_form():
   cfg, params, post, test = _fit()
-  closed = PR.predict(post, params, Task(cfg, CLASSES), test, method="closed", link="probit")
-  mc = PR.predict(post, params, Task(cfg, CLASSES), test, method="jvp_mc", key=jax.random.key(1), num_samples=4000)
+  closed = predict(post, params, Task(cfg, CLASSES), test, method="closed", link="probit")
+  mc = predict(post, params, Task(cfg, CLASSES), test, method="jvp_mc", key=jax.random.key(1), num_samples=4000)
   np.testing.assert_allclose(mc.f_mean_bc, closed.f_mean_bc, atol=4 * np.sqrt(np.abs(closed.f_cov_bcc).max() / 4000))
   scale = np.abs(closed.f_cov_bcc).max()
   assert np.abs(mc.f_cov_bcc - closed.f_cov_bcc).max() < 0.1 * scale
   # same draws twice: seeded
-  again = PR.jvp_samples(params, Task(cfg, CLASSES), test, post, jax.random.key(1), 8)
-  np.testing.assert_array_equal(again, PR.jvp_samples(params, Task(cfg, CLASSES), test, post, jax.random.key(1), 8))
+  jvp_samples = jax.jit(PR.jvp_samples, static_argnums=(1, 5))
+  again = jvp_samples(params, Task(cfg, CLASSES), test, post, jax.random.key(1), 8)
+  np.testing.assert_array_equal(again, jvp_samples(params, Task(cfg, CLASSES), test, post, jax.random.key(1), 8))
 
 
 def test_nn_mc_matches_linearised_for_a_tight_posterior():
@@ -98,8 +121,8 @@ def test_nn_mc_matches_linearised_for_a_tight_posterior():
   in those weights for a tight posterior (with layer 0 Bayesian too, nn_mc re-routes layer 1 and the
   two routes differ by design)."""
   cfg, params, post, test = _fit(prior=400.0, layers=(1,))
-  lin = PR.predict(post, params, Task(cfg, CLASSES), test, method="jvp_mc", key=jax.random.key(2), num_samples=300)
-  nn = PR.predict(post, params, Task(cfg, CLASSES), test, method="nn_mc", key=jax.random.key(2), num_samples=300)
+  lin = predict(post, params, Task(cfg, CLASSES), test, method="jvp_mc", key=jax.random.key(2), num_samples=300)
+  nn = predict(post, params, Task(cfg, CLASSES), test, method="nn_mc", key=jax.random.key(2), num_samples=300)
   scale = np.abs(lin.f_cov_bcc).max()
   assert scale > 1e-6
   np.testing.assert_allclose(nn.f_mean_bc, lin.f_mean_bc, atol=0.05 * np.sqrt(scale) + 1e-4)
@@ -123,10 +146,10 @@ def test_links():
 
 def test_grid_search_uses_the_lambda_independent_stats():
   cfg, params, post, test = _fit()
-  stats = PR.jacobian_stats(params, Task(cfg, CLASSES), test, post)
+  stats = jacobian_stats(params, Task(cfg, CLASSES), test, post)
   best, curve = PR.grid_search_prior_precision(post, [(stats, test.labels_b)], grid=[0.01, 1.0, 100.0])
   for lam, nll in zip(curve["prior_precision"], curve["nll"]):
-    p = PR.predict(post._replace(log_prior_prec_e=P.expand_prior_precision(lam, {0: 3, 1: 3})), params, Task(cfg, CLASSES), test).probs_bc
+    p = predict(post._replace(log_prior_prec_e=P.expand_prior_precision(lam, {0: 3, 1: 3})), params, Task(cfg, CLASSES), test).probs_bc
     np.testing.assert_allclose(nll, -np.mean(np.log(np.take_along_axis(np.asarray(p), test.labels_b[:, None], 1))),
                                rtol=1e-5)
   assert float(jnp.exp(best.log_prior_prec_e[kfac.Block(0)][0])) == pytest.approx(
@@ -136,6 +159,6 @@ def test_grid_search_uses_the_lambda_independent_stats():
 def test_bad_method_and_link():
   cfg, params, post, test = _fit()
   with pytest.raises(ValueError, match="method='laplace'"):
-    PR.predict(post, params, Task(cfg, CLASSES), test, method="laplace")
+    predict(post, params, Task(cfg, CLASSES), test, method="laplace")
   with pytest.raises(ValueError, match="link='logit'"):
-    PR.predict(post, params, Task(cfg, CLASSES), test, link="logit")
+    predict(post, params, Task(cfg, CLASSES), test, link="logit")

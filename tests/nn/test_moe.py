@@ -142,7 +142,7 @@ def test_full_model_paths_agree_with_grads(impl):
   def loss(p, impl):
     return jnp.sum(jax.nn.log_softmax(B.forward(p, cfg, tokens, mask, expert_impl=impl).logits)[..., 0])
 
-  ref_v, ref_g = jax.value_and_grad(loss)(params, "dense")
+  ref_v, ref_g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "dense")
   v, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, impl)
   np.testing.assert_allclose(v, ref_v, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
@@ -250,20 +250,25 @@ def test_chunk_loops_follow_the_loads_in_every_derivative(chunk):
   gate = jax.random.uniform(jax.random.key(17), (20, 2))
   tx = jax.random.normal(jax.random.key(19), x.shape)
   tw = jax.tree.map(lambda a: 0.3 * a + 0.1, w)
+  ct = jax.random.normal(jax.random.key(20), x.shape)
+
+  @jax.jit  # one program for every load pattern (the loads are data: trip counts follow them)
+  def both(ek, valid):
+    sorted_ = lambda x, w: M.experts_sorted(x, ek, gate, w, "silu", chunk_rows=chunk, valid_nk=valid)
+    dense = lambda x, w: M.experts_dense(x, ek, jnp.where(valid, gate, 0), w, "silu")
+    return [(f(x, w), jax.jvp(f, (x, w), (tx, tw))[1][0], jax.vjp(lambda x, w: f(x, w)[0], x, w)[1](ct))
+            for f in (sorted_, dense)]
+
   for loads in LOADS:
     ek = jnp.asarray(rng.permutation(np.repeat(np.arange(4), loads)).reshape(20, 2))
     valid = jnp.asarray(rng.random((20, 2)) < 0.6)
-    sorted_ = lambda x, w: M.experts_sorted(x, ek, gate, w, "silu", chunk_rows=chunk, valid_nk=valid)
-    dense = lambda x, w: M.experts_dense(x, ek, jnp.where(valid, gate, 0), w, "silu")
-    out, ref = sorted_(x, w), dense(x, w)
+    (out, jvp_s, vjp_s), (ref, jvp_d, vjp_d) = both(ek, valid)
     np.testing.assert_allclose(out[0], ref[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out[1], jnp.where(valid[..., None], ref[1], 0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jax.jvp(sorted_, (x, w), (tx, tw))[1][0], jax.jvp(dense, (x, w), (tx, tw))[1][0],
-                               rtol=1e-4, atol=1e-5)
-    ct = jax.random.normal(jax.random.key(20), x.shape)
-    for a, b in zip(jax.tree.leaves(jax.vjp(lambda x, w: sorted_(x, w)[0], x, w)[1](ct)),
-                    jax.tree.leaves(jax.vjp(lambda x, w: dense(x, w)[0], x, w)[1](ct))):
+    np.testing.assert_allclose(jvp_s, jvp_d, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(vjp_s), jax.tree.leaves(vjp_d)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  sorted_ = lambda x, w: M.experts_sorted(x, ek, gate, w, "silu", chunk_rows=chunk, valid_nk=valid)
   grad = jax.grad(lambda x, w: jnp.sum(sorted_(x, w)[0] ** 2), argnums=(0, 1))
   jvp = lambda x: jax.jvp(lambda x: sorted_(x, w), (x,), (tx,))
   for fn, args in ((sorted_, (x, w)), (grad, (x, w)), (jvp, (x,))):
@@ -284,10 +289,12 @@ def test_vmapped_pullbacks_and_linearisations_of_the_sorted_path():
   txs = jax.random.normal(jax.random.key(22), (3,) + x.shape)
   tws = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a]), w)
   eks = jnp.stack([r.expert_nk, jnp.zeros_like(r.expert_nk) + jnp.arange(2), (r.expert_nk + 1) % 4])
-  got = {}
-  for impl, f in paths.items():
+
+  def run(f):
     pull, lin = jax.vjp(f, x, w)[1], jax.linearize(f, x, w)[1]
     per_routing = jax.vmap(lambda ek: jax.grad(lambda x, w: jnp.sum(f(x, w, ek)[0] ** 2), argnums=(0, 1))(x, w))
-    got[impl] = (jax.jit(jax.vmap(pull))(cts), jax.vmap(lin)(txs, tws), per_routing(eks))
+    return jax.vmap(pull)(cts), jax.vmap(lin)(txs, tws), per_routing(eks)
+
+  got = jax.jit(lambda: {impl: run(f) for impl, f in paths.items()})()
   for a, b in zip(jax.tree.leaves(got["sorted"]), jax.tree.leaves(got["dense"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

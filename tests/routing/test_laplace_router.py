@@ -10,10 +10,10 @@ import pytest
 import bmoe_jax as B
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace import predictive as PR
-from bmoe_jax.laplace.kfac import Block, FactorSpec, factor_stats
+from bmoe_jax.laplace.kfac import Block, FactorSpec
 from bmoe_jax.params import read_block, write_blocks
 from bmoe_jax.task import Batch, Task
-from tests.fixtures import CLASSES, exact_ggn_block, posterior_of
+from tests.fixtures import CLASSES, exact_ggn_block, factor_stats, kfac_update, posterior_of
 from tests.laplace.test_predictive import _dense_cov
 
 
@@ -50,7 +50,7 @@ def test_closed_form_with_router_and_expert_blocks_equals_dense_jacobian():
   batch = Batch(tokens, jnp.ones((4, 6), jnp.int32), jnp.array([5, 3, 5, 4]), jnp.array([0, 2, 1, 3]))
   spec = FactorSpec(layers=(0, 1), tokens="expand", rank=3, router=True)
   assert spec.rank_of(Block(1, "router")) is None and spec.rank_of(Block(1)) == 3
-  state = kfac.update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), batch, spec)
+  state = kfac_update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), batch, spec)
   post = posterior_of(kfac.finalize(state), params, num_sequences=4, prior_precision=1.0, log_lik=state.log_lik)
   test = Batch(jnp.asarray(rng.randint(0, cfg.vocab_size, (3, 5))), jnp.ones((3, 5), jnp.int32), jnp.array([4, 2, 4]),
                jnp.array([1, 0, 3]))
@@ -70,7 +70,7 @@ def test_sampled_router_weights_reroute():
   batch = Batch(jnp.asarray(rng.randint(0, cfg.vocab_size, (4, 6))), jnp.ones((4, 6), jnp.int32),
                 jnp.full((4,), 5), jnp.array([0, 2, 1, 3]))
   spec = FactorSpec(layers=(1,), router=True, experts=False)
-  state = kfac.update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), batch, spec)
+  state = kfac_update(kfac.init(cfg, spec), params, Task(cfg, CLASSES), batch, spec)
   post = posterior_of(kfac.finalize(state), params, num_sequences=4, prior_precision=1e-2)
   fwd = jax.jit(lambda p: B.forward(p, cfg, batch.tokens_bs, return_taps=True).taps[1].expert_bsk)
   base = np.asarray(fwd(params))

@@ -1,11 +1,13 @@
 """Sharded steps against single-device ones, on 8 virtual CPU devices; run in its own process:
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding.mesh_checks [MESH ...]
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding.mesh_checks [MESH ...] [--mla MESH ...]
 
-For each mesh (default: three shapes, two of them expert-parallel) it compares the forward logits, the
+For each mesh (default: three shapes, two of them expert-parallel; meshes after ``--mla``: DeepSeek-V3's
+architecture, ``MLA_SIGMOID``, instead of OLMoE's full-width q/k norm) it compares the forward logits, the
 answer logits, one MAP training step, the K-FAC factors of two batches (full; low-rank on the last mesh), the log
 evidence and the Bayesian-MoE predictive with the same functions run unsharded, and checks every output
-carries its declared sharding. Prints one JSON line per mesh; exits non-zero on the first failure."""
+carries its declared sharding. Prints one JSON line per mesh (with its ``model``); exits non-zero on the first
+failure. One process checks both models (the test suite starts one)."""
 
 from __future__ import annotations
 
@@ -34,10 +36,6 @@ MLA_SIGMOID = dict(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_
                    yarn_original_max_position=4, yarn_mscale=1.0, yarn_mscale_all_dim=0.7, router_scoring="sigmoid",
                    topk_method="noaux_tc", n_group=2, topk_group=1, router_bias=True, norm_topk_prob=True,
                    norm_topk_eps=1e-20, routed_scaling_factor=2.5)
-# float64: the comparison is of the mathematics, not of float32 summation orders (one AdamW step maps
-# a gradient g to about lr * sign(g), which turns rounding noise on near-zero gradients into lr-sized
-# differences in float32)
-jax.config.update("jax_enable_x64", True)
 
 
 def _batches(cfg, n=2, b=8, s=7, seed=0):
@@ -149,31 +147,53 @@ def check_mesh(text, cfg, params, batches, spec, tc, ref) -> dict:
           "max_rel_diff": diffs}
 
 
-def main(argv) -> int:
-  if jax.device_count() < 8:
-    print(f"needs 8 devices, found {jax.device_count()}: set XLA_FLAGS=--xla_force_host_platform_device_count=8 "
-          "before JAX starts", file=sys.stderr)
-    return 2
-  if argv[:1] == ["--mla"]:  # DeepSeek-V3's architecture: MLA with yarn, sigmoid noaux_tc routing, shared experts
-    cfg, argv = B.tiny_config(**MLA_SIGMOID), argv[1:]
-  else:  # OLMoE's full-width q/k norm: a reduction over the heads the model axis shards
-    cfg = B.tiny_config(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16, qk_norm="full",
-                        qkv_clip=1.5)
+MODELS = {
+    # OLMoE's full-width q/k norm: a reduction over the heads the model axis shards
+    "qk_full": dict(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16, qk_norm="full",
+                    qkv_clip=1.5),
+    # DeepSeek-V3's architecture: MLA with yarn, sigmoid noaux_tc routing, shared experts
+    "mla_sigmoid": MLA_SIGMOID,
+}
+
+
+def check_model(name: str, meshes) -> int:
+  """Every mesh in ``meshes`` against one device for model ``name``; prints a JSON line per mesh."""
+  cfg = B.tiny_config(**MODELS[name])
   params = B.init_params(cfg, jax.random.key(0), jnp.float64, std=0.2)
   batches = _batches(cfg)
   spec = {"full": LA.FactorSpec(layers=cfg.moe_layer_ids, shared=True),
           "lowrank": LA.FactorSpec(layers=cfg.moe_layer_ids, rank=4, labels="mc")}
   tc = T.TrainConfig(trainable="experts_router", lr=1e-2, prior_precision=1.0)
   ref = reference(cfg, params, batches, spec, tc)
-  for text in argv or MESHES:
+  for text in meshes:
     t0 = time.perf_counter()
-    res = check_mesh(text, cfg, params, batches, spec, tc, ref)
+    res = {"model": name, **check_mesh(text, cfg, params, batches, spec, tc, ref)}
     res["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res), flush=True)
     bad = {k: v for k, v in res["max_rel_diff"].items() if not v <= TOL}
     if bad:
-      print(f"mesh {text}: differs from one device beyond {TOL}: {bad}", file=sys.stderr)
+      print(f"{name} on mesh {text}: differs from one device beyond {TOL}: {bad}", file=sys.stderr)
       return 1
+  return 0
+
+
+def main(argv) -> int:
+  # float64: the comparison is of the mathematics, not of float32 summation orders (one AdamW step maps
+  # a gradient g to about lr * sign(g), which turns rounding noise on near-zero gradients into lr-sized
+  # differences in float32). Set here, not at import: the test suite imports MESHES from this module.
+  jax.config.update("jax_enable_x64", True)
+  if jax.device_count() < 8:
+    print(f"needs 8 devices, found {jax.device_count()}: set XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+          "before JAX starts", file=sys.stderr)
+    return 2
+  mla = argv.index("--mla") if "--mla" in argv else len(argv)
+  plain, mla_meshes = argv[:mla], argv[mla + 1:]
+  if mla < len(argv) and not mla_meshes:
+    print("--mla needs at least one mesh after it", file=sys.stderr)
+    return 2
+  for name, meshes in (("qk_full", plain or (MESHES if not mla_meshes else ())), ("mla_sigmoid", mla_meshes)):
+    if meshes and (rc := check_model(name, meshes)):
+      return rc
   return 0
 
 

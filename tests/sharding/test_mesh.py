@@ -20,12 +20,20 @@ ROOT = Path(__file__).resolve().parents[2]
 EIGHT_DEVICES = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
 
-def test_sharded_pipeline_equals_one_device_on_three_meshes():
+@pytest.fixture(scope="module")
+def mesh_results():
+  """One ``mesh_checks`` process (8 virtual devices) for both models: the JSON line of each (model, mesh)."""
+  from tests.sharding.mesh_checks import MESHES
   env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "tests.sharding.mesh_checks"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run([sys.executable, "-m", "tests.sharding.mesh_checks", *MESHES, "--mla", "data=2,expert=2,model=2"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  return {model: [r for r in results if r["model"] == model] for model in ("qk_full", "mla_sigmoid")}
+
+
+def test_sharded_pipeline_equals_one_device_on_three_meshes(mesh_results):
+  results = mesh_results["qk_full"]
   assert len(results) == 3 and "factors_lowrank" in results[-1]["max_rel_diff"]
   assert any(r["mesh"]["expert"] > 1 and r["expert_axis_of_factors"] == "expert" for r in results)
   assert all(r["expert_parallel"] == (r["mesh"]["expert"] > 1) for r in results)  # shard_map expert dispatch
@@ -35,19 +43,16 @@ def test_sharded_pipeline_equals_one_device_on_three_meshes():
     assert max(r["max_rel_diff"].values()) <= 1e-5, r
 
 
-def _mesh(**sizes):
-  return types.SimpleNamespace(shape={a: sizes.get(a, 1) for a in S.MESH_AXES})
-
-
-def test_sharded_mla_sigmoid_model_equals_one_device():
+def test_sharded_mla_sigmoid_model_equals_one_device(mesh_results):
   """DeepSeek-V3's architecture (MLA latents replicated, heads on the model axis; sigmoid noaux_tc routing with
   its selection bias; ungated shared experts) on the mesh that uses all three axes."""
-  env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "tests.sharding.mesh_checks", "--mla", "data=2,expert=2,model=2"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  (result,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  (result,) = mesh_results["mla_sigmoid"]
+  assert result["mesh"] == {"data": 2, "expert": 2, "model": 2}
   assert result["expert_parallel"] and max(result["max_rel_diff"].values()) <= 1e-5, result
+
+
+def _mesh(**sizes):
+  return types.SimpleNamespace(shape={a: sizes.get(a, 1) for a in S.MESH_AXES})
 
 
 def test_rules_map_logical_axes_to_mesh_axes():
@@ -95,20 +100,25 @@ def test_sharded_restore_and_memory_accounting(tmp_path):
 
 
 def test_bmoe_fit_on_a_mesh_gives_the_same_posterior(tmp_path, shared_data):
-  """``bmoe fit --mesh data=2,expert=4`` (8 virtual devices, own processes) against the same fit on one
+  """``bmoe fit --mesh data=2,expert=4`` (8 virtual devices, its own process) against the same fit on one
   device: same prior precision and log evidence."""
   from tests.fixtures import tiny_model_dir
 
   model = tiny_model_dir(tmp_path / "model", shared_data, num_experts=8, rows=200)
   env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
   runs = {}
-  for mesh in ("", "data=2,expert=4"):
+  for mesh in ("", "data=2,expert=4"):  # one device here, in this process; the mesh in its own (8 devices)
     out = tmp_path / f"fit{len(mesh)}"
-    cmd = [sys.executable, "-m", "bmoe_jax.cli", "fit", "--model", str(model), "--data-dir", shared_data,
-           "--train", "obqa:train", "--max-train", "32", "--batch-size", "8", "--max-length", "96",
-           "--prior", "layer", "--prior-mean", "zero", "--quiet", "--out", str(out)] + (["--mesh", mesh] if mesh else [])
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    args = ["fit", "--model", str(model), "--data-dir", shared_data, "--train", "obqa:train", "--max-train", "32",
+            "--batch-size", "8", "--max-length", "96", "--prior", "layer", "--prior-mean", "zero", "--quiet",
+            "--out", str(out)] + (["--mesh", mesh] if mesh else [])
+    if mesh:
+      proc = subprocess.run([sys.executable, "-m", "bmoe_jax.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+      assert proc.returncode == 0, proc.stderr[-4000:]
+    else:
+      from bmoe_jax.cli import main
+      assert main(args) == 0
     runs[mesh] = json.loads((out / "run.json").read_text())
   one, meshed = runs[""], runs["data=2,expert=4"]
   assert meshed["config"]["mesh"] == "data=2,expert=4"
