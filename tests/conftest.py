@@ -79,6 +79,13 @@ def pytest_configure(config):
   timing.register(config)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Modules marked ``heavy`` (about a minute or more each: subprocesses, the real model, the whole pipeline) run
+  first, in collection order; the rest keep theirs. Under ``-n 2 --dist loadfile`` (``.ci/run``) each worker then
+  starts on a heavy module and both end on short ones, instead of one waiting alone on a heavy module at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 def pytest_unconfigure(config):
   if os.environ.get(CACHE_OWNER) == str(os.getpid()):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -64,10 +64,10 @@ def posterior_of(factors, params, *, prior_mean="map", **kw) -> P.Posterior:
 
 
 def fitted_posterior(params, task: Task, batches, spec: kfac.FactorSpec, **kw) -> P.Posterior:
-  """A posterior from one unjitted factor pass over ``batches`` (``kw``: ``posterior_of``'s)."""
+  """A posterior from one factor pass over ``batches`` (``kw``: ``posterior_of``'s)."""
   state = kfac.init(task.cfg, spec)
   for b in batches:
-    state = kfac.update(state, params, task, b, spec)
+    state = kfac_update(state, params, task, b, spec)
   kw.setdefault("num_sequences", int(state.num_sequences))
   return posterior_of(kfac.finalize(state), params, log_lik=state.log_lik, **kw)
 

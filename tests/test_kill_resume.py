@@ -14,6 +14,8 @@ import pytest
 
 from tests import kill_worker
 
+pytestmark = pytest.mark.heavy  # six worker processes, four of them SIGKILLed: scheduled first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

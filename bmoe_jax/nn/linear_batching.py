@@ -9,22 +9,40 @@ over the batch axis, so a batched call is again a ``linear_call`` whose transpos
 axis (broadcast where it had none), so both directions are batched alike; residuals keep theirs (or none).
 
 It is registered through JAX's internal batching table (``jax._src``; the only other use of JAX internals is
-``xla_cpu``'s backend check); nothing is done where a rule already exists.
+``xla_cpu``'s backend check); nothing is done where a rule already exists. A JAX whose internals differ gets one
+message naming its version and the tested one: at import if the table or the primitive moved, at the first vmap if
+the primitive's parameters changed.
 """
 
 from __future__ import annotations
 
 import jax
-from jax._src import core
-from jax._src.custom_derivatives import linear_call_p
-from jax._src.interpreters import batching
+
+TESTED = "jax 0.10.2 (constraints.txt pins the versions the test suite last passed with)"
+try:
+  from jax._src import core
+  from jax._src.custom_derivatives import linear_call_p
+  from jax._src.interpreters import batching
+  _TABLE = batching.primitive_batchers
+except (ImportError, AttributeError) as err:
+  raise ImportError(f"bmoe_jax registers a vmap rule for jax.custom_derivatives.linear_call through JAX internals "
+                    f"that jax {jax.__version__} does not have ({err}); tested with {TESTED}: install with "
+                    "`pip install -c constraints.txt -e .`") from None
+PARAMS = {"callee", "transpose_thunk", "num_callee_consts", "num_res"}
 
 
 def _eval(closed, consts, *args):
   return core.eval_jaxpr(closed.jaxpr, closed.consts, *consts, *args)
 
 
-def _linear_call_batched(args, dims, *, callee, transpose_thunk, num_callee_consts, num_res):
+def _linear_call_batched(args, dims, **params):
+  if set(params) != PARAMS:
+    raise NotImplementedError(f"bmoe_jax's vmap rule for linear_call expects the parameters {sorted(PARAMS)}; jax "
+                              f"{jax.__version__} passes {sorted(params)}. Tested with {TESTED}.")
+  return _batched(args, dims, **params)
+
+
+def _batched(args, dims, *, callee, transpose_thunk, num_callee_consts, num_res):
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   fixed = num_callee_consts + num_res
   res = [batching.moveaxis(a, d, 0) if d is not None else a for a, d in zip(args[:fixed], dims)]
@@ -45,4 +63,4 @@ def _linear_call_batched(args, dims, *, callee, transpose_thunk, num_callee_cons
 
 
 if linear_call_p not in getattr(batching, "fancy_primitive_batchers", {}):
-  batching.primitive_batchers[linear_call_p] = _linear_call_batched
+  _TABLE[linear_call_p] = _linear_call_batched

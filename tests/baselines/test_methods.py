@@ -12,9 +12,9 @@ from bmoe_jax.params import head_rows
 from bmoe_jax.task import Batch, Task, probit_pairwise
 from bmoe_jax import baselines as BL
 from bmoe_jax.baselines import last_layer as LL
-from bmoe_jax.baselines.methods import fit_temperature
+from bmoe_jax.baselines.methods import fit_temperature, logits_jit
 from bmoe_jax.laplace import posterior as P
-from tests.fixtures import CLASSES, posterior_of, synthetic_task
+from tests.fixtures import CLASSES, posterior_of, predict, synthetic_task
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def _ok(probs, b):
 def test_temperature_scaling_minimises_validation_nll(setup):
   cfg, params, fit, val = setup
   method, t = BL.temperature_scaling(params, Task(cfg, CLASSES), fit)
-  f = jnp.concatenate([Task(cfg, CLASSES).logits(params, b) for b in fit])
+  f = jnp.concatenate([logits_jit(params, b, Task(cfg, CLASSES)) for b in fit])
   y = jnp.concatenate([b.labels_b for b in fit])
   nll = lambda tt: float(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(f / tt), y[:, None], 1)))
   assert nll(t) <= min(nll(t * 1.05), nll(t / 1.05)) + 1e-7
@@ -108,8 +108,7 @@ def test_bayesian_moe_method(setup):
   post = posterior_of(B.laplace.kfac.finalize(state), params, prior_mean="zero", num_sequences=int(state.num_sequences))
   p = BL.bayesian_moe(post, params, Task(cfg, CLASSES))(val[0])
   _ok(p, 8)
-  np.testing.assert_allclose(p, B.laplace.predict(post, params, Task(cfg, CLASSES), val[0]).probs_bc,
-                             atol=1e-6)
+  np.testing.assert_allclose(p, predict(post, params, Task(cfg, CLASSES), val[0]).probs_bc, atol=1e-6)
   # variants sharing the factors (one Jacobian pass per batch) equal the separate methods
   posts = {"a": post, "b": B.laplace.optimize_prior_precision(post, "layer")[0]}
   variants = BL.bayesian_moe_variants(posts, params, Task(cfg, CLASSES))

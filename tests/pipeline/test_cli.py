@@ -12,6 +12,8 @@ import pytest
 from bmoe_jax.cli import main
 from tests.fixtures import tiny_model_dir
 
+pytestmark = pytest.mark.heavy  # finetune, fit and evaluate end to end: scheduled first (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, shared_data):

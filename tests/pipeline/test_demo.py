@@ -23,6 +23,8 @@ from bmoe_jax.data.toy_tokenizer import train_bpe
 from bmoe_jax.demo import DemoConfig, run_demo
 from convert.reference import make_checkpoint
 
+pytestmark = pytest.mark.heavy  # the demo pipeline twice, once in a subprocess: scheduled first (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):

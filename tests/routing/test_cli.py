@@ -9,6 +9,8 @@ import pytest
 from bmoe_jax.cli import main
 from tests.fixtures import tiny_model_dir
 
+pytestmark = pytest.mark.heavy  # route-train and every router method end to end: scheduled first (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, shared_data):

@@ -16,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 import bmoe_jax as B
 from bmoe_jax import sharding as S
 
+pytestmark = pytest.mark.heavy  # a mesh_checks process and a meshed bmoe fit: scheduled first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 EIGHT_DEVICES = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
@@ -25,8 +27,8 @@ def mesh_results():
   """One ``mesh_checks`` process (8 virtual devices) for both models: the JSON line of each (model, mesh)."""
   from tests.sharding.mesh_checks import MESHES
   env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "tests.sharding.mesh_checks", *MESHES, "--mla", "data=2,expert=2,model=2"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  cmd = [sys.executable, "-m", "tests.sharding.mesh_checks", *MESHES, "--mla", "data=2,expert=2,model=2"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   return {model: [r for r in results if r["model"] == model] for model in ("qk_full", "mla_sigmoid")}

@@ -16,6 +16,8 @@ import bmoe_jax as B
 from convert.sources import fetch_gguf
 from convert.upcycle import load_dense, upcycle
 
+pytestmark = pytest.mark.heavy  # the real SmolLM2-135M against transformers in float64: scheduled first (tests/conftest.py)
+
 PROMPTS = ["The capital of France is",
            "Question: Which planet is the largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Mercury\nAnswer:"]
 
