@@ -1,11 +1,11 @@
 import os
 
-# Compiling is ~85% of this suite's time (tiny models; ``python -m tests.durations`` measures it per test), so the
-# suite compiles for speed of compiling, not of the code: LLVM at -O0 (~40% faster to compile) and XLA:CPU's
-# elemental emitters instead of its MLIR fusion emitters (measured on the laplace tests: XLA compile time 73 -> 34 s,
-# 39 -> 20 s). Both compute the same values (the parity tests pass unchanged). Set before JAX's backend starts;
-# subprocesses inherit them. Speed is measured in benchmarks/, which keep XLA's defaults, and tests/test_xla_cpu.py
-# runs its reproducers in subprocesses with the default flags.
+# XLA compiling and JAX tracing are two thirds of this suite's time (tiny models; ``python -m tests.durations``:
+# 48% and 19% before the 12-07 work), so the suite compiles for speed of compiling, not of the code: LLVM at -O0
+# (~40% faster to compile) and XLA:CPU's elemental emitters instead of its MLIR fusion emitters (measured on the
+# laplace tests: XLA compile time 73 -> 34 s, 39 -> 20 s). Both compute the same values (the parity tests pass
+# unchanged). Set before JAX's backend starts; subprocesses inherit them. Speed is measured in benchmarks/, which
+# keep XLA's defaults, and tests/test_xla_cpu.py runs its reproducers in subprocesses with the default flags.
 from bmoe_jax.xla_cpu import jaxlib_knows_flag  # noqa: E402  (imports no computation: the backend is not started)
 
 TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
@@ -72,4 +72,3 @@ def pytest_collection_modifyitems(config, items):
   first, in collection order; the rest keep theirs. Under ``-n 2 --dist loadfile`` (``.ci/run``) each worker then
   starts on a heavy module and both end on short ones, instead of one waiting alone on a heavy module at the end."""
   items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
-
