@@ -33,7 +33,9 @@ def padded_batch(vocab: int, seed: int = 0, b: int = 3, s: int = 11, side: str =
   full, one right-padded by 4, one left-padded by 4 and one right-padded by 1 (both paddings in one batch)."""
   if side == "both":
     tokens, mask = padded_batch(vocab, seed, b + 1, s, "right")
-    mask[2], mask[3] = padded_batch(vocab, seed, b, s, "left")[1][1], mask[2].copy()
+    mask[3] = mask[2]
+    mask[2] = 1
+    mask[2, :4] = 0
     return tokens, mask
   rng = np.random.RandomState(seed)
   tokens = rng.randint(0, vocab, (b, s))

@@ -1,12 +1,11 @@
 """A pytest plugin that records, per test, its wall time and the XLA compile time spent in it.
 
 Loaded by ``tests/conftest.py``; it writes only when ``BMOE_TEST_TIMINGS`` names a directory: one JSON line
-per test (``nodeid``, ``wall_s``, ``compile_s``, ``trace_s``, ``lower_s``, ``compiles``, ``cache_hits``, ``worker``) to
+per test (``nodeid``, ``wall_s``, ``compile_s``, ``trace_s``, ``lower_s``, ``compiles``, ``worker``) to
 ``<dir>/timings-<worker>.jsonl``, so pytest-xdist workers never share a file. ``compile_s`` is XLA's backend
 compile (``/jax/core/compile/backend_compile_duration``), ``trace_s`` and ``lower_s`` JAX's tracing to a jaxpr
 and lowering to MLIR, ``compiles`` the number of XLA compilations (an op run outside ``jax.jit`` is one
-compilation the first time its shapes are seen: ~20 ms each at -O0), ``cache_hits`` those the persistent cache
-answered; all in this process; subprocesses a test starts count in its wall time only.
+compilation the first time its shapes are seen: ~20 ms each at -O0); all in this process; subprocesses a test starts count in its wall time only.
 A module-scoped fixture's set-up is charged to the first test that uses it, as pytest's own durations do.
 ``python -m tests.durations`` runs the suite with it and writes the tables.
 """
@@ -42,13 +41,9 @@ class _Recorder:
       if key == "compile_s":
         self.current["compiles"] += 1
 
-  def on_event(self, event: str, **_):
-    if event == "/jax/compilation_cache/cache_hits" and self.current is not None:
-      self.current["cache_hits"] += 1
-
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(self, item, nextitem):
-    self.current = {"compile_s": 0.0, "trace_s": 0.0, "lower_s": 0.0, "compiles": 0, "cache_hits": 0}
+    self.current = {"compile_s": 0.0, "trace_s": 0.0, "lower_s": 0.0, "compiles": 0}
     start = time.perf_counter()
     yield
     row = {"nodeid": item.nodeid, "wall_s": time.perf_counter() - start, "worker": self.worker, **self.current}
@@ -65,5 +60,4 @@ def register(config) -> None:
   from jax import monitoring
   rec = _Recorder(Path(out))
   monitoring.register_event_duration_secs_listener(rec.on_duration)
-  monitoring.register_event_listener(rec.on_event)
   config.pluginmanager.register(rec, "bmoe-timings")

@@ -25,7 +25,7 @@ if os.environ.get("CI"):
   import laplace  # noqa: F401  (under CI the oracle must be installed: fail, never skip)
 else:
   pytest.importorskip("laplace")
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a test dependency: pyproject's test extras)
 
 N, D_IN, H, C, PRIOR = 11, 3, 6, 4, 0.7
 
