@@ -216,13 +216,15 @@ def mla_scale(cfg: MoEConfig) -> float:
   return scale
 
 
-def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, layers) -> dict[int, jax.Array]:
+def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, layers, start_layer: int = 0,
+               states_bsd: jax.Array | None = None) -> dict[int, jax.Array]:
   """{layer: [b, s, d]}: the normed input of each listed layer's MLP (calibration statistics, e.g. for
-  carving a dense FFN into experts, ``convert.carve``). Runs the layers up to the highest listed one."""
+  carving a dense FFN into experts, ``convert.carve``, or healing it, ``convert.heal``). Runs the layers up
+  to the highest listed one, from the embeddings or from ``states_bsd``, the input of ``start_layer``."""
   s = tokens_bs.shape[1]
-  x_bsd, _, cos_bsc, sin_bsc = _inputs(params, cfg, tokens_bs, None, 0, None, None)
+  x_bsd, _, cos_bsc, sin_bsc = _inputs(params, cfg, tokens_bs, None, start_layer, states_bsd, None)
   out = {}
-  for i in range(max(layers) + 1):
+  for i in range(start_layer, max(layers) + 1):
     mask = L.attention_mask(attention_mask_bs, s, cfg.window(i))
     if i in layers:
       out[i] = _attention_half(params["layers"][i], cfg, x_bsd, cos_bsc, sin_bsc, mask)[1]

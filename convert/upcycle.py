@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
 
 
 METHODS = ("copy", "carve")
+CALIB_CHARS_PER_TOKEN = 12  # carving calibrates on the text's first calib_tokens x this characters
+HEAL_DIR = "heal_run"  # inside the output directory: healing's resumable saves, removed once it is written
 DEFAULT_CALIB_TEXT = "corpora/nltk_english_plain.txt"  # inside the data directory
 
 
@@ -83,11 +86,35 @@ class UpcycleConfig:
   calib_tokens: int = 16384  # carve: calibration tokens (seeded windows of the calibration text)
   calib_text: str | None = None  # carve: a plain-text file (default: <data dir>/corpora/nltk_english_plain.txt)
   router_steps: int = 0  # carve: Adam steps training the router to the oracle top-k after its fit
+  heal_tokens: int = 0  # carve: tokens of text healing the carved layers by distillation (0: no healing)
+  heal_layerwise_epochs: int = 0  # heal: passes of the layer-wise phase (each layer's output to the dense FFN's)
+  heal_epochs: int = 1  # heal: passes of the end-to-end phase (KL to the dense model's next-token distribution)
+  heal_lr: float = 3e-4  # heal: peak learning rate (Adam, warm-up then cosine to a tenth, per phase)
+  heal_batch: int = 8  # heal: windows per step
+  heal_seq: int = 256  # heal: tokens per window
+  heal_aux_coef: float = 0.01  # heal: weight of the load-balancing loss (Switch / Mixtral form)
+  heal_topk: int = 64  # heal: the teacher's top tokens kept per position (the rest: one bucket)
+  heal_valid_tokens: int = 16384  # heal: held-out tokens (the text's tail) for validation
+  heal_router_std: float = 0.5  # heal: the routers' logit spread at the start (gates near 1/top_k)
+  heal_eval_every: int = 50  # heal: steps between validations
+  heal_checkpoint_every: int = 50  # heal: steps between resumable saves
+  heal_text: str | None = None  # heal: a plain-text file (default: the calibration text's file)
+  heal_cache: str | None = None  # heal: where the teacher's cached targets go (default: <cache>/heal)
   seed: int = 0
 
   def __post_init__(self):
+    from bmoe_jax.config import check_bounds
+
     if self.method not in METHODS:
       raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+    check_bounds(self, {"heal_tokens": (0, None), "heal_layerwise_epochs": (0, None), "heal_epochs": (0, None),
+                        "heal_lr": (0, None, True), "heal_batch": (1, None), "heal_seq": (2, None),
+                        "heal_aux_coef": (0, None), "heal_topk": (1, None), "heal_valid_tokens": (1, None),
+                        "heal_router_std": (0, None, True), "heal_eval_every": (1, None),
+                        "heal_checkpoint_every": (1, None)})
+    if self.heal_tokens and self.method != "carve":
+      raise ValueError(f"heal_tokens={self.heal_tokens}: healing is for carved MoEs (method='carve'), "
+                       f"not method={self.method!r}")
 
 
 def upcycle(cfg: MoEConfig, params: dict[str, Any], **options) -> tuple[MoEConfig, dict[str, Any]]:
@@ -168,10 +195,15 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
   record = {"source": prov, **dataclasses.asdict(uc),
             "note": ("weights dequantised to float32 from the GGUF file's quantised tensors"
                      if "gguf" in prov else "weights as stored in the source checkpoint")}
-  new_cfg, new_params, report = build_moe(cfg, params, tok, uc, data_dir=data_dir, progress=progress)
-  if uc.method == "copy":
+  heal_dir = out_dir / HEAL_DIR
+  new_cfg, new_params, report = build_moe(cfg, params, tok, uc, data_dir=data_dir, progress=progress,
+                                          heal_dir=heal_dir)
+  if uc.method == "copy" or uc.heal_tokens:
     export_hf(new_cfg, new_params, out_dir, "qwen2_moe")
     record["family"] = "qwen2_moe"
+    if uc.heal_tokens:
+      record["carve"] = report
+      shutil.rmtree(heal_dir, ignore_errors=True)  # the resumable saves: the healed model is written
   else:
     from bmoe_jax.checkpoint import save_params
     save_params(out_dir, new_cfg, new_params, source={"family": "carved", **prov})
@@ -184,35 +216,83 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
 
 
 def build_moe(cfg: MoEConfig, params, tok, uc: UpcycleConfig, *, data_dir=None, text: str | None = None,
-              progress: bool = True) -> tuple[MoEConfig, dict, dict]:
+              progress: bool = True, heal_dir: str | Path | None = None) -> tuple[MoEConfig, dict, dict]:
   """The MoE ``(cfg, params, report)`` of a dense model by ``uc.method``. Carving reads its calibration
   ``text`` if given, else ``uc.calib_text``, else ``DEFAULT_CALIB_TEXT`` in ``data_dir`` or
-  ``$BMOE_DATA_DIR``."""
+  ``$BMOE_DATA_DIR``; with ``uc.heal_tokens`` the carve is then healed (``convert.heal``) on ``uc.heal_text``
+  or the same text, its resumable saves in ``heal_dir`` (None: none)."""
   if uc.method == "copy":
     return (*upcycle(cfg, params, **dataclasses.asdict(uc)), {})
-  import os
-
   from convert.carve import carve
 
   if tok is None:
     raise ValueError("carve: the source has no tokenizer, needed to tokenise the calibration text")
-  source = "given text"
-  if text is None:
-    path = uc.calib_text
-    if path is None:
-      root = data_dir or os.environ.get("BMOE_DATA_DIR")
-      if not root:
-        raise ValueError("carve needs calibration text: pass calib_text (--calib-text FILE) or a data directory "
-                         f"holding {DEFAULT_CALIB_TEXT} (--data-dir or $BMOE_DATA_DIR)")
-      path = Path(root) / DEFAULT_CALIB_TEXT
-    if not Path(path).is_file():
-      raise FileNotFoundError(f"carve: calibration text {path} not found")
-    text, source = Path(path).read_text(encoding="utf-8", errors="replace")[: uc.calib_tokens * 12], str(path)
+  text, source = _calibration_text(uc, data_dir, text)
   new_cfg, new_params, report = carve(
-      cfg, params, tok, text, layers=parse_layers(uc.moe_layers, cfg.num_layers), num_experts=uc.num_experts,
-      top_k=uc.top_k, shared_neurons=uc.shared_neurons, active_frac=uc.active_frac, calib_tokens=uc.calib_tokens,
-      router_steps=uc.router_steps, seed=uc.seed, progress=progress)
-  return new_cfg, new_params, {**report, "calib_text": source}
+      cfg, params, tok, text[: uc.calib_tokens * CALIB_CHARS_PER_TOKEN], layers=parse_layers(uc.moe_layers, cfg.num_layers),
+      num_experts=uc.num_experts, top_k=uc.top_k, shared_neurons=uc.shared_neurons, active_frac=uc.active_frac,
+      calib_tokens=uc.calib_tokens, router_steps=uc.router_steps, seed=uc.seed, progress=progress)
+  report = {**report, "calib_text": source}
+  if uc.heal_tokens:
+    heal_text = _read_text(uc.heal_text, "heal_text") if uc.heal_text else text
+    new_cfg, new_params, report["heal"] = heal_carved((cfg, params), tok, (new_cfg, new_params), uc, heal_text,
+                                                      work_dir=heal_dir, progress=progress)
+    report["heal"]["text"] = uc.heal_text or source
+  return new_cfg, new_params, report
+
+
+def _read_text(path, what: str) -> str:
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"carve: {what} {path} not found")
+  return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def _calibration_text(uc: UpcycleConfig, data_dir, text: str | None) -> tuple[str, str]:
+  """(the calibration text, where it came from)."""
+  import os
+
+  if text is not None:
+    return text, "given text"
+  path = uc.calib_text
+  if path is None:
+    root = data_dir or os.environ.get("BMOE_DATA_DIR")
+    if not root:
+      raise ValueError("carve needs calibration text: pass calib_text (--calib-text FILE) or a data directory "
+                       f"holding {DEFAULT_CALIB_TEXT} (--data-dir or $BMOE_DATA_DIR)")
+    path = Path(root) / DEFAULT_CALIB_TEXT
+  return _read_text(path, "calibration text"), str(path)
+
+
+HEAL_RUN_FIELDS = ("heal_tokens", "heal_layerwise_epochs", "heal_epochs", "heal_lr", "heal_batch", "heal_seq",
+                   "heal_aux_coef", "heal_topk", "heal_valid_tokens", "heal_router_std", "heal_eval_every", "seed")
+
+
+def heal_carved(dense, tok, carved, uc: UpcycleConfig, text: str, *, work_dir=None, progress: bool = True):
+  """``convert.heal.heal`` of a carved ``(cfg, params)``, its data from ``text`` computed by the ``dense``
+  (cfg, params) once and cached under ``uc.heal_cache`` (default ``<cache>/heal``)."""
+  import jax
+  import jax.numpy as jnp
+
+  from bmoe_jax.identity import tree_digest
+  from convert import heal as H
+  from convert import heal_data as HD
+  from convert.sources import cache_dir
+
+  (dcfg, dparams), (mcfg, mparams) = dense, carved
+  start = min(mcfg.moe_layer_ids)
+  train_w, valid_w = HD.text_windows(tok, text, uc.heal_tokens, uc.heal_valid_tokens, uc.heal_seq, seed=uc.seed,
+                                     calib_chars=uc.calib_tokens * CALIB_CHARS_PER_TOKEN)
+  djax = jax.tree.map(jnp.asarray, dparams)
+  key = HD.cache_key(dense=tree_digest(dparams), train=tree_digest(train_w), valid=tree_digest(valid_w),
+                     start=start, topk=uc.heal_topk)
+  root = Path(uc.heal_cache) if uc.heal_cache else cache_dir() / "heal"
+  data = HD.cached(root, key, lambda: {
+      split: HD.compute(djax, dcfg, w, start, uc.heal_topk, progress=progress, desc=f"teacher ({split})")
+      for split, w in (("train", train_w), ("valid", valid_w))})
+  fingerprint = {"heal": {f: getattr(uc, f) for f in HEAL_RUN_FIELDS}, "data": key, "carved": tree_digest(mparams)}
+  new_cfg, new_params, report = H.heal(mcfg, mparams, (dcfg, djax), data, uc, work_dir=work_dir,
+                                       fingerprint=fingerprint, progress=progress)
+  return new_cfg, new_params, {**report, "cache": str(root / key)}
 
 
 def dense_family(source: str | Path) -> str | None:
