@@ -104,10 +104,16 @@ def _finetune(c: FinetuneCommand, mesh) -> dict:
   tc = dataclasses.replace(c.train, seed=c.run.seed)
   res = ST.finetune(params, task, batches, tc, c.run.out, pretrained=params, progress=not c.run.quiet,
                     cache_prefix=c.run.cache_prefix)
+  from bmoe_jax.identity import tree_digest
+  from bmoe_jax.train import evaluate_nll, merge
+  source = {"finetuned_from": str(c.run.model), "train": c.data.resolved().train}
   out = Path(c.run.out) / "model"
-  save_params(out, cfg, res.params, {"finetuned_from": str(c.run.model), "train": c.data.resolved().train})
+  save_params(out, cfg, res.params, {**source, "state": "best validation NLL (early stopping)"})
   tok.save_pretrained(str(out))
-  from bmoe_jax.train import evaluate_nll
+  final = merge(res.state.train, res.params)
+  if tree_digest(final) != tree_digest(res.params):  # trained past its best: the last state is kept as well
+    save_params(out.with_name("model_final"), cfg, final, {**source, "state": f"last (step {res.state.step})"})
+    tok.save_pretrained(str(out.with_name("model_final")))
   val_nll = evaluate_nll(res.params, task, batches["val"])[0] if batches["val"] else None
   print(f"wrote {out} (val NLL {val_nll})")
   return {"data": infos, "history": res.history, "val_nll": val_nll}

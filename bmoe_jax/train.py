@@ -201,10 +201,11 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
   fwd = jax.jit(lambda p, b: batch_loss(p, task, b))
   state = TrainState(0, train0, opt.init(train0), float("inf"), train0, 0)
   history: list[dict] = []
+  loss_sum, loss_n = 0.0, 0  # the training loss since the last evaluation (its mean goes into the history)
   run = None if checkpoint_dir is None else ResumableRun(checkpoint_dir, {**_fingerprint(tc, task.cfg), **identity},
                                                          keep=tc.keep_checkpoints, fingerprint_file=FINGERPRINT_FILE)
   if run is not None:
-    state, history = _restore(run, state)
+    state, history, (loss_sum, loss_n) = _restore(run, state)
   from tqdm.auto import tqdm
 
   bar = tqdm(total=micro_total, initial=state.step, desc="fine-tune", unit="batch", disable=not progress)
@@ -216,16 +217,19 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
       train, opt_state, loss, _ = step_fn(state.train, state.opt_state, train_batches[i], frozen, anchor)
       _require_finite_loss(float(loss), state.step + 1, epoch, i, tc, run)
       state = state._replace(step=state.step + 1, train=train, opt_state=opt_state)
+      loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
       bar.update(1)
       bar.set_postfix(loss=f"{float(loss):.4f}")
       opt_step = state.step // tc.grad_accum
       if state.step % tc.grad_accum == 0 and tc.eval_every and opt_step % tc.eval_every == 0 and val_batches:
         nll, acc = evaluate_nll(merge(state.train, frozen), task, val_batches, fwd)
         _require_finite_loss(nll, state.step, epoch, i, tc, run, "the validation NLL")
-        history.append({"step": opt_step, "train_loss": float(loss), "val_nll": nll, "val_acc": acc})
+        history.append({"step": opt_step, "epoch": round(state.step / len(train_batches), 3),
+                        "train_loss": loss_sum / loss_n, "val_nll": nll, "val_acc": acc})
+        loss_sum, loss_n = 0.0, 0
         state, stopped = _early_stopping(state, nll, tc.patience)
       if run is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped):
-        run.save(state.step, _tree(state), {"history": history})
+        run.save(state.step, _tree(state), {"history": history, "loss_since_eval": [loss_sum, loss_n]})
   finally:
     bar.close()
     if run is not None:
@@ -278,11 +282,12 @@ def _tree(state: TrainState) -> dict:
 
 
 def _restore(run: ResumableRun, like: TrainState, step: int | None = None):
-  """(state, history) of ``step`` (default: the newest readable save; ``like`` and [] when there is none)."""
+  """(state, history, (training-loss sum, count) since the last evaluation) of ``step`` (default: the newest
+  readable save; ``like``, [] and zeros when there is none)."""
   if step is None:
     got = run.resume(_tree(like))
     if got is None:
-      return like, []
+      return like, [], (0.0, 0)
     _, st, meta = got
   else:
     st, meta = run.restore(_tree(like), step)
@@ -290,7 +295,8 @@ def _restore(run: ResumableRun, like: TrainState, step: int | None = None):
   unflat = lambda tree, leaves: jax.tree.unflatten(jax.tree.structure(tree), [jnp.asarray(x) for x in leaves])
   state = TrainState(int(sc["step"]), unflat(like.train, st["train"]), unflat(like.opt_state, st["opt_state"]),
                      float(sc["best_nll"]), unflat(like.best_train, st["best_train"]), int(sc["bad_evals"]))
-  return state, list(meta.get("history", []))
+  loss_sum, loss_n = meta.get("loss_since_eval", (0.0, 0))
+  return state, list(meta.get("history", [])), (float(loss_sum), int(loss_n))
 
 
 def load_checkpoints(checkpoint_dir: str | Path, params, cfg: MoEConfig,

@@ -66,7 +66,7 @@ class Interrupting(list):
 def test_interrupted_finetune_resumes_to_the_same_parameters(setup, tmp_path):
   cfg, params, train, val = setup
   tc = T.TrainConfig(trainable="experts", lr=3e-3, epochs=2, grad_accum=2, eval_every=2,
-                     checkpoint_every=4)
+                     checkpoint_every=3)  # saves between evaluations: the running training loss is restored too
   whole = T.finetune(params, Task(cfg, CLASSES), train, tc, val_batches=val, progress=False)
   with pytest.raises(Stop):
     T.finetune(params, Task(cfg, CLASSES), Interrupting(train, 7), tc, val_batches=val, checkpoint_dir=tmp_path, progress=False)

@@ -6,7 +6,6 @@ last-layer Laplace needs one set of class tokens; the demo tests run the default
 import json
 
 import numpy as np
-
 import pytest
 
 from bmoe_jax.cli import main
@@ -30,6 +29,9 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
   run = json.loads((ft / "run.json").read_text())
   assert run["data"]["train"]["used"] == 24 and len(run["history"]) == 2 and run["config"]["lr"] == 1e-3
   assert (ft / "model" / "bmoe_config.json").exists() and (ft / "model" / "tokenizer.json").exists()
+  nlls = [h["val_nll"] for h in run["history"]]
+  assert (ft / "model_final").exists() == (int(np.argmin(nlls)) != len(nlls) - 1)  # trained past its best: both kept
+  assert [h["epoch"] for h in run["history"]] == [1.0, 2.0] and all(h["train_loss"] > 0 for h in run["history"])
   fit = tmp_path / "fit"
   assert main(["fit", "--model", str(ft / "model"), "--pretrained", str(model_dir), "--train", "obqa:train",
                "--rank", "4", "--shared", "--out", str(fit)] + common) == 0
