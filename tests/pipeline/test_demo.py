@@ -40,7 +40,8 @@ def _cfg(src):
   d = DemoConfig()
   return dataclasses.replace(
       d, source=str(src), upcycle=dataclasses.replace(d.upcycle, num_experts=4, top_k=2, moe_layers="top:2",
-                                                      shared_neurons=8, calib_tokens=512),
+                                                      shared_neurons=8, calib_tokens=512, heal_tokens=1024,
+                                                      heal_valid_tokens=256, heal_seq=32, heal_batch=8),
       data=dataclasses.replace(d.data, max_train=32, max_eval=16, batch_size=8),
       train=dataclasses.replace(d.train, epochs=1, eval_every=2), fit=dataclasses.replace(d.fit, rank=4))
 
@@ -48,8 +49,11 @@ def _cfg(src):
 def test_demo_synthetic(tiny_llama, tmp_path, monkeypatch):
   monkeypatch.delenv("BMOE_DATA_DIR", raising=False)
   s = run_demo(_cfg(tiny_llama), tmp_path, progress=False)
-  assert s["model"]["all_experts_vs_dense_max_abs_logit_diff"] <= 1e-4 and s["model"]["moe_layers"] == [1, 2]
+  assert s["model"]["all_experts_vs_dense_max_abs_logit_diff"] is None and s["model"]["moe_layers"] == [1, 2]
   assert s["model"]["source"]["carve"]["calib_text"] == "synthetic training questions"
+  heal = s["model"]["heal"]  # healed by default: 4 steps a pass, two passes
+  assert heal["tokens"] == 2 * 1024 and heal["valid_kl"][1] < heal["valid_kl"][0] and "repeated" in heal["text"]
+  assert s["model"]["family"] == "qwen2_moe" and not (tmp_path / "heal_run").exists()
   train = s["data"]["sets"]["train"]
   assert s["data"]["suite"].startswith("SYNTHETIC") and train["style"] == "continuation"
   assert s["finetune"]["steps"] == -(-(train["used"] - train["unscorable"]) // 8) > 0
@@ -70,7 +74,7 @@ def test_demo_real_data_cli(tiny_llama, tmp_path, shared_data):
   cfg = tmp_path / "demo.json"
   cfg.write_text(json.dumps({"max_train": 16, "max_eval": 8, "epochs": 1, "batch_size": 8, "rank": 4,
                              "num_experts": 4, "moe_layers": "top:1", "eval_every": 0, "shared_neurons": 8,
-                             "calib_tokens": 512}))
+                             "calib_tokens": 512, "heal_tokens": 0}))
   argv = ["demo", "--config", str(cfg), "--source", str(tiny_llama), "--data-dir", str(shared_data),
           "--shift", "arc_challenge:test,mmlu:test:astronomy", "--out-dir", str(tmp_path / "out"),
           "--mesh", "data=1", "--quiet"]  # the mesh code path (multi-device: tests/sharding)
@@ -81,6 +85,7 @@ def test_demo_real_data_cli(tiny_llama, tmp_path, shared_data):
   assert res.returncode == 0, res.stderr[-3000:]
   s = json.loads((tmp_path / "out" / "demo.json").read_text())
   assert s["data"]["suite"] == "real benchmarks" and s["model"]["moe_layers"] == [2]
+  assert s["model"]["all_experts_vs_dense_max_abs_logit_diff"] <= 1e-4 and s["model"]["heal"] is None  # the raw carve
   assert json.loads((tmp_path / "out" / "config.json").read_text())["run"]["mesh"] == "data=1"
   assert sorted(s["summary"]["bmoe"]) == ["arc_challenge_test", "mmlu_test_astronomy", "obqa_test"]
   bad = tmp_path / "bad.json"
