@@ -28,8 +28,8 @@ def _cmd_upcycle(args) -> int:
   uc = flags.resolve(UpcycleConfig(), args)
   out = upcycle_checkpoint(source, args.out_dir, progress=not args.quiet, data_dir=args.data_dir,
                            **dataclasses.asdict(uc))
-  layout = ("Qwen2-MoE layout; load it with bmoe convert / --model, or transformers" if uc.method == "copy"
-            else "bmoe_jax layout; load it with --model")
+  layout = ("Qwen2-MoE layout; load it with bmoe convert / --model, or transformers"
+            if uc.method == "copy" or uc.heal_tokens else "bmoe_jax layout; load it with --model")
   print(f"wrote {out} ({layout})")
   return 0
 

@@ -129,9 +129,9 @@ def _upcycled(cfg: DemoConfig, progress: bool, mesh, out: Path):
                                     progress=progress, heal_dir=out / "heal_run")
   shutil.rmtree(out / "heal_run", ignore_errors=True)  # healing's resumable saves, done with
   if report:
-    provenance = {**provenance, "carve": {**report, "calib_text": SYNTHETIC_TEXT if text else report["calib_text"]}}
     if "heal" in report and text:
       report["heal"]["text"] = SYNTHETIC_TEXT + " (repeated: held-out windows repeat training text)"
+    provenance = {**provenance, "carve": {**report, "calib_text": SYNTHETIC_TEXT if text else report["calib_text"]}}
   to_jax = lambda tree: jax.tree.map(jax.numpy.asarray, tree)
   dparams, mparams = to_jax(dparams), to_jax(mparams)
   if mesh is not None:
@@ -247,11 +247,12 @@ def _prepend_header(path: Path, cfg: DemoConfig, s: dict, synthetic: bool):
   heal = s["model"].get("heal")
   if heal:
     how = "carved and healed (the carve distilled from the dense model, softmax top-k gates)"
-    check = (f"healed on {heal['tokens']} tokens of {heal['text']} ({heal['seconds']} s): held-out KL to the dense "
-             f"model {heal['valid_kl'][0]:.3f} -> {heal['valid_kl'][1]:.3f} nats/token, perplexity "
+    check = (f"healed on {heal['text']} ({heal['tokens']} tokens processed, {heal['seconds']} s): held-out KL to "
+             f"the dense model {heal['valid_kl'][0]:.3f} -> {heal['valid_kl'][1]:.3f} nats/token, perplexity "
              f"{heal['valid_ppl'][0]:.2f} -> {heal['valid_ppl'][1]:.2f} (dense {heal['dense_valid_ppl']:.2f})")
   else:
-    check = f"with every expert selected vs dense: max |logit diff| = {m['all_experts_vs_dense_max_abs_logit_diff']:.2e}"
+    diff = m["all_experts_vs_dense_max_abs_logit_diff"]
+    check = f"with every expert selected vs dense: max |logit diff| = {diff:.2e}"
   lines = [
       f"# bmoe demo: SmolLM2-135M-Instruct, {how.split(' (')[0]}: MAP vs baselines vs Bayesian-MoE", "",
       f"- Model: {m['weights']}; {how} into {m['experts']} experts top-{m['top_k']} in layers {m['moe_layers']}; "

@@ -95,7 +95,7 @@ class UpcycleConfig:
   heal_seq: int = 256  # heal: tokens per window
   heal_aux_coef: float = 0.01  # heal: weight of the load-balancing loss (Switch / Mixtral form)
   heal_topk: int = 64  # heal: the teacher's top tokens kept per position (the rest: one bucket)
-  heal_valid_tokens: int = 16384  # heal: held-out tokens (the text's tail) for validation
+  heal_valid_tokens: int = 16384  # heal: held-out validation tokens (windows outside the calibration text)
   heal_router_std: float = 0.5  # heal: the routers' logit spread at the start (gates near 1/top_k)
   heal_eval_every: int = 50  # heal: steps between validations
   heal_checkpoint_every: int = 50  # heal: steps between resumable saves
@@ -235,9 +235,10 @@ def build_moe(cfg: MoEConfig, params, tok, uc: UpcycleConfig, *, data_dir=None, 
     raise ValueError("carve: the source has no tokenizer, needed to tokenise the calibration text")
   text, source = _calibration_text(uc, data_dir, text)
   new_cfg, new_params, report = carve(
-      cfg, params, tok, text[: uc.calib_tokens * CALIB_CHARS_PER_TOKEN], layers=parse_layers(uc.layers, cfg.num_layers),
-      num_experts=uc.num_experts, top_k=uc.top_k, shared_neurons=uc.shared_neurons, active_frac=uc.active_frac,
-      calib_tokens=uc.calib_tokens, router_steps=uc.router_steps, seed=uc.seed, progress=progress)
+      cfg, params, tok, text[: uc.calib_tokens * CALIB_CHARS_PER_TOKEN],
+      layers=parse_layers(uc.layers, cfg.num_layers), num_experts=uc.num_experts, top_k=uc.top_k,
+      shared_neurons=uc.shared_neurons, active_frac=uc.active_frac, calib_tokens=uc.calib_tokens,
+      router_steps=uc.router_steps, seed=uc.seed, progress=progress)
   report = {**report, "calib_text": source}
   if uc.heal_tokens:
     heal_text = _read_text(uc.heal_text, "heal_text") if uc.heal_text else text
