@@ -148,3 +148,19 @@ def test_interrupted_healing_resumes_to_the_same_weights(dense_dir, tmp_path, mo
     build_moe(cfg, params, tok, UpcycleConfig(**{**HEAL, "heal_lr": 1e-3}, calib_text=str(dense_dir / "text.txt"),
                                               heal_cache=str(dense_dir / "cache")),
               progress=False, heal_dir=tmp_path / "cut")
+
+
+def test_text_windows_are_disjoint_and_validation_avoids_the_calibration_text(tiny_dense):
+  from convert.heal_data import text_windows
+  tok = tiny_dense[2]
+  train, valid = text_windows(tok, TEXT, 320, 96, 16, seed=0, calib_chars=2000)
+  assert train.shape == (20, 16) and valid.shape == (6, 16)
+  ids = np.asarray(tok.encode(TEXT, add_special_tokens=False))
+  head = len(tok.encode(TEXT[:2000], add_special_tokens=False)) // 16
+  starts = {tuple(w): i for i, w in enumerate(np.asarray(tok.encode(TEXT[2000:], add_special_tokens=False))[
+      :(len(ids) - head * 16) // 16 * 16].reshape(-1, 16))}
+  assert all(tuple(w) in starts for w in valid)  # every validation window lies past the calibration text
+  again = text_windows(tok, TEXT, 320, 96, 16, seed=0, calib_chars=2000)
+  assert all(np.array_equal(a, b) for a, b in zip(again, (train, valid)))
+  with pytest.raises(ValueError, match="heal_tokens=100000"):
+    text_windows(tok, TEXT, 100000, 96, 16, seed=0)
