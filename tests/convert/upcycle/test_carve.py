@@ -119,7 +119,7 @@ def test_carve_checkpoint_round_trip_and_errors(dense, tmp_path):
     upcycle_checkpoint(tmp_path / "dense", tmp_path / "c1", method="carve", progress=False)
   with pytest.raises(ValueError, match="equal experts"):
     upcycle_checkpoint(tmp_path / "dense", tmp_path / "c2", method="carve", calib_text=str(text), num_experts=5,
-                       shared_neurons=4, progress=False)
+                       moe_layers="top:2", shared_neurons=4, progress=False)
   out = upcycle_checkpoint(tmp_path / "dense", tmp_path / "c", method="carve", calib_text=str(text),
                            num_experts=4, top_k=4, shared_neurons=8, calib_tokens=512, moe_layers="top:2",
                            progress=False)
@@ -133,3 +133,11 @@ def test_carve_checkpoint_round_trip_and_errors(dense, tmp_path):
                              atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="method="):
     UpcycleConfig(method="clone")
+  # each method's default layers, also when the method is chosen by a flag after the defaults
+  import argparse
+
+  from bmoe_jax.pipeline import flags
+  parser = argparse.ArgumentParser()
+  flags.add_flags(parser, UpcycleConfig())
+  chosen = flags.resolve(UpcycleConfig(), parser.parse_args(["--method", "carve"]))
+  assert (chosen.layers, UpcycleConfig().layers) == ("top:8", "all")

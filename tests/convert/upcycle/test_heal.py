@@ -18,6 +18,7 @@ from convert import heal_math as HM
 from convert.carve import carve
 from convert.reference import make_checkpoint, reference_outputs
 from convert.upcycle import HEAL_DIR, UpcycleConfig, build_moe, load_dense, upcycle_checkpoint
+from tests.convert.upcycle.test_carve import dense  # noqa: F401  (a tiny dense llama and its tokenizer)
 
 TEXT = " ".join(f"the {a} {b} sat on the {c} and looked at {d} ." for a, b, c, d in
                 zip(["cat", "dog", "bird", "fox"] * 90, ["quietly", "slowly", "happily"] * 120,
@@ -57,16 +58,8 @@ def test_load_balance_is_one_when_uniform_and_larger_when_collapsed():
   assert abs(HM.load_evenness(np.full(e, 0.25), k) - 1.0) < 1e-9
 
 
-@pytest.fixture(scope="module")
-def tiny_dense():
-  cfg = B.tiny_config(vocab_size=320, num_layers=3, moe_layers=(False,) * 3, intermediate_size=48,
-                      shared_expert_size=0, qkv_bias=False)
-  params = jax.tree.map(np.asarray, B.init_params(cfg, jax.random.key(0), std=0.3))
-  return cfg, params, train_bpe([TEXT], 300)
-
-
-def test_softmax_gated_starts_at_the_carve_with_the_same_experts(tiny_dense):
-  cfg, params, tok = tiny_dense
+def test_softmax_gated_starts_at_the_carve_with_the_same_experts(dense):
+  cfg, params, tok = dense
   c_cfg, c_params, _ = carve(cfg, params, tok, TEXT, layers=(1, 2), num_experts=4, top_k=2, shared_neurons=8,
                              active_frac=0.25, calib_tokens=256, router_steps=0, seed=0, calib_seq=32, progress=False)
   tokens = jnp.asarray(tok([TEXT[:300]], return_tensors="np")["input_ids"])
@@ -150,9 +143,9 @@ def test_interrupted_healing_resumes_to_the_same_weights(dense_dir, tmp_path, mo
               progress=False, heal_dir=tmp_path / "cut")
 
 
-def test_text_windows_are_disjoint_and_validation_avoids_the_calibration_text(tiny_dense):
+def test_text_windows_are_disjoint_and_validation_avoids_the_calibration_text(dense):
   from convert.heal_data import text_windows
-  tok = tiny_dense[2]
+  tok = dense[2]
   train, valid = text_windows(tok, TEXT, 320, 96, 16, seed=0, calib_chars=2000)
   assert train.shape == (20, 16) and valid.shape == (6, 16)
   ids = np.asarray(tok.encode(TEXT, add_special_tokens=False))
