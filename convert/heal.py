@@ -174,6 +174,20 @@ def batch_rows(step_in_phase: int, n_windows: int, batch: int, seed: int, phase_
   return np.sort(perm[pos * batch:(pos + 1) * batch])
 
 
+class _Loop(NamedTuple):
+  """What every healing step needs (``heal``'s locals)."""
+  params: dict  # the model in its softmax-gated form (its carved MLPs are replaced by the state's)
+  dense_params: dict
+  train: HealData
+  valid: HealData
+  uc: Any
+  steps: dict  # {phase name: jitted step}
+  opts: dict  # {phase name: optimizer}
+  eval_fn: Any
+  top_k: int
+  run: Any  # ResumableRun or None
+
+
 def heal(cfg: MoEConfig, params: dict, dense: tuple[MoEConfig, dict], data: dict[str, HealData], uc, *,
          work_dir: str | Path | None = None, fingerprint: dict | None = None,
          progress: bool = True) -> tuple[MoEConfig, dict, dict]:
@@ -184,74 +198,86 @@ def heal(cfg: MoEConfig, params: dict, dense: tuple[MoEConfig, dict], data: dict
   from tqdm.auto import tqdm
 
   from bmoe_jax.checkpoint import ResumableRun
-  from bmoe_jax.finite import NonFiniteError
 
-  dense_cfg, dense_params = dense
-  layer_ids = tuple(cfg.moe_layer_ids)
+  (dense_cfg, dense_params), layer_ids = dense, tuple(cfg.moe_layer_ids)
   train, valid = data["train"], data["valid"]
-  first = train.take(slice(0, min(len(train.tokens_ns), 4)))
-  x0 = dense_targets(dense_params, dense_cfg, layer_ids, first)[0]
+  x0 = dense_targets(dense_params, dense_cfg, layer_ids, train.take(slice(0, min(len(train.tokens_ns), 4))))[0]
   cfg, params = HM.softmax_gated(cfg, params, {i: np.asarray(x0[j]).reshape(-1, cfg.hidden_size)
                                                 for j, i in enumerate(layer_ids)}, uc.heal_router_std)
   params = jax.tree.map(jnp.asarray, params)
-  plan = [p for p in phases(uc, len(train.tokens_ns))]
-  total = sum(p.steps for p in plan)
+  plan = phases(uc, len(train.tokens_ns))
   opts = {p.name: optimizer(uc, p.steps) for p in plan}
-  steps = {p.name: make_steps(cfg, dense_cfg, layer_ids, uc, opts[p.name])[p.name] for p in plan if p.steps}
-  eval_fn = make_eval(cfg, layer_ids)
+  run = None if work_dir is None else ResumableRun(work_dir, fingerprint or {}, keep=2,
+                                                   fingerprint_file=FINGERPRINT_FILE)
+  loop = _Loop(params, dense_params, train, valid, uc,
+               {p.name: make_steps(cfg, dense_cfg, layer_ids, uc, opts[p.name])[p.name] for p in plan if p.steps},
+               opts, make_eval(cfg, layer_ids), cfg.num_experts_per_tok, run)
   mlps0 = HM.stack_layers(params, layer_ids)
-  state = HealState(0, mlps0, opts[plan[0].name if plan[0].steps else plan[1].name].init(mlps0))
-  history: list[dict] = []
-  run = None
-  if work_dir is not None:
-    run = ResumableRun(work_dir, fingerprint or {}, keep=2, fingerprint_file=FINGERPRINT_FILE)
-    got = run.resume({"mlps": state.mlps, "opt": state.opt_state})
-    if got is not None:
-      step, tree, meta = got
-      state, history = HealState(step, tree["mlps"], tree["opt"]), list(meta.get("history", []))
-  tokens_per_step = uc.heal_batch * uc.heal_seq
-
-  def record(phase: str, loss_sum: float, loss_n: int, seconds: float):
-    ev = evaluate(eval_fn, state.mlps, params, valid, uc.heal_batch, cfg.num_experts_per_tok)
-    history.append({"step": state.step, "phase": phase, "tokens": state.step * tokens_per_step,
-                    "train_loss": loss_sum / loss_n if loss_n else None, "seconds": round(seconds, 1), **ev})
-
+  state = HealState(0, mlps0, opts[next((p.name for p in plan if p.steps), plan[0].name)].init(mlps0))
+  state, history, acc = _resume(run, state)
   t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
   if not history:
-    record("start", 0.0, 0, 0.0)
-  bar = tqdm(total=total, initial=state.step, desc="heal", unit="step", disable=not progress)
-  loss_sum, loss_n = 0.0, 0
+    _record(loop, state, history, "start", (0.0, 0), 0.0)
+  bar = tqdm(total=sum(p.steps for p in plan), initial=state.step, desc="heal", unit="step", disable=not progress)
   try:
     for index, phase in enumerate(plan):
       end = phase.first + phase.steps
-      if state.step >= end or not phase.steps:
+      if state.step >= end:
         continue
       if state.step == phase.first and index:  # a fresh optimizer (and schedule) per phase
         state = state._replace(opt_state=opts[phase.name].init(state.mlps))
       while state.step < end:
-        rows = batch_rows(state.step - phase.first, len(train.tokens_ns), uc.heal_batch, uc.seed, index)
-        b = HealData(*(jnp.asarray(a) for a in train.take(rows)))
-        mlps, opt_state, loss, _ = steps[phase.name](state.mlps, state.opt_state, params, dense_params, b)
-        if not np.isfinite(float(loss)):
-          raise NonFiniteError(f"heal: the {phase.name} loss or a gradient is not finite at step {state.step + 1}; "
-                               f"lower heal_lr={uc.heal_lr} (the last finite save is kept in {work_dir})")
-        state = HealState(state.step + 1, mlps, opt_state)
-        loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+        state, loss = _step(loop, state, phase, index)
+        acc = (acc[0] + loss, acc[1] + 1)
         bar.update(1)
-        bar.set_postfix(phase=phase.name, loss=f"{float(loss):.4f}", valid_ppl=f"{history[-1]['valid_ppl']:.2f}")
+        bar.set_postfix(phase=phase.name, loss=f"{loss:.4f}", valid_ppl=f"{history[-1]['valid_ppl']:.2f}")
         if state.step % uc.heal_eval_every == 0 or state.step == end:
-          record(phase.name, loss_sum, loss_n, time.perf_counter() - t0)
-          loss_sum, loss_n = 0.0, 0
+          _record(loop, state, history, phase.name, acc, time.perf_counter() - t0)
+          acc = (0.0, 0)
         if run is not None and (state.step % uc.heal_checkpoint_every == 0 or state.step == end):
-          run.save(state.step, {"mlps": state.mlps, "opt": state.opt_state}, {"history": history})
+          run.save(state.step, {"mlps": state.mlps, "opt": state.opt_state},
+                   {"history": history, "loss_since_eval": list(acc)})
   finally:
     bar.close()
     if run is not None:
       run.close()
   healed = jax.tree.map(np.asarray, HM.with_layers(params, layer_ids, state.mlps))
-  report = {"phases": [p._asdict() for p in plan], "tokens_per_step": tokens_per_step,
-            "train_windows": int(len(train.tokens_ns)), "valid_windows": int(len(valid.tokens_ns)),
-            "teacher_topk_mass": float(np.mean(np.exp(np.asarray(valid.t_logp_nsk)).sum(-1))),
-            "dense_valid_ppl": float(np.exp(-np.mean(np.asarray(valid.t_next_ns)[:, :-1]))),
-            "history": history}
-  return cfg, healed, report
+  return cfg, healed, {"phases": [p._asdict() for p in plan], "tokens_per_step": uc.heal_batch * uc.heal_seq,
+                       "train_windows": int(len(train.tokens_ns)), "valid_windows": int(len(valid.tokens_ns)),
+                       "teacher_topk_mass": float(np.mean(np.exp(np.asarray(valid.t_logp_nsk)).sum(-1))),
+                       "dense_valid_ppl": float(np.exp(-np.mean(np.asarray(valid.t_next_ns)[:, :-1]))),
+                       "history": history}
+
+
+def _resume(run, state: HealState):
+  """(state, history, (loss sum, count) since the last validation) of the newest save, or the given start."""
+  got = None if run is None else run.resume({"mlps": state.mlps, "opt": state.opt_state})
+  if got is None:
+    return state, [], (0.0, 0)
+  step, tree, meta = got
+  loss_sum, loss_n = meta.get("loss_since_eval", (0.0, 0))
+  return HealState(step, tree["mlps"], tree["opt"]), list(meta.get("history", [])), (float(loss_sum), int(loss_n))
+
+
+def _step(loop: _Loop, state: HealState, phase: Phase, index: int) -> tuple[HealState, float]:
+  """One optimizer step of ``phase`` on its seeded batch; a non-finite loss or gradient stops the run."""
+  from bmoe_jax.finite import NonFiniteError
+
+  uc = loop.uc
+  rows = batch_rows(state.step - phase.first, len(loop.train.tokens_ns), uc.heal_batch, uc.seed, index)
+  batch = HealData(*(jnp.asarray(a) for a in loop.train.take(rows)))
+  mlps, opt_state, loss, _ = loop.steps[phase.name](state.mlps, state.opt_state, loop.params, loop.dense_params,
+                                                    batch)
+  loss = float(loss)
+  if not np.isfinite(loss):
+    where = "" if loop.run is None else f" (the last finite save is kept in {loop.run.directory})"
+    raise NonFiniteError(f"heal: the {phase.name} loss or a gradient is not finite at step {state.step + 1}; "
+                         f"lower heal_lr={uc.heal_lr}{where}")
+  return HealState(state.step + 1, mlps, opt_state), loss
+
+
+def _record(loop: _Loop, state: HealState, history: list, phase: str, acc: tuple[float, int], seconds: float):
+  """Append a validation record (``evaluate``) with the mean training loss since the last one."""
+  ev = evaluate(loop.eval_fn, state.mlps, loop.params, loop.valid, loop.uc.heal_batch, loop.top_k)
+  history.append({"step": state.step, "phase": phase, "tokens": state.step * loop.uc.heal_batch * loop.uc.heal_seq,
+                  "train_loss": acc[0] / acc[1] if acc[1] else None, "seconds": round(seconds, 1), **ev})

@@ -25,7 +25,7 @@ TEXT = " ".join(f"the {a} {b} sat on the {c} and looked at {d} ." for a, b, c, d
                     ["mat", "wall", "tree", "box", "roof"] * 72, ["stars", "rain", "ducks"] * 120))
 HEAL = dict(method="carve", num_experts=4, top_k=2, shared_neurons=8, calib_tokens=256, moe_layers="top:2",
             heal_tokens=512, heal_valid_tokens=64, heal_seq=16, heal_batch=4, heal_topk=8, heal_epochs=2,
-            heal_layerwise_epochs=1, heal_lr=3e-3, heal_eval_every=8, heal_checkpoint_every=4)
+            heal_layerwise_epochs=1, heal_lr=3e-3, heal_eval_every=8, heal_checkpoint_every=3)
 
 
 def test_topk_kl_is_the_coarsened_kl_and_exact_with_the_whole_vocabulary():
@@ -121,22 +121,24 @@ def test_healed_checkpoint_lowers_the_kl_and_is_a_qwen2_moe_transformers_loads(d
 def test_interrupted_healing_resumes_to_the_same_weights(dense_dir, tmp_path, monkeypatch):
   cfg, params, tok, _ = load_dense(dense_dir / "dense")
   uc = UpcycleConfig(**HEAL, calib_text=str(dense_dir / "text.txt"), heal_cache=str(dense_dir / "cache"))
-  whole = build_moe(cfg, params, tok, uc, progress=False, heal_dir=tmp_path / "whole")[1]
+  _, whole, whole_report = build_moe(cfg, params, tok, uc, progress=False, heal_dir=tmp_path / "whole")
   real_save, saves = ResumableRun.save, []
 
   def failing_save(self, step, state, meta=None):
     real_save(self, step, state, meta)
     saves.append(step)
-    if len(saves) == 2:
-      raise KeyboardInterrupt("killed after the second save")
+    if len(saves) == 4:
+      raise KeyboardInterrupt("killed after the fourth save")
   monkeypatch.setattr(ResumableRun, "save", failing_save)
   with pytest.raises(KeyboardInterrupt):
     build_moe(cfg, params, tok, uc, progress=False, heal_dir=tmp_path / "cut")
   monkeypatch.setattr(ResumableRun, "save", real_save)
-  assert saves == [4, 8]  # the layer-wise phase (4 steps) and one end-to-end step count
-  resumed = build_moe(cfg, params, tok, uc, progress=False, heal_dir=tmp_path / "cut")[1]
+  assert saves == [3, 6, 8, 9]  # every 3 steps and at the end of the layer-wise phase (8 steps); resumed from 9
+  _, resumed, report = build_moe(cfg, params, tok, uc, progress=False, heal_dir=tmp_path / "cut")
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  strip = lambda r: [{k: v for k, v in h.items() if k != "seconds"} for h in r["heal"]["history"]]
+  assert strip(report) == strip(whole_report)  # the saves fall between validations: the running loss is restored
   with pytest.raises(ValueError, match="heal_fingerprint.json"):
     build_moe(cfg, params, tok, UpcycleConfig(**{**HEAL, "heal_lr": 1e-3}, calib_text=str(dense_dir / "text.txt"),
                                               heal_cache=str(dense_dir / "cache")),
