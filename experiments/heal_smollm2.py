@@ -208,10 +208,10 @@ def heal_plot(heal: dict, path: Path):
   tokens = [x["tokens"] / 1e3 for x in h]
   a.plot(tokens, [x["valid_ppl"] for x in h], "o-", label="healed")
   a.axhline(heal["dense_valid_ppl"], color="k", ls="--", label="dense")
-  a.set(xlabel="training tokens (k)", ylabel="held-out perplexity")
+  a.set(xlabel="training tokens processed (k)", ylabel="held-out perplexity")
   a.legend()
   b.plot(tokens, [x["valid_kl"] for x in h], "o-")
-  b.set(xlabel="training tokens (k)", ylabel="held-out KL(dense || healed), nats/token")
+  b.set(xlabel="training tokens processed (k)", ylabel="held-out KL(dense || healed), nats/token")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
