@@ -193,9 +193,7 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
   train0, frozen = split(params, mask)
   anchor = split(pretrained if pretrained is not None else params, mask)[0]
   n_data = dataset_size or sum(int(b.labels_b.shape[0]) for b in train_batches)
-  micro_total = tc.epochs * len(train_batches)
-  if tc.max_steps is not None:
-    micro_total = min(micro_total, tc.max_steps * tc.grad_accum)
+  micro_total = _micro_steps(tc, len(train_batches))
   opt = make_optimizer(tc, micro_total // tc.grad_accum)
   step_fn = jax.jit(make_train_step(task, opt, tc.prior_precision / (2.0 * n_data)))
   fwd = jax.jit(lambda p, b: batch_loss(p, task, b))
@@ -222,12 +220,10 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
       bar.set_postfix(loss=f"{float(loss):.4f}")
       opt_step = state.step // tc.grad_accum
       if state.step % tc.grad_accum == 0 and tc.eval_every and opt_step % tc.eval_every == 0 and val_batches:
-        nll, acc = evaluate_nll(merge(state.train, frozen), task, val_batches, fwd)
-        _require_finite_loss(nll, state.step, epoch, i, tc, run, "the validation NLL")
-        history.append({"step": opt_step, "epoch": round(state.step / len(train_batches), 3),
-                        "train_loss": loss_sum / loss_n, "val_nll": nll, "val_acc": acc})
+        state, stopped, record = _validate(state, merge(state.train, frozen), task, val_batches, fwd, tc, run,
+                                           (epoch, i), loss_sum / loss_n, len(train_batches))
+        history.append(record)
         loss_sum, loss_n = 0.0, 0
-        state, stopped = _early_stopping(state, nll, tc.patience)
       if run is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped):
         run.save(state.step, _tree(state), {"history": history, "loss_since_eval": [loss_sum, loss_n]})
   finally:
@@ -236,6 +232,22 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
       run.close()
   best = state.best_train if np.isfinite(state.best_nll) else state.train
   return TrainResult(merge(best, frozen), history, state)
+
+
+def _micro_steps(tc: TrainConfig, n_batches: int) -> int:
+  """Batches the run consumes: ``epochs`` passes, capped by ``max_steps`` optimizer steps."""
+  total = tc.epochs * n_batches
+  return total if tc.max_steps is None else min(total, tc.max_steps * tc.grad_accum)
+
+
+def _validate(state: TrainState, params, task: Task, val_batches, fwd, tc: TrainConfig, run, where, train_loss: float,
+              n_batches: int):
+  """(state after early stopping's bookkeeping, stop now?, the history record) of one validation."""
+  nll, acc = evaluate_nll(params, task, val_batches, fwd)
+  _require_finite_loss(nll, state.step, *where, tc, run, "the validation NLL")
+  record = {"step": state.step // tc.grad_accum, "epoch": round(state.step / n_batches, 3), "train_loss": train_loss,
+            "val_nll": nll, "val_acc": acc}
+  return (*_early_stopping(state, nll, tc.patience), record)
 
 
 def _require_finite_loss(loss: float, step: int, epoch: int, batch: int, tc: TrainConfig, run: ResumableRun | None,
