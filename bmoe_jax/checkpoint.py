@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.config import MoEConfig
-from bmoe_jax.files import first_line, read_json
+from bmoe_jax.files import first_line, read_json, write_json
 from bmoe_jax.identity import tree_digest
 
 FORMAT = "bmoe_jax/params-v1"
@@ -37,7 +37,7 @@ def save_params(out_dir: str | Path, cfg: MoEConfig, params: dict[str, Any],
     ckptr.wait_until_finished()
   meta = {"format": FORMAT, "config": cfg.to_dict(), "source": source or {},
           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "params_digest": tree_digest(params)}
-  (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+  write_json(out_dir / CONFIG_FILE, meta, sort_keys=True)
   return out_dir
 
 
@@ -245,7 +245,7 @@ class ResumableRun:
         more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise ValueError(f"{self.fingerprint_path}: the saves there are of a different run (it differs in "
                          f"{', '.join(diff[:6])}{more}); use a new directory, or delete it to start over")
-      self.fingerprint_path.write_text(json.dumps(self.fingerprint, indent=2))
+      write_json(self.fingerprint_path, self.fingerprint)
     options = ocp.CheckpointManagerOptions(read_only=True) if read_only else \
         ocp.CheckpointManagerOptions(max_to_keep=keep)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)

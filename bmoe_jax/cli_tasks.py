@@ -72,22 +72,26 @@ def _command(name, root):
     command = flags.resolve(root(), args)
     if not command.run.model or not command.run.out:
       raise ValueError(f"bmoe {name}: missing --model and --out (flags or --config keys)")
-    from bmoe_jax.files import writable_dir
-    writable_dir(command.run.out)  # before the model loads, not after an hour of work
-    t0 = time.perf_counter()
-    mesh = None
-    if command.run.mesh:
-      from bmoe_jax.sharding import make_mesh
-      mesh = make_mesh(command.run.mesh)
-    import contextlib
-
-    import jax
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      record = _RUNNERS[name](command, mesh)
-    from bmoe_jax.pipeline.data import write_run
-    write_run(command.run.out, _record(command), **record, seconds=time.perf_counter() - t0)
+    from bmoe_jax.files import output_lock
+    with output_lock(command.run.out):  # before the model loads, not after an hour of work
+      _run(name, command)
     return 0
   return run
+
+
+def _run(name, command):
+  t0 = time.perf_counter()
+  mesh = None
+  if command.run.mesh:
+    from bmoe_jax.sharding import make_mesh
+    mesh = make_mesh(command.run.mesh)
+  import contextlib
+
+  import jax
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    record = _RUNNERS[name](command, mesh)
+  from bmoe_jax.pipeline.data import write_run
+  write_run(command.run.out, _record(command), **record, seconds=time.perf_counter() - t0)
 
 
 def _record(command) -> dict:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bmoe_jax.config import MoEConfig
+from bmoe_jax.files import write_json
 from convert.errors import ConversionError
 from convert.sources import sha256_file
 
@@ -217,7 +218,7 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
   record["moe_layer_ids"] = list(new_cfg.moe_layer_ids)
   if tok is not None:
     tok.save_pretrained(str(out_dir))
-  (out_dir / "upcycle.json").write_text(json.dumps(record, indent=2, default=str))
+  write_json(out_dir / "upcycle.json", record, default=str)
   return out_dir
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.checkpoint import ResumableRun
-from bmoe_jax.files import read_json
+from bmoe_jax.files import read_json, write_json
 from bmoe_jax.finite import NonFiniteError, nonfinite_leaves
 from bmoe_jax.identity import DataDigest, task_identity, tree_digest
 from bmoe_jax.laplace import kfac
@@ -176,7 +175,7 @@ def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = No
           "prior_precision": {str(l): np.exp(np.asarray(v, np.float64)).tolist()
                               for l, v in post.log_prior_prec_e.items()},
           "scale": float(post.scale), "digest": tree_digest(tree), "metadata": metadata or {}}
-  (path / "posterior.json").write_text(json.dumps(meta, indent=2))
+  write_json(path / "posterior.json", meta)
   return path
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bmoe_jax.files import read_json
+from bmoe_jax.files import read_json, write_json
 from bmoe_jax.identity import tree_digest, upgrade
 from bmoe_jax.routing.plan import RoutingPlan
 
@@ -30,7 +30,7 @@ def save_routers(out_dir: str | Path, plan: RoutingPlan, router_params: dict, cf
       ckptr.save(out / "routers", tree)
       ckptr.wait_until_finished()
   record = {"plan": plan.to_dict(), "config": cfg.to_dict(), "digest": tree_digest(tree), "meta": meta or {}}
-  (out / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str))
+  write_json(out / PLAN_FILE, record, default=str)
   return out
 
 
