@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.config import MoEConfig
-from bmoe_jax.files import first_line, read_json, write_json
+from bmoe_jax.files import begin_artefact, first_line, incomplete, read_json, write_json
 from bmoe_jax.identity import tree_digest
 
 FORMAT = "bmoe_jax/params-v1"
@@ -24,14 +24,14 @@ CONFIG_FILE = "bmoe_config.json"
 
 
 def save_params(out_dir: str | Path, cfg: MoEConfig, params: dict[str, Any],
-                source: dict[str, Any] | None = None) -> Path:
+                source: dict[str, Any] | None = None, *, overwrite: bool = False) -> Path:
+  """``out_dir/params`` (orbax) then ``out_dir/bmoe_config.json``, the record that makes the model complete
+  (``files.begin_artefact``: an interrupted save's parts are replaced; a complete model is refused unless
+  ``overwrite``)."""
   import orbax.checkpoint as ocp
 
-  out_dir = Path(out_dir).absolute()
-  if (out_dir / "params").exists():
-    raise FileExistsError(f"{out_dir / 'params'} already exists; choose an empty output directory")
-  out_dir.mkdir(parents=True, exist_ok=True)
   check_shapes(cfg, params, str(out_dir))
+  out_dir = begin_artefact(out_dir, CONFIG_FILE, ("params",), overwrite=overwrite)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(out_dir / "params", jax.tree.map(jnp.asarray, params))
     ckptr.wait_until_finished()
@@ -206,7 +206,7 @@ def load_model(path: str | Path, dtype: str | None = None, progress: bool = Fals
     cfg = info.cfg
   else:
     raise FileNotFoundError(f"{path}: neither a converted model ({CONFIG_FILE}) nor an HF checkpoint "
-                            "directory (config.json + *.safetensors)")
+                            f"directory (config.json + *.safetensors){incomplete(path, CONFIG_FILE, ('params',))}")
   dtype = param_dtype(dtype, "dtype")
   params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
   return MoEModel(cfg, params=params)

@@ -112,12 +112,15 @@ def _finetune(c: FinetuneCommand, mesh) -> dict:
   from bmoe_jax.train import evaluate_nll, merge
   source = {"finetuned_from": str(c.run.model), "train": c.data.resolved().train}
   out = Path(c.run.out) / "model"
-  save_params(out, cfg, res.params, {**source, "state": "best validation NLL (early stopping)"})
+  # the tokenizer first: a model is complete once save_params writes its record. A rerun of this run (its
+  # saves' fingerprint checked by ST.finetune) rewrites the models an interruption may have left behind.
   tok.save_pretrained(str(out))
+  save_params(out, cfg, res.params, {**source, "state": "best validation NLL (early stopping)"}, overwrite=True)
   final = merge(res.state.train, res.params)
   if tree_digest(final) != tree_digest(res.params):  # trained past its best: the last state is kept as well
-    save_params(out.with_name("model_final"), cfg, final, {**source, "state": f"last (step {res.state.step})"})
     tok.save_pretrained(str(out.with_name("model_final")))
+    save_params(out.with_name("model_final"), cfg, final, {**source, "state": f"last (step {res.state.step})"},
+                overwrite=True)
   val_nll = evaluate_nll(res.params, task, batches["val"])[0] if batches["val"] else None
   print(f"wrote {out} (val NLL {val_nll})")
   return {"data": infos, "history": res.history, "val_nll": val_nll}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -141,3 +142,33 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, value, **dumps) -> Path:
   """``write_text`` of ``json.dumps(value, **dumps)`` (indent 2 unless given)."""
   return write_text(path, json.dumps(value, **{"indent": 2, **dumps}))
+
+
+def begin_artefact(directory: str | Path, record: str, parts: tuple[str, ...], *, overwrite: bool = False) -> Path:
+  """``directory`` made ready for writing an artefact whose last step is writing its ``record`` file: the record
+  is what makes it complete (readers refuse ``parts`` without it, ``incomplete``). Parts an interrupted write
+  left (no record) are removed, with orbax's temporaries of a killed save. A complete artefact raises
+  ``FileExistsError`` naming its record, or with ``overwrite`` has its record removed first (from then on it
+  reads as incomplete) and then its parts. The caller holds the directory's ``output_lock`` or is its only
+  writer."""
+  directory = Path(directory).absolute()
+  done = directory / record
+  if done.exists():
+    if not overwrite:
+      raise FileExistsError(f"{done} already exists; choose an empty output directory")
+    done.unlink()
+  for name in parts:
+    for p in [directory / name, *directory.glob(f"{name}.orbax-checkpoint-tmp*")]:
+      if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+      elif p.exists() or p.is_symlink():
+        p.unlink()
+  directory.mkdir(parents=True, exist_ok=True)
+  return directory
+
+
+def incomplete(directory: str | Path, record: str, parts: tuple[str, ...]) -> str:
+  """For a reader's error when ``record`` is missing: why, if ``parts`` of an interrupted write are there."""
+  left = [name for name in parts if (Path(directory) / name).exists()]
+  return (f" ({', '.join(left)} without {record}: its write was interrupted; rerun the command that wrote it)"
+          if left else "")

@@ -184,6 +184,9 @@ def load_dense(source: str | Path, progress: bool = False):
   return info.cfg, params, tok, {"hf_dir": str(source)}
 
 
+UPCYCLED_PARTS = ("config.json", "model.safetensors", "bmoe_config.json", "params")  # the weights and their record
+
+
 def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: bool = True, data_dir=None,
                        **options) -> Path:
   """Dense llama (``.gguf`` or HF dir) -> an MoE directory with its tokenizer files and ``upcycle.json``
@@ -192,12 +195,14 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
   ``options``: the fields of ``UpcycleConfig``."""
   from convert.export import export_hf
 
+  from bmoe_jax.files import begin_artefact
+
   uc = UpcycleConfig(**options)
-  out_dir = Path(out_dir)
-  if (out_dir / "config.json").exists() or (out_dir / "bmoe_config.json").exists():
-    raise FileExistsError(f"{out_dir} already holds a model; choose an empty output directory")
   if family := dense_family(source):
     raise ConversionError(f"{source}: model_type {family!r} is not a dense llama; upcycling needs one")
+  # upcycle.json, written last, makes the directory complete; a model an interruption left without it is redone
+  # (the healing's resumable saves in HEAL_DIR are kept). The tokenizer is written before the weights' record.
+  out_dir = begin_artefact(out_dir, "upcycle.json", UPCYCLED_PARTS)
   cfg, params, tok, prov = load_dense(source, progress=progress)
   record = {"source": prov, **dataclasses.asdict(uc), "moe_layers": uc.layers,
             "note": ("weights dequantised to float32 from the GGUF file's quantised tensors"
@@ -205,6 +210,8 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
   heal_dir = out_dir / HEAL_DIR
   new_cfg, new_params, report = build_moe(cfg, params, tok, uc, data_dir=data_dir, progress=progress,
                                           heal_dir=heal_dir)
+  if tok is not None:
+    tok.save_pretrained(str(out_dir))
   if uc.method == "copy" or uc.heal_tokens:
     export_hf(new_cfg, new_params, out_dir, "qwen2_moe")
     record["family"] = "qwen2_moe"
@@ -216,8 +223,6 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
     save_params(out_dir, new_cfg, new_params, source={"family": "carved", **prov})
     record.update(family="carved", carve=report)
   record["moe_layer_ids"] = list(new_cfg.moe_layer_ids)
-  if tok is not None:
-    tok.save_pretrained(str(out_dir))
   write_json(out_dir / "upcycle.json", record, default=str)
   return out_dir
 

@@ -76,3 +76,26 @@ def test_write_text_is_whole_or_absent(tmp_path, monkeypatch):
     files.write_json(path, {"a": 2, "long": "x" * 10000})
   assert json.loads(path.read_text()) == {"a": 1}  # the old record, not a partial or empty one
   assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # no temporary left behind
+
+
+def test_an_interrupted_model_save_is_named_by_readers_and_redone_by_writers(tmp_path):
+  import jax
+
+  import bmoe_jax as B
+  from bmoe_jax.checkpoint import CONFIG_FILE, load_model, save_params
+
+  cfg = B.tiny_config()
+  params = B.init_params(cfg, jax.random.key(0))
+  out = save_params(tmp_path / "m", cfg, params)
+  with pytest.raises(FileExistsError, match=f"{CONFIG_FILE} already exists"):
+    save_params(out, cfg, params)
+  (out / CONFIG_FILE).unlink()  # killed between the arrays and their record
+  (out / "params.orbax-checkpoint-tmp-123").mkdir()  # and an orbax temporary of a killed save
+  with pytest.raises(FileNotFoundError, match=f"params without {CONFIG_FILE}: its write was interrupted; rerun"):
+    load_model(out)
+  save_params(out, cfg, params)  # the rerun replaces the parts instead of refusing
+  assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, "params"]
+  twice = jax.tree.map(lambda a: 2 * a, params)
+  save_params(out, cfg, twice, overwrite=True)  # a rerun of the same run rewrites a complete one
+  back = load_model(out).pure_params()
+  assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(twice)))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.checkpoint import ResumableRun
-from bmoe_jax.files import read_json, write_json
+from bmoe_jax.files import begin_artefact, incomplete, read_json, write_json
 from bmoe_jax.finite import NonFiniteError, nonfinite_leaves
 from bmoe_jax.identity import DataDigest, task_identity, tree_digest
 from bmoe_jax.laplace import kfac
@@ -158,14 +158,14 @@ def _posterior_tree(post: Posterior) -> dict:
           "scale": post.scale, "log_lik": post.log_lik}
 
 
-def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = None) -> Path:
-  """Write the posterior (orbax) and ``posterior.json`` (format, layers, ranks, prior precisions)."""
+def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = None, *,
+                   overwrite: bool = False) -> Path:
+  """Write the posterior (orbax ``state``) and then ``posterior.json`` (format, layers, ranks, prior precisions),
+  the record that makes it complete (``files.begin_artefact``: an interrupted save's parts are replaced; a
+  complete posterior is refused unless ``overwrite``)."""
   import orbax.checkpoint as ocp
 
-  path = Path(path).absolute()
-  if (path / "state").exists():
-    raise FileExistsError(f"{path / 'state'} already exists; choose an empty directory")
-  path.mkdir(parents=True, exist_ok=True)
+  path = begin_artefact(path, "posterior.json", ("state",), overwrite=overwrite)
   tree = jax.tree.map(jnp.asarray, _posterior_tree(post))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "state", tree)
@@ -185,7 +185,8 @@ def load_posterior(path: str | Path, params=None) -> Posterior:
   path = Path(path).absolute()
   meta_file = path / "posterior.json"
   if not meta_file.exists():
-    raise FileNotFoundError(f"{meta_file} not found: not a directory written by save_posterior")
+    raise FileNotFoundError(f"{meta_file} not found: not a directory written by save_posterior"
+                            f"{incomplete(path, meta_file.name, ('state',))}")
   meta = read_json(meta_file)
   if meta.get("format") != POSTERIOR_FORMAT:
     raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {POSTERIOR_FORMAT!r}")
