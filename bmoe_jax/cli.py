@@ -168,14 +168,25 @@ def main(argv: list[str] | None = None) -> int:
   warn_if_broken()  # once per process: every command's factors and predictives depend on it
   import contextlib
 
-  from bmoe_jax.files import output_lock
+  from bmoe_jax import interrupt as INT
+  from bmoe_jax.files import output_lock, resource_error
   out = getattr(args, "out_dir", None)  # the task commands lock their --out once their config is resolved
-  try:
-    with output_lock(out, "out_dir") if out else contextlib.nullcontext():
-      return args.fn(args)
-  except (ConversionError, DataError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-    print(f"bmoe {args.command}: error: {err}", file=sys.stderr)
-    return 2
+  with INT.handled(f"bmoe {args.command}"):
+    try:
+      with output_lock(out, "out_dir") if out else contextlib.nullcontext():
+        return args.fn(args)
+    except INT.Interrupted as err:
+      print(f"bmoe {args.command}: interrupted at {err.where}; rerun the same command to resume", file=sys.stderr)
+      return err.exit_code
+    except Exception as err:
+      if (line := resource_error(err)) is not None:
+        print(f"bmoe {args.command}: error: {line}", file=sys.stderr)
+        return 2
+      if isinstance(err, (ConversionError, DataError, ValueError, FileNotFoundError, FileExistsError,
+                          PermissionError)):
+        print(f"bmoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+      raise
 
 
 if __name__ == "__main__":

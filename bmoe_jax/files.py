@@ -4,6 +4,7 @@ writable before a long run starts and held by one writer at a time, records writ
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -132,9 +133,11 @@ def write_text(path: str | Path, text: str) -> Path:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as err:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
+    if isinstance(err, OSError) and err.filename is None:  # e.g. fsync's: name the record it was writing
+      raise OSError(err.errno, err.strerror, str(path)) from err
     raise
   return path
 
@@ -172,3 +175,34 @@ def incomplete(directory: str | Path, record: str, parts: tuple[str, ...]) -> st
   left = [name for name in parts if (Path(directory) / name).exists()]
   return (f" ({', '.join(left)} without {record}: its write was interrupted; rerun the command that wrote it)"
           if left else "")
+
+
+RESOURCE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EIO: "input/output error", errno.EROFS: "read-only file system",
+                   errno.EMFILE: "too many open files", errno.ENOMEM: "out of memory"}
+_RESOURCE_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "Read-only file system": errno.EROFS, "Input/output error": errno.EIO}
+
+
+def resource_error(err: BaseException) -> str | None:
+  """One line for an error caused by the machine's resources (a full disk, a quota, an I/O error), found
+  anywhere in ``err``'s chain (orbax and TensorStore wrap the ``OSError`` in their own types), else None."""
+  seen, e = set(), err
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    code = e.errno if isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS else \
+        next((c for text, c in _RESOURCE_TEXT.items() if text in str(e)), None)
+    if code is not None:
+      where = getattr(e, "filename", None) or _path_in(str(e))
+      return (f"{where + ': ' if where else ''}{RESOURCE_ERRNOS[code]} (errno {errno.errorcode[code]}); what was "
+              "saved so far is kept: make room and rerun the same command to resume")
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _path_in(text: str) -> str | None:
+  """The first absolute path quoted in an error message (TensorStore's say which file failed)."""
+  import re
+
+  m = re.search(r"""["'](/[^"']+)["']""", text)
+  return m.group(1) if m else None

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bmoe_jax import interrupt as INT
 from bmoe_jax.checkpoint import ResumableRun
 from bmoe_jax.files import begin_artefact, incomplete, read_json, write_json
 from bmoe_jax.finite import NonFiniteError, nonfinite_leaves
@@ -97,24 +98,26 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
   bar = tqdm(total=total, initial=done, desc="K-FAC factors", unit="batch", disable=not progress)
   i, seen = 0, DataDigest()
   try:
-    for i, batch in enumerate(batches, start=1):
+    with INT.safe_points():
+      for i, batch in enumerate(batches, start=1):
+        if run is not None:
+          seen.update(batch)
+        if i == done:
+          _check_same_data(checkpoint_dir, saved_meta, seen.value())
+        if i <= done:
+          continue
+        sub = None if key is None else jax.random.fold_in(key, i - 1)
+        state = step(state, params, batch=batch, key=sub)
+        bar.update(1)
+        if run is not None and (i % checkpoint_every == 0 or INT.requested()):
+          _check_finite(state, i)
+          run.save(i, _state_tree(state), {"data": seen.value()})
+        INT.check(f"factor-pass batch {i}" + (" (saved)" if run is not None else ""))
+      if i < done:
+        raise ValueError(f"{checkpoint_dir} holds a pass over {done} batches but the data has only {i}")
+      _check_finite(state, max(i, done))
       if run is not None:
-        seen.update(batch)
-      if i == done:
-        _check_same_data(checkpoint_dir, saved_meta, seen.value())
-      if i <= done:
-        continue
-      sub = None if key is None else jax.random.fold_in(key, i - 1)
-      state = step(state, params, batch=batch, key=sub)
-      bar.update(1)
-      if run is not None and i % checkpoint_every == 0:
-        _check_finite(state, i)
-        run.save(i, _state_tree(state), {"data": seen.value()})
-    if i < done:
-      raise ValueError(f"{checkpoint_dir} holds a pass over {done} batches but the data has only {i}")
-    _check_finite(state, max(i, done))
-    if run is not None:
-      run.save(max(i, done), _state_tree(state), {"data": seen.value()})
+        run.save(max(i, done), _state_tree(state), {"data": seen.value()})
   finally:
     bar.close()
     if run is not None:
