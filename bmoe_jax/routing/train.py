@@ -208,11 +208,12 @@ def run_stage(stage: Stage, params, batches: Sequence[Batch], rtc: RouteTrainCon
   history: list[dict] = []
   run = None if run_dir is None else ResumableRun(run_dir, fingerprint, keep=1, fingerprint_file="route_train.json")
   got = None if run is None else run.resume(_flat(state))
+  losses = []  # (loss, ce, reg) of the epoch's steps so far: saved, so that a resumed epoch's mean is the same
   if got is not None:
     state, history = _unflat(state, got[1]), list(got[2].get("history", []))
+    losses = [tuple(x) for x in got[2].get("epoch_losses", [])]
   bar = tqdm(total=total, initial=state.step, desc=f"route-train {desc} {stage.name}",
              unit="batch", disable=not progress)
-  losses = []
   try:
     with INT.safe_points():
       while state.step < total:
@@ -231,7 +232,7 @@ def run_stage(stage: Stage, params, batches: Sequence[Batch], rtc: RouteTrainCon
           history.append({"epoch": step // len(batches), "loss": float(l), "ce": float(c), "reg": float(r)})
           losses = []
         if run is not None and (step % rtc.route_checkpoint_every == 0 or step == total or INT.requested()):
-          run.save(step, _flat(state), {"history": history})
+          run.save(step, _flat(state), {"history": history, "epoch_losses": [list(x) for x in losses]})
         INT.check(f"router training ({stage.name}) step {step} of {total}" + (" (saved)" if run is not None else ""))
   finally:
     bar.close()
