@@ -202,9 +202,12 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
     raise ConversionError(f"{source}: model_type {family!r} is not a dense llama; upcycling needs one")
   # upcycle.json, written last, makes the directory complete; a model an interruption left without it is redone
   # (the healing's resumable saves in HEAL_DIR are kept). The tokenizer is written before the weights' record.
+  options = {"source_arg": str(source), **dataclasses.asdict(uc), "moe_layers": uc.layers}
+  if _finished_before(Path(out_dir), options):
+    return Path(out_dir)
   out_dir = begin_artefact(out_dir, "upcycle.json", UPCYCLED_PARTS)
   cfg, params, tok, prov = load_dense(source, progress=progress)
-  record = {"source": prov, **dataclasses.asdict(uc), "moe_layers": uc.layers,
+  record = {"source": prov, **options,
             "note": ("weights dequantised to float32 from the GGUF file's quantised tensors"
                      if "gguf" in prov else "weights as stored in the source checkpoint")}
   heal_dir = out_dir / HEAL_DIR
@@ -306,6 +309,22 @@ def heal_carved(dense, tok, carved, uc: UpcycleConfig, text: str, *, work_dir=No
   new_cfg, new_params, report = H.heal(mcfg, mparams, (dcfg, djax), data, uc, work_dir=work_dir,
                                        fingerprint=fingerprint, progress=progress)
   return new_cfg, new_params, {**report, "cache": str(root / key)}
+
+
+def _finished_before(out_dir: Path, options: dict) -> bool:
+  """True when ``out_dir`` holds a finished upcycle of the same source and options (a rerun has nothing to do);
+  a finished one of other options is refused, naming them."""
+  from bmoe_jax.files import read_json
+
+  done = out_dir / "upcycle.json"
+  if not done.exists():
+    return False
+  old, new = read_json(done), json.loads(json.dumps(options, default=str))
+  diff = [k for k, v in new.items() if old.get(k) != v]
+  if diff:
+    raise FileExistsError(f"{done}: this directory holds a finished upcycle of another source or options (differs "
+                          f"in {', '.join(diff[:6])}); choose another output directory, or delete it to start over")
+  return True
 
 
 def dense_family(source: str | Path) -> str | None:
