@@ -233,12 +233,12 @@ class ResumableRun:
     if read_only:
       if not self.fingerprint_path.exists():
         raise FileNotFoundError(f"{self.fingerprint_path} not found: not a directory of saves of this kind")
-      self.fingerprint = json.loads(self.fingerprint_path.read_text())
+      self.fingerprint = read_json(self.fingerprint_path)
     else:
       self.directory.mkdir(parents=True, exist_ok=True)
       self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
       from bmoe_jax.identity import differences, upgrade
-      old = json.loads(self.fingerprint_path.read_text()) if self.fingerprint_path.exists() else self.fingerprint
+      old = read_json(self.fingerprint_path) if self.fingerprint_path.exists() else self.fingerprint
       old = json.loads(json.dumps(upgrade(old), default=str))
       if old != self.fingerprint:
         diff = differences(old, self.fingerprint)

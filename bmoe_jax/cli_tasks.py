@@ -209,10 +209,10 @@ def _posteriors(ec: EvalConfig, names, params) -> dict:
   if not ec.posterior:
     raise ValueError(f"methods {[n for n in names if n.startswith('bmoe')]} need --posterior DIR (the output of "
                      "bmoe fit: RUN/posterior)")
-  import json
   import warnings
 
-  meta = json.loads((Path(ec.posterior) / "posterior.json").read_text()).get("metadata", {})
+  from bmoe_jax.files import read_json
+  meta = read_json(Path(ec.posterior) / "posterior.json").get("metadata", {})
   if meta.get("link", ec.link) != ec.link:
     warnings.warn(f"{ec.posterior}: its prior precision was chosen with link {meta['link']!r} and is evaluated with "
                   f"--link {ec.link!r}; pass the same --link to bmoe fit and bmoe evaluate")

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from bmoe_jax import metrics as M
-from bmoe_jax.files import write_json, write_text
+from bmoe_jax.files import read_json, write_json, write_text
 from bmoe_jax.finite import NonFiniteError
 from bmoe_jax.task import Batch
 
@@ -75,8 +75,8 @@ def _saved_method(path: Path, key: dict) -> dict | None:
   """A method's saved metrics when they were made under the same ``key`` (else None: recomputed)."""
   if not path.exists():
     return None
-  saved = json.loads(path.read_text())
-  return saved["per"] if saved.get("key") == key else None
+  saved = read_json(path)
+  return saved["per"] if saved.get("key") == key and "per" in saved else None
 
 
 def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batch]], *,
