@@ -53,9 +53,11 @@ def handled(command: str = "bmoe"):
   if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
     yield
     return
-  old = {s: signal.getsignal(s) for s in SIGNALS}
+  # a signal ignored at start stays ignored: a shell starts background jobs with SIGINT ignored, so that Ctrl-C
+  # in the terminal stops the foreground job only (nohup does the same for SIGHUP)
+  old = {s: h for s in SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN}
   _STATE.update(signum=None, depth=0, command=command)
-  for s in SIGNALS:
+  for s in old:
     signal.signal(s, _handler)
   try:
     yield

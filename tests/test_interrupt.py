@@ -34,9 +34,15 @@ def _argv(model_dir, shared_data, out):
           "--layers", "1", "--quiet", "--out", str(out)]
 
 
+def _as_in_a_terminal():
+  """The child as a terminal's foreground job: SIGINT at its default even when this process runs in the
+  background (where shells ignore it, and bmoe keeps an ignored signal ignored)."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signal_when(argv, signum, ready, timeout=240):
   proc = subprocess.Popen([sys.executable, "-m", "bmoe_jax.cli", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, preexec_fn=_as_in_a_terminal)
   deadline = time.time() + timeout
   while not ready() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.05)
@@ -78,3 +84,13 @@ def test_sigterm_outside_the_loops_leaves_at_once(model_dir, shared_data, tmp_pa
   rc, err = _signal_when(_argv(model_dir, shared_data, out), signal.SIGTERM, (out / files.LOCK_FILE).exists)
   assert rc == 143 and err == ["bmoe finetune: SIGTERM: stopped; nothing is left half-written; rerun the same "
                                "command to resume"], err
+
+
+def test_a_signal_ignored_at_start_stays_ignored():
+  """A shell starts background jobs with SIGINT ignored (Ctrl-C is for the foreground job): bmoe keeps it so."""
+  code = ("import signal; from bmoe_jax import interrupt as I\n"
+          "with I.handled():\n"
+          "  print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is I._handler)")
+  got = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+  assert got.stdout.split() == ["True", "True"]
