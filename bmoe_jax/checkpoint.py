@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.config import MoEConfig
-from bmoe_jax.files import first_line, read_json
+from bmoe_jax.files import begin_artefact, first_line, incomplete, read_json, write_json
 from bmoe_jax.identity import tree_digest
 
 FORMAT = "bmoe_jax/params-v1"
@@ -24,20 +24,20 @@ CONFIG_FILE = "bmoe_config.json"
 
 
 def save_params(out_dir: str | Path, cfg: MoEConfig, params: dict[str, Any],
-                source: dict[str, Any] | None = None) -> Path:
+                source: dict[str, Any] | None = None, *, overwrite: bool = False) -> Path:
+  """``out_dir/params`` (orbax) then ``out_dir/bmoe_config.json``, the record that makes the model complete
+  (``files.begin_artefact``: an interrupted save's parts are replaced; a complete model is refused unless
+  ``overwrite``)."""
   import orbax.checkpoint as ocp
 
-  out_dir = Path(out_dir).absolute()
-  if (out_dir / "params").exists():
-    raise FileExistsError(f"{out_dir / 'params'} already exists; choose an empty output directory")
-  out_dir.mkdir(parents=True, exist_ok=True)
   check_shapes(cfg, params, str(out_dir))
+  out_dir = begin_artefact(out_dir, CONFIG_FILE, ("params",), overwrite=overwrite)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(out_dir / "params", jax.tree.map(jnp.asarray, params))
     ckptr.wait_until_finished()
   meta = {"format": FORMAT, "config": cfg.to_dict(), "source": source or {},
           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "params_digest": tree_digest(params)}
-  (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+  write_json(out_dir / CONFIG_FILE, meta, sort_keys=True)
   return out_dir
 
 
@@ -206,7 +206,7 @@ def load_model(path: str | Path, dtype: str | None = None, progress: bool = Fals
     cfg = info.cfg
   else:
     raise FileNotFoundError(f"{path}: neither a converted model ({CONFIG_FILE}) nor an HF checkpoint "
-                            "directory (config.json + *.safetensors)")
+                            f"directory (config.json + *.safetensors){incomplete(path, CONFIG_FILE, ('params',))}")
   dtype = param_dtype(dtype, "dtype")
   params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
   return MoEModel(cfg, params=params)
@@ -233,19 +233,19 @@ class ResumableRun:
     if read_only:
       if not self.fingerprint_path.exists():
         raise FileNotFoundError(f"{self.fingerprint_path} not found: not a directory of saves of this kind")
-      self.fingerprint = json.loads(self.fingerprint_path.read_text())
+      self.fingerprint = read_json(self.fingerprint_path)
     else:
       self.directory.mkdir(parents=True, exist_ok=True)
       self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
       from bmoe_jax.identity import differences, upgrade
-      old = json.loads(self.fingerprint_path.read_text()) if self.fingerprint_path.exists() else self.fingerprint
+      old = read_json(self.fingerprint_path) if self.fingerprint_path.exists() else self.fingerprint
       old = json.loads(json.dumps(upgrade(old), default=str))
       if old != self.fingerprint:
         diff = differences(old, self.fingerprint)
         more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise ValueError(f"{self.fingerprint_path}: the saves there are of a different run (it differs in "
                          f"{', '.join(diff[:6])}{more}); use a new directory, or delete it to start over")
-      self.fingerprint_path.write_text(json.dumps(self.fingerprint, indent=2))
+      write_json(self.fingerprint_path, self.fingerprint)
     options = ocp.CheckpointManagerOptions(read_only=True) if read_only else \
         ocp.CheckpointManagerOptions(max_to_keep=keep)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)

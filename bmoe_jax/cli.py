@@ -99,9 +99,7 @@ def _cmd_demo(args) -> int:
   from bmoe_jax.demo import DemoConfig, run_demo
   from bmoe_jax.pipeline import flags
 
-  from bmoe_jax.files import writable_dir
   cfg = flags.resolve(DemoConfig(), args)
-  writable_dir(args.out_dir, "out_dir")
   run_demo(cfg, args.out_dir, progress=not cfg.run.quiet)
   print((Path(args.out_dir) / "results.md").read_text())
   return 0
@@ -168,11 +166,27 @@ def main(argv: list[str] | None = None) -> int:
   from bmoe_jax.data import DataError
   from bmoe_jax.xla_cpu import warn_if_broken
   warn_if_broken()  # once per process: every command's factors and predictives depend on it
-  try:
-    return args.fn(args)
-  except (ConversionError, DataError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
-    print(f"bmoe {args.command}: error: {err}", file=sys.stderr)
-    return 2
+  import contextlib
+
+  from bmoe_jax import interrupt as INT
+  from bmoe_jax.files import output_lock, resource_error
+  out = getattr(args, "out_dir", None)  # the task commands lock their --out once their config is resolved
+  with INT.handled(f"bmoe {args.command}"):
+    try:
+      with output_lock(out, "out_dir") if out else contextlib.nullcontext():
+        return args.fn(args)
+    except INT.Interrupted as err:
+      print(f"bmoe {args.command}: interrupted at {err.where}; rerun the same command to resume", file=sys.stderr)
+      return err.exit_code
+    except Exception as err:
+      if (line := resource_error(err)) is not None:
+        print(f"bmoe {args.command}: error: {line}", file=sys.stderr)
+        return 2
+      if isinstance(err, (ConversionError, DataError, ValueError, FileNotFoundError, FileExistsError,
+                          PermissionError)):
+        print(f"bmoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+      raise
 
 
 if __name__ == "__main__":

@@ -72,22 +72,26 @@ def _command(name, root):
     command = flags.resolve(root(), args)
     if not command.run.model or not command.run.out:
       raise ValueError(f"bmoe {name}: missing --model and --out (flags or --config keys)")
-    from bmoe_jax.files import writable_dir
-    writable_dir(command.run.out)  # before the model loads, not after an hour of work
-    t0 = time.perf_counter()
-    mesh = None
-    if command.run.mesh:
-      from bmoe_jax.sharding import make_mesh
-      mesh = make_mesh(command.run.mesh)
-    import contextlib
-
-    import jax
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      record = _RUNNERS[name](command, mesh)
-    from bmoe_jax.pipeline.data import write_run
-    write_run(command.run.out, _record(command), **record, seconds=time.perf_counter() - t0)
+    from bmoe_jax.files import output_lock
+    with output_lock(command.run.out):  # before the model loads, not after an hour of work
+      _run(name, command)
     return 0
   return run
+
+
+def _run(name, command):
+  t0 = time.perf_counter()
+  mesh = None
+  if command.run.mesh:
+    from bmoe_jax.sharding import make_mesh
+    mesh = make_mesh(command.run.mesh)
+  import contextlib
+
+  import jax
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    record = _RUNNERS[name](command, mesh)
+  from bmoe_jax.pipeline.data import write_run
+  write_run(command.run.out, _record(command), **record, seconds=time.perf_counter() - t0)
 
 
 def _record(command) -> dict:
@@ -108,12 +112,15 @@ def _finetune(c: FinetuneCommand, mesh) -> dict:
   from bmoe_jax.train import evaluate_nll, merge
   source = {"finetuned_from": str(c.run.model), "train": c.data.resolved().train}
   out = Path(c.run.out) / "model"
-  save_params(out, cfg, res.params, {**source, "state": "best validation NLL (early stopping)"})
+  # the tokenizer first: a model is complete once save_params writes its record. A rerun of this run (its
+  # saves' fingerprint checked by ST.finetune) rewrites the models an interruption may have left behind.
   tok.save_pretrained(str(out))
+  save_params(out, cfg, res.params, {**source, "state": "best validation NLL (early stopping)"}, overwrite=True)
   final = merge(res.state.train, res.params)
   if tree_digest(final) != tree_digest(res.params):  # trained past its best: the last state is kept as well
-    save_params(out.with_name("model_final"), cfg, final, {**source, "state": f"last (step {res.state.step})"})
     tok.save_pretrained(str(out.with_name("model_final")))
+    save_params(out.with_name("model_final"), cfg, final, {**source, "state": f"last (step {res.state.step})"},
+                overwrite=True)
   val_nll = evaluate_nll(res.params, task, batches["val"])[0] if batches["val"] else None
   print(f"wrote {out} (val NLL {val_nll})")
   return {"data": infos, "history": res.history, "val_nll": val_nll}
@@ -202,10 +209,10 @@ def _posteriors(ec: EvalConfig, names, params) -> dict:
   if not ec.posterior:
     raise ValueError(f"methods {[n for n in names if n.startswith('bmoe')]} need --posterior DIR (the output of "
                      "bmoe fit: RUN/posterior)")
-  import json
   import warnings
 
-  meta = json.loads((Path(ec.posterior) / "posterior.json").read_text()).get("metadata", {})
+  from bmoe_jax.files import read_json
+  meta = read_json(Path(ec.posterior) / "posterior.json").get("metadata", {})
   if meta.get("link", ec.link) != ec.link:
     warnings.warn(f"{ec.posterior}: its prior precision was chosen with link {meta['link']!r} and is evaluated with "
                   f"--link {ec.link!r}; pass the same --link to bmoe fit and bmoe evaluate")

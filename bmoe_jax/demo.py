@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bmoe_jax.files import write_json, write_text
 from bmoe_jax.pipeline import stages as ST
 from bmoe_jax.pipeline.configs import DataConfig, EvalConfig, FitConfig, RunConfig, TrainConfig
 from bmoe_jax.pipeline.methods import BAYESIAN_MOE, Context
@@ -159,7 +159,7 @@ def _run_demo(cfg: DemoConfig, out: Path, progress: bool, mesh) -> dict:
 
   cfg = dataclasses.replace(cfg, data=cfg.data.resolved())
   out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+  write_json(out / "config.json", dataclasses.asdict(cfg))
   clock, seed = _Clock(), cfg.run.seed
   t = time.perf_counter()
   dense, (mcfg, mparams), tok, provenance = _upcycled(cfg, progress, mesh, out)
@@ -198,7 +198,7 @@ def _run_demo(cfg: DemoConfig, out: Path, progress: bool, mesh) -> dict:
                                      record=run_record(dataclasses.asdict(cfg), seed), progress=progress)
   clock.stage("evaluation", t)
   summary = _summary(cfg, mcfg, provenance, moe_err, infos, res, prior_info, posts, method_info, clock, results)
-  (out / "demo.json").write_text(json.dumps(summary, indent=2, default=float))
+  write_json(out / "demo.json", summary, default=float)
   _prepend_header(out / "results.md", cfg, summary, cfg.data.synthetic)
   return summary
 
@@ -264,4 +264,4 @@ def _prepend_header(path: Path, cfg: DemoConfig, s: dict, synthetic: bool):
       + (f" Temperature scaling: T = {s['temperature']:.3f}." if "temperature" in s else ""),
       f"- Wall time {s['total_seconds']} s: " + ", ".join(f"{k} {v} s" for k, v in s["seconds"].items()) + ".",
       "", ""]
-  path.write_text("\n".join(lines) + path.read_text())
+  write_text(path, "\n".join(lines) + path.read_text())

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from bmoe_jax import metrics as M
+from bmoe_jax.files import read_json, write_json, write_text
 from bmoe_jax.finite import NonFiniteError
 from bmoe_jax.task import Batch
 
@@ -74,8 +75,8 @@ def _saved_method(path: Path, key: dict) -> dict | None:
   """A method's saved metrics when they were made under the same ``key`` (else None: recomputed)."""
   if not path.exists():
     return None
-  saved = json.loads(path.read_text())
-  return saved["per"] if saved.get("key") == key else None
+  saved = read_json(path)
+  return saved["per"] if saved.get("key") == key and "per" in saved else None
 
 
 def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batch]], *,
@@ -118,7 +119,7 @@ def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batc
     results["methods"][name] = per
     if key is not None:
       (out / "methods").mkdir(parents=True, exist_ok=True)
-      (out / "methods" / f"{name}.json").write_text(json.dumps({"key": key, "per": per}, default=float))
+      write_json(out / "methods" / f"{name}.json", {"key": key, "per": per}, indent=None, default=float)
     # Each method compiles a program per batch shape, and each CPU executable holds its own memory mappings
     # (LLVM JIT sections): an evaluation of 20 methods over four sets exhausted vm.max_map_count (65530) and
     # aborted ("LLVM ERROR: Unable to allocate section memory"). A finished method's programs are dropped.
@@ -126,8 +127,8 @@ def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batc
   results["seconds"] = time.perf_counter() - t_all
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
+    write_json(out / "results.json", results)
+    write_text(out / "results.md", markdown(results))
   return results
 
 

@@ -4,13 +4,14 @@ transformers, convert them with ``bmoe convert``, load them back, and report par
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from bmoe_jax.files import write_json, write_text
 
 
 def _batch(vocab: int, seed: int):
@@ -77,8 +78,8 @@ def run_parity_demo(out_dir: Path, seed: int = 0) -> int:
            and r["topk_identical_sorted"] for r in rows)
   summary = {"rows": rows, "bar": "float32 logits max abs diff <= 1e-4 and identical top-k sets",
              "passed": ok, "seconds": round(time.time() - t0, 1)}
-  (out_dir / "parity.json").write_text(json.dumps(summary, indent=2))
-  (out_dir / "parity.md").write_text("# Parity with transformers (tiny random models, padded batch)\n\n"
+  write_json(out_dir / "parity.json", summary)
+  write_text(out_dir / "parity.md", "# Parity with transformers (tiny random models, padded batch)\n\n"
                                      + table + "\n")
   print(table)
   print(f"\nparity {'PASSED' if ok else 'FAILED'} ({summary['bar']}); wrote {out_dir}/parity.json, parity.md "

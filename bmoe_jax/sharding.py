@@ -108,14 +108,13 @@ def shard_params(params, cfg: MoEConfig, mesh, rules=RULES):
 def load_params(model_dir: str | Path, mesh, rules=RULES, dtype=None):
   """A converted model directory (``bmoe convert``) restored straight into its shardings: each device
   (each host) reads only its shards. Returns (cfg, params)."""
-  import json
-
   import orbax.checkpoint as ocp
 
   from bmoe_jax.checkpoint import CONFIG_FILE
+  from bmoe_jax.files import read_json
 
   model_dir = Path(model_dir).absolute()
-  meta = json.loads((model_dir / CONFIG_FILE).read_text())
+  meta = read_json(model_dir / CONFIG_FILE)
   cfg = MoEConfig.from_dict(meta["config"])
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.metadata(model_dir / "params")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bmoe_jax import interrupt as INT
 from bmoe_jax.config import MoEConfig, check_bounds
 from bmoe_jax.checkpoint import ResumableRun
 from bmoe_jax.finite import NonFiniteError
@@ -209,23 +210,26 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
   bar = tqdm(total=micro_total, initial=state.step, desc="fine-tune", unit="batch", disable=not progress)
   stopped = False
   try:
-    while state.step < micro_total and not stopped:
-      epoch, pos = divmod(state.step, len(train_batches))
-      i = np.random.RandomState(tc.seed + epoch).permutation(len(train_batches))[pos]
-      train, opt_state, loss, _ = step_fn(state.train, state.opt_state, train_batches[i], frozen, anchor)
-      _require_finite_loss(float(loss), state.step + 1, epoch, i, tc, run)
-      state = state._replace(step=state.step + 1, train=train, opt_state=opt_state)
-      loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
-      bar.update(1)
-      bar.set_postfix(loss=f"{float(loss):.4f}")
-      opt_step = state.step // tc.grad_accum
-      if state.step % tc.grad_accum == 0 and tc.eval_every and opt_step % tc.eval_every == 0 and val_batches:
-        state, stopped, record = _validate(state, merge(state.train, frozen), task, val_batches, fwd, tc, run,
-                                           (epoch, i), loss_sum / loss_n, len(train_batches))
-        history.append(record)
-        loss_sum, loss_n = 0.0, 0
-      if run is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped):
-        run.save(state.step, _tree(state), {"history": history, "loss_since_eval": [loss_sum, loss_n]})
+    with INT.safe_points():
+      while state.step < micro_total and not stopped:
+        epoch, pos = divmod(state.step, len(train_batches))
+        i = np.random.RandomState(tc.seed + epoch).permutation(len(train_batches))[pos]
+        train, opt_state, loss, _ = step_fn(state.train, state.opt_state, train_batches[i], frozen, anchor)
+        _require_finite_loss(float(loss), state.step + 1, epoch, i, tc, run)
+        state = state._replace(step=state.step + 1, train=train, opt_state=opt_state)
+        loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+        opt_step = state.step // tc.grad_accum
+        if state.step % tc.grad_accum == 0 and tc.eval_every and opt_step % tc.eval_every == 0 and val_batches:
+          state, stopped, record = _validate(state, merge(state.train, frozen), task, val_batches, fwd, tc, run,
+                                             (epoch, i), loss_sum / loss_n, len(train_batches))
+          history.append(record)
+          loss_sum, loss_n = 0.0, 0
+        if run is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped
+                                or INT.requested()):
+          run.save(state.step, _tree(state), {"history": history, "loss_since_eval": [loss_sum, loss_n]})
+        INT.check(f"fine-tuning step {state.step} of {micro_total}" + (" (saved)" if run is not None else ""))
   finally:
     bar.close()
     if run is not None:

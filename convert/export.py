@@ -4,13 +4,13 @@ Granite-MoE, Mixtral, DeepSeek-V2/V3) or by the hub's remote code (DeepSeek-MoE 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bmoe_jax.config import MoEConfig
+from bmoe_jax.files import write_json
 from convert.builder import flat_specs
 from convert.errors import ConversionError
 from convert.safetensors_io import save_file
@@ -304,5 +304,5 @@ def export_hf(cfg: MoEConfig, params: dict[str, Any], out_dir: str | Path, famil
   tensors = hf_tensors(cfg, params, family)
   out_dir.mkdir(parents=True, exist_ok=True)
   save_file(tensors, out_dir / "model.safetensors")
-  (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+  write_json(out_dir / "config.json", config)
   return out_dir

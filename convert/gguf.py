@@ -44,6 +44,9 @@ def _reader(path: Path):
     raise ConversionError(f"{path}: reading GGUF needs the 'gguf' package ({err})") from None
   if not path.is_file():
     raise ConversionError(f"{path}: GGUF file not found")
+  from convert.gguf_check import check_gguf_layout
+
+  check_gguf_layout(path)  # a bad file named by its field and byte offset, before the parser indexes into it
   try:
     return gguf, gguf.GGUFReader(str(path))
   except Exception as err:  # the gguf package raises ValueError/struct.error/... on a bad file

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bmoe_jax import interrupt as INT
 from bmoe_jax.config import MoEConfig
 from convert import heal_math as HM
 from convert.heal_data import HealData
@@ -220,23 +221,26 @@ def heal(cfg: MoEConfig, params: dict, dense: tuple[MoEConfig, dict], data: dict
     _record(loop, state, history, "start", (0.0, 0), 0.0)
   bar = tqdm(total=sum(p.steps for p in plan), initial=state.step, desc="heal", unit="step", disable=not progress)
   try:
-    for index, phase in enumerate(plan):
-      end = phase.first + phase.steps
-      if state.step >= end:
-        continue
-      if state.step == phase.first and index:  # a fresh optimizer (and schedule) per phase
-        state = state._replace(opt_state=opts[phase.name].init(state.mlps))
-      while state.step < end:
-        state, loss = _step(loop, state, phase, index)
-        acc = (acc[0] + loss, acc[1] + 1)
-        bar.update(1)
-        bar.set_postfix(phase=phase.name, loss=f"{loss:.4f}", valid_ppl=f"{history[-1]['valid_ppl']:.2f}")
-        if state.step % uc.heal_eval_every == 0 or state.step == end:
-          _record(loop, state, history, phase.name, acc, time.perf_counter() - t0)
-          acc = (0.0, 0)
-        if run is not None and (state.step % uc.heal_checkpoint_every == 0 or state.step == end):
-          run.save(state.step, {"mlps": state.mlps, "opt": state.opt_state},
-                   {"history": history, "loss_since_eval": list(acc)})
+    with INT.safe_points():
+      for index, phase in enumerate(plan):
+        end = phase.first + phase.steps
+        if state.step >= end:
+          continue
+        if state.step == phase.first and index:  # a fresh optimizer (and schedule) per phase
+          state = state._replace(opt_state=opts[phase.name].init(state.mlps))
+        while state.step < end:
+          state, loss = _step(loop, state, phase, index)
+          acc = (acc[0] + loss, acc[1] + 1)
+          bar.update(1)
+          bar.set_postfix(phase=phase.name, loss=f"{loss:.4f}", valid_ppl=f"{history[-1]['valid_ppl']:.2f}")
+          if state.step % uc.heal_eval_every == 0 or state.step == end:
+            _record(loop, state, history, phase.name, acc, time.perf_counter() - t0)
+            acc = (0.0, 0)
+          if run is not None and (state.step % uc.heal_checkpoint_every == 0 or state.step == end
+                                  or INT.requested()):
+            run.save(state.step, {"mlps": state.mlps, "opt": state.opt_state},
+                     {"history": history, "loss_since_eval": list(acc)})
+          INT.check(f"healing step {state.step}" + (" (saved)" if run is not None else ""))
   finally:
     bar.close()
     if run is not None:

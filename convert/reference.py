@@ -8,11 +8,12 @@ top-k renormalisation is added around its router). The checkpoint is written in 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bmoe_jax.files import write_json
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "deepseek_v2",
             "deepseek_v3", "llama")
@@ -207,7 +208,7 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   else:
     from convert.safetensors_io import save_file
     save_file(_v1_state_dict(model), out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(v1_config, indent=2))
+    write_json(out_dir / "config.json", v1_config)
   return model
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bmoe_jax.config import MoEConfig
+from bmoe_jax.files import write_json
 from convert.errors import ConversionError
 from convert.sources import sha256_file
 
@@ -183,6 +184,9 @@ def load_dense(source: str | Path, progress: bool = False):
   return info.cfg, params, tok, {"hf_dir": str(source)}
 
 
+UPCYCLED_PARTS = ("config.json", "model.safetensors", "bmoe_config.json", "params")  # the weights and their record
+
+
 def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: bool = True, data_dir=None,
                        **options) -> Path:
   """Dense llama (``.gguf`` or HF dir) -> an MoE directory with its tokenizer files and ``upcycle.json``
@@ -191,19 +195,26 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
   ``options``: the fields of ``UpcycleConfig``."""
   from convert.export import export_hf
 
+  from bmoe_jax.files import begin_artefact
+
   uc = UpcycleConfig(**options)
-  out_dir = Path(out_dir)
-  if (out_dir / "config.json").exists() or (out_dir / "bmoe_config.json").exists():
-    raise FileExistsError(f"{out_dir} already holds a model; choose an empty output directory")
   if family := dense_family(source):
     raise ConversionError(f"{source}: model_type {family!r} is not a dense llama; upcycling needs one")
+  # upcycle.json, written last, makes the directory complete; a model an interruption left without it is redone
+  # (the healing's resumable saves in HEAL_DIR are kept). The tokenizer is written before the weights' record.
+  options = {"source_arg": str(source), **dataclasses.asdict(uc), "moe_layers": uc.layers}
+  if _finished_before(Path(out_dir), options):
+    return Path(out_dir)
+  out_dir = begin_artefact(out_dir, "upcycle.json", UPCYCLED_PARTS)
   cfg, params, tok, prov = load_dense(source, progress=progress)
-  record = {"source": prov, **dataclasses.asdict(uc), "moe_layers": uc.layers,
+  record = {"source": prov, **options,
             "note": ("weights dequantised to float32 from the GGUF file's quantised tensors"
                      if "gguf" in prov else "weights as stored in the source checkpoint")}
   heal_dir = out_dir / HEAL_DIR
   new_cfg, new_params, report = build_moe(cfg, params, tok, uc, data_dir=data_dir, progress=progress,
                                           heal_dir=heal_dir)
+  if tok is not None:
+    tok.save_pretrained(str(out_dir))
   if uc.method == "copy" or uc.heal_tokens:
     export_hf(new_cfg, new_params, out_dir, "qwen2_moe")
     record["family"] = "qwen2_moe"
@@ -215,9 +226,7 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
     save_params(out_dir, new_cfg, new_params, source={"family": "carved", **prov})
     record.update(family="carved", carve=report)
   record["moe_layer_ids"] = list(new_cfg.moe_layer_ids)
-  if tok is not None:
-    tok.save_pretrained(str(out_dir))
-  (out_dir / "upcycle.json").write_text(json.dumps(record, indent=2, default=str))
+  write_json(out_dir / "upcycle.json", record, default=str)
   return out_dir
 
 
@@ -300,6 +309,22 @@ def heal_carved(dense, tok, carved, uc: UpcycleConfig, text: str, *, work_dir=No
   new_cfg, new_params, report = H.heal(mcfg, mparams, (dcfg, djax), data, uc, work_dir=work_dir,
                                        fingerprint=fingerprint, progress=progress)
   return new_cfg, new_params, {**report, "cache": str(root / key)}
+
+
+def _finished_before(out_dir: Path, options: dict) -> bool:
+  """True when ``out_dir`` holds a finished upcycle of the same source and options (a rerun has nothing to do);
+  a finished one of other options is refused, naming them."""
+  from bmoe_jax.files import read_json
+
+  done = out_dir / "upcycle.json"
+  if not done.exists():
+    return False
+  old, new = read_json(done), json.loads(json.dumps(options, default=str))
+  diff = [k for k, v in new.items() if old.get(k) != v]
+  if diff:
+    raise FileExistsError(f"{done}: this directory holds a finished upcycle of another source or options (differs "
+                          f"in {', '.join(diff[:6])}); choose another output directory, or delete it to start over")
+  return True
 
 
 def dense_family(source: str | Path) -> str | None:

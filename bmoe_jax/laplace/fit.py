@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -22,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bmoe_jax import interrupt as INT
 from bmoe_jax.checkpoint import ResumableRun
-from bmoe_jax.files import read_json
+from bmoe_jax.files import begin_artefact, incomplete, read_json, write_json
 from bmoe_jax.finite import NonFiniteError, nonfinite_leaves
 from bmoe_jax.identity import DataDigest, task_identity, tree_digest
 from bmoe_jax.laplace import kfac
@@ -98,24 +98,26 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
   bar = tqdm(total=total, initial=done, desc="K-FAC factors", unit="batch", disable=not progress)
   i, seen = 0, DataDigest()
   try:
-    for i, batch in enumerate(batches, start=1):
+    with INT.safe_points():
+      for i, batch in enumerate(batches, start=1):
+        if run is not None:
+          seen.update(batch)
+        if i == done:
+          _check_same_data(checkpoint_dir, saved_meta, seen.value())
+        if i <= done:
+          continue
+        sub = None if key is None else jax.random.fold_in(key, i - 1)
+        state = step(state, params, batch=batch, key=sub)
+        bar.update(1)
+        if run is not None and (i % checkpoint_every == 0 or INT.requested()):
+          _check_finite(state, i)
+          run.save(i, _state_tree(state), {"data": seen.value()})
+        INT.check(f"factor-pass batch {i}" + (" (saved)" if run is not None else ""))
+      if i < done:
+        raise ValueError(f"{checkpoint_dir} holds a pass over {done} batches but the data has only {i}")
+      _check_finite(state, max(i, done))
       if run is not None:
-        seen.update(batch)
-      if i == done:
-        _check_same_data(checkpoint_dir, saved_meta, seen.value())
-      if i <= done:
-        continue
-      sub = None if key is None else jax.random.fold_in(key, i - 1)
-      state = step(state, params, batch=batch, key=sub)
-      bar.update(1)
-      if run is not None and i % checkpoint_every == 0:
-        _check_finite(state, i)
-        run.save(i, _state_tree(state), {"data": seen.value()})
-    if i < done:
-      raise ValueError(f"{checkpoint_dir} holds a pass over {done} batches but the data has only {i}")
-    _check_finite(state, max(i, done))
-    if run is not None:
-      run.save(max(i, done), _state_tree(state), {"data": seen.value()})
+        run.save(max(i, done), _state_tree(state), {"data": seen.value()})
   finally:
     bar.close()
     if run is not None:
@@ -159,14 +161,14 @@ def _posterior_tree(post: Posterior) -> dict:
           "scale": post.scale, "log_lik": post.log_lik}
 
 
-def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = None) -> Path:
-  """Write the posterior (orbax) and ``posterior.json`` (format, layers, ranks, prior precisions)."""
+def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = None, *,
+                   overwrite: bool = False) -> Path:
+  """Write the posterior (orbax ``state``) and then ``posterior.json`` (format, layers, ranks, prior precisions),
+  the record that makes it complete (``files.begin_artefact``: an interrupted save's parts are replaced; a
+  complete posterior is refused unless ``overwrite``)."""
   import orbax.checkpoint as ocp
 
-  path = Path(path).absolute()
-  if (path / "state").exists():
-    raise FileExistsError(f"{path / 'state'} already exists; choose an empty directory")
-  path.mkdir(parents=True, exist_ok=True)
+  path = begin_artefact(path, "posterior.json", ("state",), overwrite=overwrite)
   tree = jax.tree.map(jnp.asarray, _posterior_tree(post))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "state", tree)
@@ -176,7 +178,7 @@ def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = No
           "prior_precision": {str(l): np.exp(np.asarray(v, np.float64)).tolist()
                               for l, v in post.log_prior_prec_e.items()},
           "scale": float(post.scale), "digest": tree_digest(tree), "metadata": metadata or {}}
-  (path / "posterior.json").write_text(json.dumps(meta, indent=2))
+  write_json(path / "posterior.json", meta)
   return path
 
 
@@ -186,7 +188,8 @@ def load_posterior(path: str | Path, params=None) -> Posterior:
   path = Path(path).absolute()
   meta_file = path / "posterior.json"
   if not meta_file.exists():
-    raise FileNotFoundError(f"{meta_file} not found: not a directory written by save_posterior")
+    raise FileNotFoundError(f"{meta_file} not found: not a directory written by save_posterior"
+                            f"{incomplete(path, meta_file.name, ('state',))}")
   meta = read_json(meta_file)
   if meta.get("format") != POSTERIOR_FORMAT:
     raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {POSTERIOR_FORMAT!r}")

@@ -6,7 +6,6 @@ A dataset spec is ``name:split`` with an optional MMLU subject list, ``mmlu:test
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -104,6 +103,5 @@ def write_run(out_dir: str | Path, record: dict, **extra) -> Path:
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   path = out / "run.json"
-  path.write_text(json.dumps({**record, **extra, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2,
-                             default=str))
-  return path
+  from bmoe_jax.files import write_json
+  return write_json(path, {**record, **extra, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, default=str)

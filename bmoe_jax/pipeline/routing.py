@@ -6,11 +6,11 @@ same layers) and averaged over them; a stochastic router is probed at draw 0 (an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from bmoe_jax.files import write_json, write_text
 from bmoe_jax.pipeline.methods import ROUTER_METHODS, Context, router_task
 from bmoe_jax.routing import stability as STB
 
@@ -30,9 +30,9 @@ def routing_report(ctx: Context, ec, names, batches, out: str | Path | None = No
   if out is not None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "routing.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "routing.json", report)
     md, curves = markdown(report)
-    (out / "routing.md").write_text(md)
+    write_text(out / "routing.md", md)
     from bmoe_jax.plots import stability_curves
     stability_curves(curves, out / "plots" / "stability.png", title="routing stability")
   return report

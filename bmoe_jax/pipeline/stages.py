@@ -133,7 +133,7 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
     posts["bmoe"], info["bmoe"] = posts["bmoe_ml"], info["bmoe_ml"]
   info["bmoe"]["log_marglik_final"] = float(LA.posterior.log_marginal_likelihood(posts["bmoe"]))
   if "bmoe" in wanted:
-    LA.save_posterior(Path(out) / "posterior", posts["bmoe"],
+    LA.save_posterior(Path(out) / "posterior", posts["bmoe"], overwrite=True,  # a rerun of this factor pass
                       metadata={"spec": str(spec), "model": tree_digest(params), **info["bmoe"]})
   return {m: posts[m] for m in wanted if m in BAYESIAN_MOE}, info
 
@@ -164,7 +164,7 @@ def route_train(params, task: Task, batches: dict, rc, rtc, out: str | Path, *, 
   plan, rparams, history = train_routers(params, task, batches["train"], rc, rtc, out=Path(out) / "stages",
                                          progress=progress)
   meta = {"model": model, "route_train": dataclasses.asdict(rtc), "history": history}
-  return save_routers(Path(out) / "routers", plan, rparams, task.cfg, meta), history
+  return save_routers(Path(out) / "routers", plan, rparams, task.cfg, meta, overwrite=True), history  # a rerun
 
 
 def evaluate(ctx: Context, eval_sets: dict, ec: EvalConfig, out: str | Path, *, in_distribution: str,

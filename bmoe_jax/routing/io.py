@@ -9,28 +9,28 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bmoe_jax.files import read_json
+from bmoe_jax.files import begin_artefact, incomplete, read_json, write_json
 from bmoe_jax.identity import tree_digest, upgrade
 from bmoe_jax.routing.plan import RoutingPlan
 
 PLAN_FILE = "routing.json"
 
 
-def save_routers(out_dir: str | Path, plan: RoutingPlan, router_params: dict, cfg, meta: dict | None = None) -> Path:
-  """Write ``plan`` and ``router_params`` ({layer: dict of arrays}) to ``out_dir`` (refuses to overwrite)."""
+def save_routers(out_dir: str | Path, plan: RoutingPlan, router_params: dict, cfg, meta: dict | None = None, *,
+                 overwrite: bool = False) -> Path:
+  """Write ``router_params`` ({layer: dict of arrays}) and then ``plan`` to ``out_dir``: the plan's record makes
+  the routers complete (``files.begin_artefact``: an interrupted save's parts are replaced; complete routers are
+  refused unless ``overwrite``)."""
   import orbax.checkpoint as ocp
 
-  out = Path(out_dir).absolute()
-  if (out / PLAN_FILE).exists():
-    raise FileExistsError(f"{out / PLAN_FILE} already exists; choose an empty output directory")
-  out.mkdir(parents=True, exist_ok=True)
+  out = begin_artefact(out_dir, PLAN_FILE, ("routers",), overwrite=overwrite)
   tree = {str(int(l)): jax.tree.map(jnp.asarray, p) for l, p in router_params.items()}
   if jax.tree.leaves(tree):
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(out / "routers", tree)
       ckptr.wait_until_finished()
   record = {"plan": plan.to_dict(), "config": cfg.to_dict(), "digest": tree_digest(tree), "meta": meta or {}}
-  (out / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str))
+  write_json(out / PLAN_FILE, record, default=str)
   return out
 
 
@@ -41,7 +41,8 @@ def load_routers(path: str | Path, cfg=None) -> tuple[RoutingPlan, dict[int, dic
 
   path = Path(path).absolute()
   if not (path / PLAN_FILE).exists():
-    raise FileNotFoundError(f"{path / PLAN_FILE} not found: expected the output of bmoe route-train")
+    raise FileNotFoundError(f"{path / PLAN_FILE} not found: expected the output of bmoe route-train"
+                            f"{incomplete(path, PLAN_FILE, ('routers',))}")
   saved = upgrade(read_json(path / PLAN_FILE))  # config fields added since, at their defaults, change nothing
   saved_cfg = json.loads(json.dumps(saved["config"]))
   if cfg is not None and saved_cfg != json.loads(json.dumps(cfg.to_dict())):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bmoe_jax import interrupt as INT
 from bmoe_jax.checkpoint import ResumableRun
 from bmoe_jax.config import check_bounds
 from bmoe_jax.identity import data_digest, task_identity, tree_digest
@@ -207,29 +208,32 @@ def run_stage(stage: Stage, params, batches: Sequence[Batch], rtc: RouteTrainCon
   history: list[dict] = []
   run = None if run_dir is None else ResumableRun(run_dir, fingerprint, keep=1, fingerprint_file="route_train.json")
   got = None if run is None else run.resume(_flat(state))
+  losses = []  # (loss, ce, reg) of the epoch's steps so far: saved, so that a resumed epoch's mean is the same
   if got is not None:
     state, history = _unflat(state, got[1]), list(got[2].get("history", []))
+    losses = [tuple(x) for x in got[2].get("epoch_losses", [])]
   bar = tqdm(total=total, initial=state.step, desc=f"route-train {desc} {stage.name}",
              unit="batch", disable=not progress)
-  losses = []
   try:
-    while state.step < total:
-      epoch, pos = divmod(state.step, len(batches))
-      i = np.random.RandomState(rtc.seed + 7919 * _stage_seed(stage.name) + epoch).permutation(len(batches))[pos]
-      key = jax.random.fold_in(jax.random.key(rtc.seed), state.step)
-      theta, opt_state, loss, ce, reg = step_fn(state.theta, state.opt_state, params, batches[i], key)
-      step = state.step + 1
-      extra = stage.collect(state.extra, theta) if step in stage.collect_steps else state.extra
-      state = LoopState(step, theta, opt_state, extra)
-      losses.append((float(loss), float(ce), float(reg)))
-      bar.update(1)
-      bar.set_postfix(loss=f"{float(loss):.4f}")
-      if step % len(batches) == 0:
-        l, c, r = np.mean(losses, axis=0)
-        history.append({"epoch": step // len(batches), "loss": float(l), "ce": float(c), "reg": float(r)})
-        losses = []
-      if run is not None and (step % rtc.route_checkpoint_every == 0 or step == total):
-        run.save(step, _flat(state), {"history": history})
+    with INT.safe_points():
+      while state.step < total:
+        epoch, pos = divmod(state.step, len(batches))
+        i = np.random.RandomState(rtc.seed + 7919 * _stage_seed(stage.name) + epoch).permutation(len(batches))[pos]
+        key = jax.random.fold_in(jax.random.key(rtc.seed), state.step)
+        theta, opt_state, loss, ce, reg = step_fn(state.theta, state.opt_state, params, batches[i], key)
+        step = state.step + 1
+        extra = stage.collect(state.extra, theta) if step in stage.collect_steps else state.extra
+        state = LoopState(step, theta, opt_state, extra)
+        losses.append((float(loss), float(ce), float(reg)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+        if step % len(batches) == 0:
+          l, c, r = np.mean(losses, axis=0)
+          history.append({"epoch": step // len(batches), "loss": float(l), "ce": float(c), "reg": float(r)})
+          losses = []
+        if run is not None and (step % rtc.route_checkpoint_every == 0 or step == total or INT.requested()):
+          run.save(step, _flat(state), {"history": history, "epoch_losses": [list(x) for x in losses]})
+        INT.check(f"router training ({stage.name}) step {step} of {total}" + (" (saved)" if run is not None else ""))
   finally:
     bar.close()
     if run is not None:

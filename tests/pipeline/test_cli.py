@@ -32,10 +32,21 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
   nlls = [h["val_nll"] for h in run["history"]]
   assert (ft / "model_final").exists() == (int(np.argmin(nlls)) != len(nlls) - 1)  # trained past its best: both kept
   assert [h["epoch"] for h in run["history"]] == [1.0, 2.0] and all(h["train_loss"] > 0 for h in run["history"])
+  model_record = json.loads((ft / "model" / "bmoe_config.json").read_text())
+  _interrupt_before_records(ft, "model/bmoe_config.json")
+  assert main(["finetune", "--model", str(model_dir), "--train", "obqa:train", "--val", "obqa:dev", "--lr", "1e-3",
+               "--epochs", "2", "--eval-every", "3", "--layers", "1", "--cache-prefix", "--checkpoint-every", "2",
+               "--keep-checkpoints", "2", "--out", str(ft)] + common) == 0  # the rerun finishes it
+  again = json.loads((ft / "model" / "bmoe_config.json").read_text())
+  assert again["params_digest"] == model_record["params_digest"] and json.loads((ft / "run.json").read_text())
   fit = tmp_path / "fit"
-  assert main(["fit", "--model", str(ft / "model"), "--pretrained", str(model_dir), "--train", "obqa:train",
-               "--rank", "4", "--shared", "--out", str(fit)] + common) == 0
+  fit_argv = ["fit", "--model", str(ft / "model"), "--pretrained", str(model_dir), "--train", "obqa:train",
+              "--rank", "4", "--shared", "--out", str(fit)] + common
+  assert main(fit_argv) == 0
   meta = json.loads((fit / "posterior" / "posterior.json").read_text())
+  _interrupt_before_records(fit, "posterior/posterior.json")
+  assert main(fit_argv) == 0  # the factor pass resumes from its saves; the posterior is written again
+  assert json.loads((fit / "posterior" / "posterior.json").read_text())["digest"] == meta["digest"]
   assert meta["blocks"] == ["1.routed", "1.shared"]
   grids = {}
   for cached in ([], ["--cache-prefix"]):
@@ -78,6 +89,12 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
     for key in ("nll", "ece", "brier"):
       assert again[m]["arc_challenge_test"][key] == pytest.approx(res["methods"][m]["arc_challenge_test"][key],
                                                                   rel=1e-4, abs=1e-6)
+
+
+def _interrupt_before_records(out, record: str):
+  """``out`` as a kill leaves it after the artefact's arrays and before its record and ``run.json``."""
+  (out / record).unlink()
+  (out / "run.json").unlink()
 
 
 def test_cli_errors(model_dir, shared_data, tmp_path, capsys):

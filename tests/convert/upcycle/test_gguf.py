@@ -65,3 +65,28 @@ def test_gguf_errors(tmp_path):
     read_gguf(tmp_path / "junk.gguf")
   with pytest.raises(ConversionError, match="not found"):
     read_gguf(tmp_path / "missing.gguf")
+
+
+def test_a_corrupt_gguf_is_refused_naming_the_field_and_offset(tmp_path):
+  """Truncated anywhere, or with an absurd count or length, the file is refused by ``check_gguf_layout`` with
+  the field and its byte offset, before the ``gguf`` parser indexes into it or allocates by a corrupt count."""
+  import struct
+
+  from convert.gguf_check import check_gguf_layout
+
+  model = make_checkpoint("llama", tmp_path / "hf", seed=0)
+  write_llama_gguf(model, tmp_path / "m.gguf", quantize={"model.layers.0.mlp.up_proj.weight": "Q8_0"})
+  good = (tmp_path / "m.gguf").read_bytes()
+  check_gguf_layout(tmp_path / "m.gguf")
+  bad = tmp_path / "bad.gguf"
+  for cut in [*range(0, 2048, 7), len(good) - 1]:  # the header, key-values and tensor infos; the last data byte
+    bad.write_bytes(good[:cut])
+    with pytest.raises(ConversionError, match=r"bad.gguf: not a readable GGUF file: .*(at byte \d+|empty)"):
+      check_gguf_layout(bad)
+  cases = {8: (2**60, r"tensor count at byte 8: 1152921504606846976 entries cannot fit"),
+           16: (2**40, r"key-value count at byte 16: 1099511627776 entries cannot fit"),
+           24: (2**62, r"key-value 0 key \(4611686018427387904 bytes\) at byte 32: needs 4611686018427387904 bytes")}
+  for offset, (value, message) in cases.items():
+    bad.write_bytes(good[:offset] + struct.pack("<Q", value) + good[offset + 8:])
+    with pytest.raises(ConversionError, match=message):
+      read_gguf(bad)

