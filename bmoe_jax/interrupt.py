@@ -1,7 +1,7 @@
 """Ctrl-C and SIGTERM answered without a traceback or a crash, and resumably.
 
 ``bmoe`` installs ``handled()`` around every command. A signal that arrives inside ``safe_points()`` (the loops
-that save resumable state: fine-tuning, the factor pass, router training, healing, evaluation) is only
+that save resumable state: fine-tuning, the factor pass, router training, healing) is only
 recorded; the loop saves at its next step and raises ``Interrupted``, which the CLI reports in one line
 ("interrupted at step N; rerun the same command to resume") before exiting with 128 + the signal (130 for
 SIGINT, 143 for SIGTERM). Outside those loops there is nothing to save (records are written whole, artefacts
