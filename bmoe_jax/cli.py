@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -166,12 +167,11 @@ def main(argv: list[str] | None = None) -> int:
   from bmoe_jax.data import DataError
   from bmoe_jax.xla_cpu import warn_if_broken
   warn_if_broken()  # once per process: every command's factors and predictives depend on it
-  import contextlib
 
   from bmoe_jax import interrupt as INT
   from bmoe_jax.files import output_lock, resource_error
   out = getattr(args, "out_dir", None)  # the task commands lock their --out once their config is resolved
-  with INT.handled(f"bmoe {args.command}"):
+  with INT.handled(f"bmoe {args.command}"), _no_thread_tracebacks():
     try:
       with output_lock(out, "out_dir") if out else contextlib.nullcontext():
         return args.fn(args)
@@ -187,6 +187,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bmoe {args.command}: error: {err}", file=sys.stderr)
         return 2
       raise
+
+
+class _ReraisedInMain:
+  """Drops orbax's log records (with tracebacks) of a full disk, a quota or an I/O error met by its background
+  save threads: the same error is raised in the main thread, where the CLI reports it in one line (a full disk
+  printed four tracebacks before that line). Other records pass."""
+
+  def filter(self, record) -> bool:
+    from bmoe_jax.files import resource_error
+
+    err = record.exc_info[1] if record.exc_info else None
+    return err is None or resource_error(err) is None
+
+
+@contextlib.contextmanager
+def _no_thread_tracebacks():
+  import logging
+
+  logger, drop = logging.getLogger("absl"), _ReraisedInMain()
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
 
 
 if __name__ == "__main__":
