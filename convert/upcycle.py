@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from bmoe_jax.config import MoEConfig
-from bmoe_jax.files import write_json
+from bmoe_jax.files import begin_artefact, read_json, write_json
 from convert.errors import ConversionError
 from convert.sources import sha256_file
 
@@ -195,8 +195,6 @@ def upcycle_checkpoint(source: str | Path, out_dir: str | Path, *, progress: boo
   ``options``: the fields of ``UpcycleConfig``."""
   from convert.export import export_hf
 
-  from bmoe_jax.files import begin_artefact
-
   uc = UpcycleConfig(**options)
   if family := dense_family(source):
     raise ConversionError(f"{source}: model_type {family!r} is not a dense llama; upcycling needs one")
@@ -314,8 +312,6 @@ def heal_carved(dense, tok, carved, uc: UpcycleConfig, text: str, *, work_dir=No
 def _finished_before(out_dir: Path, options: dict) -> bool:
   """True when ``out_dir`` holds a finished upcycle of the same source and options (a rerun has nothing to do);
   a finished one of other options is refused, naming them."""
-  from bmoe_jax.files import read_json
-
   done = out_dir / "upcycle.json"
   if not done.exists():
     return False
