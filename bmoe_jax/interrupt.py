@@ -82,6 +82,14 @@ def requested() -> bool:
   return _STATE["signum"] is not None
 
 
+def save_point(run, due: bool, save, where: str) -> None:
+  """The end of a loop's step: ``save()`` when ``run`` (a ``ResumableRun``, or None: no saves) is ``due`` or a
+  signal came, then ``check`` (``where``, e.g. 'fine-tuning step 40 of 120', gets " (saved)" when it was)."""
+  if run is not None and (due or requested()):
+    save()
+  check(where + (" (saved)" if run is not None else ""))
+
+
 def check(where: str) -> None:
   """Raise ``Interrupted`` if a signal came; ``where``: e.g. 'fine-tuning step 40 of 120 (saved)'."""
   if _STATE["signum"] is not None:

@@ -174,6 +174,16 @@ def make_train_step(task: Task, opt: optax.GradientTransformation, coef: float):
   return step
 
 
+def _open_run(checkpoint_dir, tc: TrainConfig, task: Task, identity, state: TrainState):
+  """(run or None, state, history, (loss sum, count) since the last evaluation) of a fine-tuning run: resumed
+  from ``checkpoint_dir``'s latest save, or fresh."""
+  if checkpoint_dir is None:
+    return None, state, [], (0.0, 0)
+  run = ResumableRun(checkpoint_dir, {**_fingerprint(tc, task.cfg), **identity}, keep=tc.keep_checkpoints,
+                     fingerprint_file=FINGERPRINT_FILE)
+  return (run, *_restore(run, state))
+
+
 def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig, *,
              val_batches: Sequence[Batch] = (), dataset_size: int | None = None, pretrained=None,
              checkpoint_dir: str | Path | None = None, progress: bool = True,
@@ -199,12 +209,7 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
   step_fn = jax.jit(make_train_step(task, opt, tc.prior_precision / (2.0 * n_data)))
   fwd = jax.jit(lambda p, b: batch_loss(p, task, b))
   state = TrainState(0, train0, opt.init(train0), float("inf"), train0, 0)
-  history: list[dict] = []
-  loss_sum, loss_n = 0.0, 0  # the training loss since the last evaluation (its mean goes into the history)
-  run = None if checkpoint_dir is None else ResumableRun(checkpoint_dir, {**_fingerprint(tc, task.cfg), **identity},
-                                                         keep=tc.keep_checkpoints, fingerprint_file=FINGERPRINT_FILE)
-  if run is not None:
-    state, history, (loss_sum, loss_n) = _restore(run, state)
+  run, state, history, (loss_sum, loss_n) = _open_run(checkpoint_dir, tc, task, identity, state)
   from tqdm.auto import tqdm
 
   bar = tqdm(total=micro_total, initial=state.step, desc="fine-tune", unit="batch", disable=not progress)
@@ -226,10 +231,10 @@ def finetune(params, task: Task, train_batches: Sequence[Batch], tc: TrainConfig
                                              (epoch, i), loss_sum / loss_n, len(train_batches))
           history.append(record)
           loss_sum, loss_n = 0.0, 0
-        if run is not None and (state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped
-                                or INT.requested()):
-          run.save(state.step, _tree(state), {"history": history, "loss_since_eval": [loss_sum, loss_n]})
-        INT.check(f"fine-tuning step {state.step} of {micro_total}" + (" (saved)" if run is not None else ""))
+        INT.save_point(run, state.step % tc.checkpoint_every == 0 or state.step == micro_total or stopped,
+                       lambda: run.save(state.step, _tree(state), {"history": history,
+                                                                   "loss_since_eval": [loss_sum, loss_n]}),
+                       f"fine-tuning step {state.step} of {micro_total}")
   finally:
     bar.close()
     if run is not None:

@@ -236,21 +236,25 @@ def heal(cfg: MoEConfig, params: dict, dense: tuple[MoEConfig, dict], data: dict
           if state.step % uc.heal_eval_every == 0 or state.step == end:
             _record(loop, state, history, phase.name, acc, time.perf_counter() - t0)
             acc = (0.0, 0)
-          if run is not None and (state.step % uc.heal_checkpoint_every == 0 or state.step == end
-                                  or INT.requested()):
-            run.save(state.step, {"mlps": state.mlps, "opt": state.opt_state},
-                     {"history": history, "loss_since_eval": list(acc)})
-          INT.check(f"healing step {state.step}" + (" (saved)" if run is not None else ""))
+          INT.save_point(run, state.step % uc.heal_checkpoint_every == 0 or state.step == end,
+                         lambda: run.save(state.step, {"mlps": state.mlps, "opt": state.opt_state},
+                                          {"history": history, "loss_since_eval": list(acc)}),
+                         f"healing step {state.step}")
   finally:
     bar.close()
     if run is not None:
       run.close()
   healed = jax.tree.map(np.asarray, HM.with_layers(params, layer_ids, state.mlps))
-  return cfg, healed, {"phases": [p._asdict() for p in plan], "tokens_per_step": uc.heal_batch * uc.heal_seq,
-                       "train_windows": int(len(train.tokens_ns)), "valid_windows": int(len(valid.tokens_ns)),
-                       "teacher_topk_mass": float(np.mean(np.exp(np.asarray(valid.t_logp_nsk)).sum(-1))),
-                       "dense_valid_ppl": float(np.exp(-np.mean(np.asarray(valid.t_next_ns)[:, :-1]))),
-                       "history": history}
+  return cfg, healed, _report(plan, uc, train, valid, history)
+
+
+def _report(plan, uc, train: HealData, valid: HealData, history: list) -> dict:
+  """Healing's record: its phases, data sizes, the teacher's kept mass and perplexity, the validation curve."""
+  return {"phases": [p._asdict() for p in plan], "tokens_per_step": uc.heal_batch * uc.heal_seq,
+          "train_windows": int(len(train.tokens_ns)), "valid_windows": int(len(valid.tokens_ns)),
+          "teacher_topk_mass": float(np.mean(np.exp(np.asarray(valid.t_logp_nsk)).sum(-1))),
+          "dense_valid_ppl": float(np.exp(-np.mean(np.asarray(valid.t_next_ns)[:, :-1]))),
+          "history": history}
 
 
 def _resume(run, state: HealState):

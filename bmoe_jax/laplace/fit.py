@@ -85,14 +85,7 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
     jit_kw["out_shardings"] = factor_shardings(cfg, mesh, spec, dtype)
     state = jax.device_put(state, jit_kw["out_shardings"])
   step = jax.jit(functools.partial(kfac.update, task=task, spec=spec), **jit_kw)
-  run, done, saved_meta = None, 0, {}
-  if checkpoint_dir is not None:
-    run = ResumableRun(checkpoint_dir, _fingerprint(params, task, spec, dtype, key), keep=2,
-                       fingerprint_file="factor_pass.json")
-    got = run.resume(_state_tree(state))
-    if got is not None:
-      done, tree, saved_meta = got
-      state = _tree_state(tree, state)
+  run, done, saved_meta, state = _open_run(checkpoint_dir, _fingerprint(params, task, spec, dtype, key), state)
   from tqdm.auto import tqdm
 
   bar = tqdm(total=total, initial=done, desc="K-FAC factors", unit="batch", disable=not progress)
@@ -109,20 +102,36 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
         sub = None if key is None else jax.random.fold_in(key, i - 1)
         state = step(state, params, batch=batch, key=sub)
         bar.update(1)
-        if run is not None and (i % checkpoint_every == 0 or INT.requested()):
-          _check_finite(state, i)
-          run.save(i, _state_tree(state), {"data": seen.value()})
-        INT.check(f"factor-pass batch {i}" + (" (saved)" if run is not None else ""))
+        INT.save_point(run, i % checkpoint_every == 0, lambda: _save(run, i, state, seen), f"factor-pass batch {i}")
       if i < done:
         raise ValueError(f"{checkpoint_dir} holds a pass over {done} batches but the data has only {i}")
       _check_finite(state, max(i, done))
       if run is not None:
-        run.save(max(i, done), _state_tree(state), {"data": seen.value()})
+        _save(run, max(i, done), state, seen)
   finally:
     bar.close()
     if run is not None:
       run.close()
   return state
+
+
+def _open_run(checkpoint_dir, fingerprint: dict, state: kfac.FactorState):
+  """(run or None, batches done, the save's meta, state) of a factor pass: resumed from ``checkpoint_dir``'s
+  latest save, or fresh."""
+  if checkpoint_dir is None:
+    return None, 0, {}, state
+  run = ResumableRun(checkpoint_dir, fingerprint, keep=2, fingerprint_file="factor_pass.json")
+  got = run.resume(_state_tree(state))
+  if got is None:
+    return run, 0, {}, state
+  done, tree, saved_meta = got
+  return run, done, saved_meta, _tree_state(tree, state)
+
+
+def _save(run: ResumableRun, i: int, state: kfac.FactorState, seen: DataDigest) -> None:
+  """Save the statistics after batch ``i`` (only finite ones: a non-finite pass stops, naming the batch)."""
+  _check_finite(state, i)
+  run.save(i, _state_tree(state), {"data": seen.value()})
 
 
 def _fingerprint(params, task: Task, spec: kfac.FactorSpec, dtype, key) -> dict:

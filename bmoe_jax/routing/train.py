@@ -231,9 +231,10 @@ def run_stage(stage: Stage, params, batches: Sequence[Batch], rtc: RouteTrainCon
           l, c, r = np.mean(losses, axis=0)
           history.append({"epoch": step // len(batches), "loss": float(l), "ce": float(c), "reg": float(r)})
           losses = []
-        if run is not None and (step % rtc.route_checkpoint_every == 0 or step == total or INT.requested()):
-          run.save(step, _flat(state), {"history": history, "epoch_losses": [list(x) for x in losses]})
-        INT.check(f"router training ({stage.name}) step {step} of {total}" + (" (saved)" if run is not None else ""))
+        INT.save_point(run, step % rtc.route_checkpoint_every == 0 or step == total,
+                       lambda: run.save(step, _flat(state), {"history": history,
+                                                             "epoch_losses": [list(x) for x in losses]}),
+                       f"router training ({stage.name}) step {step} of {total}")
   finally:
     bar.close()
     if run is not None:
