@@ -25,6 +25,7 @@ from bmoe_jax.finite import NonFiniteError
 from bmoe_jax.task import Batch
 
 TABLE_METRICS = ("acc", "ece", "nll", "brier")
+SELECTIVE_METRICS = ("aurc", "acc_at_80", "err_auroc")  # the second table: selective prediction
 
 
 def run_record(config: dict | None = None, seed: int | None = None) -> dict:
@@ -140,15 +141,21 @@ def markdown(results: dict) -> str:
   if results.get("in_distribution"):
     lines += [f"In-distribution: {results['in_distribution']}. Metrics: ACC, ECE (15 bins), NLL, Brier "
               "(with bootstrap 95% intervals when computed).", ""]
-  head = "| method | " + " | ".join(f"{d} {m.upper()}" for d in datasets for m in TABLE_METRICS) + " |"
-  lines += [head, "|" + "---|" * (1 + len(datasets) * len(TABLE_METRICS))]
   def cell(r, m):
     ci = r.get("ci95", {}).get(m)
+    if r.get(m) is None:  # undefined (error detection with no error), or a result saved before the metric existed
+      return "—"
     return f"{r[m]:.4f}" if ci is None else f"{r[m]:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
-  for name in methods:
-    row = results["methods"][name]
-    lines.append(f"| {name} | " + " | ".join(cell(row[d], m) for d in datasets for m in TABLE_METRICS) + " |")
+  for group in (TABLE_METRICS, SELECTIVE_METRICS):
+    if group is SELECTIVE_METRICS:
+      lines += ["", "Selective prediction by confidence (the top-class probability): AURC (lower is better), accuracy "
+                "on the 80% most confident, error-detection AUROC (confidence separating right from wrong).", ""]
+    lines += ["| method | " + " | ".join(f"{d} {m.upper()}" for d in datasets for m in group) + " |",
+              "|" + "---|" * (1 + len(datasets) * len(group))]
+    for name in methods:
+      row = results["methods"][name]
+      lines.append(f"| {name} | " + " | ".join(cell(row[d], m) for d in datasets for m in group) + " |")
   shifts = [d for d in datasets if any("ood" in results["methods"][n][d] for n in methods)]
   if shifts:
     lines += ["", "| method | " + " | ".join(f"{d} OOD AUROC" for d in shifts) + " |",

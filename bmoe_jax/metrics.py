@@ -6,6 +6,13 @@ holds 0): ECE = sum_b |B_b|/n |acc(B_b) - conf(B_b)|, MCE = max over non-empty b
 multi-class sum of squares, sum_c (p_c - y_c)^2, averaged over examples. OOD scores: predictive entropy
 (higher = more likely out of distribution); AUROC counts ties as half (Mann-Whitney), AUPRC is the
 average precision with OOD as the positive class.
+
+Selective prediction ranks examples by confidence (the top-class probability) and answers the most confident
+first: at coverage k/n the risk is the error rate of the k answered. Examples of equal confidence are taken in
+every order with equal probability, so the risk is its expectation over those orders (a tie block of m examples
+with e errors contributes e/m errors per example answered): the curve never depends on how a sort breaks ties.
+AURC is the mean risk over k = 1..n; error detection is the AUROC of confidence separating right from wrong
+answers (1: every right answer more confident than every wrong one).
 """
 
 from __future__ import annotations
@@ -115,25 +122,67 @@ def auprc(scores_in, scores_out) -> float:
   return float(np.sum(new_pos * tp / seen) / s_out.size)
 
 
+def risk_coverage(probs_nc, labels_n) -> tuple[np.ndarray, np.ndarray]:
+  """(coverage [n], risk [n]): answering the k most confident examples, k = 1..n (module docstring: ties)."""
+  probs, labels = _check(probs_nc, labels_n)
+  conf = probs.max(1)
+  wrong = (probs.argmax(1) != labels).astype(np.float64)
+  order = np.argsort(-conf, kind="mergesort")
+  conf, wrong = conf[order], wrong[order]
+  block = np.r_[0, np.cumsum(conf[1:] != conf[:-1])]  # tie-block id of each sorted example
+  size = np.bincount(block).astype(np.float64)
+  rate = np.bincount(block, wrong) / size  # errors per example within each block
+  errors = np.cumsum(rate[block])  # expected errors among the first k, ties in every order alike
+  k = np.arange(1, len(conf) + 1, dtype=np.float64)
+  return k / len(conf), errors / k
+
+
+def aurc(probs_nc, labels_n) -> float:
+  return float(np.mean(risk_coverage(probs_nc, labels_n)[1]))
+
+
+def selective_accuracy(probs_nc, labels_n, coverage: float = 0.8) -> float:
+  """Accuracy on the ceil(coverage * n) most confident examples."""
+  if not 0 < coverage <= 1:
+    raise ValueError(f"coverage={coverage}: expected a fraction in (0, 1]")
+  cov, risk = risk_coverage(probs_nc, labels_n)
+  return float(1.0 - risk[int(np.ceil(coverage * len(cov) - 1e-9)) - 1])
+
+
+def error_auroc(probs_nc, labels_n) -> float:
+  """P(a right answer's confidence > a wrong one's), ties half; NaN when every answer is right or every one wrong
+  (nothing to separate)."""
+  probs, labels = _check(probs_nc, labels_n)
+  conf, right = probs.max(1), probs.argmax(1) == labels
+  if right.all() or not right.any():
+    return float("nan")
+  return auroc(conf[~right], conf[right])
+
+
 def bootstrap_ci(metric: Callable, *arrays, num_samples: int = 1000, level: float = 0.95, seed: int = 0):
-  """(low, high) percentile interval of ``metric(*arrays)`` over example resamples (seeded)."""
+  """(low, high) percentile interval of ``metric(*arrays)`` over example resamples (seeded; resamples where the
+  metric is undefined, NaN, are left out)."""
   n = len(arrays[0])
   rng = np.random.RandomState(seed)
   vals = []
   for _ in range(num_samples):
     idx = rng.randint(0, n, n)
     vals.append(metric(*(np.asarray(a)[idx] for a in arrays)))
-  lo, hi = np.percentile(vals, [50 * (1 - level), 100 - 50 * (1 - level)])
+  lo, hi = np.nanpercentile(vals, [50 * (1 - level), 100 - 50 * (1 - level)])  # error_auroc: NaN when undefined
   return float(lo), float(hi)
 
 
 def summary(probs_nc, labels_n, *, ci: bool = False, num_samples: int = 1000, seed: int = 0) -> dict:
-  """ACC, NLL, ECE (15 and 10 bins), MCE, Brier; with ``ci``, bootstrap 95% intervals of each."""
-  fns = {"acc": accuracy, "nll": nll, "ece": ece, "ece10": lambda p, y: ece(p, y, 10), "mce": mce, "brier": brier}
-  out = {k: fn(probs_nc, labels_n) for k, fn in fns.items()}
+  """ACC, NLL, ECE (15 and 10 bins), MCE, Brier, and selective prediction (AURC, accuracy at 80% coverage,
+  error-detection AUROC: None when every answer is right or every one wrong); with ``ci``, bootstrap 95%
+  intervals of each."""
+  fns = {"acc": accuracy, "nll": nll, "ece": ece, "ece10": lambda p, y: ece(p, y, 10), "mce": mce, "brier": brier,
+         "aurc": aurc, "acc_at_80": selective_accuracy, "err_auroc": error_auroc}
+  defined = lambda v: None if isinstance(v, float) and np.isnan(v) else v  # JSON has no NaN: null when undefined
+  out = {k: defined(fn(probs_nc, labels_n)) for k, fn in fns.items()}
   if ci:
-    out["ci95"] = {k: bootstrap_ci(fn, probs_nc, labels_n, num_samples=num_samples, seed=seed)
-                   for k, fn in fns.items()}
+    out["ci95"] = {k: tuple(map(defined, bootstrap_ci(fn, probs_nc, labels_n, num_samples=num_samples, seed=seed)))
+                   for k, fn in fns.items() if out[k] is not None}
   return out
 
 

@@ -28,7 +28,8 @@ def test_evaluate_writes_consistent_reports(tmp_path):
   assert res["methods"]["map"]["id"]["nll"] == pytest.approx(M.nll(p, y)) and res["methods"]["map"]["id"]["n"] == 16
   assert "ood" in res["methods"]["ts"]["shift"] and "ood" not in res["methods"]["ts"]["id"]
   md = (tmp_path / "results.md").read_text()
-  assert "| map |" in md and "shift OOD AUROC" in md
+  assert "| map |" in md and "shift OOD AUROC" in md and "id AURC" in md
+  assert res["methods"]["map"]["id"]["aurc"] == pytest.approx(M.aurc(p, y))
   for name in methods:
     for ds in data:
       assert (tmp_path / "plots" / f"reliability_{name}_{ds}.png").stat().st_size > 1000

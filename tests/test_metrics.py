@@ -21,7 +21,8 @@ def test_hand_computed_values():
   assert M.ece(P, Y, 10) == pytest.approx(want) and M.ece(P, Y, 15) == pytest.approx(want)
   assert M.mce(P, Y) == pytest.approx(0.62)
   s = M.summary(P, Y)
-  assert set(s) == {"acc", "nll", "ece", "ece10", "mce", "brier"} and s["ece10"] == pytest.approx(want)
+  assert set(s) == {"acc", "nll", "ece", "ece10", "mce", "brier", "aurc", "acc_at_80", "err_auroc"}
+  assert s["ece10"] == pytest.approx(want)
   b = M.calibration_bins(P, Y, 10)
   assert b["count"].tolist() == [0, 0, 0, 0, 0, 2, 1, 1, 0, 1]
   # a perfectly calibrated predictor: confidence 0.75 and right 3 times out of 4
@@ -58,6 +59,40 @@ def test_ood_scores():
   p_in = np.tile([0.9, 0.1], (5, 1))
   p_out = np.tile([0.5, 0.5], (5, 1))
   assert M.ood_summary(p_in, p_out)["auroc"] == 1.0
+
+
+def _brute_risks(probs, labels):
+  """The risk-coverage curve averaged over every order of equally confident examples."""
+  conf, wrong = probs.max(1), (probs.argmax(1) != labels).astype(float)
+  blocks = [np.flatnonzero(conf == c) for c in sorted(set(conf), reverse=True)]
+  curves = [np.cumsum(wrong[np.concatenate(perm)]) / np.arange(1, len(conf) + 1)
+            for perm in itertools.product(*(itertools.permutations(b) for b in blocks))]
+  return np.mean(curves, axis=0)
+
+
+def test_selective_prediction_against_brute_force():
+  # by confidence: .93 right, .71 right, .62 wrong, .58 right, .56 right: the wrong one comes third
+  assert M.aurc(P, Y) == pytest.approx(np.mean([0, 0, 1 / 3, 1 / 4, 1 / 5]))
+  assert M.selective_accuracy(P, Y, 0.4) == 1.0 and M.selective_accuracy(P, Y, 0.6) == pytest.approx(2 / 3)
+  assert M.selective_accuracy(P, Y, 1.0) == pytest.approx(0.8)
+  assert M.error_auroc(P, Y) == pytest.approx(2 / 4)  # two right answers above the wrong one, two below
+  rng = np.random.RandomState(3)
+  for _ in range(15):
+    n = rng.randint(2, 8)
+    top = rng.randint(5, 9, n) / 10  # few distinct confidences: many ties
+    probs = np.stack([top, 1 - top], 1)
+    labels = rng.randint(0, 2, n)
+    cov, risk = M.risk_coverage(probs, labels)
+    np.testing.assert_allclose(risk, _brute_risks(probs, labels), atol=1e-12)
+    np.testing.assert_allclose(cov, np.arange(1, n + 1) / n)
+    right = probs.argmax(1) == labels
+    if right.any() and not right.all():
+      assert M.error_auroc(probs, labels) == pytest.approx(_brute_auroc(top[~right], top[right]))
+  assert np.isnan(M.error_auroc(np.eye(2), np.array([0, 1])))  # nothing wrong: nothing to detect
+  s = M.summary(np.eye(2), np.array([0, 1]), ci=True, num_samples=20)
+  assert s["err_auroc"] is None and "err_auroc" not in s["ci95"] and s["ci95"]["aurc"] == (0.0, 0.0)
+  with pytest.raises(ValueError, match="coverage=0"):
+    M.selective_accuracy(P, Y, 0.0)
 
 
 def test_bootstrap_is_seeded_and_brackets_the_estimate():
