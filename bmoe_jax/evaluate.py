@@ -45,22 +45,33 @@ def run_record(config: dict | None = None, seed: int | None = None) -> dict:
 
 def collect(method, batches: Sequence[Batch], progress: bool = False, desc: str = "") -> tuple[np.ndarray, np.ndarray]:
   """(probs [n, C], labels [n]) of a method over batches."""
+  return collect_scored(method, batches, progress, desc)[:2]
+
+
+def collect_scored(method, batches: Sequence[Batch], progress: bool = False,
+                   desc: str = "") -> tuple[np.ndarray, np.ndarray, dict | None]:
+  """(probs [n, C], labels [n], epistemic scores {name: [n]} or None): the scores of a method that gives them
+  (``baselines.methods.ScoredMethod``: MC dropout, ensembles, Bayesian-MoE), from the same pass."""
   from tqdm.auto import tqdm
 
-  probs, labels = [], []
+  probs, labels, scores = [], [], []
+  scored = hasattr(method, "with_scores")
   for i, b in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
     empty = np.flatnonzero(~np.asarray(b.mask_bs).astype(bool).any(-1))
     if empty.size:
       raise ValueError(f"{desc or 'evaluation'}: batch {i} rows {empty[:8].tolist()} are all padding (mask all "
                        "zero): there is nothing to predict; drop those rows")
-    p = np.asarray(method(b), np.float64)
+    p, sc = method.with_scores(b) if scored else (method(b), None)
+    p = np.asarray(p, np.float64)
     if not np.isfinite(p).all():
       rows = np.flatnonzero(~np.isfinite(p).all(-1))
       raise NonFiniteError(f"{desc or 'method'}: non-finite probabilities in batch {i} (rows {rows[:8].tolist()} "
                            "of it): check the model's weights (NaN?) and the method's posterior or inputs")
     probs.append(p)
     labels.append(np.asarray(b.labels_b))
-  return np.concatenate(probs), np.concatenate(labels)
+    scores.append(sc)
+  merged = {k: np.concatenate([np.asarray(sc[k], np.float64) for sc in scores]) for k in scores[0]} if scored else None
+  return np.concatenate(probs), np.concatenate(labels), merged
 
 
 def _labels_digest(datasets: Mapping[str, Sequence[Batch]]) -> str:
@@ -78,6 +89,27 @@ def _saved_method(path: Path, key: dict) -> dict | None:
     return None
   saved = read_json(path)
   return saved["per"] if saved.get("key") == key and "per" in saved else None
+
+
+def _evaluate_method(name: str, method, datasets: Mapping[str, Sequence[Batch]], in_distribution: str | None,
+                     ci: bool, plots_dir: Path | None, progress: bool) -> dict:
+  """One method's metrics per dataset; OOD detection of every other dataset against ``in_distribution`` by
+  predictive entropy and, for a method that gives them, by its epistemic scores."""
+  per, probs, scores = {}, {}, {}
+  for ds_name, batches in datasets.items():
+    t = time.perf_counter()
+    p, y, scores[ds_name] = collect_scored(method, batches, progress, f"{name}/{ds_name}")
+    per[ds_name] = {**M.summary(p, y, ci=ci), "n": int(len(y)), "seconds": time.perf_counter() - t}
+    probs[ds_name] = p
+    if plots_dir is not None:
+      from bmoe_jax.plots import reliability_diagram
+      reliability_diagram(p, y, plots_dir / "plots" / f"reliability_{name}_{ds_name}.png", title=f"{name} {ds_name}")
+  if in_distribution is not None:
+    for ds_name in datasets:
+      if ds_name != in_distribution:
+        per[ds_name]["ood"] = M.ood_summary(probs[in_distribution], probs[ds_name], scores[in_distribution],
+                                            scores[ds_name])
+  return per
 
 
 def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batch]], *,
@@ -103,20 +135,7 @@ def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batc
     if saved is not None:
       results["methods"][name] = saved
       continue
-    per = {}
-    probs = {}
-    for ds_name, batches in datasets.items():
-      t = time.perf_counter()
-      p, y = collect(method, batches, progress, f"{name}/{ds_name}")
-      per[ds_name] = {**M.summary(p, y, ci=ci), "n": int(len(y)), "seconds": time.perf_counter() - t}
-      probs[ds_name] = p
-      if out is not None and plots:
-        from bmoe_jax.plots import reliability_diagram
-        reliability_diagram(p, y, out / "plots" / f"reliability_{name}_{ds_name}.png", title=f"{name} {ds_name}")
-    if in_distribution is not None:
-      for ds_name in datasets:
-        if ds_name != in_distribution:
-          per[ds_name]["ood"] = M.ood_summary(probs[in_distribution], probs[ds_name])
+    per = _evaluate_method(name, method, datasets, in_distribution, ci, out if plots else None, progress)
     results["methods"][name] = per
     if key is not None:
       (out / "methods").mkdir(parents=True, exist_ok=True)
@@ -131,6 +150,10 @@ def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batc
     write_json(out / "results.json", results)
     write_text(out / "results.md", markdown(results))
   return results
+
+
+def _ood_cell(ood: dict) -> str:
+  return " / ".join("—" if ood.get(k) is None else f"{ood[k]:.4f}" for k in ("auroc", "auroc_mi", "auroc_var_f"))
 
 
 def markdown(results: dict) -> str:
@@ -158,10 +181,10 @@ def markdown(results: dict) -> str:
       lines.append(f"| {name} | " + " | ".join(cell(row[d], m) for d in datasets for m in group) + " |")
   shifts = [d for d in datasets if any("ood" in results["methods"][n][d] for n in methods)]
   if shifts:
-    lines += ["", "| method | " + " | ".join(f"{d} OOD AUROC" for d in shifts) + " |",
-              "|" + "---|" * (1 + len(shifts))]
+    lines += ["", "OOD detection AUROC by predictive entropy / mutual information / expected logit variance (— : the "
+              "method has no epistemic score).", "",
+              "| method | " + " | ".join(f"{d} OOD AUROC" for d in shifts) + " |", "|" + "---|" * (1 + len(shifts))]
     for name in methods:
-      lines.append(f"| {name} | " + " | ".join(f"{results['methods'][name][d]['ood']['auroc']:.4f}"
-                                               for d in shifts) + " |")
+      lines.append(f"| {name} | " + " | ".join(_ood_cell(results["methods"][name][d]["ood"]) for d in shifts) + " |")
   lines += ["", f"Wall time: {results['seconds']:.1f} s."]
   return "\n".join(lines) + "\n"

@@ -186,8 +186,19 @@ def summary(probs_nc, labels_n, *, ci: bool = False, num_samples: int = 1000, se
   return out
 
 
-def ood_summary(probs_in_nc, probs_out_nc) -> dict:
-  """OOD detection by predictive entropy: AUROC and AUPRC (OOD positive)."""
+def ood_summary(probs_in_nc, probs_out_nc, scores_in: dict | None = None, scores_out: dict | None = None) -> dict:
+  """OOD detection by predictive entropy: AUROC and AUPRC (OOD positive); with per-example epistemic scores of
+  both sets (``bmoe_jax.epistemic``: {"mi": [n], "var_f": [n]}), also ``auroc_<name>`` / ``auprc_<name>`` by
+  each score and its means ``<name>_in`` / ``<name>_out``."""
   h_in, h_out = entropy(probs_in_nc), entropy(probs_out_nc)
-  return {"auroc": auroc(h_in, h_out), "auprc": auprc(h_in, h_out),
-          "entropy_in": float(h_in.mean()), "entropy_out": float(h_out.mean())}
+  out = {"auroc": auroc(h_in, h_out), "auprc": auprc(h_in, h_out),
+         "entropy_in": float(h_in.mean()), "entropy_out": float(h_out.mean())}
+  if scores_in is not None and scores_out is not None:
+    for name in sorted(set(scores_in) & set(scores_out)):
+      s_in, s_out = np.asarray(scores_in[name], np.float64), np.asarray(scores_out[name], np.float64)
+      if s_in.shape != (len(h_in),) or s_out.shape != (len(h_out),):
+        raise ValueError(f"score {name!r} of shapes {s_in.shape} / {s_out.shape}: expected one per example "
+                         f"({len(h_in)} / {len(h_out)})")
+      out.update({f"auroc_{name}": auroc(s_in, s_out), f"auprc_{name}": auprc(s_in, s_out),
+                  f"{name}_in": float(s_in.mean()), f"{name}_out": float(s_out.mean())})
+  return out

@@ -19,7 +19,9 @@ def test_evaluate_writes_consistent_reports(tmp_path):
   params = B.init_params(cfg, jax.random.key(0), std=0.3)
   data = {"id": synthetic_task(cfg, 2), "shift": synthetic_task(cfg, 1, seed=3, s=9)}
   ts, _ = BL.temperature_scaling(params, Task(cfg, CLASSES), data["id"])
-  methods = {"map": BL.map_method(params, Task(cfg, CLASSES)), "ts": ts}
+  other = B.init_params(cfg, jax.random.key(1), std=0.3)
+  methods = {"map": BL.map_method(params, Task(cfg, CLASSES)), "ts": ts,
+             "ensemble": BL.ensemble([params, other], Task(cfg, CLASSES))}
   res = evaluate(methods, data, in_distribution="id", out_dir=tmp_path, progress=False,
                  record={"config": {"what": "test"}, "seed": 0})
   saved = json.loads((tmp_path / "results.json").read_text())
@@ -29,6 +31,9 @@ def test_evaluate_writes_consistent_reports(tmp_path):
   assert "ood" in res["methods"]["ts"]["shift"] and "ood" not in res["methods"]["ts"]["id"]
   md = (tmp_path / "results.md").read_text()
   assert "| map |" in md and "shift OOD AUROC" in md and "id AURC" in md
+  ood = res["methods"]["ensemble"]["shift"]["ood"]  # epistemic scores: by mutual information and logit variance
+  assert {"auroc_mi", "auprc_mi", "auroc_var_f", "mi_in", "var_f_out"} <= set(ood)
+  assert "auroc_mi" not in res["methods"]["ts"]["shift"]["ood"] and "| ts | " in md and " / — / —" in md
   assert res["methods"]["map"]["id"]["aurc"] == pytest.approx(M.aurc(p, y))
   for name in methods:
     for ds in data:

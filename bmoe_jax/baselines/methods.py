@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bmoe_jax import epistemic as EP
 from bmoe_jax.laplace import posterior as P
 from bmoe_jax.laplace import predictive as PR
 from bmoe_jax.params import Block, read_blocks, write_blocks
@@ -99,11 +100,11 @@ def mc_dropout(params, task: Task, *, rate: float = 0.1, num_samples: int = 16, 
     for i, (blk, w_efd) in enumerate(sorted(read_blocks(p, blocks).items())):
       keep_ef = jax.random.bernoulli(jax.random.fold_in(sample_key, i), 1.0 - rate, w_efd.shape[:2])
       dropped[blk] = w_efd * (keep_ef[..., None] / (1.0 - rate)).astype(w_efd.dtype)
-    return jax.nn.softmax(task.logits(write_blocks(p, dropped), batch), -1)
+    return task.logits(write_blocks(p, dropped), batch)
 
   keys = jax.random.split(key, num_samples)
-  run = jax.jit(lambda p, ks, batch: jnp.mean(jax.lax.map(lambda k: one(p, k, batch), ks), 0))
-  return lambda batch: run(params, keys, batch)
+  run = jax.jit(lambda p, ks, batch: EP.sample_scores(jax.lax.map(lambda k: one(p, k, batch), ks)))
+  return EP.ScoredMethod(lambda batch: run(params, keys, batch))
 
 
 def ensemble(param_list: Sequence, task: Task) -> Method:
@@ -112,7 +113,7 @@ def ensemble(param_list: Sequence, task: Task) -> Method:
   if not param_list:
     raise ValueError("an ensemble needs at least one member")
   logits = _logits_fn(task, None)
-  return lambda batch: jnp.mean(jnp.stack([jax.nn.softmax(logits(p, batch), -1) for p in param_list]), 0)
+  return EP.ScoredMethod(lambda batch: EP.sample_scores(jnp.stack([logits(p, batch) for p in param_list])))
 
 
 def bayesian_moe_variants(posts: dict, params, task: Task, *, link: str = DEFAULT_LINK, key: jax.Array | None = None,
@@ -133,11 +134,14 @@ def bayesian_moe_variants(posts: dict, params, task: Task, *, link: str = DEFAUL
       cache[k] = (batch, PR.jacobian_stats_jit(params, task=task, batch=batch, post=first))
     return cache[k][1]
 
+  score_key = jax.random.fold_in(jax.random.key(0) if key is None else key, 1)
+
   def make(post):
     def run(batch):
       s = stats(batch)
-      return class_probs(s.f_bc, PR.logit_covariance(s, post), link, key, num_samples)
-    return run
+      cov = PR.logit_covariance(s, post)
+      return class_probs(s.f_bc, cov, link, key, num_samples), EP.gaussian_scores(s.f_bc, cov, score_key)
+    return EP.ScoredMethod(run)
   return {name: make(post) for name, post in posts.items()}
 
 

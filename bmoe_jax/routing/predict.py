@@ -10,6 +10,9 @@
   ``Sigma_f,s = sum_e J_e,s Sigma_e J_e,s^T``), turned into class probabilities by the link, then averaged
   over the S draws: ``p = (1/S) sum_s E_{f ~ N(f_s, Sigma_f,s)} softmax(f)``. With the deterministic router it
   is Bayesian-MoE; without an expert posterior it is the router's own predictive.
+
+The sampled predictives (stochastic routers, the Laplace router) also give their draws' epistemic scores
+(``bmoe_jax.epistemic``: mutual information, centred logit variance) from the same pass.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from bmoe_jax import epistemic as EP
 from bmoe_jax.routing.plan import with_draw
 from bmoe_jax.task import DEFAULT_LINK, Batch, Task, class_probs
 
@@ -28,15 +32,21 @@ def draw_keys(key, num_samples: int) -> jax.Array:
   return jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(num_samples))
 
 
-def routed_probs(params, task: Task, batch: Batch, keys_s) -> jax.Array:
-  """[b, C]: the mean over draws of softmax(f) (``params`` carry the routing state, ``routing.attach``)."""
+def routed_logits(params, task: Task, batch: Batch, keys_s) -> jax.Array:
+  """[S, b, C]: the class logits of each draw (``params`` carry the routing state, ``routing.attach``)."""
   def one(args):
     s, key = args
-    return jax.nn.softmax(task.logits(with_draw(params, key, s), batch), axis=-1)
-  return jnp.mean(jax.lax.map(one, (jnp.arange(keys_s.shape[0], dtype=jnp.int32), keys_s)), axis=0)
+    return task.logits(with_draw(params, key, s), batch)
+  return jax.lax.map(one, (jnp.arange(keys_s.shape[0], dtype=jnp.int32), keys_s))
 
 
-routed_probs_jit = jax.jit(routed_probs, static_argnames="task")
+def routed_probs(params, task: Task, batch: Batch, keys_s) -> jax.Array:
+  """[b, C]: the mean over draws of softmax(f)."""
+  return jnp.mean(jax.nn.softmax(routed_logits(params, task, batch, keys_s), axis=-1), axis=0)
+
+
+routed_scores_jit = jax.jit(lambda params, batch, task, keys_s: EP.sample_scores(
+    routed_logits(params, task, batch, keys_s)), static_argnames="task")
 
 
 def num_draws(task: Task, num_samples: int) -> int:
@@ -52,7 +62,7 @@ def num_draws(task: Task, num_samples: int) -> int:
 def routed_method(params, task: Task, *, num_samples: int = 8, key=None) -> Callable[[Batch], jax.Array]:
   """The Method (Batch -> class probabilities) of a stochastic routing plan."""
   keys = draw_keys(jax.random.key(0) if key is None else key, num_draws(task, num_samples))
-  return lambda batch: routed_probs_jit(params, batch=batch, task=task, keys_s=keys)
+  return EP.ScoredMethod(lambda batch: routed_scores_jit(params, batch=batch, task=task, keys_s=keys))
 
 
 def routed_bayesian_moe(post, params, task: Task, *, num_samples: int = 8, key=None, link: str = DEFAULT_LINK,
@@ -72,16 +82,17 @@ def routed_bayesian_moe(post, params, task: Task, *, num_samples: int = 8, key=N
   return run
 
 
-def _sampled_probs(post, params, task: Task, batch: Batch, key, num_samples: int):
+def _sampled_scores(post, params, task: Task, batch: Batch, key, num_samples: int):
   from bmoe_jax.laplace import predictive as PR
-  return jnp.mean(jax.nn.softmax(PR.nn_samples(params, task, batch, post, key, num_samples), axis=-1), axis=0)
+  return EP.sample_scores(PR.nn_samples(params, task, batch, post, key, num_samples))
 
 
-_sampled_probs_jit = jax.jit(_sampled_probs, static_argnames=("task", "num_samples"))
+_sampled_scores_jit = jax.jit(_sampled_scores, static_argnames=("task", "num_samples"))
 
 
 def laplace_router_method(post, params, task: Task, *, num_samples: int = 8, key=None) -> Callable[[Batch], jax.Array]:
   """The Method of a Laplace router: the mean softmax of ``num_samples`` forwards with router weights (every
   block of ``post``) drawn from the posterior."""
   key = jax.random.key(0) if key is None else key
-  return lambda batch: _sampled_probs_jit(post, params, batch=batch, task=task, key=key, num_samples=num_samples)
+  return EP.ScoredMethod(lambda batch: _sampled_scores_jit(post, params, batch=batch, task=task, key=key,
+                                                           num_samples=num_samples))

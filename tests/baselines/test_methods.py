@@ -74,6 +74,14 @@ def test_mc_dropout_and_ensembles(setup):
   np.testing.assert_allclose(mix, (map_p + BL.map_method(other, Task(cfg, CLASSES))(val[0])) / 2, atol=1e-6)
   with pytest.raises(ValueError, match="rate=1.0"):
     BL.mc_dropout(params, Task(cfg, CLASSES), rate=1.0)
+  # epistemic scores from the same pass: none between identical members, the draws' spread otherwise
+  same = BL.ensemble([params, params], Task(cfg, CLASSES)).with_scores(val[0])[1]
+  np.testing.assert_allclose(same["mi"], 0, atol=1e-6)
+  np.testing.assert_allclose(same["var_f"], 0, atol=1e-6)
+  f = jnp.stack([logits_jit(p, val[0], task=Task(cfg, CLASSES)) for p in (params, other)])
+  mix_p, mix_s = BL.ensemble([params, other], Task(cfg, CLASSES)).with_scores(val[0])
+  np.testing.assert_allclose(mix_s["var_f"], jnp.var(f - f.mean(-1, keepdims=True), 0).mean(-1), rtol=1e-5)
+  assert np.all(np.asarray(mix_s["mi"]) > 0) and np.all(np.asarray(drop.with_scores(val[0])[1]["mi"]) > 0)
 
 
 def test_last_layer_laplace_equals_dense_glm(setup):
@@ -115,6 +123,11 @@ def test_bayesian_moe_method(setup):
   for name, po in posts.items():
     for batch in val:
       np.testing.assert_allclose(variants[name](batch), BL.bayesian_moe(po, params, Task(cfg, CLASSES))(batch), atol=1e-6)
+  # its epistemic scores: the centred logit variance of the closed-form N(f, J Sigma J^T)
+  pred = predict(post, params, Task(cfg, CLASSES), val[0])
+  h = np.eye(4) - 1 / 4
+  want = np.trace(h @ np.asarray(pred.f_cov_bcc, np.float64) @ h, axis1=1, axis2=2) / 4
+  np.testing.assert_allclose(variants["a"].with_scores(val[0])[1]["var_f"], want, rtol=1e-4)
   other = posterior_of(B.laplace.kfac.finalize(state), params, num_sequences=2)
   with pytest.raises(ValueError, match="share one factors dict"):
     BL.bayesian_moe_variants({"a": post, "c": other}, params, Task(cfg, CLASSES))

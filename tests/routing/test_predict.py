@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import bmoe_jax as B
+from bmoe_jax import epistemic as EP
 from bmoe_jax import routing as RT
 from bmoe_jax.baselines import bayesian_moe
 from bmoe_jax.laplace import kfac
@@ -38,6 +39,10 @@ def test_routed_predictive_is_the_mean_of_sampled_forwards(setup):
   manual = np.mean([np.asarray(jax.nn.softmax(task.logits(RT.with_draw(p, keys[s], s), batches[0]), -1))
                     for s in range(5)], axis=0)
   np.testing.assert_allclose(np.asarray(probs), manual, rtol=1e-5, atol=1e-6)
+  f_sbc = np.stack([np.asarray(task.logits(RT.with_draw(p, keys[s], s), batches[0])) for s in range(5)])
+  scores = RP.routed_method(p, task, num_samples=5, key=key).with_scores(batches[0])[1]  # the draws' disagreement
+  for name, want in EP.sample_scores(jnp.asarray(f_sbc))[1].items():
+    np.testing.assert_allclose(np.asarray(scores[name]), np.asarray(want), rtol=1e-4, atol=1e-7)
   det = jax.nn.softmax(Task(cfg, CLASSES).logits(params, batches[0]), -1)
   assert np.abs(np.asarray(probs) - np.asarray(det)).max() > 1e-3  # sampling at T = 1 re-routes
   cold = RP.routed_method(p, _temp_task(cfg, 1e-5), num_samples=3, key=key)(batches[0])
