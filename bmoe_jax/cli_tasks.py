@@ -168,16 +168,22 @@ def _evaluate(c: EvaluateCommand, mesh) -> dict:
 
   params, cfg, tok = ST.load_model(c.run, mesh)
   names = c.eval.methods
-  splits = ("eval",) + (("val",) if "ts" in names else ()) + (("train",) if "llla" in names else ())
+  splits = (("eval",) + (("val",) if {"ts", "bmoe_ts"} & set(names) else ())
+            + (("train",) if "llla" in names else ()))
   batches, task, infos = ST.load_data(c.data, tok, cfg, splits, c.run.seed, mesh, _log(c))
   if c.run.cache_prefix:
     task, batches = ST.cache_prefix(params, task, batches, min(cfg.moe_layer_ids, default=0), not c.run.quiet)
+  posteriors, tempered = _posteriors(c.eval, names, params), {}
+  if "bmoe_ts" in names:  # the --posterior's factors, the MAP's validation temperature, then the default grid
+    val = ST.validation_stats(params, task, batches["val"], posteriors["bmoe"])
+    posteriors["bmoe_ts"], tempered["bmoe_ts"] = ST.temper(posteriors["bmoe"], val, FitConfig(link=c.eval.link))
   ctx = Context(params, task, train=batches.get("train", []), val=batches.get("val", []), seed=c.run.seed,
-                posteriors=_posteriors(c.eval, names, params), members=_members(c.eval, names, params, cfg, mesh),
-                routers=_routers(c.eval, cfg))
+                posteriors=posteriors, members=_members(c.eval, names, params, cfg, mesh),
+                routers=_routers(c.eval, cfg), temperatures=ST.temperatures(tempered))
   keys = ST.eval_keys(c.data)
   _, info = ST.evaluate(ctx, {k: batches[k] for k in keys}, c.eval, c.run.out, in_distribution=keys[0],
                         record=_record(c), progress=not c.run.quiet)
+  info.update(tempered)
   print((Path(c.run.out) / "results.md").read_text())
   return {"data": infos, "methods": info}
 
@@ -204,7 +210,7 @@ def _posteriors(ec: EvalConfig, names, params) -> dict:
         raise ValueError(f"method {name} needs --router-posterior DIR (bmoe fit --laplace-router "
                          f"{'only' if name == 'rt_laplace' else 'with'}: RUN/posterior)")
       out[name] = load_posterior(ec.router_posterior, params)
-  if not any(n == "bmoe" or (n.startswith("bmoe+") and n != "bmoe+rt_laplace") for n in names):
+  if not any(n in ("bmoe", "bmoe_ts") or (n.startswith("bmoe+") and n != "bmoe+rt_laplace") for n in names):
     return out
   if not ec.posterior:
     raise ValueError(f"methods {[n for n in names if n.startswith('bmoe')]} need --posterior DIR (the output of "

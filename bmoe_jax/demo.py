@@ -192,7 +192,7 @@ def _run_demo(cfg: DemoConfig, out: Path, progress: bool, mesh) -> dict:
   clock.stage("ensemble members", t)
   t = time.perf_counter()
   ctx = Context(ft, task, train=data["train"], val=data["val"], pretrained=mparams, posteriors=posts,
-                members={"ensemble": members}, seed=seed)
+                members={"ensemble": members}, seed=seed, temperatures=ST.temperatures(prior_info))
   keys = ST.eval_keys(cfg.data)
   results, method_info = ST.evaluate(ctx, {k: data[k] for k in keys}, cfg.eval, out, in_distribution=keys[0],
                                      record=run_record(dataclasses.asdict(cfg), seed), progress=progress)

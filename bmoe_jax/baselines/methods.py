@@ -117,10 +117,11 @@ def ensemble(param_list: Sequence, task: Task) -> Method:
 
 
 def bayesian_moe_variants(posts: dict, params, task: Task, *, link: str = DEFAULT_LINK, key: jax.Array | None = None,
-                          num_samples: int = 1000) -> dict[str, Method]:
+                          num_samples: int = 1000, temperatures: dict | None = None) -> dict[str, Method]:
   """Closed-form Bayesian-MoE methods for posteriors that share their factors and differ only in prior
   precision (fixed, evidence, grid): the lambda-independent Jacobian statistics are computed once per
-  batch (cached by batch) and every variant only redoes the cheap contraction."""
+  batch (cached by batch) and every variant only redoes the cheap contraction. ``temperatures``: {name: T}
+  for variants whose logits are tempered, N(f* / T, Sigma_f / T^2) (Bayesian-MoE + temperature scaling)."""
   if not posts:
     return {}
   first = next(iter(posts.values()))
@@ -136,13 +137,13 @@ def bayesian_moe_variants(posts: dict, params, task: Task, *, link: str = DEFAUL
 
   score_key = jax.random.fold_in(jax.random.key(0) if key is None else key, 1)
 
-  def make(post):
+  def make(post, t):
     def run(batch):
       s = stats(batch)
-      cov = PR.logit_covariance(s, post)
-      return class_probs(s.f_bc, cov, link, key, num_samples), EP.gaussian_scores(s.f_bc, cov, score_key)
+      f_bc, cov = s.f_bc / t, PR.logit_covariance(s, post) / t**2
+      return class_probs(f_bc, cov, link, key, num_samples), EP.gaussian_scores(f_bc, cov, score_key)
     return EP.ScoredMethod(run)
-  return {name: make(post) for name, post in posts.items()}
+  return {name: make(post, float((temperatures or {}).get(name, 1.0))) for name, post in posts.items()}
 
 
 def bayesian_moe(post: P.Posterior, params, task: Task, *, method: str = "closed", link: str = DEFAULT_LINK,

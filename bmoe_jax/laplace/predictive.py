@@ -195,9 +195,10 @@ def predict(post: P.Posterior, params, task: Task, batch: Batch, *, method: str 
 
 def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats, jax.Array]], grid,
                                 link: str = DEFAULT_LINK, key: jax.Array | None = None,
-                                num_samples: int = 1000) -> tuple[P.Posterior, dict]:
+                                num_samples: int = 1000, temperature: float = 1.0) -> tuple[P.Posterior, dict]:
   """Global lambda minimising validation NLL over ``grid`` (the pipeline's default:
-  ``pipeline.configs.FitConfig.grid``).
+  ``pipeline.configs.FitConfig.grid``). ``temperature`` T: the predictive of the tempered logits f / T,
+  N(f* / T, Sigma_f / T^2) (Bayesian-MoE after temperature scaling).
 
   ``val``: (``jacobian_stats`` of a validation batch, its labels) pairs, computed once; every grid
   point then costs only the contraction. Returns the posterior at the best lambda and the curve
@@ -211,7 +212,7 @@ def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats
     total, count = 0.0, 0
     for stats, labels_b in val:
       cov = logit_covariance(stats, post, log_prec)
-      probs = class_probs(stats.f_bc, cov, link, key, num_samples)
+      probs = class_probs(stats.f_bc / temperature, cov / temperature**2, link, key, num_samples)
       total += float(-jnp.sum(jnp.log(jnp.take_along_axis(probs, labels_b[:, None], 1) + 1e-12)))
       count += labels_b.shape[0]
     nlls.append(total / max(count, 1))

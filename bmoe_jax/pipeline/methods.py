@@ -21,7 +21,8 @@ from bmoe_jax.task import DEFAULT_LINK, Task, same_prefix
 class Context:
   """What the methods are built from. ``members``: parameter trees per ensemble method (``ensemble``:
   besides ``params``; ``ckpt_ensemble``: all of them); ``posteriors``: Bayesian-MoE posteriors by method
-  name (``bmoe``, ``bmoe_ml``, ``bmoe_fixed``), built from one factor pass."""
+  name (``bmoe``, ``bmoe_ml``, ``bmoe_fixed``, ``bmoe_ts``), built from one factor pass; ``temperatures``: the
+  logit temperature of a tempered one (``bmoe_ts``: the MAP's validation temperature, ``stages.temper``)."""
   params: Any
   task: Task
   train: list = dataclasses.field(default_factory=list)
@@ -33,6 +34,7 @@ class Context:
   link: str = DEFAULT_LINK
   logits: Any = None  # a baselines.LogitCache: MAP and temperature scaling share one forward per batch
   routers: dict = dataclasses.field(default_factory=dict)  # router kind -> (RoutingPlan, {layer: parameters})
+  temperatures: dict = dataclasses.field(default_factory=dict)  # Bayesian-MoE method -> its logit temperature
 
 
 def _need(ctx_value, what: str, method: str):
@@ -77,7 +79,8 @@ def _ensemble(name: str, with_model: bool):
   return build
 
 
-BAYESIAN_MOE = ("bmoe", "bmoe_ml", "bmoe_fixed")  # grid / evidence / fixed prior precision, one factor pass
+# grid / evidence / fixed prior precision / grid after the MAP's temperature (Bayesian-MoE + T): one factor pass
+BAYESIAN_MOE = ("bmoe", "bmoe_ml", "bmoe_fixed", "bmoe_ts")
 
 # Bayesian routers (bmoe_jax.routing): method name -> router kind. rt_temp needs no training (its plan comes from
 # EvalConfig); the others load a bmoe route-train output (--routers). "bmoe+<router method>" combines the router
@@ -173,5 +176,5 @@ def build_methods(names, ctx: Context, cfg) -> tuple[dict[str, Any], dict[str, d
   if missing:
     raise ValueError(f"methods {missing} need a posterior (bmoe fit, or --posterior for bmoe)")
   methods.update(BL.bayesian_moe_variants({n: ctx.posteriors[n] for n in wanted}, ctx.params, ctx.task,
-                                          link=ctx.link))  # one Jacobian pass per batch for all of them
+                                          link=ctx.link, temperatures=ctx.temperatures))  # one Jacobian pass
   return {n: methods[n] for n in names}, info

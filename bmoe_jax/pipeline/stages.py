@@ -98,7 +98,8 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
         wanted: Sequence[str] = ("bmoe",), mesh=None, progress: bool = True) -> tuple[dict, dict]:
   """Factors -> posterior -> prior precision. Returns ({method: posterior} for the ``wanted`` Bayesian-MoE
   methods, info) and saves ``bmoe``'s posterior in ``out/posterior``: ``bmoe`` uses ``fc.prior`` (evidence
-  or grid), ``bmoe_ml`` the evidence, ``bmoe_fixed`` ``fc.fixed_prior``; all share one factor pass."""
+  or grid), ``bmoe_ml`` the evidence, ``bmoe_fixed`` ``fc.fixed_prior``, ``bmoe_ts`` the grid after the MAP's
+  temperature (``temper``; its T in info, ``temperatures(info)`` for ``Context``); all share one factor pass."""
   if fc.prior_mean == "pretrained" and pretrained is None:  # before the factor pass, not after it
     raise ValueError("the prior mean is the pretrained weights (prior_mean='pretrained'), but none were given: "
                      "pass --pretrained DIR (the model before fine-tuning), or choose --prior-mean zero, or "
@@ -118,24 +119,52 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
     posts["bmoe_ml"], curve = LA.optimize_prior_precision(base, mode)
     info["bmoe_ml"] = {"mode": mode, "prior_precision": mean_prior_precision(posts["bmoe_ml"]),
                        "log_marglik": curve["log_marglik"][-1]}
+  val = validation_stats(params, task, batches["val"], base) if fc.prior == "grid" or "bmoe_ts" in wanted else None
   if fc.prior == "grid":
-    val = [(LA.predictive.jacobian_stats_jit(params, task=task, batch=b, post=base), b.labels_b)
-           for b in batches["val"]]
-    posts["bmoe"], curve = LA.predictive.grid_search_prior_precision(base, val, grid=fc.grid_values,
-                                                                     link=fc.link)
-    info["bmoe"] = {"mode": f"grid (validation NLL, {fc.link})", "link": fc.link,
-                    "prior_precision": mean_prior_precision(posts["bmoe"]),
-                    "val_nll": min(curve["nll"]), "grid": curve, "grid_edge": grid_edge(curve["nll"])}
-    if info["bmoe"]["grid_edge"]:
-      warnings.warn(f"prior-precision grid: the lowest validation NLL is at the grid's {info['bmoe']['grid_edge']} "
-                    f"end (lambda={info['bmoe']['prior_precision']:.3g}); the optimum may lie beyond it: widen --grid")
+    posts["bmoe"], info["bmoe"] = _grid(base, val, fc)
   else:
     posts["bmoe"], info["bmoe"] = posts["bmoe_ml"], info["bmoe_ml"]
+  if "bmoe_ts" in wanted:
+    posts["bmoe_ts"], info["bmoe_ts"] = temper(base, val, fc)
   info["bmoe"]["log_marglik_final"] = float(LA.posterior.log_marginal_likelihood(posts["bmoe"]))
   if "bmoe" in wanted:
     LA.save_posterior(Path(out) / "posterior", posts["bmoe"], overwrite=True,  # a rerun of this factor pass
                       metadata={"spec": str(spec), "model": tree_digest(params), **info["bmoe"]})
   return {m: posts[m] for m in wanted if m in BAYESIAN_MOE}, info
+
+
+def validation_stats(params, task: Task, val_batches, post) -> list:
+  """[(Jacobian statistics, labels)] of every validation batch: computed once, then every prior precision and
+  temperature costs only the contraction."""
+  return [(LA.predictive.jacobian_stats_jit(params, task=task, batch=b, post=post), b.labels_b) for b in val_batches]
+
+
+def _grid(base, val: list, fc: FitConfig, temperature: float = 1.0) -> tuple:
+  post, curve = LA.predictive.grid_search_prior_precision(base, val, grid=fc.grid_values, link=fc.link,
+                                                          temperature=temperature)
+  info = {"mode": f"grid (validation NLL, {fc.link})", "link": fc.link, "prior_precision": mean_prior_precision(post),
+          "val_nll": min(curve["nll"]), "grid": curve, "grid_edge": grid_edge(curve["nll"])}
+  if info["grid_edge"]:
+    warnings.warn(f"prior-precision grid: the lowest validation NLL is at the grid's {info['grid_edge']} end "
+                  f"(lambda={info['prior_precision']:.3g}); the optimum may lie beyond it: widen --grid")
+  return post, info
+
+
+def temper(base, val: list, fc: FitConfig) -> tuple:
+  """Bayesian-MoE + temperature (``bmoe_ts``), sequentially: first the MAP's temperature T on the validation
+  set (temperature scaling's: the MAP logits are the linearisation point's), then the global prior precision
+  by validation NLL of the tempered predictive N(f* / T, Sigma_f / T^2). Returns (posterior, info with
+  ``temperature``)."""
+  from bmoe_jax.baselines.methods import fit_temperature
+  t = fit_temperature(np.concatenate([np.asarray(st.f_bc) for st, _ in val]),
+                      np.concatenate([np.asarray(y) for _, y in val]))
+  post, info = _grid(base, val, fc, t)
+  return post, {**info, "mode": f"temperature T = {t:.3f} (validation NLL), then {info['mode']}", "temperature": t}
+
+
+def temperatures(info: dict) -> dict:
+  """{method: logit temperature} of the tempered Bayesian-MoE methods in ``fit``'s info (for ``Context``)."""
+  return {m: i["temperature"] for m, i in info.items() if isinstance(i, dict) and "temperature" in i}
 
 
 def grid_edge(nll) -> str | None:

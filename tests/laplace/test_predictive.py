@@ -7,7 +7,7 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax.params import write_blocks
-from bmoe_jax.task import Batch, Task, mc_softmax, probit
+from bmoe_jax.task import Batch, Task, mc_softmax, probit, probit_pairwise
 from tests.fixtures import jacobian_stats, kfac_update, posterior_of, predict
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace import posterior as P
@@ -154,6 +154,17 @@ def test_grid_search_uses_the_lambda_independent_stats():
                                rtol=1e-5)
   assert float(jnp.exp(best.log_prior_prec_e[kfac.Block(0)][0])) == pytest.approx(
       curve["prior_precision"][int(np.argmin(curve["nll"]))], rel=1e-6)
+  # tempered (Bayesian-MoE + T): the predictive of N(f / T, Sigma / T^2); at a huge prior precision, softmax(f / T)
+  t = 1.7
+  _, hot = PR.grid_search_prior_precision(post, [(stats, test.labels_b)], grid=[1.0, 1e12], temperature=t)
+  pred = predict(post._replace(log_prior_prec_e=P.expand_prior_precision(1.0, {0: 3, 1: 3})), params,
+                 Task(cfg, CLASSES), test)
+  p = probit_pairwise(pred.f_mean_bc / t, pred.f_cov_bcc / t**2)
+  np.testing.assert_allclose(hot["nll"][0], -np.mean(np.log(np.take_along_axis(np.asarray(p), test.labels_b[:, None], 1))),
+                             rtol=1e-5)
+  ts = jax.nn.log_softmax(stats.f_bc / t, -1)
+  np.testing.assert_allclose(hot["nll"][1], -np.mean(np.take_along_axis(np.asarray(ts), test.labels_b[:, None], 1)),
+                             rtol=1e-5)
 
 
 def test_bad_method_and_link():

@@ -64,7 +64,7 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
     main(["evaluate", "--model", str(ft / "model"), "--posterior", str(tmp_path / "fit_grid0" / "posterior"),
           "--methods", "bmoe", "--link", "probit", "--test", "obqa:test", "--out", str(tmp_path / "ev_link")] + common)
   config = tmp_path / "eval.json"
-  config.write_text(json.dumps({"methods": "map,ts,mc_dropout,llla,bmoe,ckpt_ensemble",
+  config.write_text(json.dumps({"methods": "map,ts,mc_dropout,llla,bmoe,bmoe_ts,ckpt_ensemble",
                                 "shift": "mmlu:test:astronomy,arc_challenge:test", "dropout": 0.2, "batch-size": 4,
                                 "ci": True, "cache-prefix": True}))
   ev = tmp_path / "eval"
@@ -72,13 +72,16 @@ def test_finetune_fit_evaluate(model_dir, shared_data, tmp_path):
                str(fit / "posterior"), "--checkpoints", str(ft), "--test", "obqa:test", "--batch-size", "8",
                "--out", str(ev)] + common) == 0
   res = json.loads((ev / "results.json").read_text())
-  assert sorted(res["methods"]) == ["bmoe", "ckpt_ensemble", "llla", "map", "mc_dropout", "ts"]
-  assert json.loads((ev / "run.json").read_text())["methods"]["ckpt_ensemble"]["members"] == 2  # steps 4 and 6
+  assert sorted(res["methods"]) == ["bmoe", "bmoe_ts", "ckpt_ensemble", "llla", "map", "mc_dropout", "ts"]
+  fitted = json.loads((ev / "run.json").read_text())["methods"]
+  assert fitted["ckpt_ensemble"]["members"] == 2  # steps 4 and 6
+  assert fitted["bmoe_ts"]["temperature"] == pytest.approx(fitted["ts"]["temperature"], rel=1e-5)  # T of TS, then λ
+  assert len(fitted["bmoe_ts"]["grid"]["nll"]) == 41 and "mi_in" in res["methods"]["bmoe_ts"]["mmlu_test_astronomy"]["ood"]
   for m in res["methods"].values():
     assert m["obqa_test"]["n"] == 24 and 0 <= m["mmlu_test_astronomy"]["ood"]["auroc"] <= 1
     assert m["arc_challenge_test"]["n"] == 24
   assert res["record"]["config"]["batch_size"] == 8 and res["record"]["config"]["dropout"] == 0.2  # flag > file
-  assert len(list((ev / "plots").glob("*.png"))) == 18
+  assert len(list((ev / "plots").glob("*.png"))) == 21
   assert "| bmoe |" in (ev / "results.md").read_text() and "ci95" in res["methods"]["map"]["obqa_test"]
   assert " [" in (ev / "results.md").read_text()  # intervals in the table
   full = tmp_path / "eval_full"  # the same methods without the cached prefix

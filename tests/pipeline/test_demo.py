@@ -48,7 +48,9 @@ def _cfg(src):
 
 def test_demo_synthetic(tiny_llama, tmp_path, monkeypatch):
   monkeypatch.delenv("BMOE_DATA_DIR", raising=False)
-  s = run_demo(_cfg(tiny_llama), tmp_path, progress=False)
+  cfg = _cfg(tiny_llama)
+  cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=cfg.eval.methods + ("bmoe_ts",)))
+  s = run_demo(cfg, tmp_path, progress=False)
   assert s["model"]["all_experts_vs_dense_max_abs_logit_diff"] is None and s["model"]["moe_layers"] == [1, 2]
   assert s["model"]["source"]["carve"]["calib_text"] == "synthetic training questions"
   heal = s["model"]["heal"]  # healed by default: 4 steps a pass, two passes
@@ -58,7 +60,9 @@ def test_demo_synthetic(tiny_llama, tmp_path, monkeypatch):
   assert s["data"]["suite"].startswith("SYNTHETIC") and train["style"] == "continuation"
   assert s["finetune"]["steps"] == -(-(train["used"] - train["unscorable"]) // 8) > 0
   res = json.loads((tmp_path / "results.json").read_text())
-  assert sorted(res["methods"]) == ["bmoe", "bmoe_ml", "map", "pretrained", "ts"]
+  assert sorted(res["methods"]) == ["bmoe", "bmoe_ml", "bmoe_ts", "map", "pretrained", "ts"]
+  assert s["posterior"]["bmoe_ts"]["temperature"] == pytest.approx(s["temperature"], rel=1e-5)  # TS's T, then λ
+  assert "auroc_mi" in res["methods"]["bmoe_ts"]["synthetic_capitals_test"]["ood"]
   sets = ["synthetic_test", "synthetic_capitals_test", "synthetic_opposites_test", "synthetic_languages_test"]
   assert sorted(res["methods"]["bmoe"]) == sorted(sets)
   assert 0 < res["methods"]["map"]["synthetic_capitals_test"]["n"] <= 16
