@@ -172,6 +172,39 @@ def bootstrap_ci(metric: Callable, *arrays, num_samples: int = 1000, level: floa
   return float(lo), float(hi)
 
 
+def paired_difference(metric: Callable, probs_a_snc, probs_b_snc, labels_n, *, num_samples: int = 2000,
+                      level: float = 0.95, seed: int = 0) -> dict:
+  """Paired bootstrap of ``metric(a) - metric(b)`` pooled over seeds: ``probs_*_snc`` [seeds, n, C] of two
+  methods on the same n questions (seed s of a paired with seed s of b). Each resample draws question indices
+  once and applies them to every seed; the statistic is the seed-mean difference. Returns the estimate, the
+  percentile interval and a two-sided bootstrap p-value (twice the smaller tail beyond 0, at most 1)."""
+  a, b = np.asarray(probs_a_snc, np.float64), np.asarray(probs_b_snc, np.float64)
+  labels = np.asarray(labels_n)
+  if a.ndim != 3 or a.shape != b.shape or a.shape[1] != labels.shape[0]:
+    raise ValueError(f"probs of shapes {a.shape} / {b.shape} and labels {labels.shape}: expected [seeds, n, C] "
+                     "twice (the same seeds and questions) and labels [n]")
+  diff = lambda idx: float(np.mean([metric(a[s, idx], labels[idx]) - metric(b[s, idx], labels[idx])
+                                    for s in range(a.shape[0])]))
+  n = labels.shape[0]
+  rng = np.random.default_rng(seed)
+  boot = np.array([diff(rng.integers(0, n, n)) for _ in range(num_samples)])
+  lo, hi = np.nanpercentile(boot, [50 * (1 - level), 100 - 50 * (1 - level)])
+  p = min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))
+  return {"diff": diff(np.arange(n)), "ci": (float(lo), float(hi)), "p": float(p), "seeds": int(a.shape[0]),
+          "n": int(n)}
+
+
+def holm(pvalues) -> np.ndarray:
+  """Holm's step-down adjustment of ``pvalues`` (family-wise error): reject where the adjusted p <= alpha."""
+  p = np.asarray(pvalues, np.float64)
+  order = np.argsort(p, kind="mergesort")
+  m = len(p)
+  adjusted = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+  out = np.empty(m)
+  out[order] = adjusted
+  return out
+
+
 def summary(probs_nc, labels_n, *, ci: bool = False, num_samples: int = 1000, seed: int = 0) -> dict:
   """ACC, NLL, ECE (15 and 10 bins), MCE, Brier, and selective prediction (AURC, accuracy at 80% coverage,
   error-detection AUROC: None when every answer is right or every one wrong); with ``ci``, bootstrap 95%

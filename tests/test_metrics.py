@@ -105,6 +105,36 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
   assert "ci95" in M.summary(p, y, ci=True, num_samples=50)
 
 
+def test_paired_difference_pools_seeds_on_shared_resamples():
+  rng = np.random.RandomState(4)
+  y = rng.randint(0, 3, 60)
+  a, b = rng.dirichlet([1, 1, 1], (2, 60)), rng.dirichlet([1, 1, 1], (2, 60))
+  r = M.paired_difference(M.nll, a, b, y, num_samples=200, seed=1)
+  assert r["diff"] == pytest.approx(np.mean([M.nll(a[s], y) - M.nll(b[s], y) for s in range(2)]))
+  # by hand: the same index draws for both seeds
+  gen = np.random.default_rng(1)
+  boot = []
+  for _ in range(200):
+    idx = gen.integers(0, 60, 60)
+    boot.append(np.mean([M.nll(a[s, idx], y[idx]) - M.nll(b[s, idx], y[idx]) for s in range(2)]))
+  assert r["ci"] == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])))
+  assert r["p"] == pytest.approx(min(1, 2 * min(np.mean(np.array(boot) <= 0), np.mean(np.array(boot) >= 0))))
+  same = M.paired_difference(M.nll, a, a, y, num_samples=20)
+  assert same["diff"] == 0 and same["ci"] == (0.0, 0.0) and same["p"] == 1.0
+  sharp = (np.eye(3)[y] * 0.97 + 0.01)[None]  # right and confident vs uniform: NLL far lower, p = 0
+  far = M.paired_difference(M.nll, sharp, np.full((1, 60, 3), 1 / 3), y, num_samples=200)
+  assert far["ci"][1] < 0 and far["p"] == 0.0
+  with pytest.raises(ValueError, match="expected \\[seeds, n, C\\] twice"):
+    M.paired_difference(M.nll, a, b[:1], y)
+
+
+def test_holm_against_its_definition():
+  p = np.array([0.01, 0.04, 0.03, 0.005, 0.5])
+  # sorted: .005 .01 .03 .04 .5 -> x5 x4 x3 x2 x1 = .025 .04 .09 .08 .5 -> running max .025 .04 .09 .09 .5
+  np.testing.assert_allclose(M.holm(p), [0.04, 0.09, 0.09, 0.025, 0.5])
+  assert M.holm([0.3, 0.9]).tolist() == [0.6, 0.9] and M.holm([0.6, 0.7]).tolist() == [1.0, 1.0]
+
+
 def test_bad_inputs():
   with pytest.raises(ValueError, match="sum to one"):
     M.accuracy(np.array([[0.5, 0.6]]), np.array([0]))
