@@ -51,6 +51,9 @@ def load_hub(name, split, bench, path: str | None, subjects, on_error):
   import datasets
 
   hub_path, config = bench.hub
+  if split not in bench.hub_splits:
+    raise DataError(f"{name} split {split!r} is carved from the local files only (data_dir=); through the hub, "
+                    f"use one of {sorted(bench.hub_splits)} and hold out part of a training split yourself")
   hub_split = bench.hub_splits[split]
   if isinstance(hub_split, tuple):  # a split of another config (WinoGrande S/M training sets)
     config, hub_split = hub_split

@@ -5,15 +5,16 @@ hub=...)`` reads through Hugging Face ``datasets`` (a hub name, or a local direc
 schema). Documented deviations (the local data lacks these splits, so they are carved out of what
 exists, deterministically from ``seed``, and the split's ``note`` says so in every result file):
 
-* BoolQ: the train questions come without passages, so ``train`` / ``test`` are a seeded 80/20 split
-  of the SuperGLUE validation set (``validation`` is all of it).
+* BoolQ: the train questions come without passages, so ``train`` / ``dev`` / ``test`` are a seeded 70/10/20
+  split of the SuperGLUE validation set (``validation`` is all of it).
 * WinoGrande: only the dev sentences exist, so ``train_s`` / ``test_s`` are a seeded 50/50 split of dev
-  and ``train_m`` / ``test_m`` an 80/20 one (the official S/M train sets are 640 / 2558 rows; ours are
-  smaller and drawn from dev).
+  and ``train_m`` / ``dev_m`` / ``test_m`` a 65/15/20 one (the official S/M train sets are 640 / 2558 rows;
+  ours are smaller and drawn from dev).
 
 Through the hub nothing is carved: ``train_s`` / ``train_m`` are the official WinoGrande S / M training
 sets (configs ``winogrande_s`` / ``winogrande_m``), BoolQ ``train`` is the official training split, and
-the ``test`` splits are the whole validation sets.
+the ``test`` splits are the whole validation sets; the carved dev splits (BoolQ ``dev``, WinoGrande ``dev_m``)
+exist only locally.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ DATA_DIR_ENV = "BMOE_DATA_DIR"
 class Source:
   files: tuple[str, ...]  # relative to the data dir; a "*" globs (MMLU subjects)
   parser: Callable
-  carve: tuple[float, int] | None = None  # (train fraction, 0 train / 1 test part) of the files' rows
+  carve: tuple[float, float] | None = None  # [lo, hi): this fraction of a seeded permutation of the files' rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +50,8 @@ class Benchmark:
   note: str = ""
 
 
-def _carved(files, parser, frac, part):
-  return Source(files, parser, (frac, part))
+def _carved(files, parser, lo, hi):
+  return Source(files, parser, (lo, hi))
 
 
 _WG = ("winogrande/dev_from_llm_adapters.jsonl",)
@@ -68,20 +69,22 @@ BENCHMARKS: dict[str, Benchmark] = {
         "test": Source(("arc_challenge/ARC-Challenge-Test.jsonl",), local.parse_ai2_arc)},
         ("allenai/ai2_arc", "ARC-Challenge"), {"train": "train", "dev": "validation", "test": "test"}),
     "boolq": Benchmark(2, {"validation": Source(_BQ, local.parse_boolq),
-                           "train": _carved(_BQ, local.parse_boolq, 0.8, 0),
-                           "test": _carved(_BQ, local.parse_boolq, 0.8, 1)},
+                           "train": _carved(_BQ, local.parse_boolq, 0.0, 0.7),
+                           "dev": _carved(_BQ, local.parse_boolq, 0.7, 0.8),
+                           "test": _carved(_BQ, local.parse_boolq, 0.8, 1.0)},
                        ("google/boolq", None), {"train": "train", "validation": "validation", "test": "validation"},
-                       note="BoolQ train/test: seeded 80/20 split of the SuperGLUE validation set (train "
+                       note="BoolQ train/dev/test: seeded 70/10/20 split of the SuperGLUE validation set (train "
                             "passages unavailable)"),
     "winogrande": Benchmark(2, {"dev": Source(_WG, local.parse_winogrande),
-                                "train_s": _carved(_WG, local.parse_winogrande, 0.5, 0),
-                                "test_s": _carved(_WG, local.parse_winogrande, 0.5, 1),
-                                "train_m": _carved(_WG, local.parse_winogrande, 0.8, 0),
-                                "test_m": _carved(_WG, local.parse_winogrande, 0.8, 1)},
+                                "train_s": _carved(_WG, local.parse_winogrande, 0.0, 0.5),
+                                "test_s": _carved(_WG, local.parse_winogrande, 0.5, 1.0),
+                                "train_m": _carved(_WG, local.parse_winogrande, 0.0, 0.65),
+                                "dev_m": _carved(_WG, local.parse_winogrande, 0.65, 0.8),
+                                "test_m": _carved(_WG, local.parse_winogrande, 0.8, 1.0)},
                             ("allenai/winogrande", "winogrande_xl"),
                             {"dev": "validation", "train_s": ("winogrande_s", "train"),
                              "train_m": ("winogrande_m", "train"), "test_s": "validation", "test_m": "validation"},
-                            note="WinoGrande S/M: seeded 50/50 and 80/20 splits of the dev set (official "
+                            note="WinoGrande S/M: seeded 50/50 and 65/15/20 splits of the dev set (official "
                                  "train_s/train_m sentences unavailable)"),
     "mmlu": Benchmark(4, {"dev": Source(("mmlu/dev/*_dev.csv",), local.parse_mmlu),
                           "test": Source(("mmlu/test/*_test.csv",), local.parse_mmlu)},
@@ -116,11 +119,12 @@ def _spec(name: str, split: str) -> tuple[Benchmark, Source]:
   return bench, bench.splits[split]
 
 
-def carve(examples: list, frac: float, part: int, seed: int) -> list:
-  """A deterministic part of a seeded permutation: the first ``frac`` (part 0) or the rest (part 1)."""
+def carve(examples: list, lo: float, hi: float, seed: int) -> list:
+  """A deterministic part of a seeded permutation: its fraction [lo, hi) (the parts of one seed are disjoint
+  and, over [0, 1), cover every example)."""
   order = np.random.RandomState(seed).permutation(len(examples))
-  cut = int(round(frac * len(examples)))
-  return [examples[i] for i in sorted(order[:cut] if part == 0 else order[cut:])]
+  a, b = (int(round(f * len(examples))) for f in (lo, hi))
+  return [examples[i] for i in sorted(order[a:b])]
 
 
 def _collect(rows, parse, report: LoadReport, on_error: str, where: Callable[[int], tuple[str, int]]):

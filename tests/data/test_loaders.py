@@ -35,15 +35,19 @@ def test_every_split_of_the_shared_data_loads_cleanly(shared_data):
 
 
 def test_carved_splits_are_deterministic_disjoint_and_documented(shared_data):
-  for name, (tr, te, total) in {"winogrande": ("train_s", "test_s", 1267), "boolq": ("train", "test", 3270)}.items():
-    a, b = D.load(name, tr, data_dir=shared_data, seed=3), D.load(name, te, data_dir=shared_data, seed=3)
-    ua, ub = {e.uid for e in a.examples}, {e.uid for e in b.examples}
-    assert not ua & ub and len(ua | ub) == total
-    assert [e.uid for e in D.load(name, tr, data_dir=shared_data, seed=3).examples] == [e.uid for e in a.examples]
-    assert {e.uid for e in D.load(name, tr, data_dir=shared_data, seed=4).examples} != ua
-    assert "seeded" in a.note
-  m = D.load("winogrande", "train_m", data_dir=shared_data)
-  assert len(m) == round(0.8 * 1267)
+  carved = [("winogrande", ("train_s", "test_s"), 1267), ("boolq", ("train", "dev", "test"), 3270),
+            ("winogrande", ("train_m", "dev_m", "test_m"), 1267)]
+  for name, splits, total in carved:
+    parts = [D.load(name, sp, data_dir=shared_data, seed=3) for sp in splits]
+    uids = [{e.uid for e in p.examples} for p in parts]
+    assert sum(map(len, uids)) == len(set().union(*uids)) == total  # disjoint, and together every row
+    assert [e.uid for e in D.load(name, splits[0], data_dir=shared_data, seed=3).examples] == \
+        [e.uid for e in parts[0].examples]
+    assert {e.uid for e in D.load(name, splits[0], data_dir=shared_data, seed=4).examples} != uids[0]
+    assert all("seeded" in p.note for p in parts)
+  sizes = [len(D.load("boolq", sp, data_dir=shared_data)) for sp in ("train", "dev", "test")]
+  assert sizes == [round(0.7 * 3270), round(0.8 * 3270) - round(0.7 * 3270), 3270 - round(0.8 * 3270)]
+  assert len(D.load("winogrande", "test_m", data_dir=shared_data)) == 1267 - round(0.8 * 1267)
 
 
 def test_mmlu_subjects(shared_data):
@@ -166,6 +170,8 @@ def test_hub_errors_name_the_source(tmp_path):
   from bmoe_jax.data.registry import BENCHMARKS
 
   assert BENCHMARKS["winogrande"].hub_splits["train_m"] == ("winogrande_m", "train")
+  with pytest.raises(D.DataError, match="boolq split 'dev' is carved from the local files only"):
+    H.load_hub("boolq", "dev", BENCHMARKS["boolq"], str(tmp_path), None, "skip")
   with pytest.raises(D.DataError, match="could not load .*no_such_dir.* split 'test'.*Pass data_dir="):
     H.load_hub("obqa", "test", BENCHMARKS["obqa"], str(tmp_path / "no_such_dir"), None, "skip")
 
