@@ -51,7 +51,7 @@ def collect(method, batches: Sequence[Batch], progress: bool = False, desc: str 
 def collect_scored(method, batches: Sequence[Batch], progress: bool = False,
                    desc: str = "") -> tuple[np.ndarray, np.ndarray, dict | None]:
   """(probs [n, C], labels [n], epistemic scores {name: [n]} or None): the scores of a method that gives them
-  (``baselines.methods.ScoredMethod``: MC dropout, ensembles, Bayesian-MoE), from the same pass."""
+  (``epistemic.ScoredMethod``: MC dropout, ensembles, Bayesian-MoE, sampled routers), from the same pass."""
   from tqdm.auto import tqdm
 
   probs, labels, scores = [], [], []

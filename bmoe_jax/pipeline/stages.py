@@ -121,7 +121,7 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
                        "log_marglik": curve["log_marglik"][-1]}
   val = validation_stats(params, task, batches["val"], base) if fc.prior == "grid" or "bmoe_ts" in wanted else None
   if fc.prior == "grid":
-    posts["bmoe"], info["bmoe"] = _grid(base, val, fc)
+    posts["bmoe"], info["bmoe"] = grid(base, val, fc)
   else:
     posts["bmoe"], info["bmoe"] = posts["bmoe_ml"], info["bmoe_ml"]
   if "bmoe_ts" in wanted:
@@ -139,7 +139,9 @@ def validation_stats(params, task: Task, val_batches, post) -> list:
   return [(LA.predictive.jacobian_stats_jit(params, task=task, batch=b, post=post), b.labels_b) for b in val_batches]
 
 
-def _grid(base, val: list, fc: FitConfig, temperature: float = 1.0) -> tuple:
+def grid(base, val: list, fc: FitConfig, temperature: float = 1.0) -> tuple:
+  """(posterior, info): the global prior precision of ``base`` by validation NLL over ``fc.grid_values``
+  (``val``: ``validation_stats``), of the predictive tempered by ``temperature``."""
   post, curve = LA.predictive.grid_search_prior_precision(base, val, grid=fc.grid_values, link=fc.link,
                                                           temperature=temperature)
   info = {"mode": f"grid (validation NLL, {fc.link})", "link": fc.link, "prior_precision": mean_prior_precision(post),
@@ -158,7 +160,7 @@ def temper(base, val: list, fc: FitConfig) -> tuple:
   from bmoe_jax.baselines.methods import fit_temperature
   t = fit_temperature(np.concatenate([np.asarray(st.f_bc) for st, _ in val]),
                       np.concatenate([np.asarray(y) for _, y in val]))
-  post, info = _grid(base, val, fc, t)
+  post, info = grid(base, val, fc, t)
   return post, {**info, "mode": f"temperature T = {t:.3f} (validation NLL), then {info['mode']}", "temperature": t}
 
 

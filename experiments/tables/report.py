@@ -1,0 +1,151 @@
+"""The tables from the cells' saved probabilities (PROTOCOL.md §6): per dataset and regime, every method's metrics
+(means over seeds), its differences from MAP and from temperature scaling (per-question paired bootstrap pooled
+over seeds), the primary comparisons Holm-corrected, the at-chance flag, and OOD detection for the shift sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bmoe_jax import metrics as M
+from bmoe_jax.files import write_json, write_text
+from bmoe_jax.pipeline.data import eval_key
+from experiments.carve_smollm2 import wilson
+from experiments.tables import protocol as P
+
+METRICS = ("acc", "nll", "ece", "brier", "aurc", "acc_at_80", "err_auroc")
+PAIRED = {"nll": M.nll, "ece": M.ece, "brier": M.brier, "aurc": M.aurc, "err_auroc": M.error_auroc,
+          "acc": M.accuracy}
+
+
+def _load(path: Path) -> dict:
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def load_cells(work: Path, name: str, regime: str, seeds=P.SEEDS) -> dict:
+  """{method: [per-seed arrays dict]} of one dataset and regime (the deep ensemble repeated per seed)."""
+  methods: dict = {}
+  for seed in seeds:
+    for path in sorted((work / name / f"seed{seed}" / regime / "methods").glob("*.npz")):
+      methods.setdefault(path.stem, []).append(_load(path))
+  ens = work / name / f"{P.ENSEMBLE}_{regime}.npz"
+  if ens.exists():
+    methods[P.ENSEMBLE] = [_load(ens)] * len(seeds)
+  return {m: runs for m, runs in methods.items() if len(runs) == len(seeds)}
+
+
+def chance(labels: np.ndarray, probs: np.ndarray, name: str) -> float:
+  """Chance accuracy: the majority-class rate for BoolQ, else the mean of 1 / (the question's choices)."""
+  if name == "boolq":
+    return float(max(np.mean(labels == 0), np.mean(labels == 1)))
+  return float(np.mean(1.0 / np.sum(probs > 1e-12, axis=1)))
+
+
+def table(cells: dict, key: str, name: str, num_samples: int = 2000) -> dict:
+  """Metrics (seed means), paired differences vs MAP and TS, and the at-chance flag of one evaluation set."""
+  labels = cells["map"][0][f"{key}/labels"]
+  probs = {m: np.stack([r[f"{key}/probs"] for r in runs]) for m, runs in cells.items()}
+  rows = {m: {k: float(np.nanmean([_defined(M.summary(p, labels)[k]) for p in ps])) for k in METRICS}
+          for m, ps in probs.items()}
+  right = int(round(rows["map"]["acc"] * len(labels) * len(probs["map"]))), len(labels) * len(probs["map"])
+  acc_ci, base = wilson(*right), chance(labels, probs["map"][0], name)
+  out = {"n": int(len(labels)), "seeds": len(probs["map"]), "rows": rows, "chance": base, "map_acc_ci": acc_ci,
+         "at_chance": bool(acc_ci[0] <= base <= acc_ci[1]), "paired": {}}
+  for m in probs:
+    for b in P.BASELINES:
+      if m != b and b in probs:
+        out["paired"][f"{m} - {b}"] = {k: M.paired_difference(fn, probs[m], probs[b], labels,
+                                                              num_samples=num_samples)
+                                       for k, fn in PAIRED.items()}
+  return out
+
+
+def _defined(v):
+  return np.nan if v is None else v
+
+
+def ood(cells: dict, in_key: str, out_key: str) -> dict:
+  """Per method: OOD AUROC by entropy and by its epistemic scores (means over seeds)."""
+  res = {}
+  for m, runs in cells.items():
+    per = []
+    for r in runs:
+      scores = lambda k: {s: r[f"{k}/{s}"] for s in ("mi", "var_f") if f"{k}/{s}" in r} or None
+      per.append(M.ood_summary(r[f"{in_key}/probs"], r[f"{out_key}/probs"], scores(in_key), scores(out_key)))
+    res[m] = {k: float(np.mean([p[k] for p in per])) for k in per[0] if k.startswith("au")}
+  return res
+
+
+def holm_primary(results: dict) -> list[dict]:
+  """The primary comparisons (protocol.PRIMARY vs MAP and TS on PRIMARY_METRICS, every dataset and regime),
+  Holm-adjusted together."""
+  rows = []
+  for (name, regime), t in results.items():
+    for b in P.BASELINES:
+      for metric in P.PRIMARY_METRICS:
+        d = t["in"]["paired"].get(f"{P.PRIMARY} - {b}", {}).get(metric)
+        if d is not None:
+          rows.append({"dataset": name, "regime": regime, "vs": b, "metric": metric, **d})
+  for row, adj in zip(rows, M.holm([r["p"] for r in rows]) if rows else []):
+    row["p_holm"] = float(adj)
+  return rows
+
+
+def build(work: Path, datasets: dict = P.DATASETS, seeds=P.SEEDS, num_samples: int = 2000) -> dict:
+  """{(dataset, regime): {"in": table, <shift key>: table with "ood"}} of every cell found under ``work``."""
+  results = {}
+  for name, spec in datasets.items():
+    for regime in P.REGIMES:
+      cells = load_cells(work, name, regime, seeds)
+      if "map" not in cells:
+        continue
+      in_key = eval_key(spec.test)
+      t = {"in": table(cells, in_key, name, num_samples)}
+      for shift in spec.shift:
+        key = eval_key(shift)
+        t[key] = {**table(cells, key, name, num_samples), "ood": ood(cells, in_key, key)}
+      results[(name, regime)] = t
+  return results
+
+
+def _fmt(d: dict) -> str:
+  return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
+def markdown(results: dict, primary: list[dict]) -> str:
+  lines = [f"# The papers' tables (protocol v{P.VERSION})", ""]
+  for (name, regime), t in results.items():
+    for key, s in t.items():
+      head = f"## {name}, {regime} MAP: {'in-distribution' if key == 'in' else 'shift to ' + key}"
+      flag = " **At chance: calibration columns are not results.**" if s["at_chance"] else ""
+      lines += [head, "", f"n = {s['n']} questions x {s['seeds']} seeds; MAP accuracy 95% Wilson "
+                f"[{s['map_acc_ci'][0]:.3f}, {s['map_acc_ci'][1]:.3f}], chance {s['chance']:.3f}.{flag}", "",
+                "| method | " + " | ".join(METRICS) + " | ΔNLL vs MAP | ΔNLL vs TS | ΔECE vs TS | ΔAURC vs TS |",
+                "|---|" + "---:|" * (len(METRICS) + 4)]
+      for m, row in s["rows"].items():
+        pair = lambda b, k: _fmt(s["paired"][f"{m} - {b}"][k]) if f"{m} - {b}" in s["paired"] else ""
+        lines.append(f"| {m} | " + " | ".join(f"{row[k]:.4f}" for k in METRICS)
+                     + f" | {pair('map', 'nll')} | {pair('ts', 'nll')} | {pair('ts', 'ece')} | {pair('ts', 'aurc')} |")
+      if "ood" in s:
+        lines += ["", "| method | OOD AUROC entropy | OOD AUROC MI | OOD AUROC var f |", "|---|---:|---:|---:|"]
+        for m, o in s["ood"].items():
+          lines.append(f"| {m} | {o['auroc']:.3f} | {o.get('auroc_mi', float('nan')):.3f} | "
+                       f"{o.get('auroc_var_f', float('nan')):.3f} |")
+      lines.append("")
+  lines += [f"## Primary comparisons ({P.PRIMARY}; {len(primary)} comparisons, Holm-adjusted p)", "",
+            "| dataset | regime | vs | metric | difference [95%] | p | Holm p |", "|---|---|---|---|---:|---:|---:|"]
+  lines += [f"| {r['dataset']} | {r['regime']} | {r['vs']} | {r['metric']} | {_fmt(r)} | {r['p']:.3f} | "
+            f"{r['p_holm']:.3f} |" for r in primary]
+  return "\n".join(lines) + "\n"
+
+
+def write(work: Path, out: Path, datasets: dict = P.DATASETS, seeds=P.SEEDS, num_samples: int = 2000) -> dict:
+  results = build(work, datasets, seeds, num_samples)
+  primary = holm_primary(results)
+  flat = {f"{n}/{r}": t for (n, r), t in results.items()}
+  out.mkdir(parents=True, exist_ok=True)
+  write_json(out / "results.json", {"protocol": P.VERSION, "tables": flat, "primary": primary}, default=float)
+  write_text(out / "results.md", markdown(results, primary))
+  return flat
