@@ -4,9 +4,11 @@ flattening a matter of more passes or of more distinct text?
 
   python experiments/heal_curves.py --healed runs/healed runs/healed_1m --out experiments/results/heal_smollm2/curves
 
-Reads only each directory's ``upcycle.json`` (its healing history; every run validates on the same held-out
-windows when the text, seed and ``heal_valid_tokens`` agree, which is checked). Writes OUT/curves.md and
-OUT/curves.png.
+Reads each directory's ``upcycle.json`` (its healing history; every run validates on the same held-out
+windows when the text, seed and ``heal_valid_tokens`` agree, which is checked). With ``--score DIR ...
+--data-dir D`` those healed models are also scored as ``heal_smollm2.py`` scores them, on the same seeded
+windows and questions: WikiText-2 valid perplexity (16k tokens) and ARC-Easy zero-shot accuracy (1000 test
+questions, summed log-likelihood, 95% Wilson). Writes OUT/curves.md, OUT/curves.png (and OUT/scores.json).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bmoe_jax.files import read_json, write_text  # noqa: E402
+from bmoe_jax.files import read_json, write_json, write_text  # noqa: E402
 
 SAME_VALIDATION = ("heal_valid_tokens", "heal_seq", "seed", "heal_text", "calib_text", "calib_tokens")
 
@@ -71,18 +73,43 @@ def plot(runs: list[dict], path: Path):
   plt.close(fig)
 
 
+def score(path: str, data_dir: str, seed: int = 0) -> dict:
+  """WikiText-2 valid perplexity and ARC-Easy zero-shot accuracy of one healed model (heal_smollm2's windows
+  and questions)."""
+  from bmoe_jax.pipeline.data import load_model_and_tokenizer
+  from experiments.carve_smollm2 import Scored, accuracy_stats, lm_stats, text_windows
+
+  params, cfg, tok = load_model_and_tokenizer(path)
+  windows = text_windows(tok, Path(data_dir) / "corpora" / "wikitext2_tokenized" / "valid.txt", 16384, 256, seed)
+  model = {"cfg": cfg, "params": params}
+  ppl = lm_stats({"healed": model}, windows)["healed"]["ppl"]
+  arc = accuracy_stats({"healed": model}, Scored("arc_easy:test", tok, data_dir, 1000, seed))["healed"]
+  return {"wikitext2_ppl": ppl, "arc_easy_acc": arc["acc"], "arc_easy_acc_ci": arc["acc_ci"], "n": arc["n"]}
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--healed", nargs="+", required=True, help="directories made by bmoe upcycle ... --heal-tokens N")
   ap.add_argument("--out", default="experiments/results/heal_smollm2/curves")
+  ap.add_argument("--score", nargs="*", default=[], help="healed directories to score (WikiText-2, ARC-E)")
+  ap.add_argument("--data-dir", help="benchmark files (../shared/data), for --score")
   args = ap.parse_args(argv)
+  if args.score and not args.data_dir:
+    ap.error("--score needs --data-dir")
   runs = [run_of(Path(p)) for p in args.healed]
   check_comparable(runs)
   out = Path(args.out)
   plot(runs, out / "curves.png")
-  cmd = "python experiments/heal_curves.py --healed " + " ".join(args.healed) + f" --out {args.out}"
+  scores = {p: score(p, args.data_dir) for p in args.score}
+  lines = ["", "| healed model | WikiText-2 valid ppl | ARC-E zero-shot acc [95% Wilson] |", "|---|---:|---:|"]
+  lines += [f"| {p} | {v['wikitext2_ppl']:.2f} | {v['arc_easy_acc']:.3f} [{v['arc_easy_acc_ci'][0]:.3f}, "
+            f"{v['arc_easy_acc_ci'][1]:.3f}] (n={v['n']}) |" for p, v in scores.items()]
+  if scores:
+    write_json(out / "scores.json", scores)
+  cmd = ("python experiments/heal_curves.py --healed " + " ".join(args.healed) + f" --out {args.out}"
+         + (f" --score {' '.join(args.score)} --data-dir {args.data_dir}" if args.score else ""))
   write_text(out / "curves.md", "## Healing curves (held-out corpus windows)\n\n" + table(runs)
-             + f"\n\n![curves](curves.png)\n\nMade by `{cmd}`.\n")
+             + ("\n".join(lines) if scores else "") + f"\n\n![curves](curves.png)\n\nMade by `{cmd}`.\n")
   print(json.dumps({r["label"]: r["heal"]["history"][-1]["valid_ppl"] for r in runs}))
 
 
