@@ -128,7 +128,7 @@ def main(argv=None):
       if ckpt == "model_final" and not d.exists():  # the best state is the last one: nothing separate saved
         d = work / r["name"] / "model"
       probs, _ = test_scores(str(d), work / r["name"] / f"{ckpt}_test.npz", args)
-      test[f"lr {r['lr']:g} {r['schedule']}, {label}"] = row(probs, labels, base_right, best["val_nll"], args.seed)
+      test[f"lr {r['lr']:g} {r['schedule']} {r['epochs']} epochs, {label}"] = row(probs, labels, base_right, best["val_nll"], args.seed)
   res = {"args": vars(args), "runs": runs, "test": test, "seconds": round(time.time() - t0, 1)}
   write(out, res)
 
@@ -146,11 +146,13 @@ def write(out: Path, res: dict):
     lines.append(f"| {name} | {r['n']} | {r['acc']:.3f} [{r['acc_ci'][0]:.3f}, {r['acc_ci'][1]:.3f}] | {gain} | "
                  f"{r['nll']:.3f} | {delta} | {r['ece']:.3f} |")
   for r in res["runs"]:
-    lines += ["", f"## Learning curve, lr {r['lr']:g} {r['schedule']} (dev: ARC-Easy dev, 570 questions)", "",
+    lines += ["", f"## Learning curve, lr {r['lr']:g} {r['schedule']}, {r['epochs']} epochs (dev: ARC-Easy dev, 570 "
+              "questions)", "",
               "| epoch | step | train NLL (mean over the epoch) | dev NLL | dev accuracy |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {h['epoch']:.2f} | {h['step']} | {h['train_loss']:.4f} | {h['val_nll']:.4f} | {h['val_acc']:.3f} |"
               for h in r["history"]]
-    lines += ["", f"Fine-tuned by `{r['command']}` ({r['finetune_seconds'] / 60:.0f} min on 2 cores)."]
+    lines += ["", f"Fine-tuned by `{r['command']}` ({r['finetune_seconds'] / 60:.0f} min on 2 cores; a resumed run "
+              "counts its last invocation only)."]
   flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                    for k, v in res["args"].items())
   lines += ["", f"Tables by `python experiments/finetune_arce.py {flags}` ({res['seconds'] / 60:.0f} min, "
@@ -170,7 +172,7 @@ def plot(path: Path, runs: list[dict]):
     ax.plot(ep, [h["val_nll"] for h in r["history"]], "s-", label="dev NLL")
     ax2 = ax.twinx()
     ax2.plot(ep, [h["val_acc"] for h in r["history"]], "^:", color="gray", label="dev accuracy")
-    ax.set(xlabel="epoch", ylabel="NLL", title=f"lr {r['lr']:g}, {r['schedule']}")
+    ax.set(xlabel="epoch", ylabel="NLL", title=f"lr {r['lr']:g}, {r['schedule']}, {r['epochs']} ep")
     ax2.set_ylabel("dev accuracy")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="center left", fontsize=8)
