@@ -48,10 +48,11 @@ def collect(method, batches: Sequence[Batch], progress: bool = False, desc: str 
   return collect_scored(method, batches, progress, desc)[:2]
 
 
-def collect_scored(method, batches: Sequence[Batch], progress: bool = False,
-                   desc: str = "") -> tuple[np.ndarray, np.ndarray, dict | None]:
+def collect_scored(method, batches: Sequence[Batch], progress: bool = False, desc: str = "",
+                   seconds: list | None = None) -> tuple[np.ndarray, np.ndarray, dict | None]:
   """(probs [n, C], labels [n], epistemic scores {name: [n]} or None): the scores of a method that gives them
-  (``epistemic.ScoredMethod``: MC dropout, ensembles, Bayesian-MoE, sampled routers), from the same pass."""
+  (``epistemic.ScoredMethod``: MC dropout, ensembles, Bayesian-MoE, sampled routers), from the same pass.
+  ``seconds``: a list that gets each batch's wall time (until its probabilities are on the host)."""
   from tqdm.auto import tqdm
 
   probs, labels, scores = [], [], []
@@ -61,8 +62,11 @@ def collect_scored(method, batches: Sequence[Batch], progress: bool = False,
     if empty.size:
       raise ValueError(f"{desc or 'evaluation'}: batch {i} rows {empty[:8].tolist()} are all padding (mask all "
                        "zero): there is nothing to predict; drop those rows")
+    t0 = time.perf_counter()
     p, sc = method.with_scores(b) if scored else (method(b), None)
     p = np.asarray(p, np.float64)
+    if seconds is not None:
+      seconds.append(time.perf_counter() - t0)
     if not np.isfinite(p).all():
       rows = np.flatnonzero(~np.isfinite(p).all(-1))
       raise NonFiniteError(f"{desc or 'method'}: non-finite probabilities in batch {i} (rows {rows[:8].tolist()} "

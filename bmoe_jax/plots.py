@@ -67,3 +67,24 @@ def stability_curves(curves: dict, path: str | Path, *, title: str = "") -> Path
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
   return _save(plt, fig, path)
+
+
+def grouped_bars(values: dict, path: str | Path, *, ylabel: str, title: str = "", log: bool = False) -> Path:
+  """Bars of ``values`` {group: {series: value}} (a missing value is left blank), one colour per series."""
+  plt = _plt()
+  groups = list(values)
+  series = list(dict.fromkeys(k for v in values.values() for k in v))
+  width = 0.8 / max(len(series), 1)
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * max(len(series), 1) ** 0.5 + 2), 4))
+  for i, name in enumerate(series):
+    ys = [values[g].get(name, np.nan) for g in groups]
+    ax.bar(np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width, ys, width, label=name)
+  ax.set_xticks(np.arange(len(groups)), groups, rotation=45, ha="right")
+  ax.set_ylabel(ylabel)
+  if log:
+    ax.set_yscale("log")
+  if title:
+    ax.set_title(title)
+  if len(series) > 1:
+    ax.legend(fontsize="small")
+  return _save(plt, fig, path)

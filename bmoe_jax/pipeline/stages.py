@@ -104,22 +104,49 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
     raise ValueError("the prior mean is the pretrained weights (prior_mean='pretrained'), but none were given: "
                      "pass --pretrained DIR (the model before fine-tuning), or choose --prior-mean zero, or "
                      "--prior-mean map with --prior grid")
-  spec = LA.FactorSpec(layers=LA.kfac.select_layers(task.cfg, fc.layers()), labels=fc.labels, tokens=fc.tokens,
+  spec, factors, state = factor_pass(params, task, batches["train"], fc, out, seed=seed, mesh=mesh,
+                                     progress=progress)
+  posts, info = posteriors(params, task, batches.get("val"), fc, factors, state, pretrained=pretrained,
+                           wanted=wanted)
+  info["spec"] = str(spec)
+  if "bmoe" in wanted:
+    LA.save_posterior(Path(out) / "posterior", posts["bmoe"], overwrite=True,  # a rerun of this factor pass
+                      metadata={"spec": str(spec), "model": tree_digest(params), **info["bmoe"]})
+  return {m: posts[m] for m in wanted if m in BAYESIAN_MOE}, info
+
+
+def factor_spec(cfg, fc: FitConfig) -> LA.FactorSpec:
+  return LA.FactorSpec(layers=LA.kfac.select_layers(cfg, fc.layers()), labels=fc.labels, tokens=fc.tokens,
                        rank=fc.rank, shared=fc.shared, router=fc.laplace_router != "off",
                        experts=fc.laplace_router != "only")
-  state = LA.fit_factors(params, task, batches["train"], spec, key=jax.random.key(seed),
-                         checkpoint_dir=Path(out) / "factors", total=len(batches["train"]), progress=progress,
-                         mesh=mesh)
-  factors = LA.kfac.finalize(state)
+
+
+def factor_pass(params, task: Task, train_batches, fc: FitConfig, out: str | Path | None, *, seed: int = 0,
+                mesh=None, progress: bool = True) -> tuple:
+  """(spec, {Block: Factors}, FactorState): one K-FAC pass of ``fc``'s blocks over ``train_batches``, resumable
+  from ``out/factors`` (``out`` None: not saved)."""
+  spec = factor_spec(task.cfg, fc)
+  state = LA.fit_factors(params, task, train_batches, spec, key=jax.random.key(seed),
+                         checkpoint_dir=None if out is None else Path(out) / "factors", total=len(train_batches),
+                         progress=progress, mesh=mesh)
+  return spec, LA.kfac.finalize(state), state
+
+
+def posteriors(params, task: Task, val_batches, fc: FitConfig, factors: dict, state, *, pretrained=None,
+               wanted: Sequence[str] = ("bmoe",), remainder: bool = True) -> tuple[dict, dict]:
+  """({method: posterior}, info) of the Bayesian-MoE methods ``fit`` describes, from the ``factors`` of one
+  pass (any subset of its blocks: block-diagonal, so a subset is the pass of those blocks alone) and its
+  ``state``; ``remainder``: keep low-rank factors' isotropic remainders (``posterior.build``)."""
   base = LA.build(factors, read_blocks(params, factors), prior_mean=_prior_mean(fc, pretrained, factors),
-                  num_sequences=int(state.num_sequences), prior_precision=fc.fixed_prior, log_lik=state.log_lik)
-  posts, info = {"bmoe_fixed": base}, {"spec": str(spec), "bmoe_fixed": {"prior_precision": fc.fixed_prior}}
+                  num_sequences=int(state.num_sequences), prior_precision=fc.fixed_prior, log_lik=state.log_lik,
+                  remainder=remainder)
+  posts, info = {"bmoe_fixed": base}, {"bmoe_fixed": {"prior_precision": fc.fixed_prior}}
   if "bmoe_ml" in wanted or fc.prior != "grid":
     mode = fc.prior if fc.prior != "grid" else "layer"
     posts["bmoe_ml"], curve = LA.optimize_prior_precision(base, mode)
     info["bmoe_ml"] = {"mode": mode, "prior_precision": mean_prior_precision(posts["bmoe_ml"]),
                        "log_marglik": curve["log_marglik"][-1]}
-  val = validation_stats(params, task, batches["val"], base) if fc.prior == "grid" or "bmoe_ts" in wanted else None
+  val = validation_stats(params, task, val_batches, base) if fc.prior == "grid" or "bmoe_ts" in wanted else None
   if fc.prior == "grid":
     posts["bmoe"], info["bmoe"] = grid(base, val, fc)
   else:
@@ -127,10 +154,7 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
   if "bmoe_ts" in wanted:
     posts["bmoe_ts"], info["bmoe_ts"] = temper(base, val, fc)
   info["bmoe"]["log_marglik_final"] = float(LA.posterior.log_marginal_likelihood(posts["bmoe"]))
-  if "bmoe" in wanted:
-    LA.save_posterior(Path(out) / "posterior", posts["bmoe"], overwrite=True,  # a rerun of this factor pass
-                      metadata={"spec": str(spec), "model": tree_digest(params), **info["bmoe"]})
-  return {m: posts[m] for m in wanted if m in BAYESIAN_MOE}, info
+  return posts, info
 
 
 def validation_stats(params, task: Task, val_batches, post) -> list:

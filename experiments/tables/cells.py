@@ -133,8 +133,10 @@ def save_method(path: Path, method, eval_sets: dict, progress: bool) -> float:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp.npz")
   np.savez(tmp, **arrays)
+  seconds = time.perf_counter() - t0
+  write_json(path.with_suffix(".json"), {"seconds": seconds})  # kept beside it: a resumed cell reports it too
   tmp.replace(path)  # complete or absent
-  return time.perf_counter() - t0
+  return seconds
 
 
 def evaluate_cell(s: Setup, name: str, seed: int, regime: str, link: str) -> dict:
@@ -151,7 +153,9 @@ def evaluate_cell(s: Setup, name: str, seed: int, regime: str, link: str) -> dic
   for method_name, method in {**methods, **bmoe}.items():
     path = out / "methods" / f"{method_name}.npz"
     if not path.exists():
-      seconds[method_name] = save_method(path, method, eval_sets, s.progress)
+      save_method(path, method, eval_sets, s.progress)
+    side = path.with_suffix(".json")  # absent for a method saved before the times were kept beside it
+    seconds[method_name] = read_json(side)["seconds"] if side.exists() else None
   record = {"protocol": P.VERSION, "epoch": epoch, "link": link, "fitted": {**fitted, **fitted_bmoe},
             "seconds": seconds, "eval_sets": list(eval_sets), "record": run_record(seed=seed)}
   write_json(out / "cell.json", record, default=float)

@@ -29,6 +29,8 @@ def load_cells(work: Path, name: str, regime: str, seeds=P.SEEDS) -> dict:
   methods: dict = {}
   for seed in seeds:
     for path in sorted((work / name / f"seed{seed}" / regime / "methods").glob("*.npz")):
+      if path.name.endswith(".tmp.npz"):  # a save that was interrupted
+        continue
       methods.setdefault(path.stem, []).append(_load(path))
   ens = work / name / f"{P.ENSEMBLE}_{regime}.npz"
   if ens.exists():

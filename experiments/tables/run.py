@@ -3,6 +3,7 @@
   python -m experiments.tables.run all --model runs/healed --data-dir ../shared/data            # everything
   python -m experiments.tables.run finetune arc_easy --seed 0 --model runs/healed --data-dir ../shared/data
   python -m experiments.tables.run evaluate arc_easy --seed 0 --regime long --model ... --data-dir ...
+  python -m experiments.tables.run ablation --model runs/healed --data-dir ../shared/data   # §7
   python -m experiments.tables.run report
 
 Cells write under --work (default runs/tables) and are skipped when done; the report reads only those files and
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from experiments.tables import ablation as A  # noqa: E402
 from experiments.tables import cells as C  # noqa: E402
 from experiments.tables import protocol as P  # noqa: E402
 from experiments.tables import report as R  # noqa: E402
@@ -33,11 +35,13 @@ def run_all(s: C.Setup, datasets, seeds):
         C.evaluate_cell(s, name, seed, regime, link)
     for regime in P.REGIMES:
       C.ensemble_cell(s, name, regime, seeds)
+    if name == A.WHERE[0]:  # the ablations after their dataset's cells (PROTOCOL.md v1.3)
+      A.ablation_cell(s, link)
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("cell", choices=("all", "finetune", "link", "evaluate", "ensemble", "report"))
+  ap.add_argument("cell", choices=("all", "finetune", "link", "evaluate", "ensemble", "ablation", "report"))
   ap.add_argument("dataset", nargs="?", choices=P.ORDER)
   ap.add_argument("--seed", type=int, choices=P.SEEDS, default=0)
   ap.add_argument("--regime", choices=P.REGIMES, default="long")
@@ -60,8 +64,11 @@ def main(argv=None):
     C.evaluate_cell(s, args.dataset, args.seed, args.regime, C.link_cell(s))
   elif args.cell == "ensemble":
     C.ensemble_cell(s, args.dataset, args.regime)
-  if args.cell in ("all", "report"):
+  elif args.cell == "ablation":
+    A.ablation_cell(s, C.link_cell(s))
+  if args.cell in ("all", "ablation", "report"):
     R.write(Path(args.work), Path(args.out))
+    A.report(Path(args.work), Path(args.out))
     print((Path(args.out) / "results.md").read_text())
 
 
