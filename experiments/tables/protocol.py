@@ -10,7 +10,7 @@ from bmoe_jax.pipeline.configs import DataConfig, EvalConfig, FitConfig
 from bmoe_jax.task import LINKS
 from bmoe_jax.train import TrainConfig
 
-VERSION = "1.3"
+VERSION = "1.4"
 SEEDS = (0, 1, 2)  # fine-tuning seeds: the data order, and every method's draws
 DATA_SEED = 0  # the splits and subsets: the same for every seed and method
 REGIMES = ("early", "long")  # the best-dev-NLL epoch; the last epoch
