@@ -13,6 +13,7 @@ from bmoe_jax.files import write_json, write_text
 from bmoe_jax.pipeline.data import eval_key
 from experiments.carve_smollm2 import wilson
 from experiments.tables import protocol as P
+from experiments.tables import routing as RT
 
 METRICS = ("acc", "nll", "ece", "brier", "aurc", "acc_at_80", "err_auroc")
 PAIRED = {"nll": M.nll, "ece": M.ece, "brier": M.brier, "aurc": M.aurc, "err_auroc": M.error_auroc,
@@ -25,10 +26,12 @@ def _load(path: Path) -> dict:
 
 
 def load_cells(work: Path, name: str, regime: str, seeds=P.SEEDS) -> dict:
-  """{method: [per-seed arrays dict]} of one dataset and regime (the deep ensemble repeated per seed)."""
+  """{method: [per-seed arrays dict]} of one dataset and regime, the routing cells' methods too (the deep
+  ensemble repeated per seed)."""
   methods: dict = {}
   for seed in seeds:
-    for path in sorted((work / name / f"seed{seed}" / regime / "methods").glob("*.npz")):
+    cell = work / name / f"seed{seed}" / regime
+    for path in sorted([*(cell / "methods").glob("*.npz"), *(cell / "routing" / "methods").glob("*.npz")]):
       if path.name.endswith(".tmp.npz"):  # a save that was interrupted
         continue
       methods.setdefault(path.stem, []).append(_load(path))
@@ -116,7 +119,21 @@ def _fmt(d: dict) -> str:
   return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
 
 
-def markdown(results: dict, primary: list[dict]) -> str:
+def stability_markdown(stab: dict, where) -> list[str]:
+  """The routing cells' stability table (mean Jaccard of the top-k sets under input noise, two-draw agreement)."""
+  if not stab:
+    return []
+  gammas = next(iter(stab.values()))["gamma"]
+  lines = [f"## Routing stability: {where[0]}, {where[1]} MAP ({next(iter(stab.values()))['seeds']} seeds)", "",
+           "Mean Jaccard of the top-k sets under input noise γ × the router inputs' mean norm (common random "
+           "numbers), over the routers' layers; two draws: Jaccard of two independent draws on the same input.", "",
+           "| method | " + " | ".join(f"γ={g:g}" for g in gammas) + " | two draws |", "|---|" + "---:|" * (len(gammas) + 1)]
+  lines += [f"| {m} | " + " | ".join(f"{j:.3f}" for j in v["jaccard"]) + f" | {v['resample']:.3f} |"
+            for m, v in stab.items()]
+  return lines + [""]
+
+
+def markdown(results: dict, primary: list[dict], stab: dict | None = None) -> str:
   lines = [f"# The papers' tables (protocol v{P.VERSION})", ""]
   for (name, regime), t in results.items():
     for key, s in t.items():
@@ -136,6 +153,7 @@ def markdown(results: dict, primary: list[dict]) -> str:
           lines.append(f"| {m} | {o['auroc']:.3f} | {o.get('auroc_mi', float('nan')):.3f} | "
                        f"{o.get('auroc_var_f', float('nan')):.3f} |")
       lines.append("")
+  lines += stability_markdown(stab or {}, RT.WHERE)
   lines += [f"## Primary comparisons ({P.PRIMARY}; {len(primary)} comparisons, Holm-adjusted p)", "",
             "| dataset | regime | vs | metric | difference [95%] | p | Holm p |", "|---|---|---|---|---:|---:|---:|"]
   lines += [f"| {r['dataset']} | {r['regime']} | {r['vs']} | {r['metric']} | {_fmt(r)} | {r['p']:.3f} | "
@@ -147,7 +165,9 @@ def write(work: Path, out: Path, datasets: dict = P.DATASETS, seeds=P.SEEDS, num
   results = build(work, datasets, seeds, num_samples)
   primary = holm_primary(results)
   flat = {f"{n}/{r}": t for (n, r), t in results.items()}
+  stab = RT.stability_table(work, *RT.WHERE, seeds) if RT.WHERE[0] in datasets else {}
   out.mkdir(parents=True, exist_ok=True)
-  write_json(out / "results.json", {"protocol": P.VERSION, "tables": flat, "primary": primary}, default=float)
-  write_text(out / "results.md", markdown(results, primary))
+  write_json(out / "results.json", {"protocol": P.VERSION, "tables": flat, "primary": primary,
+                                    "routing_stability": stab}, default=float)
+  write_text(out / "results.md", markdown(results, primary, stab))
   return flat

@@ -4,6 +4,7 @@
   python -m experiments.tables.run finetune arc_easy --seed 0 --model runs/healed --data-dir ../shared/data
   python -m experiments.tables.run evaluate arc_easy --seed 0 --regime long --model ... --data-dir ...
   python -m experiments.tables.run ablation --model runs/healed --data-dir ../shared/data   # §7
+  python -m experiments.tables.run routing obqa --seed 0 --model runs/healed --data-dir ../shared/data   # §8
   python -m experiments.tables.run report
 
 Cells write under --work (default runs/tables) and are skipped when done; the report reads only those files and
@@ -22,6 +23,7 @@ from experiments.tables import ablation as A  # noqa: E402
 from experiments.tables import cells as C  # noqa: E402
 from experiments.tables import protocol as P  # noqa: E402
 from experiments.tables import report as R  # noqa: E402
+from experiments.tables import routing as RT  # noqa: E402
 
 
 def run_all(s: C.Setup, datasets, seeds):
@@ -37,11 +39,15 @@ def run_all(s: C.Setup, datasets, seeds):
       C.ensemble_cell(s, name, regime, seeds)
     if name == A.WHERE[0]:  # the ablations after their dataset's cells (PROTOCOL.md v1.3)
       A.ablation_cell(s, link)
+    if name == RT.WHERE[0]:  # the routing cells after their dataset's cells (v1.4)
+      for seed in seeds:
+        RT.routing_cell(s, name, seed, RT.WHERE[1], link)
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("cell", choices=("all", "finetune", "link", "evaluate", "ensemble", "ablation", "report"))
+  ap.add_argument("cell", choices=("all", "finetune", "link", "evaluate", "ensemble", "ablation", "routing",
+                                       "report"))
   ap.add_argument("dataset", nargs="?", choices=P.ORDER)
   ap.add_argument("--seed", type=int, choices=P.SEEDS, default=0)
   ap.add_argument("--regime", choices=P.REGIMES, default="long")
@@ -52,7 +58,7 @@ def main(argv=None):
   ap.add_argument("--quiet", action="store_true")
   args = ap.parse_args(argv)
   s = C.Setup(args.model, args.data_dir, Path(args.work), progress=not args.quiet)
-  if args.cell in ("finetune", "evaluate", "ensemble") and args.dataset is None:
+  if args.cell in ("finetune", "evaluate", "ensemble", "routing") and args.dataset is None:
     ap.error(f"{args.cell} needs a dataset ({', '.join(P.ORDER)})")
   if args.cell == "all":
     run_all(s, [args.dataset] if args.dataset else P.ORDER, P.SEEDS)
@@ -66,6 +72,8 @@ def main(argv=None):
     C.ensemble_cell(s, args.dataset, args.regime)
   elif args.cell == "ablation":
     A.ablation_cell(s, C.link_cell(s))
+  elif args.cell == "routing":
+    RT.routing_cell(s, args.dataset, args.seed, args.regime, C.link_cell(s))
   if args.cell in ("all", "ablation", "report"):
     R.write(Path(args.work), Path(args.out))
     A.report(Path(args.work), Path(args.out))

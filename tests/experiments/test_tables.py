@@ -17,7 +17,12 @@ from tests.fixtures import tiny_model_dir
 pytestmark = pytest.mark.heavy
 
 
-def test_cells_and_report(tmp_path_factory, shared_data):
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory, shared_data):
+  """A tiny model's fine-tuning cells on a few OBQA rows (ARC-C test as the shift set), both seeds."""
   model = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", shared_data)
   work = tmp_path_factory.mktemp("work")
   ds = P.Dataset("obqa:train", "obqa:dev", "obqa:test", max_train=24, shift=("arc_challenge:test",))
@@ -25,9 +30,14 @@ def test_cells_and_report(tmp_path_factory, shared_data):
                                                                        max_length=128),
               train=dataclasses.replace(P.TRAIN, epochs=2, keep_checkpoints=2, lr=1e-3), datasets={"obqa": ds},
               link_choice=("obqa", 0, "long"), progress=False)
-  seeds = (0, 1)
-  for seed in seeds:
-    record = C.finetune_cell(s, "obqa", seed)
+  records = [C.finetune_cell(s, "obqa", seed) for seed in SEEDS]
+  return s, ds, records
+
+
+def test_cells_and_report(tables):
+  s, ds, records = tables
+  work, seeds = s.work, SEEDS
+  for record in records:
     assert len(record["history"]) == 2 and record["steps_per_epoch"] == 3
   link = C.link_cell(s)
   chosen = json.loads((work / "link.json").read_text())
@@ -37,7 +47,7 @@ def test_cells_and_report(tmp_path_factory, shared_data):
   for seed in seeds:
     cell = C.evaluate_cell(s, "obqa", seed, "long", link)
   assert cell["fitted"]["bmoe_ts"]["temperature"] == pytest.approx(cell["fitted"]["ts"]["temperature"], rel=1e-5)
-  assert set(cell["seconds"]) == set(P.REGISTRY_METHODS) | set(P.BMOE)
+  assert set(cell["seconds"]) == set(P.REGISTRY_METHODS) | set(P.BMOE) and all(cell["seconds"].values())
   mtime = (work / "obqa" / "seed1" / "long" / "methods" / "map.npz").stat().st_mtime
   assert C.evaluate_cell(s, "obqa", 1, "long", link) == cell  # done: nothing recomputed
   assert (work / "obqa" / "seed1" / "long" / "methods" / "map.npz").stat().st_mtime == mtime
@@ -61,3 +71,39 @@ def test_cells_and_report(tmp_path_factory, shared_data):
   flat = R.write(work, work / "report", datasets={"obqa": ds}, seeds=seeds, num_samples=50)
   md = (work / "report" / "results.md").read_text()
   assert f"protocol v{P.VERSION}" in md and "| bmoe_ev_layer |" in md and "Holm" in md and len(flat) == 1
+
+
+def test_routing_cell(tables):
+  """The routing cell: every router method saved for every set, the combinations read the primary posterior,
+  a temperature router's two draws disagree where MAP's cannot, and the report pairs the routers with MAP."""
+  from bmoe_jax import baselines as BL
+  from bmoe_jax.evaluate import collect_scored
+  from experiments.tables import routing as RT
+  s, ds, _ = tables
+  link = C.link_cell(s)
+  C.evaluate_cell(s, "obqa", 0, "long", link)
+  cell = RT.routing_cell(s, "obqa", 0, "long", link)
+  out = s.run_dir("obqa", 0) / "long" / "routing"
+  for m in RT.METHODS:
+    z = np.load(out / "methods" / f"{m}.npz")
+    for key in ("obqa_test", "arc_challenge_test"):
+      assert z[f"{key}/probs"].shape == (16, 4) and np.allclose(z[f"{key}/probs"].sum(-1), 1, atol=1e-5), m
+  assert set(cell["train_seconds"]) == {k for k in RT.ROUTER_METHODS.values() if k != "temperature"}
+  stab = cell["routing"]["stability"]
+  two = {m: np.mean([v["resample"] for v in per.values()]) for m, per in stab.items()}
+  assert two["map"] == 1.0 and two["rt_temp"] < 1.0
+  # the combinations' posterior is the primary row's: its predictive is the evaluation cell's bmoe_ev_layer
+  healed, cfg, batches, task = C._prepare(s, "obqa", ("train", "val", "eval"))
+  _, params, _ = C.regime_params(s, "obqa", 0, "long", healed, cfg)
+  posts = RT.posteriors(params, healed, task, batches, link, 0, out.parent / "fit", s.work / "scratch")
+  primary = BL.bayesian_moe_variants({"p": posts["bmoe"]}, params, task, link=link)["p"]
+  probs = collect_scored(primary, batches["obqa_test"])[0]
+  saved = np.load(s.run_dir("obqa", 0) / "long" / "methods" / f"{P.PRIMARY}.npz")["obqa_test/probs"]
+  np.testing.assert_allclose(probs, saved, rtol=1e-5, atol=1e-7)
+  assert RT.routing_cell(s, "obqa", 0, "long", link) == cell  # done: nothing recomputed
+  results = R.build(s.work, datasets={"obqa": ds}, seeds=(0,), num_samples=50)
+  t = results[("obqa", "long")]
+  assert "rt_vtsr - map" in t["in"]["paired"] and "bmoe+rt_laplace" in t["arc_challenge_test"]["ood"]
+  stab_table = RT.stability_table(s.work, "obqa", "long", seeds=(0,))
+  assert stab_table["rt_temp"]["resample"] == pytest.approx(two["rt_temp"])
+  assert "Routing stability" in R.markdown(results, [], stab_table)
