@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bmoe_jax import metrics as M
-from bmoe_jax.files import write_json, write_text
+from bmoe_jax.files import read_json, write_json, write_text
 from bmoe_jax.pipeline.data import eval_key
 from experiments.carve_smollm2 import wilson
 from experiments.tables import protocol as P
@@ -107,12 +107,20 @@ def build(work: Path, datasets: dict = P.DATASETS, seeds=P.SEEDS, num_samples: i
       if "map" not in cells:
         continue
       in_key = eval_key(spec.test)
-      t = {"in": table(cells, in_key, name, num_samples)}
+      t = {"in": {**table(cells, in_key, name, num_samples), "protocol": versions(work, name, regime, seeds)}}
       for shift in spec.shift:
         key = eval_key(shift)
         t[key] = {**table(cells, key, name, num_samples), "ood": ood(cells, in_key, key)}
       results[(name, regime)] = t
   return results
+
+
+def versions(work: Path, name: str, regime: str, seeds) -> list[str]:
+  """The protocol versions that made a dataset and regime's cells (fine-tuning, evaluation, routing)."""
+  cell = lambda k: work / name / f"seed{k}"
+  paths = [p for k in seeds for p in (cell(k) / "finetune.json", cell(k) / regime / "cell.json",
+                                      cell(k) / regime / "routing" / "cell.json") if p.exists()]
+  return sorted({read_json(p)["protocol"] for p in paths})
 
 
 def _fmt(d: dict) -> str:
@@ -127,7 +135,8 @@ def stability_markdown(stab: dict, where) -> list[str]:
   lines = [f"## Routing stability: {where[0]}, {where[1]} MAP ({next(iter(stab.values()))['seeds']} seeds)", "",
            "Mean Jaccard of the top-k sets under input noise γ × the router inputs' mean norm (common random "
            "numbers), over the routers' layers; two draws: Jaccard of two independent draws on the same input.", "",
-           "| method | " + " | ".join(f"γ={g:g}" for g in gammas) + " | two draws |", "|---|" + "---:|" * (len(gammas) + 1)]
+           "| method | " + " | ".join(f"γ={g:g}" for g in gammas) + " | two draws |",
+           "|---|" + "---:|" * (len(gammas) + 1)]
   lines += [f"| {m} | " + " | ".join(f"{j:.3f}" for j in v["jaccard"]) + f" | {v['resample']:.3f} |"
             for m, v in stab.items()]
   return lines + [""]
@@ -139,8 +148,9 @@ def markdown(results: dict, primary: list[dict], stab: dict | None = None) -> st
     for key, s in t.items():
       head = f"## {name}, {regime} MAP: {'in-distribution' if key == 'in' else 'shift to ' + key}"
       flag = " **At chance: calibration columns are not results.**" if s["at_chance"] else ""
+      made = f" Cells made under protocol v{', v'.join(t['in']['protocol'])}." if t["in"].get("protocol") else ""
       lines += [head, "", f"n = {s['n']} questions x {s['seeds']} seeds; MAP accuracy 95% Wilson "
-                f"[{s['map_acc_ci'][0]:.3f}, {s['map_acc_ci'][1]:.3f}], chance {s['chance']:.3f}.{flag}", "",
+                f"[{s['map_acc_ci'][0]:.3f}, {s['map_acc_ci'][1]:.3f}], chance {s['chance']:.3f}.{flag}{made}", "",
                 "| method | " + " | ".join(METRICS) + " | ΔNLL vs MAP | ΔNLL vs TS | ΔECE vs TS | ΔAURC vs TS |",
                 "|---|" + "---:|" * (len(METRICS) + 4)]
       for m, row in s["rows"].items():

@@ -58,19 +58,22 @@ def test_cells_and_report(tables):
   assert set(results) == {("obqa", "long")}
   t = results[("obqa", "long")]
   assert P.ENSEMBLE in t["in"]["rows"] and t["in"]["seeds"] == 2 and t["in"]["n"] == 16
+  assert t["in"]["protocol"] == [P.VERSION]
   # a paired difference is the metric's own: seed-mean NLL of bmoe_ts minus seed-mean NLL of TS
   runs = {m: [np.load(work / "obqa" / f"seed{k}" / "long" / "methods" / f"{m}.npz") for k in seeds]
           for m in ("bmoe_ts", "ts")}
-  want = np.mean([M.nll(a["obqa_test/probs"], a["obqa_test/labels"]) - M.nll(b["obqa_test/probs"], b["obqa_test/labels"])
-                  for a, b in zip(runs["bmoe_ts"], runs["ts"])])
+  nll = lambda z: M.nll(z["obqa_test/probs"], z["obqa_test/labels"])
+  want = np.mean([nll(a) - nll(b) for a, b in zip(runs["bmoe_ts"], runs["ts"])])
   assert t["in"]["paired"]["bmoe_ts - ts"]["nll"]["diff"] == pytest.approx(want)
-  assert "auroc_mi" in t["arc_challenge_test"]["ood"]["mc_dropout"] and "auroc_mi" not in t["arc_challenge_test"]["ood"]["ts"]
+  shift_ood = t["arc_challenge_test"]["ood"]
+  assert "auroc_mi" in shift_ood["mc_dropout"] and "auroc_mi" not in shift_ood["ts"]
   primary = R.holm_primary(results)
   assert len(primary) == 2 * len(P.PRIMARY_METRICS)  # (MAP, TS) x metrics
   np.testing.assert_allclose([r["p_holm"] for r in primary], M.holm([r["p"] for r in primary]))
   flat = R.write(work, work / "report", datasets={"obqa": ds}, seeds=seeds, num_samples=50)
   md = (work / "report" / "results.md").read_text()
-  assert f"protocol v{P.VERSION}" in md and "| bmoe_ev_layer |" in md and "Holm" in md and len(flat) == 1
+  assert f"protocol v{P.VERSION}" in md and f"Cells made under protocol v{P.VERSION}." in md
+  assert "| bmoe_ev_layer |" in md and "Holm" in md and len(flat) == 1
 
 
 def test_routing_cell(tables):
