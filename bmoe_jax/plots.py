@@ -88,3 +88,25 @@ def grouped_bars(values: dict, path: str | Path, *, ylabel: str, title: str = ""
   if len(series) > 1:
     ax.legend(fontsize="small")
   return _save(plt, fig, path)
+
+
+def forest(panels: dict, path: str | Path, *, title: str = "") -> Path:
+  """Point estimates with intervals, one panel per entry of ``panels`` {panel title: {row: (estimate, low,
+  high)}}, rows top to bottom in order, a dashed line at zero (paired differences)."""
+  plt = _plt()
+  rows = list(dict.fromkeys(r for p in panels.values() for r in p))
+  fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1) + 1.5, 0.32 * len(rows) + 1.4),
+                           sharey=True, squeeze=False)
+  for ax, (name, vals) in zip(axes[0], panels.items()):
+    for i, r in enumerate(rows):
+      if r in vals:
+        est, lo, hi = vals[r]
+        ax.errorbar([est], [i], xerr=[[est - lo], [hi - est]], fmt="o", color="C0" if hi < 0 or lo > 0 else "gray",
+                    capsize=2, markersize=4)
+    ax.axvline(0.0, color="k", linestyle="--", linewidth=0.8)
+    ax.set_title(name, fontsize="small")
+  axes[0][0].set_yticks(range(len(rows)), rows, fontsize="small")
+  axes[0][0].invert_yaxis()
+  if title:
+    fig.suptitle(title, fontsize="medium")
+  return _save(plt, fig, path)

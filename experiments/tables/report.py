@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bmoe_jax import metrics as M
+from bmoe_jax import plots
 from bmoe_jax.files import read_json, write_json, write_text
 from bmoe_jax.pipeline.data import eval_key
 from experiments.carve_smollm2 import wilson
@@ -127,6 +128,15 @@ def _fmt(d: dict) -> str:
   return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
 
 
+def plot_paired(t: dict, path: Path, title: str) -> Path:
+  """Every method's paired difference from TS (seed mean, per-question bootstrap 95%) on the primary metrics;
+  blue where the interval excludes zero."""
+  panels = {f"Δ{k} vs TS" + (" (higher is better)" if k == "err_auroc" else ""):
+            {m.split(" - ")[0]: (d[k]["diff"], *d[k]["ci"]) for m, d in t["paired"].items() if m.endswith(" - ts")}
+            for k in P.PRIMARY_METRICS}
+  return plots.forest(panels, path, title=title)
+
+
 def stability_markdown(stab: dict, where) -> list[str]:
   """The routing cells' stability table (mean Jaccard of the top-k sets under input noise, two-draw agreement)."""
   if not stab:
@@ -180,4 +190,6 @@ def write(work: Path, out: Path, datasets: dict = P.DATASETS, seeds=P.SEEDS, num
   write_json(out / "results.json", {"protocol": P.VERSION, "tables": flat, "primary": primary,
                                     "routing_stability": stab}, default=float)
   write_text(out / "results.md", markdown(results, primary, stab))
+  for (name, regime), t in results.items():
+    plot_paired(t["in"], out / "plots" / f"paired_{name}_{regime}.png", f"{name}, {regime} MAP")
   return flat

@@ -74,6 +74,7 @@ def test_cells_and_report(tables):
   md = (work / "report" / "results.md").read_text()
   assert f"protocol v{P.VERSION}" in md and f"Cells made under protocol v{P.VERSION}." in md
   assert "| bmoe_ev_layer |" in md and "Holm" in md and len(flat) == 1
+  assert (work / "report" / "plots" / "paired_obqa_long.png").stat().st_size > 0
 
 
 def test_routing_cell(tables):
