@@ -185,13 +185,34 @@ def paired_difference(metric: Callable, probs_a_snc, probs_b_snc, labels_n, *, n
                      "twice (the same seeds and questions) and labels [n]")
   diff = lambda idx: float(np.mean([metric(a[s, idx], labels[idx]) - metric(b[s, idx], labels[idx])
                                     for s in range(a.shape[0])]))
-  n = labels.shape[0]
+  return {**_paired_bootstrap(diff, (labels.shape[0],), num_samples, level, seed), "seeds": int(a.shape[0]),
+          "n": int(labels.shape[0])}
+
+
+def paired_auroc_difference(a_in_sn, a_out_sm, b_in_sn, b_out_sm, *, num_samples: int = 2000, level: float = 0.95,
+                            seed: int = 0) -> dict:
+  """Paired bootstrap of the OOD AUROC of scores ``a`` minus that of scores ``b`` (e.g. one method's mutual
+  information against temperature scaling's entropy), pooled over seeds: [seeds, n] scores of the same n
+  in-distribution and [seeds, m] of the same m shifted examples. Each resample draws in- and out-indices once
+  (separately: the two sets are independent samples) and applies them to every seed and both scores."""
+  a_in, a_out, b_in, b_out = (np.asarray(x, np.float64) for x in (a_in_sn, a_out_sm, b_in_sn, b_out_sm))
+  if a_in.ndim != 2 or a_in.shape != b_in.shape or a_out.shape != b_out.shape or a_in.shape[0] != a_out.shape[0]:
+    raise ValueError(f"scores of shapes {a_in.shape} / {a_out.shape} and {b_in.shape} / {b_out.shape}: expected "
+                     "[seeds, n] in-distribution and [seeds, m] shifted, the same for a and b")
+  diff = lambda i, o: float(np.mean([auroc(a_in[s, i], a_out[s, o]) - auroc(b_in[s, i], b_out[s, o])
+                                     for s in range(a_in.shape[0])]))
+  return {**_paired_bootstrap(diff, (a_in.shape[1], a_out.shape[1]), num_samples, level, seed),
+          "seeds": int(a_in.shape[0]), "n": int(a_in.shape[1]), "m": int(a_out.shape[1])}
+
+
+def _paired_bootstrap(diff: Callable, sizes: tuple, num_samples: int, level: float, seed: int) -> dict:
+  """The estimate ``diff(*all indices)``, the percentile interval of ``diff`` over resamples (one index draw per
+  set in ``sizes``) and the two-sided bootstrap p-value (twice the smaller tail beyond 0, at most 1)."""
   rng = np.random.default_rng(seed)
-  boot = np.array([diff(rng.integers(0, n, n)) for _ in range(num_samples)])
+  boot = np.array([diff(*(rng.integers(0, n, n) for n in sizes)) for _ in range(num_samples)])
   lo, hi = np.nanpercentile(boot, [50 * (1 - level), 100 - 50 * (1 - level)])
   p = min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))
-  return {"diff": diff(np.arange(n)), "ci": (float(lo), float(hi)), "p": float(p), "seeds": int(a.shape[0]),
-          "n": int(n)}
+  return {"diff": diff(*(np.arange(n) for n in sizes)), "ci": (float(lo), float(hi)), "p": float(p)}
 
 
 def holm(pvalues) -> np.ndarray:

@@ -128,6 +128,25 @@ def test_paired_difference_pools_seeds_on_shared_resamples():
     M.paired_difference(M.nll, a, b[:1], y)
 
 
+def test_paired_auroc_difference_resamples_in_and_out_sets_apart():
+  rng = np.random.RandomState(5)
+  a_in, a_out = rng.normal(0, 1, (2, 40)), rng.normal(1, 1, (2, 30))  # a separates; b is noise
+  b_in, b_out = rng.normal(0, 1, (2, 40)), rng.normal(0, 1, (2, 30))
+  r = M.paired_auroc_difference(a_in, a_out, b_in, b_out, num_samples=150, seed=2)
+  want = np.mean([M.auroc(a_in[s], a_out[s]) - M.auroc(b_in[s], b_out[s]) for s in range(2)])
+  assert r["diff"] == pytest.approx(want) and (r["n"], r["m"], r["seeds"]) == (40, 30, 2)
+  gen, boot = np.random.default_rng(2), []
+  for _ in range(150):  # by hand: in-indices, then out-indices, the same for both seeds and both scores
+    i, o = gen.integers(0, 40, 40), gen.integers(0, 30, 30)
+    boot.append(np.mean([M.auroc(a_in[s, i], a_out[s, o]) - M.auroc(b_in[s, i], b_out[s, o]) for s in range(2)]))
+  assert r["ci"] == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])))
+  assert r["ci"][0] > 0 and r["p"] == 0.0
+  same = M.paired_auroc_difference(a_in, a_out, a_in, a_out, num_samples=20)
+  assert same["diff"] == 0 and same["p"] == 1.0
+  with pytest.raises(ValueError, match="the same for a and b"):
+    M.paired_auroc_difference(a_in, a_out, b_in[:, :5], b_out)
+
+
 def test_holm_against_its_definition():
   p = np.array([0.01, 0.04, 0.03, 0.005, 0.5])
   # sorted: .005 .01 .03 .04 .5 -> x5 x4 x3 x2 x1 = .025 .04 .09 .08 .5 -> running max .025 .04 .09 .09 .5

@@ -72,15 +72,29 @@ def _defined(v):
   return np.nan if v is None else v
 
 
-def ood(cells: dict, in_key: str, out_key: str) -> dict:
-  """Per method: OOD AUROC by entropy and by its epistemic scores (means over seeds)."""
+SCORES = ("entropy", "mi", "var_f")  # OOD scores: predictive entropy, and the epistemic ones where a method has them
+
+
+def _scores(r: dict, key: str) -> dict:
+  return {"entropy": M.entropy(r[f"{key}/probs"]), **{s: r[f"{key}/{s}"] for s in SCORES[1:] if f"{key}/{s}" in r}}
+
+
+def ood(cells: dict, in_key: str, out_key: str, num_samples: int = 1000) -> dict:
+  """Per method: OOD AUROC / AUPRC by entropy and by its epistemic scores (means over seeds), and each score's
+  AUROC minus temperature scaling's entropy AUROC (``d_auroc_<score>``: paired bootstrap pooled over seeds)."""
   res = {}
   for m, runs in cells.items():
-    per = []
-    for r in runs:
-      scores = lambda k: {s: r[f"{k}/{s}"] for s in ("mi", "var_f") if f"{k}/{s}" in r} or None
-      per.append(M.ood_summary(r[f"{in_key}/probs"], r[f"{out_key}/probs"], scores(in_key), scores(out_key)))
+    per = [M.ood_summary(r[f"{in_key}/probs"], r[f"{out_key}/probs"],
+                         {k: v for k, v in _scores(r, in_key).items() if k != "entropy"} or None,
+                         {k: v for k, v in _scores(r, out_key).items() if k != "entropy"} or None) for r in runs]
     res[m] = {k: float(np.mean([p[k] for p in per])) for k in per[0] if k.startswith("au")}
+    if "ts" not in cells or m == "ts":
+      continue
+    ref = lambda key: np.stack([M.entropy(r[f"{key}/probs"]) for r in cells["ts"]])
+    for name in _scores(runs[0], in_key):
+      own = lambda key: np.stack([_scores(r, key)[name] for r in runs])
+      res[m][f"d_auroc_{name}"] = M.paired_auroc_difference(own(in_key), own(out_key), ref(in_key), ref(out_key),
+                                                            num_samples=num_samples)
   return res
 
 
@@ -111,7 +125,7 @@ def build(work: Path, datasets: dict = P.DATASETS, seeds=P.SEEDS, num_samples: i
       t = {"in": {**table(cells, in_key, name, num_samples), "protocol": versions(work, name, regime, seeds)}}
       for shift in spec.shift:
         key = eval_key(shift)
-        t[key] = {**table(cells, key, name, num_samples), "ood": ood(cells, in_key, key)}
+        t[key] = {**table(cells, key, name, num_samples), "ood": ood(cells, in_key, key, num_samples // 2)}
       results[(name, regime)] = t
   return results
 
@@ -135,6 +149,23 @@ def plot_paired(t: dict, path: Path, title: str) -> Path:
             {m.split(" - ")[0]: (d[k]["diff"], *d[k]["ci"]) for m, d in t["paired"].items() if m.endswith(" - ts")}
             for k in P.PRIMARY_METRICS}
   return plots.forest(panels, path, title=title)
+
+
+def ood_markdown(table: dict) -> list[str]:
+  """OOD detection (the in-distribution test set against one shift set) by each score, with each score's AUROC
+  minus TS's entropy AUROC; the number of those differences is stated (no correction)."""
+  n = sum(k.startswith("d_auroc_") for o in table.values() for k in o)
+  get = lambda o, k: f"{o[k]:.3f}" if k in o else "—"
+  diff = lambda o, k: _fmt(o[k]) if k in o else "—"
+  lines = ["", f"OOD detection; Δ: AUROC minus TS's entropy AUROC, paired bootstrap 95% ({n} differences in this "
+           "table, not corrected).", "",
+           "| method | AUROC entropy | AUPRC entropy | AUROC MI | AUPRC MI | AUROC var f | Δ entropy | Δ MI "
+           "| Δ var f |", "|---|" + "---:|" * 8]
+  for m, o in table.items():
+    lines.append(f"| {m} | {get(o, 'auroc')} | {get(o, 'auprc')} | {get(o, 'auroc_mi')} | {get(o, 'auprc_mi')} | "
+                 f"{get(o, 'auroc_var_f')} | {diff(o, 'd_auroc_entropy')} | {diff(o, 'd_auroc_mi')} | "
+                 f"{diff(o, 'd_auroc_var_f')} |")
+  return lines
 
 
 def stability_markdown(stab: dict, where) -> list[str]:
@@ -168,10 +199,7 @@ def markdown(results: dict, primary: list[dict], stab: dict | None = None) -> st
         lines.append(f"| {m} | " + " | ".join(f"{row[k]:.4f}" for k in METRICS)
                      + f" | {pair('map', 'nll')} | {pair('ts', 'nll')} | {pair('ts', 'ece')} | {pair('ts', 'aurc')} |")
       if "ood" in s:
-        lines += ["", "| method | OOD AUROC entropy | OOD AUROC MI | OOD AUROC var f |", "|---|---:|---:|---:|"]
-        for m, o in s["ood"].items():
-          lines.append(f"| {m} | {o['auroc']:.3f} | {o.get('auroc_mi', float('nan')):.3f} | "
-                       f"{o.get('auroc_var_f', float('nan')):.3f} |")
+        lines += ood_markdown(s["ood"])
       lines.append("")
   lines += stability_markdown(stab or {}, RT.WHERE)
   lines += [f"## Primary comparisons ({P.PRIMARY}; {len(primary)} comparisons, Holm-adjusted p)", "",

@@ -67,6 +67,9 @@ def test_cells_and_report(tables):
   assert t["in"]["paired"]["bmoe_ts - ts"]["nll"]["diff"] == pytest.approx(want)
   shift_ood = t["arc_challenge_test"]["ood"]
   assert "auroc_mi" in shift_ood["mc_dropout"] and "auroc_mi" not in shift_ood["ts"]
+  assert "d_auroc_mi" in shift_ood["mc_dropout"] and "d_auroc_entropy" not in shift_ood["ts"]
+  want = shift_ood["map"]["auroc"] - shift_ood["ts"]["auroc"]  # seed means: the paired estimate's
+  assert shift_ood["map"]["d_auroc_entropy"]["diff"] == pytest.approx(want)
   primary = R.holm_primary(results)
   assert len(primary) == 2 * len(P.PRIMARY_METRICS)  # (MAP, TS) x metrics
   np.testing.assert_allclose([r["p_holm"] for r in primary], M.holm([r["p"] for r in primary]))
