@@ -138,6 +138,36 @@ def versions(work: Path, name: str, regime: str, seeds) -> list[str]:
   return sorted({read_json(p)["protocol"] for p in paths})
 
 
+def wall_times(work: Path, datasets, seeds) -> dict:
+  """{dataset: {"finetune": [s per seed], "<regime>/<method>": mean s over seeds}} from the cells' records
+  (the methods' times include their fitting; the Bayesian-MoE rows share one factor pass, not included)."""
+  out = {}
+  for name in datasets:
+    runs = [work / name / f"seed{k}" for k in seeds]
+    ft = [read_json(r / "finetune.json")["seconds"] for r in runs if (r / "finetune.json").exists()]
+    if not ft:
+      continue
+    times: dict = {"finetune": ft}
+    for regime in P.REGIMES:
+      for cell in ("cell.json", "routing/cell.json"):
+        recs = [read_json(r / regime / cell)["seconds"] for r in runs if (r / regime / cell).exists()]
+        for m in dict.fromkeys(k for rec in recs for k in rec):
+          vals = [rec[m] for rec in recs if rec.get(m) is not None]
+          if vals:
+            times[f"{regime}/{m}"] = float(np.mean(vals))
+    out[name] = times
+  return out
+
+
+def times_markdown(times: dict) -> list[str]:
+  lines = ["## Wall times (2 CPU cores, seconds; methods: mean over seeds, including their fitting)", ""]
+  for name, t in times.items():
+    ft = ", ".join(f"{x:.0f}" for x in t["finetune"])
+    rest = "; ".join(f"{k} {v:.0f}" for k, v in t.items() if k != "finetune")
+    lines += [f"- **{name}**: fine-tuning per seed {ft}" + (f"; {rest}" if rest else ""), ""]
+  return lines
+
+
 def _fmt(d: dict) -> str:
   return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
 
@@ -183,7 +213,7 @@ def stability_markdown(stab: dict, where) -> list[str]:
   return lines + [""]
 
 
-def markdown(results: dict, primary: list[dict], stab: dict | None = None) -> str:
+def markdown(results: dict, primary: list[dict], stab: dict | None = None, times: dict | None = None) -> str:
   lines = [f"# The papers' tables (protocol v{P.VERSION})", ""]
   for (name, regime), t in results.items():
     for key, s in t.items():
@@ -201,7 +231,7 @@ def markdown(results: dict, primary: list[dict], stab: dict | None = None) -> st
       if "ood" in s:
         lines += ood_markdown(s["ood"])
       lines.append("")
-  lines += stability_markdown(stab or {}, RT.WHERE)
+  lines += stability_markdown(stab or {}, RT.WHERE) + (times_markdown(times) if times else [])
   lines += [f"## Primary comparisons ({P.PRIMARY}; {len(primary)} comparisons, Holm-adjusted p)", "",
             "| dataset | regime | vs | metric | difference [95%] | p | Holm p |", "|---|---|---|---|---:|---:|---:|"]
   lines += [f"| {r['dataset']} | {r['regime']} | {r['vs']} | {r['metric']} | {_fmt(r)} | {r['p']:.3f} | "
@@ -215,9 +245,10 @@ def write(work: Path, out: Path, datasets: dict = P.DATASETS, seeds=P.SEEDS, num
   flat = {f"{n}/{r}": t for (n, r), t in results.items()}
   stab = RT.stability_table(work, *RT.WHERE, seeds) if RT.WHERE[0] in datasets else {}
   out.mkdir(parents=True, exist_ok=True)
+  times = wall_times(work, datasets, seeds)
   write_json(out / "results.json", {"protocol": P.VERSION, "tables": flat, "primary": primary,
-                                    "routing_stability": stab}, default=float)
-  write_text(out / "results.md", markdown(results, primary, stab))
+                                    "routing_stability": stab, "seconds": times}, default=float)
+  write_text(out / "results.md", markdown(results, primary, stab, times))
   for (name, regime), t in results.items():
     plot_paired(t["in"], out / "plots" / f"paired_{name}_{regime}.png", f"{name}, {regime} MAP")
   return flat

@@ -78,6 +78,8 @@ def test_cells_and_report(tables):
   assert f"protocol v{P.VERSION}" in md and f"Cells made under protocol v{P.VERSION}." in md
   assert "| bmoe_ev_layer |" in md and "Holm" in md and len(flat) == 1
   assert (work / "report" / "plots" / "paired_obqa_long.png").stat().st_size > 0
+  times = json.loads((work / "report" / "results.json").read_text())["seconds"]["obqa"]
+  assert len(times["finetune"]) == 2 and times["long/map"] > 0 and "## Wall times" in md
 
 
 def test_routing_cell(tables):
