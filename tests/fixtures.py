@@ -104,15 +104,15 @@ def obqa_prompts(shared_data, n=400):
           + "\nAnswer: A B C D" for e in D.load("obqa", "train", data_dir=shared_data).examples[:n]]
 
 
-def tiny_model_dir(out: Path, shared_data, num_experts=4, rows=400, **cfg) -> Path:
+def tiny_model_dir(out: Path, shared_data, num_experts=4, rows=400, init_seed=0, **cfg) -> Path:
   """A converted tiny model (layer 0 dense, layer 1 MoE, vocabulary 512; ``cfg``: other ``tiny_config``
-  fields) with a BPE tokenizer trained on OBQA prompts, saved in ``out``."""
+  fields; weights drawn with ``init_seed``) with a BPE tokenizer trained on OBQA prompts, saved in ``out``."""
   from bmoe_jax.checkpoint import save_params
   from bmoe_jax.data.toy_tokenizer import train_bpe
 
   tok = train_bpe(obqa_prompts(shared_data, rows), 480)
   cfg = B.tiny_config(vocab_size=512, num_experts=num_experts, **({"moe_layers": (False, True)} | cfg))
-  save_params(out, cfg, B.init_params(cfg, jax.random.key(0), std=0.3))
+  save_params(out, cfg, B.init_params(cfg, jax.random.key(init_seed), std=0.3))
   tok.save_pretrained(str(out))
   return out
 
