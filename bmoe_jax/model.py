@@ -121,8 +121,9 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     perturb: zero perturbations per MoE layer (``zero_perturbations``), for expert-output gradients.
     logit_positions_b: if given, only the logits at these positions are computed: [b] -> [b, vocab];
       [b, t] -> [b, t, vocab].
-    start_layer, states_bsd: start at layer ``start_layer`` from its input states (``prefix_states``),
-      e.g. to fine-tune the top layers on cached activations of the frozen ones.
+    start_layer: start at this layer, from its input states ``states_bsd`` (``prefix_states``), e.g. to
+      fine-tune the top layers on cached activations of the frozen ones.
+    states_bsd: the input states [b, s, d] of layer ``start_layer`` (with ``start_layer`` > 0).
     stop_layer: stop before this layer and return its input states as ``hidden_states[0]`` (no logits).
     segments_bs: packed continuations of a shared context (``nn.layers.attention_mask``): 0 for the
       context, c > 0 for continuation c, which sees only the context and itself. Pass their RoPE

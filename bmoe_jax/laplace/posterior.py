@@ -72,7 +72,7 @@ class Posterior(NamedTuple):
 PRIOR_MEANS = ("pretrained", "zero", "map")
 
 
-def build(factors: dict[Block, Factors], w_map: dict, *, prior_mean, num_sequences: int,
+def build(factors: dict[Block, Factors], w_map: dict, *, prior_mean: dict | str, num_sequences: int,
           dataset_size: int | None = None, prior_precision: Any = 1.0,
           log_lik: float | jax.Array = 0.0, remainder: bool = True) -> Posterior:
   """Assemble the posterior of the blocks in ``factors`` (keys: ``Block``s; ints mean routed experts).
