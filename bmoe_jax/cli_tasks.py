@@ -127,7 +127,6 @@ def _finetune(c: FinetuneCommand, mesh) -> dict:
 
 
 def _fit(c: FitCommand, mesh) -> dict:
-  from bmoe_jax import laplace as LA
   from bmoe_jax.pipeline import stages as ST
   from bmoe_jax.pipeline.data import load_model_params
 
@@ -135,7 +134,7 @@ def _fit(c: FitCommand, mesh) -> dict:
   splits = ("train", "val") if c.fit.prior == "grid" else ("train",)
   batches, task, infos = ST.load_data(c.data, tok, cfg, splits, c.run.seed, mesh, _log(c))
   if c.run.cache_prefix:
-    start = min(LA.kfac.select_layers(cfg, c.fit.layers()))
+    start = min(ST.factor_spec(cfg, c.fit).layers)
     task, batches = ST.cache_prefix(params, task, batches, start, not c.run.quiet)
   pretrained = load_model_params(c.fit.pretrained, mesh)[1] if c.fit.pretrained else None
   _, info = ST.fit(params, task, batches, c.fit, c.run.out, pretrained=pretrained, seed=c.run.seed, mesh=mesh,
@@ -202,7 +201,7 @@ def _routers(ec: EvalConfig, cfg) -> dict:
 
 
 def _posteriors(ec: EvalConfig, names, params) -> dict:
-  from bmoe_jax.laplace import load_posterior
+  from bmoe_jax.pipeline.stages import load_posterior
   out = {}
   for name in ("rt_laplace", "bmoe+rt_laplace"):
     if name in names:

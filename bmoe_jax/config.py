@@ -11,7 +11,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 # softmax: top-k of softmax(router logits), gates = those probabilities (renormalised with norm_topk_prob);
 # select: top-k of the router logits, every selected expert enters with gate 1 (carved MoEs, convert.carve).
 SUPPORTED_SCORING = ("softmax", "sigmoid", "select")
-# the deterministic router's selection (``routing.gating``): plain top-k, or limited to topk_group of n_group
+# the deterministic router's selection (``nn.gating``): plain top-k, or limited to topk_group of n_group
 # expert groups (DeepSeek-V2's group_limited_greedy, DeepSeek-V3's noaux_tc)
 SUPPORTED_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # RMSNorm on the attention's q and k projections, before RoPE: none; per head over the head dim (Qwen3-MoE,

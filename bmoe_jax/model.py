@@ -16,13 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bmoe_jax.config import MoEConfig
+from bmoe_jax.nn import gating as G
 from bmoe_jax.nn import layers as L
 from bmoe_jax.nn import moe as M
 from bmoe_jax.nn import rope
 from bmoe_jax.params import init_params, logical_axes
-from bmoe_jax.routing import gating as G
-from bmoe_jax.routing import routers as R
-from bmoe_jax.routing.plan import RoutingPlan, layer_router
 
 
 class MoETaps(NamedTuple):
@@ -64,8 +62,8 @@ def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32,
 def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "sorted",
               chunk_rows: int | None = None, perturb: dict | None = None, router=None,
               train_router: bool = False) -> tuple[jax.Array, MoETaps]:
-  """One MoE MLP. ``router``: (config, parameters, key, sample) of a ``routing`` router (``plan.layer_router``);
-  None runs the deterministic router."""
+  """One MoE MLP. ``router``: a routing plan's router for this layer (``RoutingPlan.router_fn``:
+  ``router(x_nd, kernel_de, gating, k, train, bias_e) -> (Routing, aux_n)``); None runs the deterministic one."""
   b, s, d = x_bsd.shape
   x_nd = x_bsd.reshape(b * s, d)
   k = cfg.num_experts_per_tok
@@ -79,9 +77,7 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
   elif offset is not None:
     raise ValueError("a router-logit perturbation (Laplace router block) needs the deterministic router in its layer")
   else:
-    rc, rp, key, sample = router
-    routing, aux_n = R.apply(rc, rp, R.RouterIn(x_nd, p["router"]["kernel"], key, sample, G.Gating.of(cfg), k,
-                                                train_router, p["router"].get("bias")))
+    routing, aux_n = router(x_nd, p["router"]["kernel"], G.Gating.of(cfg), k, train_router, p["router"].get("bias"))
   perturb_nkd = None if perturb is None or "routed" not in perturb else perturb["routed"].reshape(b * s, k, d)
   out_nd, h_nkf = M.routed_experts(expert_impl, x_nd, routing.expert_nk, routing.gate_nk,
                                    p["experts"], cfg.hidden_act, perturb_nkd, chunk_rows)
@@ -108,7 +104,7 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
             return_hidden: bool = False, logit_positions_b: jax.Array | None = None,
             start_layer: int = 0, states_bsd: jax.Array | None = None,
             stop_layer: int | None = None, segments_bs: jax.Array | None = None,
-            routing: RoutingPlan | None = None) -> ForwardOutput:
+            routing=None) -> ForwardOutput:
   """Logits of a batch of token ids.
 
   Args:
@@ -128,6 +124,8 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     segments_bs: packed continuations of a shared context (``nn.layers.attention_mask``): 0 for the
       context, c > 0 for continuation c, which sees only the context and itself. Pass their RoPE
       ``positions_bs`` too (each continuation's positions continue the context's).
+    routing: a ``bmoe_jax.routing.RoutingPlan`` (Bayesian routers by layer, their state in ``params``); its
+      ``router_fn`` gives each layer's router. None: every layer routes deterministically.
   """
   s = tokens_bs.shape[1]
   x_bsd, positions_bs, cos_bsc, sin_bsc = _inputs(params, cfg, tokens_bs, positions_bs, start_layer, states_bsd,
@@ -141,7 +139,8 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
       masks[w] = L.attention_mask(attention_mask_bs, s, w, segments_bs, positions_bs)
     x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, cos_bsc, sin_bsc, masks[w], expert_impl,
                                 chunk_rows, None if perturb is None else perturb.get(i),
-                                layer_router(params, routing, i), routing is not None and routing.train)
+                                None if routing is None else routing.router_fn(params, i),
+                                routing is not None and routing.train)
     if return_taps and tap is not None:
       taps[i] = tap
     if return_hidden:

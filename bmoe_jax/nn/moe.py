@@ -28,7 +28,7 @@ import numpy as np
 
 from bmoe_jax.nn import expert_rows as R
 from bmoe_jax.nn.layers import activation, mm
-from bmoe_jax.routing.gating import Routing, route  # noqa: F401  (the MoE layer's deterministic router)
+from bmoe_jax.nn.gating import Routing, route  # noqa: F401  (the MoE layer's deterministic router)
 
 EXPERT_IMPLS = ("dense", "sorted", "ragged")
 

@@ -115,7 +115,13 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
   return {m: posts[m] for m in wanted if m in BAYESIAN_MOE}, info
 
 
+def load_posterior(path: str | Path, params) -> LA.Posterior:
+  """A saved posterior (``fit``'s ``out/posterior``), checked against the model ``params`` it was fitted to."""
+  return LA.load_posterior(path, params)
+
+
 def factor_spec(cfg, fc: FitConfig) -> LA.FactorSpec:
+  """The K-FAC blocks and modes of ``fc`` on a model of config ``cfg`` (``fc.layers()`` resolved)."""
   return LA.FactorSpec(layers=LA.kfac.select_layers(cfg, fc.layers()), labels=fc.labels, tokens=fc.tokens,
                        rank=fc.rank, shared=fc.shared, router=fc.laplace_router != "off",
                        experts=fc.laplace_router != "only")

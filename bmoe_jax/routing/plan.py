@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from bmoe_jax.routing import routers as R
 from bmoe_jax.routing.routers import RouterConfig
 
 ROUTING_KEY = "routing"
@@ -42,6 +43,11 @@ class RoutingPlan:
 
   def router(self, layer: int) -> RouterConfig | None:
     return dict(self.layers).get(int(layer))
+
+  def router_fn(self, params: dict, layer: int):
+    """Layer ``layer``'s router as the forward calls it (``router_fn``), or None: the deterministic one. The
+    forward reaches the routers only through this method, so the model never imports this package."""
+    return router_fn(params, self, layer)
 
   @property
   def layer_ids(self) -> tuple[int, ...]:
@@ -102,6 +108,17 @@ def detach(params: dict) -> dict:
 def router_params(params: dict) -> dict[int, dict]:
   state = params.get(ROUTING_KEY)
   return {} if state is None else {int(l): p for l, p in state["layers"].items()}
+
+
+def router_fn(params: dict, plan: RoutingPlan | None, layer: int):
+  """Layer ``layer``'s router as the forward calls it, or None (the deterministic one):
+  ``fn(x_nd, kernel_de, gating, k, train, bias_e) -> (gating.Routing, aux_n)`` (``routers.apply``)."""
+  found = layer_router(params, plan, layer)
+  if found is None:
+    return None
+  rc, rp, key, sample = found
+  return lambda x_nd, kernel, gating, k, train, bias: R.apply(rc, rp, R.RouterIn(x_nd, kernel, key, sample, gating,
+                                                                                 k, train, bias))
 
 
 def layer_router(params: dict, plan: RoutingPlan | None, layer: int) -> tuple[RouterConfig, dict, Any, Any] | None:

@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bmoe_jax.routing.gating import Gating, Routing, gates_at, gumbel_topk, route, topk_ids
+from bmoe_jax.nn.gating import Gating, Routing, gates_at, gumbel_topk, route, topk_ids
 
 KINDS = ("deterministic", "temperature", "mcdr", "swag", "ensemble", "mfvr", "fcvr", "vtsr")
 TEMPERATURE_EPS = 1e-6

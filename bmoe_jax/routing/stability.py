@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmoe_jax.routing import gating as G
+from bmoe_jax.nn import gating as G
 from bmoe_jax.routing import routers as R
 from bmoe_jax.routing.plan import layer_router, with_draw
 from bmoe_jax.task import Batch, Task

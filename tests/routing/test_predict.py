@@ -94,7 +94,7 @@ def test_stability_of_the_deterministic_router_falls_with_noise(setup):
 def test_stability_hand_built_router():
   """One MoE layer whose router input is fixed: with 2 experts of 4 chosen by clear margins, small noise keeps
   the set; the Jaccard of {0,1} vs {0,2} is 1/3."""
-  from bmoe_jax.routing import gating as G
+  from bmoe_jax.nn import gating as G
   a = G.route(jnp.array([[1.0, 0.0]]), jnp.array([[3.0, 2.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]]), 2,
               norm_topk_prob=False).expert_nk
   b = G.route(jnp.array([[1.0, 0.0]]), jnp.array([[3.0, 0.0, 2.0, -1.0], [0.0, 0.0, 0.0, 0.0]]), 2,

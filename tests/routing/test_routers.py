@@ -8,7 +8,7 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax import routing as RT
-from bmoe_jax.routing import gating as G
+from bmoe_jax.nn import gating as G
 from bmoe_jax.routing import routers as R
 
 D, E, K = 12, 6, 2

@@ -10,7 +10,7 @@ import pytest
 
 import bmoe_jax as B
 from bmoe_jax import routing as RT
-from bmoe_jax.routing import gating as G
+from bmoe_jax.nn import gating as G
 
 # the gating rules (and architecture variants) of the families we convert, as tiny configs
 FAMILY_GATING = {
