@@ -42,7 +42,7 @@ from bmoe_jax.checkpoint import load_model  # noqa: E402
 from bmoe_jax.model import forward, moe_block  # noqa: E402
 from bmoe_jax.nn.layers import gated_mlp  # noqa: E402
 from bmoe_jax.routing import RouterConfig  # noqa: E402
-from bmoe_jax.routing import gating as G  # noqa: E402
+from bmoe_jax.nn import gating as G  # noqa: E402
 from convert.heal_math import load_evenness  # noqa: E402
 from convert.sources import fetch_gguf  # noqa: E402
 from convert.upcycle import UpcycleConfig, build_moe, load_dense  # noqa: E402
