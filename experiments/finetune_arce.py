@@ -128,7 +128,8 @@ def main(argv=None):
       if ckpt == "model_final" and not d.exists():  # the best state is the last one: nothing separate saved
         d = work / r["name"] / "model"
       probs, _ = test_scores(str(d), work / r["name"] / f"{ckpt}_test.npz", args)
-      test[f"lr {r['lr']:g} {r['schedule']} {r['epochs']} epochs, {label}"] = row(probs, labels, base_right, best["val_nll"], args.seed)
+      name = f"lr {r['lr']:g} {r['schedule']} {r['epochs']} epochs, {label}"
+      test[name] = row(probs, labels, base_right, best["val_nll"], args.seed)
   res = {"args": vars(args), "runs": runs, "test": test, "seconds": round(time.time() - t0, 1)}
   write(out, res)
 
@@ -148,7 +149,8 @@ def write(out: Path, res: dict):
   for r in res["runs"]:
     lines += ["", f"## Learning curve, lr {r['lr']:g} {r['schedule']}, {r['epochs']} epochs (dev: ARC-Easy dev, 570 "
               "questions)", "",
-              "| epoch | step | train NLL (mean over the epoch) | dev NLL | dev accuracy |", "|---:|---:|---:|---:|---:|"]
+              "| epoch | step | train NLL (mean over the epoch) | dev NLL | dev accuracy |",
+              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {h['epoch']:.2f} | {h['step']} | {h['train_loss']:.4f} | {h['val_nll']:.4f} | {h['val_acc']:.3f} |"
               for h in r["history"]]
     lines += ["", f"Fine-tuned by `{r['command']}` ({r['finetune_seconds'] / 60:.0f} min on 2 cores; a resumed run "
