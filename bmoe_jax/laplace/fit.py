@@ -84,8 +84,7 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
     from bmoe_jax.sharded import factor_shardings
     jit_kw["out_shardings"] = factor_shardings(cfg, mesh, spec, dtype)
     state = jax.device_put(state, jit_kw["out_shardings"])
-  step = (jax.jit(functools.partial(kfac.update, task=task, spec=spec), **jit_kw) if jit_kw else
-          functools.partial(kfac.update_jit, task=task, spec=spec))
+  step = jax.jit(functools.partial(kfac.update, task=task, spec=spec), **jit_kw)  # freed with the pass
   run, done, saved_meta, state = _open_run(checkpoint_dir, _fingerprint(params, task, spec, dtype, key), state)
   from tqdm.auto import tqdm
 

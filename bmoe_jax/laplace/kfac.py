@@ -321,10 +321,6 @@ def update(state: FactorState, params, task: Task, batch: Batch, spec: FactorSpe
                      state.log_lik + log_lik.astype(state.log_lik.dtype))
 
 
-# ``update`` jitted once per (task, spec): every pass with the same task and spec shares one compilation
-update_jit = jax.jit(update, static_argnames=("task", "spec"))
-
-
 def eigen_factors(stats: LayerStats | lowrank.LowRankStats, name: str = "") -> Factors:
   """Eigendecompose one block's sums (vmapped over experts): full ``eigh`` (A divided by its row count),
   or the SVD of the low-rank B (eigenvectors [e, n, r]). Experts that received no rows get zero factors
