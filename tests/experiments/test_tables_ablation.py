@@ -41,10 +41,10 @@ def ablated(tmp_path_factory, shared_data):
 
 
 def test_layer_rows_read_their_own_pass(ablated):
-  _, _, (_, params, cfg, batches, task) = ablated
+  _, out, (_, params, cfg, batches, task) = ablated
   assert A.rows(cfg)[1] == A.Row("Q1", "layers", "routed_shared", (("bayes_layers", "Q1"),), (1,))
-  both = ST.factor_pass(params, task, batches["train"], dataclasses.replace(P.FIT, shared=True), None,
-                        progress=False)[2]
+  both = ST.factor_pass(params, task, batches["train"], dataclasses.replace(P.FIT, shared=True),  # the cell's,
+                        out / "routed_shared", progress=False)[2]  # restored from its finished save
   alone = ST.factor_pass(params, task, batches["train"], dataclasses.replace(P.FIT, bayes_layers="Q1"), None,
                          progress=False)[2]
   assert set(map(str, alone.stats)) == {"1.routed"} and len(both.stats) == 8  # 4 layers x (routed, shared)
