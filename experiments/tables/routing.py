@@ -19,7 +19,6 @@ import numpy as np
 
 from bmoe_jax.files import read_json, write_json
 from bmoe_jax.pipeline import stages as ST
-from bmoe_jax.pipeline.configs import FitConfig
 from bmoe_jax.pipeline.data import eval_key
 from bmoe_jax.pipeline.methods import COMBINED, JOINT, LAPLACE_ROUTER, ROUTER_METHODS, Context, build_methods
 from bmoe_jax.pipeline.routing import mean_curves, routing_report
