@@ -24,8 +24,17 @@ SUPPORTED_ROUTER_DTYPES = ("float32", "native")
 
 
 def check_bounds(owner, bounds: dict[str, tuple]) -> None:
-  """Refuse fields of the dataclass ``owner`` outside ``bounds`` (``field: (low, high, strict)``, a bound None
-  when open; ``strict``: low excluded), naming the field and its command-line flag. None values pass (unset)."""
+  """Refuse fields of the dataclass ``owner`` outside ``bounds``, naming the field and its command-line flag.
+
+  Args:
+    owner: the dataclass instance whose fields are checked (its class name goes into the message).
+    bounds: ``{field: (low, high)}`` or ``{field: (low, high, strict)}``: the inclusive range, a bound None when
+      open; ``strict`` true excludes low (high is always included). A field whose value is None (unset)
+      passes; any other must be an int or float (not a bool) in range.
+
+  Raises:
+    ValueError: a field out of range or not a number, naming it and its flag ``--field-name``.
+  """
   for name, (lo, hi, *strict) in bounds.items():
     v = getattr(owner, name)
     if v is None:
@@ -210,7 +219,15 @@ class MoEConfig:
 
 
 def tiny_config(**overrides) -> MoEConfig:
-  """A small random-init config for tests and examples."""
+  """A small random-init config for tests and examples.
+
+  Args:
+    overrides: ``MoEConfig`` fields replacing the defaults (e.g. ``num_layers=3`` with a ``moe_layers`` of 3).
+
+  Returns:
+    The ``MoEConfig``: vocabulary 128, width 32, 2 MoE layers, 4 query / 2 key-value heads of width 8, 4 experts
+    of width 16 with top-2 routing, a gated shared expert of width 24, dense MLP width 64, q/k/v biases.
+  """
   base = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
               intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
               moe_layers=(True, True), shared_expert_size=24, shared_expert_gate=True,

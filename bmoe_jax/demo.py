@@ -259,8 +259,10 @@ def _prepend_header(path: Path, cfg: DemoConfig, s: dict, synthetic: bool):
       f"{check}.",
       f"- Data: {data}: train {d.train}, val {d.val}, in-distribution {d.test}, shift {', '.join(d.shift)} "
       f"(at most {d.max_train} training and {d.max_eval} evaluation examples per set, seeded).",
-      f"- Fine-tuned: {cfg.train.trainable} of the MoE layers, {s['finetune']['steps']} steps (AdamW, lr {cfg.train.lr}).",
-      f"- Bayesian-MoE: K-FAC on every expert's down_proj, rank {cfg.fit.rank}, labels {cfg.fit.labels}; {lams or 'not run'}."
+      f"- Fine-tuned: {cfg.train.trainable} of the MoE layers, {s['finetune']['steps']} steps "
+      f"(AdamW, lr {cfg.train.lr}).",
+      f"- Bayesian-MoE: K-FAC on every expert's down_proj, rank {cfg.fit.rank}, labels {cfg.fit.labels}; "
+      f"{lams or 'not run'}."
       + (f" Temperature scaling: T = {s['temperature']:.3f}." if "temperature" in s else ""),
       f"- Wall time {s['total_seconds']} s: " + ", ".join(f"{k} {v} s" for k, v in s["seconds"].items()) + ".",
       "", ""]

@@ -44,7 +44,14 @@ def _entropy(p_bc):
 
 
 def mutual_information(p_sbc) -> jax.Array:
-  """[b] H(mean_s p_s) - mean_s H(p_s), clipped at 0 (float rounding)."""
+  """[b] H(mean_s p_s) - mean_s H(p_s), clipped at 0 (float rounding).
+
+  Args:
+    p_sbc: [s draws, b, C] class probabilities of each draw (rows sum to one; zeros allowed, 0 log 0 = 0).
+
+  Returns:
+    [b] the mutual information between the answer and the draw (nats, >= 0; the BALD score).
+  """
   return jnp.maximum(_entropy(jnp.mean(p_sbc, 0)) - jnp.mean(jax.vmap(_entropy)(p_sbc), 0), 0.0)
 
 
@@ -53,7 +60,15 @@ def _valid(f_bc):
 
 
 def centred_variance(f_sbc) -> jax.Array:
-  """[b] mean over the valid classes of the draws' variance of the class-centred logits."""
+  """[b] mean over the valid classes of the draws' variance of the class-centred logits.
+
+  Args:
+    f_sbc: [s draws, b, C] logits; the classes at ``CHOICE_MASK_VALUE`` in the first draw are absent (left out
+      of the centring and the mean).
+
+  Returns:
+    [b] ``mean_c Var_s(f_sc - mean_c' f_sc')`` over the valid classes (population variance over the s draws).
+  """
   valid_bc = _valid(f_sbc[0])
   n_b = jnp.sum(valid_bc, -1)
   f_sbc = jnp.where(valid_bc > 0, f_sbc, 0.0)
@@ -62,13 +77,33 @@ def centred_variance(f_sbc) -> jax.Array:
 
 
 def sample_scores(f_sbc) -> tuple[jax.Array, dict]:
-  """(mean softmax [b, C], {"mi": [b], "var_f": [b]}) of logit draws ``f_sbc``."""
+  """(mean softmax [b, C], {"mi": [b], "var_f": [b]}) of logit draws ``f_sbc``.
+
+  Args:
+    f_sbc: [s draws, b, C] logits (absent choices at ``CHOICE_MASK_VALUE``), e.g. MC-dropout passes or
+      ensemble members.
+
+  Returns:
+    (p_bc, scores): the predictive ``mean_s softmax(f_s)`` [b, C], and the scores ``{"mi": [b], "var_f": [b]}``:
+    the ``mutual_information`` of the draws' softmaxes (nats) and ``centred_variance(f_sbc)``.
+  """
   p_sbc = jax.nn.softmax(f_sbc, -1)
   return jnp.mean(p_sbc, 0), {"mi": mutual_information(p_sbc), "var_f": centred_variance(f_sbc)}
 
 
 def gaussian_scores(f_bc, cov_bcc, key, num_samples: int = GAUSSIAN_DRAWS) -> dict:
-  """{"mi": [b] from ``num_samples`` seeded draws of N(f, Sigma), "var_f": [b] in closed form}."""
+  """{"mi": [b] from ``num_samples`` seeded draws of N(f, Sigma), "var_f": [b] in closed form}.
+
+  Args:
+    f_bc: [b, C] mean logits (absent choices at ``CHOICE_MASK_VALUE``).
+    cov_bcc: [b, C, C] the logits' covariance Sigma (symmetric PSD; negative eigenvalues are clipped in the draws).
+    key: the PRNG key of the draws behind ``"mi"``.
+    num_samples: the number of draws of N(f, Sigma) behind ``"mi"`` (default ``GAUSSIAN_DRAWS``).
+
+  Returns:
+    ``{"mi": [b], "var_f": [b]}``: the Monte-Carlo mutual information of the draws' softmaxes (nats), and the
+    exact ``tr(H Sigma H) / C_valid`` with H the centring over the C_valid valid classes.
+  """
   valid_bc = _valid(f_bc)
   n_b = jnp.sum(valid_bc, -1)
   h_bcc = (jnp.eye(f_bc.shape[-1], dtype=f_bc.dtype) - valid_bc[:, None, :] / n_b[:, None, None]) * valid_bc[:, :, None]

@@ -29,7 +29,17 @@ SELECTIVE_METRICS = ("aurc", "acc_at_80", "err_auroc")  # the second table: sele
 
 
 def run_record(config: dict | None = None, seed: int | None = None) -> dict:
-  """What produced a result: config, seed, package versions, machine."""
+  """What produced a result: config, seed, package versions, machine.
+
+  Args:
+    config: the run's configuration, stored as given (JSON-serialisable for ``results.json``); None: ``{}``.
+    seed: the run's seed; None: not recorded (null).
+
+  Returns:
+    A dict: ``"config"``, ``"seed"``, ``"versions"`` ({package: version} of python, jax and those of flax, optax,
+    orbax.checkpoint, transformers and numpy that import), ``"machine"`` (``"<arch> <jax backend> x<devices>"``)
+    and ``"started"`` (local time, ``"%Y-%m-%d %H:%M:%S"``).
+  """
   import jax
 
   versions = {"python": platform.python_version(), "jax": jax.__version__}
@@ -44,7 +54,18 @@ def run_record(config: dict | None = None, seed: int | None = None) -> dict:
 
 
 def collect(method, batches: Sequence[Batch], progress: bool = False, desc: str = "") -> tuple[np.ndarray, np.ndarray]:
-  """(probs [n, C], labels [n]) of a method over batches."""
+  """(probs [n, C], labels [n]) of a method over batches.
+
+  Args:
+    method: a ``Method`` (``batch -> probs [b, C]``); a scorer's (``epistemic.ScoredMethod``) scores are dropped.
+    batches: the batches, none with a row that is all padding (ValueError).
+    progress: whether to show a progress bar.
+    desc: the progress bar's label and the prefix of error messages.
+
+  Returns:
+    (probs, labels): float64 [n, C] and the labels [n] (the batches' dtype), n the examples of all batches in
+    order.
+  """
   return collect_scored(method, batches, progress, desc)[:2]
 
 
@@ -52,7 +73,24 @@ def collect_scored(method, batches: Sequence[Batch], progress: bool = False, des
                    seconds: list | None = None) -> tuple[np.ndarray, np.ndarray, dict | None]:
   """(probs [n, C], labels [n], epistemic scores {name: [n]} or None): the scores of a method that gives them
   (``epistemic.ScoredMethod``: MC dropout, ensembles, Bayesian-MoE, sampled routers), from the same pass.
-  ``seconds``: a list that gets each batch's wall time (until its probabilities are on the host)."""
+
+  Args:
+    method: a ``Method`` (``batch -> probs [b, C]``) or one with ``with_scores`` (``batch -> (probs [b, C],
+      {name: [b]})``, ``epistemic.ScoredMethod``).
+    batches: the batches, none with a row that is all padding (ValueError).
+    progress: whether to show a progress bar.
+    desc: the progress bar's label and the prefix of error messages.
+    seconds: a list that gets each batch's wall time in seconds (until its probabilities are on the host);
+      None: not timed.
+
+  Returns:
+    (probs, labels, scores): float64 [n, C], the labels [n] (the batches' dtype), and {name: float64 [n]} for a
+    method with ``with_scores`` (else None), n the examples of all batches in order.
+
+  Raises:
+    ValueError: a row of a batch is all padding.
+    NonFiniteError: a batch's probabilities are not all finite.
+  """
   from tqdm.auto import tqdm
 
   probs, labels, scores = [], [], []
@@ -122,10 +160,29 @@ def evaluate(methods: Mapping[str, object], datasets: Mapping[str, Sequence[Batc
              resume_key: dict | None = None) -> dict:
   """Metrics of every method on every dataset (and OOD scores against ``in_distribution``).
 
-  ``resume_key`` (with ``out_dir``): each finished method's metrics are saved to OUT/methods/NAME.json with this
-  key, the datasets and their labels; a rerun with the same key reuses them, so a stopped evaluation restarts at
-  the first unfinished method. The key must identify everything the methods depend on (model, posterior,
-  routers, settings): the caller's run identity."""
+  Args:
+    methods: {name: ``Method``}, evaluated in order; a method with epistemic scores (``epistemic.ScoredMethod``)
+      is also scored by them for OOD detection.
+    datasets: {name: batches}, every method runs on every dataset.
+    in_distribution: the dataset every other one is scored against for OOD detection (ValueError when not a
+      key of ``datasets``); None: no OOD detection.
+    out_dir: where ``results.json``, ``results.md``, ``plots/`` and (with ``resume_key``) ``methods/`` are
+      written; None: nothing is written.
+    ci: whether to add bootstrap 95% intervals (1000 resamples) of every metric (``metrics.summary``).
+    plots: whether to draw the reliability diagrams ``plots/reliability_<method>_<dataset>.png`` (with
+      ``out_dir`` only).
+    record: the run record stored under ``"record"``; None: ``run_record()`` (no config, no seed).
+    progress: whether to show progress bars.
+    resume_key: (with ``out_dir``) each finished method's metrics are saved to OUT/methods/NAME.json with this
+      key, the datasets and their labels; a rerun with the same key reuses them, so a stopped evaluation
+      restarts at the first unfinished method. The key must identify everything the methods depend on (model,
+      posterior, routers, settings): the caller's run identity. JSON-serialisable. None: nothing is reused.
+
+  Returns:
+    A dict: ``"record"``; ``"in_distribution"``; ``"methods"``: {method: {dataset: ``metrics.summary`` plus
+    ``"n"`` (examples) and ``"seconds"`` (wall time of the predictions and the metrics), and for each dataset
+    other than ``in_distribution`` ``"ood"``: ``metrics.ood_summary``}}; ``"seconds"``: the total wall time.
+  """
   if in_distribution is not None and in_distribution not in datasets:
     raise ValueError(f"in_distribution={in_distribution!r} is not one of the datasets {list(datasets)}")
   t_all = time.perf_counter()
@@ -161,7 +218,16 @@ def _ood_cell(ood: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-  """One table per metric group: rows methods, columns datasets (ACC / ECE / NLL / Brier), then OOD AUROC."""
+  """One table per metric group: rows methods, columns datasets (ACC / ECE / NLL / Brier), then OOD AUROC.
+
+  Args:
+    results: the dict ``evaluate`` returns (or its ``results.json`` read back).
+
+  Returns:
+    The Markdown report (newline-terminated): the ACC / ECE / NLL / Brier table, the selective-prediction table
+    (AURC, ACC_AT_80, ERR_AUROC), the OOD AUROC table (entropy / mi / var_f) when some dataset has ``"ood"``,
+    and the total wall time; bootstrap intervals in brackets when computed, "—" where a value is undefined.
+  """
   methods = list(results["methods"])
   datasets = list(next(iter(results["methods"].values()))) if methods else []
   lines = ["# Evaluation", ""]

@@ -24,6 +24,20 @@ from bmoe_jax.params import init_params, logical_axes
 
 
 class MoETaps(NamedTuple):
+  """What one MoE layer exposes to ``forward(return_taps=True)``, for every token of the batch.
+
+  Attributes:
+    expert_bsk: int32 [b, s, k] expert ids of each token's k routed slots.
+    gate_bsk: float32 [b, s, k] their routing weights (after the family's renormalisation and scaling).
+    router_logits_bse: float32 [b, s, E] router logits (a Bayesian router's: the logits it gated with).
+    down_in_bskf: [b, s, k, f] each routed slot's down_proj input ``act(x W_gate) * (x W_up)``
+      (f = ``moe_intermediate_size``).
+    shared_in_bsf: [b, s, f_s] the shared expert's down_proj input (f_s = ``shared_expert_size``); None
+      without a shared expert.
+    router_aux_bs: float32 [b, s] a Bayesian router's per-token regulariser (KL of mfvr/fcvr, ``-log T`` of
+      vtsr averaged over its temperatures, 0 for the other kinds); None with the deterministic router.
+    router_in_bsd: [b, s, d] the router's input u (the MoE block's normed input, in the states' dtype).
+  """
   expert_bsk: jax.Array
   gate_bsk: jax.Array
   router_logits_bse: jax.Array
@@ -34,6 +48,16 @@ class MoETaps(NamedTuple):
 
 
 class ForwardOutput(NamedTuple):
+  """What ``forward`` returns.
+
+  Attributes:
+    logits: float32 [b, s, vocab]; [b, vocab] with [b] ``logit_positions_b``, [b, t, vocab] with [b, t] ones;
+      None with ``stop_layer``.
+    hidden_states: with ``return_hidden``, the input states of the first layer run (the embeddings, or
+      ``states_bsd``) then each layer's output, all [b, s, d], the last one final-normed; with ``stop_layer``,
+      ``(input states of stop_layer,)``; else None.
+    taps: with ``return_taps``, ``{layer: MoETaps}`` for every MoE layer run; else None.
+  """
   logits: jax.Array  # [b, s, vocab], or [b, vocab] when logit_positions_b is given
   hidden_states: tuple[jax.Array, ...] | None  # embeddings, then each layer's output; last is normed
   taps: dict[int, MoETaps] | None
@@ -42,8 +66,23 @@ class ForwardOutput(NamedTuple):
 def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32,
                        blocks=None) -> dict[int, dict]:
   """Zero perturbation inputs: routed [b, s, k, d] and shared [b, s, d] per MoE layer, or only for
-  ``blocks`` ((layer, "routed" | "shared" | "router") pairs; the router's [b, s, E] is added to its logits).
-  Gradients then flow back only as far as the lowest perturbed layer, so perturb only the layers you need."""
+  ``blocks``; for ``forward(perturb=)``, whose gradients are those of the perturbed blocks' outputs.
+  Gradients then flow back only as far as the lowest perturbed layer, so perturb only the layers you need.
+
+  Args:
+    cfg: the model's config (k = ``num_experts_per_tok``, d = ``hidden_size``, E = ``num_experts``).
+    batch: b, the batch size of the forward to perturb.
+    seq: s, its sequence length.
+    dtype (jax.typing.DTypeLike): dtype of the "routed" and "shared" arrays (the "router" ones are always
+      float32, as the logits).
+    blocks (Sequence[tuple[int, str]] | None): (layer, "routed" | "shared" | "router") pairs to perturb; None:
+      "routed" and (with a shared expert) "shared" of every MoE layer, no "router".
+
+  Returns:
+    ``{layer: {kind: zeros}}``: "routed" [b, s, k, d], added to each routed slot's expert output before its
+      routing weight; "shared" [b, s, d], added to the shared expert's output (before its sigmoid gate, if any);
+      "router" float32 [b, s, E], added to the router logits (deterministic router only).
+  """
   if blocks is None:
     blocks = [(i, kind) for i in cfg.moe_layer_ids
               for kind in (("routed", "shared") if cfg.shared_expert_size else ("routed",))]
@@ -62,8 +101,24 @@ def zero_perturbations(cfg: MoEConfig, batch: int, seq: int, dtype=jnp.float32,
 def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "sorted",
               chunk_rows: int | None = None, perturb: dict | None = None, router=None,
               train_router: bool = False) -> tuple[jax.Array, MoETaps]:
-  """One MoE MLP. ``router``: a routing plan's router for this layer (``RoutingPlan.router_fn``:
-  ``router(x_nd, kernel_de, gating, k, train, bias_e) -> (Routing, aux_n)``); None runs the deterministic one."""
+  """One MoE MLP: the routed experts (plus the optionally gated shared expert) of the normed states.
+
+  Args:
+    p: the layer's MLP parameters: ``router`` {``kernel`` [d, E], optional selection ``bias`` [E]}, ``experts``
+      {``w_gate``, ``w_up`` [E, d, f], ``w_down`` [E, f, d]}, optional ``shared`` and ``shared_gate``.
+    cfg: the model's config (k = ``num_experts_per_tok``, the gating rule, ``hidden_act``).
+    x_bsd: [b, s, d] the MLP's normed input.
+    expert_impl: "dense" (reference), "sorted" (fast on CPU) or "ragged" (GPU/TPU); ``nn.moe``.
+    chunk_rows: row chunk of the "sorted" path; None: ``expert_rows.default_chunk_rows``.
+    perturb: this layer's zero perturbations (``zero_perturbations``: "routed", "shared", "router"); None: none.
+      A "router" perturbation needs ``router=None``.
+    router (Callable | None): a routing plan's router for this layer (``RoutingPlan.router_fn``:
+      ``router(x_nd, kernel_de, gating, k, train, bias_e) -> (Routing, aux_n)``); None runs the deterministic one.
+    train_router: passed to ``router`` as ``train`` (one sample per token, as in training); ignored without it.
+
+  Returns:
+    (the MLP's output [b, s, d], this layer's ``MoETaps``).
+  """
   b, s, d = x_bsd.shape
   x_nd = x_bsd.reshape(b * s, d)
   k = cfg.num_experts_per_tok
@@ -108,13 +163,18 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
   """Logits of a batch of token ids.
 
   Args:
-    params: the parameter tree (see ``bmoe_jax.params``).
-    tokens_bs: int token ids [b, s].
+    params: the parameter tree (see ``bmoe_jax.params``), with the routers' state under "routing" when
+      ``routing`` is given (``routing.attach``).
+    cfg: the model's config.
+    tokens_bs: int token ids [b, s] (with ``start_layer`` > 0 only their shape is read).
     attention_mask_bs: 1 for real tokens, 0 for padding (left or right); None: no padding.
     positions_bs: RoPE positions; default ``arange(s)`` as transformers' forward. With left padding
       pass ``cumsum(mask) - 1`` for positions that ignore the padding.
     expert_impl: "dense" (reference), "sorted" (fast on CPU) or "ragged" (GPU/TPU).
+    chunk_rows: row chunk of the "sorted" expert path; None: ``expert_rows.default_chunk_rows``.
     perturb: zero perturbations per MoE layer (``zero_perturbations``), for expert-output gradients.
+    return_taps: also return every MoE layer's ``MoETaps`` (routing, down_proj inputs, router input).
+    return_hidden: also return the hidden states: the first layer's input, then each layer's output.
     logit_positions_b: if given, only the logits at these positions are computed: [b] -> [b, vocab];
       [b, t] -> [b, t, vocab].
     start_layer: start at this layer, from its input states ``states_bsd`` (``prefix_states``), e.g. to
@@ -124,8 +184,14 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     segments_bs: packed continuations of a shared context (``nn.layers.attention_mask``): 0 for the
       context, c > 0 for continuation c, which sees only the context and itself. Pass their RoPE
       ``positions_bs`` too (each continuation's positions continue the context's).
-    routing: a ``bmoe_jax.routing.RoutingPlan`` (Bayesian routers by layer, their state in ``params``); its
-      ``router_fn`` gives each layer's router. None: every layer routes deterministically.
+    routing (RoutingPlan | None): a ``bmoe_jax.routing.RoutingPlan`` (Bayesian routers by layer, their state in
+      ``params``); its ``router_fn`` gives each layer's router, run in training mode when ``routing.train``.
+      None: every layer routes deterministically.
+
+  Returns:
+    ``ForwardOutput(logits, hidden_states, taps)``: float32 logits [b, s, vocab] (or at ``logit_positions_b``;
+      None with ``stop_layer``), the hidden states (``return_hidden``; with ``stop_layer`` always the stop layer's
+      input states), the MoE layers' taps (``return_taps``).
   """
   s = tokens_bs.shape[1]
   x_bsd, positions_bs, cos_bsc, sin_bsc = _inputs(params, cfg, tokens_bs, positions_bs, start_layer, states_bsd,
@@ -209,7 +275,16 @@ def _attention_half(lp, cfg: MoEConfig, x_bsd, cos_bsc, sin_bsc, mask):
 
 def mla_scale(cfg: MoEConfig) -> float:
   """DeepSeek's score scale: (qk_nope_head_dim + head_dim) ** -0.5, times yarn's mscale(factor, mscale_all_dim)
-  squared when the RoPE is scaled and mscale_all_dim is set (transformers' yarn_apply_mscale)."""
+  squared when the RoPE is scaled and mscale_all_dim is set (transformers' yarn_apply_mscale).
+
+  Args:
+    cfg: the model's config (``qk_nope_head_dim``, ``head_dim`` = the RoPE part of a query/key head,
+      ``rope_type``, ``rope_factor``, ``yarn_mscale_all_dim``).
+
+  Returns:
+    The multiplier of MLA's query-key dot products (a Python float); "scaled" means ``rope_type`` is not
+      "default".
+  """
   scale = (cfg.qk_nope_head_dim + cfg.head_dim) ** -0.5
   if cfg.rope_type != "default" and cfg.yarn_mscale_all_dim:
     scale *= rope.yarn_mscale(cfg.rope_factor, cfg.yarn_mscale_all_dim) ** 2
@@ -220,7 +295,22 @@ def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, lay
                states_bsd: jax.Array | None = None) -> dict[int, jax.Array]:
   """{layer: [b, s, d]}: the normed input of each listed layer's MLP (calibration statistics, e.g. for
   carving a dense FFN into experts, ``convert.carve``, or healing it, ``convert.heal``). Runs the layers up
-  to the highest listed one, from the embeddings or from ``states_bsd``, the input of ``start_layer``."""
+  to the highest listed one, from the embeddings or from ``states_bsd``, the input of ``start_layer``
+  (deterministic routing, "sorted" experts, RoPE positions ``arange(s)``).
+
+  Args:
+    params (dict): the parameter tree (see ``bmoe_jax.params``).
+    cfg: the model's config.
+    tokens_bs (jax.Array): int token ids [b, s] (with ``start_layer`` > 0 only their shape is read).
+    attention_mask_bs (jax.Array | None): [b, s] 1 for real tokens, 0 for padding; None: no padding.
+    layers (Collection[int]): the layer ids (dense or MoE) whose MLP inputs to return; ids below
+      ``start_layer`` are skipped.
+    start_layer: the first layer to run (0: from the embeddings).
+    states_bsd: [b, s, d] the input states of ``start_layer`` (``prefix_states``); needed when it is > 0.
+
+  Returns:
+    ``{layer: [b, s, d]}``: each listed layer's MLP input (its residual stream after attention, RMS-normed).
+  """
   s = tokens_bs.shape[1]
   x_bsd, _, cos_bsc, sin_bsc = _inputs(params, cfg, tokens_bs, None, start_layer, states_bsd, None)
   out = {}
@@ -248,7 +338,21 @@ def _head(params, cfg: MoEConfig, x_bsd, logit_positions_b=None):
 
 def prefix_states(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, positions_bs=None, *,
                   stop_layer: int, **kw) -> jax.Array:
-  """[b, s, d]: the input of layer ``stop_layer`` (for ``forward(start_layer=, states_bsd=)``)."""
+  """[b, s, d]: the input of layer ``stop_layer`` (for ``forward(start_layer=, states_bsd=)``).
+
+  Args:
+    params (dict): the parameter tree (see ``bmoe_jax.params``).
+    cfg: the model's config.
+    tokens_bs (jax.Array): int token ids [b, s].
+    attention_mask_bs (jax.Array | None): [b, s] 1 for real tokens, 0 for padding; None: no padding.
+    positions_bs (jax.Array | None): [b, s] RoPE positions; None: ``arange(s)`` (see ``forward``).
+    stop_layer: the layer whose input to return, 0 (the embeddings) to ``cfg.num_layers`` (the last layer's
+      output, before the final norm).
+    kw (Any): further keyword arguments of ``forward`` (e.g. ``expert_impl``, ``segments_bs``, ``routing``).
+
+  Returns:
+    [b, s, d] the input states of layer ``stop_layer``.
+  """
   if not 0 <= stop_layer <= cfg.num_layers:
     raise ValueError(f"stop_layer={stop_layer}: expected 0..{cfg.num_layers}")
   return forward(params, cfg, tokens_bs, attention_mask_bs, positions_bs, stop_layer=stop_layer,

@@ -34,7 +34,19 @@ FSDP_RULES = dict(RULES, embed="data")
 
 
 def parse_mesh(text: str | dict | None) -> dict[str, int]:
-  """``"data=2,expert=4"`` -> ``{"data": 2, "expert": 4, "model": 1}`` (missing axes have size 1)."""
+  """``"data=2,expert=4"`` -> ``{"data": 2, "expert": 4, "model": 1}`` (missing axes have size 1).
+
+  Args:
+    text: comma-separated ``axis=size`` pairs over ``data`` / ``expert`` / ``model`` (integer sizes >= 1), or a
+      dict of the same (its sizes are taken as given); None or "": no mesh shape given.
+
+  Returns:
+    The size of every axis of ``MESH_AXES``, in that order; ``{}`` for None or "" (``make_mesh`` then builds a
+      data-parallel mesh over all devices).
+
+  Raises:
+    ValueError: a pair is malformed, a size is not an integer >= 1, or an axis name is unknown.
+  """
   if text is None or text == "":
     return {}
   if isinstance(text, dict):
@@ -53,8 +65,22 @@ def parse_mesh(text: str | dict | None) -> dict[str, int]:
 
 
 def make_mesh(shape: str | dict | None = None, devices=None) -> jax.sharding.Mesh:
-  """A ``(data, expert, model)`` mesh over ``devices`` (default all); ``shape`` None: data-parallel over all.
-  Auto axes: the compiler propagates shardings (GSPMD) from the declared inputs and outputs."""
+  """A ``(data, expert, model)`` mesh over ``devices``.
+  Auto axes: the compiler propagates shardings (GSPMD) from the declared inputs and outputs.
+
+  Args:
+    shape: the axis sizes (``parse_mesh``: e.g. ``"data=2,expert=4"``, or a dict), whose product must equal the
+      number of devices; None or "": data-parallel over all devices (``data`` = their count, ``expert`` =
+      ``model`` = 1).
+    devices: the devices to lay out, in order; None: all of them (``jax.devices()``).
+
+  Returns:
+    A ``jax.sharding.Mesh`` with axes ``("data", "expert", "model")``, all ``jax.sharding.AxisType.Auto``.
+
+  Raises:
+    ValueError: ``shape`` does not parse, or its product differs from the number of devices (on CPU, set
+      ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts).
+  """
   devices = list(jax.devices() if devices is None else devices)
   sizes = parse_mesh(shape) or {"data": len(devices), "expert": 1, "model": 1}
   total = int(np.prod(list(sizes.values())))
@@ -67,7 +93,24 @@ def make_mesh(shape: str | dict | None = None, devices=None) -> jax.sharding.Mes
 
 
 def spec_for(axes: tuple, shape: tuple, mesh, rules=RULES) -> P:
-  """The PartitionSpec of an array with logical ``axes`` and ``shape`` (see the module docstring)."""
+  """The PartitionSpec of an array with logical ``axes`` and ``shape`` (see the module docstring).
+
+  Each dimension goes to the mesh axis its logical name maps to in ``rules``, unless that mesh axis has size 1,
+  does not divide the dimension, or an earlier dimension of the array already took it: it then stays replicated.
+
+  Args:
+    axes: one logical axis name per dimension (keys of ``rules``, e.g. ``("expert", "mlp", "embed")`` for a
+      routed ``w_down`` [e, f, d]); None for a dimension that is always replicated.
+    shape: the array's shape, as long as ``axes``.
+    mesh: the ``jax.sharding.Mesh`` (``make_mesh``) whose axis sizes decide.
+    rules: logical axis name -> mesh axis name, or None for replicated: ``RULES`` (default) or ``FSDP_RULES``.
+
+  Returns:
+    A ``PartitionSpec`` with one entry per dimension: its mesh axis name, or None (replicated).
+
+  Raises:
+    ValueError: ``axes`` and ``shape`` differ in length, or a logical name in ``axes`` has no entry in ``rules``.
+  """
   if len(axes) != len(shape):
     raise ValueError(f"logical axes {axes} do not match shape {shape}")
   used, out = set(), []
@@ -89,25 +132,69 @@ def _is_spec(x) -> bool:
 
 
 def param_shardings(cfg: MoEConfig, mesh, rules=RULES) -> dict[str, Any]:
-  """NamedShardings of every parameter, in the params' tree structure."""
+  """NamedShardings of every parameter, in the params' tree structure.
+
+  Args:
+    cfg: the model's config; ``params.param_specs(cfg)`` gives each parameter's shape and logical axes.
+    mesh: the mesh to place on (``make_mesh``).
+    rules: logical axis -> mesh axis (``RULES`` or ``FSDP_RULES``; see ``spec_for``).
+
+  Returns:
+    A tree like ``param_specs(cfg)`` (the model's own parameters: no routing plan's state) with one
+      ``NamedSharding`` per leaf.
+  """
   return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s.axes, s.shape, mesh, rules)), param_specs(cfg),
                       is_leaf=_is_spec)
 
 
 def abstract_params(cfg: MoEConfig, mesh, dtype=jnp.float32, rules=RULES) -> dict[str, Any]:
-  """ShapeDtypeStructs with their shardings: the target of a sharded restore, and of memory accounting."""
+  """ShapeDtypeStructs with their shardings: the target of a sharded restore, and of memory accounting.
+
+  Args:
+    cfg: the model's config; ``params.param_specs(cfg)`` gives each parameter's shape and logical axes.
+    mesh: the mesh to place on (``make_mesh``).
+    dtype: the dtype of every leaf (default float32).
+    rules: logical axis -> mesh axis (``RULES`` or ``FSDP_RULES``; see ``spec_for``).
+
+  Returns:
+    A tree like ``param_specs(cfg)`` of ``jax.ShapeDtypeStruct`` (shape, ``dtype``, and the ``NamedSharding`` of
+      ``param_shardings``); nothing is allocated.
+  """
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=NamedSharding(
       mesh, spec_for(s.axes, s.shape, mesh, rules))), param_specs(cfg), is_leaf=_is_spec)
 
 
 def shard_params(params, cfg: MoEConfig, mesh, rules=RULES):
-  """Place a parameter tree (host or device arrays) onto the mesh."""
+  """Place a parameter tree (host or device arrays) onto the mesh.
+
+  Args:
+    params: the parameter tree, in ``params.param_specs(cfg)``'s structure (numpy or jax arrays).
+    cfg: the model's config.
+    mesh: the mesh to place on (``make_mesh``).
+    rules: logical axis -> mesh axis (``RULES`` or ``FSDP_RULES``; see ``spec_for``).
+
+  Returns:
+    ``params`` as jax arrays placed by ``jax.device_put`` with ``param_shardings(cfg, mesh, rules)``.
+  """
   return jax.device_put(params, param_shardings(cfg, mesh, rules))
 
 
 def load_params(model_dir: str | Path, mesh, rules=RULES, dtype=None):
   """A converted model directory (``bmoe convert``) restored straight into its shardings: each device
-  (each host) reads only its shards. Returns (cfg, params)."""
+  (each host) reads only its shards.
+
+  Args:
+    model_dir: the directory holding ``bmoe_config.json`` (``checkpoint.CONFIG_FILE``) and the Orbax
+      checkpoint ``params/``.
+    mesh: the mesh to restore onto (``make_mesh``).
+    rules: logical axis -> mesh axis (``RULES`` or ``FSDP_RULES``; see ``spec_for``).
+    dtype: the dtype every leaf is restored in; None: the stored dtype of the checkpoint's first leaf (the
+      embedding table), applied to all leaves.
+
+  Returns:
+    ``(cfg, params)``: the ``MoEConfig`` stored in the directory, and the parameter tree as jax arrays placed
+      with ``param_shardings(cfg, mesh, rules)``.
+  """
   import orbax.checkpoint as ocp
 
   from bmoe_jax.checkpoint import CONFIG_FILE
@@ -126,25 +213,68 @@ def load_params(model_dir: str | Path, mesh, rules=RULES, dtype=None):
 
 
 def leading_sharding(mesh, axis: str, size: int, ndim: int) -> NamedSharding:
-  """An array of rank ``ndim`` split on its leading dimension (of ``size``) over ``axis`` where it divides."""
+  """An array of rank ``ndim`` split on its leading dimension (of ``size``) over ``axis`` where it divides.
+
+  Args:
+    mesh: the mesh (``make_mesh``).
+    axis: the mesh axis to split over: ``"data"``, ``"expert"`` or ``"model"``.
+    size: the leading dimension's length; split only when ``axis`` has more than one device and divides it.
+    ndim: the array's rank; 0 gives a replicated scalar (``P()``).
+
+  Returns:
+    A ``NamedSharding`` with spec ``P(axis, None, ...)``, or ``P(None, None, ...)`` (replicated) where ``axis``
+      does not split; ``ndim`` entries.
+  """
   lead = axis if ndim >= 1 and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0 else None
   return NamedSharding(mesh, P(lead, *([None] * max(ndim - 1, 0))) if ndim else P())
 
 
 def batch_shardings(batch, mesh):
   """The batch's arrays split on their leading (example) dimension over ``data`` (replicated where the
-  batch size does not divide); None fields stay None."""
+  batch size does not divide); None fields stay None.
+
+  Args:
+    batch: a ``task.Batch`` (or any pytree) of arrays or ShapeDtypeStructs, each with the example dimension b
+      first (``tokens_bs`` [b, s], ``labels_b`` [b], a ``Continuation``'s [b, ...] fields).
+    mesh: the mesh (``make_mesh``).
+
+  Returns:
+    A tree like ``batch`` of ``NamedSharding`` (``leading_sharding(mesh, "data", b, ndim)`` per array).
+  """
   return jax.tree.map(lambda x: leading_sharding(mesh, "data", x.shape[0], x.ndim), batch)
 
 
 def shard_batch(batch, mesh):
+  """Place a batch on the mesh, split on its example dimension over ``data`` (``batch_shardings``).
+
+  Args:
+    batch: a ``task.Batch`` (or any pytree) of host or device arrays, each with the example dimension b first.
+    mesh: the mesh to place on (``make_mesh``).
+
+  Returns:
+    ``batch`` as jax arrays placed by ``jax.device_put`` with ``batch_shardings(batch, mesh)``; None fields stay
+      None.
+  """
   return jax.device_put(batch, batch_shardings(batch, mesh))
 
 
 def expert_shardings(tree, mesh, num_experts: int):
   """Arrays whose leading dimension is ``num_experts`` (factors, statistics, posterior blocks) split on
   ``expert``, and their second dimension (f of ``a_eff`` / ``w_map``, d of ``g_edd``) on ``model`` where
-  it divides: a device then holds its experts' rows; everything else replicated."""
+  it divides: a device then holds its experts' rows; everything else replicated.
+
+  Args:
+    tree: a pytree of arrays or ShapeDtypeStructs, e.g. one block's ``kfac.LayerStats``, ``kfac.Factors`` or
+      MAP weights ``w_map`` [e, f, d]; only shapes are read.
+    mesh: the mesh (``make_mesh``).
+    num_experts: e, the leading length that marks an expert-stacked array (1 for a shared-expert or router
+      block: nothing is then split on ``expert``).
+
+  Returns:
+    A tree like ``tree`` of ``NamedSharding``: an array with leading dimension e gets ``expert`` on dimension 0
+      (where that axis has more than one device and divides e) and, when of rank >= 3, ``model`` on dimension
+      1 (likewise; rank-2 arrays such as ``a_eig_ef`` keep it replicated); every other array is replicated.
+  """
   def one(x):
     if not (x.ndim and x.shape[0] == num_experts):
       return NamedSharding(mesh, P())
@@ -156,11 +286,27 @@ def expert_shardings(tree, mesh, num_experts: int):
 
 
 def replicated(mesh) -> NamedSharding:
+  """A fully replicated sharding: every device of ``mesh`` holds the whole array.
+
+  Args:
+    mesh: the mesh (``make_mesh``).
+
+  Returns:
+    ``NamedSharding(mesh, PartitionSpec())``.
+  """
   return NamedSharding(mesh, P())
 
 
 def per_device_bytes(abstract_tree) -> int:
-  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (or arrays): the largest shard."""
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (or arrays): the largest shard.
+
+  Args:
+    abstract_tree: a pytree of ``jax.ShapeDtypeStruct`` (e.g. ``abstract_params``) or arrays; a leaf without a
+      sharding (a numpy array, an unsharded struct) counts in full.
+
+  Returns:
+    The sum over leaves of one shard's bytes (``sharding.shard_shape`` elements times the dtype's itemsize).
+  """
   total = 0
   for x in jax.tree.leaves(abstract_tree):
     shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape

@@ -63,6 +63,19 @@ class Continuation(NamedTuple):
 
 
 class Batch(NamedTuple):
+  """One batch of b multiple-choice questions of s tokens (a pytree: it passes through ``jax.jit``).
+
+  Attributes:
+    tokens_bs: int [b, s] token ids, padded with the pad token.
+    mask_bs: int [b, s] attention mask: 1 on real tokens, 0 on padding.
+    answer_pos_b: int [b] the position whose next-token logits score the answer (the prompt's last token).
+    labels_b: int [b] the correct class of each question, an index into the C classes.
+    choice_mask_bc: optional bool [b, C], False where an example has fewer choices than the C classes (ARC has
+      3-5); those logits get ``CHOICE_MASK_VALUE``. None: every example has C choices.
+    states_bsd: optional [b, s, d] cached input states of layer ``Task.start_layer`` (``with_prefix``).
+    class_ids_bc: optional int [b, C] per-example class token ids (cloze-style choices); None: ``Task.class_ids``.
+    cont: optional continuation scoring (``Continuation``); ``answer_pos_b`` is then the context's last token.
+  """
   tokens_bs: jax.Array
   mask_bs: jax.Array
   answer_pos_b: jax.Array
@@ -158,7 +171,15 @@ class Task:
 
 
 def layout_kw(batch: Batch) -> dict:
-  """The ``model.forward`` keywords of a batch's sequence layout: packed positions and segments."""
+  """The ``model.forward`` keywords of a batch's sequence layout: packed positions and segments.
+
+  Args:
+    batch: the batch; only ``batch.cont`` is read.
+
+  Returns:
+    ``{}`` for a batch without ``cont`` (default positions, one segment); else ``{"positions_bs": [b, s] RoPE
+    positions, "segments_bs": [b, s] segment ids}`` of its packed continuation rows.
+  """
   if batch.cont is None:
     return {}
   return {"positions_bs": batch.cont.positions_bs, "segments_bs": batch.cont.segments_bs}
@@ -166,7 +187,15 @@ def layout_kw(batch: Batch) -> dict:
 
 def output_mask(batch: Batch) -> jax.Array:
   """[b, s] bool: the positions whose logits enter the task output (the answer position; for
-  continuation batches every position that predicts a scored token)."""
+  continuation batches every position that predicts a scored token).
+
+  Args:
+    batch: the batch; reads ``tokens_bs``'s shape, ``answer_pos_b`` and, if present, ``cont``.
+
+  Returns:
+    bool [b, s]: True at each row's ``answer_pos_b``, or (continuation) at each ``cont.pos_bt`` whose token has a
+    non-zero weight in some choice.
+  """
   b, s = batch.tokens_bs.shape
   if batch.cont is None:
     return jax.nn.one_hot(batch.answer_pos_b, s, dtype=bool)
@@ -176,7 +205,16 @@ def output_mask(batch: Batch) -> jax.Array:
 
 
 def nll_and_correct(f_bc, labels_b):
-  """(mean negative log-likelihood, number correct) of logits f [b, C] for labels [b]."""
+  """(mean negative log-likelihood, number correct) of logits f [b, C] for labels [b].
+
+  Args:
+    f_bc: [b, C] class logits (unnormalised; log-softmaxed here).
+    labels_b: int [b] the correct classes.
+
+  Returns:
+    (nll, correct): the scalar mean NLL over the b examples (nats), and the scalar int count of examples whose
+    argmax logit is the label.
+  """
   logp_bc = jax.nn.log_softmax(f_bc)
   nll_b = -jnp.take_along_axis(logp_bc, labels_b[:, None], 1)[:, 0]
   return jnp.mean(nll_b), jnp.sum(jnp.argmax(f_bc, -1) == labels_b)
@@ -188,7 +226,15 @@ def nll_and_correct(f_bc, labels_b):
 def probit(f_mean_bc, f_cov_bcc):
   """laplace-torch's probit: ``softmax(f / sqrt(1 + pi/8 diag cov))``. Not shift-invariant: adding one
   number to every logit (a softmax leaves p unchanged) changes it, and variance common to all classes
-  flattens it; prefer ``probit_pairwise`` unless matching laplace-torch."""
+  flattens it; prefer ``probit_pairwise`` unless matching laplace-torch.
+
+  Args:
+    f_mean_bc: [b, C] the logits' mean.
+    f_cov_bcc: [b, C, C] the logits' covariance; only its diagonal is used.
+
+  Returns:
+    p [b, C] class probabilities (rows sum to one).
+  """
   var_bc = jnp.diagonal(f_cov_bcc, axis1=-2, axis2=-1)
   return jax.nn.softmax(f_mean_bc / jnp.sqrt(1.0 + jnp.pi / 8.0 * var_bc), axis=-1)
 
@@ -202,14 +248,32 @@ def _contrast_variance(f_cov_bcc):
 def probit_pairwise(f_mean_bc, f_cov_bcc):
   """Mean-field softmax on pairwise contrasts (Lu, Ie & Sha 2020, "mean-field 2" with the full
   covariance): ``p_c ∝ 1 / sum_k exp(-(f_c - f_k) / sqrt(1 + pi/8 Var(f_c - f_k)))``, renormalised.
-  Shift-invariant, exact without variance, and for two classes MacKay's probit of the logit difference."""
+  Shift-invariant, exact without variance, and for two classes MacKay's probit of the logit difference.
+
+  Args:
+    f_mean_bc: [b, C] the logits' mean.
+    f_cov_bcc: [b, C, C] the logits' full covariance (through ``Var(f_c - f_k)``, clipped at 0).
+
+  Returns:
+    p [b, C] class probabilities (rows sum to one).
+  """
   d_bck = f_mean_bc[:, :, None] - f_mean_bc[:, None, :]
   log_p_bc = -jax.nn.logsumexp(-d_bck / jnp.sqrt(1.0 + jnp.pi / 8.0 * _contrast_variance(f_cov_bcc)), axis=-1)
   return jax.nn.softmax(log_p_bc, axis=-1)
 
 
 def gaussian_logit_samples(f_mean_bc, f_cov_bcc, key, num_samples: int):
-  """[n, b, c] draws of N(f*, Sigma_f) (symmetric PSD square root: robust to singular Sigma_f)."""
+  """[n, b, c] draws of N(f*, Sigma_f) (symmetric PSD square root: robust to singular Sigma_f).
+
+  Args:
+    f_mean_bc: [b, C] the mean f*.
+    f_cov_bcc: [b, C, C] the symmetric covariance Sigma_f (negative eigenvalues are clipped to 0).
+    key: the PRNG key of the draws.
+    num_samples: n, the number of draws.
+
+  Returns:
+    [n, b, C] logit draws, in ``f_mean_bc``'s dtype.
+  """
   eig_bc, vec_bcc = jnp.linalg.eigh(f_cov_bcc)
   root_bcc = vec_bcc * jnp.sqrt(jnp.maximum(eig_bc, 0))[:, None, :]
   z_nbc = jax.random.normal(key, (num_samples,) + f_mean_bc.shape, f_mean_bc.dtype)
@@ -217,13 +281,37 @@ def gaussian_logit_samples(f_mean_bc, f_cov_bcc, key, num_samples: int):
 
 
 def mc_softmax(f_mean_bc, f_cov_bcc, key, num_samples: int = 1000):
+  """Monte-Carlo ``E softmax(f)``, f ~ N(f_mean, f_cov): the mean softmax of seeded draws
+  (``gaussian_logit_samples``).
+
+  Args:
+    f_mean_bc: [b, C] the logits' mean.
+    f_cov_bcc: [b, C, C] the logits' covariance (symmetric PSD).
+    key: the PRNG key of the draws.
+    num_samples: the number of draws.
+
+  Returns:
+    p [b, C] class probabilities (rows sum to one).
+  """
   return jnp.mean(jax.nn.softmax(gaussian_logit_samples(f_mean_bc, f_cov_bcc, key, num_samples), -1), 0)
 
 
 def class_probs(f_mean_bc, f_cov_bcc, link: str = DEFAULT_LINK, key: jax.Array | None = None,
                 num_samples: int = 1000) -> jax.Array:
   """p [b, C] = E softmax(f), f ~ N(f_mean [b, C], f_cov [b, C, C]); ``link``: one of ``LINKS`` (the
-  probits are closed forms; mc is seeded by ``key``, default key 0)."""
+  probits are closed forms; mc is seeded by ``key``, default key 0).
+
+  Args:
+    f_mean_bc: [b, C] the logits' mean.
+    f_cov_bcc: [b, C, C] the logits' covariance.
+    link: ``"probit_pairwise"`` (``probit_pairwise``), ``"probit"`` (``probit``) or ``"mc"`` (``mc_softmax``);
+      ValueError otherwise.
+    key: the PRNG key of the mc draws (None: ``jax.random.key(0)``); unused by the probits.
+    num_samples: the number of mc draws; unused by the probits.
+
+  Returns:
+    p [b, C] class probabilities (rows sum to one).
+  """
   closed = {"probit_pairwise": probit_pairwise, "probit": probit}
   if link in closed:
     return closed[link](f_mean_bc, f_cov_bcc)
@@ -237,7 +325,20 @@ def class_probs(f_mean_bc, f_cov_bcc, link: str = DEFAULT_LINK, key: jax.Array |
 
 def prefix_states(params, task: Task, batches: Sequence[Batch], start: int, progress: bool = True) -> list:
   """Each batch's input states of layer ``start`` (the frozen prefix run once; from the batches' own cached
-  states when the task already starts at a lower layer)."""
+  states when the task already starts at a lower layer).
+
+  Args:
+    params: the model's parameter tree (those of the layers < ``start`` are used).
+    task: the task; its ``cfg`` and ``start_layer`` are used, its ``routing`` is not (every layer routes
+      deterministically here).
+    batches: the batches to cache; they carry ``states_bsd`` exactly when ``task.start_layer`` > 0.
+    start: the layer whose input states are computed, ``task.start_layer <= start <= cfg.num_layers``
+      (ValueError otherwise).
+    progress: whether to show a progress bar.
+
+  Returns:
+    One [b, s, d] array per batch, in order: the input states of layer ``start`` (computed, not queued).
+  """
   from tqdm.auto import tqdm
 
   from bmoe_jax.model import prefix_states as model_prefix
@@ -256,7 +357,20 @@ def with_prefix(params, task: Task, batch_lists: Sequence[Sequence[Batch]], star
   """(task starting at layer ``start``, the batch lists with their layer-``start`` inputs attached).
   ``start=0`` (or the task's own start) returns everything unchanged; a task that already starts at a lower
   layer caches from its batches' states. Every call on the results then skips layers < start, which
-  must be frozen (the cache holds ``params``' prefix)."""
+  must be frozen (the cache holds ``params``' prefix).
+
+  Args:
+    params: the model's parameter tree (those of the layers < ``start`` are cached).
+    task: the task; routers (``task.routing``) must lie in layers >= ``start`` (ValueError otherwise).
+    batch_lists: lists of batches (e.g. train and evaluation sets), each matching the task's own cache.
+    start: the layer the returned task starts at, >= ``task.start_layer`` (ValueError when lower); equal:
+      nothing is computed.
+    progress: whether to show a progress bar.
+
+  Returns:
+    (task, lists): the task with ``start_layer=start``, and a tuple with one list per entry of ``batch_lists``,
+    each batch carrying ``states_bsd`` [b, s, d], the input states of layer ``start``.
+  """
   if start == task.start_layer:
     return task, tuple(list(bl) for bl in batch_lists)
   out = tuple([b._replace(states_bsd=s) for b, s in zip(bl, prefix_states(params, task, bl, start, progress))]
@@ -266,7 +380,16 @@ def with_prefix(params, task: Task, batch_lists: Sequence[Sequence[Batch]], star
 
 def same_prefix(params_a, params_b, start: int) -> bool:
   """Whether two parameter trees agree below layer ``start`` (embedding and layers < start): then a prefix
-  cached with one serves the other."""
+  cached with one serves the other.
+
+  Args:
+    params_a: a parameter tree (``{"embed": ..., "layers": [...], ...}``).
+    params_b: another parameter tree of the same structure.
+    start: the number of bottom layers compared (0: the embedding only).
+
+  Returns:
+    True when every leaf of ``params["embed"]`` and ``params["layers"][:start]`` is exactly equal in both.
+  """
   pick = lambda p: (p["embed"], p["layers"][:start])
   return all(np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(pick(params_a)), jax.tree.leaves(pick(params_b))))

@@ -83,7 +83,8 @@ def setup(tmp_path_factory, shared_data, dense_dir):  # noqa: F811
                                                                       "heal_checkpoint_every": 4}.items()]}
 
 
-ARTEFACTS = {"finetune": [("model/bmoe_config.json", "params_digest"), ("model_final/bmoe_config.json", "params_digest"),
+ARTEFACTS = {"finetune": [("model/bmoe_config.json", "params_digest"),
+                          ("model_final/bmoe_config.json", "params_digest"),
                           ("run.json", "history")],
              "fit": [("posterior/posterior.json", "digest"), ("run.json", "log_marglik_final")],
              "route-train": [("routers/routing.json", "digest"), ("run.json", "history")]}

@@ -51,7 +51,8 @@ def test_nnx_module_holds_params_with_axes():
   cfg = B.tiny_config()
   m = B.MoEModel(cfg, rngs=nnx.Rngs(0))
   state = nnx.state(m, nnx.Param)
-  axes = [v.get_metadata()["logical_axes"] for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  axes = [v.get_metadata()["logical_axes"] for v in leaves]
   assert ("expert", "embed", "mlp") in axes
   p = m.pure_params()
   assert isinstance(p["layers"], list) and len(p["layers"]) == cfg.num_layers

@@ -69,7 +69,8 @@ def test_class_probs_links():
   cov = jnp.asarray([[[1.0, 0.2, 0.0], [0.2, 0.5, 0.1], [0.0, 0.1, 2.0]]])
   np.testing.assert_array_equal(class_probs(f, cov), probit_pairwise(f, cov))  # the default
   np.testing.assert_array_equal(class_probs(f, cov, "probit"), probit(f, cov))
-  np.testing.assert_array_equal(class_probs(f, cov, "mc", jax.random.key(0), 50), mc_softmax(f, cov, jax.random.key(0), 50))
+  np.testing.assert_array_equal(class_probs(f, cov, "mc", jax.random.key(0), 50),
+                                mc_softmax(f, cov, jax.random.key(0), 50))
   np.testing.assert_allclose(class_probs(f, 0 * cov, "mc"), jax.nn.softmax(f), atol=1e-6)  # no variance: softmax
   np.testing.assert_allclose(class_probs(f, cov, "mc", num_samples=100000), probit(f, cov), atol=0.03)
   np.testing.assert_allclose(class_probs(f, cov, "mc", num_samples=100000), probit_pairwise(f, cov), atol=0.03)

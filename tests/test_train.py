@@ -69,7 +69,8 @@ def test_interrupted_finetune_resumes_to_the_same_parameters(setup, tmp_path):
                      checkpoint_every=3)  # saves between evaluations: the running training loss is restored too
   whole = T.finetune(params, Task(cfg, CLASSES), train, tc, val_batches=val, progress=False)
   with pytest.raises(Stop):
-    T.finetune(params, Task(cfg, CLASSES), Interrupting(train, 7), tc, val_batches=val, checkpoint_dir=tmp_path, progress=False)
+    T.finetune(params, Task(cfg, CLASSES), Interrupting(train, 7), tc, val_batches=val, checkpoint_dir=tmp_path,
+               progress=False)
   resumed = T.finetune(params, Task(cfg, CLASSES), train, tc, val_batches=val, checkpoint_dir=tmp_path, progress=False)
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(whole.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -5,7 +5,8 @@ per test (``nodeid``, ``wall_s``, ``compile_s``, ``trace_s``, ``lower_s``, ``com
 ``<dir>/timings-<worker>.jsonl``, so pytest-xdist workers never share a file. ``compile_s`` is XLA's backend
 compile (``/jax/core/compile/backend_compile_duration``), ``trace_s`` and ``lower_s`` JAX's tracing to a jaxpr
 and lowering to MLIR, ``compiles`` the number of XLA compilations (an op run outside ``jax.jit`` is one
-compilation the first time its shapes are seen: ~20 ms each at -O0); all in this process; subprocesses a test starts count in its wall time only.
+compilation the first time its shapes are seen: ~20 ms each at -O0); all in this process; subprocesses a test
+starts count in its wall time only.
 A module-scoped fixture's set-up is charged to the first test that uses it, as pytest's own durations do.
 ``python -m tests.durations`` runs the suite with it and writes the tables.
 """

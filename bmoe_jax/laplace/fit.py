@@ -47,7 +47,15 @@ def _tree_state(tree: dict, like: kfac.FactorState) -> kfac.FactorState:
 
 def factor_dtype(params, spec: kfac.FactorSpec):
   """The accumulation dtype of a factor pass: the Bayesian weights' dtype, at least float32 (float64
-  parameters under ``jax_enable_x64`` give float64 factors and evidence)."""
+  parameters under ``jax_enable_x64`` give float64 factors and evidence).
+
+  Args:
+    params: the model's parameters.
+    spec: the factor pass (the weights of its first block are read).
+
+  Returns:
+    The promotion of that block's weight dtype and float32.
+  """
   w = read_block(params, spec.blocks[0])
   return jnp.promote_types(w.dtype, jnp.float32)
 
@@ -55,7 +63,14 @@ def factor_dtype(params, spec: kfac.FactorSpec):
 def spec_fingerprint(spec: kfac.FactorSpec) -> dict:
   """The spec as a factor pass's fingerprint. The block switches added with the Laplace router (``router``,
   ``experts``) are left out at their defaults: they then compute what a pass from before them computed, which
-  must resume."""
+  must resume.
+
+  Args:
+    spec: the factor pass.
+
+  Returns:
+    ``dataclasses.asdict(spec)`` without ``router`` / ``experts`` where they are at their defaults.
+  """
   d = dataclasses.asdict(spec)
   defaults = {"router": False, "experts": True}
   return {k: v for k, v in d.items() if not (k in defaults and v == defaults[k])}
@@ -67,12 +82,29 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
                 mesh=None) -> kfac.FactorState:
   """One pass over ``batches`` accumulating every expert's factors (``kfac.update``, jitted).
 
-  With ``checkpoint_dir`` the state is saved (orbax, ``checkpoint.ResumableRun``) every
-  ``checkpoint_every`` batches and at the end; a rerun with the same directory restores the latest save
-  and skips the batches it already holds, so an interrupted pass resumes to the same result. ``batches``
-  must then be deterministic (same order). ``labels="mc"`` draws batch i's labels from
-  ``fold_in(key, i)``: resumed runs draw the same labels.
-  ``mesh``: the statistics live split on its expert axis (pass params and batches placed on it).
+  A rerun with the same ``checkpoint_dir`` restores the latest save and skips the batches it already holds, so
+  an interrupted pass resumes to the same result; it refuses a directory saved with another fingerprint (spec,
+  task, dtype, config, model weights, key) or other data.
+
+  Args:
+    params: the model's parameters (the MAP).
+    task: the scored output (``bmoe_jax.task.Task``).
+    batches: the fit data, one ``Batch`` at a time; with ``checkpoint_dir`` it must be deterministic (same
+      batches in the same order).
+    spec: the factor pass.
+    key: PRNG key of ``labels="mc"`` (required there): batch i (0-based) draws its labels from
+      ``fold_in(key, i)``, so resumed runs draw the same labels. None for the other label modes.
+    checkpoint_dir: where the state is saved (orbax, ``checkpoint.ResumableRun``) and resumed from; None: no
+      saves.
+    checkpoint_every: save every this many batches (and at the end).
+    progress: show a tqdm progress bar.
+    total: the number of batches, for the progress bar only.
+    mesh: a device mesh: the statistics live split on its expert axis (pass params and batches placed on it);
+      None: no sharding.
+
+  Returns:
+    The final ``kfac.FactorState`` (for ``kfac.finalize``). Raises ``NonFiniteError`` on non-finite statistics
+    and ``ValueError`` when a checkpoint holds more batches than ``batches`` or was taken on other data.
   """
   if spec.labels == "mc" and key is None:
     raise ValueError("FactorSpec(labels='mc') needs key=")
@@ -172,9 +204,20 @@ def _posterior_tree(post: Posterior) -> dict:
 
 def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = None, *,
                    overwrite: bool = False) -> Path:
-  """Write the posterior (orbax ``state``) and then ``posterior.json`` (format, layers, ranks, prior precisions),
-  the record that makes it complete (``files.begin_artefact``: an interrupted save's parts are replaced; a
-  complete posterior is refused unless ``overwrite``)."""
+  """Write the posterior (orbax ``state``) and then ``posterior.json`` (format, blocks, ranks, prior precisions,
+  scale, digest, metadata), the record that makes it complete (``files.begin_artefact``: an interrupted save's
+  parts are replaced).
+
+  Args:
+    path: the directory to write (created if needed).
+    post: the posterior.
+    metadata: JSON-serialisable extras stored under ``"metadata"`` (``bmoe fit`` records the model's digest as
+      ``"model"``, which ``load_posterior`` checks); None: ``{}``.
+    overwrite: replace a complete posterior already in ``path``; False: it raises ``FileExistsError``.
+
+  Returns:
+    The directory written, absolute.
+  """
   import orbax.checkpoint as ocp
 
   path = begin_artefact(path, "posterior.json", ("state",), overwrite=overwrite)
@@ -193,7 +236,17 @@ def save_posterior(path: str | Path, post: Posterior, metadata: dict | None = No
 
 def load_posterior(path: str | Path, params=None) -> Posterior:
   """The posterior saved in ``path``; with ``params`` (the model it is used with), refused unless it was fitted
-  on that model (``check_model``)."""
+  on that model (``check_model``).
+
+  Args:
+    path: a directory written by ``save_posterior``.
+    params: the model's parameters to check the posterior against; None: no check.
+
+  Returns:
+    The ``Posterior``, keyed by ``Block``. Raises ``FileNotFoundError`` without ``posterior.json`` (an incomplete
+    save), ``checkpoint.CorruptSaveError`` on a digest mismatch, ``ValueError`` on another format or (with
+    ``params``) another model.
+  """
   path = Path(path).absolute()
   meta_file = path / "posterior.json"
   if not meta_file.exists():
@@ -217,7 +270,15 @@ def load_posterior(path: str | Path, params=None) -> Posterior:
 def check_model(post: Posterior, params, model_digest: str | None = None, where: str = "the posterior") -> None:
   """Refuse a posterior fitted on another model: its MAP weights must be the model's weights of every block,
   and, when recorded (``bmoe fit`` records it), the digest of the whole model (``identity.tree_digest``) must
-  match."""
+  match. Raises ``ValueError`` otherwise.
+
+  Args:
+    post: the posterior (its ``w_map``).
+    params: the model's parameters.
+    model_digest: the recorded ``tree_digest`` of the fitted model's parameters; None: only the blocks are
+      compared.
+    where: how the posterior is named in the error message.
+  """
   for blk, w in post.w_map.items():
     mine = read_block(params, blk)
     if mine.shape != w.shape or not np.array_equal(np.asarray(mine), np.asarray(w)):

@@ -61,7 +61,21 @@ TOKEN_MODES = ("last", "expand", "reduce")
 def block_slots(taps, grads, blk: Block):
   """A block's slots from the forward taps and the (label-batched) perturbation gradients: down_proj
   inputs a [b, s, k, f], output gradients g [l, b, s, k, d] and expert ids [b, s, k] (the shared expert
-  and the router are one slot per token, expert 0)."""
+  and the router are one slot per token, expert 0).
+
+  Args:
+    taps: the forward's ``model.MoETaps`` by MoE layer id (``task.logits_and_taps``): ``down_in_bskf`` and
+      ``expert_bsk`` for routed experts, ``shared_in_bsf`` for the shared expert, ``router_in_bsd`` for the router.
+    grads: the pullback of ``model.zero_perturbations`` vmapped over l label draws (or classes): by layer id, a
+      dict by kind of ``routed`` [l, b, s, k, d], ``shared`` [l, b, s, d] and ``router`` [l, b, s, E] (the
+      gradients w.r.t. the expert outputs, routing weight included, or w.r.t. the router logits).
+    blk: the block whose slots to read (its ``layer`` must be in ``taps`` and ``grads``).
+
+  Returns:
+    ``(a, g, expert)``: the down_proj inputs a [b, s, k, f], the output gradients g [l, b, s, k, d] and the
+    expert id of each slot [b, s, k] int. Shared expert: k = 1, f = ``shared_expert_size``, expert 0. Router:
+    k = 1, a = the router input u [b, s, 1, d_model], g = the logits' gradients [l, b, s, 1, E], expert 0.
+  """
   tap = taps[blk.layer]
   if blk.kind == "routed":
     return tap.down_in_bskf, grads[blk.layer]["routed"], tap.expert_bsk
@@ -76,6 +90,21 @@ def block_slots(taps, grads, blk: Block):
 
 @dataclasses.dataclass(frozen=True)
 class FactorSpec:
+  """What a factor pass computes: the Bayesian blocks, how labels and tokens form the factors' rows, and the
+  factors' rank (module docstring). Hashable (a static argument of ``jax.jit``); invalid values raise ``ValueError``.
+
+  Attributes:
+    layers: the MoE layer ids whose blocks are Bayesian (``select_layers``).
+    labels: how output gradients are formed, one of ``LABEL_MODES``: ``"exact"`` (every class, weighted by its
+      predictive probability: the GGN's output factor exactly), ``"mc"`` (one sampled label; needs a key) or
+      ``"empirical"`` (the true label).
+    tokens: which tokens are rows, one of ``TOKEN_MODES``: ``"last"`` (the positions whose logits enter the task
+      output), ``"expand"`` (every real token) or ``"reduce"`` (one row per sequence and expert).
+    rank: None: full f x f and d x d factors; r: rank-r factors by incremental SVD (``lowrank``; routers stay full).
+    shared: also the layers' shared experts (models with shared experts only).
+    router: also the layers' router weights (a Laplace router).
+    experts: the layers' routed experts (False with ``router=True``: a Laplace router alone).
+  """
   layers: tuple[int, ...]  # MoE layers whose experts are Bayesian
   labels: str = "exact"
   tokens: str = "last"
@@ -107,7 +136,18 @@ class FactorSpec:
 
 def select_layers(cfg: MoEConfig, which="all") -> tuple[int, ...]:
   """The Bayesian set of MoE layers: ``"all"``, a quarter ``"Q1"``..``"Q4"`` of the MoE layers by depth
-  (contiguous, sizes differing by at most one; the paper's ablation), or an explicit list of layer ids."""
+  (contiguous, sizes differing by at most one; the paper's ablation), or an explicit list of layer ids.
+
+  Args:
+    cfg: the model's config (its ``moe_layer_ids``).
+    which: ``"all"`` (every MoE layer), ``"Q1"``..``"Q4"`` (quarter q: positions ``n (q-1) // 4`` to
+      ``n q // 4 - 1`` of the n MoE layers in depth order; needs n >= 4), or an iterable of MoE layer ids
+      (deduplicated and sorted).
+
+  Returns:
+    The chosen MoE layer ids, ascending. Raises ``ValueError`` on an unknown string, an empty list or ids that
+    are not MoE layers.
+  """
   moe = cfg.moe_layer_ids
   if isinstance(which, str):
     if which == "all":
@@ -127,6 +167,13 @@ def select_layers(cfg: MoEConfig, which="all") -> tuple[int, ...]:
 
 
 class LayerStats(NamedTuple):
+  """Full (``rank=None``) K-FAC sums of one block, per expert (``expert_sums``).
+
+  Attributes:
+    a_eff: [e, f, f] sum over the expert's rows of a a^T (down_proj inputs).
+    g_edd: [e, d, d] sum over its rows and label draws of w g g^T (output gradients, label weights w).
+    rows_e: [e] int: the number of rows that entered A.
+  """
   a_eff: jax.Array  # [e, f, f] sum of a a^T
   g_edd: jax.Array  # [e, d, d] sum of g g^T
   rows_e: jax.Array  # [e] rows that entered A
@@ -134,8 +181,19 @@ class LayerStats(NamedTuple):
 
 def label_cotangents(f_bc, labels_b, mode: str, key=None):
   """Cotangents on the logits f [b, c] (one per label draw) and their weights [draws, b]:
-  d(-log p_y)/df = p - onehot(y); ``mode`` exact (every class, weight p_y), mc (one sampled label;
-  needs ``key``) or empirical (``labels_b``)."""
+  d(-log p_y)/df = p - onehot(y), p = softmax(f).
+
+  Args:
+    f_bc: [b, c] the logits (the MAP's).
+    labels_b: [b] int the true labels (read by ``"empirical"`` only).
+    mode: ``"exact"`` (every class y, weight p_y: sum_y p_y ct ct^T is the Fisher = GGN), ``"mc"`` (one label
+      drawn from p, weight 1); any other value reads as ``"empirical"`` (``labels_b``, weight 1).
+    key: PRNG key of the ``"mc"`` draw (required there: None raises ``ValueError``); ignored otherwise.
+
+  Returns:
+    ``(ct_lbc, w_lb)`` in f's dtype: cotangents [l, b, c] and their weights [l, b], with l = c draws (one per
+    class, in class order) for ``"exact"`` and l = 1 otherwise.
+  """
   p_bc = jax.nn.softmax(f_bc, axis=-1)
   c = f_bc.shape[-1]
   if mode == "mc" and key is None:
@@ -155,7 +213,14 @@ def label_cotangents(f_bc, labels_b, mode: str, key=None):
 
 def nonempty_rows(batch: Batch) -> jax.Array:
   """[b] bool: the rows holding at least one real token. An all-padding row (a batch padded to a fixed size)
-  is no sequence: it adds no rows, no count and no log-likelihood to a factor pass."""
+  is no sequence: it adds no rows, no count and no log-likelihood to a factor pass.
+
+  Args:
+    batch: the batch (its ``mask_bs`` [b, s], nonzero at real tokens).
+
+  Returns:
+    [b] bool: True where the row has at least one real token.
+  """
   return jnp.any(batch.mask_bs.astype(bool), axis=-1)
 
 
@@ -194,8 +259,20 @@ def _reduce_rows(a_rf, g_lrd, expert_r, valid_r, b, num_experts):
 
 
 def expert_sums(a_rf, g_lrd, w_lr, expert_r, valid_r, num_experts) -> LayerStats:
-  """Per-expert A and G sums of rows (vmapped over experts): a [r, f], g [draws, r, d] with weights
-  [draws, r], the expert of each row [r] and whether it counts [r]. Usable on any network's rows."""
+  """Per-expert A and G sums of rows (vmapped over experts). Usable on any network's rows.
+
+  Args:
+    a_rf: [r, f] the rows' down_proj inputs a.
+    g_lrd: [l, r, d] the rows' output gradients g, one per label draw.
+    w_lr: [l, r] the label draws' weights (g enters G as sqrt(w) g).
+    expert_r: [r] int the expert of each row, in [0, num_experts).
+    valid_r: [r] bool whether the row counts (False rows add nothing, not even to the count).
+    num_experts: e, the number of experts (static).
+
+  Returns:
+    ``LayerStats``: ``a_eff`` [e, f, f] = sum of a a^T and ``g_edd`` [e, d, d] = sum over draws of w g g^T over
+    each expert's valid rows, and ``rows_e`` [e] their number.
+  """
   def one(e):
     sel_r = (expert_r == e) & valid_r
     a_sel = a_rf * sel_r[:, None]
@@ -236,7 +313,18 @@ def _block_rows(params, task: Task, batch: Batch, spec: FactorSpec, key):
 
 def factor_stats(params, task: Task, batch: Batch, spec: FactorSpec,
                  key: jax.Array | None = None) -> dict[Block, LayerStats]:
-  """Full A/G sums of one batch for every expert of ``spec.blocks``."""
+  """Full A/G sums of one batch for every expert of ``spec.blocks``.
+
+  Args:
+    params: the model's parameters (the MAP).
+    task: the scored output (``bmoe_jax.task.Task``).
+    batch: one batch.
+    spec: the factor pass (blocks, label and token modes; ``rank`` is ignored: the sums are always full).
+    key: PRNG key of the ``labels="mc"`` draws; None for the other label modes.
+
+  Returns:
+    ``{block: LayerStats}`` of this batch alone (the batch's log-likelihood is dropped; ``update`` keeps it).
+  """
   rows, _ = _block_rows(params, task, batch, spec, key)
   return {blk: expert_sums(a, g, w, e, v, block_dims(task.cfg, blk)[0]) for blk, (a, g, w, e, v) in rows.items()}
 
@@ -270,6 +358,19 @@ class Factors(NamedTuple):
 
 
 def init(cfg: MoEConfig, spec: FactorSpec, dtype=jnp.float32) -> FactorState:
+  """Zero running sums of a factor pass (the start of ``update``), after checking ``spec`` against the model.
+
+  Args:
+    cfg: the model's config.
+    spec: the factor pass.
+    dtype: the sums' dtype (``fit.factor_dtype``: the Bayesian weights', at least float32).
+
+  Returns:
+    ``FactorState`` of zeros: per block ``LayerStats`` (full factors) or ``lowrank.LowRankStats`` (B [e, f, r]
+    and [e, d, r], traces [e]), row counts [e] int32, ``num_sequences`` int32 and ``log_lik`` of ``dtype``.
+    Raises ``ValueError`` if a layer is not an MoE layer, no layer is given, ``shared`` is asked of a model
+    without shared experts, or ``rank`` exceeds a block's f or d.
+  """
   bad = [l for l in spec.layers if not (0 <= l < cfg.num_layers and cfg.moe_layers[l])]
   if bad:
     raise ValueError(f"FactorSpec.layers {bad} are not MoE layers (MoE layers: {cfg.moe_layer_ids})")
@@ -295,7 +396,22 @@ def init(cfg: MoEConfig, spec: FactorSpec, dtype=jnp.float32) -> FactorState:
 
 def update(state: FactorState, params, task: Task, batch: Batch, spec: FactorSpec,
            key: jax.Array | None = None) -> FactorState:
-  """Add one batch. Pure and jit-able (``task`` and ``spec`` static)."""
+  """Add one batch. Pure and jit-able (``task`` and ``spec`` static).
+
+  Args:
+    state: the running sums so far (``init``, or a previous ``update``).
+    params: the model's parameters (the MAP).
+    task: the scored output (``bmoe_jax.task.Task``); static.
+    batch: the batch to add.
+    spec: the factor pass ``state`` was initialised with; static.
+    key: PRNG key of this batch's ``labels="mc"`` draws (``fit_factors`` folds in the batch index); None for
+      the other label modes.
+
+  Returns:
+    ``state`` with the batch added: full sums incremented, low-rank factors folded in
+    (``lowrank.update_factor``) with their exact traces; row counts per expert; ``num_sequences`` plus the
+    batch's non-empty rows; ``log_lik`` plus their sum of log p(y|x) at the MAP.
+  """
   rows, log_lik = _block_rows(params, task, batch, spec, key)
   cfg = task.cfg
   stats = {}
@@ -324,8 +440,19 @@ def update(state: FactorState, params, task: Task, batch: Batch, spec: FactorSpe
 def eigen_factors(stats: LayerStats | lowrank.LowRankStats, name: str = "") -> Factors:
   """Eigendecompose one block's sums (vmapped over experts): full ``eigh`` (A divided by its row count),
   or the SVD of the low-rank B (eigenvectors [e, n, r]). Experts that received no rows get zero factors
-  (their posterior is the prior). Raises on non-finite sums, naming the block ``name`` (on concrete sums: under
-  ``jit`` / ``eval_shape`` the check is the caller's)."""
+  (their posterior is the prior). Raises ``FloatingPointError`` on non-finite sums, naming the block ``name``
+  (on concrete sums: under ``jit`` / ``eval_shape`` the check is the caller's).
+
+  Args:
+    stats: one block's sums: ``LayerStats`` (full) or ``lowrank.LowRankStats``.
+    name: the block's name in the error message.
+
+  Returns:
+    ``Factors``: eigenvalues ``a_eig_ef`` [e, r_a] of A / rows (negatives clipped to 0) with eigenvectors
+    ``a_vec_eff`` [e, f, r_a], ``g_eig_ed`` [e, r_g] of G (a sum) with ``g_vec_edd`` [e, d, r_g], ``rows_e``;
+    full factors: r_a = f, r_g = d, eigenvalues ascending, remainders 0; low rank: r_a = r_g = r, descending,
+    and ``a_rest_e`` / ``g_rest_e`` [e] the isotropic remainders from the exact traces.
+  """
   leaves = list(stats[:2])
   concrete = not any(isinstance(x, jax.core.Tracer) for x in leaves)
   if concrete and not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
@@ -348,7 +475,14 @@ def eigen_factors(stats: LayerStats | lowrank.LowRankStats, name: str = "") -> F
 
 
 def finalize(state: FactorState) -> dict[Block, Factors]:
-  """``eigen_factors`` of every block of a factor pass."""
+  """``eigen_factors`` of every block of a factor pass.
+
+  Args:
+    state: the running sums at the end of the pass (``update``, ``fit.fit_factors``).
+
+  Returns:
+    ``{block: Factors}``, keys made ``Block``s (``as_block``). Raises ``FloatingPointError`` on non-finite sums.
+  """
   out = {}
   for key, s in state.stats.items():
     blk = as_block(key)

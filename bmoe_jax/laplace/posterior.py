@@ -1,8 +1,9 @@
 """The per-expert Laplace posterior over the Bayesian experts' down_proj, its evidence and its samples.
 
 Everything is keyed by ``kfac.Block`` (a layer's routed experts ``[e, f, d]``, or its shared expert as
-``[1, f_shared, d]``); int keys are accepted as shorthand for a layer's routed experts. For expert e of a block, with W_e = down_proj [f, d] flattened row-major (index i*d + j,
-so that a per-row gradient ``a g^T`` flattens to ``kron(a, g)``), the posterior precision is
+``[1, f_shared, d]``); int keys are accepted as shorthand for a layer's routed experts. For expert e of a block,
+with W_e = down_proj [f, d] flattened row-major (index i*d + j, so that a per-row gradient ``a g^T`` flattens
+to ``kron(a, g)``), the posterior precision is
 
   Lambda_e = s * (A_e (x) G_e) + lambda_e * I,     s = dataset_size / num_sequences,
 
@@ -33,12 +34,13 @@ so the covariance, its square root, the evidence and the predictive stay closed-
 f d x f d matrix. ``build(remainder=False)`` zeroes alpha and beta (the plain Woodbury form above).
 
 Prior: ``N(mu_0, I / lambda_e)`` per expert; ``mu_0`` is an explicit choice (``build(prior_mean=)``). The
-pretrained weights are the one to use after fine-tuning: the MAP comes from fine-tuning with an L2 pull towards the pretrained model, and a zero mean would put
-the norm of the pretrained weights (O(f d sigma^2), large for LLM weights) into the evidence's scatter
-term and drive the evidence-optimal lambda to the scale of the weights rather than of the fine-tuning
-displacement. ``"zero"`` is the laplace-torch convention and is offered for comparison. ``"map"`` (mu_0 =
-the MAP) zeroes the scatter term, so the evidence grows with lambda forever: it is refused by the evidence
-optimiser (measured: LPO ran to lambda = 352 after 300 steps and 1001 after 600 where 3.6 was right).
+pretrained weights are the one to use after fine-tuning: the MAP comes from fine-tuning with an L2 pull
+towards the pretrained model, and a zero mean would put the norm of the pretrained weights (O(f d sigma^2),
+large for LLM weights) into the evidence's scatter term and drive the evidence-optimal lambda to the scale of
+the weights rather than of the fine-tuning displacement. ``"zero"`` is the laplace-torch convention and is
+offered for comparison. ``"map"`` (mu_0 = the MAP) zeroes the scatter term, so the evidence grows with lambda
+forever: it is refused by the evidence optimiser (measured: LPO ran to lambda = 352 after 300 steps and 1001
+after 600 where 3.6 was right).
 
 Prior precision is stored per expert (``[e]`` per block) and tuned at one of three granularities:
 ``global`` (one lambda), ``layer`` (one per block: a layer's routed experts share one lambda, its shared
@@ -61,6 +63,16 @@ PRIOR_MODES = ("global", "layer", "expert")
 
 
 class Posterior(NamedTuple):
+  """The per-expert Laplace posterior of the Bayesian blocks (``build``; a pytree; everything keyed by ``Block``).
+
+  Attributes:
+    factors: each block's eigendecomposed K-FAC factors (``kfac.Factors``).
+    w_map: [e, f, d] the MAP down_proj of each block.
+    sq_dist_e: [e] ||W_map - mu_0||^2 per expert.
+    log_prior_prec_e: [e] log lambda per expert.
+    scale: s = dataset_size / num_sequences, the curvature's scale.
+    log_lik: sum of log p(y | x, theta*) over the fit data, times s.
+  """
   factors: dict[Block, Factors]
   w_map: dict[Block, jax.Array]  # [e, f, d] MAP down_proj of every Bayesian block
   sq_dist_e: dict[Block, jax.Array]  # [e] ||W_map - mu_0||^2 per expert
@@ -78,6 +90,7 @@ def build(factors: dict[Block, Factors], w_map: dict, *, prior_mean: dict | str,
   """Assemble the posterior of the blocks in ``factors`` (keys: ``Block``s; ints mean routed experts).
 
   Args:
+    factors: each block's factors (``kfac.finalize``); their expert count and f, d must match ``w_map``'s.
     w_map: the MAP weights per block, ``[e, f, d]`` (``bmoe_jax.params.read_blocks`` of the fine-tuned model).
     prior_mean: mu_0, an explicit choice: a dict like ``w_map`` (the pretrained weights: ``read_blocks`` of
       the pretrained model), ``"zero"``, or ``"map"`` (mu_0 = the MAP itself: a post-hoc posterior of a
@@ -89,6 +102,11 @@ def build(factors: dict[Block, Factors], w_map: dict, *, prior_mean: dict | str,
     log_lik: sum of log-likelihoods over the fit data at the MAP (``FactorState.log_lik``).
     remainder: keep low-rank factors' isotropic remainders (``Factors.a_rest_e``, ``g_rest_e``); False:
       curvature 0 outside the rank-r span.
+
+  Returns:
+    ``Posterior``: the factors (remainders None set to 0), ``w_map``, ``sq_dist_e`` = ||W_map - mu_0||^2 per expert,
+    ``log_prior_prec_e``, ``scale`` = dataset_size / num_sequences, and ``log_lik`` times the scale, in the factors'
+    dtype (at least float32). Raises ``ValueError`` on non-positive sizes or blocks/shapes that do not match.
   """
   if num_sequences <= 0:
     raise ValueError(f"num_sequences={num_sequences}: the factors were fit on no data")
@@ -139,9 +157,19 @@ def _prior_mean(prior_mean, w_map: dict[Block, jax.Array]) -> dict[Block, jax.Ar
 
 
 def expand_prior_precision(value, num_experts: dict[Block, int], dtype=jnp.float32) -> dict[Block, jax.Array]:
-  """lambda as log-precision per expert from a scalar (global), a dict block -> scalar or [e] (int keys:
-  routed blocks), or an array [blocks] / [blocks, e] in sorted block order. Raises on non-positive or
-  non-finite values."""
+  """lambda as log-precision per expert, from one value, one per block or one per expert. Raises ``ValueError``
+  on non-positive or non-finite values.
+
+  Args:
+    value: the prior precision lambda (not its log): a scalar (global), a dict block -> scalar or [e] (int keys:
+      routed blocks; must name exactly the blocks of ``num_experts``), or an array [blocks] / [blocks, e] in sorted
+      block order.
+    num_experts: the number of experts e of each block (int keys: routed blocks).
+    dtype: the dtype of the result.
+
+  Returns:
+    ``{block: [e] log lambda}`` for every block of ``num_experts``.
+  """
   num_experts = {as_block(k): v for k, v in num_experts.items()}
   layers = sorted(num_experts)
   if isinstance(value, dict):
@@ -166,18 +194,43 @@ def expand_prior_precision(value, num_experts: dict[Block, int], dtype=jnp.float
 
 
 def is_full_rank(fac: Factors) -> bool:
+  """Whether both factors keep complete eigenbases (r_a = f and r_g = d), so there is no complement.
+
+  Args:
+    fac: one block's factors.
+
+  Returns:
+    True for full factors (a static Python bool, read off the shapes).
+  """
   return fac.a_vec_eff.shape[-1] == fac.a_vec_eff.shape[-2] and fac.g_vec_edd.shape[-1] == fac.g_vec_edd.shape[-2]
 
 
 def curvature_eigs(fac: Factors, scale) -> jax.Array:
-  """[e, r_a, r_g]: eigenvalues s * a_i * g_j of the scaled Kronecker curvature on span(U_A (x) U_G)."""
+  """[e, r_a, r_g]: eigenvalues s * a_i * g_j of the scaled Kronecker curvature on span(U_A (x) U_G).
+
+  Args:
+    fac: one block's factors.
+    scale: s, the curvature's scale (``Posterior.scale``).
+
+  Returns:
+    [e, r_a, r_g] the products s a_i g_j per expert.
+  """
   return scale * fac.a_eig_ef[:, :, None] * fac.g_eig_ed[:, None, :]
 
 
 def spectrum(fac: Factors, scale, prec_e: jax.Array):
-  """The precision's eigenvalues in four groups (module docstring): span x span ``[e, r_a, r_g]``, span
-  of A x complement of G ``[e, r_a]``, complement of A x span of G ``[e, r_g]``, complement x complement
-  ``[e]``."""
+  """The precision's eigenvalues in four groups (module docstring).
+
+  Args:
+    fac: one block's factors (remainders None read as 0).
+    scale: s, the curvature's scale (``Posterior.scale``).
+    prec_e: [e] the prior precision lambda per expert (not its log).
+
+  Returns:
+    ``(ss, sp, ps, pp)``: span x span ``[e, r_a, r_g]`` (s a_i g_j + lambda), span of A x complement of G
+    ``[e, r_a]`` (s a_i beta + lambda, each d - r_g times), complement of A x span of G ``[e, r_g]``
+    (s alpha g_j + lambda, each f - r_a times), complement x complement ``[e]`` (s alpha beta + lambda).
+  """
   zero = jnp.zeros_like(prec_e)
   alpha = zero if fac.a_rest_e is None else fac.a_rest_e
   beta = zero if fac.g_rest_e is None else fac.g_rest_e
@@ -187,7 +240,16 @@ def spectrum(fac: Factors, scale, prec_e: jax.Array):
 
 
 def log_det_precision(fac: Factors, scale, prec_e: jax.Array) -> jax.Array:
-  """[e] log det Lambda_e from the spectra (``spectrum``: each group times its multiplicity)."""
+  """[e] log det Lambda_e from the spectra (``spectrum``: each group times its multiplicity).
+
+  Args:
+    fac: one block's factors.
+    scale: s, the curvature's scale (``Posterior.scale``).
+    prec_e: [e] the prior precision lambda per expert (not its log).
+
+  Returns:
+    [e] log det of each expert's (f d) x (f d) posterior precision.
+  """
   _, f, ra = fac.a_vec_eff.shape
   _, d, rg = fac.g_vec_edd.shape
   ss, sp, ps, pp = spectrum(fac, scale, prec_e)
@@ -197,7 +259,15 @@ def log_det_precision(fac: Factors, scale, prec_e: jax.Array) -> jax.Array:
 
 def log_marginal_likelihood(post: Posterior, log_prior_prec_e: dict[Block, jax.Array] | None = None) -> jax.Array:
   """Laplace evidence: log p(D|theta*) - lambda/2 ||theta* - mu_0||^2 + P/2 log lambda - 1/2 log det Lambda,
-  summed over experts (each a block with its own lambda); differentiable in ``log_prior_prec_e``."""
+  summed over experts (each a block with its own lambda); differentiable in ``log_prior_prec_e``.
+
+  Args:
+    post: the posterior (its ``log_lik`` is log p(D|theta*), already scaled by s).
+    log_prior_prec_e: ``{block: [e] log lambda}`` to evaluate at; None: ``post.log_prior_prec_e``.
+
+  Returns:
+    Scalar: the log evidence (the 2 pi terms cancel; P = f d per expert).
+  """
   log_prec = post.log_prior_prec_e if log_prior_prec_e is None else log_prior_prec_e
   total = post.log_lik
   for l, fac in post.factors.items():
@@ -230,8 +300,18 @@ def optimize_prior_precision(post: Posterior, mode: str = "global", *, steps: in
                              learning_rate: float = 0.1, init: Any = None) -> tuple[Posterior, dict]:
   """The paper's LPO: maximise the Laplace evidence over log lambda with optax Adam.
 
-  ``mode`` is ``global``, ``layer`` or ``expert``. Returns the posterior with the optimised lambda and
-  the curve ``{"log_marglik": [...], "prior_precision": [...]}`` (the latter: the global/mean lambda).
+  Args:
+    post: the posterior; its prior mean must differ from the MAP (``prior_mean="map"`` raises ``ValueError``).
+    mode: the granularity of lambda: ``"global"`` (one), ``"layer"`` (one per block) or ``"expert"``.
+    steps: the number of Adam steps (full-batch: the evidence is exact given the factors).
+    learning_rate: Adam's learning rate, on log lambda.
+    init: the starting lambda, anything ``expand_prior_precision`` accepts; None: ``post``'s. Either is reduced
+      to ``mode``'s granularity by averaging log lambda (``"global"``: the mean of the blocks' means).
+
+  Returns:
+    ``(posterior, curve)``: the posterior with the optimised lambda, and ``{"log_marglik": [...],
+    "prior_precision": [...]}`` with ``steps + 1`` entries (the evidence and the mean lambda, exp of the mean
+    log lambda, before each step, then at the end).
   """
   if mode not in PRIOR_MODES:
     raise ValueError(f"mode={mode!r}: expected one of {PRIOR_MODES}")
@@ -288,14 +368,32 @@ def _apply_spectral(fac: Factors, scale, prec_e, z_efd, power: float):
 
 
 def covariance_apply(post: Posterior, block, v_efd: jax.Array) -> jax.Array:
-  """Sigma_e v for every expert of ``block`` (v shaped like its down_proj [e, f, d])."""
+  """Sigma_e v for every expert of ``block`` (v shaped like its down_proj [e, f, d]).
+
+  Args:
+    post: the posterior.
+    block: the block (a ``Block``, an int layer id for its routed experts, or a string like ``"3.shared"``).
+    v_efd: [e, f, d] one vector per expert, in the weights' row-major layout.
+
+  Returns:
+    [e, f, d] Sigma_e v_e per expert, at the posterior's prior precision.
+  """
   blk = as_block(block)
   return _apply_spectral(post.factors[blk], post.scale, jnp.exp(post.log_prior_prec_e[blk]), v_efd, -1.0)
 
 
 def sample_perturbations(post: Posterior, key: jax.Array, num_samples: int) -> dict[Block, jax.Array]:
   """``num_samples`` draws of W - W_map ~ N(0, Sigma) per Bayesian block: [n, e, f, d], structured:
-  eps = Lambda^{-1/2} z in the factors' eigenbasis (never a (f d) x (f d) matrix)."""
+  eps = Lambda^{-1/2} z in the factors' eigenbasis (never a (f d) x (f d) matrix).
+
+  Args:
+    post: the posterior.
+    key: PRNG key; the i-th block in sorted order draws from ``fold_in(key, i)``.
+    num_samples: n, the number of draws.
+
+  Returns:
+    ``{block: [n, e, f, d]}`` the perturbations, in the factors' dtype (at least float32).
+  """
   out = {}
   for i, (l, fac) in enumerate(sorted(post.factors.items())):
     z = jax.random.normal(jax.random.fold_in(key, i), (num_samples,) + post.w_map[l].shape, jnp.float32)
@@ -305,7 +403,18 @@ def sample_perturbations(post: Posterior, key: jax.Array, num_samples: int) -> d
 
 
 def sample_weights(post: Posterior, params, key: jax.Array, num_samples: int) -> list:
-  """Parameter trees with every Bayesian down_proj drawn from the posterior (routing at its MAP)."""
+  """Parameter trees with every Bayesian down_proj drawn from the posterior (routing at its MAP).
+
+  Args:
+    post: the posterior.
+    params: the model's parameters (the MAP) the samples are written into.
+    key: PRNG key of the draws (``sample_perturbations``).
+    num_samples: the number of parameter trees.
+
+  Returns:
+    ``num_samples`` parameter trees, each ``params`` with every Bayesian block replaced by W_map + eps (in W_map's
+    dtype); the other weights are shared with ``params``.
+  """
   eps = sample_perturbations(post, key, num_samples)
   return [write_blocks(params, {l: post.w_map[l] + eps[l][i].astype(post.w_map[l].dtype) for l in eps})
           for i in range(num_samples)]

@@ -45,6 +45,14 @@ METHODS = ("closed", "jvp_mc", "nn_mc")
 
 
 class LayerJacobian(NamedTuple):
+  """One block's lambda-independent Jacobian statistics for the closed-form predictive (``project_rows``).
+
+  Attributes:
+    proj_becrq: [b, e, c, r_a, r_g] the Jacobian rows M_c projected on U_A (x) U_G: U_A^T M_c U_G.
+    gram_becc: [b, e, c, c] <M_c, M_k> (low-rank factors only; None for full factors).
+    ra_becci: [b, e, c, c, r_a] (U_A^T M_c M_k^T U_A)_ii (low-rank only).
+    rg_beccj: [b, e, c, c, r_g] (U_G^T M_c^T M_k U_G)_jj (low-rank only).
+  """
   proj_becrq: jax.Array  # [b, e, c, r_a, r_g] Jacobian rows projected on U_A (x) U_G
   gram_becc: jax.Array | None  # [b, e, c, c] <M_c, M_c'> (low-rank factors only)
   ra_becci: jax.Array | None = None  # [b, e, c, c, r_a] (U_A^T M_c M_k^T U_A)_ii (low-rank only)
@@ -52,11 +60,24 @@ class LayerJacobian(NamedTuple):
 
 
 class JacobianStats(NamedTuple):
+  """The lambda-independent statistics of one batch for the closed-form predictive (``jacobian_stats``).
+
+  Attributes:
+    f_bc: [b, c] the MAP logits.
+    blocks: each Bayesian block's ``LayerJacobian``.
+  """
   f_bc: jax.Array  # MAP logits
   blocks: dict[Block, LayerJacobian]
 
 
 class Predictive(NamedTuple):
+  """A batch's predictive (``predict``).
+
+  Attributes:
+    probs_bc: [b, c] the class probabilities E softmax(f).
+    f_mean_bc: [b, c] the logits' mean: the MAP logits (closed route) or the samples' mean.
+    f_cov_bcc: [b, c, c] the logits' covariance: Sigma_f (closed route) or the samples' (unbiased) covariance.
+  """
   probs_bc: jax.Array
   f_mean_bc: jax.Array
   f_cov_bcc: jax.Array | None  # closed route: Sigma_f; sampling routes: the sample covariance
@@ -68,8 +89,20 @@ GATHER_ABOVE_EXPERTS = 16  # measured on CPU: at 8 experts projecting on all bas
 def project_rows(fac: Factors, a_btf, g_bctd, expert_bt, valid_bt, gather: bool | None = None) -> LayerJacobian:
   """Per-expert projections of the Jacobian rows ``sum_t a_t g_ct^T`` of b inputs (t: routed slots).
 
-  Pure and shape-generic: ``a`` [b, t, f], ``g`` [b, c, t, d], ``expert`` [b, t] int, ``valid`` [b, t].
-  ``gather`` picks how slots are projected (None: by the number of experts; both are exact).
+  Pure and shape-generic.
+
+  Args:
+    fac: the block's factors (eigenvectors ``a_vec_eff`` [e, f, r_a], ``g_vec_edd`` [e, d, r_g]).
+    a_btf: [b, t, f] each slot's down_proj input a.
+    g_bctd: [b, c, t, d] each slot's output gradient g_c = d f_c / d y, per class.
+    expert_bt: [b, t] int the expert of each slot.
+    valid_bt: [b, t] bool whether the slot counts (padding: False).
+    gather: how slots are projected: True: each on its own expert's eigenvectors; False: on every expert's, then
+      picked; None: gather above ``GATHER_ABOVE_EXPERTS`` experts. Both are exact.
+
+  Returns:
+    ``LayerJacobian``: ``proj_becrq`` [b, e, c, r_a, r_g]; for low-rank factors also ``gram_becc``, ``ra_becci``
+    and ``rg_beccj`` (None for full factors).
   """
   num_e = fac.a_vec_eff.shape[0]
   onehot_bte = jax.nn.one_hot(expert_bt, num_e, dtype=a_btf.dtype) * valid_bt[..., None].astype(a_btf.dtype)
@@ -102,7 +135,18 @@ def project_rows(fac: Factors, a_btf, g_bctd, expert_bt, valid_bt, gather: bool 
 
 
 def jacobian_stats(params, task: Task, batch: Batch, post: P.Posterior) -> JacobianStats:
-  """One forward and C vjps: the lambda-independent statistics of the closed-form predictive."""
+  """One forward and C vjps: the lambda-independent statistics of the closed-form predictive.
+
+  Args:
+    params: the model's parameters (the MAP).
+    task: the scored output (``bmoe_jax.task.Task``); static under ``jacobian_stats_jit``.
+    batch: the batch; every real token's slots enter the Jacobian.
+    post: the posterior (its blocks and factors' eigenvectors; its prior precision is not read).
+
+  Returns:
+    ``JacobianStats``: the MAP logits [b, c] and a ``LayerJacobian`` per block of ``post.factors`` (computed
+    from float32 slots).
+  """
   b, s = batch.tokens_bs.shape
 
   def f(perturb):
@@ -129,7 +173,17 @@ jacobian_stats_jit = jax.jit(jacobian_stats, static_argnames="task")
 
 def layer_covariance(fac: Factors, jac: LayerJacobian, scale, prec_e) -> jax.Array:
   """[b, c, c] contribution of one block's experts to Sigma_f: ``<M_c, Sigma_e M_k>`` summed over the
-  four eigen-groups of ``posterior.spectrum`` (module docstring)."""
+  four eigen-groups of ``posterior.spectrum`` (module docstring).
+
+  Args:
+    fac: the block's factors.
+    jac: the block's Jacobian statistics (``project_rows``) for the same factors.
+    scale: s, the curvature's scale (``Posterior.scale``).
+    prec_e: [e] the prior precision lambda per expert (not its log).
+
+  Returns:
+    [b, c, c] sum over the block's experts of J_e Sigma_e J_e^T.
+  """
   ss, sp, ps, pp = (1.0 / x for x in P.spectrum(fac, scale, prec_e))
   span = jnp.einsum("becrq,erq,bekrq->bck", jac.proj_becrq, ss, jac.proj_becrq)
   if jac.gram_becc is None:
@@ -144,7 +198,16 @@ def layer_covariance(fac: Factors, jac: LayerJacobian, scale, prec_e) -> jax.Arr
 
 
 def logit_covariance(stats: JacobianStats, post: P.Posterior, log_prior_prec_e=None) -> jax.Array:
-  """Sigma_f [b, c, c] from the statistics and the posterior (or another prior precision)."""
+  """Sigma_f [b, c, c] from the statistics and the posterior (or another prior precision).
+
+  Args:
+    stats: the batch's statistics (``jacobian_stats``, on ``post``'s factors).
+    post: the posterior (factors and scale; its prior precision unless ``log_prior_prec_e`` is given).
+    log_prior_prec_e: ``{block: [e] log lambda}``; None: ``post.log_prior_prec_e``.
+
+  Returns:
+    [b, c, c] the linearised logits' covariance, summed over the blocks of ``stats``.
+  """
   log_prec = post.log_prior_prec_e if log_prior_prec_e is None else log_prior_prec_e
   cov = 0.0
   for l, jac in stats.blocks.items():
@@ -153,7 +216,19 @@ def logit_covariance(stats: JacobianStats, post: P.Posterior, log_prior_prec_e=N
 
 
 def jvp_samples(params, task: Task, batch: Batch, post: P.Posterior, key, num_samples: int):
-  """[n, b, c] linearised samples f* + J eps, eps ~ N(0, Sigma) structured per expert."""
+  """[n, b, c] linearised samples f* + J eps, eps ~ N(0, Sigma) structured per expert.
+
+  Args:
+    params: the model's parameters (the MAP).
+    task: the scored output (``bmoe_jax.task.Task``).
+    batch: the batch.
+    post: the posterior.
+    key: PRNG key of the weight draws (``posterior.sample_perturbations``).
+    num_samples: n, the number of draws.
+
+  Returns:
+    [n, b, c] the linearised logits, one jvp per draw (linearised at W_map in float32).
+  """
   def f(w_by_block):
     return task.logits(write_blocks(params, w_by_block), batch)
 
@@ -164,7 +239,19 @@ def jvp_samples(params, task: Task, batch: Batch, post: P.Posterior, key, num_sa
 
 def nn_samples(params, task: Task, batch: Batch, post: P.Posterior, key, num_samples: int):
   """[n, b, c] logits of full forward passes with sampled down_proj weights (routing recomputed by the
-  forward, but the router and everything before the Bayesian layers are at the MAP)."""
+  forward, but the router and everything before the Bayesian layers are at the MAP).
+
+  Args:
+    params: the model's parameters (the MAP).
+    task: the scored output (``bmoe_jax.task.Task``).
+    batch: the batch.
+    post: the posterior.
+    key: PRNG key of the weight draws (``posterior.sample_perturbations``).
+    num_samples: n, the number of draws (forwards run one after another, ``jax.lax.map``).
+
+  Returns:
+    [n, b, c] the logits of each sampled network.
+  """
   eps = P.sample_perturbations(post, key, num_samples)
 
   def one(eps_one):
@@ -176,8 +263,23 @@ def nn_samples(params, task: Task, batch: Batch, post: P.Posterior, key, num_sam
 
 def predict(post: P.Posterior, params, task: Task, batch: Batch, *, method: str = "closed",
             link: str = DEFAULT_LINK, key: jax.Array | None = None, num_samples: int = 1000) -> Predictive:
-  """Class probabilities with uncertainty. ``method``: closed | jvp_mc | nn_mc; ``link`` (closed only):
-  ``task.LINKS`` (mc: ``num_samples`` Gaussian logit draws, seeded by ``key``)."""
+  """Class probabilities with uncertainty.
+
+  Args:
+    post: the posterior.
+    params: the model's parameters (the MAP).
+    task: the scored output (``bmoe_jax.task.Task``).
+    batch: the batch.
+    method: ``"closed"`` (linearised, Sigma_f in closed form), ``"jvp_mc"`` (linearised samples) or ``"nn_mc"``
+      (sampled networks); see the module docstring.
+    link: closed route only: how E softmax(f) is taken, one of ``task.LINKS`` (``"mc"``: ``num_samples``
+      Gaussian logit draws). The sampling routes average the samples' softmax.
+    key: PRNG key of the ``"mc"`` link or of the sampling routes' weight draws; None: ``jax.random.key(0)``.
+    num_samples: the number of Gaussian logit draws (``link="mc"``) or of weight draws (sampling routes).
+
+  Returns:
+    ``Predictive``: probabilities [b, c], the logits' mean [b, c] and covariance [b, c, c].
+  """
   if method not in METHODS:
     raise ValueError(f"method={method!r}: expected one of {METHODS}")
   key = jax.random.key(0) if key is None else key
@@ -197,12 +299,22 @@ def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats
                                 link: str = DEFAULT_LINK, key: jax.Array | None = None,
                                 num_samples: int = 1000, temperature: float = 1.0) -> tuple[P.Posterior, dict]:
   """Global lambda minimising validation NLL over ``grid`` (the pipeline's default:
-  ``pipeline.configs.FitConfig.grid``). ``temperature`` T: the predictive of the tempered logits f / T,
-  N(f* / T, Sigma_f / T^2) (Bayesian-MoE after temperature scaling).
+  ``pipeline.configs.FitConfig.grid``). Every grid point costs only the contraction of the statistics.
 
-  ``val``: (``jacobian_stats`` of a validation batch, its labels) pairs, computed once; every grid
-  point then costs only the contraction. Returns the posterior at the best lambda and the curve
-  ``{"prior_precision": [...], "nll": [...]}`` (mean NLL per example)."""
+  Args:
+    post: the posterior (its factors; its own prior precision is not read).
+    val: (``jacobian_stats`` of a validation batch on ``post``'s factors, its labels [b] int) pairs, computed once.
+    grid: the candidate prior precisions lambda (not logs), one global value each.
+    link: how E softmax(f) is taken, one of ``task.LINKS``.
+    key: PRNG key of the ``"mc"`` link (the same draws at every grid point); None: ``jax.random.key(0)``.
+    num_samples: Gaussian logit draws of the ``"mc"`` link.
+    temperature: T: the predictive of the tempered logits f / T, N(f* / T, Sigma_f / T^2) (Bayesian-MoE after
+      temperature scaling); 1: untempered.
+
+  Returns:
+    ``(posterior, curve)``: ``post`` with the best lambda for every expert of every block (the first on ties),
+    and ``{"prior_precision": [...], "nll": [...]}`` (the grid, and the mean NLL per example at each point).
+  """
   grid = np.asarray(grid, np.float64)
   key = jax.random.key(0) if key is None else key
   num_e = {l: w.shape[0] for l, w in post.w_map.items()}

@@ -33,6 +33,13 @@ from bmoe_jax.nn.layers import dot
 
 
 class Routing(NamedTuple):
+  """One layer's routing of n tokens: what ``route`` and every router (``routing.routers``) return.
+
+  Attributes:
+    expert_nk: int32 [n, k] expert ids of each token's k slots.
+    gate_nk: float32 [n, k] their routing weights (after renormalisation and scaling).
+    logits_ne: float32 [n, E] router logits (a stochastic router's: the logits it gated with).
+  """
   expert_nk: jax.Array  # int32 expert ids of each token's k slots
   gate_nk: jax.Array  # routing weights (after renormalisation and scaling)
   logits_ne: jax.Array  # float32 router logits
@@ -72,9 +79,31 @@ def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: 
           logit_offset_ne: jax.Array | None = None, native: bool = False, topk_method: str = "greedy",
           n_group: int = 1, topk_group: int = 1, bias_e: jax.Array | None = None) -> Routing:
   """Deterministic top-k routing in float32 (see the module docstring for ``scoring``).
-  ``logit_offset_ne``: added to the logits (zero perturbations whose gradient is the logits' gradient).
-  ``native``: the logits' matmul runs in the inputs' dtype (e.g. bfloat16) and is cast to float32 after it
-  (``MoEConfig.router_dtype``); by default both operands are cast to float32 first."""
+
+  Args:
+    x_nd: [n, d] router inputs (the MoE layer's normed input, flattened over batch and sequence).
+    router_de: [d, E] router weight.
+    top_k: k, the experts selected per token.
+    norm_topk_prob: renormalise the selected experts' scores to sum to 1 (``softmax``/``sigmoid`` only).
+    norm_eps: added to that renormalisation's denominator (DeepSeek-V3's ``norm_topk_eps``); 0: none.
+    scaling: the routed scaling factor multiplying the gates (``softmax``/``sigmoid`` only); 1: none.
+    scoring: "softmax", "sigmoid" or "select" (gate 1 with a straight-through gradient; ignores the
+      renormalisation, scaling, ``topk_method`` and ``bias_e``).
+    logit_offset_ne: [n, E] added to the logits (zero perturbations whose gradient is the logits' gradient);
+      None: nothing added.
+    native: the logits' matmul runs in the inputs' dtype (e.g. bfloat16) and is cast to float32 after it
+      (``MoEConfig.router_dtype``); by default (False) both operands are cast to float32 first.
+    topk_method: "greedy" (top-k of all experts), "group_limited_greedy" (DeepSeek-V2) or "noaux_tc"
+      (DeepSeek-V3): top-k within the ``topk_group`` best of ``n_group`` expert groups.
+    n_group: number of contiguous expert groups (dividing E); only for the group-limited methods.
+    topk_group: groups a token may select from; only for the group-limited methods.
+    bias_e: [E] selection bias added to the scores for the choice of experts only (the gates stay the unbiased
+      scores; DeepSeek-V3's ``e_score_correction_bias``); None: no bias.
+
+  Returns:
+    ``Routing(expert_nk, gate_nk, logits_ne)``: int32 [n, k] expert ids (best first), float32 [n, k] gates,
+      float32 [n, E] logits (offset included).
+  """
   if native:
     logits_ne = dot(x_nd, router_de.astype(x_nd.dtype)).astype(jnp.float32)
   else:
@@ -108,7 +137,17 @@ def _normalise(gate_nk, norm_topk_prob: bool, norm_eps: float, scaling: float):
 
 def gates_at(logits_ne: jax.Array, expert_nk: jax.Array, gating: Gating) -> jax.Array:
   """[n, k] the family's weights of the experts ``expert_nk`` under gating logits ``logits_ne``. With the
-  top-k experts of ``logits_ne`` it equals ``route``'s gates."""
+  top-k experts of ``logits_ne`` it equals ``route``'s gates.
+
+  Args:
+    logits_ne: [n, E] gating logits (float32).
+    expert_nk: [n, k] int expert ids, chosen by any rule.
+    gating: the family's gating rule (``scoring`` "softmax", "sigmoid" or "select", renormalisation, scaling).
+
+  Returns:
+    [n, k] gates: the scores (softmax over all E experts, or sigmoids) at ``expert_nk``, renormalised and
+      scaled as ``gating`` says; for "select", ones whose gradient is that of ``log softmax(logits)``.
+  """
   if gating.scoring == "select":
     logp_nk = jnp.take_along_axis(jax.nn.log_softmax(logits_ne, axis=-1), expert_nk, axis=-1)
     return jnp.exp(logp_nk - jax.lax.stop_gradient(logp_nk))
@@ -120,25 +159,59 @@ def gates_at(logits_ne: jax.Array, expert_nk: jax.Array, gating: Gating) -> jax.
 
 
 def topk_ids(logits_ne: jax.Array, k: int) -> jax.Array:
-  """[n, k] int32: the k largest logits' experts (ties: the lower id first, as ``route``)."""
+  """[n, k] int32: the k largest logits' experts (ties: the lower id first, as ``route``).
+
+  Args:
+    logits_ne: [n, E] logits (or any scores).
+    k: experts per token.
+
+  Returns:
+    [n, k] int32 expert ids, largest logit first.
+  """
   return jax.lax.top_k(logits_ne, k)[1].astype(jnp.int32)
 
 
 def gumbel_topk(key: jax.Array, logits_ne: jax.Array, k: int) -> jax.Array:
   """[n, k] int32: k experts drawn without replacement from ``softmax(logits)``, in draw order (the
   Gumbel-top-k trick: the top k of ``logits + Gumbel noise`` has the law of k sequential categorical draws,
-  each renormalised over the experts not yet drawn; Vieira 2014, Kool et al. 2019)."""
+  each renormalised over the experts not yet drawn; Vieira 2014, Kool et al. 2019).
+
+  Args:
+    key: PRNG key of the Gumbel noise.
+    logits_ne: [n, E] logits of the sampling distribution (no gradient flows through the draw).
+    k: experts drawn per token (at most E).
+
+  Returns:
+    [n, k] int32 expert ids, in draw order.
+  """
   g_ne = jax.random.gumbel(key, logits_ne.shape, jnp.float32)
   return topk_ids(jax.lax.stop_gradient(logits_ne) + g_ne, k)
 
 
 def select_mask(expert_nk: jax.Array, num_experts: int) -> jax.Array:
-  """[n, e] bool: which experts each token selected."""
+  """[n, e] bool: which experts each token selected.
+
+  Args:
+    expert_nk: [n, k] int expert ids.
+    num_experts: E, the number of experts.
+
+  Returns:
+    [n, E] bool: True at every expert among a token's k ids.
+  """
   return jnp.any(jax.nn.one_hot(expert_nk, num_experts, dtype=bool), axis=1)
 
 
 def jaccard(expert_a_nk: jax.Array, expert_b_nk: jax.Array, num_experts: int) -> jax.Array:
-  """[n] |A ∩ B| / |A ∪ B| of two selections of the same tokens (routing stability)."""
+  """[n] |A ∩ B| / |A ∪ B| of two selections of the same tokens (routing stability).
+
+  Args:
+    expert_a_nk: [n, k] int expert ids of the first selection.
+    expert_b_nk: [n, k'] int expert ids of the second selection (of the same n tokens).
+    num_experts: E, the number of experts.
+
+  Returns:
+    [n] float: each token's Jaccard index in [0, 1] (0 when both selections are empty).
+  """
   a_ne, b_ne = select_mask(expert_a_nk, num_experts), select_mask(expert_b_nk, num_experts)
   inter = jnp.sum(a_ne & b_ne, axis=-1)
   union = jnp.sum(a_ne | b_ne, axis=-1)

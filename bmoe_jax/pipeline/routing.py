@@ -54,7 +54,8 @@ def markdown(report: dict) -> tuple[str, dict]:
   curves = mean_curves(report)
   gammas = next(iter(curves.values()))[0]
   fwd = report["forward_flops_per_token"]
-  lines = ["# Routing", "", "Mean Jaccard of the top-k sets under input noise (common random numbers), over the routers' "
+  lines = ["# Routing", "",
+           "Mean Jaccard of the top-k sets under input noise (common random numbers), over the routers' "
            "layers; resample: two independent draws on the same input.", "",
            "| method | " + " | ".join(f"γ={g:g}" for g in gammas) + " | resample | extra FLOPs / token |",
            "|---|" + "---:|" * (len(gammas) + 2)]

@@ -144,8 +144,20 @@ def _mcdr(rc: RouterConfig, p: dict, x: RouterIn):
 
 
 def swag_draw(rc: RouterConfig, p: dict, key) -> jax.Array:
-  """One router weight [d, E] from a SWAG posterior (``p``: ``swag.SwagState`` fields: mean, sq_mean, the last
-  K deviations ``dev`` [K, d, E] (newest last), count)."""
+  """One router weight [d, E] from a SWAG posterior,
+  ``mean + sqrt(scale) (sigma z1 + D^T z2 / sqrt(K' - 1)) / sqrt(2)``: sigma^2 = max(sq_mean - mean^2, 0),
+  D the deviations, z1, z2 standard normal, K' = min(count, K) the deviations collected so far (``K' - 1``
+  floored at 1; z2 is 0 on the uncollected ones).
+
+  Args:
+    rc: the router's options (``swag_scale``: the covariance scale).
+    p: the ``swag.SwagState`` fields: ``mean`` and ``sq_mean`` [d, E], the last K deviations ``dev`` [K, d, E]
+      (newest last; zeros not yet collected) and ``count`` (float32 scalar, snapshots so far).
+    key (jax.Array): PRNG key of the draw.
+
+  Returns:
+    float32 [d, E] a router weight.
+  """
   k1, k2 = jax.random.split(key)
   var_de = jnp.maximum(p["sq_mean"] - jnp.square(p["mean"]), 0.0)
   diag_de = jnp.sqrt(var_de) * jax.random.normal(k1, var_de.shape)
@@ -170,7 +182,16 @@ def _ensemble(rc: RouterConfig, p: dict, x: RouterIn):
 
 def tril_from_vector(v_nm: jax.Array, e: int) -> tuple[jax.Array, jax.Array]:
   """(L [n, e, e], log diag L [n, e]): lower-triangular Cholesky factors from [n, e(e+1)/2] head outputs
-  (row-major lower triangle), the diagonal exponentiated."""
+  (row-major lower triangle), the diagonal exponentiated.
+
+  Args:
+    v_nm: [n, e(e+1)/2] head outputs (any leading batch dims).
+    e: the factors' size (the number of experts).
+
+  Returns:
+    (L [n, e, e] lower-triangular with a positive diagonal, log diag L [n, e] = the raw diagonal entries),
+      in ``v_nm``'s dtype.
+  """
   rows, cols = jnp.tril_indices(e)
   raw_nee = jnp.zeros(v_nm.shape[:-1] + (e, e), v_nm.dtype).at[..., rows, cols].set(v_nm)
   eye = jnp.eye(e, dtype=bool)
@@ -179,12 +200,29 @@ def tril_from_vector(v_nm: jax.Array, e: int) -> tuple[jax.Array, jax.Array]:
 
 
 def kl_diag(dmu_ne, logvar_ne) -> jax.Array:
-  """[n] KL(N(dmu, diag exp(logvar)) || N(0, I))."""
+  """[n] KL(N(dmu, diag exp(logvar)) || N(0, I)): mfvr's KL to its prior N(l, I), in nats.
+
+  Args:
+    dmu_ne (jax.Array): [n, E] the posterior mean's offset from the MAP logits.
+    logvar_ne (jax.Array): [n, E] the log variances.
+
+  Returns:
+    [n] the KL of each token.
+  """
   return 0.5 * jnp.sum(jnp.exp(logvar_ne) + jnp.square(dmu_ne) - 1.0 - logvar_ne, axis=-1)
 
 
 def kl_chol(dmu_ne, raw_diag_ne, l_nee) -> jax.Array:
-  """[n] KL(N(dmu, L L^T) || N(0, I)), ``raw_diag`` = log diag L."""
+  """[n] KL(N(dmu, L L^T) || N(0, I)): fcvr's KL to its prior N(l, I), in nats.
+
+  Args:
+    dmu_ne (jax.Array): [n, E] the posterior mean's offset from the MAP logits.
+    raw_diag_ne (jax.Array): [n, E] log diag L (``tril_from_vector``'s second output).
+    l_nee (jax.Array): [n, E, E] the lower-triangular Cholesky factor L of the covariance.
+
+  Returns:
+    [n] the KL of each token.
+  """
   e = dmu_ne.shape[-1]
   return 0.5 * (jnp.sum(jnp.square(l_nee), axis=(-2, -1)) + jnp.sum(jnp.square(dmu_ne), -1) - e
                 - 2.0 * jnp.sum(raw_diag_ne, -1))
@@ -224,7 +262,15 @@ def _fcvr(rc: RouterConfig, p: dict, x: RouterIn):
 
 
 def temperature_of(p: dict, u_nd) -> jax.Array:
-  """[n, 1] or [n, E]: VTSR's T(u) = softplus(MLP(u)) + 1e-6."""
+  """[n, 1] or [n, E]: VTSR's T(u) = softplus(MLP(u)) + 1e-6.
+
+  Args:
+    p: the vtsr router's parameters: ``w1`` [d, h] and ``w2`` [h, 1] (shared) or [h, E] (``per_expert``).
+    u_nd (jax.Array): [n, d] router inputs (cast to float32).
+
+  Returns:
+    float32 [n, 1] (one shared temperature) or [n, E] (one per expert), all positive.
+  """
   return jax.nn.softplus(_mlp(p, u_nd)) + TEMPERATURE_EPS
 
 
@@ -248,7 +294,18 @@ APPLY: dict[str, Callable] = {
 
 
 def apply(rc: RouterConfig, p: dict, x: RouterIn) -> tuple[Routing, jax.Array]:
-  """(routing, per-token regulariser [n]) of one layer's router."""
+  """(routing, per-token regulariser [n]) of one layer's router (the module docstring's table, by ``rc.kind``).
+
+  Args:
+    rc: the router's options.
+    p: its parameters (``init``; {} for "deterministic" and "temperature").
+    x: its inputs: the router input u [n, d], the MAP weight, this layer's key, the sample index, the family's
+      gating, k, training mode and the selection bias.
+
+  Returns:
+    (``gating.Routing`` of the n tokens, float32 [n] per-token regulariser: the KL of mfvr/fcvr, ``-log T`` of
+      vtsr averaged over its temperatures, else 0).
+  """
   return APPLY[rc.kind](rc, p, x)
 
 
@@ -262,7 +319,19 @@ def _mlp_init(key, d: int, hidden: int, out: int) -> dict:
 
 
 def init(rc: RouterConfig, kernel_de: jax.Array, key: jax.Array) -> dict:
-  """A fresh router's parameters for MAP router weight ``kernel_de`` [d, E] (float32)."""
+  """A fresh router's parameters for MAP router weight ``kernel_de`` [d, E] (float32).
+
+  Args:
+    rc: the router's options (``kind``, ``hidden_ratio``, ``swag_rank``, ``router_members``, ``per_expert``).
+    kernel_de: [d, E] the MAP router weight.
+    key: PRNG key of the MLP heads' init (mfvr, fcvr, vtsr; unused by the other kinds).
+
+  Returns:
+    {} for "deterministic" and "temperature"; mcdr ``kernel`` [d, E] (= the MAP weight); swag ``mean``,
+      ``sq_mean`` [d, E], ``dev`` [K, d, E] zeros, ``count`` 0; ensemble ``kernels`` [M, d, E] (M copies of the
+      MAP weight); mfvr/fcvr ``mu`` [d, E] zeros and the MLP ``w1`` [d, h], ``w2`` [h, E] (mfvr) or
+      [h, E(E+1)/2] (fcvr); vtsr ``w1`` [d, h], ``w2`` [h, 1] or [h, E] (``per_expert``); h = max(1, d // hidden_ratio).
+  """
   w_de = jnp.asarray(kernel_de, jnp.float32)
   d, e = w_de.shape
   hidden = max(1, d // rc.hidden_ratio)

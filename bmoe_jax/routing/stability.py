@@ -63,7 +63,23 @@ _batch_stats_jit = jax.jit(_batch_stats, static_argnames=("task", "gammas"))
 
 def routing_stability(params, task: Task, batches: Sequence[Batch], *, gammas: Sequence[float] = GAMMAS,
                       key=None) -> dict:
-  """{layer: {"gamma": [...], "jaccard": [...], "resample": float, "mean_norm": float}} (module docstring)."""
+  """{layer: {"gamma": [...], "jaccard": [...], "resample": float, "mean_norm": float}} (module docstring):
+  the routing stability of every MoE layer the task's forward runs.
+
+  Args:
+    params (dict): the parameter tree; with ``task.routing``, carrying the routers' state (``attach``), whose key and
+      sample index are replaced by a draw from ``key`` (sample 0).
+    task: the scored task: its ``cfg``, its ``routing`` plan (None: deterministic routers), its forward.
+    batches: the evaluated batches; only real tokens (``mask_bs`` 1) count.
+    gammas: the noise scales, relative to each layer's mean router-input norm (sigma = gamma * L_l);
+      default: the thesis' grid ``GAMMAS``.
+    key (jax.Array | None): PRNG key of the input noise and the routers' draws; None: ``jax.random.key(0)``.
+
+  Returns:
+    ``{layer: {"gamma": list(gammas), "jaccard": [mean Jaccard index per gamma], "resample": mean Jaccard
+      index of two independent draws on the unperturbed input (1.0 for a deterministic router), "mean_norm":
+      L_l, the mean L2 norm of the router inputs}}``, means over the real tokens of all batches.
+  """
   key = jax.random.key(0) if key is None else key
   params = with_draw(params, jax.random.fold_in(key, 7), 0) if task.routing is not None else params
   zeros = {l: jnp.zeros(()) for l in task.cfg.moe_layer_ids}
@@ -85,7 +101,19 @@ def routing_stability(params, task: Task, batches: Sequence[Batch], *, gammas: S
 
 def router_flops(rc: R.RouterConfig, d: int, e: int, tokens_per_forward: int = 128) -> float:
   """Extra FLOPs per token of router ``rc`` over the deterministic router (``2 d E``) at inference.
-  Elementwise work (noise, exp, softmax, top-k) is counted as one FLOP per element and operation."""
+  Elementwise work (noise, exp, softmax, top-k) is counted as one FLOP per element and operation.
+
+  Args:
+    rc: the router's options (``kind``, ``inner_samples`` S, ``hidden_ratio``, ``swag_rank``, ``per_expert``).
+    d: the model width (the router input's).
+    e: the number of experts E.
+    tokens_per_forward: tokens sharing one swag weight draw, over which its cost is spread (swag only;
+      default 128, ``forward_flops``' default ``seq``).
+
+  Returns:
+    The extra FLOPs (2 per multiply-add, 1 per elementwise operation) per token of one forward; 0 for
+      "deterministic" and "ensemble".
+  """
   h = max(1, d // rc.hidden_ratio)
   s = rc.inner_samples
   mlp = lambda out: 2 * d * h + 2 * h * out
@@ -103,7 +131,16 @@ def router_flops(rc: R.RouterConfig, d: int, e: int, tokens_per_forward: int = 1
 
 def forward_flops(cfg, seq: int = 128) -> float:
   """FLOPs per token of the model's forward (matmuls; attention over ``seq`` causal positions, on average
-  ``(seq + 1) / 2`` keys per query; the LM head on every position)."""
+  ``(seq + 1) / 2`` keys per query; the LM head on every position).
+
+  Args:
+    cfg (MoEConfig): the model's config (``MoEConfig``).
+    seq: the sequence length (tokens per forward).
+
+  Returns:
+    FLOPs (2 per multiply-add) per token: every layer's attention projections and scores, its MLP (dense, or
+      the router, k routed experts and the optionally gated shared expert), and the LM head.
+  """
   from bmoe_jax.params import layer_specs
   d = cfg.hidden_size
   specs = layer_specs(cfg, 0)["attn"]  # every projection is one matmul per token (MLA's latents too)
