@@ -368,10 +368,14 @@ def paired_auroc_difference(a_in_sn, a_out_sm, b_in_sn, b_out_sm, *, num_samples
 
 def _paired_bootstrap(diff: Callable, sizes: tuple, num_samples: int, level: float, seed: int) -> dict:
   """The estimate ``diff(*all indices)``, the percentile interval of ``diff`` over resamples (one index draw per
-  set in ``sizes``) and the two-sided bootstrap p-value (twice the smaller tail beyond 0, at most 1)."""
+  set in ``sizes``) and the two-sided bootstrap p-value (twice the smaller tail beyond 0, at most 1). Resamples
+  where ``diff`` is undefined (NaN, e.g. an AUROC of a resample with one class) are left out of both."""
   rng = np.random.default_rng(seed)
-  boot = np.array([diff(*(rng.integers(0, n, n) for n in sizes)) for _ in range(num_samples)])
-  lo, hi = np.nanpercentile(boot, [50 * (1 - level), 100 - 50 * (1 - level)])
+  boot = np.array([diff(*(rng.integers(0, n, n) for n in sizes)) for _ in range(num_samples)], np.float64)
+  boot = boot[np.isfinite(boot)]
+  if boot.size == 0:
+    return {"diff": diff(*(np.arange(n) for n in sizes)), "ci": (float("nan"),) * 2, "p": float("nan")}
+  lo, hi = np.percentile(boot, [50 * (1 - level), 100 - 50 * (1 - level)])
   p = min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))
   return {"diff": diff(*(np.arange(n) for n in sizes)), "ci": (float(lo), float(hi)), "p": float(p)}
 

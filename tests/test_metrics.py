@@ -128,6 +128,22 @@ def test_paired_difference_pools_seeds_on_shared_resamples():
     M.paired_difference(M.nll, a, b[:1], y)
 
 
+def test_paired_difference_leaves_undefined_resamples_out_of_the_interval_and_the_p_value():
+  """A metric undefined (NaN) on some resamples, as error_auroc is where every answer is right: those resamples
+  count in neither tail. Here it is defined only when questions 0 and 1 are both drawn (~42% of resamples)."""
+  y = np.zeros(6, int)
+  a = np.tile([[0.9, 0.1]], (6, 1))
+  a[0], a[1] = [0.3, 0.7], [0.4, 0.6]
+  def metric(p, labels):
+    wrong = p[:, 1]
+    return 0.0 if (wrong == 0.7).any() and (wrong == 0.6).any() else np.nan
+  r = M.paired_difference(metric, a[None], a[None], y, num_samples=300, seed=3)
+  assert r["p"] == 1.0 and r["ci"] == (0.0, 0.0)  # counting NaN resamples in the total gave p < 1
+  assert M.error_auroc(a[2:], y[2:]) != M.error_auroc(a[2:], y[2:])  # NaN: every answer right
+  none = M.paired_difference(metric, a[None, 2:], a[None, 2:], y[2:], num_samples=20)
+  assert np.isnan(none["p"]) and np.isnan(none["ci"][0])
+
+
 def test_paired_auroc_difference_resamples_in_and_out_sets_apart():
   rng = np.random.RandomState(5)
   a_in, a_out = rng.normal(0, 1, (2, 40)), rng.normal(1, 1, (2, 30))  # a separates; b is noise
