@@ -125,10 +125,7 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
   aux_n = None
   offset = None if perturb is None or "router" not in perturb else perturb["router"].reshape(b * s, -1)
   if router is None:
-    routing = G.route(x_nd, p["router"]["kernel"], k, norm_topk_prob=cfg.norm_topk_prob, norm_eps=cfg.norm_topk_eps,
-                      scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring, logit_offset_ne=offset,
-                      native=cfg.router_dtype == "native", topk_method=cfg.topk_method, n_group=cfg.n_group,
-                      topk_group=cfg.topk_group, bias_e=p["router"].get("bias"))
+    routing = G.route_of(cfg, x_nd, p["router"], offset)
   elif offset is not None:
     raise ValueError("a router-logit perturbation (Laplace router block) needs the deterministic router in its layer")
   else:

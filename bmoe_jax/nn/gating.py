@@ -135,6 +135,25 @@ def _normalise(gate_nk, norm_topk_prob: bool, norm_eps: float, scaling: float):
   return gate_nk
 
 
+def route_of(cfg, x_nd: jax.Array, router: dict, logit_offset_ne: jax.Array | None = None) -> Routing:
+  """The family's deterministic routing of ``x_nd`` as the forward runs it: ``route`` with every option from the
+  config (gating rule, ``router_dtype``, group-limited top-k) and the router's bias.
+
+  Args:
+    cfg: the ``MoEConfig``.
+    x_nd: [n, d] router inputs (the MLP's normalised inputs), in the model's dtype.
+    router: a layer's router parameters: ``"kernel"`` [d, E] and, for aux-free balancing, ``"bias"`` [E].
+    logit_offset_ne: [n, E] added to the router logits (the Laplace router block's zero perturbation); None: 0.
+
+  Returns:
+    The ``Routing`` (experts [n, k], gates [n, k], logits [n, E]).
+  """
+  return route(x_nd, router["kernel"], cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+               norm_eps=cfg.norm_topk_eps, scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring,
+               logit_offset_ne=logit_offset_ne, native=cfg.router_dtype == "native", topk_method=cfg.topk_method,
+               n_group=cfg.n_group, topk_group=cfg.topk_group, bias_e=router.get("bias"))
+
+
 def gates_at(logits_ne: jax.Array, expert_nk: jax.Array, gating: Gating) -> jax.Array:
   """[n, k] the family's weights of the experts ``expert_nk`` under gating logits ``logits_ne``. With the
   top-k experts of ``logits_ne`` it equals ``route``'s gates.

@@ -30,12 +30,16 @@ GAMMAS = (0.001, 0.002, 0.005, 0.007, 0.01, 0.02, 0.05)
 
 
 def _route_again(params, task: Task, layer: int, u_nd, key=None):
-  """The layer's routing of inputs ``u_nd`` with the forward's router (and its key, or ``key``)."""
+  """The layer's routing of inputs ``u_nd`` exactly as the forward routes (its router, dtype, training mode and
+  key, or ``key``)."""
   cfg = task.cfg
   router = params["layers"][layer]["mlp"]["router"]
-  rc, rp, layer_key, sample = layer_router(params, task.routing, layer) or (R.RouterConfig(), {}, None, 0)
+  found = layer_router(params, task.routing, layer)
+  if found is None:
+    return G.route_of(cfg, u_nd, router)
+  rc, rp, layer_key, sample = found
   x = R.RouterIn(u_nd, router["kernel"], layer_key if key is None else key, sample, G.Gating.of(cfg),
-                 cfg.num_experts_per_tok, False, router.get("bias"))
+                 cfg.num_experts_per_tok, task.routing.train, router.get("bias"))
   return R.apply(rc, rp, x)[0]
 
 
@@ -46,13 +50,14 @@ def _batch_stats(params, task: Task, batch: Batch, gammas, norms, key):
   e = task.cfg.num_experts
   out = {}
   for layer, tap in taps.items():
-    u_nd = tap.router_in_bsd.reshape(-1, tap.router_in_bsd.shape[-1]).astype(jnp.float32)
+    x_nd = tap.router_in_bsd.reshape(-1, tap.router_in_bsd.shape[-1])  # the model's dtype, as the forward
+    u_nd = x_nd.astype(jnp.float32)
     ids_nk = tap.expert_bsk.reshape(u_nd.shape[0], -1)
     lkey = jax.random.fold_in(key, layer)
     noise_nd = jax.random.normal(lkey, u_nd.shape)
-    jac = [jnp.sum(mask_n * G.jaccard(ids_nk, _route_again(params, task, layer, u_nd + g * norms[layer] * noise_nd
-                                                           ).expert_nk, e)) for g in gammas]
-    other = _route_again(params, task, layer, u_nd, key=jax.random.fold_in(lkey, 1)).expert_nk
+    noisy = [x_nd if g == 0 else (u_nd + g * norms[layer] * noise_nd).astype(x_nd.dtype) for g in gammas]
+    jac = [jnp.sum(mask_n * G.jaccard(ids_nk, _route_again(params, task, layer, v).expert_nk, e)) for v in noisy]
+    other = _route_again(params, task, layer, x_nd, key=jax.random.fold_in(lkey, 1)).expert_nk
     out[layer] = (jnp.stack(jac), jnp.sum(mask_n * G.jaccard(ids_nk, other, e)), jnp.sum(mask_n),
                   jnp.sum(mask_n * jnp.linalg.norm(u_nd, axis=-1)))
   return out

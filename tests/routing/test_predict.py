@@ -126,3 +126,15 @@ def test_flops_count_of_latent_attention():
   attn = 2 * proj + 2 * h * (10 + 5) * 129 / 2
   per_layer_mlp = 2 * d * 4 + 2 * 3 * 2 * d * cfg.moe_intermediate_size
   assert ST.forward_flops(cfg, seq=128) == pytest.approx(2 * (attn + per_layer_mlp) + 2 * d * cfg.vocab_size)
+
+
+def test_stability_reroutes_as_the_forward_in_bfloat16_with_native_router_logits():
+  """With bf16 weights and ``router_dtype="native"`` the forward's router matmul runs in bf16: the re-routing
+  must too (a float32 re-route picks other experts on near ties), so gamma 0 keeps every set."""
+  cfg = B.tiny_config(num_experts=32, num_experts_per_tok=2, shared_expert_size=0, shared_expert_gate=False,
+                      router_dtype="native")  # 32 experts: bf16 ties occur (a float32 re-route kept 0.993)
+  params = B.init_params(cfg, jax.random.key(3), dtype=jnp.bfloat16, std=0.3)
+  batches = synthetic_task(cfg, 6)
+  res = ST.routing_stability(params, Task(cfg, CLASSES), batches, gammas=(0.0, 0.01))
+  for l in cfg.moe_layer_ids:
+    assert res[l]["jaccard"][0] == 1.0 and res[l]["resample"] == 1.0 and res[l]["jaccard"][1] < 1.0
