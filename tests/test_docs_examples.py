@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import bmoe_jax as B
+from bmoe_jax.task import Task
 from tests.fixtures import random_batches, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +106,20 @@ def bayesian_moe(code, tmp, data):
   assert np.asarray(ns["pred"].probs_bc).shape == (4, 4) and (tmp / "posterior").exists()
 
 
+def choosing(code, tmp, data):
+  model_dir = tiny_model_dir(tmp / "m", data, rows=100)
+  model = B.load_model(str(model_dir))
+  params = model.pure_params()
+  batches = random_batches(model.cfg, 4, b=4)
+  ns = {"params": params, "task": Task(model.cfg, (1, 2, 3, 4)), "train_batches": batches[:3],
+        "val_batches": batches[3:], "pretrained": jax.tree.map(lambda x: x * 0.9 if x.dtype.kind == "f" else x, params)}
+  ns = run(code, {'"runs/choose"': repr(str(tmp / "choose"))}, ns, "docs/choosing.md")
+  assert set(ns["dev_nll"]) == {"probit_pairwise", "probit", "mc"} and all(np.isfinite(list(ns["dev_nll"].values())))
+  assert (tmp / "choose" / "factors").exists() and ns["info"]["bmoe_ts"]["temperature"] > 0
+
+
 SETUPS = {("README.md", 0): readme, ("docs/guide.md", 0): guide_model, ("docs/guide.md", 1): guide_mesh,
-          ("docs/data.md", 0): data_page, ("docs/bayesian-moe.md", 0): bayesian_moe}
+          ("docs/data.md", 0): data_page, ("docs/bayesian-moe.md", 0): bayesian_moe, ("docs/choosing.md", 0): choosing}
 
 
 def test_every_python_example_has_a_setup():

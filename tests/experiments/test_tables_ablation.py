@@ -40,24 +40,21 @@ def ablated(tmp_path_factory, shared_data):
   return s, out, (healed, params, cfg, batches, task)
 
 
-def test_layer_rows_read_their_own_pass(ablated):
-  _, out, (_, params, cfg, batches, task) = ablated
+def test_layer_row_is_the_pipelines_fit_on_its_own_pass(ablated, tmp_path):
+  """Row Q1 reads the Q1 blocks of the cell's routed + shared pass. Those factors equal a Q1-only pass's (the
+  pipeline's ``stages.fit`` with ``bayes_layers=Q1``), and the row's grid column equals that fit's posterior
+  scored on the test set."""
+  s, out, (healed, params, cfg, batches, task) = ablated
   assert A.rows(cfg)[1] == A.Row("Q1", "layers", "routed_shared", (("bayes_layers", "Q1"),), (1,))
-  both = ST.factor_pass(params, task, batches["train"], dataclasses.replace(P.FIT, shared=True),  # the cell's,
-                        out / "routed_shared", progress=False)[2]  # restored from its finished save
-  alone = ST.factor_pass(params, task, batches["train"], dataclasses.replace(P.FIT, bayes_layers="Q1"), None,
-                         progress=False)[2]
+  fc = dataclasses.replace(P.FIT, bayes_layers="Q1", link=LINK)
+  posts, _ = ST.fit(params, task, batches, fc, tmp_path, pretrained=healed, progress=False)
+  restore = lambda f, d: ST.factor_pass(params, task, batches["train"], f, d, progress=False)[2]  # finished: read
+  alone = restore(fc, tmp_path)
+  both = restore(dataclasses.replace(P.FIT, shared=True), out / "routed_shared")
   assert set(map(str, alone.stats)) == {"1.routed"} and len(both.stats) == 8  # 4 layers x (routed, shared)
   for key, st in alone.stats.items():
     for a, b in zip(st, both.stats[key]):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def test_row_is_the_pipelines_fit(ablated, tmp_path):
-  """Row Q1's grid column equals ``stages.fit`` on a Q1-only pass with the grid prior, scored on the test set."""
-  s, out, (healed, params, _, batches, task) = ablated
-  fc = dataclasses.replace(P.FIT, bayes_layers="Q1", link=LINK)
-  posts, _ = ST.fit(params, task, batches, fc, tmp_path, pretrained=healed, progress=False)
   method = BL.bayesian_moe_variants({"grid": posts["bmoe"]}, params, task, link=LINK)["grid"]
   probs, _, _ = collect_scored(method, batches[eval_key(s.datasets["obqa"].test)])
   saved = np.load(out / "rows" / "Q1.npz")
@@ -78,6 +75,7 @@ def test_rows_remainder_rerun_and_report(ablated):
   assert d["ci"][0] <= d["diff"] <= d["ci"][1] and table["Q1"]["group"] == "layers"
   for t in table.values():
     assert t["cost"]["factor_pass_s"] > 0 and t["cost"]["predictive_vs_map_forward"] > 0
+  assert table["rank10"]["cost"]["factor_pass_s"] == table["rank10_no_remainder"]["cost"]["factor_pass_s"]
   md = (s.work / "report" / "ablation.md").read_text()
   assert md.count("| Q1 | layers |") == len(A.LAMBDAS) and f"protocol v{P.VERSION}" in md
   assert (s.work / "report" / "ablation_nll.png").stat().st_size > 0
