@@ -94,6 +94,28 @@ def data_page(code, tmp, data):
   assert len(ns["ds"].examples) > 1000
 
 
+def data_new_dataset(code, tmp, data):
+  """The example registers a dataset in the process-wide registry: removed again whatever happens."""
+  import json
+  from bmoe_jax.data.registry import BENCHMARKS
+  root = tmp / "data" / "my_qa"
+  root.mkdir(parents=True)
+  rows = [{"id": f"q{i}", "question": f"Which number is {i}?", "choices": [str(i), str(i + 1), "seven"][:2 + i % 2],
+           "answer": 0} for i in range(6)]
+  for split in ("train", "dev", "test"):
+    lines = [json.dumps(r) for r in rows] + ([json.dumps({"id": "bad", "question": "?", "choices": ["a"], "answer": 0})]
+                                             if split == "dev" else [])
+    (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+  model_dir = tiny_model_dir(tmp / "m", data, rows=100)
+  try:
+    ns = run(code, {'"path/to/data"': repr(str(tmp / "data")), '"runs/ft/model"': repr(str(model_dir))}, {},
+             "docs/data.md")
+  finally:
+    BENCHMARKS.pop("my_qa", None)
+  assert ns["ds"].report.kept == 6 and len(ns["ds"].report.skipped) == 1 and "1 choices" in ns["ds"].report.summary()
+  assert sum(b.labels_b.shape[0] for b in ns["batches"]) == 6 and ns["info"]["num_classes"] == 5
+
+
 def bayesian_moe(code, tmp, data):
   model_dir = tiny_model_dir(tmp / "m", data, rows=100)
   model = B.load_model(str(model_dir))
@@ -119,7 +141,8 @@ def choosing(code, tmp, data):
 
 
 SETUPS = {("README.md", 0): readme, ("docs/guide.md", 0): guide_model, ("docs/guide.md", 1): guide_mesh,
-          ("docs/data.md", 0): data_page, ("docs/bayesian-moe.md", 0): bayesian_moe, ("docs/choosing.md", 0): choosing}
+          ("docs/data.md", 0): data_page, ("docs/data.md", 1): data_new_dataset,
+          ("docs/bayesian-moe.md", 0): bayesian_moe, ("docs/choosing.md", 0): choosing}
 
 
 def test_every_python_example_has_a_setup():
