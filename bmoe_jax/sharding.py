@@ -38,19 +38,21 @@ def parse_mesh(text: str | dict | None) -> dict[str, int]:
 
   Args:
     text: comma-separated ``axis=size`` pairs over ``data`` / ``expert`` / ``model`` (integer sizes >= 1), or a
-      dict of the same (its sizes are taken as given); None or "": no mesh shape given.
+      dict of the same; None, "" or {}: no mesh shape given.
 
   Returns:
-    The size of every axis of ``MESH_AXES``, in that order; ``{}`` for None or "" (``make_mesh`` then builds a
-      data-parallel mesh over all devices).
+    The size of every axis of ``MESH_AXES``, in that order; ``{}`` for None, "" or {} (``make_mesh`` then builds
+      a data-parallel mesh over all devices).
 
   Raises:
     ValueError: a pair is malformed, a size is not an integer >= 1, or an axis name is unknown.
   """
-  if text is None or text == "":
+  if text is None or text == "" or text == {}:
     return {}
   if isinstance(text, dict):
     items = dict(text)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items.values()):
+      raise ValueError(f"mesh {text!r}: expected integer axis sizes >= 1, e.g. {{'data': 2, 'expert': 4}}")
   else:
     items = {}
     for part in str(text).split(","):

@@ -73,9 +73,11 @@ def test_rules_map_logical_axes_to_mesh_axes():
 
 def test_mesh_parsing_and_errors():
   assert S.parse_mesh("data=2,expert=4") == {"data": 2, "expert": 4, "model": 1}
-  assert S.parse_mesh(None) == {}
+  assert S.parse_mesh(None) == S.parse_mesh("") == S.parse_mesh({}) == {}  # all: data-parallel over every device
+  assert S.parse_mesh({"expert": 2}) == {"data": 1, "expert": 2, "model": 1}
   for bad, msg in (("data=2,pipe=2", "unknown axes \\['pipe'\\]"), ("data:2", "expected comma-separated"),
-                   ("data=0", "sizes >= 1")):
+                   ("data=0", "sizes >= 1"), ({"data": 0}, "integer axis sizes >= 1"),
+                   ({"data": 2.0}, "integer axis sizes >= 1")):
     with pytest.raises(ValueError, match=msg):
       S.parse_mesh(bad)
   with pytest.raises(ValueError, match="has 8 devices but 1 are available.*xla_force_host_platform_device_count"):
