@@ -227,14 +227,15 @@ def jvp_samples(params, task: Task, batch: Batch, post: P.Posterior, key, num_sa
     num_samples: n, the number of draws.
 
   Returns:
-    [n, b, c] the linearised logits, one jvp per draw (linearised at W_map in float32).
+    [n, b, c] the linearised logits, one jvp per draw (linearised at W_map, in at least float32).
   """
   def f(w_by_block):
     return task.logits(write_blocks(params, w_by_block), batch)
 
-  f_bc, f_jvp = jax.linearize(f, {l: w.astype(jnp.float32) for l, w in post.w_map.items()})
-  eps = P.sample_perturbations(post, key, num_samples)
-  return f_bc + jax.vmap(f_jvp)(eps)
+  w_map = {l: w.astype(jnp.promote_types(w.dtype, jnp.float32)) for l, w in post.w_map.items()}
+  f_bc, f_jvp = jax.linearize(f, w_map)
+  eps = P.sample_perturbations(post, key, num_samples)  # tangents in the primals' dtype (jvp requires it)
+  return f_bc + jax.vmap(f_jvp)({l: e.astype(w_map[l].dtype) for l, e in eps.items()})
 
 
 def nn_samples(params, task: Task, batch: Batch, post: P.Posterior, key, num_samples: int):

@@ -173,3 +173,20 @@ def test_bad_method_and_link():
     predict(post, params, Task(cfg, CLASSES), test, method="laplace")
   with pytest.raises(ValueError, match="link='logit'"):
     predict(post, params, Task(cfg, CLASSES), test, link="logit")
+
+
+def test_jvp_samples_in_float64():
+  """With x64 and float64 weights the tangents are in the primals' dtype, so the jvp accepts them (linearised
+  at float32 before, it refused the float64 draws), and the samples' covariance is the closed form's."""
+  with jax.enable_x64(True):
+    cfg = B.tiny_config(num_experts=3)
+    params = B.init_params(cfg, jax.random.key(0), dtype=jnp.float64, std=0.3)
+    _, _, _, test = _fit()
+    spec = kfac.FactorSpec(layers=LAYERS, tokens="expand")
+    state = kfac_update(kfac.init(cfg, spec, jnp.float64), params, Task(cfg, CLASSES), test, spec)
+    post = posterior_of(kfac.finalize(state), params, num_sequences=3, dataset_size=10, prior_precision=1.0,
+                        log_lik=state.log_lik)
+    f_nbc = PR.jvp_samples(params, Task(cfg, CLASSES), test, post, jax.random.key(1), 2000)
+    closed = predict(post, params, Task(cfg, CLASSES), test, method="closed")
+    cov = np.einsum("nbc,nbk->bck", f_nbc - f_nbc.mean(0), f_nbc - f_nbc.mean(0)) / (len(f_nbc) - 1)
+    assert np.abs(cov - closed.f_cov_bcc).max() < 0.15 * np.abs(closed.f_cov_bcc).max()
