@@ -34,12 +34,17 @@ EVAL = dataclasses.replace(P.EVAL, stability=True)  # route_samples, temp_layers
 METHODS = (*ROUTER_METHODS, LAPLACE_ROUTER, *COMBINED, JOINT)
 
 
-def trained_routers(params, task, train, seed: int, out: Path, progress: bool) -> dict:
-  """{kind: (plan, router params)} of every trainable router kind, trained (resumably) under ``out/<kind>``."""
+def router_kinds(methods) -> list[str]:
+  """The router kinds ``methods`` need trained (alone or combined with Bayesian-MoE), in ``ROUTER_METHODS``'s
+  order; the temperature router samples from the deterministic one and needs none."""
+  named = {m.removeprefix("bmoe+") for m in methods}
+  return [kind for m, kind in ROUTER_METHODS.items() if m in named and kind != "temperature"]
+
+
+def trained_routers(params, task, train, seed: int, out: Path, progress: bool, kinds) -> dict:
+  """{kind: (plan, router params)} of the router ``kinds``, trained (resumably) under ``out/<kind>``."""
   routers = {}
-  for kind in ROUTER_METHODS.values():
-    if kind == "temperature":  # sampled from the deterministic router: nothing to train
-      continue
+  for kind in kinds:
     d = out / kind
     if not (d / "routers" / "routing.json").exists():
       t0 = time.perf_counter()
@@ -67,8 +72,9 @@ def posteriors(params, healed, task, batches, link: str, seed: int, fit_dir: Pat
   return posts
 
 
-def routing_cell(s: C.Setup, name: str, seed: int, regime: str, link: str) -> dict:
-  """One seed's router methods: trained, saved per method (resumable), their stability; ``routing/cell.json``."""
+def routing_cell(s: C.Setup, name: str, seed: int, regime: str, link: str, methods=METHODS) -> dict:
+  """One seed's router ``methods`` (the protocol's: ``METHODS``): their routers trained, their probabilities
+  saved per method (resumable), their stability; ``routing/cell.json``."""
   out = s.run_dir(name, seed) / regime / "routing"
   if (out / "cell.json").exists():
     return read_json(out / "cell.json")
@@ -77,16 +83,16 @@ def routing_cell(s: C.Setup, name: str, seed: int, regime: str, link: str) -> di
   ds = s.datasets[name]
   eval_sets = {eval_key(spec): batches[eval_key(spec)] for spec in (ds.test,) + ds.shift}
   ctx = Context(params, task, val=batches["val"], seed=seed, link=link,
-                routers=trained_routers(params, task, batches["train"], seed, out, s.progress),
+                routers=trained_routers(params, task, batches["train"], seed, out, s.progress, router_kinds(methods)),
                 posteriors=posteriors(params, healed, task, batches, link, seed, out.parent / "fit", out))
-  methods, fitted = build_methods(METHODS, ctx, EVAL)
-  for method_name, method in methods.items():
+  built, fitted = build_methods(methods, ctx, EVAL)
+  for method_name, method in built.items():
     path = out / "methods" / f"{method_name}.npz"
     if not path.exists():
       C.save_method(path, method, eval_sets, s.progress)
-  report = routing_report(ctx, EVAL, METHODS, eval_sets[eval_key(ds.test)][:EVAL.stability_batches],
+  report = routing_report(ctx, EVAL, methods, eval_sets[eval_key(ds.test)][:EVAL.stability_batches],
                           out / "stability")
-  side = {m: out / "methods" / f"{m}.json" for m in methods}
+  side = {m: out / "methods" / f"{m}.json" for m in built}
   record = {"protocol": P.VERSION, "epoch": epoch, "link": link, "fitted": fitted, "routing": report,
             "seconds": {m: read_json(p)["seconds"] for m, p in side.items() if p.exists()},
             "train_seconds": {k: read_json(out / k / "train.json")["seconds"] for k in ctx.routers
