@@ -345,6 +345,12 @@ def prefix_states(params, task: Task, batches: Sequence[Batch], start: int, prog
 
   if start < task.start_layer:
     raise ValueError(f"the task starts at layer {task.start_layer}: cannot cache the lower layer {start}")
+  plan = task.routing
+  sampled = [l for l in range(task.start_layer, start)
+             if plan is not None and plan.router(l) is not None and plan.router(l).kind != "deterministic"]
+  if sampled:  # before any work: the cache runs the prefix with the deterministic routers
+    raise ValueError(f"layers {sampled} run {plan.router(sampled[0]).kind} routers, below the cache's layer {start}: "
+                     f"a cached prefix would route them deterministically; cache below layer {sampled[0] + 1}")
   cfg = task.cfg
   plain = dataclasses.replace(task, routing=None)
   fn = jax.jit(lambda p, b: model_prefix(p, cfg, b.tokens_bs, b.mask_bs, stop_layer=start, **plain.forward_kw(b)))
@@ -355,7 +361,7 @@ def prefix_states(params, task: Task, batches: Sequence[Batch], start: int, prog
 def with_prefix(params, task: Task, batch_lists: Sequence[Sequence[Batch]], start: int,
                 progress: bool = True) -> tuple[Task, tuple[list[Batch], ...]]:
   """(task starting at layer ``start``, the batch lists with their layer-``start`` inputs attached).
-  ``start=0`` (or the task's own start) returns everything unchanged; a task that already starts at a lower
+  ``start`` equal to the task's own start returns everything unchanged; a task that already starts at a lower
   layer caches from its batches' states. Every call on the results then skips layers < start, which
   must be frozen (the cache holds ``params``' prefix).
 
@@ -391,5 +397,8 @@ def same_prefix(params_a, params_b, start: int) -> bool:
     True when every leaf of ``params["embed"]`` and ``params["layers"][:start]`` is exactly equal in both.
   """
   pick = lambda p: (p["embed"], p["layers"][:start])
-  return all(np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(pick(params_a)), jax.tree.leaves(pick(params_b))))
+  a_tree, b_tree = pick(params_a), pick(params_b)
+  if jax.tree.structure(a_tree) != jax.tree.structure(b_tree):
+    return False
+  return all(a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)))

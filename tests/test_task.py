@@ -62,6 +62,13 @@ def test_cached_prefix_changes_nothing_and_mismatches_are_refused(model):
     with_prefix(params, higher, [top], 0)
   other = {**params, "layers": [params["layers"][0], {}]}  # only the prefix is compared
   assert same_prefix(params, other, 1) and not same_prefix(params, B.init_params(cfg, jax.random.key(4)), 1)
+  assert not same_prefix(params, {**params, "layers": []}, 1)  # a missing layer is a mismatch, not a match
+  assert not same_prefix(params, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), 1)
+  from bmoe_jax.routing import RouterConfig, RoutingPlan
+  routed = Task(cfg, CLASSES, routing=RoutingPlan.of({1: RouterConfig(kind="temperature")}))
+  with pytest.raises(ValueError, match="layers \\[1\\] run temperature routers, below the cache's layer 2"):
+    with_prefix(params, routed, [batches], 2)
+  assert with_prefix(params, routed, [batches], 1, progress=False)[0].start_layer == 1  # below the router: fine
 
 
 def test_class_probs_links():

@@ -9,7 +9,8 @@ rule (``gating.gates_at``) on the logits the router gates with.
 =============  ===========================================================================================
 kind           what it does (thesis defaults; deviations marked *)
 =============  ===========================================================================================
-deterministic  top-k of ``l``: the MAP router, bit-identical to the plain forward.
+deterministic  top-k of ``l``: the MAP router (float32 logits). A plan's deterministic layers skip it and run
+               the forward's own route (``gating.route_of``, in the model's dtype under ``router_dtype``).
 temperature    k experts without replacement from ``softmax(l / T)`` (Gumbel-top-k), gates from the
                unscaled ``l``; T = 0.3; no training.
 mcdr           dropout (p = 0.05) on ``u``, kept on at inference; S = 35 router passes per token whose
