@@ -311,7 +311,8 @@ def optimize_prior_precision(post: Posterior, mode: str = "global", *, steps: in
   Returns:
     ``(posterior, curve)``: the posterior with the optimised lambda, and ``{"log_marglik": [...],
     "prior_precision": [...]}`` with ``steps + 1`` entries (the evidence and the mean lambda, exp of the mean
-    log lambda, before each step, then at the end).
+    log lambda over the free values of ``mode`` (one per model, block or expert), before each step, then at
+    the end).
   """
   if mode not in PRIOR_MODES:
     raise ValueError(f"mode={mode!r}: expected one of {PRIOR_MODES}")
@@ -335,16 +336,15 @@ def optimize_prior_precision(post: Posterior, mode: str = "global", *, steps: in
 
   opt_state = opt.init(free)
   curve = {"log_marglik": [], "prior_precision": []}
+  geo_mean = lambda f: float(jnp.exp(jnp.mean(jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(f)]))))
   for _ in range(steps):
-    mean_log = jnp.mean(jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(free)]))
+    curve["prior_precision"].append(geo_mean(free))  # the point the step's evidence is evaluated at
     free, opt_state, val = step(free, opt_state, post)
     curve["log_marglik"].append(float(val))
-    curve["prior_precision"].append(float(jnp.exp(mean_log)))
   log_prec = _free_to_log_prec(free, mode, num_e)
   final = post._replace(log_prior_prec_e={l: jnp.asarray(v) for l, v in log_prec.items()})
   curve["log_marglik"].append(float(log_marginal_likelihood(final)))
-  curve["prior_precision"].append(float(jnp.exp(jnp.mean(jnp.concatenate(
-      [jnp.ravel(v) for v in final.log_prior_prec_e.values()])))))
+  curve["prior_precision"].append(geo_mean(free))  # over the free values, as every earlier point
   return final, curve
 
 

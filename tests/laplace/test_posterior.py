@@ -133,6 +133,25 @@ def test_lpo_finds_the_evidence_maximum():
   assert len(set(np.round(np.asarray(per_expert.log_prior_prec_e[Block(0)]), 3))) == E
 
 
+def test_lpo_curve_is_one_quantity_from_start_to_end():
+  """The curve's prior precision is exp of the mean free log lambda at every point, the last included: in
+  "layer" mode with a routed block of E experts and a shared block of one, the mean of the two lambdas' logs
+  (the last point once averaged over the E + 1 experts instead)."""
+  rng = np.random.RandomState(6)
+  fac = _factors(rng)
+  one = jax.tree.map(lambda x: x[:1], fac)
+  routed, shared = Block(0, "routed"), Block(0, "shared")
+  w = {routed: jnp.asarray(rng.randn(E, F, D), jnp.float32), shared: jnp.asarray(rng.randn(1, F, D), jnp.float32)}
+  post = P.build({routed: fac, shared: one}, w, num_sequences=4, dataset_size=6, log_lik=-3.0,
+                 prior_mean={routed: w[routed] - 0.1, shared: w[shared] - 3.0})  # lambdas far apart
+  final, curve = P.optimize_prior_precision(post, "layer", steps=20, learning_rate=0.3)
+  assert len(curve["prior_precision"]) == len(curve["log_marglik"]) == 21
+  logs = [float(final.log_prior_prec_e[b][0]) for b in (routed, shared)]
+  assert abs(logs[0] - logs[1]) > 0.1  # two different lambdas: the two averages would differ
+  assert curve["prior_precision"][-1] == pytest.approx(np.exp(np.mean(logs)), rel=1e-5)
+  assert curve["prior_precision"][0] == pytest.approx(1.0, rel=1e-5)  # the start: the posterior's lambda
+
+
 def test_bad_prior_and_shapes():
   rng = np.random.RandomState(5)
   fac = _factors(rng)
