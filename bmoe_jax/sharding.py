@@ -190,8 +190,7 @@ def load_params(model_dir: str | Path, mesh, rules=RULES, dtype=None):
       checkpoint ``params/``.
     mesh: the mesh to restore onto (``make_mesh``).
     rules: logical axis -> mesh axis (``RULES`` or ``FSDP_RULES``; see ``spec_for``).
-    dtype: the dtype every leaf is restored in; None: the stored dtype of the checkpoint's first leaf (the
-      embedding table), applied to all leaves.
+    dtype: the dtype every leaf is restored in; None: each leaf's stored dtype.
 
   Returns:
     ``(cfg, params)``: the ``MoEConfig`` stored in the directory, and the parameter tree as jax arrays placed
@@ -208,10 +207,26 @@ def load_params(model_dir: str | Path, mesh, rules=RULES, dtype=None):
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.metadata(model_dir / "params")
     stored = getattr(stored, "item_metadata", stored)
-    leaves = jax.tree.leaves(stored, is_leaf=lambda x: hasattr(x, "dtype") and hasattr(x, "shape"))
-    target = abstract_params(cfg, mesh, dtype or leaves[0].dtype, rules)
+    target = abstract_params(cfg, mesh, dtype or jnp.float32, rules)
+    if dtype is None:
+      target = _with_stored_dtypes(target, stored)
     params = ckptr.restore(model_dir / "params", target)
   return cfg, params
+
+
+def _with_stored_dtypes(target, stored):
+  """``target``'s leaves in the dtypes of the same parameters in the checkpoint's metadata ``stored`` (orbax
+  keeps lists as dicts keyed "0", "1", ..., so the two trees are matched by path, not by structure)."""
+  from jax.tree_util import tree_flatten_with_path
+
+  def path_of(path):
+    return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+  meta = tree_flatten_with_path(stored, is_leaf=lambda x: hasattr(x, "dtype") and hasattr(x, "shape"))[0]
+  dtypes = {path_of(p): m.dtype for p, m in meta}
+  flat, treedef = tree_flatten_with_path(target)
+  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(t.shape, dtypes.get(path_of(p), t.dtype),
+                                                           sharding=t.sharding) for p, t in flat])
 
 
 def leading_sharding(mesh, axis: str, size: int, ndim: int) -> NamedSharding:

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -101,6 +102,14 @@ def test_sharded_restore_and_memory_accounting(tmp_path):
     assert a.sharding == sh and (a == b).all()
   full = S.per_device_bytes(S.abstract_params(cfg, mesh))
   assert full == 4 * B.count_params(cfg)["total"]
+  # a checkpoint of mixed dtypes restores each leaf in its own stored dtype (not all in the embedding's)
+  mixed = {**params, "embed": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params["embed"])}
+  save_params(tmp_path / "mixed", cfg, mixed)
+  _, got = S.load_params(tmp_path / "mixed", mesh)
+  assert [a.dtype for a in jax.tree.leaves(got)] == [a.dtype for a in jax.tree.leaves(mixed)]
+  assert {str(a.dtype) for a in jax.tree.leaves(got)} == {"bfloat16", "float32"}
+  assert {str(a.dtype) for a in jax.tree.leaves(S.load_params(tmp_path / "mixed", mesh, dtype=jnp.float32)[1])} == {
+      "float32"}
 
 
 def test_bmoe_fit_on_a_mesh_gives_the_same_posterior(tmp_path, shared_data):
