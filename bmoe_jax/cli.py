@@ -66,7 +66,8 @@ def describe(path: str | Path) -> dict:
 
 def _attention_text(cfg) -> str:
   rope = f"RoPE {cfg.rope_type}" + (f" x{cfg.rope_factor:g}" if cfg.rope_type != "default" else "") + (
-      ", interleaved" if cfg.rope_interleave else "")
+      ", interleaved" if cfg.rope_interleave else "") + (
+      f" on {cfg.rotary_dim} of {cfg.head_dim} dims" if cfg.rotary_dim else "")
   if not cfg.mla:
     return f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads x {cfg.head_dim}; {rope}"
   q = f", q latent {cfg.q_lora_rank}" if cfg.q_lora_rank else ""

@@ -107,6 +107,9 @@ class MoEConfig:
   rope_type: str = "default"
   rope_factor: float = 1.0
   rope_interleave: bool = False  # RoPE rotates pairs (x0, x1), (x2, x3), ... (DeepSeek) instead of halves
+  # partial RoPE (GLM-4.5's partial_rotary_factor): only the first rotary_dim of each q/k head's head_dim are
+  # rotated (their frequencies over rotary_dim), the rest pass unrotated; 0: all of head_dim
+  rotary_dim: int = 0
   # yarn (rope_type "yarn", transformers' _compute_yarn_parameters): the pre-training context, the ramp's
   # rotation bounds, mscale / mscale_all_dim (0: unset), an explicit attention_factor (0: derived), truncate.
   yarn_original_max_position: int = 0
@@ -162,6 +165,9 @@ class MoEConfig:
       need(self.num_kv_heads == self.num_heads and self.qk_norm == "none" and not self.qkv_clip,
            "multi-head latent attention has one k/v per head (num_kv_heads = num_heads), no q/k norm or clip")
     need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+    need(self.rotary_dim == 0 or (self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim),
+         f"rotary_dim={self.rotary_dim} must be 0 (all of head_dim) or even and in (0, head_dim={self.head_dim}]")
+    need(not (self.rotary_dim and self.mla), "partial RoPE (rotary_dim) is not defined for latent attention")
     need(self.qk_norm in SUPPORTED_QK_NORM,
          f"qk_norm={self.qk_norm!r} is not supported (supported: {SUPPORTED_QK_NORM})")
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")

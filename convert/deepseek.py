@@ -130,8 +130,9 @@ _MLA_RULES = tuple(
                            (r"kv_a_proj_with_mqa\.bias", "bkv_a", "copy"),
                            (r"kv_a_layernorm\.weight", "kv_a_norm", "copy"),
                            (r"kv_b_proj\.weight", "wkv_b", "linear")))
-_SHARED_EXPERTS = Rule(LAYER + r"mlp\.shared_experts\." + GATE_UP_DOWN + r"_proj\.weight",
-                       "layers/{layer}/mlp/shared/w_{proj}", "linear")
+SHARED_EXPERTS = Rule(LAYER + r"mlp\.shared_experts\." + GATE_UP_DOWN + r"_proj\.weight",
+                      "layers/{layer}/mlp/shared/w_{proj}", "linear")
+SELECTION_BIAS = Rule(LAYER + r"mlp\.gate\.e_score_correction_bias", "layers/{layer}/mlp/router/bias", "copy")
 _V2_HANDLED = frozenset({
     "intermediate_size", "moe_intermediate_size", "n_shared_experts", "n_routed_experts", "num_experts_per_tok",
     "first_k_dense_replace", "moe_layer_freq", "routed_scaling_factor", "scoring_func", "topk_method", "n_group",
@@ -151,7 +152,7 @@ DEEPSEEK_V2 = Family(
     name="deepseek_v2", model_types=("deepseek_v2",), architectures=("DeepseekV2ForCausalLM",),
     handled=_V2_HANDLED, ignored=frozenset({"aux_loss_alpha", "seq_aux", "pretraining_tp"}),
     defaults=_V2_DEFAULTS, build=_build_deepseek_v2,
-    rules=COMMON_RULES + _MLA_RULES + routed_rules(r"mlp") + (_SHARED_EXPERTS,),
+    rules=COMMON_RULES + _MLA_RULES + routed_rules(r"mlp") + (SHARED_EXPERTS,),
     aliases=(("num_experts", "n_routed_experts"),))
 
 DEEPSEEK_V3 = Family(
@@ -167,6 +168,6 @@ DEEPSEEK_V3 = Family(
                   rope_interleave=True, scoring_func=None, topk_method=None),
     build=_build_deepseek_v3,
     rules=COMMON_RULES + _MLA_RULES + routed_rules(r"mlp") + (
-        _SHARED_EXPERTS, Rule(LAYER + r"mlp\.gate\.e_score_correction_bias", "layers/{layer}/mlp/router/bias", "copy")),
+        SHARED_EXPERTS, SELECTION_BIAS),
     aliases=(("num_local_experts", "n_routed_experts"), ("num_mtp_layers", "num_nextn_predict_layers")),
     skip_layers_past_end=True)

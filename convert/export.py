@@ -28,6 +28,7 @@ DISK = {
     "granitemoeshared": dict(block="block_sparse_moe", proj=_PROJ, shared="shared_mlp"),
     "deepseek_v2": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
     "deepseek_v3": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
+    "glm4_moe": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
 }
 # attention parameter -> its HF name under self_attn (MLA's too; norms and biases included)
 _ATTN = {"wq": "q_proj.weight", "wk": "k_proj.weight", "wv": "v_proj.weight", "wo": "o_proj.weight",
@@ -53,6 +54,8 @@ def _common(cfg: MoEConfig, v1_rope: bool) -> dict[str, Any]:
     out.update(rope_theta=cfg.rope_theta, rope_scaling=scaling)
   else:
     out["rope_parameters"] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **(scaling or {})}
+    if cfg.rotary_dim:
+      out["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
   return out
 
 
@@ -162,32 +165,53 @@ def _granite(cfg: MoEConfig, family: str) -> dict[str, Any]:
   return out
 
 
-def _deepseek(cfg: MoEConfig, family: str) -> dict[str, Any]:
-  """DeepSeek-V2 / V3: MLA, dense layers before first_k_dense_replace, then MoE with ungated shared experts."""
+def _dense_then_moe(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  """DeepSeek-V2 / V3 and GLM-4.5's MoE layout: first_k_dense_replace dense layers, then MoE layers with
+  n_shared_experts ungated shared experts of moe_intermediate_size."""
   f = cfg.moe_intermediate_size
-  _need(cfg.mla, family, "multi-head latent attention (kv_lora_rank > 0)")
   _need(not cfg.shared_expert_gate and cfg.shared_expert_size % f == 0, family,
         "shared experts are n_shared_experts x moe_intermediate_size, ungated")
-  _need(cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows, family,
-        "attention bias on the down-projections and o together; no sliding window")
   first = cfg.moe_layers.index(True) if any(cfg.moe_layers) else cfg.num_layers
   _need(all(cfg.moe_layers[first:]), family, f"layer pattern {cfg.moe_layers} is not first_k_dense_replace dense "
         "layers, then MoE")
-  out = dict(_common(cfg, False), model_type=family, intermediate_size=cfg.intermediate_size or f,
-             moe_intermediate_size=f, n_shared_experts=cfg.shared_expert_size // f, n_routed_experts=cfg.num_experts,
-             num_experts_per_tok=cfg.num_experts_per_tok, first_k_dense_replace=first,
-             routed_scaling_factor=cfg.routed_scaling_factor, q_lora_rank=cfg.q_lora_rank or None,
+  return dict(intermediate_size=cfg.intermediate_size or f, moe_intermediate_size=f,
+              n_shared_experts=cfg.shared_expert_size // f, n_routed_experts=cfg.num_experts,
+              num_experts_per_tok=cfg.num_experts_per_tok, first_k_dense_replace=first,
+              routed_scaling_factor=cfg.routed_scaling_factor, n_group=cfg.n_group, topk_group=cfg.topk_group)
+
+
+def _v3_routing(cfg: MoEConfig, family: str) -> None:
+  _need(cfg.router_scoring == "sigmoid" and cfg.topk_method == "noaux_tc" and cfg.router_bias, family,
+        "sigmoid scores, noaux_tc group selection with its selection bias")
+  _need(not cfg.norm_topk_prob or cfg.norm_topk_eps == 1e-20, family, "renormalisation with eps 1e-20")
+
+
+def _glm4_moe(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  """GLM-4.5: grouped-query attention with partial RoPE, q/k/v biases (o has none), DeepSeek-V3's routing."""
+  _need(not cfg.attn_out_bias and not cfg.attn_windows, family, "biases on q, k, v only; no sliding window")
+  _v3_routing(cfg, family)
+  return dict(_common(cfg, False), **_dense_then_moe(cfg, family), architectures=["Glm4MoeForCausalLM"],
+              model_type=family, norm_topk_prob=cfg.norm_topk_prob, use_qk_norm=cfg.qk_norm == "head",
+              attention_bias=cfg.qkv_bias,  # the factor, stated: absent, transformers' GLM assumes 0.5
+              partial_rotary_factor=(cfg.rotary_dim or cfg.head_dim) / cfg.head_dim)
+
+
+def _deepseek(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  """DeepSeek-V2 / V3: MLA, dense layers before first_k_dense_replace, then MoE with ungated shared experts."""
+  _need(cfg.mla, family, "multi-head latent attention (kv_lora_rank > 0)")
+  _need(cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows, family,
+        "attention bias on the down-projections and o together; no sliding window")
+  out = dict(_common(cfg, False), **_dense_then_moe(cfg, family), model_type=family,
+             q_lora_rank=cfg.q_lora_rank or None,
              kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.head_dim,
-             v_head_dim=cfg.v_head_dim, attention_bias=cfg.qkv_bias, n_group=cfg.n_group, topk_group=cfg.topk_group)
+             v_head_dim=cfg.v_head_dim, attention_bias=cfg.qkv_bias)
   if family == "deepseek_v2":
     _need(cfg.router_scoring == "softmax" and not cfg.norm_topk_prob and not cfg.router_bias and cfg.rope_interleave,
           family, "softmax scores without renormalisation or selection bias; interleaved RoPE")
     _need(cfg.topk_method in ("greedy", "group_limited_greedy"), family, f"topk_method={cfg.topk_method!r}")
     return dict(out, architectures=["DeepseekV2ForCausalLM"], topk_method=cfg.topk_method, norm_topk_prob=False,
                 scoring_func="softmax")
-  _need(cfg.router_scoring == "sigmoid" and cfg.topk_method == "noaux_tc" and cfg.router_bias, family,
-        "sigmoid scores, noaux_tc group selection with its selection bias")
-  _need(not cfg.norm_topk_prob or cfg.norm_topk_eps == 1e-20, family, "renormalisation with eps 1e-20")
+  _v3_routing(cfg, family)
   return dict(out, architectures=["DeepseekV3ForCausalLM"], norm_topk_prob=cfg.norm_topk_prob,
               rope_interleave=cfg.rope_interleave, topk_method="noaux_tc", scoring_func="sigmoid")
 
@@ -210,28 +234,32 @@ def _granite_layout(out: dict[str, np.ndarray], cfg: MoEConfig) -> None:
       out[sh + "output_linear.weight"] = take(sh + "down_proj.weight")
 
 
-# family -> (its HF config from ours, the q/k norm it has)
-_HF = {"qwen2_moe": (_qwen2_moe, "none"), "qwen3_moe": (_qwen3_moe, "head"), "olmoe": (_olmoe, "full"),
-       "mixtral": (_mixtral, "none"), "deepseek_v1": (_deepseek_v1, "none"), "granitemoe": (_granite, "none"),
-       "granitemoeshared": (_granite, "none"), "deepseek_v2": (_deepseek, "none"), "deepseek_v3": (_deepseek, "none")}
+# family -> (its HF config from ours, the q/k norms it can have)
+_HF = {"qwen2_moe": (_qwen2_moe, ("none",)), "qwen3_moe": (_qwen3_moe, ("head",)), "olmoe": (_olmoe, ("full",)),
+       "mixtral": (_mixtral, ("none",)), "deepseek_v1": (_deepseek_v1, ("none",)),
+       "granitemoe": (_granite, ("none",)), "granitemoeshared": (_granite, ("none",)),
+       "deepseek_v2": (_deepseek, ("none",)), "deepseek_v3": (_deepseek, ("none",)),
+       "glm4_moe": (_glm4_moe, ("none", "head"))}
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+SCALED_GROUPED = DEEPSEEK + ("glm4_moe",)  # routed_scaling_factor, group selection, selection bias, sigmoid
 
 
 def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   """Inverse of the family's config gate; errors where ``cfg`` has no exact HF equivalent."""
   if family not in _HF:
     raise ConversionError(f"cannot export: unknown family {family!r} (known: {sorted(_HF)})")
-  build, qk_norm = _HF[family]
-  deepseek = family in DEEPSEEK
-  _need(deepseek or cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
+  build, qk_norms = _HF[family]
+  deepseek, grouped = family in DEEPSEEK, family in SCALED_GROUPED
+  _need(grouped or cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
   _need(deepseek or not (cfg.mla or cfg.rope_interleave), family, "multi-head latent attention / interleaved RoPE")
+  _need(family == "glm4_moe" or not cfg.rotary_dim, family, "partial RoPE (rotary_dim; GLM-4.5 only)")
   granite = family.startswith("granitemoe")
   _need(granite or (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier,
                     cfg.logits_scaling) == (1.0, 0.0, 1.0, 1.0), family, "Granite's multipliers / logits_scaling")
-  _need(deepseek or cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r}")
-  _need(deepseek or (cfg.topk_method == "greedy" and not cfg.router_bias), family,
-        "group-limited selection / a selection bias (DeepSeek-V2/V3 only)")
-  _need(cfg.qk_norm == qk_norm, family, f"qk_norm={cfg.qk_norm!r}, the family has {qk_norm!r}")
+  _need(grouped or cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r}")
+  _need(grouped or (cfg.topk_method == "greedy" and not cfg.router_bias), family,
+        "group-limited selection / a selection bias (DeepSeek-V2/V3, GLM-4.5 only)")
+  _need(cfg.qk_norm in qk_norms, family, f"qk_norm={cfg.qk_norm!r}, the family has {' or '.join(qk_norms)}")
   _need(cfg.qkv_clip == 0.0 or family == "olmoe", family, "qkv_clip (only OLMoE clips q, k, v)")
   return build(cfg, family)
 

@@ -25,7 +25,7 @@ COMMON_HANDLED = frozenset({
     "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
     "rope_theta", "rope_scaling", "rope_parameters", "quantization_config",
 })
-_ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor"}
+_ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor", "partial_rotary_factor"}
 _YARN_KEYS = {"original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
               "attention_factor", "truncate"}
 
@@ -103,6 +103,7 @@ def common_fields(g: Getter) -> dict[str, Any]:
              tie_word_embeddings=bool(g("tie_word_embeddings")),
              max_position_embeddings=int(g("max_position_embeddings")))
   out.update(_rope(g))
+  out["rotary_dim"] = _rotary_dim(g, out["head_dim"])
   return out
 
 
@@ -129,6 +130,29 @@ def _rope(g: Getter) -> dict[str, Any]:
   if rope_type == "yarn":
     out.update(_yarn(g, scaling))
   return out
+
+
+def _rotary_dim(g: Getter, head_dim: int) -> int:
+  """Partial RoPE: ``int(head_dim * partial_rotary_factor)`` rotated dimensions (0: all), the factor read from
+  rope_parameters or, for a family that handles it, the config attribute (the two must agree). A family that
+  does not declare it refuses any factor other than 1 (its attention rotates every dimension)."""
+  params = g("rope_parameters") or g("rope_scaling") or {}
+  factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+  if "partial_rotary_factor" in g.handled:
+    attr = g("partial_rotary_factor")
+    if factor is not None and "partial_rotary_factor" in g.raw and float(attr) != float(factor):
+      g.fail(f"partial_rotary_factor={attr} and rope_parameters' partial_rotary_factor={factor} disagree")
+    factor = attr if factor is None else factor
+  elif factor is not None and float(factor) != 1.0:
+    g.fail(f"rope parameter partial_rotary_factor={factor} is not supported by this family (it rotates all of "
+           "each head)")
+  if factor is None or float(factor) == 1.0:
+    return 0
+  dim = int(head_dim * float(factor))
+  if not 0 < float(factor) < 1 or dim % 2:
+    g.fail(f"partial_rotary_factor={factor}: expected a factor in (0, 1] giving an even number of rotated "
+           f"dimensions of head_dim={head_dim} (got {dim})")
+  return dim
 
 
 def _yarn(g: Getter, scaling: dict) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 from bmoe_jax.files import write_json
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "deepseek_v2",
-            "deepseek_v3", "llama")
+            "deepseek_v3", "glm4_moe", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -93,6 +93,18 @@ def _deepseek_v3(overrides: dict):
   kw = dict(_MLA, q_lora_rank=10, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
   kw.update(overrides)
   return DeepseekV3ForCausalLM(DeepseekV3Config(**kw)), None
+
+
+def _glm4_moe(overrides: dict):
+  """Partial RoPE over half of head_dim 12 (3 rotated pairs and 3 pairs passed), q/k/v biases, a dense first
+  layer, sigmoid routing with selection bias over 2 groups, renormalised and scaled, one shared expert."""
+  from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+  kw = dict(_SMALL, head_dim=12, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=6,
+            n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+            routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True, use_qk_norm=False,
+            partial_rotary_factor=0.5)
+  kw.update(overrides)
+  return Glm4MoeForCausalLM(Glm4MoeConfig(**kw)), None
 
 
 def _llama(overrides: dict):
@@ -198,7 +210,8 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   torch.manual_seed(seed)
   model, v1_config = {"qwen2_moe": _qwen, "qwen3_moe": _qwen3, "olmoe": _olmoe, "granitemoe": _granite,
                         "granitemoeshared": _granite_shared, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
-                        "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "llama": _llama}[family](overrides)
+                        "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe,
+                        "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
   out_dir = Path(out_dir)

@@ -48,9 +48,9 @@ def _yarn(cfg, pos_freqs: np.ndarray, dim: int) -> tuple[np.ndarray, float]:
 
 def frequencies(cfg) -> tuple[jax.Array | np.ndarray, float]:
   """(inverse frequencies [c/2] float32, the factor multiplying cos and sin) of a ``MoEConfig``'s RoPE over its
-  ``head_dim`` (MLA: the RoPE part of each head). Default and linear: computed by XLA inside the forward, the
-  operations the forward always used; yarn: float32 numpy."""
-  dim = cfg.head_dim
+  rotary width: ``rotary_dim`` (partial RoPE), else ``head_dim`` (MLA: the RoPE part of each head). Default and
+  linear: computed by XLA inside the forward, the operations the forward always used; yarn: float32 numpy."""
+  dim = cfg.rotary_dim or cfg.head_dim
   if cfg.rope_type == "yarn":
     pos_freqs = np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
     return _yarn(cfg, pos_freqs, dim)
@@ -73,7 +73,11 @@ def tables(positions_bs: jax.Array, inv_freq_c, factor: float = 1.0) -> tuple[ja
 def apply(x_bshc: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array, interleave: bool = False) -> jax.Array:
   """Rotate ``x`` by the tables. Rotate-half pairs x[i] with x[i + c/2]; ``interleave`` pairs x[2i] with
   x[2i + 1] (DeepSeek's layout) and returns the rotated pairs as [evens, odds], as transformers' DeepSeek-V3 does:
-  q and k get the same permutation, so their dot products are those of the interleaved rotation."""
+  q and k get the same permutation, so their dot products are those of the interleaved rotation. Tables
+  narrower than ``x`` (partial RoPE) rotate its first c dimensions and pass the rest unchanged."""
+  c = cos_bsc.shape[-1]
+  if c < x_bshc.shape[-1]:
+    return jnp.concatenate([apply(x_bshc[..., :c], cos_bsc, sin_bsc, interleave), x_bshc[..., c:]], axis=-1)
   if interleave:
     x_bshc = jnp.concatenate([x_bshc[..., 0::2], x_bshc[..., 1::2]], axis=-1)
   half = x_bshc.shape[-1] // 2

@@ -73,6 +73,25 @@ def test_unsupported_rope_and_activation(good, tmp_path):
   _raises(d, "hidden_act='swish2'")
 
 
+def test_partial_rope_is_read_where_the_family_has_it_and_refused_elsewhere():
+  """GLM's partial_rotary_factor: from rope_parameters or the attribute (default 0.5), which must agree; a family
+  whose attention rotates every dimension refuses it; a factor leaving an odd number of dimensions is refused."""
+  from convert.hf_config import parse_hf_config_dict
+  glm = {"model_type": "glm4_moe", "num_hidden_layers": 2, "head_dim": 128}
+  assert parse_hf_config_dict(glm, "c.json").cfg.rotary_dim == 64  # transformers' default factor 0.5
+  rope = {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25}
+  assert parse_hf_config_dict(dict(glm, rope_parameters=rope), "c.json").cfg.rotary_dim == 32
+  assert parse_hf_config_dict(dict(glm, partial_rotary_factor=1.0), "c.json").cfg.rotary_dim == 0
+  with pytest.raises(ConversionError, match="partial_rotary_factor=0.5 and rope_parameters' partial_rotary_factor="
+                                            "0.25 disagree"):
+    parse_hf_config_dict(dict(glm, rope_parameters=rope, partial_rotary_factor=0.5), "c.json")
+  with pytest.raises(ConversionError, match="c.json: partial_rotary_factor=0.3.*even number"):
+    parse_hf_config_dict(dict(glm, partial_rotary_factor=0.3, head_dim=10), "c.json")
+  with pytest.raises(ConversionError, match="partial_rotary_factor=0.5 is not supported by this family"):
+    parse_hf_config_dict({"model_type": "qwen3_moe", "num_hidden_layers": 2, "rope_parameters": dict(
+        rope, partial_rotary_factor=0.5)}, "c.json")
+
+
 def _drop(key):
   return lambda t: t.pop(key)
 

@@ -20,7 +20,8 @@ from tests.conftest import padded_batch
                                          ("granitemoeshared", {"attention_bias": True}),
                                          ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 3,
                                                           "topk_group": 2, "q_lora_rank": 10}),
-                                         ("deepseek_v3", {"attention_bias": True, "rope_interleave": False})])
+                                         ("deepseek_v3", {"attention_bias": True, "rope_interleave": False}),
+                                         ("glm4_moe", {"use_qk_norm": True, "n_group": 3, "topk_group": 2})])
 def test_hf_export_roundtrip(family, over, tmp_path):
   make_checkpoint(family, tmp_path / "a", seed=5, **over)
   info, params = load_hf_checkpoint(tmp_path / "a", progress=False)
@@ -53,6 +54,12 @@ MLA = dict(shared_expert_gate=False, qkv_bias=False, num_kv_heads=4, head_dim=4,
                          norm_topk_eps=1e-20, router_scoring="sigmoid", topk_method="noaux_tc", n_group=2,
                          topk_group=1, router_bias=True, qkv_bias=True, attn_out_bias=True, rope_type="yarn",
                          rope_factor=4.0, yarn_original_max_position=8, yarn_mscale=1.0, yarn_mscale_all_dim=0.8)),
+    # GLM-4.5: partial RoPE (4 of 8 dims), q/k norm, q/k/v biases, dense first layer, grouped sigmoid routing
+    ("glm4_moe", dict(shared_expert_size=16, shared_expert_gate=False, rotary_dim=4, qk_norm="head",
+                      moe_layers=(False, True), routed_scaling_factor=2.5, norm_topk_prob=True, norm_topk_eps=1e-20,
+                      router_scoring="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1, router_bias=True)),
+    ("glm4_moe", dict(shared_expert_size=0, shared_expert_gate=False, router_scoring="sigmoid",
+                      topk_method="noaux_tc", router_bias=True)),  # full RoPE: the factor 1.0 stated
 ])
 def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   import torch
@@ -79,7 +86,10 @@ def test_unrepresentable_config_is_refused():
   with pytest.raises(ConversionError, match="every Mixtral layer is MoE"):
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
   cfg = B.tiny_config(**NO_SHARED, family="qwen3_moe")
-  with pytest.raises(ConversionError, match="qk_norm='none', the family has 'head'"):
+  with pytest.raises(ConversionError, match="qk_norm='none', the family has head"):
+    export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
+  cfg = B.tiny_config(rotary_dim=4, family="qwen2_moe")
+  with pytest.raises(ConversionError, match="partial RoPE \\(rotary_dim; GLM-4.5 only\\)"):
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
 
 

@@ -27,9 +27,19 @@ PUBLISHED = [
     # deepseek-ai/DeepSeek-V3: "671B total, 37B activated" (+14B of multi-token-prediction module, not part of
     # the causal LM's forward); 37B is rounded to 1B, hence the wider tolerance (we count 671.03B / 37.55B).
     ("deepseek-v3.json", "deepseek_v3", 671.0, 37.0, 58),
+    # zai-org/GLM-4.5-Air and GLM-4.5 (tech report, arXiv 2508.06471: 106B / 12B and 355B / 32B activated),
+    # counted without the input embedding and the LM head (0.62B each for Air, 0.78B for GLM-4.5): Air 105.61B /
+    # 12.18B, GLM-4.5 32.08B activated. GLM-4.5's total is 351.30B without its multi-token-prediction layer
+    # (skipped: not part of the causal LM) and 355.29B with it (3.99B), so the published 355B counts it while
+    # Air's 106B does not (107.98B with it); the wider tolerance on GLM-4.5's total says so.
+    ("glm-4.5-air.json", "glm4_moe", 106.0, 12.0, 45),
+    ("glm-4.5.json", "glm4_moe", 355.0, 32.0, 89),
 ]
-ACTIVE_WITHOUT_EMBEDDING = {"granite-3.1-3b-a800m.json", "deepseek-v2-lite.json"}  # Granite: 0.806B + 0.076B tied
-TOLERANCE = {"deepseek-v3.json": 0.6}  # billions; default 0.06
+# the vocabulary matrices a row's published counts leave out: 1 the input embedding, 2 the embedding and the
+# LM head; none for the active count of the other rows. Granite: 0.806B + 0.076B tied.
+WITHOUT_VOCAB = {"granite-3.1-3b-a800m.json": (0, 1), "deepseek-v2-lite.json": (0, 1), "glm-4.5-air.json": (2, 2),
+                 "glm-4.5.json": (2, 2)}  # (total, active)
+TOLERANCE = {"deepseek-v3.json": 0.6, "glm-4.5-air.json": 0.5, "glm-4.5.json": (4.1, 0.5)}  # billions; 0.06
 
 
 @pytest.mark.parametrize("name,family,total,active,moe_layers", PUBLISHED)
@@ -40,9 +50,11 @@ def test_hub_config_counts_match_published_sizes(name, family, total, active, mo
   assert sum(info.cfg.moe_layers) == moe_layers
   counts = B.count_params(info.cfg)
   tol = TOLERANCE.get(name, 0.06)
-  assert counts["total"] / 1e9 == pytest.approx(total, abs=tol)
-  embed = counts["embedding"] if name in ACTIVE_WITHOUT_EMBEDDING else 0
-  assert (counts["active_per_token"] - embed) / 1e9 == pytest.approx(active, abs=tol)
+  tol_total, tol_active = tol if isinstance(tol, tuple) else (tol, tol)
+  vocab_total, vocab_active = WITHOUT_VOCAB.get(name, (0, 0))
+  assert (counts["total"] - vocab_total * counts["embedding"]) / 1e9 == pytest.approx(total, abs=tol_total)
+  assert (counts["active_per_token"] - vocab_active * counts["embedding"]) / 1e9 == pytest.approx(active,
+                                                                                                  abs=tol_active)
 
 
 def test_forward_traces_at_real_size_without_weights():
@@ -67,6 +79,21 @@ def test_deepseek_v3_forward_traces_at_real_size_without_weights():
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   out = jax.eval_shape(lambda p, t: B.forward(p, cfg, t, return_taps=True, stop_layer=4), params, tokens)
   assert out.hidden_states[0].shape == (1, 8, 7168) and out.taps[3].shared_in_bsf.shape == (1, 8, 2048)
+
+
+def test_glm_forward_traces_at_real_size_without_weights():
+  """GLM-4.5's partial RoPE (64 of 128 dims), q/k norm, q/k/v biases, dense first 3 layers (abstract)."""
+  cfg = parse_hf_config(HUB / "glm-4.5.json").cfg
+  assert (cfg.rotary_dim, cfg.head_dim, cfg.qk_norm, cfg.qkv_bias, cfg.attn_out_bias) == (64, 128, "head", True,
+                                                                                            False)
+  assert cfg.moe_layers[:4] == (False, False, False, True) and cfg.shared_expert_size == 1536
+  params = B.abstract_params(cfg, jnp.bfloat16)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  out = jax.eval_shape(lambda p, t: B.forward(p, cfg, t, return_taps=True, stop_layer=4), params, tokens)
+  assert out.hidden_states[0].shape == (1, 8, 5120) and out.taps[3].down_in_bskf.shape == (1, 8, 8, 1536)
+  from bmoe_jax.cli import describe
+  assert describe(HUB / "glm-4.5-air.json")["attention"] == (
+      "96 heads / 8 kv heads x 128; RoPE default on 64 of 128 dims")
 
 
 def test_info_describes_latent_attention_and_group_routing():

@@ -49,6 +49,14 @@ CASES = [
                      "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
     ("deepseek_v3", {"rope_parameters": dict(YARN, factor=6.0, attention_factor=0.8, beta_fast=16, beta_slow=2),
                      "n_group": 3, "topk_group": 2, "num_experts_per_tok": 3}),
+    # GLM-4.5: partial RoPE (6 of head_dim 12 rotated), q/k/v biases, sigmoid routing with selection bias within
+    # groups, shared expert, dense first layer; then q/k norm, no renormalisation, one group, no shared expert;
+    # then yarn over 6 of head_dim 8 (factor 0.75) and 3 of 6 experts from 2 of 3 groups
+    ("glm4_moe", {}),
+    ("glm4_moe", {"use_qk_norm": True, "norm_topk_prob": False, "n_group": 1, "n_shared_experts": 0,
+                  "first_k_dense_replace": 0, "attention_bias": False}),
+    ("glm4_moe", {"head_dim": 8, "rope_parameters": dict(YARN, partial_rotary_factor=0.75), "n_group": 3,
+                  "topk_group": 2, "num_experts_per_tok": 3}),
     ("llama", {}),
     ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
 ]
@@ -128,6 +136,20 @@ def test_parity_cases_exercise_yarn_and_its_softmax_scale(tmp_path):
   for change in (dict(rope_type="default"), dict(yarn_mscale_all_dim=0.0), dict(rope_interleave=False)):
     moved = np.asarray(B.forward(params, info.cfg.replace(**change), tokens, mask).logits)
     assert np.abs(moved - base)[real].max() > 100 * LOGIT_TOL, change
+
+
+def test_glm_parity_sees_partial_rope(tmp_path):
+  """The GLM cases are not blind to partial RoPE: rotating all of each head (rotary_dim 0), or half of the rotated
+  part, moves the logits far past the tolerance."""
+  make_checkpoint("glm4_moe", tmp_path, seed=0)
+  info, params = load_hf_checkpoint(tmp_path, progress=False)
+  assert info.cfg.rotary_dim == 6 and info.cfg.head_dim == 12
+  tokens, mask = padded_batch(info.cfg.vocab_size)
+  real = mask.astype(bool)
+  base = np.asarray(B.forward(params, info.cfg, tokens, mask).logits)
+  for dim in (0, 4):
+    moved = np.asarray(B.forward(params, info.cfg.replace(rotary_dim=dim), tokens, mask).logits)
+    assert np.abs(moved - base)[real].max() > 100 * LOGIT_TOL, dim
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])

@@ -15,8 +15,8 @@ from tests.fixtures import exact_ggn_block, example
 CLASSES = jnp.array([3, 7, 11, 19])
 
 
-def _model(num_layers=2, **kw):
-  cfg = B.tiny_config(num_layers=num_layers, moe_layers=(True,) * num_layers, num_experts=3, **kw)
+def _model(num_layers=2, num_experts=3, **kw):
+  cfg = B.tiny_config(num_layers=num_layers, moe_layers=(True,) * num_layers, num_experts=num_experts, **kw)
   return cfg, B.init_params(cfg, jax.random.key(0), std=0.3)
 
 
@@ -31,12 +31,17 @@ def _batch(b, s, cfg, seed=0):
 
 
 # the families' architecture variants: q/k norms (Qwen3-MoE, OLMoE), Granite's multipliers and logits scaling,
-# DeepSeek-V3's sigmoid gates, DeepSeek-V2's latent attention
+# DeepSeek-V3's sigmoid gates, DeepSeek-V2's latent attention, GLM-4.5's partial RoPE with grouped sigmoid routing
 VARIANTS = {"plain": {}, "qk_head": {"qk_norm": "head"}, "qk_full": {"qk_norm": "full", "qkv_clip": 0.8},
             "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.3, "residual_multiplier": 0.5,
                         "logits_scaling": 2.5, "norm_topk_prob": True},
             "sigmoid": {"router_scoring": "sigmoid", "router_bias": True, "norm_topk_prob": True,
                         "routed_scaling_factor": 2.5},
+            # GLM-4.5: partial RoPE (4 of 8 dims), sigmoid scores with selection bias within the best of 2 groups
+            # of 2 experts, ungated shared expert
+            "glm": {"num_experts": 4, "rotary_dim": 4, "router_scoring": "sigmoid", "router_bias": True,
+                    "topk_method": "noaux_tc", "n_group": 2, "topk_group": 1, "norm_topk_prob": True,
+                    "norm_topk_eps": 1e-20, "routed_scaling_factor": 2.5, "shared_expert_gate": False},
             # DeepSeek-V2: MLA (q latent, interleaved yarn RoPE), group-limited greedy, ungated shared experts
             "mla": {"num_kv_heads": 4, "head_dim": 4, "q_lora_rank": 6, "kv_lora_rank": 8, "qk_nope_head_dim": 6,
                     "v_head_dim": 5, "rope_interleave": True, "rope_type": "yarn", "rope_factor": 4.0,

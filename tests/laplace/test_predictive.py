@@ -79,9 +79,15 @@ MLA_SIGMOID = dict(num_kv_heads=4, head_dim=4, q_lora_rank=6, kv_lora_rank=8, qk
                    routed_scaling_factor=2.5, shared_expert_gate=False)
 
 
+GLM = dict(rotary_dim=4, qk_norm="head", router_scoring="sigmoid", router_bias=True, topk_method="noaux_tc",
+           norm_topk_prob=True, norm_topk_eps=1e-20, routed_scaling_factor=2.5,
+           shared_expert_gate=False)  # GLM-4.5: partial RoPE, q/k norm, sigmoid routing with bias, ungated shared
+
+
 @pytest.mark.parametrize("rank,shared,arch", [(None, False, {}), (3, False, {}), (None, True, {}), (3, True, {}),
-                                              (3, False, {"qk_norm": "full"}), (None, True, MLA_SIGMOID)],
-                         ids=["full", "lowrank", "full-shared", "lowrank-shared", "qk_full", "mla_sigmoid"])
+                                              (3, False, {"qk_norm": "full"}), (None, True, MLA_SIGMOID),
+                                              (3, True, GLM)],
+                         ids=["full", "lowrank", "full-shared", "lowrank-shared", "qk_full", "mla_sigmoid", "glm"])
 def test_closed_form_equals_dense_jacobian(rank, shared, arch):
   """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well; once with
   OLMoE's full-width q/k norm, once with DeepSeek-V3's architecture (MLA, yarn, sigmoid gates, ungated shared)."""
