@@ -29,6 +29,9 @@ DISK = {
     "deepseek_v2": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
     "deepseek_v3": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
     "glm4_moe": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
+    # MiniMax-M2's release layout; its selection bias sits on the MoE block, not on the gate
+    "minimax_m2": dict(block="block_sparse_moe", proj={"gate": "w1", "up": "w3", "down": "w2"},
+                       bias="block_sparse_moe.e_score_correction_bias"),
 }
 # attention parameter -> its HF name under self_attn (MLA's too; norms and biases included)
 _ATTN = {"wq": "q_proj.weight", "wk": "k_proj.weight", "wv": "v_proj.weight", "wo": "o_proj.weight",
@@ -196,6 +199,17 @@ def _glm4_moe(cfg: MoEConfig, family: str) -> dict[str, Any]:
               partial_rotary_factor=(cfg.rotary_dim or cfg.head_dim) / cfg.head_dim)
 
 
+def _minimax_m2(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  """MiniMax-M2: every layer MoE, full-width q/k norms, partial RoPE, sigmoid routing with a selection bias."""
+  _need(all(cfg.moe_layers) and not cfg.shared_expert_size, family, "every layer MoE, no shared expert")
+  _need(cfg.router_scoring == "sigmoid" and cfg.router_bias and cfg.topk_method == "greedy" and cfg.norm_topk_prob
+        and cfg.norm_topk_eps == 0.0, family, "sigmoid scores with a selection bias over all experts, renormalised")
+  _need(not (cfg.qkv_bias or cfg.attn_out_bias or cfg.attn_windows), family, "no attention bias or sliding window")
+  return dict(_common(cfg, False), architectures=["MiniMaxM2ForCausalLM"], model_type=family,
+              intermediate_size=cfg.moe_intermediate_size, num_local_experts=cfg.num_experts,
+              num_experts_per_tok=cfg.num_experts_per_tok)
+
+
 def _deepseek(cfg: MoEConfig, family: str) -> dict[str, Any]:
   """DeepSeek-V2 / V3: MLA, dense layers before first_k_dense_replace, then MoE with ungated shared experts."""
   _need(cfg.mla, family, "multi-head latent attention (kv_lora_rank > 0)")
@@ -239,9 +253,11 @@ _HF = {"qwen2_moe": (_qwen2_moe, ("none",)), "qwen3_moe": (_qwen3_moe, ("head",)
        "mixtral": (_mixtral, ("none",)), "deepseek_v1": (_deepseek_v1, ("none",)),
        "granitemoe": (_granite, ("none",)), "granitemoeshared": (_granite, ("none",)),
        "deepseek_v2": (_deepseek, ("none",)), "deepseek_v3": (_deepseek, ("none",)),
-       "glm4_moe": (_glm4_moe, ("none", "head"))}
+       "glm4_moe": (_glm4_moe, ("none", "head")), "minimax_m2": (_minimax_m2, ("full",))}
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
-SCALED_GROUPED = DEEPSEEK + ("glm4_moe",)  # routed_scaling_factor, group selection, selection bias, sigmoid
+SCALED_GROUPED = DEEPSEEK + ("glm4_moe",)  # routed_scaling_factor, group selection
+SIGMOID_BIASED = SCALED_GROUPED + ("minimax_m2",)  # sigmoid scores, a selection bias
+PARTIAL_ROPE = ("glm4_moe", "minimax_m2")
 
 
 def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
@@ -249,16 +265,16 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   if family not in _HF:
     raise ConversionError(f"cannot export: unknown family {family!r} (known: {sorted(_HF)})")
   build, qk_norms = _HF[family]
-  deepseek, grouped = family in DEEPSEEK, family in SCALED_GROUPED
+  deepseek, grouped, biased = family in DEEPSEEK, family in SCALED_GROUPED, family in SIGMOID_BIASED
   _need(grouped or cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
   _need(deepseek or not (cfg.mla or cfg.rope_interleave), family, "multi-head latent attention / interleaved RoPE")
-  _need(family == "glm4_moe" or not cfg.rotary_dim, family, "partial RoPE (rotary_dim; GLM-4.5 only)")
+  _need(family in PARTIAL_ROPE or not cfg.rotary_dim, family, "partial RoPE (rotary_dim; GLM-4.5, MiniMax-M2 only)")
   granite = family.startswith("granitemoe")
   _need(granite or (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier,
                     cfg.logits_scaling) == (1.0, 0.0, 1.0, 1.0), family, "Granite's multipliers / logits_scaling")
-  _need(grouped or cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r}")
-  _need(grouped or (cfg.topk_method == "greedy" and not cfg.router_bias), family,
-        "group-limited selection / a selection bias (DeepSeek-V2/V3, GLM-4.5 only)")
+  _need(biased or cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r}")
+  _need(biased or not cfg.router_bias, family, "a selection bias (DeepSeek-V3, GLM-4.5, MiniMax-M2 only)")
+  _need(grouped or cfg.topk_method == "greedy", family, "group-limited selection (DeepSeek-V2/V3, GLM-4.5 only)")
   _need(cfg.qk_norm in qk_norms, family, f"qk_norm={cfg.qk_norm!r}, the family has {' or '.join(qk_norms)}")
   _need(cfg.qkv_clip == 0.0 or family == "olmoe", family, "qkv_clip (only OLMoE clips q, k, v)")
   return build(cfg, family)
@@ -299,8 +315,10 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
       elif len(parts) == 4:  # dense MLP
         out[pre + f"mlp.{_PROJ[name[2:]]}.weight"] = _linear(a)
       elif parts[3] == "router":
-        out[pre + f"{disk['block']}.gate." + ("weight" if name == "kernel" else "e_score_correction_bias")] = \
-            _linear(a) if name == "kernel" else a
+        if name == "kernel":
+          out[pre + f"{disk['block']}.gate.weight"] = _linear(a)
+        else:
+          out[pre + disk.get("bias", f"{disk['block']}.gate.e_score_correction_bias")] = a
       elif parts[3] == "experts":
         for e in range(a.shape[0]):
           out[pre + f"{disk['block']}.experts.{e}.{disk['proj'][name[2:]]}.weight"] = _linear(a[e])

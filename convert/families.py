@@ -14,6 +14,7 @@ from __future__ import annotations
 from convert.deepseek import DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3
 from convert.errors import ConversionError
 from convert.glm import GLM4_MOE
+from convert.minimax import MINIMAX_M2
 from convert.family_table import COMMON_RULES, EXPERTS, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules
 
 
@@ -243,7 +244,7 @@ LLAMA = Family(
     build=_build_llama, rules=COMMON_RULES)
 
 FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, GRANITEMOE_SHARED, MIXTRAL, DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3,
-            GLM4_MOE, LLAMA)
+            GLM4_MOE, MINIMAX_M2, LLAMA)
 
 
 def family_for(raw: dict, where: str) -> Family:

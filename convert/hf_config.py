@@ -133,24 +133,31 @@ def _rope(g: Getter) -> dict[str, Any]:
 
 
 def _rotary_dim(g: Getter, head_dim: int) -> int:
-  """Partial RoPE: ``int(head_dim * partial_rotary_factor)`` rotated dimensions (0: all), the factor read from
-  rope_parameters or, for a family that handles it, the config attribute (the two must agree). A family that
-  does not declare it refuses any factor other than 1 (its attention rotates every dimension)."""
+  """Partial RoPE: ``int(head_dim * factor)`` rotated dimensions (0: all). The factor is stated by rope_parameters'
+  ``partial_rotary_factor`` or, in a family that handles them, by the ``partial_rotary_factor`` attribute or the
+  legacy ``rotary_dim`` (MiniMax-M2: rotary_dim / head_dim); every statement must agree, and with none the family's
+  default holds (GLM: 0.5). A family that handles neither refuses any factor but 1 (it rotates every dimension)."""
   params = g("rope_parameters") or g("rope_scaling") or {}
-  factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
-  if "partial_rotary_factor" in g.handled:
-    attr = g("partial_rotary_factor")
-    if factor is not None and "partial_rotary_factor" in g.raw and float(attr) != float(factor):
-      g.fail(f"partial_rotary_factor={attr} and rope_parameters' partial_rotary_factor={factor} disagree")
-    factor = attr if factor is None else factor
-  elif factor is not None and float(factor) != 1.0:
-    g.fail(f"rope parameter partial_rotary_factor={factor} is not supported by this family (it rotates all of "
+  stated = {"rope_parameters' partial_rotary_factor": params.get("partial_rotary_factor")
+            if isinstance(params, dict) else None}
+  if "partial_rotary_factor" in g.handled and "partial_rotary_factor" in g.raw:
+    stated["partial_rotary_factor"] = g("partial_rotary_factor")
+  if "rotary_dim" in g.handled and g.raw.get("rotary_dim") is not None:
+    stated["rotary_dim / head_dim"] = int(g("rotary_dim")) / head_dim
+  stated = {k: float(v) for k, v in stated.items() if v is not None}
+  if len(set(stated.values())) > 1:
+    g.fail("the partial RoPE factors disagree: " + ", ".join(f"{k} = {v:g}" for k, v in stated.items()))
+  factor = next(iter(stated.values()), None)
+  if factor is None and "partial_rotary_factor" in g.handled:
+    factor = g("partial_rotary_factor")
+  if factor is not None and factor != 1.0 and "partial_rotary_factor" not in g.handled:
+    g.fail(f"rope parameter partial_rotary_factor={factor:g} is not supported by this family (it rotates all of "
            "each head)")
   if factor is None or float(factor) == 1.0:
     return 0
   dim = int(head_dim * float(factor))
   if not 0 < float(factor) < 1 or dim % 2:
-    g.fail(f"partial_rotary_factor={factor}: expected a factor in (0, 1] giving an even number of rotated "
+    g.fail(f"partial_rotary_factor={factor:g}: expected a factor in (0, 1] giving an even number of rotated "
            f"dimensions of head_dim={head_dim} (got {dim})")
   return dim
 

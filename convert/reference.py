@@ -16,7 +16,7 @@ import numpy as np
 from bmoe_jax.files import write_json
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "deepseek_v2",
-            "deepseek_v3", "glm4_moe", "llama")
+            "deepseek_v3", "glm4_moe", "minimax_m2", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -105,6 +105,15 @@ def _glm4_moe(overrides: dict):
             partial_rotary_factor=0.5)
   kw.update(overrides)
   return Glm4MoeForCausalLM(Glm4MoeConfig(**kw)), None
+
+
+def _minimax_m2(overrides: dict):
+  """Partial RoPE (half of head_dim 12), full-width q/k norms, sigmoid routing with a selection bias."""
+  from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+  kw = dict(_SMALL, head_dim=12, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, bos_token_id=0,
+            eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5})
+  kw.update(overrides)
+  return MiniMaxM2ForCausalLM(MiniMaxM2Config(**kw)), None
 
 
 def _llama(overrides: dict):
@@ -211,7 +220,7 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   model, v1_config = {"qwen2_moe": _qwen, "qwen3_moe": _qwen3, "olmoe": _olmoe, "granitemoe": _granite,
                         "granitemoeshared": _granite_shared, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
                         "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe,
-                        "llama": _llama}[family](overrides)
+                        "minimax_m2": _minimax_m2, "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
   out_dir = Path(out_dir)

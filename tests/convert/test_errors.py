@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -82,14 +83,29 @@ def test_partial_rope_is_read_where_the_family_has_it_and_refused_elsewhere():
   rope = {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25}
   assert parse_hf_config_dict(dict(glm, rope_parameters=rope), "c.json").cfg.rotary_dim == 32
   assert parse_hf_config_dict(dict(glm, partial_rotary_factor=1.0), "c.json").cfg.rotary_dim == 0
-  with pytest.raises(ConversionError, match="partial_rotary_factor=0.5 and rope_parameters' partial_rotary_factor="
-                                            "0.25 disagree"):
+  with pytest.raises(ConversionError, match="partial RoPE factors disagree: rope_parameters' partial_rotary_factor "
+                                            "= 0.25, partial_rotary_factor = 0.5"):
     parse_hf_config_dict(dict(glm, rope_parameters=rope, partial_rotary_factor=0.5), "c.json")
   with pytest.raises(ConversionError, match="c.json: partial_rotary_factor=0.3.*even number"):
     parse_hf_config_dict(dict(glm, partial_rotary_factor=0.3, head_dim=10), "c.json")
   with pytest.raises(ConversionError, match="partial_rotary_factor=0.5 is not supported by this family"):
     parse_hf_config_dict({"model_type": "qwen3_moe", "num_hidden_layers": 2, "rope_parameters": dict(
         rope, partial_rotary_factor=0.5)}, "c.json")
+
+
+def test_minimax_release_keys_must_state_what_transformers_assumes():
+  """MiniMax-M2's release keys that transformers never reads are checked: linear-attention layers (MiniMax-01's
+  attn_type 0), no routing bias, a shared expert, or rotary_dim against partial_rotary_factor are refused."""
+  import json
+  from convert.hf_config import parse_hf_config_dict
+  raw = json.loads((Path(__file__).parent / "hub_configs" / "minimax-m2.json").read_text())
+  assert parse_hf_config_dict(raw, "c.json").cfg.rotary_dim == 64
+  for change, msg in ((dict(attn_type_list=[0] + [1] * 61), "attn_type_list=.*linear attention"),
+                      (dict(use_routing_bias=False), "use_routing_bias=False is not supported"),
+                      (dict(shared_intermediate_size=512), "shared_intermediate_size=512"),
+                      (dict(partial_rotary_factor=0.25), "partial_rotary_factor = 0.25, rotary_dim / head_dim = 0.5")):
+    with pytest.raises(ConversionError, match=msg):
+      parse_hf_config_dict(dict(raw, **change), "c.json")
 
 
 def _drop(key):

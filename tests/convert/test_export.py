@@ -21,7 +21,8 @@ from tests.conftest import padded_batch
                                          ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 3,
                                                           "topk_group": 2, "q_lora_rank": 10}),
                                          ("deepseek_v3", {"attention_bias": True, "rope_interleave": False}),
-                                         ("glm4_moe", {"use_qk_norm": True, "n_group": 3, "topk_group": 2})])
+                                         ("glm4_moe", {"use_qk_norm": True, "n_group": 3, "topk_group": 2}),
+                                         ("minimax_m2", {})])
 def test_hf_export_roundtrip(family, over, tmp_path):
   make_checkpoint(family, tmp_path / "a", seed=5, **over)
   info, params = load_hf_checkpoint(tmp_path / "a", progress=False)
@@ -60,6 +61,8 @@ MLA = dict(shared_expert_gate=False, qkv_bias=False, num_kv_heads=4, head_dim=4,
                       router_scoring="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1, router_bias=True)),
     ("glm4_moe", dict(shared_expert_size=0, shared_expert_gate=False, router_scoring="sigmoid",
                       topk_method="noaux_tc", router_bias=True)),  # full RoPE: the factor 1.0 stated
+    ("minimax_m2", dict(NO_SHARED, rotary_dim=4, qk_norm="full", qkv_bias=False, intermediate_size=0,
+                        norm_topk_prob=True, router_scoring="sigmoid", router_bias=True)),
 ])
 def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   import torch
@@ -89,7 +92,7 @@ def test_unrepresentable_config_is_refused():
   with pytest.raises(ConversionError, match="qk_norm='none', the family has head"):
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
   cfg = B.tiny_config(rotary_dim=4, family="qwen2_moe")
-  with pytest.raises(ConversionError, match="partial RoPE \\(rotary_dim; GLM-4.5 only\\)"):
+  with pytest.raises(ConversionError, match="partial RoPE \\(rotary_dim; GLM-4.5, MiniMax-M2 only\\)"):
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
 
 

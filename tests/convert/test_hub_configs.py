@@ -34,12 +34,17 @@ PUBLISHED = [
     # Air's 106B does not (107.98B with it); the wider tolerance on GLM-4.5's total says so.
     ("glm-4.5-air.json", "glm4_moe", 106.0, 12.0, 45),
     ("glm-4.5.json", "glm4_moe", 355.0, 32.0, 89),
+    # MiniMaxAI/MiniMax-M2: "230 billion total parameters with 10 billion active"; we count 228.69B total and 9.80B
+    # activated without the embedding and the LM head (0.62B each). The file holds the release's keys (attention
+    # type per layer, q/k norm type, scoring, routing bias, MTP modules), as far as they are known here.
+    ("minimax-m2.json", "minimax_m2", 230.0, 10.0, 62),
 ]
 # the vocabulary matrices a row's published counts leave out: 1 the input embedding, 2 the embedding and the
 # LM head; none for the active count of the other rows. Granite: 0.806B + 0.076B tied.
 WITHOUT_VOCAB = {"granite-3.1-3b-a800m.json": (0, 1), "deepseek-v2-lite.json": (0, 1), "glm-4.5-air.json": (2, 2),
-                 "glm-4.5.json": (2, 2)}  # (total, active)
-TOLERANCE = {"deepseek-v3.json": 0.6, "glm-4.5-air.json": 0.5, "glm-4.5.json": (4.1, 0.5)}  # billions; 0.06
+                 "glm-4.5.json": (2, 2), "minimax-m2.json": (0, 2)}  # (total, active)
+TOLERANCE = {"deepseek-v3.json": 0.6, "glm-4.5-air.json": 0.5, "glm-4.5.json": (4.1, 0.5),
+             "minimax-m2.json": (1.5, 0.5)}  # billions; 0.06
 
 
 @pytest.mark.parametrize("name,family,total,active,moe_layers", PUBLISHED)
@@ -94,6 +99,9 @@ def test_glm_forward_traces_at_real_size_without_weights():
   from bmoe_jax.cli import describe
   assert describe(HUB / "glm-4.5-air.json")["attention"] == (
       "96 heads / 8 kv heads x 128; RoPE default on 64 of 128 dims")
+  m2 = parse_hf_config(HUB / "minimax-m2.json").cfg
+  assert (m2.rotary_dim, m2.qk_norm, m2.router_scoring, m2.router_bias, m2.shared_expert_size) == (64, "full", "sigmoid",
+                                                                                                   True, 0)
 
 
 def test_info_describes_latent_attention_and_group_routing():

@@ -57,6 +57,12 @@ CASES = [
                   "first_k_dense_replace": 0, "attention_bias": False}),
     ("glm4_moe", {"head_dim": 8, "rope_parameters": dict(YARN, partial_rotary_factor=0.75), "n_group": 3,
                   "topk_group": 2, "num_experts_per_tok": 3}),
+    # MiniMax-M2: partial RoPE, full-width q/k norms, sigmoid routing with a selection bias, renormalised; then the
+    # release's legacy rotary_dim (4 of head_dim 8) with 3 experts per token; then yarn over half of each head
+    ("minimax_m2", {}),
+    ("minimax_m2", {"head_dim": 8, "rotary_dim": 4, "num_experts_per_tok": 3,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}),
+    ("minimax_m2", {"rope_parameters": dict(YARN, partial_rotary_factor=0.5)}),
     ("llama", {}),
     ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
 ]
