@@ -106,7 +106,7 @@ class MoEConfig:
   rope_theta: float = 10000.0
   rope_type: str = "default"
   rope_factor: float = 1.0
-  rope_interleave: bool = False  # RoPE rotates pairs (x0, x1), (x2, x3), ... (DeepSeek) instead of halves
+  rope_interleave: bool = False  # RoPE rotates pairs (x0, x1), (x2, x3), ... (DeepSeek, ERNIE) instead of halves
   # partial RoPE (GLM-4.5's partial_rotary_factor): only the first rotary_dim of each q/k head's head_dim are
   # rotated (their frequencies over rotary_dim), the rest pass unrotated; 0: all of head_dim
   rotary_dim: int = 0

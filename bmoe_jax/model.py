@@ -265,7 +265,7 @@ def _attention_half(lp, cfg: MoEConfig, x_bsd, cos_bsc, sin_bsc, mask):
                             cfg.rope_interleave)
   else:
     a_bsd = L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask, cfg.rms_norm_eps, cfg.qkv_clip,
-                        cfg.attention_multiplier)
+                        cfg.attention_multiplier, cfg.rope_interleave)
   x_bsd = _residual(cfg, x_bsd, a_bsd)
   return x_bsd, L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
 

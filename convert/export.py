@@ -32,6 +32,9 @@ DISK = {
     # MiniMax-M2's release layout; its selection bias sits on the MoE block, not on the gate
     "minimax_m2": dict(block="block_sparse_moe", proj={"gate": "w1", "up": "w3", "down": "w2"},
                        bias="block_sparse_moe.e_score_correction_bias"),
+    # ERNIE-4.5: the selection bias on the block's statistics module, shaped [1, E]
+    "ernie4_5_moe": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts",
+                         bias="mlp.moe_statics.e_score_correction_bias", bias_rows=1),
 }
 # attention parameter -> its HF name under self_attn (MLA's too; norms and biases included)
 _ATTN = {"wq": "q_proj.weight", "wk": "k_proj.weight", "wv": "v_proj.weight", "wo": "o_proj.weight",
@@ -210,6 +213,26 @@ def _minimax_m2(cfg: MoEConfig, family: str) -> dict[str, Any]:
               num_experts_per_tok=cfg.num_experts_per_tok)
 
 
+def _ernie4_5_moe(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  """ERNIE-4.5-MoE: RoPE on interleaved pairs, MoE every k-th layer within a range, softmax routing with a selection
+  bias (renormalised), ungated shared experts."""
+  f = cfg.moe_intermediate_size
+  _need(not cfg.shared_expert_gate and cfg.shared_expert_size % f == 0 and any(cfg.moe_layers), family,
+        "MoE layers; shared experts are moe_num_shared_experts x moe_intermediate_size, ungated")
+  _need(cfg.router_scoring == "softmax" and cfg.router_bias and cfg.topk_method == "greedy" and cfg.norm_topk_prob
+        and cfg.norm_topk_eps == 0.0, family, "softmax scores with a selection bias over all experts, renormalised")
+  _need(cfg.rope_interleave and not (cfg.qkv_bias or cfg.attn_out_bias or cfg.attn_windows), family,
+        "RoPE on interleaved pairs; no attention bias or sliding window")
+  ids = cfg.moe_layer_ids
+  step = next((q for q in range(1, cfg.num_layers + 1) if all(
+      m == ((i + 1) % q == 0 and ids[0] <= i <= ids[-1]) for i, m in enumerate(cfg.moe_layers))), None)
+  _need(step is not None, family, f"layer pattern {cfg.moe_layers} is not every moe_layer_interval-th layer of a range")
+  return dict(_common(cfg, False), architectures=["Ernie4_5_MoeForCausalLM"], model_type=family,
+              intermediate_size=cfg.intermediate_size or f, moe_intermediate_size=f, moe_num_experts=cfg.num_experts,
+              moe_k=cfg.num_experts_per_tok, moe_num_shared_experts=cfg.shared_expert_size // f,
+              moe_layer_start_index=ids[0], moe_layer_end_index=ids[-1], moe_layer_interval=step, use_bias=False)
+
+
 def _deepseek(cfg: MoEConfig, family: str) -> dict[str, Any]:
   """DeepSeek-V2 / V3: MLA, dense layers before first_k_dense_replace, then MoE with ungated shared experts."""
   _need(cfg.mla, family, "multi-head latent attention (kv_lora_rank > 0)")
@@ -253,10 +276,13 @@ _HF = {"qwen2_moe": (_qwen2_moe, ("none",)), "qwen3_moe": (_qwen3_moe, ("head",)
        "mixtral": (_mixtral, ("none",)), "deepseek_v1": (_deepseek_v1, ("none",)),
        "granitemoe": (_granite, ("none",)), "granitemoeshared": (_granite, ("none",)),
        "deepseek_v2": (_deepseek, ("none",)), "deepseek_v3": (_deepseek, ("none",)),
-       "glm4_moe": (_glm4_moe, ("none", "head")), "minimax_m2": (_minimax_m2, ("full",))}
+       "glm4_moe": (_glm4_moe, ("none", "head")), "minimax_m2": (_minimax_m2, ("full",)),
+       "ernie4_5_moe": (_ernie4_5_moe, ("none",))}
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 SCALED_GROUPED = DEEPSEEK + ("glm4_moe",)  # routed_scaling_factor, group selection
-SIGMOID_BIASED = SCALED_GROUPED + ("minimax_m2",)  # sigmoid scores, a selection bias
+SIGMOID = SCALED_GROUPED + ("minimax_m2",)  # sigmoid scores
+SELECTION_BIAS = SIGMOID + ("ernie4_5_moe",)  # a per-expert selection bias
+INTERLEAVED_ROPE = DEEPSEEK + ("ernie4_5_moe",)
 PARTIAL_ROPE = ("glm4_moe", "minimax_m2")
 
 
@@ -265,15 +291,16 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   if family not in _HF:
     raise ConversionError(f"cannot export: unknown family {family!r} (known: {sorted(_HF)})")
   build, qk_norms = _HF[family]
-  deepseek, grouped, biased = family in DEEPSEEK, family in SCALED_GROUPED, family in SIGMOID_BIASED
+  deepseek, grouped = family in DEEPSEEK, family in SCALED_GROUPED
   _need(grouped or cfg.routed_scaling_factor == 1.0, family, "routed_scaling_factor != 1")
-  _need(deepseek or not (cfg.mla or cfg.rope_interleave), family, "multi-head latent attention / interleaved RoPE")
+  _need(deepseek or not cfg.mla, family, "multi-head latent attention (DeepSeek-V2/V3 only)")
+  _need(family in INTERLEAVED_ROPE or not cfg.rope_interleave, family, "RoPE on interleaved pairs")
   _need(family in PARTIAL_ROPE or not cfg.rotary_dim, family, "partial RoPE (rotary_dim; GLM-4.5, MiniMax-M2 only)")
   granite = family.startswith("granitemoe")
   _need(granite or (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier,
                     cfg.logits_scaling) == (1.0, 0.0, 1.0, 1.0), family, "Granite's multipliers / logits_scaling")
-  _need(biased or cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r}")
-  _need(biased or not cfg.router_bias, family, "a selection bias (DeepSeek-V3, GLM-4.5, MiniMax-M2 only)")
+  _need(family in SIGMOID or cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r}")
+  _need(family in SELECTION_BIAS or not cfg.router_bias, family, "a per-expert selection bias")
   _need(grouped or cfg.topk_method == "greedy", family, "group-limited selection (DeepSeek-V2/V3, GLM-4.5 only)")
   _need(cfg.qk_norm in qk_norms, family, f"qk_norm={cfg.qk_norm!r}, the family has {' or '.join(qk_norms)}")
   _need(cfg.qkv_clip == 0.0 or family == "olmoe", family, "qkv_clip (only OLMoE clips q, k, v)")
@@ -318,7 +345,8 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
         if name == "kernel":
           out[pre + f"{disk['block']}.gate.weight"] = _linear(a)
         else:
-          out[pre + disk.get("bias", f"{disk['block']}.gate.e_score_correction_bias")] = a
+          out[pre + disk.get("bias", f"{disk['block']}.gate.e_score_correction_bias")] = \
+              a.reshape(disk["bias_rows"], -1) if "bias_rows" in disk else a
       elif parts[3] == "experts":
         for e in range(a.shape[0]):
           out[pre + f"{disk['block']}.experts.{e}.{disk['proj'][name[2:]]}.weight"] = _linear(a[e])

@@ -12,6 +12,7 @@ the stacked [e, ...] parameter), ``fused_gate_up`` ([e, 2f, d] -> w_gate, w_up [
 from __future__ import annotations
 
 from convert.deepseek import DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3
+from convert.ernie import ERNIE4_5_MOE
 from convert.errors import ConversionError
 from convert.glm import GLM4_MOE
 from convert.minimax import MINIMAX_M2
@@ -244,7 +245,7 @@ LLAMA = Family(
     build=_build_llama, rules=COMMON_RULES)
 
 FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, GRANITEMOE_SHARED, MIXTRAL, DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3,
-            GLM4_MOE, MINIMAX_M2, LLAMA)
+            GLM4_MOE, MINIMAX_M2, ERNIE4_5_MOE, LLAMA)
 
 
 def family_for(raw: dict, where: str) -> Family:

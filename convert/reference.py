@@ -16,7 +16,7 @@ import numpy as np
 from bmoe_jax.files import write_json
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "deepseek_v2",
-            "deepseek_v3", "glm4_moe", "minimax_m2", "llama")
+            "deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -114,6 +114,15 @@ def _minimax_m2(overrides: dict):
             eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5})
   kw.update(overrides)
   return MiniMaxM2ForCausalLM(MiniMaxM2Config(**kw)), None
+
+
+def _ernie4_5_moe(overrides: dict):
+  """RoPE on interleaved pairs, a dense first layer, softmax routing with a selection bias, two shared experts."""
+  from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+  kw = dict(_SMALL, intermediate_size=48, moe_intermediate_size=16, moe_num_experts=6, moe_k=2,
+            moe_num_shared_experts=2, moe_layer_start_index=1, tie_word_embeddings=False)
+  kw.update(overrides)
+  return Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**kw)), None
 
 
 def _llama(overrides: dict):
@@ -220,7 +229,7 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   model, v1_config = {"qwen2_moe": _qwen, "qwen3_moe": _qwen3, "olmoe": _olmoe, "granitemoe": _granite,
                         "granitemoeshared": _granite_shared, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
                         "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe,
-                        "minimax_m2": _minimax_m2, "llama": _llama}[family](overrides)
+                        "minimax_m2": _minimax_m2, "ernie4_5_moe": _ernie4_5_moe, "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
   out_dir = Path(out_dir)

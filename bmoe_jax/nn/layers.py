@@ -90,13 +90,15 @@ def head_norm(x_bshc: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
-              allowed_b11st: jax.Array, eps: float = 1e-6, clip: float = 0.0, scale: float = 0.0) -> jax.Array:
+              allowed_b11st: jax.Array, eps: float = 1e-6, clip: float = 0.0, scale: float = 0.0,
+              interleave: bool = False) -> jax.Array:
   """Grouped-query attention with RoPE; softmax in float32.
 
   p: wq [d, h, c], wk [d, k, c], wv [d, k, c], wo [h, c, d], optional bq [h, c], bk/bv [k, c], bo [d],
   q_norm / k_norm (``head_norm`` scales, RMSNorm with ``eps`` before RoPE). ``clip`` > 0 clamps q, k, v after
   the norms (OLMoE's clip_qkv). ``scale`` > 0 replaces the score scale head_dim ** -0.5 (Granite's
-  attention_multiplier).
+  attention_multiplier). ``interleave``: RoPE rotates interleaved pairs (ERNIE-4.5) instead of halves; tables
+  narrower than the heads rotate only their first dimensions (partial RoPE, ``rope.apply``).
   """
   q_bshc = mm("bsd,dhc->bshc", x_bsd, p["wq"])
   k_bskc = mm("bsd,dkc->bskc", x_bsd, p["wk"])
@@ -110,8 +112,8 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
     k_bskc = head_norm(k_bskc, p["k_norm"], eps)
   if clip > 0:
     q_bshc, k_bskc, v_bskc = (jnp.clip(a, -clip, clip) for a in (q_bshc, k_bskc, v_bskc))
-  q_bshc = rope.apply(q_bshc, cos_bsc, sin_bsc)
-  k_bskc = rope.apply(k_bskc, cos_bsc, sin_bsc)
+  q_bshc = rope.apply(q_bshc, cos_bsc, sin_bsc, interleave)
+  k_bskc = rope.apply(k_bskc, cos_bsc, sin_bsc, interleave)
   out_bshc = attend(q_bshc, k_bskc, v_bskc, allowed_b11st, scale or q_bshc.shape[-1] ** -0.5)
   return output_projection(p, out_bshc)
 

@@ -22,7 +22,7 @@ from tests.conftest import padded_batch
                                                           "topk_group": 2, "q_lora_rank": 10}),
                                          ("deepseek_v3", {"attention_bias": True, "rope_interleave": False}),
                                          ("glm4_moe", {"use_qk_norm": True, "n_group": 3, "topk_group": 2}),
-                                         ("minimax_m2", {})])
+                                         ("minimax_m2", {}), ("ernie4_5_moe", {"moe_layer_interval": 2})])
 def test_hf_export_roundtrip(family, over, tmp_path):
   make_checkpoint(family, tmp_path / "a", seed=5, **over)
   info, params = load_hf_checkpoint(tmp_path / "a", progress=False)
@@ -63,6 +63,8 @@ MLA = dict(shared_expert_gate=False, qkv_bias=False, num_kv_heads=4, head_dim=4,
                       topk_method="noaux_tc", router_bias=True)),  # full RoPE: the factor 1.0 stated
     ("minimax_m2", dict(NO_SHARED, rotary_dim=4, qk_norm="full", qkv_bias=False, intermediate_size=0,
                         norm_topk_prob=True, router_scoring="sigmoid", router_bias=True)),
+    ("ernie4_5_moe", dict(shared_expert_size=32, shared_expert_gate=False, qkv_bias=False, rope_interleave=True,
+                          norm_topk_prob=True, router_bias=True, moe_layers=(False, True))),
 ])
 def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   import torch

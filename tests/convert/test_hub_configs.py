@@ -38,13 +38,19 @@ PUBLISHED = [
     # activated without the embedding and the LM head (0.62B each). The file holds the release's keys (attention
     # type per layer, q/k norm type, scoring, routing bias, MTP modules), as far as they are known here.
     ("minimax-m2.json", "minimax_m2", 230.0, 10.0, 62),
+    # baidu/ERNIE-4.5-21B-A3B-PT ("21B total, 3B activated") and ERNIE-4.5-300B-A47B-PT ("300B / 47B"), the keys
+    # transformers saves: 21.83B / 3.09B and 299.48B / 47.08B without the embedding (tied in the 21B model); the 21B
+    # model's total is stated to the billion below (21.8)
+    ("ernie-4.5-21b-a3b.json", "ernie4_5_moe", 21.0, 3.0, 27),
+    ("ernie-4.5-300b-a47b.json", "ernie4_5_moe", 300.0, 47.0, 51),
 ]
 # the vocabulary matrices a row's published counts leave out: 1 the input embedding, 2 the embedding and the
 # LM head; none for the active count of the other rows. Granite: 0.806B + 0.076B tied.
 WITHOUT_VOCAB = {"granite-3.1-3b-a800m.json": (0, 1), "deepseek-v2-lite.json": (0, 1), "glm-4.5-air.json": (2, 2),
-                 "glm-4.5.json": (2, 2), "minimax-m2.json": (0, 2)}  # (total, active)
+                 "glm-4.5.json": (2, 2), "minimax-m2.json": (0, 2), "ernie-4.5-21b-a3b.json": (0, 1),
+                 "ernie-4.5-300b-a47b.json": (0, 1)}  # (total, active)
 TOLERANCE = {"deepseek-v3.json": 0.6, "glm-4.5-air.json": 0.5, "glm-4.5.json": (4.1, 0.5),
-             "minimax-m2.json": (1.5, 0.5)}  # billions; 0.06
+             "minimax-m2.json": (1.5, 0.5), "ernie-4.5-21b-a3b.json": (0.9, 0.1), "ernie-4.5-300b-a47b.json": 0.6}  # billions; 0.06
 
 
 @pytest.mark.parametrize("name,family,total,active,moe_layers", PUBLISHED)

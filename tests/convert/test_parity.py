@@ -63,6 +63,11 @@ CASES = [
     ("minimax_m2", {"head_dim": 8, "rotary_dim": 4, "num_experts_per_tok": 3,
                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}),
     ("minimax_m2", {"rope_parameters": dict(YARN, partial_rotary_factor=0.5)}),
+    # ERNIE-4.5-MoE: RoPE on interleaved pairs, softmax routing with a selection bias, two shared experts, a dense
+    # first layer; then MoE every second layer from layer 0 with tied embeddings and no shared expert
+    ("ernie4_5_moe", {}),
+    ("ernie4_5_moe", {"moe_layer_start_index": 0, "moe_layer_interval": 2, "num_hidden_layers": 4,
+                      "moe_num_shared_experts": 0, "tie_word_embeddings": True, "moe_k": 3}),
     ("llama", {}),
     ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
 ]
@@ -144,18 +149,20 @@ def test_parity_cases_exercise_yarn_and_its_softmax_scale(tmp_path):
     assert np.abs(moved - base)[real].max() > 100 * LOGIT_TOL, change
 
 
-def test_glm_parity_sees_partial_rope(tmp_path):
-  """The GLM cases are not blind to partial RoPE: rotating all of each head (rotary_dim 0), or half of the rotated
-  part, moves the logits far past the tolerance."""
-  make_checkpoint("glm4_moe", tmp_path, seed=0)
+@pytest.mark.parametrize("family,changes", [("glm4_moe", (dict(rotary_dim=0), dict(rotary_dim=4))),
+                                            ("ernie4_5_moe", (dict(rope_interleave=False),))])
+def test_parity_cases_see_the_rope_layout(tmp_path, family, changes):
+  """The GLM and ERNIE cases are not blind to their RoPE layouts: rotating all of each head (rotary_dim 0) or a
+  third of it instead of half, or halves instead of interleaved pairs, moves the logits far past the tolerance."""
+  make_checkpoint(family, tmp_path, seed=0)
   info, params = load_hf_checkpoint(tmp_path, progress=False)
-  assert info.cfg.rotary_dim == 6 and info.cfg.head_dim == 12
+  assert (info.cfg.rotary_dim, info.cfg.rope_interleave) == ((6, False) if family == "glm4_moe" else (0, True))
   tokens, mask = padded_batch(info.cfg.vocab_size)
   real = mask.astype(bool)
   base = np.asarray(B.forward(params, info.cfg, tokens, mask).logits)
-  for dim in (0, 4):
-    moved = np.asarray(B.forward(params, info.cfg.replace(rotary_dim=dim), tokens, mask).logits)
-    assert np.abs(moved - base)[real].max() > 100 * LOGIT_TOL, dim
+  for change in changes:
+    moved = np.asarray(B.forward(params, info.cfg.replace(**change), tokens, mask).logits)
+    assert np.abs(moved - base)[real].max() > 100 * LOGIT_TOL, change
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
