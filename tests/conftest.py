@@ -64,6 +64,40 @@ def rng():
   return np.random.RandomState(0)
 
 
+def _memory_maps() -> int:
+  """This process's memory mappings (0 where ``/proc`` is not there)."""
+  try:
+    with open("/proc/self/maps") as fh:
+      return sum(1 for _ in fh)
+  except OSError:
+    return 0
+
+
+def _map_limit() -> int:
+  try:
+    with open("/proc/sys/vm/max_map_count") as fh:
+      return int(fh.read())
+  except (OSError, ValueError):
+    return 65530
+
+
+MAP_BUDGET = 0.5  # of vm.max_map_count: past it, a finished module's compiled programs are dropped
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_compiled_programs():
+  """Every XLA:CPU executable keeps its own memory mappings (LLVM JIT sections), and a test worker compiles thousands
+  of programs. Near vm.max_map_count (65530) a compile fails inside LLVM: a worker of a full run segfaulted in
+  ``backend_compile_and_load`` at 76% of the suite (12-07). After each module, if the worker holds more than half
+  the limit, JAX's caches are cleared (the next module recompiles what it needs; below the budget, compiled
+  programs stay shared between modules)."""
+  yield
+  if _memory_maps() > MAP_BUDGET * _map_limit():
+    import gc
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_configure(config):
   from tests import timing
   timing.register(config)
