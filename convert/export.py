@@ -198,7 +198,8 @@ def _glm4_moe(cfg: MoEConfig, family: str) -> dict[str, Any]:
   _v3_routing(cfg, family)
   return dict(_common(cfg, False), **_dense_then_moe(cfg, family), architectures=["Glm4MoeForCausalLM"],
               model_type=family, norm_topk_prob=cfg.norm_topk_prob, use_qk_norm=cfg.qk_norm == "head",
-              attention_bias=cfg.qkv_bias,  # the factor, stated: absent, transformers' GLM assumes 0.5
+              attention_bias=cfg.qkv_bias,
+              # always stated: without it, transformers' GLM assumes 0.5
               partial_rotary_factor=(cfg.rotary_dim or cfg.head_dim) / cfg.head_dim)
 
 
