@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from bmoe_jax.intervals import bootstrap_ci, holm, paired_bootstrap  # noqa: F401  (public here too)
+
 ECE_BINS = (15, 10)
 
 
@@ -279,31 +281,6 @@ def error_auroc(probs_nc, labels_n) -> float:
   return auroc(conf[~right], conf[right])
 
 
-def bootstrap_ci(metric: Callable, *arrays, num_samples: int = 1000, level: float = 0.95, seed: int = 0):
-  """(low, high) percentile interval of ``metric(*arrays)`` over example resamples (seeded; resamples where the
-  metric is undefined, NaN, are left out).
-
-  Args:
-    metric: ``metric(*arrays) -> float`` on the resampled arrays (e.g. ``ece``); NaN where undefined.
-    arrays: per-example arrays sharing their first axis n (e.g. probs [n, C], labels [n]); each resample draws n
-      indices with replacement and indexes every array with them.
-    num_samples: the number of bootstrap resamples.
-    level: the interval's coverage (0.95: the 2.5th to the 97.5th percentile).
-    seed: the seed of the ``np.random.RandomState`` drawing the resamples.
-
-  Returns:
-    (low, high) floats: the percentile interval (NaN when every resample is NaN).
-  """
-  n = len(arrays[0])
-  rng = np.random.RandomState(seed)
-  vals = []
-  for _ in range(num_samples):
-    idx = rng.randint(0, n, n)
-    vals.append(metric(*(np.asarray(a)[idx] for a in arrays)))
-  lo, hi = np.nanpercentile(vals, [50 * (1 - level), 100 - 50 * (1 - level)])  # error_auroc: NaN when undefined
-  return float(lo), float(hi)
-
-
 def paired_difference(metric: Callable, probs_a_snc, probs_b_snc, labels_n, *, num_samples: int = 2000,
                       level: float = 0.95, seed: int = 0) -> dict:
   """Paired bootstrap of ``metric(a) - metric(b)`` pooled over seeds: two methods on the same n questions (seed s
@@ -331,7 +308,7 @@ def paired_difference(metric: Callable, probs_a_snc, probs_b_snc, labels_n, *, n
                      "twice (the same seeds and questions) and labels [n]")
   diff = lambda idx: float(np.mean([metric(a[s, idx], labels[idx]) - metric(b[s, idx], labels[idx])
                                     for s in range(a.shape[0])]))
-  return {**_paired_bootstrap(diff, (labels.shape[0],), num_samples, level, seed), "seeds": int(a.shape[0]),
+  return {**paired_bootstrap(diff, (labels.shape[0],), num_samples, level, seed), "seeds": int(a.shape[0]),
           "n": int(labels.shape[0])}
 
 
@@ -362,41 +339,8 @@ def paired_auroc_difference(a_in_sn, a_out_sm, b_in_sn, b_out_sm, *, num_samples
                      "[seeds, n] in-distribution and [seeds, m] shifted, the same for a and b")
   diff = lambda i, o: float(np.mean([auroc(a_in[s, i], a_out[s, o]) - auroc(b_in[s, i], b_out[s, o])
                                      for s in range(a_in.shape[0])]))
-  return {**_paired_bootstrap(diff, (a_in.shape[1], a_out.shape[1]), num_samples, level, seed),
+  return {**paired_bootstrap(diff, (a_in.shape[1], a_out.shape[1]), num_samples, level, seed),
           "seeds": int(a_in.shape[0]), "n": int(a_in.shape[1]), "m": int(a_out.shape[1])}
-
-
-def _paired_bootstrap(diff: Callable, sizes: tuple, num_samples: int, level: float, seed: int) -> dict:
-  """The estimate ``diff(*all indices)``, the percentile interval of ``diff`` over resamples (one index draw per
-  set in ``sizes``) and the two-sided bootstrap p-value (twice the smaller tail beyond 0, at most 1). Resamples
-  where ``diff`` is undefined (NaN, e.g. an AUROC of a resample with one class) are left out of both."""
-  rng = np.random.default_rng(seed)
-  boot = np.array([diff(*(rng.integers(0, n, n) for n in sizes)) for _ in range(num_samples)], np.float64)
-  boot = boot[np.isfinite(boot)]
-  if boot.size == 0:
-    return {"diff": diff(*(np.arange(n) for n in sizes)), "ci": (float("nan"),) * 2, "p": float("nan")}
-  lo, hi = np.percentile(boot, [50 * (1 - level), 100 - 50 * (1 - level)])
-  p = min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))
-  return {"diff": diff(*(np.arange(n) for n in sizes)), "ci": (float(lo), float(hi)), "p": float(p)}
-
-
-def holm(pvalues) -> np.ndarray:
-  """Holm's step-down adjustment of ``pvalues`` (family-wise error): reject where the adjusted p <= alpha.
-
-  Args:
-    pvalues: [m] raw p-values of the m hypotheses of one family, in any order.
-
-  Returns:
-    float64 [m] adjusted p-values in the input order: with ``p_(1) <= ... <= p_(m)`` sorted, the i-th smallest
-    becomes ``min(1, max_{j <= i} (m - j + 1) p_(j))``.
-  """
-  p = np.asarray(pvalues, np.float64)
-  order = np.argsort(p, kind="mergesort")
-  m = len(p)
-  adjusted = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
-  out = np.empty(m)
-  out[order] = adjusted
-  return out
 
 
 def summary(probs_nc, labels_n, *, ci: bool = False, num_samples: int = 1000, seed: int = 0) -> dict:

@@ -249,7 +249,7 @@ def main(argv=None) -> None:
     print(f"run {run}", flush=True)
     runs.append(cached_run(Path(run), args, published))
     (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs},
-                                                 indent=2, default=float))
+                                                 separators=(",", ":"), default=float))  # per-run scalars, compact
   from experiments.routing_report import write_report
   write_report(out)
 

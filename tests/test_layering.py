@@ -9,7 +9,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "bmoe_jax"
 CORE = ("config", "params", "nn", "model", "task")  # the model and its numerics
-METHODS = ("laplace", "routing", "baselines", "train", "data", "evaluate", "metrics", "epistemic", "sharded")
+METHODS = ("laplace", "routing", "baselines", "train", "data", "evaluate", "metrics", "intervals", "epistemic",
+           "sharded")
 ORCHESTRATION = ("pipeline", "cli", "cli_tasks", "demo")
 RULES = {  # importer -> what it may not import
     **{c: METHODS + ORCHESTRATION for c in CORE},
