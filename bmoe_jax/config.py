@@ -154,20 +154,12 @@ class MoEConfig:
            f"attn_windows has {len(self.attn_windows)} entries, expected {self.num_layers}")
     need(self.hidden_act in SUPPORTED_ACTIVATIONS,
          f"hidden_act={self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
-    need(self.rope_type in SUPPORTED_ROPE_TYPES,
-         f"rope_type={self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
-    if self.rope_type == "yarn":
-      need(self.rope_factor > 0 and self.yarn_original_max_position > 0,
-           "yarn RoPE needs rope_factor > 0 and yarn_original_max_position > 0")
+    self._check_rope(need)
     if self.mla:
       need(self.qk_nope_head_dim > 0 and self.v_head_dim > 0 and self.q_lora_rank >= 0,
            "multi-head latent attention (kv_lora_rank > 0) needs qk_nope_head_dim > 0 and v_head_dim > 0")
       need(self.num_kv_heads == self.num_heads and self.qk_norm == "none" and not self.qkv_clip,
            "multi-head latent attention has one k/v per head (num_kv_heads = num_heads), no q/k norm or clip")
-    need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
-    need(self.rotary_dim == 0 or (self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim),
-         f"rotary_dim={self.rotary_dim} must be 0 (all of head_dim) or even and in (0, head_dim={self.head_dim}]")
-    need(not (self.rotary_dim and self.mla), "partial RoPE (rotary_dim) is not defined for latent attention")
     need(self.qk_norm in SUPPORTED_QK_NORM,
          f"qk_norm={self.qk_norm!r} is not supported (supported: {SUPPORTED_QK_NORM})")
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
@@ -189,6 +181,18 @@ class MoEConfig:
            f"num_experts_per_tok={self.num_experts_per_tok}")
     need(self.router_scoring in SUPPORTED_SCORING,
          f"router_scoring={self.router_scoring!r} is not supported (supported: {SUPPORTED_SCORING})")
+
+  def _check_rope(self, need) -> None:
+    """The RoPE fields: a supported type, yarn's parameters, even widths, a partial width within the head."""
+    need(self.rope_type in SUPPORTED_ROPE_TYPES,
+         f"rope_type={self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+    if self.rope_type == "yarn":
+      need(self.rope_factor > 0 and self.yarn_original_max_position > 0,
+           "yarn RoPE needs rope_factor > 0 and yarn_original_max_position > 0")
+    need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+    need(self.rotary_dim == 0 or (self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim),
+         f"rotary_dim={self.rotary_dim} must be 0 (all of head_dim) or even and in (0, head_dim={self.head_dim}]")
+    need(not (self.rotary_dim and self.mla), "partial RoPE (rotary_dim) is not defined for latent attention")
 
   @property
   def mla(self) -> bool:
