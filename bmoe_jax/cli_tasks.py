@@ -174,8 +174,9 @@ def _evaluate(c: EvaluateCommand, mesh) -> dict:
     task, batches = ST.cache_prefix(params, task, batches, min(cfg.moe_layer_ids, default=0), not c.run.quiet)
   posteriors, tempered = _posteriors(c.eval, names, params), {}
   if "bmoe_ts" in names:  # the --posterior's factors, the MAP's validation temperature, then the default grid
-    val = ST.validation_stats(params, task, batches["val"], posteriors["bmoe"])
-    posteriors["bmoe_ts"], tempered["bmoe_ts"] = ST.temper(posteriors["bmoe"], val, FitConfig(link=c.eval.link))
+    fc = FitConfig(link=c.eval.link)
+    val = ST.validation_stats(params, task, batches["val"], posteriors["bmoe"], fc.grid_values)
+    posteriors["bmoe_ts"], tempered["bmoe_ts"] = ST.temper(posteriors["bmoe"], val, fc)
   ctx = Context(params, task, train=batches.get("train", []), val=batches.get("val", []), seed=c.run.seed,
                 posteriors=posteriors, members=_members(c.eval, names, params, cfg, mesh),
                 routers=_routers(c.eval, cfg), temperatures=ST.temperatures(tempered))

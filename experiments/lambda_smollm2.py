@@ -56,9 +56,9 @@ def variants(ft, pretrained, task, batches, rank, grid, seed, link):
                     num_sequences=int(state.num_sequences), log_lik=state.log_lik, remainder=remainder)
     name = tag + ("" if rank is None else (" + remainder" if remainder else " bare"))
     out[f"{name}, evidence"] = LA.optimize_prior_precision(post, "global", steps=300)[0]
-    if remainder and rank is not None:  # full-rank Jacobian statistics of a whole validation set: tens of GB
-      val = [(LA.predictive.jacobian_stats_jit(ft, task=task, batch=b, post=post), b.labels_b)
-             for b in batches["val"]]
+    if remainder and rank is not None:  # a generator: one batch's Jacobian statistics at a time (grid_stats)
+      val = ((LA.predictive.jacobian_stats_jit(ft, task=task, batch=b, post=post), b.labels_b)
+             for b in batches["val"])
       out[f"{name}, grid"] = LA.predictive.grid_search_prior_precision(post, val, grid=grid, link=link)[0]
   return out
 

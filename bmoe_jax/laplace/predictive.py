@@ -28,7 +28,7 @@ small C) or a closed form (``probit_pairwise``, the default, on the contrasts ``
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -296,16 +296,73 @@ def predict(post: P.Posterior, params, task: Task, batch: Batch, *, method: str 
   return Predictive(jax.nn.softmax(f_nbc, -1).mean(0), mean, cov)
 
 
-def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats, jax.Array]], grid,
-                                link: str = DEFAULT_LINK, key: jax.Array | None = None,
+class GridStats(NamedTuple):
+  """A validation set's linearised predictive at every prior precision of a grid (``grid_stats``): all a grid
+  search needs, for any link and temperature, in O(grid x n x C^2) memory instead of the Jacobian statistics'.
+
+  Attributes:
+    prior_precision_g: [g] the grid's global prior precisions lambda (not logs), float64.
+    f_nc: [n, c] the MAP logits of the n validation examples.
+    cov_gncc: [g, n, c, c] the logits' covariance Sigma_f at each grid point.
+    labels_n: [n] int the labels.
+  """
+  prior_precision_g: np.ndarray
+  f_nc: np.ndarray
+  cov_gncc: np.ndarray
+  labels_n: np.ndarray
+
+
+def grid_covariances(stats: JacobianStats, post: P.Posterior, grid) -> jax.Array:
+  """[g, b, c, c] Sigma_f of one batch at each global prior precision of ``grid``.
+
+  Args:
+    stats: the batch's statistics (``jacobian_stats``, on ``post``'s factors).
+    post: the posterior (factors and scale; its own prior precision is not read).
+    grid: [g] the prior precisions lambda (not logs), one global value each.
+
+  Returns:
+    [g, b, c, c] ``logit_covariance`` at each lambda.
+  """
+  num_e = {l: w.shape[0] for l, w in post.w_map.items()}
+  return jnp.stack([logit_covariance(stats, post, P.expand_prior_precision(float(lam), num_e, post.scale.dtype))
+                    for lam in np.asarray(grid, np.float64)])
+
+
+def grid_stats(post: P.Posterior, val: Iterable[tuple[JacobianStats, jax.Array]], grid) -> GridStats:
+  """The ``GridStats`` of the (statistics, labels) pairs of ``val``, consumed one at a time: a generator that
+  computes each batch's statistics holds one batch's at a time (they are large: [b, e, C, r_a, r_g] per block).
+
+  Args:
+    post: the posterior the statistics were taken on.
+    val: (``jacobian_stats`` of a validation batch, its labels [b] int) pairs; any iterable.
+    grid: [g] the prior precisions lambda (not logs), one global value each.
+
+  Returns:
+    ``GridStats`` of the concatenated batches (ValueError when ``val`` is empty).
+  """
+  f, cov, y = [], [], []
+  for stats, labels_b in val:
+    f.append(np.asarray(stats.f_bc))
+    cov.append(np.asarray(grid_covariances(stats, post, grid)))
+    y.append(np.asarray(labels_b))
+    del stats  # the caller's generator may free it before computing the next batch's
+  if not f:
+    raise ValueError("grid search of the prior precision: no validation batches (pass a non-empty validation set)")
+  return GridStats(np.asarray(grid, np.float64), np.concatenate(f), np.concatenate(cov, 1), np.concatenate(y))
+
+
+def grid_search_prior_precision(post: P.Posterior, val: GridStats | Iterable[tuple[JacobianStats, jax.Array]],
+                                grid=None, link: str = DEFAULT_LINK, key: jax.Array | None = None,
                                 num_samples: int = 1000, temperature: float = 1.0) -> tuple[P.Posterior, dict]:
   """Global lambda minimising validation NLL over ``grid`` (the pipeline's default:
-  ``pipeline.configs.FitConfig.grid``). Every grid point costs only the contraction of the statistics.
+  ``pipeline.configs.FitConfig.grid``). Every grid point, link and temperature costs only a [n, C, C] predictive.
 
   Args:
     post: the posterior (its factors; its own prior precision is not read).
-    val: (``jacobian_stats`` of a validation batch on ``post``'s factors, its labels [b] int) pairs, computed once.
-    grid: the candidate prior precisions lambda (not logs), one global value each.
+    val: a ``GridStats`` (``grid_stats``: reuse it across links and temperatures), or (``jacobian_stats`` of a
+      validation batch on ``post``'s factors, its labels [b] int) pairs, reduced by ``grid_stats``.
+    grid: the candidate prior precisions lambda (not logs), one global value each; None: ``val``'s (a
+      ``GridStats``). A ``GridStats`` of another grid is a ValueError.
     link: how E softmax(f) is taken, one of ``task.LINKS``.
     key: PRNG key of the ``"mc"`` link (the same draws at every grid point); None: ``jax.random.key(0)``.
     num_samples: Gaussian logit draws of the ``"mc"`` link.
@@ -316,19 +373,18 @@ def grid_search_prior_precision(post: P.Posterior, val: list[tuple[JacobianStats
     ``(posterior, curve)``: ``post`` with the best lambda for every expert of every block (the first on ties),
     and ``{"prior_precision": [...], "nll": [...]}`` (the grid, and the mean NLL per example at each point).
   """
-  grid = np.asarray(grid, np.float64)
+  if not isinstance(val, GridStats):
+    if grid is None:
+      raise ValueError("grid search of the prior precision: pass grid= (the candidate lambdas)")
+    val = grid_stats(post, val, grid)
+  elif grid is not None and not np.array_equal(np.asarray(grid, np.float64), val.prior_precision_g):
+    raise ValueError(f"grid search: grid={list(grid)} differs from the GridStats' {val.prior_precision_g.tolist()}")
   key = jax.random.key(0) if key is None else key
+  f_nc, labels = jnp.asarray(val.f_nc) / temperature, jnp.asarray(val.labels_n)[:, None]
+  nlls = [float(-jnp.mean(jnp.log(jnp.take_along_axis(
+      class_probs(f_nc, jnp.asarray(cov) / temperature**2, link, key, num_samples), labels, 1) + 1e-12)))
+      for cov in val.cov_gncc]
+  best = float(val.prior_precision_g[int(np.argmin(nlls))])
   num_e = {l: w.shape[0] for l, w in post.w_map.items()}
-  nlls = []
-  for lam in grid:
-    log_prec = P.expand_prior_precision(float(lam), num_e, post.scale.dtype)
-    total, count = 0.0, 0
-    for stats, labels_b in val:
-      cov = logit_covariance(stats, post, log_prec)
-      probs = class_probs(stats.f_bc / temperature, cov / temperature**2, link, key, num_samples)
-      total += float(-jnp.sum(jnp.log(jnp.take_along_axis(probs, labels_b[:, None], 1) + 1e-12)))
-      count += labels_b.shape[0]
-    nlls.append(total / max(count, 1))
-  best = float(grid[int(np.argmin(nlls))])
   return (post._replace(log_prior_prec_e=P.expand_prior_precision(best, num_e, post.scale.dtype)),
-          {"prior_precision": grid.tolist(), "nll": nlls})
+          {"prior_precision": val.prior_precision_g.tolist(), "nll": nlls})

@@ -147,31 +147,33 @@ def posteriors(params, task: Task, val_batches, fc: FitConfig, factors: dict, st
                   num_sequences=int(state.num_sequences), prior_precision=fc.fixed_prior, log_lik=state.log_lik,
                   remainder=remainder)
   posts, info = {"bmoe_fixed": base}, {"bmoe_fixed": {"prior_precision": fc.fixed_prior}}
-  if "bmoe_ml" in wanted or fc.prior != "grid":
+  if "bmoe_ml" in wanted or ("bmoe" in wanted and fc.prior != "grid"):
     mode = fc.prior if fc.prior != "grid" else "layer"
     posts["bmoe_ml"], curve = LA.optimize_prior_precision(base, mode)
     info["bmoe_ml"] = {"mode": mode, "prior_precision": mean_prior_precision(posts["bmoe_ml"]),
                        "log_marglik": curve["log_marglik"][-1]}
-  val = validation_stats(params, task, val_batches, base) if fc.prior == "grid" or "bmoe_ts" in wanted else None
-  if fc.prior == "grid":
-    posts["bmoe"], info["bmoe"] = grid(base, val, fc)
-  else:
-    posts["bmoe"], info["bmoe"] = posts["bmoe_ml"], info["bmoe_ml"]
+  needs_val = "bmoe_ts" in wanted or ("bmoe" in wanted and fc.prior == "grid")
+  val = validation_stats(params, task, val_batches, base, fc.grid_values) if needs_val else None
+  if "bmoe" in wanted:
+    posts["bmoe"], info["bmoe"] = grid(base, val, fc) if fc.prior == "grid" else (posts["bmoe_ml"], info["bmoe_ml"])
+    info["bmoe"]["log_marglik_final"] = float(LA.posterior.log_marginal_likelihood(posts["bmoe"]))
   if "bmoe_ts" in wanted:
     posts["bmoe_ts"], info["bmoe_ts"] = temper(base, val, fc)
-  info["bmoe"]["log_marglik_final"] = float(LA.posterior.log_marginal_likelihood(posts["bmoe"]))
   return posts, info
 
 
-def validation_stats(params, task: Task, val_batches, post) -> list:
-  """[(Jacobian statistics, labels)] of every validation batch: computed once, then every prior precision and
-  temperature costs only the contraction."""
-  return [(LA.predictive.jacobian_stats_jit(params, task=task, batch=b, post=post), b.labels_b) for b in val_batches]
+def validation_stats(params, task: Task, val_batches, post, grid_values) -> LA.predictive.GridStats:
+  """The validation set's predictive at every prior precision of ``grid_values`` (``LA.predictive.GridStats``),
+  streamed: each batch's Jacobian statistics are computed once, reduced to [grid, b, C, C] covariances and freed
+  before the next batch's, so every link, temperature and lambda of a grid search costs only the contraction
+  and the memory is one batch's statistics (full-rank factors: hundreds of MB per layer per batch)."""
+  pairs = ((LA.predictive.jacobian_stats_jit(params, task=task, batch=b, post=post), b.labels_b) for b in val_batches)
+  return LA.predictive.grid_stats(post, pairs, grid_values)
 
 
-def grid(base, val: list, fc: FitConfig, temperature: float = 1.0) -> tuple:
+def grid(base, val: LA.predictive.GridStats, fc: FitConfig, temperature: float = 1.0) -> tuple:
   """(posterior, info): the global prior precision of ``base`` by validation NLL over ``fc.grid_values``
-  (``val``: ``validation_stats``), of the predictive tempered by ``temperature``."""
+  (``val``: ``validation_stats`` on that grid), of the predictive tempered by ``temperature``."""
   post, curve = LA.predictive.grid_search_prior_precision(base, val, grid=fc.grid_values, link=fc.link,
                                                           temperature=temperature)
   info = {"mode": f"grid (validation NLL, {fc.link})", "link": fc.link, "prior_precision": mean_prior_precision(post),
@@ -182,14 +184,13 @@ def grid(base, val: list, fc: FitConfig, temperature: float = 1.0) -> tuple:
   return post, info
 
 
-def temper(base, val: list, fc: FitConfig) -> tuple:
+def temper(base, val: LA.predictive.GridStats, fc: FitConfig) -> tuple:
   """Bayesian-MoE + temperature (``bmoe_ts``), sequentially: first the MAP's temperature T on the validation
   set (temperature scaling's: the MAP logits are the linearisation point's), then the global prior precision
   by validation NLL of the tempered predictive N(f* / T, Sigma_f / T^2). Returns (posterior, info with
   ``temperature``)."""
   from bmoe_jax.baselines.methods import fit_temperature
-  t = fit_temperature(np.concatenate([np.asarray(st.f_bc) for st, _ in val]),
-                      np.concatenate([np.asarray(y) for _, y in val]))
+  t = fit_temperature(val.f_nc, val.labels_n)
   post, info = grid(base, val, fc, t)
   return post, {**info, "mode": f"temperature T = {t:.3f} (validation NLL), then {info['mode']}", "temperature": t}
 

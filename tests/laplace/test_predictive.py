@@ -173,6 +173,37 @@ def test_grid_search_uses_the_lambda_independent_stats():
                              rtol=1e-5)
 
 
+def test_grid_stats_streams_batches_and_serves_every_link_and_temperature():
+  """grid_stats holds one batch's Jacobian statistics at a time, and a search on its GridStats equals the search on
+  the statistics themselves for every link and temperature (split batches: the same examples, the same NLL)."""
+  import gc
+  import weakref
+
+  cfg, params, post, test = _fit()
+  task, grid = Task(cfg, CLASSES), [0.01, 1.0, 100.0]
+  parts = [jax.tree.map(lambda x, r=r: x[r], test) for r in (slice(0, 2), slice(2, 3))]
+  alive = []
+
+  def stats_of(b):  # the pipeline's pattern (stages.validation_stats): a generator expression over the batches
+    gc.collect()
+    assert not any(ref() is not None for ref in alive), "the previous batch's statistics are still held"
+    stats = jacobian_stats(params, task, b, post)
+    alive.append(weakref.ref(stats.blocks[kfac.Block(0)].proj_becrq))
+    return stats
+
+  val = PR.grid_stats(post, ((stats_of(b), b.labels_b) for b in parts), grid)
+  assert val.cov_gncc.shape == (3, 3, 4, 4) and val.f_nc.shape == (3, 4)
+  whole = [(jacobian_stats(params, task, test, post), test.labels_b)]
+  for link, t in [("probit_pairwise", 1.0), ("probit", 1.0), ("probit_pairwise", 1.7), ("mc", 1.0)]:
+    got = PR.grid_search_prior_precision(post, val, link=link, temperature=t)[1]["nll"]
+    want = PR.grid_search_prior_precision(post, whole, grid=grid, link=link, temperature=t)[1]["nll"]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="differs from the GridStats"):
+    PR.grid_search_prior_precision(post, val, grid=[1.0])
+  with pytest.raises(ValueError, match="no validation batches"):
+    PR.grid_stats(post, iter(()), grid)
+
+
 def test_bad_method_and_link():
   cfg, params, post, test = _fit()
   with pytest.raises(ValueError, match="method='laplace'"):
