@@ -84,6 +84,13 @@ class MoEConfig:
   n_group: int = 1
   topk_group: int = 1
   router_bias: bool = False  # a per-expert selection bias (DeepSeek-V3's e_score_correction_bias): router/bias [E]
+  router_logit_bias: bool = False  # the router is affine (GPT-OSS): router/logit_bias [E] added to the logits
+  # GPT-OSS's experts: biases on gate, up and down (experts/b_gate, b_up [E, f], b_down [E, d]) and the clamped
+  # SwiGLU (swiglu_limit > 0): (clip(up, -limit, limit) + 1) * g * sigmoid(swiglu_alpha * g), g = min(gate, limit)
+  expert_bias: bool = False
+  swiglu_limit: float = 0.0
+  swiglu_alpha: float = 1.702
+  attn_sinks: bool = False  # a learned sink logit per head joins each query's softmax (GPT-OSS): attn/sinks [h]
   qkv_bias: bool = False
   attn_out_bias: bool = False
   qk_norm: str = "none"
@@ -163,6 +170,8 @@ class MoEConfig:
     need(self.qk_norm in SUPPORTED_QK_NORM,
          f"qk_norm={self.qk_norm!r} is not supported (supported: {SUPPORTED_QK_NORM})")
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
+    need(self.swiglu_limit >= 0, f"swiglu_limit must be >= 0 (0: the plain gated activation), got {self.swiglu_limit}")
+    need(not (self.attn_sinks and self.mla), "attention sinks (attn_sinks) are not defined for latent attention")
     need(self.attention_multiplier >= 0, f"attention_multiplier must be >= 0, got {self.attention_multiplier}")
     need(self.logits_scaling != 0, "logits_scaling must be non-zero")
     need(self.router_dtype in SUPPORTED_ROUTER_DTYPES,

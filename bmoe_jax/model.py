@@ -104,8 +104,9 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
   """One MoE MLP: the routed experts (plus the optionally gated shared expert) of the normed states.
 
   Args:
-    p: the layer's MLP parameters: ``router`` {``kernel`` [d, E], optional selection ``bias`` [E]}, ``experts``
-      {``w_gate``, ``w_up`` [E, d, f], ``w_down`` [E, f, d]}, optional ``shared`` and ``shared_gate``.
+    p: the layer's MLP parameters: ``router`` {``kernel`` [d, E], optional selection ``bias`` [E] and
+      ``logit_bias`` [E]}, ``experts`` {``w_gate``, ``w_up`` [E, d, f], ``w_down`` [E, f, d], optional biases
+      (``nn.moe.routed_experts``)}, optional ``shared`` and ``shared_gate``.
     cfg: the model's config (k = ``num_experts_per_tok``, the gating rule, ``hidden_act``).
     x_bsd: [b, s, d] the MLP's normed input.
     expert_impl: "dense" (reference), "sorted" (fast on CPU) or "ragged" (GPU/TPU); ``nn.moe``.
@@ -128,11 +129,14 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
     routing = G.route_of(cfg, x_nd, p["router"], offset)
   elif offset is not None:
     raise ValueError("a router-logit perturbation (Laplace router block) needs the deterministic router in its layer")
+  elif "logit_bias" in p["router"]:
+    raise ValueError("the Bayesian routers read the router weight alone; this model's routers are affine "
+                     "(router/logit_bias, GPT-OSS) and are not supported by them yet: use the deterministic router")
   else:
     routing, aux_n = router(x_nd, p["router"]["kernel"], G.Gating.of(cfg), k, train_router, p["router"].get("bias"))
   perturb_nkd = None if perturb is None or "routed" not in perturb else perturb["routed"].reshape(b * s, k, d)
   out_nd, h_nkf = M.routed_experts(expert_impl, x_nd, routing.expert_nk, routing.gate_nk,
-                                   p["experts"], cfg.hidden_act, perturb_nkd, chunk_rows)
+                                   p["experts"], L.expert_act(cfg), perturb_nkd, chunk_rows)
   shared_in = None
   if "shared" in p:
     shared_in = L.gated_hidden(p["shared"], x_nd, cfg.hidden_act)

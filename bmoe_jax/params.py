@@ -94,17 +94,32 @@ def _attention_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
     attn["k_norm"] = ParamSpec((kv, c), ("kv_heads", "head_dim"), "ones")
   if cfg.attn_out_bias:
     attn["bo"] = ParamSpec((d,), ("embed",), "zeros")
+  if cfg.attn_sinks:
+    attn["sinks"] = ParamSpec((h,), ("heads",), "zeros")
   return attn
+
+
+def _routed_specs(cfg: MoEConfig) -> dict[str, Any]:
+  """The router and the routed experts of an MoE layer."""
+  d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+  router = {"kernel": ParamSpec((d, e), ("embed", "expert"), "normal")}
+  if cfg.router_bias:
+    router["bias"] = ParamSpec((e,), ("expert",), "zeros")
+  if cfg.router_logit_bias:
+    router["logit_bias"] = ParamSpec((e,), ("expert",), "zeros")
+  experts = _mlp_specs(d, f, e)
+  if cfg.expert_bias:
+    experts.update({"b_gate": ParamSpec((e, f), ("expert", "mlp"), "zeros"),
+                    "b_up": ParamSpec((e, f), ("expert", "mlp"), "zeros"),
+                    "b_down": ParamSpec((e, d), ("expert", "embed"), "zeros")})
+  return {"router": router, "experts": experts}
 
 
 def layer_specs(cfg: MoEConfig, i: int) -> dict[str, Any]:
   d = cfg.hidden_size
   attn = _attention_specs(cfg)
   if cfg.moe_layers[i]:
-    mlp: dict[str, Any] = {
-        "router": {"kernel": ParamSpec((d, cfg.num_experts), ("embed", "expert"), "normal"),
-                   **({"bias": ParamSpec((cfg.num_experts,), ("expert",), "zeros")} if cfg.router_bias else {})},
-        "experts": _mlp_specs(d, cfg.moe_intermediate_size, cfg.num_experts)}
+    mlp: dict[str, Any] = _routed_specs(cfg)
     if cfg.shared_expert_size:
       mlp["shared"] = _mlp_specs(d, cfg.shared_expert_size)
       if cfg.shared_expert_gate:
@@ -131,8 +146,10 @@ def _is_spec(x) -> bool:
   return isinstance(x, ParamSpec)
 
 
-def init_params(cfg: MoEConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict[str, Any]:
-  """Random init: normal(0, std) weights, unit norms, zero biases (as transformers' init)."""
+def init_params(cfg: MoEConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02,
+                bias_std: float = 0.0) -> dict[str, Any]:
+  """Random init: normal(0, std) weights, unit norms, zero biases and sinks (as transformers' init); ``bias_std``
+  > 0 draws those from normal(0, bias_std) instead (tests that exercise them)."""
   specs = param_specs(cfg)
   leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
   keys = jax.random.split(key, len(leaves))
@@ -140,8 +157,10 @@ def init_params(cfg: MoEConfig, key: jax.Array, dtype=jnp.float32, std: float = 
   def make(spec: ParamSpec, k):
     if spec.init == "ones":
       return jnp.ones(spec.shape, dtype)
-    if spec.init == "zeros":
+    if spec.init == "zeros" and bias_std == 0:
       return jnp.zeros(spec.shape, dtype)
+    if spec.init == "zeros":
+      return (bias_std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
     return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
 
   return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])

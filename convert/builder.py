@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.params import ParamSpec, param_specs
+from convert import mxfp4 as MX
 from convert.errors import ConversionError
 from convert.families import FAMILIES, Family
 from convert.hf_config import CheckpointInfo, parse_hf_config
@@ -62,6 +63,16 @@ def _dequant_fp8(ref: TensorRef, scale: TensorRef | None, block: tuple[int, int]
                           f"for {ref.key} {list(w.shape)} with block {list(block)}")
   full = np.repeat(np.repeat(s, bo, axis=0), bi, axis=1)[: w.shape[0], : w.shape[1]]
   return w * full
+
+
+def _dequant_mxfp4(ref: TensorRef, scale: TensorRef | None) -> np.ndarray:
+  stem = ref.key[: -len(MX.BLOCKS)]
+  if scale is None:
+    raise ConversionError(f"{ref.file}: MXFP4 tensor {ref.key!r} has no scales {stem + MX.SCALES!r}")
+  try:
+    return MX.dequantize(ref.numpy(), scale.numpy())
+  except ValueError as err:
+    raise ConversionError(f"{ref.file}: {ref.key!r} / {scale.key!r}: {err}") from None
 
 
 class MemRef(NamedTuple):
@@ -162,6 +173,14 @@ class _Builder:
       self._check(ref, array.shape, (*lead, 2 * f, d))
       self._place(targets[0], np.swapaxes(array[..., :f, :], -1, -2), ref)
       self._place(targets[1], np.swapaxes(array[..., f:, :], -1, -2), ref)
+    elif rule.kind == "interleaved":  # [..., 2f] with gate and up alternating (GPT-OSS) -> [..., f] each
+      spec = self._spec(targets[0], ref)
+      self._check(ref, array.shape, (*spec.shape[:-1], 2 * spec.shape[-1]), " (gate and up interleaved)")
+      self._place(targets[0], array[..., 0::2], ref)
+      self._place(targets[1], array[..., 1::2], ref)
+    elif rule.kind == "tensor":  # as stored
+      self._check(ref, array.shape, self._spec(targets[0], ref).shape)
+      self._place(targets[0], array, ref)
     elif rule.kind == "fused_down":  # [(e,) d, f] -> [(e,) f, d]
       *lead, f, d = self._spec(targets[0], ref).shape
       self._check(ref, array.shape, (*lead, d, f))
@@ -219,6 +238,8 @@ def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True, 
   fam = FAMILY_BY_NAME[info.family]
   refs = iter_tensors(ckpt_dir)
   scales = {k[: -len(SCALE_SUFFIX)]: refs.pop(k) for k in [k for k in refs if k.endswith(SCALE_SUFFIX)]}
+  mx_scales = {k[: -len(MX.SCALES)]: refs.pop(k) for k in [k for k in refs if k.endswith(MX.SCALES)]
+               if k[: -len(MX.SCALES)] + MX.BLOCKS in refs}
   builder = _Builder(info, fam, dtype, allow_nonfinite)
   tied_head = None
   for key, ref in tqdm(sorted(refs.items()), desc=f"convert {fam.name}", disable=not progress,
@@ -226,8 +247,12 @@ def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True, 
     if builder.skipped(key):
       scales.pop(key, None)
       continue
-    if ref.dtype in FP8:
-      array = _dequant_fp8(ref, scales.pop(key, None), info.fp8_block)
+    if ref.dtype in FP8 or key.endswith(MX.BLOCKS):
+      if ref.dtype in FP8:
+        array = _dequant_fp8(ref, scales.pop(key, None), info.fp8_block)
+      else:
+        key = key[: -len(MX.BLOCKS)]
+        array, ref = _dequant_mxfp4(ref, mx_scales.pop(key, None)), MemRef(ref.file, key)
       if dtype is None and info.checkpoint_dtype in DTYPE_NAMES:  # one dtype, as transformers loads it
         array = array.astype(DTYPE_NAMES[info.checkpoint_dtype])
     else:
@@ -239,6 +264,9 @@ def load_hf_checkpoint(ckpt_dir: str | Path, dtype=None, progress: bool = True, 
   if scales:
     k, ref = next(iter(scales.items()))
     raise ConversionError(f"{ref.file}: scale tensor {ref.key!r} has no fp8 weight {k!r} to dequantise")
+  if mx_scales:
+    k, ref = next(iter(mx_scales.items()))
+    raise ConversionError(f"{ref.file}: MXFP4 scales {ref.key!r} belong to no tensor the model has ({k!r})")
   flat = builder.finish(str(ckpt_dir))
   if tied_head is not None:
     ref, head = tied_head

@@ -12,6 +12,7 @@ import numpy as np
 from bmoe_jax.config import MoEConfig
 from bmoe_jax.files import write_json
 from convert.builder import flat_specs
+from convert import gpt_oss as GO
 from convert.errors import ConversionError
 from convert.safetensors_io import save_file
 
@@ -35,13 +36,16 @@ DISK = {
     # ERNIE-4.5: the selection bias on the block's statistics module, shaped [1, E]
     "ernie4_5_moe": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts",
                          bias="mlp.moe_statics.e_score_correction_bias", bias_rows=1),
+    # GPT-OSS: an affine router named router; fused, interleaved experts (``convert.gpt_oss.hf_expert_tensors``)
+    "gpt_oss": dict(block="mlp", proj=_PROJ, router="mlp.router", logit_bias="mlp.router.bias", fused=True),
 }
 # attention parameter -> its HF name under self_attn (MLA's too; norms and biases included)
 _ATTN = {"wq": "q_proj.weight", "wk": "k_proj.weight", "wv": "v_proj.weight", "wo": "o_proj.weight",
          "bq": "q_proj.bias", "bk": "k_proj.bias", "bv": "v_proj.bias", "bo": "o_proj.bias",
          "q_norm": "q_norm.weight", "k_norm": "k_norm.weight", "wq_a": "q_a_proj.weight", "bq_a": "q_a_proj.bias",
          "q_a_norm": "q_a_layernorm.weight", "wq_b": "q_b_proj.weight", "wkv_a": "kv_a_proj_with_mqa.weight",
-         "bkv_a": "kv_a_proj_with_mqa.bias", "kv_a_norm": "kv_a_layernorm.weight", "wkv_b": "kv_b_proj.weight"}
+         "bkv_a": "kv_a_proj_with_mqa.bias", "kv_a_norm": "kv_a_layernorm.weight", "wkv_b": "kv_b_proj.weight",
+         "sinks": "sinks"}
 
 
 def _need(cond: bool, family: str, msg: str):
@@ -254,6 +258,10 @@ def _deepseek(cfg: MoEConfig, family: str) -> dict[str, Any]:
               rope_interleave=cfg.rope_interleave, topk_method="noaux_tc", scoring_func="sigmoid")
 
 
+def _gpt_oss(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  return dict(_common(cfg, False), **GO.hf_config(cfg, lambda cond, msg: _need(cond, family, msg)))
+
+
 def _granite_layout(out: dict[str, np.ndarray], cfg: MoEConfig) -> None:
   """Per-expert keys -> Granite's fused on-disk tensors: input_linear [e, 2f, d] (gate rows, then up rows),
   output_linear [e, d, f], router.layer; the shared MLP likewise [2F, d] / [d, F]."""
@@ -278,7 +286,7 @@ _HF = {"qwen2_moe": (_qwen2_moe, ("none",)), "qwen3_moe": (_qwen3_moe, ("head",)
        "granitemoe": (_granite, ("none",)), "granitemoeshared": (_granite, ("none",)),
        "deepseek_v2": (_deepseek, ("none",)), "deepseek_v3": (_deepseek, ("none",)),
        "glm4_moe": (_glm4_moe, ("none", "head")), "minimax_m2": (_minimax_m2, ("full",)),
-       "ernie4_5_moe": (_ernie4_5_moe, ("none",))}
+       "ernie4_5_moe": (_ernie4_5_moe, ("none",)), "gpt_oss": (_gpt_oss, ("none",))}
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 SCALED_GROUPED = DEEPSEEK + ("glm4_moe",)  # routed_scaling_factor, group selection
 SIGMOID = SCALED_GROUPED + ("minimax_m2",)  # sigmoid scores
@@ -305,6 +313,8 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   _need(grouped or cfg.topk_method == "greedy", family, "group-limited selection (DeepSeek-V2/V3, GLM-4.5 only)")
   _need(cfg.qk_norm in qk_norms, family, f"qk_norm={cfg.qk_norm!r}, the family has {' or '.join(qk_norms)}")
   _need(cfg.qkv_clip == 0.0 or family == "olmoe", family, "qkv_clip (only OLMoE clips q, k, v)")
+  _need(family == "gpt_oss" or not (cfg.attn_sinks or cfg.expert_bias or cfg.router_logit_bias or cfg.swiglu_limit),
+        family, "attention sinks, expert biases, an affine router or the clamped SwiGLU (GPT-OSS only)")
   return build(cfg, family)
 
 
@@ -344,10 +354,14 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
         out[pre + f"mlp.{_PROJ[name[2:]]}.weight"] = _linear(a)
       elif parts[3] == "router":
         if name == "kernel":
-          out[pre + f"{disk['block']}.gate.weight"] = _linear(a)
+          out[pre + disk.get("router", f"{disk['block']}.gate") + ".weight"] = _linear(a)
+        elif name == "logit_bias":
+          out[pre + disk["logit_bias"]] = a
         else:
           out[pre + disk.get("bias", f"{disk['block']}.gate.e_score_correction_bias")] = \
               a.reshape(disk["bias_rows"], -1) if "bias_rows" in disk else a
+      elif parts[3] == "experts" and disk.get("fused"):
+        continue  # written below, all of a layer's experts at once
       elif parts[3] == "experts":
         for e in range(a.shape[0]):
           out[pre + f"{disk['block']}.experts.{e}.{disk['proj'][name[2:]]}.weight"] = _linear(a[e])
@@ -359,6 +373,9 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
         raise AssertionError(path)
   if family.startswith("granitemoe"):
     _granite_layout(out, cfg)
+  if disk.get("fused"):
+    out.update(GO.hf_expert_tensors(cfg, lambda i: {n: flat[f"layers/{i}/mlp/experts/{n}"]
+                                                    for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")}))
   if family == "qwen2_moe" and not cfg.shared_expert_size:
     # transformers always builds a shared expert: write it zero-width (output exactly 0), gate zero.
     d = cfg.hidden_size

@@ -6,35 +6,21 @@ filled from the match (``names`` renames captured values, e.g. Mixtral's w1/w2/w
 Rule kinds: ``copy`` (reshape only), ``linear`` (torch [out, in] -> [in, out], then reshape;
 ``in_dims`` = how many leading target dims are the input), ``expert_linear`` (one expert's linear into
 the stacked [e, ...] parameter), ``fused_gate_up`` ([e, 2f, d] -> w_gate, w_up [e, d, f]),
-``fused_down`` ([e, d, f] -> [e, f, d]), ``skip`` (buffers with no parameter, e.g. rotary inv_freq).
+``fused_down`` ([e, d, f] -> [e, f, d]), ``interleaved`` ([..., 2f] -> gate [..., ::2], up [..., 1::2]: GPT-OSS),
+``tensor`` (as stored, the exact shape), ``skip`` (buffers with no parameter, e.g. rotary inv_freq).
 """
 
 from __future__ import annotations
+
+import warnings
 
 from convert.deepseek import DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3
 from convert.ernie import ERNIE4_5_MOE
 from convert.errors import ConversionError
 from convert.glm import GLM4_MOE
+from convert.gpt_oss import GPT_OSS
 from convert.minimax import MINIMAX_M2
-from convert.family_table import COMMON_RULES, EXPERTS, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules
-
-
-def _windows(g, n_layers: int, layer_types, size) -> tuple[int, ...] | None:
-  if layer_types is None:
-    return None
-  if len(layer_types) != n_layers:
-    g.fail(f"layer_types has {len(layer_types)} entries, expected num_hidden_layers={n_layers}")
-  out = []
-  for i, t in enumerate(layer_types):
-    if t == "full_attention":
-      out.append(0)
-    elif t == "sliding_attention":
-      if not size:
-        g.fail(f"layer_types[{i}] is sliding_attention but the sliding window is {size!r}")
-      out.append(int(size))
-    else:
-      g.fail(f"layer_types[{i}]={t!r} is not supported (full_attention or sliding_attention)")
-  return tuple(out) if any(out) else None
+from convert.family_table import COMMON_RULES, EXPERTS, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules, windows
 
 
 def _sparse_layers(g, n: int, n_exp: int) -> tuple[bool, ...]:
@@ -58,7 +44,7 @@ def _build_qwen2_moe(g, common: dict) -> dict:
       moe_layers=_sparse_layers(g, n, n_exp),
       shared_expert_size=int(g("shared_expert_intermediate_size")), shared_expert_gate=True,
       norm_topk_prob=bool(g("norm_topk_prob")), qkv_bias=bool(g("qkv_bias")),
-      attn_windows=_windows(g, n, types, g("sliding_window") if use_sw else 0))
+      attn_windows=windows(g, n, types, g("sliding_window") if use_sw else 0))
 
 
 def _build_mixtral(g, common: dict) -> dict:
@@ -245,17 +231,34 @@ LLAMA = Family(
     build=_build_llama, rules=COMMON_RULES)
 
 FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, GRANITEMOE_SHARED, MIXTRAL, DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3,
-            GLM4_MOE, MINIMAX_M2, ERNIE4_5_MOE, LLAMA)
+            GLM4_MOE, MINIMAX_M2, ERNIE4_5_MOE, GPT_OSS, LLAMA)
+
+
+# model_types that are one of our families under another name, and that family (their configs and tensors are its)
+ALIASES = {"kimi_k2": "deepseek_v3"}  # Moonshot's Kimi-K2 / K2-Instruct / K2-Thinking: DeepSeek-V3's architecture
 
 
 def family_for(raw: dict, where: str) -> Family:
+  """The family of a config.json: by ``model_type``; else by a known alias (``ALIASES``) or by ``architectures``
+  naming one family's causal-LM class (a re-badged model: converted as that family, with a warning that says so;
+  the family's strict attribute gate still applies)."""
   mt = raw.get("model_type")
+  archs = raw.get("architectures") or []
   for fam in FAMILIES:
     if mt in fam.model_types:
-      archs = raw.get("architectures") or []
       if archs and not set(archs) & set(fam.architectures):
         raise ConversionError(f"{where}: architectures={archs} is not a causal LM of family {fam.name} "
                               f"(expected one of {list(fam.architectures)})")
       return fam
+  by_arch = [f for f in FAMILIES if set(archs) & set(f.architectures)]
+  by_alias = [f for f in FAMILIES if f.name == ALIASES.get(mt)]
+  if by_alias and by_arch and by_arch != by_alias:
+    raise ConversionError(f"{where}: model_type={mt!r} is {by_alias[0].name}'s architecture, but architectures="
+                          f"{archs} names {by_arch[0].name}'s")
+  if len(by_arch or by_alias) == 1:
+    fam = (by_arch or by_alias)[0]
+    warnings.warn(f"{where}: model_type={mt!r} is converted as {fam.name} ("
+                  + (f"architectures={archs}" if by_arch else "a known alias") + ")", stacklevel=2)
+    return fam
   supported = sorted(t for f in FAMILIES for t in f.model_types)
   raise ConversionError(f"{where}: model_type={mt!r} is not supported; supported: {supported}")

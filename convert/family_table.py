@@ -33,6 +33,26 @@ COMMON_RULES = (
 EXPERTS = "layers/{layer}/mlp/experts/"
 
 
+def windows(g, n_layers: int, layer_types, size) -> tuple[int, ...] | None:
+  """``attn_windows`` of transformers' ``layer_types`` (full_attention: 0, sliding_attention: ``size``); None when
+  no layer slides."""
+  if layer_types is None:
+    return None
+  if len(layer_types) != n_layers:
+    g.fail(f"layer_types has {len(layer_types)} entries, expected num_hidden_layers={n_layers}")
+  out = []
+  for i, t in enumerate(layer_types):
+    if t == "full_attention":
+      out.append(0)
+    elif t == "sliding_attention":
+      if not size:
+        g.fail(f"layer_types[{i}] is sliding_attention but the sliding window is {size!r}")
+      out.append(int(size))
+    else:
+      g.fail(f"layer_types[{i}]={t!r} is not supported (full_attention or sliding_attention)")
+  return tuple(out) if any(out) else None
+
+
 def routed_rules(block: str, proj_pattern: str = GATE_UP_DOWN + "_proj",
                   names: dict | None = None) -> tuple[Rule, ...]:
   """Router + per-expert keys (as on disk) + fused keys (transformers 5 in-memory layout)."""

@@ -180,11 +180,11 @@ def _yarn(g: Getter, scaling: dict) -> dict[str, Any]:
 
 def _fp8_block(raw: dict, where: str) -> tuple[int, int] | None:
   q = raw.get("quantization_config")
-  if q is None:
+  if q is None or q.get("quant_method") == "mxfp4":  # MXFP4: *_blocks + *_scales tensors (convert.mxfp4)
     return None
   if q.get("quant_method") != "fp8" or "weight_block_size" not in q:
     raise ConversionError(f"{where}: quantization_config {q!r} is not supported (only fp8 with "
-                          "weight_block_size and weight_scale_inv tensors)")
+                          "weight_block_size and weight_scale_inv tensors, or mxfp4 with *_blocks and *_scales)")
   bs = q["weight_block_size"]
   return int(bs[0]), int(bs[1])
 

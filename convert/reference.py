@@ -16,7 +16,7 @@ import numpy as np
 from bmoe_jax.files import write_json
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "deepseek_v2",
-            "deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "llama")
+            "deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "gpt_oss", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -125,6 +125,16 @@ def _ernie4_5_moe(overrides: dict):
   return Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**kw)), None
 
 
+def _gpt_oss(overrides: dict):
+  """Attention sinks, q/k/v/o biases, sliding window 4 on layers 0 and 2, yarn (not truncated), an affine router
+  and biased experts with the clamped SwiGLU (limit 0.5: the tiny model's projections reach past it)."""
+  from transformers import GptOssConfig, GptOssForCausalLM
+  kw = dict(_SMALL, head_dim=8, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, sliding_window=4,
+            swiglu_limit=0.5)
+  kw.update(overrides)
+  return GptOssForCausalLM(GptOssConfig(**kw)), None
+
+
 def _llama(overrides: dict):
   from transformers import LlamaConfig, LlamaForCausalLM
   kw = dict(_SMALL, intermediate_size=48)
@@ -229,7 +239,8 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   model, v1_config = {"qwen2_moe": _qwen, "qwen3_moe": _qwen3, "olmoe": _olmoe, "granitemoe": _granite,
                         "granitemoeshared": _granite_shared, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
                         "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe,
-                        "minimax_m2": _minimax_m2, "ernie4_5_moe": _ernie4_5_moe, "llama": _llama}[family](overrides)
+                        "minimax_m2": _minimax_m2, "ernie4_5_moe": _ernie4_5_moe, "gpt_oss": _gpt_oss,
+                        "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
   out_dir = Path(out_dir)
@@ -248,7 +259,7 @@ def reference_outputs(model, tokens: np.ndarray, mask: np.ndarray) -> dict[str, 
   torch = _torch()
   routers = []
   hooks = [m.register_forward_hook(lambda mod, inp, out: routers.append([o.detach().numpy() for o in out]))
-           for name, m in model.named_modules() if name.endswith(("mlp.gate", "block_sparse_moe.router"))]
+           for name, m in model.named_modules() if name.endswith(("mlp.gate", "block_sparse_moe.router", "mlp.router"))]
   try:
     with torch.no_grad():
       out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from bmoe_jax.nn import linear_batching  # noqa: F401  (registers vmap of linear_call)
-from bmoe_jax.nn.layers import activation, dot
+from bmoe_jax.nn.layers import dot, glu
 
 CHUNK_CLASSES = 4  # chunk sizes 8r, 4r, 2r, r: a load of L units runs as L // 8 full chunks plus at most three
 
@@ -132,8 +132,7 @@ def _put(bufs, values, row):
 def _forward(act, r, x_pd, units_e, first_e, wg_edf, wu_edf, wd_efd, residuals: bool):
   """(h [p, f], y [p, d]) of every padded row (zeros past the loads); with ``residuals`` also the gate and up
   projections (a, b [p, f]) first."""
-  fn = activation(act)
-  (p, d), f = x_pd.shape, wg_edf.shape[2]
+  p, (f, d) = x_pd.shape[0], wd_efd.shape[1:]  # d: the output width (the input's may differ: folded biases)
   hdt, ydt = _out_dtypes(x_pd, wg_edf, wd_efd)
   like = (x_pd, wg_edf, wu_edf, wd_efd)
   bufs = tuple(_varying_zeros((p, c), t, like) for c, t in ((f, hdt),) * (2 * residuals) + ((f, hdt), (d, ydt)))
@@ -141,7 +140,7 @@ def _forward(act, r, x_pd, units_e, first_e, wg_edf, wu_edf, wd_efd, residuals: 
   def body(j, row, rows, bufs, local):
     x_rd = _rows(x_pd, row, rows)
     a_rf, b_rf = dot(x_rd, wg_edf[j]), dot(x_rd, wu_edf[j])
-    h_rf = fn(a_rf) * b_rf
+    h_rf = glu(act, a_rf, b_rf)
     out = (a_rf, b_rf) * residuals + (h_rf, dot(h_rf, wd_efd[j]))
     return _put(bufs, out, row), local
   return for_each_chunk(units_e, first_e, r, body, bufs)
@@ -153,8 +152,11 @@ def _out_dtypes(x_pd, wg_edf, wd_efd):
   return h.dtype, jax.eval_shape(dot, h, wd_efd[0]).dtype
 
 
-def _act_and_slope(act, a_rf):
-  return jax.jvp(activation(act), (a_rf,), (jnp.ones_like(a_rf),))
+def _glu_partials(act, a_rf, b_rf):
+  """(d h / d a, d h / d b) of the elementwise ``h = glu(act, a, b)``."""
+  pa_rf = jax.jvp(lambda a: glu(act, a, b_rf), (a_rf,), (jnp.ones_like(a_rf),))[1]
+  pb_rf = jax.jvp(lambda b: glu(act, a_rf, b), (b_rf,), (jnp.ones_like(b_rf),))[1]
+  return pa_rf, pb_rf
 
 
 def _tangent(act, r, mask, res, lin):
@@ -163,7 +165,7 @@ def _tangent(act, r, mask, res, lin):
   x_pd, a_pf, b_pf, h_pf, wg_edf, wu_edf, wd_efd, units_e, first_e = res
   it = iter(lin)
   dx_pd, dwg_edf, dwu_edf, dwd_efd = (next(it) if m else None for m in mask)
-  (p, f), d = h_pf.shape, x_pd.shape[1]
+  (p, f), d = h_pf.shape, wd_efd.shape[2]
   outs = tuple(_varying_zeros((p, c), t, res + tuple(lin)) for c, t in zip((f, d), _out_dtypes(x_pd, wg_edf, wd_efd)))
 
   def body(j, row, rows, outs, local):
@@ -176,8 +178,8 @@ def _tangent(act, r, mask, res, lin):
       da_rf = da_rf + dot(x_rd, dwg_edf[j])
     if dwu_edf is not None:
       db_rf = db_rf + dot(x_rd, dwu_edf[j])
-    fa_rf, slope_rf = _act_and_slope(act, a_rf)
-    dh_rf = slope_rf * b_rf * da_rf + fa_rf * db_rf
+    pa_rf, pb_rf = _glu_partials(act, a_rf, b_rf)
+    dh_rf = pa_rf * da_rf + pb_rf * db_rf
     dy_rd = dot(dh_rf, wd_efd[j])
     if dwd_efd is not None:
       dy_rd = dy_rd + dot(h_rf, dwd_efd[j])
@@ -204,8 +206,8 @@ def _transpose(act, r, mask, res, cts):
   def body(j, row, rows, outs, acc):
     x_rd, a_rf, b_rf, h_rf, ch_rf, cy_rd = (_rows(v, row, rows) for v in (x_pd, a_pf, b_pf, h_pf, ct_h_pf, ct_y_pd))
     cdh_rf = ch_rf + dot(cy_rd, wd_edf[j])
-    fa_rf, slope_rf = _act_and_slope(act, a_rf)
-    cda_rf, cdb_rf = cdh_rf * slope_rf * b_rf, cdh_rf * fa_rf
+    pa_rf, pb_rf = _glu_partials(act, a_rf, b_rf)
+    cda_rf, cdb_rf = cdh_rf * pa_rf, cdh_rf * pb_rf
     pairs = ((x_rd, cda_rf), (x_rd, cdb_rf), (h_rf, cy_rd))
     acc = tuple(s + jnp.einsum("ri,ro->io", *pairs[i], preferred_element_type=s.dtype)
                 for s, i in zip(acc, weights))

@@ -77,7 +77,8 @@ def _group_limited(choice_ne: jax.Array, method: str, n_group: int, topk_group: 
 def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: bool,
           norm_eps: float = 0.0, scaling: float = 1.0, scoring: str = "softmax",
           logit_offset_ne: jax.Array | None = None, native: bool = False, topk_method: str = "greedy",
-          n_group: int = 1, topk_group: int = 1, bias_e: jax.Array | None = None) -> Routing:
+          n_group: int = 1, topk_group: int = 1, bias_e: jax.Array | None = None,
+          logit_bias_e: jax.Array | None = None) -> Routing:
   """Deterministic top-k routing in float32 (see the module docstring for ``scoring``).
 
   Args:
@@ -99,6 +100,7 @@ def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: 
     topk_group: groups a token may select from; only for the group-limited methods.
     bias_e: [E] selection bias added to the scores for the choice of experts only (the gates stay the unbiased
       scores; DeepSeek-V3's ``e_score_correction_bias``); None: no bias.
+    logit_bias_e: [E] the router's own bias, added to the logits (an affine router: GPT-OSS); None: none.
 
   Returns:
     ``Routing(expert_nk, gate_nk, logits_ne)``: int32 [n, k] expert ids (best first), float32 [n, k] gates,
@@ -108,6 +110,8 @@ def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: 
     logits_ne = dot(x_nd, router_de.astype(x_nd.dtype)).astype(jnp.float32)
   else:
     logits_ne = x_nd.astype(jnp.float32) @ router_de.astype(jnp.float32)
+  if logit_bias_e is not None:
+    logits_ne = logits_ne + logit_bias_e.astype(jnp.float32)
   if logit_offset_ne is not None:
     logits_ne = logits_ne + logit_offset_ne
   if scoring == "select":
@@ -142,7 +146,8 @@ def route_of(cfg, x_nd: jax.Array, router: dict, logit_offset_ne: jax.Array | No
   Args:
     cfg: the ``MoEConfig``.
     x_nd: [n, d] router inputs (the MLP's normalised inputs), in the model's dtype.
-    router: a layer's router parameters: ``"kernel"`` [d, E] and, for aux-free balancing, ``"bias"`` [E].
+    router: a layer's router parameters: ``"kernel"`` [d, E], for aux-free balancing ``"bias"`` [E], for an affine
+      router ``"logit_bias"`` [E].
     logit_offset_ne: [n, E] added to the router logits (the Laplace router block's zero perturbation); None: 0.
 
   Returns:
@@ -151,7 +156,8 @@ def route_of(cfg, x_nd: jax.Array, router: dict, logit_offset_ne: jax.Array | No
   return route(x_nd, router["kernel"], cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
                norm_eps=cfg.norm_topk_eps, scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring,
                logit_offset_ne=logit_offset_ne, native=cfg.router_dtype == "native", topk_method=cfg.topk_method,
-               n_group=cfg.n_group, topk_group=cfg.topk_group, bias_e=router.get("bias"))
+               n_group=cfg.n_group, topk_group=cfg.topk_group, bias_e=router.get("bias"),
+               logit_bias_e=router.get("logit_bias"))
 
 
 def gates_at(logits_ne: jax.Array, expert_nk: jax.Array, gating: Gating) -> jax.Array:

@@ -6,6 +6,8 @@ k kv heads, g heads per kv head, c head dim, f MLP width.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -24,6 +26,28 @@ MLA_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm (their RMSNorm 
 
 def activation(name: str):
   return _ACTS[name]
+
+
+class ClampedSwiGLU(NamedTuple):
+  """GPT-OSS's expert activation (hashable: a static argument): ``(clip(up, -limit, limit) + 1) * g *
+  sigmoid(alpha * g)`` with ``g = min(gate, limit)``."""
+  alpha: float
+  limit: float
+
+
+def expert_act(cfg) -> "str | ClampedSwiGLU":
+  """The routed experts' gated activation of a config: ``ClampedSwiGLU`` when ``swiglu_limit`` > 0, else the
+  name ``hidden_act`` (``act(gate) * up``)."""
+  return ClampedSwiGLU(cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.swiglu_limit > 0 else cfg.hidden_act
+
+
+def glu(act, a: jax.Array, b: jax.Array) -> jax.Array:
+  """The gated hidden of gate pre-activations ``a`` and up projections ``b``: ``act(a) * b`` for an activation
+  name, GPT-OSS's clamped form for a ``ClampedSwiGLU``."""
+  if isinstance(act, ClampedSwiGLU):
+    g = jnp.minimum(a, act.limit)
+    return g * jax.nn.sigmoid(act.alpha * g) * (jnp.clip(b, -act.limit, act.limit) + 1)
+  return activation(act)(a) * b
 
 
 def mm(spec: str, *operands) -> jax.Array:
@@ -95,7 +119,7 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
   """Grouped-query attention with RoPE; softmax in float32.
 
   p: wq [d, h, c], wk [d, k, c], wv [d, k, c], wo [h, c, d], optional bq [h, c], bk/bv [k, c], bo [d],
-  q_norm / k_norm (``head_norm`` scales, RMSNorm with ``eps`` before RoPE). ``clip`` > 0 clamps q, k, v after
+  q_norm / k_norm (``head_norm`` scales, RMSNorm with ``eps`` before RoPE), sinks [h] (``attend``). ``clip`` > 0 clamps q, k, v after
   the norms (OLMoE's clip_qkv). ``scale`` > 0 replaces the score scale head_dim ** -0.5 (Granite's
   attention_multiplier). ``interleave``: RoPE rotates interleaved pairs (ERNIE-4.5) instead of halves; tables
   narrower than the heads rotate only their first dimensions (partial RoPE, ``rope.apply``).
@@ -114,20 +138,28 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
     q_bshc, k_bskc, v_bskc = (jnp.clip(a, -clip, clip) for a in (q_bshc, k_bskc, v_bskc))
   q_bshc = rope.apply(q_bshc, cos_bsc, sin_bsc, interleave)
   k_bskc = rope.apply(k_bskc, cos_bsc, sin_bsc, interleave)
-  out_bshc = attend(q_bshc, k_bskc, v_bskc, allowed_b11st, scale or q_bshc.shape[-1] ** -0.5)
+  out_bshc = attend(q_bshc, k_bskc, v_bskc, allowed_b11st, scale or q_bshc.shape[-1] ** -0.5, p.get("sinks"))
   return output_projection(p, out_bshc)
 
 
 def attend(q_bshc: jax.Array, k_bskc: jax.Array, v_bskv: jax.Array, allowed_b11st: jax.Array,
-           scale: float) -> jax.Array:
+           scale: float, sinks_h: jax.Array | None = None) -> jax.Array:
   """softmax(scale q k^T) v per head, heads grouped over the kv heads; scores and softmax in float32.
-  v's width (v) may differ from q/k's (c): multi-head latent attention. Returns [b, s, h, v]."""
+  v's width (v) may differ from q/k's (c): multi-head latent attention. ``sinks_h`` [h]: each head's learned sink
+  logit joins every query's softmax as one more key with no value (GPT-OSS), so the weights may sum to less
+  than one. Returns [b, s, h, v]."""
   b, s, h, c = q_bshc.shape
   kv = k_bskc.shape[2]
   q_bskgc = q_bshc.reshape(b, s, kv, h // kv, c)
   scores_bkgst = mm("bskgc,btkc->bkgst", q_bskgc, k_bskc).astype(jnp.float32) * scale
   scores_bkgst = jnp.where(allowed_b11st, scores_bkgst, jnp.finfo(jnp.float32).min)
-  probs_bkgst = jax.nn.softmax(scores_bkgst, axis=-1).astype(v_bskv.dtype)
+  if sinks_h is None:
+    probs_bkgst = jax.nn.softmax(scores_bkgst, axis=-1).astype(v_bskv.dtype)
+  else:
+    sink_bkgs1 = jnp.broadcast_to(sinks_h.astype(jnp.float32).reshape(1, kv, h // kv, 1, 1),
+                                  scores_bkgst.shape[:-1] + (1,))
+    probs_bkgst = jax.nn.softmax(jnp.concatenate([scores_bkgst, sink_bkgs1], -1), axis=-1)[..., :-1]
+    probs_bkgst = probs_bkgst.astype(v_bskv.dtype)
   out_bskgv = mm("bkgst,btkv->bskgv", probs_bkgst, v_bskv)
   return out_bskgv.reshape(b, s, h, -1)
 
@@ -174,5 +206,5 @@ def gated_mlp(p: dict, x_nd: jax.Array, act: str) -> jax.Array:
 
 
 def gated_hidden(p: dict, x_nd: jax.Array, act: str) -> jax.Array:
-  """The down_proj input act(x W_gate) * (x W_up)."""
-  return activation(act)(dot(x_nd, p["w_gate"])) * dot(x_nd, p["w_up"])
+  """The down_proj input act(x W_gate) * (x W_up) (``glu``)."""
+  return glu(act, dot(x_nd, p["w_gate"]), dot(x_nd, p["w_up"]))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmoe_jax.nn import expert_rows as R
-from bmoe_jax.nn.layers import activation, mm
+from bmoe_jax.nn.layers import glu, mm
 from bmoe_jax.nn.gating import Routing, route  # noqa: F401  (the MoE layer's deterministic router)
 
 EXPERT_IMPLS = ("dense", "sorted", "ragged")
@@ -42,7 +42,7 @@ def _combine(y_nkd, h_nkf, gate_nk, perturb_nkd, dtype):
 
 def experts_dense(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None):
   """Reference path. Returns (output [n, d], down_proj inputs per slot [n, k, f])."""
-  h_nef = activation(act)(mm("nd,edf->nef", x_nd, w["w_gate"])) * mm("nd,edf->nef", x_nd, w["w_up"])
+  h_nef = glu(act, mm("nd,edf->nef", x_nd, w["w_gate"]), mm("nd,edf->nef", x_nd, w["w_up"]))
   h_nkf = jnp.take_along_axis(h_nef, expert_nk[:, :, None], axis=1)
   y_ned = mm("nef,efd->ned", h_nef, w["w_down"])
   y_nkd = jnp.take_along_axis(y_ned, expert_nk[:, :, None], axis=1)
@@ -126,8 +126,7 @@ def experts_ragged(x_nd, expert_nk, gate_nk, w: dict, act: str, perturb_nkd=None
   x_sd = take_rows(jnp.broadcast_to(x_nd[:, None], (n, k, x_nd.shape[1])).reshape(n * k, -1), order_s, inv_s)
   x_sd, sizes_e, *wts = _tie_batching(x_sd, sizes_e, w["w_gate"], w["w_up"], w["w_down"])
   w = dict(zip(("w_gate", "w_up", "w_down"), wts))
-  h_sf = activation(act)(jax.lax.ragged_dot(x_sd, w["w_gate"], sizes_e)) * jax.lax.ragged_dot(
-      x_sd, w["w_up"], sizes_e)
+  h_sf = glu(act, jax.lax.ragged_dot(x_sd, w["w_gate"], sizes_e), jax.lax.ragged_dot(x_sd, w["w_up"], sizes_e))
   y_sd = jax.lax.ragged_dot(h_sf, w["w_down"], sizes_e)
   h_nkf = take_rows(h_sf, inv_s, order_s).reshape(n, k, -1)
   y_nkd = take_rows(y_sd, inv_s, order_s).reshape(n, k, -1)
@@ -174,12 +173,35 @@ def experts_expert_parallel(mesh, x_nd, expert_nk, gate_nk, w: dict, act: str, p
   return fn(x_nd, expert_nk, gate_nk, w, perturb_nkd)
 
 
+def fold_biases(x_nd, w: dict):
+  """(x, w) with the experts' gate/up biases folded into their weights: ``[x, 1] @ [[W], [b]] = x W + b``, so
+  every path (and its derivatives) runs unchanged; ``b_down`` stays (``routed_experts`` adds it per slot)."""
+  if "b_gate" not in w:
+    return x_nd, w
+  x_nd = jnp.concatenate([x_nd, jnp.ones(x_nd.shape[:-1] + (1,), x_nd.dtype)], -1)
+  w = {**{k: v for k, v in w.items() if not k.startswith("b_")},
+       **{f"w_{n}": jnp.concatenate([w[f"w_{n}"], w[f"b_{n}"][:, None].astype(w[f"w_{n}"].dtype)], 1)
+          for n in ("gate", "up")}}
+  return x_nd, w
+
+
 def routed_experts(impl: str, x_nd, expert_nk, gate_nk, w, act, perturb_nkd=None, chunk_rows=None):
+  """(output [n, d], down_proj inputs per slot [n, k, f]) of the routed experts ``w`` (``w_gate``, ``w_up`` [e, d,
+  f], ``w_down`` [e, f, d], optional biases ``b_gate``, ``b_up`` [e, f], ``b_down`` [e, d]) on the slots
+  ``expert_nk`` weighted by ``gate_nk``, by the path ``impl`` (module docstring); ``act``: ``layers.glu``'s."""
   w = {name: jnp.asarray(a) for name, a in w.items()}  # numpy weights cannot be indexed by tracers
   if expert_nk.size == 0:  # no tokens: nothing routed
     n, k = expert_nk.shape
     return (jnp.zeros_like(x_nd),
             jnp.zeros((n, k, w["w_down"].shape[1]), jnp.result_type(x_nd, w["w_gate"])))
+  b_down = w.pop("b_down", None)
+  out_nd, h_nkf = _routed(impl, *fold_biases(x_nd, w), expert_nk, gate_nk, act, perturb_nkd, chunk_rows)
+  if b_down is not None:  # each slot's expert output gains its bias before the routing weight
+    out_nd = out_nd + mm("nk,nkd->nd", gate_nk.astype(out_nd.dtype), b_down[expert_nk].astype(out_nd.dtype))
+  return out_nd, h_nkf
+
+
+def _routed(impl: str, x_nd, w, expert_nk, gate_nk, act, perturb_nkd, chunk_rows):
   if impl == "dense":
     return experts_dense(x_nd, expert_nk, gate_nk, w, act, perturb_nkd)
   if impl == "sorted":

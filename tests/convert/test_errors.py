@@ -46,8 +46,24 @@ def _raises(d, *fragments, **kw):
 
 def test_unknown_model_type(good, tmp_path):
   d = _copy(good, tmp_path)
-  _edit_config(d, model_type="gpt_oss")
-  _raises(d, "config.json", "model_type='gpt_oss'", "supported")
+  _edit_config(d, model_type="mamba2", architectures=["Mamba2ForCausalLM"])
+  _raises(d, "config.json", "model_type='mamba2'", "supported")
+  _edit_config(d, model_type="gpt_oss")  # a family, but the architectures are another's
+  _raises(d, "architectures=['Mamba2ForCausalLM'] is not a causal LM of family gpt_oss")
+
+
+def test_renamed_families_are_recognised_or_refused_naming_the_family():
+  """A re-badged model (Kimi-K2 is DeepSeek-V3) converts as its family, with a warning naming it, by its
+  architectures or by a known alias; an alias contradicted by its architectures is refused naming both."""
+  from convert.hf_config import parse_hf_config_dict
+  raw = {"model_type": "kimi_k2", "num_hidden_layers": 2, "n_routed_experts": 8}
+  for archs in (["DeepseekV3ForCausalLM"], None):
+    with pytest.warns(UserWarning, match="model_type='kimi_k2' is converted as deepseek_v3"):
+      assert parse_hf_config_dict(dict(raw, architectures=archs), "k.json").family == "deepseek_v3"
+  with pytest.warns(UserWarning, match="converted as mixtral \\(architectures=\\['MixtralForCausalLM'\\]\\)"):
+    parse_hf_config_dict({"model_type": "my_mixtral", "architectures": ["MixtralForCausalLM"]}, "m.json")
+  with pytest.raises(ConversionError, match="'kimi_k2' is deepseek_v3's architecture, but architectures"):
+    parse_hf_config_dict(dict(raw, architectures=["MixtralForCausalLM"]), "k.json")
 
 
 def test_attribute_aliases_are_read_and_must_agree(tmp_path):

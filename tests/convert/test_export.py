@@ -22,7 +22,9 @@ from tests.conftest import padded_batch
                                                           "topk_group": 2, "q_lora_rank": 10}),
                                          ("deepseek_v3", {"attention_bias": True, "rope_interleave": False}),
                                          ("glm4_moe", {"use_qk_norm": True, "n_group": 3, "topk_group": 2}),
-                                         ("minimax_m2", {}), ("ernie4_5_moe", {"moe_layer_interval": 2})])
+                                         ("minimax_m2", {}), ("ernie4_5_moe", {"moe_layer_interval": 2}),
+                                         ("gpt_oss", {"layer_types": ["full_attention", "sliding_attention",
+                                                                      "full_attention"]})])
 def test_hf_export_roundtrip(family, over, tmp_path):
   make_checkpoint(family, tmp_path / "a", seed=5, **over)
   info, params = load_hf_checkpoint(tmp_path / "a", progress=False)
@@ -65,13 +67,16 @@ MLA = dict(shared_expert_gate=False, qkv_bias=False, num_kv_heads=4, head_dim=4,
                         norm_topk_prob=True, router_scoring="sigmoid", router_bias=True)),
     ("ernie4_5_moe", dict(shared_expert_size=32, shared_expert_gate=False, qkv_bias=False, rope_interleave=True,
                           norm_topk_prob=True, router_bias=True, moe_layers=(False, True))),
+    # GPT-OSS: sinks, a window on layer 1, biased clamped-SwiGLU experts, an affine router (random biases)
+    ("gpt_oss", dict(NO_SHARED, attn_sinks=True, attn_windows=(0, 3), router_logit_bias=True, expert_bias=True,
+                     swiglu_limit=0.6, norm_topk_prob=True, attn_out_bias=True, intermediate_size=0)),
 ])
 def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   import torch
   from transformers import AutoModelForCausalLM
   over = dict(over, family=family)
   cfg = B.tiny_config(**over)
-  params = B.init_params(cfg, jax.random.key(3), std=0.2)
+  params = B.init_params(cfg, jax.random.key(3), std=0.2, bias_std=0.2 if cfg.expert_bias else 0.0)
   params = jax.tree_util.tree_map_with_path(  # q/k norm scales away from 1, so a misplaced one shows
       lambda path, a: a + 0.3 * jnp.sin(jnp.arange(a.size).reshape(a.shape)) if "_norm" in jax.tree_util.keystr(
           path) and "attn'" in jax.tree_util.keystr(path) else a, params)
@@ -95,6 +100,9 @@ def test_unrepresentable_config_is_refused():
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
   cfg = B.tiny_config(rotary_dim=4, family="qwen2_moe")
   with pytest.raises(ConversionError, match="partial RoPE \\(rotary_dim; GLM-4.5, MiniMax-M2 only\\)"):
+    export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
+  cfg = B.tiny_config(**NO_SHARED, norm_topk_prob=True, qkv_bias=False, attn_sinks=True, family="mixtral")
+  with pytest.raises(ConversionError, match="attention sinks, expert biases.*\\(GPT-OSS only\\)"):
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
 
 

@@ -43,12 +43,19 @@ PUBLISHED = [
     # model's total is stated to the billion below (21.8)
     ("ernie-4.5-21b-a3b.json", "ernie4_5_moe", 21.0, 3.0, 27),
     ("ernie-4.5-300b-a47b.json", "ernie4_5_moe", 300.0, 47.0, 51),
+    # openai/gpt-oss-20b and gpt-oss-120b (model card, arXiv 2508.10925: 20.91B / 3.61B and 116.83B / 5.13B active,
+    # the active counts without the input embedding): ours 20.91B / 3.61B and 116.83B / 5.13B. The files hold the
+    # release's keys (its legacy experts_per_token and initial_context_length, mxfp4 quantization_config) as far
+    # as they are known here.
+    ("gpt-oss-20b.json", "gpt_oss", 20.91, 3.61, 24),
+    ("gpt-oss-120b.json", "gpt_oss", 116.83, 5.13, 36),
 ]
 # the vocabulary matrices a row's published counts leave out: 1 the input embedding, 2 the embedding and the
 # LM head; none for the active count of the other rows. Granite: 0.806B + 0.076B tied.
 WITHOUT_VOCAB = {"granite-3.1-3b-a800m.json": (0, 1), "deepseek-v2-lite.json": (0, 1), "glm-4.5-air.json": (2, 2),
                  "glm-4.5.json": (2, 2), "minimax-m2.json": (0, 2), "ernie-4.5-21b-a3b.json": (0, 1),
-                 "ernie-4.5-300b-a47b.json": (0, 1)}  # (total, active)
+                 "ernie-4.5-300b-a47b.json": (0, 1), "gpt-oss-20b.json": (0, 1),
+                 "gpt-oss-120b.json": (0, 1)}  # (total, active)
 TOLERANCE = {"deepseek-v3.json": 0.6, "glm-4.5-air.json": 0.5, "glm-4.5.json": (4.1, 0.5),
              "minimax-m2.json": (1.5, 0.5), "ernie-4.5-21b-a3b.json": (0.9, 0.1),
              "ernie-4.5-300b-a47b.json": 0.6}  # billions; default 0.06

@@ -68,6 +68,11 @@ CASES = [
     ("ernie4_5_moe", {}),
     ("ernie4_5_moe", {"moe_layer_start_index": 0, "moe_layer_interval": 2, "num_hidden_layers": 4,
                       "moe_num_shared_experts": 0, "tie_word_embeddings": True, "moe_k": 3}),
+    # GPT-OSS: sinks, sliding window on alternate layers, yarn (not truncated), affine router, biased experts with
+    # the clamped SwiGLU; then every layer full, no attention bias, 3 experts per token and a wider clamp
+    ("gpt_oss", {}),
+    ("gpt_oss", {"layer_types": ["full_attention"] * 3, "attention_bias": False, "num_experts_per_tok": 3,
+                 "swiglu_limit": 2.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}),
     ("llama", {}),
     ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
 ]

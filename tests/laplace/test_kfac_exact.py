@@ -13,11 +13,13 @@ from bmoe_jax.task import Batch
 from tests.fixtures import exact_ggn_block, example
 
 CLASSES = jnp.array([3, 7, 11, 19])
+GPT_OSS = {"attn_sinks": True, "attn_windows": (3, 0), "router_logit_bias": True, "expert_bias": True,
+           "swiglu_limit": 0.4, "norm_topk_prob": True, "attn_out_bias": True}
 
 
 def _model(num_layers=2, num_experts=3, **kw):
   cfg = B.tiny_config(num_layers=num_layers, moe_layers=(True,) * num_layers, num_experts=num_experts, **kw)
-  return cfg, B.init_params(cfg, jax.random.key(0), std=0.3)
+  return cfg, B.init_params(cfg, jax.random.key(0), std=0.3, bias_std=0.3 if cfg.expert_bias else 0.0)
 
 
 def _ggn_block(params, cfg, batch, block):
@@ -42,6 +44,8 @@ VARIANTS = {"plain": {}, "qk_head": {"qk_norm": "head"}, "qk_full": {"qk_norm": 
             "glm": {"num_experts": 4, "rotary_dim": 4, "router_scoring": "sigmoid", "router_bias": True,
                     "topk_method": "noaux_tc", "n_group": 2, "topk_group": 1, "norm_topk_prob": True,
                     "norm_topk_eps": 1e-20, "routed_scaling_factor": 2.5, "shared_expert_gate": False},
+            # GPT-OSS: attention sinks, a sliding window, an affine router, biased experts with the clamped SwiGLU
+            "gpt_oss": GPT_OSS,
             # DeepSeek-V2: MLA (q latent, interleaved yarn RoPE), group-limited greedy, ungated shared experts
             "mla": {"num_kv_heads": 4, "head_dim": 4, "q_lora_rank": 6, "kv_lora_rank": 8, "qk_nope_head_dim": 6,
                     "v_head_dim": 5, "rope_interleave": True, "rope_type": "yarn", "rope_factor": 4.0,

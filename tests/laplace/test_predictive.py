@@ -31,7 +31,7 @@ def _fit(rank=None, prior=1.0, layers=LAYERS, shared=False, **kw):
 
 def _build_fit(rank, prior, layers, shared, **kw):
   cfg = B.tiny_config(num_experts=3, **kw)
-  params = B.init_params(cfg, jax.random.key(0), std=0.3)
+  params = B.init_params(cfg, jax.random.key(0), std=0.3, bias_std=0.3 if cfg.expert_bias else 0.0)
   rng = np.random.RandomState(0)
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (4, 6)))
   mask = jnp.ones((4, 6), jnp.int32).at[1, 4:].set(0)
@@ -82,12 +82,15 @@ MLA_SIGMOID = dict(num_kv_heads=4, head_dim=4, q_lora_rank=6, kv_lora_rank=8, qk
 GLM = dict(rotary_dim=4, qk_norm="head", router_scoring="sigmoid", router_bias=True, topk_method="noaux_tc",
            norm_topk_prob=True, norm_topk_eps=1e-20, routed_scaling_factor=2.5,
            shared_expert_gate=False)  # GLM-4.5: partial RoPE, q/k norm, sigmoid routing with bias, ungated shared
+GPT_OSS = dict(attn_sinks=True, attn_windows=(3, 0), router_logit_bias=True, expert_bias=True, swiglu_limit=0.4,
+               norm_topk_prob=True, attn_out_bias=True, shared_expert_size=0)  # sinks, window, biases, clamp
 
 
 @pytest.mark.parametrize("rank,shared,arch", [(None, False, {}), (3, False, {}), (None, True, {}), (3, True, {}),
                                               (3, False, {"qk_norm": "full"}), (None, True, MLA_SIGMOID),
-                                              (3, True, GLM)],
-                         ids=["full", "lowrank", "full-shared", "lowrank-shared", "qk_full", "mla_sigmoid", "glm"])
+                                              (3, True, GLM), (None, False, GPT_OSS)],
+                         ids=["full", "lowrank", "full-shared", "lowrank-shared", "qk_full", "mla_sigmoid", "glm",
+                              "gpt_oss"])
 def test_closed_form_equals_dense_jacobian(rank, shared, arch):
   """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well; once with
   OLMoE's full-width q/k norm, once with DeepSeek-V3's architecture (MLA, yarn, sigmoid gates, ungated shared)."""

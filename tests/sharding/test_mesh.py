@@ -28,11 +28,12 @@ def mesh_results():
   """One ``mesh_checks`` process (8 virtual devices) for both models: the JSON line of each (model, mesh)."""
   from tests.sharding.mesh_checks import MESHES
   env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "tests.sharding.mesh_checks", *MESHES, "--mla", "data=2,expert=2,model=2"]
+  cmd = [sys.executable, "-m", "tests.sharding.mesh_checks", *MESHES, "--mla", "data=2,expert=2,model=2",
+         "--gpt-oss", "data=2,expert=2,model=2"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  return {model: [r for r in results if r["model"] == model] for model in ("qk_full", "mla_sigmoid")}
+  return {model: [r for r in results if r["model"] == model] for model in ("qk_full", "mla_sigmoid", "gpt_oss")}
 
 
 def test_sharded_pipeline_equals_one_device_on_three_meshes(mesh_results):
@@ -52,6 +53,16 @@ def test_sharded_mla_sigmoid_model_equals_one_device(mesh_results):
   (result,) = mesh_results["mla_sigmoid"]
   assert result["mesh"] == {"data": 2, "expert": 2, "model": 2}
   assert result["expert_parallel"] and max(result["max_rel_diff"].values()) <= 1e-5, result
+
+
+def test_sharded_gpt_oss_model_equals_one_device(mesh_results):
+  """GPT-OSS's mechanisms (sinks split with their heads over the model axis, an affine router, experts with biases
+  folded into their weights under the expert-parallel dispatch, the clamped SwiGLU) on all three axes."""
+  (result,) = mesh_results["gpt_oss"]
+  assert result["mesh"] == {"data": 2, "expert": 2, "model": 2}
+  diffs = dict(result["max_rel_diff"])
+  assert result["expert_parallel"] and diffs.pop("train_step") <= 1e-3, result  # AdamW near eps (mesh_checks.TOLS)
+  assert max(diffs.values()) <= 1e-5, result
 
 
 def _mesh(**sizes):
