@@ -53,14 +53,17 @@ def describe(path: str | Path) -> dict:
   layout = ["moe" if m else "dense" for m in cfg.moe_layers]
   return {"family": family, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
           "attention": _attention_text(cfg),
-          "experts": f"{cfg.num_experts} routed, top-{cfg.num_experts_per_tok}, width {cfg.moe_intermediate_size}",
+          "experts": f"{cfg.num_experts} routed, top-{cfg.num_experts_per_tok}, width {cfg.moe_intermediate_size}"
+          + (", biased" if cfg.expert_bias else "")
+          + (f", clamped SwiGLU (limit {cfg.swiglu_limit:g}, alpha {cfg.swiglu_alpha:g})" if cfg.swiglu_limit else ""),
           "shared_expert": (f"width {cfg.shared_expert_size}" + (" with sigmoid gate" if cfg.shared_expert_gate
                                                                  else "")) if cfg.shared_expert_size else "none",
           "routing": (f"{cfg.router_scoring} top-k" + (", gates 1" if cfg.router_scoring == "select" else
                                                          f", norm_topk_prob={cfg.norm_topk_prob}, "
                                                          f"scaling={cfg.routed_scaling_factor}"))
           + (f", {cfg.topk_method} over {cfg.topk_group} of {cfg.n_group} groups" if cfg.topk_method != "greedy"
-             else "") + (", selection bias" if cfg.router_bias else ""),
+             else "") + (", selection bias" if cfg.router_bias else "") + (", affine" if cfg.router_logit_bias else "")
+          + (", the score scales the expert's input" if cfg.router_on_input else ""),
           "layer_pattern": layout, "params": counts, "config": cfg.to_dict()}
 
 
@@ -69,10 +72,24 @@ def _attention_text(cfg) -> str:
       ", interleaved" if cfg.rope_interleave else "") + (
       f" on {cfg.rotary_dim} of {cfg.head_dim} dims" if cfg.rotary_dim else "")
   if not cfg.mla:
-    return f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads x {cfg.head_dim}; {rope}"
+    return f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads x {cfg.head_dim}; {rope}" + _layer_kinds(cfg)
   q = f", q latent {cfg.q_lora_rank}" if cfg.q_lora_rank else ""
   return (f"latent (MLA): {cfg.num_heads} heads, q/k {cfg.qk_nope_head_dim} + {cfg.head_dim} RoPE, "
           f"v {cfg.v_head_dim}, kv latent {cfg.kv_lora_rank}{q}; {rope}")
+
+
+def _layer_kinds(cfg) -> str:
+  """The per-layer attention variants of a config (windows, chunks, NoPE, sinks, the weightless q/k norm)."""
+  n = cfg.num_layers
+  parts = [f"{what} {size} on {count} of {n} layers" for what, sizes in (("window", cfg.attn_windows),
+                                                                         ("chunks", cfg.attn_chunks))
+           for size in sorted(set(sizes or ()) - {0}) for count in [sum(x == size for x in sizes)]]
+  nope = sum(not cfg.rope_on(i) for i in range(n))
+  if nope:
+    parts.append(f"NoPE on {nope} of {n} layers" + (f" (temperature {cfg.nope_attn_scale:g})" if cfg.nope_attn_scale
+                                                    else ""))
+  parts += ["sinks"] * cfg.attn_sinks + ["q/k l2 norm"] * (cfg.qk_norm == "l2")
+  return "".join(f"; {p}" for p in parts)
 
 
 def _cmd_info(args) -> int:

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 # softmax: top-k of softmax(router logits), gates = those probabilities (renormalised with norm_topk_prob);
 # select: top-k of the router logits, every selected expert enters with gate 1 (carved MoEs, convert.carve).
 SUPPORTED_SCORING = ("softmax", "sigmoid", "select")
@@ -16,7 +16,7 @@ SUPPORTED_SCORING = ("softmax", "sigmoid", "select")
 SUPPORTED_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # RMSNorm on the attention's q and k projections, before RoPE: none; per head over the head dim (Qwen3-MoE,
 # scale [c]); over the full projection width (OLMoE, scale [heads, c]).
-SUPPORTED_QK_NORM = ("none", "head", "full")
+SUPPORTED_QK_NORM = ("none", "head", "full", "l2")
 # The deterministic router's logits: "float32" (the default) from float32 copies of its input and weight;
 # "native" by a matmul in the parameters' own dtype, then cast to float32 (transformers' order for Qwen-MoE,
 # Mixtral, OLMoE and Granite in bfloat16: the same top-k sets on near-ties).
@@ -91,6 +91,16 @@ class MoEConfig:
   swiglu_limit: float = 0.0
   swiglu_alpha: float = 1.702
   attn_sinks: bool = False  # a learned sink logit per head joins each query's softmax (GPT-OSS): attn/sinks [h]
+  # Llama-4: the router's (top-1) score scales the expert's input instead of its output
+  router_on_input: bool = False
+  # Llama-4's layers: rope_layers[i] False is a NoPE layer (no RoPE, no q/k norm; with nope_attn_scale > 0 its
+  # queries at index t are scaled by 1 + nope_attn_scale * log1p(floor((t + 1) / nope_floor_scale))); None: RoPE on
+  # every layer. attn_chunks[i] > 0: a query sees only the keys of its own chunk of that many positions (counted
+  # from the first real token); None: no chunking.
+  rope_layers: tuple[bool, ...] | None = None
+  attn_chunks: tuple[int, ...] | None = None
+  nope_attn_scale: float = 0.0
+  nope_floor_scale: float = 8192.0
   qkv_bias: bool = False
   attn_out_bias: bool = False
   qk_norm: str = "none"
@@ -126,6 +136,10 @@ class MoEConfig:
   yarn_mscale_all_dim: float = 0.0
   yarn_attention_factor: float = 0.0
   yarn_truncate: bool = True
+  # llama3 (rope_type "llama3", transformers' _compute_llama3_parameters): its frequency bands and pre-training context
+  llama3_low_freq_factor: float = 1.0
+  llama3_high_freq_factor: float = 4.0
+  llama3_original_max_position: int = 8192
   rms_norm_eps: float = 1e-6
   hidden_act: str = "silu"
   tie_word_embeddings: bool = False
@@ -172,6 +186,11 @@ class MoEConfig:
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
     need(self.swiglu_limit >= 0, f"swiglu_limit must be >= 0 (0: the plain gated activation), got {self.swiglu_limit}")
     need(not (self.attn_sinks and self.mla), "attention sinks (attn_sinks) are not defined for latent attention")
+    need(not self.router_on_input or self.num_experts_per_tok == 1,
+         f"router_on_input (the score scales the expert's input) needs top-1 routing, got {self.num_experts_per_tok}")
+    for name in ("rope_layers", "attn_chunks"):
+      need(getattr(self, name) is None or len(getattr(self, name)) == self.num_layers,
+           f"{name} needs one entry per layer ({self.num_layers})")
     need(self.attention_multiplier >= 0, f"attention_multiplier must be >= 0, got {self.attention_multiplier}")
     need(self.logits_scaling != 0, "logits_scaling must be non-zero")
     need(self.router_dtype in SUPPORTED_ROUTER_DTYPES,
@@ -215,6 +234,14 @@ class MoEConfig:
   def window(self, layer: int) -> int:
     return 0 if self.attn_windows is None else int(self.attn_windows[layer])
 
+  def chunk(self, layer: int) -> int:
+    """Layer ``layer``'s attention chunk (0: none)."""
+    return 0 if self.attn_chunks is None else int(self.attn_chunks[layer])
+
+  def rope_on(self, layer: int) -> bool:
+    """Whether layer ``layer`` rotates q and k (False: a NoPE layer)."""
+    return self.rope_layers is None or bool(self.rope_layers[layer])
+
   def replace(self, **kw) -> "MoEConfig":
     return dataclasses.replace(self, **kw)
 
@@ -232,8 +259,9 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.from_dict: unknown fields {unknown}")
     d = dict(d)
     d["moe_layers"] = tuple(bool(x) for x in d["moe_layers"])
-    if d.get("attn_windows") is not None:
-      d["attn_windows"] = tuple(int(x) for x in d["attn_windows"])
+    for name, kind in (("attn_windows", int), ("attn_chunks", int), ("rope_layers", bool)):
+      if d.get(name) is not None:
+        d[name] = tuple(kind(x) for x in d[name])
     return cls(**d)
 
 

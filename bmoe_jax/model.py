@@ -135,7 +135,10 @@ def moe_block(p: dict, cfg: MoEConfig, x_bsd: jax.Array, *, expert_impl: str = "
   else:
     routing, aux_n = router(x_nd, p["router"]["kernel"], G.Gating.of(cfg), k, train_router, p["router"].get("bias"))
   perturb_nkd = None if perturb is None or "routed" not in perturb else perturb["routed"].reshape(b * s, k, d)
-  out_nd, h_nkf = M.routed_experts(expert_impl, x_nd, routing.expert_nk, routing.gate_nk,
+  x_in_nd, gate_nk = x_nd, routing.gate_nk
+  if cfg.router_on_input:  # Llama-4: the top-1 score scales the expert's input; its output enters unweighted
+    x_in_nd, gate_nk = x_nd * gate_nk.astype(x_nd.dtype), jnp.ones_like(gate_nk)  # taps keep the scores
+  out_nd, h_nkf = M.routed_experts(expert_impl, x_in_nd, routing.expert_nk, gate_nk,
                                    p["experts"], L.expert_act(cfg), perturb_nkd, chunk_rows)
   shared_in = None
   if "shared" in p:
@@ -195,16 +198,15 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
       input states), the MoE layers' taps (``return_taps``).
   """
   s = tokens_bs.shape[1]
-  x_bsd, positions_bs, cos_bsc, sin_bsc = _inputs(params, cfg, tokens_bs, positions_bs, start_layer, states_bsd,
-                                                  segments_bs)
+  x_bsd, positions_bs, rope_in = _inputs(params, cfg, tokens_bs, positions_bs, start_layer, states_bsd, segments_bs)
   masks = {}
   hidden = [x_bsd] if return_hidden else None
   taps: dict[int, MoETaps] = {}
   for i in range(start_layer, cfg.num_layers if stop_layer is None else stop_layer):
-    w = cfg.window(i)
+    w = (cfg.window(i), cfg.chunk(i))
     if w not in masks:
-      masks[w] = L.attention_mask(attention_mask_bs, s, w, segments_bs, positions_bs)
-    x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, cos_bsc, sin_bsc, masks[w], expert_impl,
+      masks[w] = L.attention_mask(attention_mask_bs, s, w[0], segments_bs, positions_bs, w[1])
+    x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, rope_in, masks[w], expert_impl,
                                 chunk_rows, None if perturb is None else perturb.get(i),
                                 None if routing is None else routing.router_fn(params, i),
                                 routing is not None and routing.train)
@@ -221,9 +223,18 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
                        taps if return_taps else None)
 
 
+class RopeIn(NamedTuple):
+  """A forward's position inputs: the cos/sin tables [b, s, c] and the NoPE layers' query scale [b, s] (None:
+  not scaled)."""
+  cos_bsc: jax.Array
+  sin_bsc: jax.Array
+  nope_q_bs: jax.Array | None
+
+
 def _inputs(params, cfg: MoEConfig, tokens_bs, positions_bs, start_layer: int, states_bsd, segments_bs):
-  """(first layer's input states, RoPE positions, cos, sin): embeddings, or the cached states of
-  ``start_layer``; positions default to ``arange(s)``."""
+  """(first layer's input states, RoPE positions, ``RopeIn``): embeddings, or the cached states of
+  ``start_layer``; positions default to ``arange(s)``. The NoPE temperature (Llama-4) is of the index, as
+  transformers', or of the positions for packed continuations (their index in the unpacked sequence)."""
   b, s = tokens_bs.shape
   if segments_bs is not None and positions_bs is None:
     raise ValueError("segments_bs (packed continuations) needs positions_bs: each continuation's RoPE "
@@ -240,13 +251,18 @@ def _inputs(params, cfg: MoEConfig, tokens_bs, positions_bs, start_layer: int, s
     if cfg.embedding_multiplier != 1.0:
       x_bsd = x_bsd * jnp.asarray(cfg.embedding_multiplier, x_bsd.dtype)
   cos_bsc, sin_bsc = rope.tables(positions_bs, *rope.frequencies(cfg))
-  return x_bsd, positions_bs, cos_bsc, sin_bsc
+  nope_q_bs = None
+  if cfg.nope_attn_scale and not all(cfg.rope_on(i) for i in range(cfg.num_layers)):
+    at_bs = positions_bs if segments_bs is not None else jnp.broadcast_to(jnp.arange(s), (b, s))
+    floors_bs = jnp.floor((at_bs.astype(jnp.float32) + 1.0) / cfg.nope_floor_scale)
+    nope_q_bs = jnp.log1p(floors_bs) * cfg.nope_attn_scale + 1.0
+  return x_bsd, positions_bs, RopeIn(cos_bsc, sin_bsc, nope_q_bs)
 
 
-def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, cos_bsc, sin_bsc, mask, expert_impl, chunk_rows, perturb,
+def _decoder_layer(lp, cfg: MoEConfig, i: int, x_bsd, rope_in: RopeIn, mask, expert_impl, chunk_rows, perturb,
                    router=None, train_router: bool = False):
   """One pre-norm decoder layer: (output states, the MoE taps or None for a dense layer)."""
-  x_bsd, h_bsd = _attention_half(lp, cfg, x_bsd, cos_bsc, sin_bsc, mask)
+  x_bsd, h_bsd = _attention_half(lp, cfg, i, x_bsd, rope_in, mask)
   if not cfg.moe_layers[i]:
     return _residual(cfg, x_bsd, L.gated_mlp(lp["mlp"], h_bsd, cfg.hidden_act)), None
   y_bsd, tap = moe_block(lp["mlp"], cfg, h_bsd, expert_impl=expert_impl, chunk_rows=chunk_rows, perturb=perturb,
@@ -261,15 +277,17 @@ def _residual(cfg: MoEConfig, x_bsd, y_bsd):
   return x_bsd + y_bsd * jnp.asarray(cfg.residual_multiplier, y_bsd.dtype)
 
 
-def _attention_half(lp, cfg: MoEConfig, x_bsd, cos_bsc, sin_bsc, mask):
-  """(residual stream after attention, the normed MLP input) of one decoder layer."""
+def _attention_half(lp, cfg: MoEConfig, i: int, x_bsd, rope_in: RopeIn, mask):
+  """(residual stream after attention, the normed MLP input) of decoder layer ``i``."""
   h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
   if cfg.mla:
-    a_bsd = L.mla_attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask, cfg.qk_nope_head_dim, mla_scale(cfg),
-                            cfg.rope_interleave)
+    a_bsd = L.mla_attention(lp["attn"], h_bsd, rope_in.cos_bsc, rope_in.sin_bsc, mask, cfg.qk_nope_head_dim,
+                            mla_scale(cfg), cfg.rope_interleave)
   else:
-    a_bsd = L.attention(lp["attn"], h_bsd, cos_bsc, sin_bsc, mask, cfg.rms_norm_eps, cfg.qkv_clip,
-                        cfg.attention_multiplier, cfg.rope_interleave)
+    on = cfg.rope_on(i)
+    a_bsd = L.attention(lp["attn"], h_bsd, rope_in.cos_bsc if on else None, rope_in.sin_bsc if on else None, mask,
+                        cfg.rms_norm_eps, cfg.qkv_clip, cfg.attention_multiplier, cfg.rope_interleave,
+                        l2_norm=on and cfg.qk_norm == "l2", q_scale_bs=None if on else rope_in.nope_q_bs)
   x_bsd = _residual(cfg, x_bsd, a_bsd)
   return x_bsd, L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
 
@@ -313,13 +331,13 @@ def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, lay
     ``{layer: [b, s, d]}``: each listed layer's MLP input (its residual stream after attention, RMS-normed).
   """
   s = tokens_bs.shape[1]
-  x_bsd, _, cos_bsc, sin_bsc = _inputs(params, cfg, tokens_bs, None, start_layer, states_bsd, None)
+  x_bsd, _, rope_in = _inputs(params, cfg, tokens_bs, None, start_layer, states_bsd, None)
   out = {}
   for i in range(start_layer, max(layers) + 1):
-    mask = L.attention_mask(attention_mask_bs, s, cfg.window(i))
+    mask = L.attention_mask(attention_mask_bs, s, cfg.window(i), chunk=cfg.chunk(i))
     if i in layers:
-      out[i] = _attention_half(params["layers"][i], cfg, x_bsd, cos_bsc, sin_bsc, mask)[1]
-    x_bsd, _ = _decoder_layer(params["layers"][i], cfg, i, x_bsd, cos_bsc, sin_bsc, mask, "sorted", None, None)
+      out[i] = _attention_half(params["layers"][i], cfg, i, x_bsd, rope_in, mask)[1]
+    x_bsd, _ = _decoder_layer(params["layers"][i], cfg, i, x_bsd, rope_in, mask, "sorted", None, None)
   return out
 
 

@@ -173,11 +173,13 @@ class _Builder:
       self._check(ref, array.shape, (*lead, 2 * f, d))
       self._place(targets[0], np.swapaxes(array[..., :f, :], -1, -2), ref)
       self._place(targets[1], np.swapaxes(array[..., f:, :], -1, -2), ref)
-    elif rule.kind == "interleaved":  # [..., 2f] with gate and up alternating (GPT-OSS) -> [..., f] each
+    elif rule.kind in ("interleaved", "halves"):  # [..., 2f]: gate, up alternating (GPT-OSS) or in halves (Llama-4)
       spec = self._spec(targets[0], ref)
-      self._check(ref, array.shape, (*spec.shape[:-1], 2 * spec.shape[-1]), " (gate and up interleaved)")
-      self._place(targets[0], array[..., 0::2], ref)
-      self._place(targets[1], array[..., 1::2], ref)
+      f = spec.shape[-1]
+      self._check(ref, array.shape, (*spec.shape[:-1], 2 * f), f" (gate and up {rule.kind})")
+      gate, up = (array[..., 0::2], array[..., 1::2]) if rule.kind == "interleaved" else (array[..., :f], array[..., f:])
+      self._place(targets[0], gate, ref)
+      self._place(targets[1], up, ref)
     elif rule.kind == "tensor":  # as stored
       self._check(ref, array.shape, self._spec(targets[0], ref).shape)
       self._place(targets[0], array, ref)

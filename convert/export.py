@@ -13,6 +13,7 @@ from bmoe_jax.config import MoEConfig
 from bmoe_jax.files import write_json
 from convert.builder import flat_specs
 from convert import gpt_oss as GO
+from convert import llama4 as L4
 from convert.errors import ConversionError
 from convert.safetensors_io import save_file
 
@@ -37,7 +38,10 @@ DISK = {
     "ernie4_5_moe": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts",
                          bias="mlp.moe_statics.e_score_correction_bias", bias_rows=1),
     # GPT-OSS: an affine router named router; fused, interleaved experts (``convert.gpt_oss.hf_expert_tensors``)
-    "gpt_oss": dict(block="mlp", proj=_PROJ, router="mlp.router", logit_bias="mlp.router.bias", fused=True),
+    "gpt_oss": dict(block="mlp", proj=_PROJ, router="mlp.router", logit_bias="mlp.router.bias", fused=GO),
+    # Llama-4: everything MLP under feed_forward; fused experts (``convert.llama4.hf_expert_tensors``)
+    "llama4_text": dict(block="feed_forward", proj=_PROJ, router="feed_forward.router", shared="feed_forward.shared_expert",
+                        dense="feed_forward", fused=L4),
 }
 # attention parameter -> its HF name under self_attn (MLA's too; norms and biases included)
 _ATTN = {"wq": "q_proj.weight", "wk": "k_proj.weight", "wv": "v_proj.weight", "wo": "o_proj.weight",
@@ -73,6 +77,9 @@ def _rope_scaling(cfg: MoEConfig) -> dict[str, Any] | None:
   if cfg.rope_type == "default":
     return None
   out = {"rope_type": cfg.rope_type, "factor": cfg.rope_factor}
+  if cfg.rope_type == "llama3":
+    out.update(low_freq_factor=cfg.llama3_low_freq_factor, high_freq_factor=cfg.llama3_high_freq_factor,
+               original_max_position_embeddings=cfg.llama3_original_max_position)
   if cfg.rope_type == "yarn":
     out.update(original_max_position_embeddings=cfg.yarn_original_max_position, beta_fast=cfg.yarn_beta_fast,
                beta_slow=cfg.yarn_beta_slow, truncate=cfg.yarn_truncate)
@@ -262,6 +269,10 @@ def _gpt_oss(cfg: MoEConfig, family: str) -> dict[str, Any]:
   return dict(_common(cfg, False), **GO.hf_config(cfg, lambda cond, msg: _need(cond, family, msg)))
 
 
+def _llama4_text(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  return dict(_common(cfg, False), **L4.hf_config(cfg, lambda cond, msg: _need(cond, family, msg)))
+
+
 def _granite_layout(out: dict[str, np.ndarray], cfg: MoEConfig) -> None:
   """Per-expert keys -> Granite's fused on-disk tensors: input_linear [e, 2f, d] (gate rows, then up rows),
   output_linear [e, d, f], router.layer; the shared MLP likewise [2F, d] / [d, F]."""
@@ -286,12 +297,13 @@ _HF = {"qwen2_moe": (_qwen2_moe, ("none",)), "qwen3_moe": (_qwen3_moe, ("head",)
        "granitemoe": (_granite, ("none",)), "granitemoeshared": (_granite, ("none",)),
        "deepseek_v2": (_deepseek, ("none",)), "deepseek_v3": (_deepseek, ("none",)),
        "glm4_moe": (_glm4_moe, ("none", "head")), "minimax_m2": (_minimax_m2, ("full",)),
-       "ernie4_5_moe": (_ernie4_5_moe, ("none",)), "gpt_oss": (_gpt_oss, ("none",))}
+       "ernie4_5_moe": (_ernie4_5_moe, ("none",)), "gpt_oss": (_gpt_oss, ("none",)),
+       "llama4_text": (_llama4_text, ("none", "l2"))}
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 SCALED_GROUPED = DEEPSEEK + ("glm4_moe",)  # routed_scaling_factor, group selection
 SIGMOID = SCALED_GROUPED + ("minimax_m2",)  # sigmoid scores
 SELECTION_BIAS = SIGMOID + ("ernie4_5_moe",)  # a per-expert selection bias
-INTERLEAVED_ROPE = DEEPSEEK + ("ernie4_5_moe",)
+INTERLEAVED_ROPE = DEEPSEEK + ("ernie4_5_moe", "llama4_text")
 PARTIAL_ROPE = ("glm4_moe", "minimax_m2")
 
 
@@ -308,13 +320,17 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   granite = family.startswith("granitemoe")
   _need(granite or (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier,
                     cfg.logits_scaling) == (1.0, 0.0, 1.0, 1.0), family, "Granite's multipliers / logits_scaling")
-  _need(family in SIGMOID or cfg.router_scoring == "softmax", family, f"router_scoring={cfg.router_scoring!r}")
+  _need(family in SIGMOID + ("llama4_text",) or cfg.router_scoring == "softmax", family,
+        f"router_scoring={cfg.router_scoring!r}")
   _need(family in SELECTION_BIAS or not cfg.router_bias, family, "a per-expert selection bias")
   _need(grouped or cfg.topk_method == "greedy", family, "group-limited selection (DeepSeek-V2/V3, GLM-4.5 only)")
   _need(cfg.qk_norm in qk_norms, family, f"qk_norm={cfg.qk_norm!r}, the family has {' or '.join(qk_norms)}")
   _need(cfg.qkv_clip == 0.0 or family == "olmoe", family, "qkv_clip (only OLMoE clips q, k, v)")
   _need(family == "gpt_oss" or not (cfg.attn_sinks or cfg.expert_bias or cfg.router_logit_bias or cfg.swiglu_limit),
         family, "attention sinks, expert biases, an affine router or the clamped SwiGLU (GPT-OSS only)")
+  _need(family == "llama4_text" or not (cfg.router_on_input or cfg.rope_layers or cfg.attn_chunks
+                                        or cfg.qk_norm == "l2"),
+        family, "an input-side router score, NoPE or chunked layers or the weightless q/k norm (Llama-4 only)")
   return build(cfg, family)
 
 
@@ -351,7 +367,7 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
         out[pre + "self_attn." + _ATTN[name]] = _linear(a, 2 if name == "wo" else 1) if name[0] == "w" else \
             a.reshape(-1)
       elif len(parts) == 4:  # dense MLP
-        out[pre + f"mlp.{_PROJ[name[2:]]}.weight"] = _linear(a)
+        out[pre + f"{disk.get('dense', 'mlp')}.{_PROJ[name[2:]]}.weight"] = _linear(a)
       elif parts[3] == "router":
         if name == "kernel":
           out[pre + disk.get("router", f"{disk['block']}.gate") + ".weight"] = _linear(a)
@@ -374,8 +390,8 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
   if family.startswith("granitemoe"):
     _granite_layout(out, cfg)
   if disk.get("fused"):
-    out.update(GO.hf_expert_tensors(cfg, lambda i: {n: flat[f"layers/{i}/mlp/experts/{n}"]
-                                                    for n in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")}))
+    out.update(disk["fused"].hf_expert_tensors(cfg, lambda i: {n.split("/")[-1]: a for n, a in flat.items()
+                                                               if n.startswith(f"layers/{i}/mlp/experts/")}))
   if family == "qwen2_moe" and not cfg.shared_expert_size:
     # transformers always builds a shared expert: write it zero-width (output exactly 0), gate zero.
     d = cfg.hidden_size

@@ -6,7 +6,7 @@ filled from the match (``names`` renames captured values, e.g. Mixtral's w1/w2/w
 Rule kinds: ``copy`` (reshape only), ``linear`` (torch [out, in] -> [in, out], then reshape;
 ``in_dims`` = how many leading target dims are the input), ``expert_linear`` (one expert's linear into
 the stacked [e, ...] parameter), ``fused_gate_up`` ([e, 2f, d] -> w_gate, w_up [e, d, f]),
-``fused_down`` ([e, d, f] -> [e, f, d]), ``interleaved`` ([..., 2f] -> gate [..., ::2], up [..., 1::2]: GPT-OSS),
+``fused_down`` ([e, d, f] -> [e, f, d]), ``interleaved`` ([..., 2f] -> gate [..., ::2], up [..., 1::2]: GPT-OSS), ``halves`` ([..., 2f] -> gate, up: Llama-4),
 ``tensor`` (as stored, the exact shape), ``skip`` (buffers with no parameter, e.g. rotary inv_freq).
 """
 
@@ -19,6 +19,7 @@ from convert.ernie import ERNIE4_5_MOE
 from convert.errors import ConversionError
 from convert.glm import GLM4_MOE
 from convert.gpt_oss import GPT_OSS
+from convert.llama4 import LLAMA4_TEXT
 from convert.minimax import MINIMAX_M2
 from convert.family_table import COMMON_RULES, EXPERTS, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules, windows
 
@@ -231,7 +232,7 @@ LLAMA = Family(
     build=_build_llama, rules=COMMON_RULES)
 
 FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, GRANITEMOE_SHARED, MIXTRAL, DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3,
-            GLM4_MOE, MINIMAX_M2, ERNIE4_5_MOE, GPT_OSS, LLAMA)
+            GLM4_MOE, MINIMAX_M2, ERNIE4_5_MOE, GPT_OSS, LLAMA4_TEXT, LLAMA)
 
 
 # model_types that are one of our families under another name, and that family (their configs and tensors are its)

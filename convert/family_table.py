@@ -17,7 +17,7 @@ class Rule(NamedTuple):
   names: dict[str, dict[str, str]] | None = None
 
 
-COMMON_RULES = (
+BASE_RULES = (
     Rule(r"model\.embed_tokens\.weight", "embed/embedding", "copy"),
     Rule(r"model\.norm\.weight", "final_norm/scale", "copy"),
     Rule(r"lm_head\.weight", "lm_head/kernel", "linear"),
@@ -28,6 +28,8 @@ COMMON_RULES = (
     Rule(LAYER + r"self_attn\.o_proj\.weight", "layers/{layer}/attn/wo", "linear", in_dims=2),
     Rule(LAYER + r"self_attn\.rotary_emb\.inv_freq", None, "skip"),
     Rule(LAYER + r"self_attn\.(?P<proj>[qk])_norm\.weight", "layers/{layer}/attn/{proj}_norm", "copy"),
+)
+COMMON_RULES = BASE_RULES + (  # BASE_RULES: embeddings, norms, head and attention; then the dense MLP
     Rule(LAYER + r"mlp\." + GATE_UP_DOWN + r"_proj\.weight", "layers/{layer}/mlp/w_{proj}", "linear"),
 )
 EXPERTS = "layers/{layer}/mlp/experts/"

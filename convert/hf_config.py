@@ -26,6 +26,7 @@ COMMON_HANDLED = frozenset({
     "rope_theta", "rope_scaling", "rope_parameters", "quantization_config",
 })
 _ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor", "partial_rotary_factor"}
+_LLAMA3_KEYS = {"original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}
 _YARN_KEYS = {"original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
               "attention_factor", "truncate"}
 
@@ -117,18 +118,25 @@ def _rope(g: Getter) -> dict[str, Any]:
     theta, scaling = params["rope_theta"], params
   scaling = scaling or {}
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-  if rope_type not in ("default", "linear", "yarn"):
-    g.fail(f"rope type {rope_type!r} is not supported (supported: default, linear, yarn)")
-  known = _ROPE_KEYS | (_YARN_KEYS if rope_type == "yarn" else set())
+  if rope_type not in ("default", "linear", "yarn", "llama3"):
+    g.fail(f"rope type {rope_type!r} is not supported (supported: default, linear, yarn, llama3)")
+  known = _ROPE_KEYS | {"yarn": _YARN_KEYS, "llama3": _LLAMA3_KEYS}.get(rope_type, set())
   unknown = sorted(set(scaling) - known)
   if unknown:
     g.fail(f"rope parameters {unknown} are not supported with rope type {rope_type!r} (handled: {sorted(known)})")
-  if rope_type in ("linear", "yarn") and scaling.get("factor") is None:
+  if rope_type in ("linear", "yarn", "llama3") and scaling.get("factor") is None:
     g.fail(f"{rope_type} rope scaling needs a 'factor'")
   out = dict(rope_theta=float(theta), rope_type=rope_type,
              rope_factor=float(scaling["factor"]) if rope_type == "linear" else 1.0)
   if rope_type == "yarn":
     out.update(_yarn(g, scaling))
+  if rope_type == "llama3":
+    missing = sorted(_LLAMA3_KEYS - set(scaling))
+    if missing:
+      g.fail(f"llama3 rope scaling needs {missing}")
+    out.update(rope_factor=float(scaling["factor"]), llama3_low_freq_factor=float(scaling["low_freq_factor"]),
+               llama3_high_freq_factor=float(scaling["high_freq_factor"]),
+               llama3_original_max_position=int(scaling["original_max_position_embeddings"]))
   return out
 
 

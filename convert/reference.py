@@ -16,7 +16,7 @@ import numpy as np
 from bmoe_jax.files import write_json
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "deepseek_v2",
-            "deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "gpt_oss", "llama")
+            "deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "gpt_oss", "llama4_text", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -135,6 +135,18 @@ def _gpt_oss(overrides: dict):
   return GptOssForCausalLM(GptOssConfig(**kw)), None
 
 
+def _llama4_text(overrides: dict):
+  """Interleaved RoPE on layers 0 and 1 with chunks of 3 and the weightless q/k norm, NoPE with the attention
+  temperature (floor 2) on layer 2; MoE on every layer: a top-1 sigmoid router scaling the expert's input, a shared
+  expert."""
+  from transformers import Llama4ForCausalLM, Llama4TextConfig
+  kw = dict(_SMALL, head_dim=8, intermediate_size=16, intermediate_size_mlp=48, num_local_experts=6,
+            no_rope_layer_interval=3, attention_chunk_size=3, floor_scale=2, attn_scale=0.5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+  kw.update(overrides)
+  return Llama4ForCausalLM(Llama4TextConfig(**kw)), None
+
+
 def _llama(overrides: dict):
   from transformers import LlamaConfig, LlamaForCausalLM
   kw = dict(_SMALL, intermediate_size=48)
@@ -240,7 +252,7 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
                         "granitemoeshared": _granite_shared, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
                         "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe,
                         "minimax_m2": _minimax_m2, "ernie4_5_moe": _ernie4_5_moe, "gpt_oss": _gpt_oss,
-                        "llama": _llama}[family](overrides)
+                        "llama4_text": _llama4_text, "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
   out_dir = Path(out_dir)
@@ -254,12 +266,24 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   return model
 
 
+def _router_triple(module, out) -> list[np.ndarray]:
+  """(logits [n, E], top-k weights [n, k], top-k ids [n, k]) of a router's forward output; Llama-4's router
+  returns (scores [n, E], logits [n, E]) instead, read at its top-k."""
+  out = [o.detach().numpy() for o in out]
+  if len(out) == 2:
+    scores, logits = out
+    idx = np.argsort(-logits, axis=-1, kind="stable")[:, :module.top_k]
+    return [logits, np.take_along_axis(scores, idx, -1), idx]
+  return out
+
+
 def reference_outputs(model, tokens: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
   """Logits, per-layer hidden states and each MoE layer's router (logits, top-k weights, top-k ids)."""
   torch = _torch()
   routers = []
-  hooks = [m.register_forward_hook(lambda mod, inp, out: routers.append([o.detach().numpy() for o in out]))
-           for name, m in model.named_modules() if name.endswith(("mlp.gate", "block_sparse_moe.router", "mlp.router"))]
+  hooks = [m.register_forward_hook(lambda mod, inp, out: routers.append(_router_triple(mod, out)))
+           for name, m in model.named_modules()
+           if name.endswith(("mlp.gate", "block_sparse_moe.router", "mlp.router", "feed_forward.router"))]
   try:
     with torch.no_grad():
       out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),

@@ -74,19 +74,21 @@ def rms_norm(x_bsd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
 
 
 def attention_mask(mask_bt: jax.Array | None, seq_len: int, window: int = 0,
-                   segments_bt: jax.Array | None = None, positions_bt: jax.Array | None = None) -> jax.Array:
-  """Boolean [b, 1, 1, s, t]: causal (by index), padding from ``mask_bt``, optional sliding window and
+                   segments_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
+                   chunk: int = 0) -> jax.Array:
+  """Boolean [b, 1, 1, s, t]: causal (by index), padding from ``mask_bt``, optional sliding window, chunks and
   packed segments.
 
   A key t is visible from query s when t <= s, the key is not padding, and (with a window w > 0)
-  s - t < w, the convention of transformers' sliding-window masks. Causality is by index, as in
-  transformers; positions only feed RoPE.
+  s - t < w, the convention of transformers' sliding-window masks; with a chunk size C > 0 (Llama-4) both lie
+  in the same chunk of C positions, counted from the row's first real token (transformers' chunked mask).
+  Causality is by index, as in transformers; positions only feed RoPE.
 
   ``segments_bt`` packs several continuations of one shared context into a row (``bmoe_jax.task``):
   segment 0 is the shared context, segment c > 0 one continuation; a query sees the keys of segment 0
   and of its own segment only. Each continuation then computes exactly as if it followed the context
-  alone, provided its RoPE positions (``positions_bt``) continue the context's; the window is then
-  measured in those positions.
+  alone, provided its RoPE positions (``positions_bt``) continue the context's; the window and the chunks are
+  then measured in those positions.
   """
   q = jnp.arange(seq_len)[:, None]
   t = jnp.arange(seq_len)[None, :]
@@ -99,6 +101,14 @@ def attention_mask(mask_bt: jax.Array | None, seq_len: int, window: int = 0,
       allowed = allowed & (q - t < window)[None, None, None]
     else:
       allowed = allowed & (positions_bt[:, None, None, :, None] - positions_bt[:, None, None, None, :] < window)
+  if chunk > 0:
+    if segments_bt is None:
+      lead_b = 0 if mask_bt is None else jnp.sum(jnp.cumsum(mask_bt, -1) == 0, -1)
+      at_bt = jnp.arange(seq_len)[None] - jnp.reshape(lead_b, (-1, 1))
+    else:
+      at_bt = positions_bt
+    id_bt = jnp.floor_divide(at_bt, chunk)
+    allowed = allowed & (id_bt[:, None, None, :, None] == id_bt[:, None, None, None, :])
   if mask_bt is not None:
     allowed = allowed & mask_bt.astype(bool)[:, None, None, None, :]
   return allowed
@@ -113,16 +123,18 @@ def head_norm(x_bshc: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return rms_norm(x_bshc.reshape(b, s, h * c), scale.reshape(h * c), eps).reshape(b, s, h, c)
 
 
-def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
+def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array | None, sin_bsc: jax.Array | None,
               allowed_b11st: jax.Array, eps: float = 1e-6, clip: float = 0.0, scale: float = 0.0,
-              interleave: bool = False) -> jax.Array:
+              interleave: bool = False, l2_norm: bool = False, q_scale_bs: jax.Array | None = None) -> jax.Array:
   """Grouped-query attention with RoPE; softmax in float32.
 
   p: wq [d, h, c], wk [d, k, c], wv [d, k, c], wo [h, c, d], optional bq [h, c], bk/bv [k, c], bo [d],
-  q_norm / k_norm (``head_norm`` scales, RMSNorm with ``eps`` before RoPE), sinks [h] (``attend``). ``clip`` > 0 clamps q, k, v after
-  the norms (OLMoE's clip_qkv). ``scale`` > 0 replaces the score scale head_dim ** -0.5 (Granite's
-  attention_multiplier). ``interleave``: RoPE rotates interleaved pairs (ERNIE-4.5) instead of halves; tables
-  narrower than the heads rotate only their first dimensions (partial RoPE, ``rope.apply``).
+  q_norm / k_norm (``head_norm`` scales, RMSNorm with ``eps`` before RoPE), sinks [h] (``attend``).
+  ``clip`` > 0 clamps q, k, v after the norms (OLMoE's clip_qkv). ``scale`` > 0 replaces the score scale
+  head_dim ** -0.5 (Granite's attention_multiplier). ``interleave``: RoPE rotates interleaved pairs (ERNIE-4.5)
+  instead of halves; tables narrower than the heads rotate only their first dimensions (partial RoPE,
+  ``rope.apply``); ``cos_bsc`` None: no RoPE (a NoPE layer). ``l2_norm``: a weightless RMSNorm (``eps``) of each q
+  and k head after RoPE (Llama-4). ``q_scale_bs`` [b, s]: multiplies the queries last (Llama-4's NoPE temperature).
   """
   q_bshc = mm("bsd,dhc->bshc", x_bsd, p["wq"])
   k_bskc = mm("bsd,dkc->bskc", x_bsd, p["wk"])
@@ -136,8 +148,13 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
     k_bskc = head_norm(k_bskc, p["k_norm"], eps)
   if clip > 0:
     q_bshc, k_bskc, v_bskc = (jnp.clip(a, -clip, clip) for a in (q_bshc, k_bskc, v_bskc))
-  q_bshc = rope.apply(q_bshc, cos_bsc, sin_bsc, interleave)
-  k_bskc = rope.apply(k_bskc, cos_bsc, sin_bsc, interleave)
+  if cos_bsc is not None:
+    q_bshc = rope.apply(q_bshc, cos_bsc, sin_bsc, interleave)
+    k_bskc = rope.apply(k_bskc, cos_bsc, sin_bsc, interleave)
+  if l2_norm:
+    q_bshc, k_bskc = rms_norm(q_bshc, 1.0, eps), rms_norm(k_bskc, 1.0, eps)
+  if q_scale_bs is not None:
+    q_bshc = (q_bshc * q_scale_bs[:, :, None, None]).astype(q_bshc.dtype)
   out_bshc = attend(q_bshc, k_bskc, v_bskc, allowed_b11st, scale or q_bshc.shape[-1] ** -0.5, p.get("sinks"))
   return output_projection(p, out_bshc)
 

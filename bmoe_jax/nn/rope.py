@@ -1,4 +1,4 @@
-"""Rotary position embeddings: frequencies (default, linear, yarn), cos/sin tables, and the rotation in the
+"""Rotary position embeddings: frequencies (default, linear, yarn, llama3), cos/sin tables, and the rotation in the
 rotate-half or the interleaved-pairs layout.
 
 The frequencies follow transformers' ``modeling_rope_utils`` (``_compute_default_rope_parameters``,
@@ -57,7 +57,22 @@ def frequencies(cfg) -> tuple[jax.Array | np.ndarray, float]:
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
   if cfg.rope_type == "linear":
     inv_freq = inv_freq / cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    inv_freq = _llama3(cfg, inv_freq)
   return inv_freq, 1.0
+
+
+def _llama3(cfg, inv_freq):
+  """Llama 3's banded scaling: wavelengths above the pre-training context / low_freq_factor are divided by the
+  factor, below it / high_freq_factor kept, and interpolated between (transformers' order of operations)."""
+  factor, low, high = cfg.rope_factor, cfg.llama3_low_freq_factor, cfg.llama3_high_freq_factor
+  old = cfg.llama3_original_max_position
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old / low, inv_freq / factor, inv_freq)
+  smooth = (old / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+  return jnp.where(medium, smoothed, scaled)
 
 
 def tables(positions_bs: jax.Array, inv_freq_c, factor: float = 1.0) -> tuple[jax.Array, jax.Array]:

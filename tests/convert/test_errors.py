@@ -84,8 +84,8 @@ def test_unhandled_config_attribute(good, tmp_path):
 
 def test_unsupported_rope_and_activation(good, tmp_path):
   d = _copy(good, tmp_path)
-  _edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 4.0})
-  _raises(d, "rope type 'llama3' is not supported", "yarn")
+  _edit_config(d, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0})
+  _raises(d, "rope type 'longrope' is not supported", "yarn", "llama3")
   _edit_config(d, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, hidden_act="swish2")
   _raises(d, "hidden_act='swish2'")
 

@@ -24,7 +24,12 @@ from tests.conftest import padded_batch
                                          ("glm4_moe", {"use_qk_norm": True, "n_group": 3, "topk_group": 2}),
                                          ("minimax_m2", {}), ("ernie4_5_moe", {"moe_layer_interval": 2}),
                                          ("gpt_oss", {"layer_types": ["full_attention", "sliding_attention",
-                                                                      "full_attention"]})])
+                                                                      "full_attention"]}),
+                                         ("llama4_text", {"interleave_moe_layer_step": 2, "attention_bias": True}),
+                                         ("llama4_text", {"rope_parameters": {
+                                             "rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 16}})])
 def test_hf_export_roundtrip(family, over, tmp_path):
   make_checkpoint(family, tmp_path / "a", seed=5, **over)
   info, params = load_hf_checkpoint(tmp_path / "a", progress=False)
@@ -70,6 +75,11 @@ MLA = dict(shared_expert_gate=False, qkv_bias=False, num_kv_heads=4, head_dim=4,
     # GPT-OSS: sinks, a window on layer 1, biased clamped-SwiGLU experts, an affine router (random biases)
     ("gpt_oss", dict(NO_SHARED, attn_sinks=True, attn_windows=(0, 3), router_logit_bias=True, expert_bias=True,
                      swiglu_limit=0.6, norm_topk_prob=True, attn_out_bias=True, intermediate_size=0)),
+    # Llama-4: a dense first layer, chunks on layer 1, NoPE with the temperature on layer 0, the weightless q/k norm
+    ("llama4_text", dict(shared_expert_size=16, shared_expert_gate=False, num_experts_per_tok=1,
+                         router_scoring="sigmoid", router_on_input=True, qk_norm="l2", qkv_bias=False,
+                         rope_interleave=True, rope_layers=(False, True), attn_chunks=(0, 3), nope_attn_scale=0.5,
+                         nope_floor_scale=2.0, moe_layers=(False, True))),
 ])
 def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   import torch

@@ -49,6 +49,12 @@ PUBLISHED = [
     # as they are known here.
     ("gpt-oss-20b.json", "gpt_oss", 20.91, 3.61, 24),
     ("gpt-oss-120b.json", "gpt_oss", 116.83, 5.13, 36),
+    # meta-llama/Llama-4-Scout-17B-16E and Llama-4-Maverick-17B-128E (model card: 17B activated, 109B and 400B
+    # total): their text models (text_config, the keys as far as known here) count 107.77B / 17.17B and 400.71B /
+    # 17.18B; Scout's published total counts the whole multimodal model (vision encoder and projector), which the
+    # text model leaves out, hence its wider tolerance.
+    ("llama-4-scout-17b-16e-text.json", "llama4_text", 109.0, 17.0, 48),
+    ("llama-4-maverick-17b-128e-text.json", "llama4_text", 400.0, 17.0, 24),
 ]
 # the vocabulary matrices a row's published counts leave out: 1 the input embedding, 2 the embedding and the
 # LM head; none for the active count of the other rows. Granite: 0.806B + 0.076B tied.
@@ -58,7 +64,8 @@ WITHOUT_VOCAB = {"granite-3.1-3b-a800m.json": (0, 1), "deepseek-v2-lite.json": (
                  "gpt-oss-120b.json": (0, 1)}  # (total, active)
 TOLERANCE = {"deepseek-v3.json": 0.6, "glm-4.5-air.json": 0.5, "glm-4.5.json": (4.1, 0.5),
              "minimax-m2.json": (1.5, 0.5), "ernie-4.5-21b-a3b.json": (0.9, 0.1),
-             "ernie-4.5-300b-a47b.json": 0.6}  # billions; default 0.06
+             "ernie-4.5-300b-a47b.json": 0.6, "llama-4-scout-17b-16e-text.json": (1.3, 0.2),
+             "llama-4-maverick-17b-128e-text.json": 0.75}  # billions; default 0.06
 
 
 @pytest.mark.parametrize("name,family,total,active,moe_layers", PUBLISHED)
@@ -125,3 +132,22 @@ def test_info_describes_latent_attention_and_group_routing():
   assert "RoPE yarn x40, interleaved" in d["attention"]
   assert d["routing"].endswith("noaux_tc over 4 of 8 groups, selection bias")
   assert describe(HUB / "qwen3-30b-a3b.json")["attention"] == "32 heads / 4 kv heads x 128; RoPE default"
+
+
+@pytest.mark.parametrize("name,attention,experts,routing", [
+    ("gpt-oss-120b.json", "64 heads / 8 kv heads x 64; RoPE yarn x32; window 128 on 18 of 36 layers; sinks",
+     "128 routed, top-4, width 2880, biased, clamped SwiGLU (limit 7, alpha 1.702)", ", affine"),
+    ("llama-4-maverick-17b-128e-text.json", "40 heads / 8 kv heads x 128; RoPE default, interleaved; chunks 8192 on "
+     "36 of 48 layers; NoPE on 12 of 48 layers (temperature 0.1)", "128 routed, top-1, width 8192",
+     ", the score scales the expert's input"),
+])
+def test_info_describes_the_2025_mechanisms_and_traces_at_real_size(name, attention, experts, routing):
+  """``bmoe info`` names GPT-OSS's and Llama-4's mechanisms; both forwards trace at their real shapes (abstract)."""
+  from bmoe_jax.cli import describe
+  got = describe(HUB / name)
+  assert (got["attention"], got["experts"]) == (attention, experts) and got["routing"].endswith(routing)
+  cfg = parse_hf_config(HUB / name).cfg
+  params = B.abstract_params(cfg, jnp.bfloat16)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  out = jax.eval_shape(lambda p, t: B.forward(p, cfg, t, return_taps=True, stop_layer=4), params, tokens)
+  assert out.hidden_states[0].shape == (1, 8, cfg.hidden_size) and len(out.taps) == sum(cfg.moe_layers[:4])

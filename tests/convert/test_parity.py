@@ -73,6 +73,14 @@ CASES = [
     ("gpt_oss", {}),
     ("gpt_oss", {"layer_types": ["full_attention"] * 3, "attention_bias": False, "num_experts_per_tok": 3,
                  "swiglu_limit": 2.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}),
+    # Llama-4: chunked RoPE layers with the weightless q/k norm and a NoPE layer with the attention temperature, a
+    # top-1 router scaling the expert's input, a shared expert; then MoE on every second layer (dense MLPs between),
+    # llama3 frequencies, no q/k norm, attention bias and no chunks
+    ("llama4_text", {}),
+    ("llama4_text", {"interleave_moe_layer_step": 2, "use_qk_norm": False, "attention_bias": True,
+                     "attention_chunk_size": None, "attn_temperature_tuning": False,
+                     "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
     ("llama", {}),
     ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
 ]

@@ -84,13 +84,16 @@ GLM = dict(rotary_dim=4, qk_norm="head", router_scoring="sigmoid", router_bias=T
            shared_expert_gate=False)  # GLM-4.5: partial RoPE, q/k norm, sigmoid routing with bias, ungated shared
 GPT_OSS = dict(attn_sinks=True, attn_windows=(3, 0), router_logit_bias=True, expert_bias=True, swiglu_limit=0.4,
                norm_topk_prob=True, attn_out_bias=True, shared_expert_size=0)  # sinks, window, biases, clamp
+LLAMA4 = dict(num_experts_per_tok=1, router_scoring="sigmoid", router_on_input=True, qk_norm="l2", rope_interleave=True,
+              rope_layers=(True, False), attn_chunks=(2, 0), nope_attn_scale=0.5, nope_floor_scale=2.0,
+              shared_expert_gate=False)  # chunks, NoPE temperature, input-side top-1 score, l2 q/k norm, shared
 
 
 @pytest.mark.parametrize("rank,shared,arch", [(None, False, {}), (3, False, {}), (None, True, {}), (3, True, {}),
                                               (3, False, {"qk_norm": "full"}), (None, True, MLA_SIGMOID),
-                                              (3, True, GLM), (None, False, GPT_OSS)],
+                                              (3, True, GLM), (None, False, GPT_OSS), (None, True, LLAMA4)],
                          ids=["full", "lowrank", "full-shared", "lowrank-shared", "qk_full", "mla_sigmoid", "glm",
-                              "gpt_oss"])
+                              "gpt_oss", "llama4"])
 def test_closed_form_equals_dense_jacobian(rank, shared, arch):
   """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well; once with
   OLMoE's full-width q/k norm, once with DeepSeek-V3's architecture (MLA, yarn, sigmoid gates, ungated shared)."""

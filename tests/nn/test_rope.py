@@ -1,4 +1,4 @@
-"""RoPE frequencies against transformers' own (default, linear, yarn with every option), and the interleaved
+"""RoPE frequencies against transformers' own (default, linear, yarn with every option, llama3), and the interleaved
 rotation against the pairwise definition."""
 
 import jax.numpy as jnp
@@ -18,6 +18,11 @@ ROPES = [
     dict(YARN, mscale=0.707, mscale_all_dim=0.707, beta_fast=32, beta_slow=1),  # DeepSeek-V2-Lite
     dict(YARN, mscale=1.0, mscale_all_dim=0.5, truncate=False),
     dict(YARN, factor=6.0, attention_factor=0.8, beta_fast=16, beta_slow=2, original_max_position_embeddings=64),
+    # llama3 (Llama-3.1 and Llama-4 Scout): every band (scaled, interpolated, kept) at head width 16
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 16.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 64},
 ]
 
 

@@ -1,10 +1,10 @@
 """Sharded steps against single-device ones, on 8 virtual CPU devices; run in its own process:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding.mesh_checks [MESH ...] [--mla MESH ...]
-      [--gpt-oss MESH ...]
+      [--gpt-oss MESH ...] [--llama4 MESH ...]
 
 For each mesh (default: three shapes, two of them expert-parallel; meshes after ``--mla``: DeepSeek-V3's
-architecture, ``MLA_SIGMOID``, and after ``--gpt-oss`` GPT-OSS's, instead of OLMoE's full-width q/k norm) it compares the forward logits, the
+architecture, ``MLA_SIGMOID``, after ``--gpt-oss`` GPT-OSS's and after ``--llama4`` Llama-4's, instead of OLMoE's full-width q/k norm) it compares the forward logits, the
 answer logits, one MAP training step, the K-FAC factors of two batches (full; low-rank on the last mesh), the log
 evidence and the Bayesian-MoE predictive with the same functions run unsharded, and checks every output
 carries its declared sharding. Prints one JSON line per mesh (with its ``model``); exits non-zero on the first
@@ -158,8 +158,12 @@ MODELS = {
     "gpt_oss": dict(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16, attn_sinks=True,
                     attn_windows=(4, 0), router_logit_bias=True, expert_bias=True, swiglu_limit=0.5,
                     norm_topk_prob=True, attn_out_bias=True),
+    # Llama-4: chunked RoPE and NoPE layers, the weightless q/k norm, a top-1 score scaling the expert's input
+    "llama4": dict(num_experts=8, num_experts_per_tok=1, vocab_size=128, shared_expert_size=16, shared_expert_gate=False,
+                   router_scoring="sigmoid", router_on_input=True, qk_norm="l2", rope_interleave=True,
+                   rope_layers=(True, False), attn_chunks=(3, 0), nope_attn_scale=0.5, nope_floor_scale=2.0),
 }
-FLAGS = {"--mla": "mla_sigmoid", "--gpt-oss": "gpt_oss"}  # the meshes after a flag check that model
+FLAGS = {"--mla": "mla_sigmoid", "--gpt-oss": "gpt_oss", "--llama4": "llama4"}  # later meshes check that model
 # GPT-OSS's random biases and sinks leave some gradient entries near AdamW's eps, where its first step
 # (about lr * g / (|g| + eps)) turns the float32 rounding of the attention and router softmaxes (logits agree to
 # 1.1e-7) into 3e-5 of w_gate; every other quantity is held to TOL
