@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -197,23 +199,13 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
       None with ``stop_layer``), the hidden states (``return_hidden``; with ``stop_layer`` always the stop layer's
       input states), the MoE layers' taps (``return_taps``).
   """
-  s = tokens_bs.shape[1]
-  x_bsd, positions_bs, rope_in = _inputs(params, cfg, tokens_bs, positions_bs, start_layer, states_bsd, segments_bs)
-  masks = {}
-  hidden = [x_bsd] if return_hidden else None
-  taps: dict[int, MoETaps] = {}
-  for i in range(start_layer, cfg.num_layers if stop_layer is None else stop_layer):
-    w = (cfg.window(i), cfg.chunk(i))
-    if w not in masks:
-      masks[w] = L.attention_mask(attention_mask_bs, s, w[0], segments_bs, positions_bs, w[1])
-    x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, rope_in, masks[w], expert_impl,
-                                chunk_rows, None if perturb is None else perturb.get(i),
-                                None if routing is None else routing.router_fn(params, i),
-                                routing is not None and routing.train)
-    if return_taps and tap is not None:
-      taps[i] = tap
-    if return_hidden:
-      hidden.append(x_bsd)
+  x0_bsd, positions_bs, rope_in = _inputs(params, cfg, tokens_bs, positions_bs, start_layer, states_bsd, segments_bs)
+  masks = functools.partial(L.attention_mask, attention_mask_bs, tokens_bs.shape[1], segments_bt=segments_bs,
+                            positions_bt=positions_bs)
+  x_bsd, hidden, taps = _layers(params, cfg, x0_bsd, rope_in, masks,
+                                range(start_layer, cfg.num_layers if stop_layer is None else stop_layer),
+                                dict(expert_impl=expert_impl, chunk_rows=chunk_rows), perturb, routing)
+  hidden = [x0_bsd] + hidden if return_hidden else None
   if stop_layer is not None:
     return ForwardOutput(None, (x_bsd,), taps if return_taps else None)
   x_bsd = L.rms_norm(x_bsd, params["final_norm"]["scale"], cfg.rms_norm_eps)
@@ -221,6 +213,24 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
     hidden[-1] = x_bsd
   return ForwardOutput(_head(params, cfg, x_bsd, logit_positions_b), tuple(hidden) if return_hidden else None,
                        taps if return_taps else None)
+
+
+def _layers(params, cfg: MoEConfig, x_bsd, rope_in, mask_of, layers, impl: dict, perturb, routing):
+  """(output states, [each layer's output], {MoE layer: taps}) of the decoder ``layers`` from ``x_bsd``;
+  ``mask_of(window=, chunk=)``: the attention mask (built once per distinct pair)."""
+  masks, hidden, taps = {}, [], {}
+  for i in layers:
+    w = (cfg.window(i), cfg.chunk(i))
+    if w not in masks:
+      masks[w] = mask_of(window=w[0], chunk=w[1])
+    x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, rope_in, masks[w], impl["expert_impl"],
+                                impl["chunk_rows"], None if perturb is None else perturb.get(i),
+                                None if routing is None else routing.router_fn(params, i),
+                                routing is not None and routing.train)
+    if tap is not None:
+      taps[i] = tap
+    hidden.append(x_bsd)
+  return x_bsd, hidden, taps
 
 
 class RopeIn(NamedTuple):

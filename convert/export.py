@@ -339,6 +339,41 @@ def _linear(a: np.ndarray, in_dims: int = 1) -> np.ndarray:
   return np.ascontiguousarray(a.reshape(int(np.prod(a.shape[:in_dims])), -1).T)
 
 
+def _layer_tensor(out: dict, disk: dict, parts: list[str], a: np.ndarray) -> None:
+  """Write one layer parameter (path ``parts``, value ``a``) under its HF name(s) into ``out``; fused experts are
+  written after the loop (``hf_tensors``)."""
+  i, group, name = parts[1], parts[2], parts[-1]
+  pre = f"model.layers.{i}."
+  if group == "attn_norm":
+    out[pre + "input_layernorm.weight"] = a
+  elif group == "mlp_norm":
+    out[pre + "post_attention_layernorm.weight"] = a
+  elif group == "attn":
+    out[pre + "self_attn." + _ATTN[name]] = _linear(a, 2 if name == "wo" else 1) if name[0] == "w" else \
+        a.reshape(-1)
+  elif len(parts) == 4:  # dense MLP
+    out[pre + f"{disk.get('dense', 'mlp')}.{_PROJ[name[2:]]}.weight"] = _linear(a)
+  elif parts[3] == "router":
+    if name == "kernel":
+      out[pre + disk.get("router", f"{disk['block']}.gate") + ".weight"] = _linear(a)
+    elif name == "logit_bias":
+      out[pre + disk["logit_bias"]] = a
+    else:
+      out[pre + disk.get("bias", f"{disk['block']}.gate.e_score_correction_bias")] = \
+          a.reshape(disk["bias_rows"], -1) if "bias_rows" in disk else a
+  elif parts[3] == "experts" and disk.get("fused"):
+    return  # written after the loop, all of a layer's experts at once
+  elif parts[3] == "experts":
+    for e in range(a.shape[0]):
+      out[pre + f"{disk['block']}.experts.{e}.{disk['proj'][name[2:]]}.weight"] = _linear(a[e])
+  elif parts[3] == "shared":
+    out[pre + f"{disk['shared']}.{_PROJ[name[2:]]}.weight"] = _linear(a)
+  elif parts[3] == "shared_gate":
+    out[pre + f"{disk['shared_gate']}.weight"] = _linear(a)
+  else:
+    raise AssertionError("/".join(parts))
+
+
 def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str, np.ndarray]:
   disk = DISK[family]
   flat = {}
@@ -357,36 +392,7 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
     elif path == "lm_head/kernel":
       out["lm_head.weight"] = _linear(a)
     else:
-      i, group, name = parts[1], parts[2], parts[-1]
-      pre = f"model.layers.{i}."
-      if group == "attn_norm":
-        out[pre + "input_layernorm.weight"] = a
-      elif group == "mlp_norm":
-        out[pre + "post_attention_layernorm.weight"] = a
-      elif group == "attn":
-        out[pre + "self_attn." + _ATTN[name]] = _linear(a, 2 if name == "wo" else 1) if name[0] == "w" else \
-            a.reshape(-1)
-      elif len(parts) == 4:  # dense MLP
-        out[pre + f"{disk.get('dense', 'mlp')}.{_PROJ[name[2:]]}.weight"] = _linear(a)
-      elif parts[3] == "router":
-        if name == "kernel":
-          out[pre + disk.get("router", f"{disk['block']}.gate") + ".weight"] = _linear(a)
-        elif name == "logit_bias":
-          out[pre + disk["logit_bias"]] = a
-        else:
-          out[pre + disk.get("bias", f"{disk['block']}.gate.e_score_correction_bias")] = \
-              a.reshape(disk["bias_rows"], -1) if "bias_rows" in disk else a
-      elif parts[3] == "experts" and disk.get("fused"):
-        continue  # written below, all of a layer's experts at once
-      elif parts[3] == "experts":
-        for e in range(a.shape[0]):
-          out[pre + f"{disk['block']}.experts.{e}.{disk['proj'][name[2:]]}.weight"] = _linear(a[e])
-      elif parts[3] == "shared":
-        out[pre + f"{disk['shared']}.{_PROJ[name[2:]]}.weight"] = _linear(a)
-      elif parts[3] == "shared_gate":
-        out[pre + f"{disk['shared_gate']}.weight"] = _linear(a)
-      else:
-        raise AssertionError(path)
+      _layer_tensor(out, disk, parts, a)
   if family.startswith("granitemoe"):
     _granite_layout(out, cfg)
   if disk.get("fused"):

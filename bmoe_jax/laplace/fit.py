@@ -20,6 +20,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from bmoe_jax import interrupt as INT
 from bmoe_jax.checkpoint import ResumableRun
@@ -76,6 +77,18 @@ def spec_fingerprint(spec: kfac.FactorSpec) -> dict:
   return {k: v for k, v in d.items() if not (k in defaults and v == defaults[k])}
 
 
+def _jitted_update(task: Task, spec: kfac.FactorSpec, dtype, mesh):
+  """(``kfac.update`` jitted for this pass, freed with it; the initial state), the statistics split on the mesh's
+  expert axis when one is given (``bmoe_jax.sharded.factor_shardings``)."""
+  state = kfac.init(task.cfg, spec, dtype)
+  jit_kw = {}
+  if mesh is not None:
+    from bmoe_jax.sharded import factor_shardings
+    jit_kw["out_shardings"] = factor_shardings(task.cfg, mesh, spec, dtype)
+    state = jax.device_put(state, jit_kw["out_shardings"])
+  return jax.jit(functools.partial(kfac.update, task=task, spec=spec), **jit_kw), state
+
+
 def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorSpec, *,
                 key: jax.Array | None = None, checkpoint_dir: str | Path | None = None,
                 checkpoint_every: int = 50, progress: bool = True, total: int | None = None,
@@ -108,18 +121,9 @@ def fit_factors(params, task: Task, batches: Iterable[Batch], spec: kfac.FactorS
   """
   if spec.labels == "mc" and key is None:
     raise ValueError("FactorSpec(labels='mc') needs key=")
-  cfg = task.cfg
   dtype = factor_dtype(params, spec)
-  state = kfac.init(cfg, spec, dtype)
-  jit_kw = {}
-  if mesh is not None:  # statistics split on the expert axis (bmoe_jax.sharded.factor_shardings)
-    from bmoe_jax.sharded import factor_shardings
-    jit_kw["out_shardings"] = factor_shardings(cfg, mesh, spec, dtype)
-    state = jax.device_put(state, jit_kw["out_shardings"])
-  step = jax.jit(functools.partial(kfac.update, task=task, spec=spec), **jit_kw)  # freed with the pass
+  step, state = _jitted_update(task, spec, dtype, mesh)
   run, done, saved_meta, state = _open_run(checkpoint_dir, _fingerprint(params, task, spec, dtype, key), state)
-  from tqdm.auto import tqdm
-
   bar = tqdm(total=total, initial=done, desc="K-FAC factors", unit="batch", disable=not progress)
   i, seen = 0, DataDigest()
   try:
