@@ -22,7 +22,6 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from bmoe_jax import laplace as LA
 from bmoe_jax import train as T
@@ -31,6 +30,7 @@ from bmoe_jax.params import read_blocks
 from bmoe_jax.pipeline import data as PD
 from bmoe_jax.pipeline.configs import DataConfig, EvalConfig, FitConfig, RunConfig
 from bmoe_jax.pipeline.methods import BAYESIAN_MOE, Context, build_methods
+from bmoe_jax.pipeline.validation import validation_stats  # noqa: F401  (a stage)
 from bmoe_jax.task import Task, with_prefix
 
 
@@ -107,8 +107,8 @@ def fit(params, task: Task, batches: dict, fc: FitConfig, out: str | Path, *, pr
                      "--prior-mean map with --prior grid")
   spec, factors, state = factor_pass(params, task, batches["train"], fc, out, seed=seed, mesh=mesh,
                                      progress=progress)
-  posts, info = posteriors(params, task, batches.get("val"), fc, factors, state, pretrained=pretrained,
-                           wanted=wanted, progress=progress)
+  posts, info = posteriors(params, task, batches.get("val"), fc, factors, state, pretrained=pretrained, wanted=wanted,
+                           progress=progress, resume_dir=None if out is None else Path(out) / "validation")
   info["spec"] = str(spec)
   if "bmoe" in wanted:
     LA.save_posterior(Path(out) / "posterior", posts["bmoe"], overwrite=True,  # a rerun of this factor pass
@@ -140,11 +140,13 @@ def factor_pass(params, task: Task, train_batches, fc: FitConfig, out: str | Pat
 
 
 def posteriors(params, task: Task, val_batches, fc: FitConfig, factors: dict, state, *, pretrained=None,
-               wanted: Sequence[str] = ("bmoe",), remainder: bool = True, progress: bool = False) -> tuple[dict, dict]:
+               wanted: Sequence[str] = ("bmoe",), remainder: bool = True, progress: bool = False,
+               resume_dir: str | Path | None = None) -> tuple[dict, dict]:
   """({method: posterior}, info) of the Bayesian-MoE methods ``fit`` describes, from the ``factors`` of one
   pass (any subset of its blocks: block-diagonal, so a subset is the pass of those blocks alone) and its
   ``state``; ``remainder``: keep low-rank factors' isotropic remainders (``posterior.build``); ``progress``: a bar
-  over the validation batches."""
+  over the validation batches; ``resume_dir``: where the validation statistics are saved and resumed from
+  (``validation_stats``)."""
   base = LA.build(factors, read_blocks(params, factors), prior_mean=_prior_mean(fc, pretrained, factors),
                   num_sequences=int(state.num_sequences), prior_precision=fc.fixed_prior, log_lik=state.log_lik,
                   remainder=remainder)
@@ -155,24 +157,13 @@ def posteriors(params, task: Task, val_batches, fc: FitConfig, factors: dict, st
     info["bmoe_ml"] = {"mode": mode, "prior_precision": mean_prior_precision(posts["bmoe_ml"]),
                        "log_marglik": curve["log_marglik"][-1]}
   needs_val = "bmoe_ts" in wanted or ("bmoe" in wanted and fc.prior == "grid")
-  val = validation_stats(params, task, val_batches, base, fc.grid_values, progress) if needs_val else None
+  val = validation_stats(params, task, val_batches, base, fc.grid_values, progress, resume_dir) if needs_val else None
   if "bmoe" in wanted:
     posts["bmoe"], info["bmoe"] = grid(base, val, fc) if fc.prior == "grid" else (posts["bmoe_ml"], info["bmoe_ml"])
     info["bmoe"]["log_marglik_final"] = float(LA.posterior.log_marginal_likelihood(posts["bmoe"]))
   if "bmoe_ts" in wanted:
     posts["bmoe_ts"], info["bmoe_ts"] = temper(base, val, fc)
   return posts, info
-
-
-def validation_stats(params, task: Task, val_batches, post, grid_values,
-                     progress: bool = False) -> LA.predictive.GridStats:
-  """The validation set's predictive at every prior precision of ``grid_values`` (``LA.predictive.GridStats``),
-  streamed: each batch's Jacobian statistics are computed once, reduced to [grid, b, C, C] covariances and freed
-  before the next batch's, so every link, temperature and lambda of a grid search costs only the contraction
-  and the memory is one batch's statistics (full-rank factors: hundreds of MB per layer per batch)."""
-  batches = tqdm(val_batches, desc="validation statistics", unit="batch", disable=not progress)
-  pairs = ((LA.predictive.jacobian_stats_jit(params, task=task, batch=b, post=post), b.labels_b) for b in batches)
-  return LA.predictive.grid_stats(post, pairs, grid_values)
 
 
 def grid(base, val: LA.predictive.GridStats, fc: FitConfig, temperature: float = 1.0) -> tuple:

@@ -99,7 +99,8 @@ def link_cell(s: Setup) -> str:
   _, params, _ = regime_params(s, name, seed, regime, healed, cfg)
   posts, _ = ST.fit(params, task, batches, P.FIT, s.run_dir(name, seed) / regime / "fit", pretrained=healed, seed=seed,
                     wanted=("bmoe_fixed",), progress=s.progress)
-  val = ST.validation_stats(params, task, batches["val"], posts["bmoe_fixed"], P.FIT.grid_values, s.progress)
+  val = ST.validation_stats(params, task, batches["val"], posts["bmoe_fixed"], P.FIT.grid_values, s.progress,
+                            s.run_dir(name, seed) / regime / "fit" / "validation")  # resumable
   dev = {link: ST.grid(posts["bmoe_fixed"], val, dataclasses.replace(P.FIT, link=link))[1]["val_nll"]
          for link in ("probit_pairwise", "probit", "mc")}
   best = min(dev, key=dev.get)
