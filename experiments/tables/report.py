@@ -239,6 +239,16 @@ def markdown(results: dict, primary: list[dict], stab: dict | None = None, times
   return "\n".join(lines) + "\n"
 
 
+def _link_text(link: dict | None) -> str:
+  """The link choice of PROTOCOL.md §4 (dev NLL of BMoE grid per link), as a closing paragraph."""
+  if link is None:
+    return ""
+  dev = ", ".join(f"`{k}` {v:.4f}" for k, v in sorted(link["dev_nll"].items(), key=lambda kv: kv[1]))
+  name, seed, regime = link["where"]
+  return (f"\n\n**Link** (chosen on dev, {name} seed {seed} {regime} regime, BMoE grid; protocol {link['protocol']}): "
+          f"`{link['link']}`. Dev NLL per link: {dev}.\n")
+
+
 def write(work: Path, out: Path, datasets: dict = P.DATASETS, seeds=P.SEEDS, num_samples: int = 2000) -> dict:
   results = build(work, datasets, seeds, num_samples)
   primary = holm_primary(results)
@@ -246,9 +256,10 @@ def write(work: Path, out: Path, datasets: dict = P.DATASETS, seeds=P.SEEDS, num
   stab = RT.stability_table(work, *RT.WHERE, seeds) if RT.WHERE[0] in datasets else {}
   out.mkdir(parents=True, exist_ok=True)
   times = wall_times(work, datasets, seeds)
-  write_json(out / "results.json", {"protocol": P.VERSION, "tables": flat, "primary": primary,
+  link = read_json(work / "link.json") if (work / "link.json").exists() else None  # the dev choice (§4)
+  write_json(out / "results.json", {"protocol": P.VERSION, "link": link, "tables": flat, "primary": primary,
                                     "routing_stability": stab, "seconds": times}, default=float)
-  write_text(out / "results.md", markdown(results, primary, stab, times))
+  write_text(out / "results.md", markdown(results, primary, stab, times) + _link_text(link))
   for (name, regime), t in results.items():
     plot_paired(t["in"], out / "plots" / f"paired_{name}_{regime}.png", f"{name}, {regime} MAP")
   return flat
