@@ -9,9 +9,8 @@ gradient with respect to each expert's output, routing weight included (the kfac
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
