@@ -170,9 +170,6 @@ class MoEConfig:
            f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
     if not all(self.moe_layers):
       need(self.intermediate_size > 0, "dense layers need intermediate_size > 0")
-    if self.attn_windows is not None:
-      need(len(self.attn_windows) == self.num_layers,
-           f"attn_windows has {len(self.attn_windows)} entries, expected {self.num_layers}")
     need(self.hidden_act in SUPPORTED_ACTIVATIONS,
          f"hidden_act={self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
     self._check_rope(need)
@@ -184,13 +181,7 @@ class MoEConfig:
     need(self.qk_norm in SUPPORTED_QK_NORM,
          f"qk_norm={self.qk_norm!r} is not supported (supported: {SUPPORTED_QK_NORM})")
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
-    need(self.swiglu_limit >= 0, f"swiglu_limit must be >= 0 (0: the plain gated activation), got {self.swiglu_limit}")
-    need(not (self.attn_sinks and self.mla), "attention sinks (attn_sinks) are not defined for latent attention")
-    need(not self.router_on_input or self.num_experts_per_tok == 1,
-         f"router_on_input (the score scales the expert's input) needs top-1 routing, got {self.num_experts_per_tok}")
-    for name in ("rope_layers", "attn_chunks"):
-      need(getattr(self, name) is None or len(getattr(self, name)) == self.num_layers,
-           f"{name} needs one entry per layer ({self.num_layers})")
+    self._check_layer_variants(need)
     need(self.attention_multiplier >= 0, f"attention_multiplier must be >= 0, got {self.attention_multiplier}")
     need(self.logits_scaling != 0, "logits_scaling must be non-zero")
     need(self.router_dtype in SUPPORTED_ROUTER_DTYPES,
@@ -209,6 +200,17 @@ class MoEConfig:
            f"num_experts_per_tok={self.num_experts_per_tok}")
     need(self.router_scoring in SUPPORTED_SCORING,
          f"router_scoring={self.router_scoring!r} is not supported (supported: {SUPPORTED_SCORING})")
+
+  def _check_layer_variants(self, need) -> None:
+    """The per-layer patterns (windows, chunks, NoPE) and the 2025 families' mechanisms (GPT-OSS, Llama-4)."""
+    for name in ("attn_windows", "rope_layers", "attn_chunks"):
+      value = getattr(self, name)
+      need(value is None or len(value) == self.num_layers,
+           f"{name} has {len(value or ())} entries, expected one per layer ({self.num_layers})")
+    need(self.swiglu_limit >= 0, f"swiglu_limit must be >= 0 (0: the plain gated activation), got {self.swiglu_limit}")
+    need(not (self.attn_sinks and self.mla), "attention sinks (attn_sinks) are not defined for latent attention")
+    need(not self.router_on_input or self.num_experts_per_tok == 1,
+         f"router_on_input (the score scales the expert's input) needs top-1 routing, got {self.num_experts_per_tok}")
 
   def _check_rope(self, need) -> None:
     """The RoPE fields: a supported type, yarn's parameters, even widths, a partial width within the head."""
