@@ -101,6 +101,19 @@ class MoEConfig:
   attn_chunks: tuple[int, ...] | None = None
   nope_attn_scale: float = 0.0
   nope_floor_scale: float = 8192.0
+  # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5; ``nn.linear_attention``): linear_layers[i] True makes layer
+  # i's token mixer the gated delta rule, with linear_k_heads query/key heads of width linear_k_dim, linear_v_heads
+  # value heads of width linear_v_dim and a causal depthwise convolution linear_conv_width wide; None: attention
+  # in every layer.
+  linear_layers: tuple[bool, ...] | None = None
+  linear_k_heads: int = 0
+  linear_v_heads: int = 0
+  linear_k_dim: int = 0
+  linear_v_dim: int = 0
+  linear_conv_width: int = 4
+  attn_output_gate: bool = False  # Qwen3-Next: sigmoid(x W_g) (attn/wg [d, h, c]) multiplies each head's output
+  # Qwen3-Next's RMSNorms (decoder, final, q/k): x_hat * (1 + w) in float32, then cast; w is stored zero-centred
+  norm_unit_offset: bool = False
   qkv_bias: bool = False
   attn_out_bias: bool = False
   qk_norm: str = "none"
@@ -203,7 +216,7 @@ class MoEConfig:
 
   def _check_layer_variants(self, need) -> None:
     """The per-layer patterns (windows, chunks, NoPE) and the 2025 families' mechanisms (GPT-OSS, Llama-4)."""
-    for name in ("attn_windows", "rope_layers", "attn_chunks"):
+    for name in ("attn_windows", "rope_layers", "attn_chunks", "linear_layers"):
       value = getattr(self, name)
       need(value is None or len(value) == self.num_layers,
            f"{name} has {len(value or ())} entries, expected one per layer ({self.num_layers})")
@@ -211,6 +224,13 @@ class MoEConfig:
     need(not (self.attn_sinks and self.mla), "attention sinks (attn_sinks) are not defined for latent attention")
     need(not self.router_on_input or self.num_experts_per_tok == 1,
          f"router_on_input (the score scales the expert's input) needs top-1 routing, got {self.num_experts_per_tok}")
+    if self.linear_on_any:
+      dims = {n: getattr(self, n) for n in ("linear_k_heads", "linear_v_heads", "linear_k_dim", "linear_v_dim",
+                                            "linear_conv_width")}
+      need(all(v > 0 for v in dims.values()), f"linear attention layers need positive {dims}")
+      need(self.linear_v_heads % self.linear_k_heads == 0,
+           f"linear_v_heads={self.linear_v_heads} must be a multiple of linear_k_heads={self.linear_k_heads}")
+      need(not self.mla, "linear attention layers beside latent attention are not defined")
 
   def _check_rope(self, need) -> None:
     """The RoPE fields: a supported type, yarn's parameters, even widths, a partial width within the head."""
@@ -240,6 +260,15 @@ class MoEConfig:
     """Layer ``layer``'s attention chunk (0: none)."""
     return 0 if self.attn_chunks is None else int(self.attn_chunks[layer])
 
+  @property
+  def linear_on_any(self) -> bool:
+    """Whether any layer's token mixer is linear attention."""
+    return self.linear_layers is not None and any(self.linear_layers)
+
+  def linear_on(self, layer: int) -> bool:
+    """Whether layer ``layer``'s token mixer is Gated DeltaNet linear attention (else softmax attention)."""
+    return self.linear_layers is not None and bool(self.linear_layers[layer])
+
   def rope_on(self, layer: int) -> bool:
     """Whether layer ``layer`` rotates q and k (False: a NoPE layer)."""
     return self.rope_layers is None or bool(self.rope_layers[layer])
@@ -261,7 +290,7 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.from_dict: unknown fields {unknown}")
     d = dict(d)
     d["moe_layers"] = tuple(bool(x) for x in d["moe_layers"])
-    for name, kind in (("attn_windows", int), ("attn_chunks", int), ("rope_layers", bool)):
+    for name, kind in (("attn_windows", int), ("attn_chunks", int), ("rope_layers", bool), ("linear_layers", bool)):
       if d.get(name) is not None:
         d[name] = tuple(kind(x) for x in d[name])
     return cls(**d)

@@ -21,6 +21,7 @@ from bmoe_jax.nn import gating as G
 from bmoe_jax.nn import layers as L
 from bmoe_jax.nn import moe as M
 from bmoe_jax.nn import rope
+from bmoe_jax.nn.linear_attention import gated_deltanet
 from bmoe_jax.params import init_params, logical_axes
 
 
@@ -199,15 +200,14 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
       input states), the MoE layers' taps (``return_taps``).
   """
   x0_bsd, positions_bs, rope_in = _inputs(params, cfg, tokens_bs, positions_bs, start_layer, states_bsd, segments_bs)
-  masks = functools.partial(L.attention_mask, attention_mask_bs, tokens_bs.shape[1], segments_bt=segments_bs,
-                            positions_bt=positions_bs)
+  masks = functools.partial(L.layer_mask, attention_mask_bs, tokens_bs.shape[1], segments_bs, positions_bs)
   x_bsd, hidden, taps = _layers(params, cfg, x0_bsd, rope_in, masks,
                                 range(start_layer, cfg.num_layers if stop_layer is None else stop_layer),
                                 dict(expert_impl=expert_impl, chunk_rows=chunk_rows), perturb, routing)
   hidden = [x0_bsd] + hidden if return_hidden else None
   if stop_layer is not None:
     return ForwardOutput(None, (x_bsd,), taps if return_taps else None)
-  x_bsd = L.rms_norm(x_bsd, params["final_norm"]["scale"], cfg.rms_norm_eps)
+  x_bsd = L.rms_norm(x_bsd, params["final_norm"]["scale"], cfg.rms_norm_eps, cfg.norm_unit_offset)
   if return_hidden:
     hidden[-1] = x_bsd
   return ForwardOutput(_head(params, cfg, x_bsd, logit_positions_b), tuple(hidden) if return_hidden else None,
@@ -216,12 +216,12 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
 
 def _layers(params, cfg: MoEConfig, x_bsd, rope_in, mask_of, layers, impl: dict, perturb, routing):
   """(output states, [each layer's output], {MoE layer: taps}) of the decoder ``layers`` from ``x_bsd``;
-  ``mask_of(window=, chunk=)``: the attention mask (built once per distinct pair)."""
+  ``mask_of(nn.layers.mask_key(cfg, i))``: layer i's mask (built once per distinct key)."""
   masks, hidden, taps = {}, [], {}
   for i in layers:
-    w = (cfg.window(i), cfg.chunk(i))
+    w = L.mask_key(cfg, i)
     if w not in masks:
-      masks[w] = mask_of(window=w[0], chunk=w[1])
+      masks[w] = mask_of(w)
     x_bsd, tap = _decoder_layer(params["layers"][i], cfg, i, x_bsd, rope_in, masks[w], impl["expert_impl"],
                                 impl["chunk_rows"], None if perturb is None else perturb.get(i),
                                 None if routing is None else routing.router_fn(params, i),
@@ -248,6 +248,9 @@ def _inputs(params, cfg: MoEConfig, tokens_bs, positions_bs, start_layer: int, s
   if segments_bs is not None and positions_bs is None:
     raise ValueError("segments_bs (packed continuations) needs positions_bs: each continuation's RoPE "
                      "positions continue its context's")
+  if segments_bs is not None and cfg.linear_on_any:
+    raise ValueError("segments_bs (packed continuations) needs attention in every layer: a linear-attention layer "
+                     "(Gated DeltaNet) reads its row as one sequence; score each continuation in its own row")
   if positions_bs is None:
     positions_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   if start_layer:
@@ -288,35 +291,20 @@ def _residual(cfg: MoEConfig, x_bsd, y_bsd):
 
 def _attention_half(lp, cfg: MoEConfig, i: int, x_bsd, rope_in: RopeIn, mask):
   """(residual stream after attention, the normed MLP input) of decoder layer ``i``."""
-  h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps)
-  if cfg.mla:
+  h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps, cfg.norm_unit_offset)
+  if cfg.linear_on(i):
+    a_bsd = gated_deltanet(lp["linear_attn"], h_bsd, mask, cfg.rms_norm_eps, cfg.hidden_act)
+  elif cfg.mla:
     a_bsd = L.mla_attention(lp["attn"], h_bsd, rope_in.cos_bsc, rope_in.sin_bsc, mask, cfg.qk_nope_head_dim,
-                            mla_scale(cfg), cfg.rope_interleave)
+                            rope.mla_scale(cfg), cfg.rope_interleave)
   else:
     on = cfg.rope_on(i)
     a_bsd = L.attention(lp["attn"], h_bsd, rope_in.cos_bsc if on else None, rope_in.sin_bsc if on else None, mask,
                         cfg.rms_norm_eps, cfg.qkv_clip, cfg.attention_multiplier, cfg.rope_interleave,
-                        l2_norm=on and cfg.qk_norm == "l2", q_scale_bs=None if on else rope_in.nope_q_bs)
+                        l2_norm=on and cfg.qk_norm == "l2", q_scale_bs=None if on else rope_in.nope_q_bs,
+                        norm_offset=cfg.norm_unit_offset)
   x_bsd = _residual(cfg, x_bsd, a_bsd)
-  return x_bsd, L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps)
-
-
-def mla_scale(cfg: MoEConfig) -> float:
-  """DeepSeek's score scale: (qk_nope_head_dim + head_dim) ** -0.5, times yarn's mscale(factor, mscale_all_dim)
-  squared when the RoPE is scaled and mscale_all_dim is set (transformers' yarn_apply_mscale).
-
-  Args:
-    cfg: the model's config (``qk_nope_head_dim``, ``head_dim`` = the RoPE part of a query/key head,
-      ``rope_type``, ``rope_factor``, ``yarn_mscale_all_dim``).
-
-  Returns:
-    The multiplier of MLA's query-key dot products (a Python float); "scaled" means ``rope_type`` is not
-      "default".
-  """
-  scale = (cfg.qk_nope_head_dim + cfg.head_dim) ** -0.5
-  if cfg.rope_type != "default" and cfg.yarn_mscale_all_dim:
-    scale *= rope.yarn_mscale(cfg.rope_factor, cfg.yarn_mscale_all_dim) ** 2
-  return scale
+  return x_bsd, L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps, cfg.norm_unit_offset)
 
 
 def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, layers, start_layer: int = 0,
@@ -343,7 +331,7 @@ def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, lay
   x_bsd, _, rope_in = _inputs(params, cfg, tokens_bs, None, start_layer, states_bsd, None)
   out = {}
   for i in range(start_layer, max(layers) + 1):
-    mask = L.attention_mask(attention_mask_bs, s, cfg.window(i), chunk=cfg.chunk(i))
+    mask = L.layer_mask(attention_mask_bs, s, None, None, L.mask_key(cfg, i))
     if i in layers:
       out[i] = _attention_half(params["layers"][i], cfg, i, x_bsd, rope_in, mask)[1]
     x_bsd, _ = _decoder_layer(params["layers"][i], cfg, i, x_bsd, rope_in, mask, "sorted", None, None)

@@ -6,7 +6,10 @@ Layout (``torch [out, in]`` weights are stored transposed, ``[in, out]``; expert
   embed/embedding [vocab, d]                 final_norm/scale [d]      lm_head/kernel [d, vocab]
   layers/i/attn_norm/scale [d]               layers/i/mlp_norm/scale [d]
   layers/i/attn/{wq [d,h,c], wk [d,kv,c], wv [d,kv,c], wo [h,c,d], bq [h,c], bk/bv [kv,c], bo [d]}
-                q_norm/k_norm: [c] (qk_norm "head") or [h,c] / [kv,c] ("full")
+                q_norm/k_norm: [c] (qk_norm "head") or [h,c] / [kv,c] ("full"); output gate wg [d,h,c] (bg [h,c])
+  linear attention layer (Gated DeltaNet; k key heads of width c, h value heads of width v, conv width w):
+  layers/i/linear_attn/{wq, wk [d,k,c], wv, wz [d,h,v], wb, wa [d,h], conv_q, conv_k [w,k,c], conv_v [w,h,v],
+                        dt_bias, a_log [h], norm [v], wo [h,v,d]}
   MLA (DeepSeek-V2/V3; n nope, r rope = head_dim, v value widths, q / l the q / kv latent ranks):
   layers/i/attn/{wq [d,h,n+r] | wq_a [d,q], q_a_norm [q], wq_b [q,h,n+r]; wkv_a [d,l+r], kv_a_norm [l],
                  wkv_b [l,h,n+v], wo [h,v,d]; with attention bias bq_a [q], bkv_a [l+r], bo [d]}
@@ -86,9 +89,13 @@ def _attention_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
     attn["bq"] = ParamSpec((h, c), ("heads", "head_dim"), "zeros")
     attn["bk"] = ParamSpec((kv, c), ("kv_heads", "head_dim"), "zeros")
     attn["bv"] = ParamSpec((kv, c), ("kv_heads", "head_dim"), "zeros")
+  if cfg.attn_output_gate:
+    attn["wg"] = ParamSpec((d, h, c), ("embed", "heads", "head_dim"), "normal")
+    if cfg.qkv_bias:
+      attn["bg"] = ParamSpec((h, c), ("heads", "head_dim"), "zeros")
   if cfg.qk_norm == "head":
-    attn["q_norm"] = ParamSpec((c,), ("head_dim",), "ones")
-    attn["k_norm"] = ParamSpec((c,), ("head_dim",), "ones")
+    attn["q_norm"] = ParamSpec((c,), ("head_dim",), _norm_init(cfg))
+    attn["k_norm"] = ParamSpec((c,), ("head_dim",), _norm_init(cfg))
   elif cfg.qk_norm == "full":
     attn["q_norm"] = ParamSpec((h, c), ("heads", "head_dim"), "ones")
     attn["k_norm"] = ParamSpec((kv, c), ("kv_heads", "head_dim"), "ones")
@@ -97,6 +104,27 @@ def _attention_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
   if cfg.attn_sinks:
     attn["sinks"] = ParamSpec((h,), ("heads",), "zeros")
   return attn
+
+
+def _norm_init(cfg: MoEConfig) -> str:
+  """The init of an RMSNorm scale: ones, or zeros when the norm multiplies by 1 + w (``norm_unit_offset``)."""
+  return "zeros" if cfg.norm_unit_offset else "ones"
+
+
+def _linear_attention_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
+  """A Gated DeltaNet token mixer (``nn.linear_attention.gated_deltanet``)."""
+  d, k, h, c, v, w = (cfg.hidden_size, cfg.linear_k_heads, cfg.linear_v_heads, cfg.linear_k_dim, cfg.linear_v_dim,
+                      cfg.linear_conv_width)
+  qk, hv = ("embed", "kv_heads", "head_dim"), ("embed", "heads", "head_dim")
+  return {"wq": ParamSpec((d, k, c), qk, "normal"), "wk": ParamSpec((d, k, c), qk, "normal"),
+          "wv": ParamSpec((d, h, v), hv, "normal"), "wz": ParamSpec((d, h, v), hv, "normal"),
+          "wb": ParamSpec((d, h), ("embed", "heads"), "normal"), "wa": ParamSpec((d, h), ("embed", "heads"), "normal"),
+          "conv_q": ParamSpec((w, k, c), (None, "kv_heads", "head_dim"), "normal"),
+          "conv_k": ParamSpec((w, k, c), (None, "kv_heads", "head_dim"), "normal"),
+          "conv_v": ParamSpec((w, h, v), (None, "heads", "head_dim"), "normal"),
+          "dt_bias": ParamSpec((h,), ("heads",), "ones"), "a_log": ParamSpec((h,), ("heads",), "zeros"),
+          "norm": ParamSpec((v,), ("head_dim",), "ones"), "wo": ParamSpec((h, v, d), ("heads", "head_dim", "embed"),
+                                                                          "normal")}
 
 
 def _routed_specs(cfg: MoEConfig) -> dict[str, Any]:
@@ -117,7 +145,6 @@ def _routed_specs(cfg: MoEConfig) -> dict[str, Any]:
 
 def layer_specs(cfg: MoEConfig, i: int) -> dict[str, Any]:
   d = cfg.hidden_size
-  attn = _attention_specs(cfg)
   if cfg.moe_layers[i]:
     mlp: dict[str, Any] = _routed_specs(cfg)
     if cfg.shared_expert_size:
@@ -126,16 +153,17 @@ def layer_specs(cfg: MoEConfig, i: int) -> dict[str, Any]:
         mlp["shared_gate"] = {"kernel": ParamSpec((d, 1), ("embed", None), "normal")}
   else:
     mlp = _mlp_specs(d, cfg.intermediate_size)
-  return {"attn_norm": {"scale": ParamSpec((d,), ("embed",), "ones")},
-          "mlp_norm": {"scale": ParamSpec((d,), ("embed",), "ones")},
-          "attn": attn, "mlp": mlp}
+  mixer = {"linear_attn": _linear_attention_specs(cfg)} if cfg.linear_on(i) else {"attn": _attention_specs(cfg)}
+  return {"attn_norm": {"scale": ParamSpec((d,), ("embed",), _norm_init(cfg))},
+          "mlp_norm": {"scale": ParamSpec((d,), ("embed",), _norm_init(cfg))},
+          **mixer, "mlp": mlp}
 
 
 def param_specs(cfg: MoEConfig) -> dict[str, Any]:
   specs: dict[str, Any] = {
       "embed": {"embedding": ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal")},
       "layers": [layer_specs(cfg, i) for i in range(cfg.num_layers)],
-      "final_norm": {"scale": ParamSpec((cfg.hidden_size,), ("embed",), "ones")},
+      "final_norm": {"scale": ParamSpec((cfg.hidden_size,), ("embed",), _norm_init(cfg))},
   }
   if not cfg.tie_word_embeddings:
     specs["lm_head"] = {"kernel": ParamSpec((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal")}

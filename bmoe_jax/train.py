@@ -78,7 +78,7 @@ def trainable_mask(params, cfg: MoEConfig, which: str, layers: Sequence[int] | N
     if keys[0] != "layers" or keys[1] not in chosen:
       return False
     if which == "attention":
-      return keys[2] == "attn"
+      return keys[2] in ("attn", "linear_attn")
     if keys[2] != "mlp" or not cfg.moe_layers[keys[1]]:
       return False
     if which == "router":

@@ -180,6 +180,15 @@ class _Builder:
       gate, up = (array[..., 0::2], array[..., 1::2]) if rule.kind == "interleaved" else (array[..., :f], array[..., f:])
       self._place(targets[0], gate, ref)
       self._place(targets[1], up, ref)
+    elif rule.kind == "split":  # one fused tensor -> several parameters, by the rule's function
+      shapes = [self._spec(t, ref).shape for t in targets]
+      self._check(ref, (array.size,), (sum(int(np.prod(x)) for x in shapes),), f" elements (for {targets})")
+      try:
+        parts = rule.split(array, shapes, self.info.cfg)
+      except ValueError as err:
+        raise ConversionError(f"{ref.file}: tensor {ref.key!r} has shape {list(array.shape)}: {err}") from None
+      for target, part in zip(targets, parts):
+        self._place(target, part, ref)
     elif rule.kind == "tensor":  # as stored
       self._check(ref, array.shape, self._spec(targets[0], ref).shape)
       self._place(targets[0], array, ref)

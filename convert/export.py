@@ -331,6 +331,8 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   _need(family == "llama4_text" or not (cfg.router_on_input or cfg.rope_layers or cfg.attn_chunks
                                         or cfg.qk_norm == "l2"),
         family, "an input-side router score, NoPE or chunked layers or the weightless q/k norm (Llama-4 only)")
+  _need(not (cfg.linear_on_any or cfg.attn_output_gate or cfg.norm_unit_offset), family,
+        "linear attention, the attention's output gate or norms by 1 + w (Qwen3-Next / Qwen3.5, not exported yet)")
   return build(cfg, family)
 
 

@@ -7,7 +7,8 @@ Rule kinds: ``copy`` (reshape only), ``linear`` (torch [out, in] -> [in, out], t
 ``in_dims`` = how many leading target dims are the input), ``expert_linear`` (one expert's linear into
 the stacked [e, ...] parameter), ``fused_gate_up`` ([e, 2f, d] -> w_gate, w_up [e, d, f]),
 ``fused_down`` ([e, d, f] -> [e, f, d]), ``interleaved`` ([..., 2f] -> gate [..., ::2], up [..., 1::2]: GPT-OSS), ``halves`` ([..., 2f] -> gate, up: Llama-4),
-``tensor`` (as stored, the exact shape), ``skip`` (buffers with no parameter, e.g. rotary inv_freq).
+``tensor`` (as stored, the exact shape), ``split`` (one fused tensor into several parameters by the rule's
+``split`` function: Qwen3-Next's projections), ``skip`` (buffers with no parameter, e.g. rotary inv_freq).
 """
 
 from __future__ import annotations
@@ -21,16 +22,9 @@ from convert.glm import GLM4_MOE
 from convert.gpt_oss import GPT_OSS
 from convert.llama4 import LLAMA4_TEXT
 from convert.minimax import MINIMAX_M2
-from convert.family_table import COMMON_RULES, EXPERTS, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules, windows
-
-
-def _sparse_layers(g, n: int, n_exp: int) -> tuple[bool, ...]:
-  """Qwen's layer pattern: MoE where the layer is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
-  step = int(g("decoder_sparse_step"))
-  if step < 1:
-    g.fail(f"decoder_sparse_step={step} must be >= 1")
-  only = set(g("mlp_only_layers") or [])
-  return tuple(i not in only and n_exp > 0 and (i + 1) % step == 0 for i in range(n))
+from convert.qwen3_next import QWEN3_5_MOE_TEXT, QWEN3_NEXT
+from convert.family_table import (COMMON_RULES, EXPERTS, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules,
+                                  sparse_layers, windows)
 
 
 def _build_qwen2_moe(g, common: dict) -> dict:
@@ -42,7 +36,7 @@ def _build_qwen2_moe(g, common: dict) -> dict:
   return dict(
       intermediate_size=int(g("intermediate_size")), moe_intermediate_size=int(g("moe_intermediate_size")),
       num_experts=n_exp, num_experts_per_tok=int(g("num_experts_per_tok")),
-      moe_layers=_sparse_layers(g, n, n_exp),
+      moe_layers=sparse_layers(g, n, n_exp),
       shared_expert_size=int(g("shared_expert_intermediate_size")), shared_expert_gate=True,
       norm_topk_prob=bool(g("norm_topk_prob")), qkv_bias=bool(g("qkv_bias")),
       attn_windows=windows(g, n, types, g("sliding_window") if use_sw else 0))
@@ -101,7 +95,7 @@ def _build_qwen3_moe(g, common: dict) -> dict:
   bias = bool(g("attention_bias"))
   return dict(
       intermediate_size=int(g("intermediate_size")), moe_intermediate_size=int(g("moe_intermediate_size")),
-      num_experts=n_exp, num_experts_per_tok=int(g("num_experts_per_tok")), moe_layers=_sparse_layers(g, n, n_exp),
+      num_experts=n_exp, num_experts_per_tok=int(g("num_experts_per_tok")), moe_layers=sparse_layers(g, n, n_exp),
       norm_topk_prob=bool(g("norm_topk_prob")), qkv_bias=bias, attn_out_bias=bias, qk_norm="head",
       attn_windows=(int(sw),) * n if sw else None)
 
@@ -232,11 +226,13 @@ LLAMA = Family(
     build=_build_llama, rules=COMMON_RULES)
 
 FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, GRANITEMOE_SHARED, MIXTRAL, DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3,
-            GLM4_MOE, MINIMAX_M2, ERNIE4_5_MOE, GPT_OSS, LLAMA4_TEXT, LLAMA)
+            GLM4_MOE, MINIMAX_M2, ERNIE4_5_MOE, GPT_OSS, LLAMA4_TEXT, QWEN3_NEXT, QWEN3_5_MOE_TEXT, LLAMA)
 
 
 # model_types that are one of our families under another name, and that family (their configs and tensors are its)
 ALIASES = {"kimi_k2": "deepseek_v3"}  # Moonshot's Kimi-K2 / K2-Instruct / K2-Thinking: DeepSeek-V3's architecture
+# multimodal model_types whose text model (``text_config``) is one of our families
+MULTIMODAL = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 
 def family_for(raw: dict, where: str) -> Family:
@@ -262,4 +258,8 @@ def family_for(raw: dict, where: str) -> Family:
                   + (f"architectures={archs}" if by_arch else "a known alias") + ")", stacklevel=2)
     return fam
   supported = sorted(t for f in FAMILIES for t in f.model_types)
+  if mt in MULTIMODAL:
+    raise ConversionError(f"{where}: model_type={mt!r} is a multimodal model, not supported as a whole; its text "
+                          f"model (text_config) is family {MULTIMODAL[mt]}: convert a checkpoint of the text model "
+                          "alone")
   raise ConversionError(f"{where}: model_type={mt!r} is not supported; supported: {supported}")

@@ -15,6 +15,9 @@ class Rule(NamedTuple):
   kind: str
   in_dims: int = 1
   names: dict[str, dict[str, str]] | None = None
+  # kind "split": split(array, target shapes, cfg) -> one array per target (a fused tensor's layout, e.g. Qwen3-Next's
+  # per-head q|k|v|z projection); raises ValueError naming what it expected
+  split: Callable | None = None
 
 
 BASE_RULES = (
@@ -53,6 +56,15 @@ def windows(g, n_layers: int, layer_types, size) -> tuple[int, ...] | None:
     else:
       g.fail(f"layer_types[{i}]={t!r} is not supported (full_attention or sliding_attention)")
   return tuple(out) if any(out) else None
+
+
+def sparse_layers(g, n: int, n_exp: int) -> tuple[bool, ...]:
+  """Qwen's layer pattern: MoE where the layer is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
+  step = int(g("decoder_sparse_step"))
+  if step < 1:
+    g.fail(f"decoder_sparse_step={step} must be >= 1")
+  only = set(g("mlp_only_layers") or [])
+  return tuple(i not in only and n_exp > 0 and (i + 1) % step == 0 for i in range(n))
 
 
 def routed_rules(block: str, proj_pattern: str = GATE_UP_DOWN + "_proj",

@@ -121,6 +121,8 @@ def _rope(g: Getter) -> dict[str, Any]:
   if rope_type not in ("default", "linear", "yarn", "llama3"):
     g.fail(f"rope type {rope_type!r} is not supported (supported: default, linear, yarn, llama3)")
   known = _ROPE_KEYS | {"yarn": _YARN_KEYS, "llama3": _LLAMA3_KEYS}.get(rope_type, set())
+  if "mrope_section" in g.handled:  # multimodal RoPE sections: plain RoPE on text (its position ids coincide)
+    known = known | {"mrope_section", "mrope_interleaved"}
   unknown = sorted(set(scaling) - known)
   if unknown:
     g.fail(f"rope parameters {unknown} are not supported with rope type {rope_type!r} (handled: {sorted(known)})")

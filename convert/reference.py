@@ -16,7 +16,8 @@ import numpy as np
 from bmoe_jax.files import write_json
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "deepseek_v2",
-            "deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "gpt_oss", "llama4_text", "llama")
+            "deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "gpt_oss", "llama4_text", "qwen3_next",
+            "qwen3_5_moe_text", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -147,6 +148,24 @@ def _llama4_text(overrides: dict):
   return Llama4ForCausalLM(Llama4TextConfig(**kw)), None
 
 
+# linear attention on layers 0 and 2 (2 key heads of width 8 serving 4 value heads of width 6), gated attention with
+# partial RoPE (4 of head_dim 8) on layer 1; MoE with a gated shared expert
+_HYBRID = dict(_SMALL, head_dim=8, full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4,
+               linear_key_head_dim=8, linear_value_head_dim=6, linear_conv_kernel_dim=3, num_experts=6,
+               num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+               rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+
+
+def _qwen3_next(overrides: dict):
+  from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+  return Qwen3NextForCausalLM(Qwen3NextConfig(**dict(_HYBRID, intermediate_size=48, **overrides))), None
+
+
+def _qwen3_5_moe_text(overrides: dict):
+  from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+  return Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**dict(_HYBRID, **overrides))), None
+
+
 def _llama(overrides: dict):
   from transformers import LlamaConfig, LlamaForCausalLM
   kw = dict(_SMALL, intermediate_size=48)
@@ -211,13 +230,14 @@ def _renormalised(gate_forward):
 
 
 def randomize_(model, seed: int, std: float = 0.15) -> None:
-  """Re-draw every parameter (norm scales around 1) so routing and logits are far from degenerate."""
+  """Re-draw every parameter (norm weights around their init: 1, or 0 for Qwen3-Next's norms that scale by 1 + w)
+  so routing and logits are far from degenerate."""
   torch = _torch()
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
       noise = torch.randn(p.shape, generator=g) * std
-      p.copy_(1.0 + noise if "norm" in name else noise)
+      p.copy_(p + noise if "norm" in name else noise)
     for name, b in model.named_buffers():  # DeepSeek-V3's selection bias is a buffer
       if name.endswith("e_score_correction_bias"):
         b.copy_(torch.randn(b.shape, generator=g) * std)
@@ -252,7 +272,8 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
                         "granitemoeshared": _granite_shared, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
                         "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe,
                         "minimax_m2": _minimax_m2, "ernie4_5_moe": _ernie4_5_moe, "gpt_oss": _gpt_oss,
-                        "llama4_text": _llama4_text, "llama": _llama}[family](overrides)
+                        "llama4_text": _llama4_text, "qwen3_next": _qwen3_next, "qwen3_5_moe_text": _qwen3_5_moe_text,
+                        "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
   out_dir = Path(out_dir)

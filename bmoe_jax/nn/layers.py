@@ -66,10 +66,13 @@ def dot(x: jax.Array, w_io: jax.Array) -> jax.Array:
   return mm("...i,io->...o", x, w_io)
 
 
-def rms_norm(x_bsd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm computed in float32, cast back, then scaled (the HF Llama/Qwen order)."""
+def rms_norm(x_bsd: jax.Array, scale_d: jax.Array, eps: float, unit_offset: bool = False) -> jax.Array:
+  """RMSNorm computed in float32, cast back, then scaled (the HF Llama/Qwen order); ``unit_offset``: scaled by
+  ``1 + scale`` in float32, then cast (Qwen3-Next's zero-centred norms)."""
   x32 = x_bsd.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if unit_offset:
+    return (y * (1.0 + jnp.asarray(scale_d, jnp.float32))).astype(x_bsd.dtype)
   return scale_d * y.astype(x_bsd.dtype)
 
 
@@ -114,22 +117,38 @@ def attention_mask(mask_bt: jax.Array | None, seq_len: int, window: int = 0,
   return allowed
 
 
-def head_norm(x_bshc: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+def mask_key(cfg, i: int):
+  """What layer ``i``'s mask depends on: "linear" (a linear-attention layer reads the [b, s] padding mask), else
+  its (sliding window, chunk)."""
+  return "linear" if cfg.linear_on(i) else (cfg.window(i), cfg.chunk(i))
+
+
+def layer_mask(mask_bs, seq_len: int, segments_bs, positions_bs, key):
+  """The mask of ``mask_key``: the padding mask itself for "linear", else ``nn.layers.attention_mask``."""
+  if key == "linear":
+    return mask_bs
+  return attention_mask(mask_bs, seq_len, key[0], segments_bt=segments_bs, positions_bt=positions_bs, chunk=key[1])
+
+
+def head_norm(x_bshc: jax.Array, scale: jax.Array, eps: float, unit_offset: bool = False) -> jax.Array:
   """RMSNorm of q or k: over the head dim when ``scale`` is [c] (Qwen3-MoE), over heads and head dim together
-  when it is [h, c] (OLMoE's full-width norm of the projection)."""
+  when it is [h, c] (OLMoE's full-width norm of the projection); ``unit_offset`` as ``rms_norm``."""
   if scale.ndim == 1:
-    return rms_norm(x_bshc, scale, eps)
+    return rms_norm(x_bshc, scale, eps, unit_offset)
   b, s, h, c = x_bshc.shape
   return rms_norm(x_bshc.reshape(b, s, h * c), scale.reshape(h * c), eps).reshape(b, s, h, c)
 
 
 def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array | None, sin_bsc: jax.Array | None,
               allowed_b11st: jax.Array, eps: float = 1e-6, clip: float = 0.0, scale: float = 0.0,
-              interleave: bool = False, l2_norm: bool = False, q_scale_bs: jax.Array | None = None) -> jax.Array:
+              interleave: bool = False, l2_norm: bool = False, q_scale_bs: jax.Array | None = None,
+              norm_offset: bool = False) -> jax.Array:
   """Grouped-query attention with RoPE; softmax in float32.
 
   p: wq [d, h, c], wk [d, k, c], wv [d, k, c], wo [h, c, d], optional bq [h, c], bk/bv [k, c], bo [d],
-  q_norm / k_norm (``head_norm`` scales, RMSNorm with ``eps`` before RoPE), sinks [h] (``attend``).
+  q_norm / k_norm (``head_norm`` scales, RMSNorm with ``eps`` before RoPE; by 1 + scale with ``norm_offset``),
+  sinks [h] (``attend``), an output gate wg [d, h, c] (bg [h, c]): sigmoid(x wg + bg) multiplies each head's
+  output before wo (Qwen3-Next).
   ``clip`` > 0 clamps q, k, v after the norms (OLMoE's clip_qkv). ``scale`` > 0 replaces the score scale
   head_dim ** -0.5 (Granite's attention_multiplier). ``interleave``: RoPE rotates interleaved pairs (ERNIE-4.5)
   instead of halves; tables narrower than the heads rotate only their first dimensions (partial RoPE,
@@ -144,8 +163,8 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array | None, sin_bsc: jax
     k_bskc = k_bskc + p["bk"]
     v_bskc = v_bskc + p["bv"]
   if "q_norm" in p:
-    q_bshc = head_norm(q_bshc, p["q_norm"], eps)
-    k_bskc = head_norm(k_bskc, p["k_norm"], eps)
+    q_bshc = head_norm(q_bshc, p["q_norm"], eps, norm_offset)
+    k_bskc = head_norm(k_bskc, p["k_norm"], eps, norm_offset)
   if clip > 0:
     q_bshc, k_bskc, v_bskc = (jnp.clip(a, -clip, clip) for a in (q_bshc, k_bskc, v_bskc))
   if cos_bsc is not None:
@@ -156,6 +175,9 @@ def attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array | None, sin_bsc: jax
   if q_scale_bs is not None:
     q_bshc = (q_bshc * q_scale_bs[:, :, None, None]).astype(q_bshc.dtype)
   out_bshc = attend(q_bshc, k_bskc, v_bskc, allowed_b11st, scale or q_bshc.shape[-1] ** -0.5, p.get("sinks"))
+  if "wg" in p:
+    gate_bshc = mm("bsd,dhc->bshc", x_bsd, p["wg"])
+    out_bshc = out_bshc * jax.nn.sigmoid(gate_bshc + p["bg"] if "bg" in p else gate_bshc)
   return output_projection(p, out_bshc)
 
 

@@ -100,3 +100,21 @@ def apply(x_bshc: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array, interleave:
   cos = cos_bsc[:, :, None, :].astype(x_bshc.dtype)
   sin = sin_bsc[:, :, None, :].astype(x_bshc.dtype)
   return x_bshc * cos + rotated * sin
+
+
+def mla_scale(cfg) -> float:
+  """DeepSeek's score scale: (qk_nope_head_dim + head_dim) ** -0.5, times yarn's mscale(factor, mscale_all_dim)
+  squared when the RoPE is scaled and mscale_all_dim is set (transformers' yarn_apply_mscale).
+
+  Args:
+    cfg: the model's config (``qk_nope_head_dim``, ``head_dim`` = the RoPE part of a query/key head,
+      ``rope_type``, ``rope_factor``, ``yarn_mscale_all_dim``).
+
+  Returns:
+    The multiplier of MLA's query-key dot products (a Python float); "scaled" means ``rope_type`` is not
+      "default".
+  """
+  scale = (cfg.qk_nope_head_dim + cfg.head_dim) ** -0.5
+  if cfg.rope_type != "default" and cfg.yarn_mscale_all_dim:
+    scale *= yarn_mscale(cfg.rope_factor, cfg.yarn_mscale_all_dim) ** 2
+  return scale

@@ -143,22 +143,34 @@ def forward_flops(cfg, seq: int = 128) -> float:
     seq: the sequence length (tokens per forward).
 
   Returns:
-    FLOPs (2 per multiply-add) per token: every layer's attention projections and scores, its MLP (dense, or
-      the router, k routed experts and the optionally gated shared expert), and the LM head.
+    FLOPs (2 per multiply-add) per token: every layer's token mixer (attention projections and scores; a linear
+      attention's projections, convolution and delta-rule state update and read), its MLP (dense, or the router,
+      k routed experts and the optionally gated shared expert), and the LM head.
   """
-  from bmoe_jax.params import layer_specs
   d = cfg.hidden_size
-  specs = layer_specs(cfg, 0)["attn"]  # every projection is one matmul per token (MLA's latents too)
-  attn = 2 * sum(float(np.prod(sp.shape)) for name, sp in specs.items() if name.startswith("w"))  # not b*, norms
-  qk, v = (cfg.qk_nope_head_dim + cfg.head_dim, cfg.v_head_dim) if cfg.mla else (cfg.head_dim, cfg.head_dim)
-  attn += 2 * cfg.num_heads * (qk + v) * (seq + 1) / 2
   total = 0.0
   for i in range(cfg.num_layers):
+    total += _mixer_flops(cfg, i, seq)
     if cfg.moe_layers[i]:
       mlp = 2 * d * cfg.num_experts + cfg.num_experts_per_tok * 3 * 2 * d * cfg.moe_intermediate_size
       if cfg.shared_expert_size:
         mlp += 3 * 2 * d * cfg.shared_expert_size + (2 * d if cfg.shared_expert_gate else 0)
     else:
       mlp = 3 * 2 * d * cfg.intermediate_size
-    total += attn + mlp
+    total += mlp
   return total + 2 * d * cfg.vocab_size
+
+
+def _mixer_flops(cfg, i: int, seq: int) -> float:
+  """FLOPs per token of layer ``i``'s token mixer (``forward_flops``)."""
+  from bmoe_jax.params import layer_specs
+  specs = layer_specs(cfg, i)
+  if cfg.linear_on(i):  # projections; conv over q|k|v; per value head: decay, read, write and query the c x v state
+    p = specs["linear_attn"]
+    proj = 2 * sum(float(np.prod(p[n].shape)) for n in ("wq", "wk", "wv", "wz", "wb", "wa", "wo"))
+    conv = 2 * sum(float(np.prod(p[n].shape)) for n in ("conv_q", "conv_k", "conv_v"))
+    return proj + conv + 8.0 * cfg.linear_v_heads * cfg.linear_k_dim * cfg.linear_v_dim
+  # every projection is one matmul per token (MLA's latents too), not the b* biases or the norms
+  attn = 2 * sum(float(np.prod(sp.shape)) for name, sp in specs["attn"].items() if name.startswith("w"))
+  qk, v = (cfg.qk_nope_head_dim + cfg.head_dim, cfg.v_head_dim) if cfg.mla else (cfg.head_dim, cfg.head_dim)
+  return attn + 2 * cfg.num_heads * (qk + v) * (seq + 1) / 2

@@ -114,6 +114,11 @@ def test_unrepresentable_config_is_refused():
   cfg = B.tiny_config(**NO_SHARED, norm_topk_prob=True, qkv_bias=False, attn_sinks=True, family="mixtral")
   with pytest.raises(ConversionError, match="attention sinks, expert biases.*\\(GPT-OSS only\\)"):
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
+  for family in ("qwen2_moe", "qwen3_next"):  # Qwen3-Next's mechanisms: no other family has them, no exporter yet
+    cfg = B.tiny_config(linear_layers=(True, False), linear_k_heads=1, linear_v_heads=2, linear_k_dim=4,
+                        linear_v_dim=4, family=family)
+    with pytest.raises(ConversionError, match="linear attention|unknown family 'qwen3_next'"):
+      export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
 
 
 def test_granite_in_memory_key_layout_loads_the_same(tmp_path):

@@ -55,17 +55,26 @@ PUBLISHED = [
     # text model leaves out, hence its wider tolerance.
     ("llama-4-scout-17b-16e-text.json", "llama4_text", 109.0, 17.0, 48),
     ("llama-4-maverick-17b-128e-text.json", "llama4_text", 400.0, 17.0, 24),
+    # Qwen/Qwen3-Next-80B-A3B-Instruct ("80B total, 3B activated"): the release's tensors outside the
+    # multi-token-prediction module hold 79,674,391,296 parameters, 3,874,929,408 of them active per token (the
+    # routed experts counted at 10 of 512) -- ours to the parameter, hence the tight tolerance.
+    ("qwen3-next-80b-a3b-instruct.json", "qwen3_next", 79.674391296, 3.874929408, 48),
+    # Qwen/Qwen3.5-35B-A3B ("35B total, 3B activated"): its text model (text_config, the keys as far as known here)
+    # counts 34.66B / 2.95B without the input embedding; the published total also counts the vision encoder and the
+    # multi-token-prediction layer, which the text model leaves out, hence its wider tolerance.
+    ("qwen3.5-35b-a3b-text.json", "qwen3_5_moe_text", 35.0, 3.0, 40),
 ]
 # the vocabulary matrices a row's published counts leave out: 1 the input embedding, 2 the embedding and the
 # LM head; none for the active count of the other rows. Granite: 0.806B + 0.076B tied.
 WITHOUT_VOCAB = {"granite-3.1-3b-a800m.json": (0, 1), "deepseek-v2-lite.json": (0, 1), "glm-4.5-air.json": (2, 2),
                  "glm-4.5.json": (2, 2), "minimax-m2.json": (0, 2), "ernie-4.5-21b-a3b.json": (0, 1),
                  "ernie-4.5-300b-a47b.json": (0, 1), "gpt-oss-20b.json": (0, 1),
-                 "gpt-oss-120b.json": (0, 1)}  # (total, active)
+                 "gpt-oss-120b.json": (0, 1), "qwen3.5-35b-a3b-text.json": (0, 1)}  # (total, active)
 TOLERANCE = {"deepseek-v3.json": 0.6, "glm-4.5-air.json": 0.5, "glm-4.5.json": (4.1, 0.5),
              "minimax-m2.json": (1.5, 0.5), "ernie-4.5-21b-a3b.json": (0.9, 0.1),
              "ernie-4.5-300b-a47b.json": 0.6, "llama-4-scout-17b-16e-text.json": (1.3, 0.2),
-             "llama-4-maverick-17b-128e-text.json": 0.75}  # billions; default 0.06
+             "llama-4-maverick-17b-128e-text.json": 0.75, "qwen3-next-80b-a3b-instruct.json": 1e-9,
+             "qwen3.5-35b-a3b-text.json": (0.5, 0.06)}  # billions; default 0.06
 
 
 @pytest.mark.parametrize("name,family,total,active,moe_layers", PUBLISHED)

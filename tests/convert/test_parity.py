@@ -81,6 +81,14 @@ CASES = [
                      "attention_chunk_size": None, "attn_temperature_tuning": False,
                      "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    # Qwen3-Next: Gated DeltaNet on layers 0 and 2 (2 key heads serving 4 value heads, conv width 3), gated attention
+    # with per-head q/k norm and partial RoPE on layer 1, norms by 1 + w, MoE with a gated shared expert; then one
+    # value head per key head, attention biases, no renormalisation and a dense last layer, attention every third
+    # layer. Qwen3.5-MoE: the same mechanisms with the linear attention's projections kept apart.
+    ("qwen3_next", {}),
+    ("qwen3_next", {"mlp_only_layers": [2], "norm_topk_prob": False, "attention_bias": True,
+                    "linear_num_value_heads": 2, "full_attention_interval": 3}),
+    ("qwen3_5_moe_text", {}),
     ("llama", {}),
     ("llama", {"tie_word_embeddings": True, "attention_bias": True}),
 ]

@@ -18,6 +18,11 @@ CLASSES = jnp.array([3, 7, 11, 19])
 LLAMA4 = {"num_experts_per_tok": 1, "router_scoring": "sigmoid", "router_on_input": True, "qk_norm": "l2",
           "rope_interleave": True, "rope_layers": (True, False), "attn_chunks": (2, 0), "nope_attn_scale": 0.5,
           "nope_floor_scale": 2.0, "shared_expert_gate": False}
+# Qwen3-Next: Gated DeltaNet on the top layer (2 key heads serving 4 value heads), gated attention with the per-head
+# q/k norm and partial RoPE below it, norms by 1 + w
+QWEN3_NEXT = {"linear_layers": (False, True), "linear_k_heads": 2, "linear_v_heads": 4, "linear_k_dim": 4,
+              "linear_v_dim": 6, "linear_conv_width": 3, "attn_output_gate": True, "norm_unit_offset": True,
+              "qk_norm": "head", "rotary_dim": 4, "norm_topk_prob": True}
 GPT_OSS = {"attn_sinks": True, "attn_windows": (3, 0), "router_logit_bias": True, "expert_bias": True,
            "swiglu_limit": 0.4, "norm_topk_prob": True, "attn_out_bias": True}
 
@@ -50,7 +55,7 @@ VARIANTS = {"plain": {}, "qk_head": {"qk_norm": "head"}, "qk_full": {"qk_norm": 
                     "topk_method": "noaux_tc", "n_group": 2, "topk_group": 1, "norm_topk_prob": True,
                     "norm_topk_eps": 1e-20, "routed_scaling_factor": 2.5, "shared_expert_gate": False},
             # GPT-OSS: attention sinks, a sliding window, an affine router, biased experts with the clamped SwiGLU
-            "gpt_oss": GPT_OSS, "llama4": LLAMA4,
+            "gpt_oss": GPT_OSS, "llama4": LLAMA4, "qwen3_next": QWEN3_NEXT,
             # DeepSeek-V2: MLA (q latent, interleaved yarn RoPE), group-limited greedy, ungated shared experts
             "mla": {"num_kv_heads": 4, "head_dim": 4, "q_lora_rank": 6, "kv_lora_rank": 8, "qk_nope_head_dim": 6,
                     "v_head_dim": 5, "rope_interleave": True, "rope_type": "yarn", "rope_factor": 4.0,

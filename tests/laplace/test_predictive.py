@@ -89,11 +89,17 @@ LLAMA4 = dict(num_experts_per_tok=1, router_scoring="sigmoid", router_on_input=T
               shared_expert_gate=False)  # chunks, NoPE temperature, input-side top-1 score, l2 q/k norm, shared
 
 
+QWEN3_NEXT = dict(linear_layers=(True, False), linear_k_heads=2, linear_v_heads=4, linear_k_dim=4, linear_v_dim=6,
+                  linear_conv_width=3, attn_output_gate=True, norm_unit_offset=True, qk_norm="head", rotary_dim=4,
+                  norm_topk_prob=True)  # Gated DeltaNet below gated attention, norms by 1 + w
+
+
 @pytest.mark.parametrize("rank,shared,arch", [(None, False, {}), (3, False, {}), (None, True, {}), (3, True, {}),
                                               (3, False, {"qk_norm": "full"}), (None, True, MLA_SIGMOID),
-                                              (3, True, GLM), (None, False, GPT_OSS), (None, True, LLAMA4)],
+                                              (3, True, GLM), (None, False, GPT_OSS), (None, True, LLAMA4),
+                                              (3, True, QWEN3_NEXT)],
                          ids=["full", "lowrank", "full-shared", "lowrank-shared", "qk_full", "mla_sigmoid", "glm",
-                              "gpt_oss", "llama4"])
+                              "gpt_oss", "llama4", "qwen3_next"])
 def test_closed_form_equals_dense_jacobian(rank, shared, arch):
   """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well; once with
   OLMoE's full-width q/k norm, once with DeepSeek-V3's architecture (MLA, yarn, sigmoid gates, ungated shared)."""

@@ -1,10 +1,11 @@
 """Sharded steps against single-device ones, on 8 virtual CPU devices; run in its own process:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding.mesh_checks [MESH ...] [--mla MESH ...]
-      [--gpt-oss MESH ...] [--llama4 MESH ...]
+      [--gpt-oss MESH ...] [--llama4 MESH ...] [--qwen3-next MESH ...]
 
 For each mesh (default: three shapes, two of them expert-parallel; meshes after ``--mla``: DeepSeek-V3's
-architecture, ``MLA_SIGMOID``, after ``--gpt-oss`` GPT-OSS's and after ``--llama4`` Llama-4's, instead of OLMoE's full-width q/k norm) it compares the forward logits, the
+architecture, ``MLA_SIGMOID``, after ``--gpt-oss`` GPT-OSS's, after ``--llama4`` Llama-4's and after ``--qwen3-next``
+Qwen3-Next's, instead of OLMoE's full-width q/k norm) it compares the forward logits, the
 answer logits, one MAP training step, the K-FAC factors of two batches (full; low-rank on the last mesh), the log
 evidence and the Bayesian-MoE predictive with the same functions run unsharded, and checks every output
 carries its declared sharding. Prints one JSON line per mesh (with its ``model``); exits non-zero on the first
@@ -162,12 +163,20 @@ MODELS = {
     "llama4": dict(num_experts=8, num_experts_per_tok=1, vocab_size=128, shared_expert_size=16, shared_expert_gate=False,
                    router_scoring="sigmoid", router_on_input=True, qk_norm="l2", rope_interleave=True,
                    rope_layers=(True, False), attn_chunks=(3, 0), nope_attn_scale=0.5, nope_floor_scale=2.0),
+    # Qwen3-Next: Gated DeltaNet (key and value heads split over the model axis) below gated attention, 1 + w norms
+    "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16,
+                       linear_layers=(True, False), linear_k_heads=2, linear_v_heads=4, linear_k_dim=4, linear_v_dim=4,
+                       linear_conv_width=3, attn_output_gate=True, norm_unit_offset=True, qk_norm="head", rotary_dim=4,
+                       norm_topk_prob=True),
 }
-FLAGS = {"--mla": "mla_sigmoid", "--gpt-oss": "gpt_oss", "--llama4": "llama4"}  # later meshes check that model
+FLAGS = {"--mla": "mla_sigmoid", "--gpt-oss": "gpt_oss", "--llama4": "llama4",
+         "--qwen3-next": "qwen3_next"}  # later meshes check that model
 # GPT-OSS's random biases and sinks leave some gradient entries near AdamW's eps, where its first step
 # (about lr * g / (|g| + eps)) turns the float32 rounding of the attention and router softmaxes (logits agree to
 # 1.1e-7) into 3e-5 of w_gate; every other quantity is held to TOL
-TOLS = {"gpt_oss": {"train_step": 1e-3}}
+# Qwen3-Next's likewise (8.3e-4; its logits, factors and predictive agree to 2e-7): the float32 RMSNorms and softmaxes
+# under AdamW's first step, not yet pinned to one parameter
+TOLS = {"gpt_oss": {"train_step": 1e-3}, "qwen3_next": {"train_step": 1e-3}}
 
 
 def check_model(name: str, meshes) -> int:

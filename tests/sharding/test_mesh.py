@@ -29,11 +29,13 @@ def mesh_results():
   from tests.sharding.mesh_checks import MESHES
   env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "tests.sharding.mesh_checks", *MESHES, "--mla", "data=2,expert=2,model=2",
-         "--gpt-oss", "data=2,expert=2,model=2", "--llama4", "data=2,expert=2,model=2"]
+         "--gpt-oss", "data=2,expert=2,model=2", "--llama4", "data=2,expert=2,model=2",
+         "--qwen3-next", "data=2,expert=2,model=2"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  return {model: [r for r in results if r["model"] == model] for model in ("qk_full", "mla_sigmoid", "gpt_oss", "llama4")}
+  return {model: [r for r in results if r["model"] == model]
+          for model in ("qk_full", "mla_sigmoid", "gpt_oss", "llama4", "qwen3_next")}
 
 
 def test_sharded_pipeline_equals_one_device_on_three_meshes(mesh_results):
@@ -71,6 +73,16 @@ def test_sharded_llama4_model_equals_one_device(mesh_results):
   (result,) = mesh_results["llama4"]
   assert result["mesh"] == {"data": 2, "expert": 2, "model": 2}
   assert result["expert_parallel"] and max(result["max_rel_diff"].values()) <= 1e-5, result
+
+
+def test_sharded_qwen3_next_model_equals_one_device(mesh_results):
+  """Qwen3-Next's mechanisms (Gated DeltaNet with its key and value heads split over the model axis, the attention's
+  output gate, norms by 1 + w) on all three axes."""
+  (result,) = mesh_results["qwen3_next"]
+  assert result["mesh"] == {"data": 2, "expert": 2, "model": 2}
+  diffs = dict(result["max_rel_diff"])
+  assert result["expert_parallel"] and diffs.pop("train_step") <= 1e-3, result  # AdamW near eps (mesh_checks.TOLS)
+  assert max(diffs.values()) <= 1e-5, result
 
 
 def _mesh(**sizes):
