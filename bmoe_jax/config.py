@@ -7,10 +7,12 @@ import json
 from typing import Any
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3", "longrope")
 # softmax: top-k of softmax(router logits), gates = those probabilities (renormalised with norm_topk_prob);
 # select: top-k of the router logits, every selected expert enters with gate 1 (carved MoEs, convert.carve).
-SUPPORTED_SCORING = ("softmax", "sigmoid", "select")
+# sparsemixer (Phi-3.5-MoE, top-2 at inference): the best expert gated by a softmax over the experts whose logit is
+# within a relative gap 2 * router_jitter_eps of the best, then the same over the rest for the second.
+SUPPORTED_SCORING = ("softmax", "sigmoid", "select", "sparsemixer")
 # the deterministic router's selection (``nn.gating``): plain top-k, or limited to topk_group of n_group
 # expert groups (DeepSeek-V2's group_limited_greedy, DeepSeek-V3's noaux_tc)
 SUPPORTED_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -133,6 +135,11 @@ class MoEConfig:
   kv_lora_rank: int = 0
   qk_nope_head_dim: int = 0
   v_head_dim: int = 0
+  # DeepSeek-V3.2's lightning indexer (with MLA's q latent): index_heads heads of width index_head_dim score the keys;
+  # each query attends to its index_topk best (``nn.layers.index_selection``); 0: every key it may see
+  index_topk: int = 0
+  index_heads: int = 0
+  index_head_dim: int = 0
   rope_theta: float = 10000.0
   rope_type: str = "default"
   rope_factor: float = 1.0
@@ -149,11 +156,23 @@ class MoEConfig:
   yarn_mscale_all_dim: float = 0.0
   yarn_attention_factor: float = 0.0
   yarn_truncate: bool = True
+  # longrope (Phi-3.5-MoE, as transformers' PhimoeRotaryEmbedding runs it): frequencies divided by the short factors
+  # [head_dim / 2] at every length; cos and sin times longrope_long_mscale once the batch's largest position reaches
+  # longrope_original_max_position, else longrope_short_mscale; the long factors are kept for export only (that
+  # forward never reads them)
+  longrope_short_factor: tuple[float, ...] | None = None
+  longrope_long_factor: tuple[float, ...] | None = None
+  longrope_short_mscale: float = 1.0
+  longrope_long_mscale: float = 1.0
+  longrope_original_max_position: int = 0
   # llama3 (rope_type "llama3", transformers' _compute_llama3_parameters): its frequency bands and pre-training context
   llama3_low_freq_factor: float = 1.0
   llama3_high_freq_factor: float = 4.0
   llama3_original_max_position: int = 8192
   rms_norm_eps: float = 1e-6
+  layer_norm: bool = False  # Phi-3.5-MoE: LayerNorms with bias (eps rms_norm_eps) in place of the RMSNorms
+  lm_head_bias: bool = False  # Phi-3.5-MoE: lm_head/bias [vocab] added to the logits
+  router_jitter_eps: float = 0.0  # sparsemixer's relative gap (Phi-3.5-MoE's router_jitter_noise)
   hidden_act: str = "silu"
   tie_word_embeddings: bool = False
   attn_windows: tuple[int, ...] | None = None
@@ -191,6 +210,11 @@ class MoEConfig:
            "multi-head latent attention (kv_lora_rank > 0) needs qk_nope_head_dim > 0 and v_head_dim > 0")
       need(self.num_kv_heads == self.num_heads and self.qk_norm == "none" and not self.qkv_clip,
            "multi-head latent attention has one k/v per head (num_kv_heads = num_heads), no q/k norm or clip")
+    if self.index_topk:
+      need(self.mla and self.q_lora_rank > 0 and self.index_heads > 0 and self.index_head_dim >= self.head_dim,
+           f"the indexer (index_topk={self.index_topk}) needs latent attention with a q latent (q_lora_rank > 0), "
+           f"index_heads > 0 and index_head_dim >= the RoPE width head_dim={self.head_dim}")
+    need(self.index_topk >= 0, f"index_topk must be >= 0, got {self.index_topk}")
     need(self.qk_norm in SUPPORTED_QK_NORM,
          f"qk_norm={self.qk_norm!r} is not supported (supported: {SUPPORTED_QK_NORM})")
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
@@ -211,6 +235,9 @@ class MoEConfig:
       need(self.topk_group * (self.num_experts // self.n_group) >= self.num_experts_per_tok,
            f"topk_group={self.topk_group} groups of {self.num_experts // self.n_group} experts cannot hold "
            f"num_experts_per_tok={self.num_experts_per_tok}")
+    need(self.router_scoring != "sparsemixer" or self.num_experts_per_tok == 2 or not any(self.moe_layers),
+         f"sparsemixer routing selects 2 experts per token, got num_experts_per_tok={self.num_experts_per_tok}")
+    need(not (self.layer_norm and self.norm_unit_offset), "layer_norm and norm_unit_offset exclude each other")
     need(self.router_scoring in SUPPORTED_SCORING,
          f"router_scoring={self.router_scoring!r} is not supported (supported: {SUPPORTED_SCORING})")
 
@@ -243,6 +270,12 @@ class MoEConfig:
     need(self.rotary_dim == 0 or (self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim),
          f"rotary_dim={self.rotary_dim} must be 0 (all of head_dim) or even and in (0, head_dim={self.head_dim}]")
     need(not (self.rotary_dim and self.mla), "partial RoPE (rotary_dim) is not defined for latent attention")
+    if self.rope_type == "longrope":
+      dim = self.rotary_dim or self.head_dim
+      need(all(f is not None and len(f) == dim // 2 for f in (self.longrope_short_factor, self.longrope_long_factor))
+           and self.longrope_original_max_position > 0,
+           f"longrope RoPE needs longrope_short_factor and longrope_long_factor with {dim // 2} entries each (half "
+           "the rotated width) and longrope_original_max_position > 0")
 
   @property
   def mla(self) -> bool:
@@ -290,7 +323,8 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.from_dict: unknown fields {unknown}")
     d = dict(d)
     d["moe_layers"] = tuple(bool(x) for x in d["moe_layers"])
-    for name, kind in (("attn_windows", int), ("attn_chunks", int), ("rope_layers", bool), ("linear_layers", bool)):
+    for name, kind in (("attn_windows", int), ("attn_chunks", int), ("rope_layers", bool), ("linear_layers", bool),
+                       ("longrope_short_factor", float), ("longrope_long_factor", float)):
       if d.get(name) is not None:
         d[name] = tuple(kind(x) for x in d[name])
     return cls(**d)

@@ -207,7 +207,7 @@ def forward(params: dict[str, Any], cfg: MoEConfig, tokens_bs: jax.Array,
   hidden = [x0_bsd] + hidden if return_hidden else None
   if stop_layer is not None:
     return ForwardOutput(None, (x_bsd,), taps if return_taps else None)
-  x_bsd = L.rms_norm(x_bsd, params["final_norm"]["scale"], cfg.rms_norm_eps, cfg.norm_unit_offset)
+  x_bsd = L.block_norm(params["final_norm"], x_bsd, cfg)
   if return_hidden:
     hidden[-1] = x_bsd
   return ForwardOutput(_head(params, cfg, x_bsd, logit_positions_b), tuple(hidden) if return_hidden else None,
@@ -262,7 +262,7 @@ def _inputs(params, cfg: MoEConfig, tokens_bs, positions_bs, start_layer: int, s
     x_bsd = params["embed"]["embedding"][tokens_bs]
     if cfg.embedding_multiplier != 1.0:
       x_bsd = x_bsd * jnp.asarray(cfg.embedding_multiplier, x_bsd.dtype)
-  cos_bsc, sin_bsc = rope.tables(positions_bs, *rope.frequencies(cfg))
+  cos_bsc, sin_bsc = rope.position_tables(cfg, positions_bs)
   nope_q_bs = None
   if cfg.nope_attn_scale and not all(cfg.rope_on(i) for i in range(cfg.num_layers)):
     at_bs = positions_bs if segments_bs is not None else jnp.broadcast_to(jnp.arange(s), (b, s))
@@ -291,12 +291,12 @@ def _residual(cfg: MoEConfig, x_bsd, y_bsd):
 
 def _attention_half(lp, cfg: MoEConfig, i: int, x_bsd, rope_in: RopeIn, mask):
   """(residual stream after attention, the normed MLP input) of decoder layer ``i``."""
-  h_bsd = L.rms_norm(x_bsd, lp["attn_norm"]["scale"], cfg.rms_norm_eps, cfg.norm_unit_offset)
+  h_bsd = L.block_norm(lp["attn_norm"], x_bsd, cfg)
   if cfg.linear_on(i):
     a_bsd = gated_deltanet(lp["linear_attn"], h_bsd, mask, cfg.rms_norm_eps, cfg.hidden_act)
   elif cfg.mla:
     a_bsd = L.mla_attention(lp["attn"], h_bsd, rope_in.cos_bsc, rope_in.sin_bsc, mask, cfg.qk_nope_head_dim,
-                            rope.mla_scale(cfg), cfg.rope_interleave)
+                            rope.mla_scale(cfg), cfg.rope_interleave, cfg.index_topk)
   else:
     on = cfg.rope_on(i)
     a_bsd = L.attention(lp["attn"], h_bsd, rope_in.cos_bsc if on else None, rope_in.sin_bsc if on else None, mask,
@@ -304,7 +304,7 @@ def _attention_half(lp, cfg: MoEConfig, i: int, x_bsd, rope_in: RopeIn, mask):
                         l2_norm=on and cfg.qk_norm == "l2", q_scale_bs=None if on else rope_in.nope_q_bs,
                         norm_offset=cfg.norm_unit_offset)
   x_bsd = _residual(cfg, x_bsd, a_bsd)
-  return x_bsd, L.rms_norm(x_bsd, lp["mlp_norm"]["scale"], cfg.rms_norm_eps, cfg.norm_unit_offset)
+  return x_bsd, L.block_norm(lp["mlp_norm"], x_bsd, cfg)
 
 
 def mlp_inputs(params, cfg: MoEConfig, tokens_bs, attention_mask_bs=None, *, layers, start_layer: int = 0,
@@ -347,6 +347,8 @@ def _head(params, cfg: MoEConfig, x_bsd, logit_positions_b=None):
     x_bsd = jnp.take_along_axis(x_bsd, logit_positions_b[:, None, None], axis=1)[:, 0]
   head_dv = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
   logits = L.dot(x_bsd, head_dv)
+  if "bias" in params.get("lm_head", {}):  # Phi-3.5-MoE
+    logits = logits + params["lm_head"]["bias"]
   if cfg.logits_scaling != 1.0:  # Granite
     logits = logits / jnp.asarray(cfg.logits_scaling, logits.dtype)
   return logits.astype(jnp.float32)

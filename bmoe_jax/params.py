@@ -5,6 +5,7 @@ Layout (``torch [out, in]`` weights are stored transposed, ``[in, out]``; expert
 
   embed/embedding [vocab, d]                 final_norm/scale [d]      lm_head/kernel [d, vocab]
   layers/i/attn_norm/scale [d]               layers/i/mlp_norm/scale [d]
+  (Phi-3.5-MoE: every norm's bias [d], lm_head/bias [vocab])
   layers/i/attn/{wq [d,h,c], wk [d,kv,c], wv [d,kv,c], wo [h,c,d], bq [h,c], bk/bv [kv,c], bo [d]}
                 q_norm/k_norm: [c] (qk_norm "head") or [h,c] / [kv,c] ("full"); output gate wg [d,h,c] (bg [h,c])
   linear attention layer (Gated DeltaNet; k key heads of width c, h value heads of width v, conv width w):
@@ -12,7 +13,8 @@ Layout (``torch [out, in]`` weights are stored transposed, ``[in, out]``; expert
                         dt_bias, a_log [h], norm [v], wo [h,v,d]}
   MLA (DeepSeek-V2/V3; n nope, r rope = head_dim, v value widths, q / l the q / kv latent ranks):
   layers/i/attn/{wq [d,h,n+r] | wq_a [d,q], q_a_norm [q], wq_b [q,h,n+r]; wkv_a [d,l+r], kv_a_norm [l],
-                 wkv_b [l,h,n+v], wo [h,v,d]; with attention bias bq_a [q], bkv_a [l+r], bo [d]}
+                 wkv_b [l,h,n+v], wo [h,v,d]; with attention bias bq_a [q], bkv_a [l+r], bo [d];
+                 DeepSeek-V3.2's indexer/{wq [q,i,c], wk [d,c], k_norm, k_norm_bias [c], w_weights [d,i]}}
   dense layer: layers/i/mlp/{w_gate [d,f], w_up [d,f], w_down [f,d]}
   MoE layer:   layers/i/mlp/router/kernel [d,e]   (router/bias [e]: a selection bias, DeepSeek-V3)
                layers/i/mlp/experts/{w_gate [e,d,f], w_up [e,d,f], w_down [e,f,d]}
@@ -67,6 +69,12 @@ def _mla_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
                "kv_a_norm": ParamSpec((l,), ("lora",), "ones"),
                "wkv_b": ParamSpec((l, h, n + v), ("lora", "heads", "head_dim"), "normal"),
                "wo": ParamSpec((h, v, d), ("heads", "head_dim", "embed"), "normal")})
+  if cfg.index_topk:  # DeepSeek-V3.2's indexer (small: replicated)
+    i, c = cfg.index_heads, cfg.index_head_dim
+    attn["indexer"] = {"wq": ParamSpec((q, i, c), ("lora", None, None), "normal"),
+                       "wk": ParamSpec((d, c), ("embed", None), "normal"), "k_norm": ParamSpec((c,), (None,), "ones"),
+                       "k_norm_bias": ParamSpec((c,), (None,), "zeros"),
+                       "w_weights": ParamSpec((d, i), ("embed", None), "normal")}
   if cfg.qkv_bias:  # DeepSeek's attention_bias: on the two down-projections and o_proj
     if q:
       attn["bq_a"] = ParamSpec((q,), ("lora",), "zeros")
@@ -154,19 +162,28 @@ def layer_specs(cfg: MoEConfig, i: int) -> dict[str, Any]:
   else:
     mlp = _mlp_specs(d, cfg.intermediate_size)
   mixer = {"linear_attn": _linear_attention_specs(cfg)} if cfg.linear_on(i) else {"attn": _attention_specs(cfg)}
-  return {"attn_norm": {"scale": ParamSpec((d,), ("embed",), _norm_init(cfg))},
-          "mlp_norm": {"scale": ParamSpec((d,), ("embed",), _norm_init(cfg))},
-          **mixer, "mlp": mlp}
+  return {"attn_norm": _norm_specs(cfg), "mlp_norm": _norm_specs(cfg), **mixer, "mlp": mlp}
+
+
+def _norm_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
+  """A block norm: scale [d] (and bias [d] for a LayerNorm, ``layer_norm``)."""
+  d = cfg.hidden_size
+  out = {"scale": ParamSpec((d,), ("embed",), _norm_init(cfg))}
+  if cfg.layer_norm:
+    out["bias"] = ParamSpec((d,), ("embed",), "zeros")
+  return out
 
 
 def param_specs(cfg: MoEConfig) -> dict[str, Any]:
   specs: dict[str, Any] = {
       "embed": {"embedding": ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal")},
       "layers": [layer_specs(cfg, i) for i in range(cfg.num_layers)],
-      "final_norm": {"scale": ParamSpec((cfg.hidden_size,), ("embed",), _norm_init(cfg))},
+      "final_norm": _norm_specs(cfg),
   }
   if not cfg.tie_word_embeddings:
     specs["lm_head"] = {"kernel": ParamSpec((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal")}
+  if cfg.lm_head_bias:
+    specs.setdefault("lm_head", {})["bias"] = ParamSpec((cfg.vocab_size,), ("vocab",), "zeros")
   return specs
 
 
@@ -259,8 +276,14 @@ def block_dims(cfg: MoEConfig, blk: Block) -> tuple[int, int, int]:
 
 def head_rows(params, class_ids) -> jax.Array:
   """The LM head's answer rows W [d, C] (the tied embedding's when the model has no ``lm_head``)."""
-  head_dv = params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]["embedding"].T
+  head_dv = params["lm_head"]["kernel"] if "kernel" in params.get("lm_head", {}) else params["embed"]["embedding"].T
   return head_dv[:, jnp.asarray(class_ids)]
+
+
+def head_bias(params, class_ids) -> jax.Array | None:
+  """The LM head's bias at the answer rows [C] (Phi-3.5-MoE's ``lm_head/bias``); None for a head without one."""
+  bias_v = params.get("lm_head", {}).get("bias")
+  return None if bias_v is None else bias_v[jnp.asarray(class_ids)]
 
 
 def read_block(params, key, class_ids=None) -> jax.Array:

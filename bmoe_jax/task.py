@@ -157,7 +157,8 @@ class Task:
 
   def features(self, params, batch: Batch) -> jax.Array:
     """phi [b, d]: the final normed hidden state at each answer position (the LM head's input), divided by
-    ``logits_scaling`` (Granite) so that phi @ W is the model's logits."""
+    ``logits_scaling`` (Granite) so that phi @ W is the model's logits (plus the head's bias, if it has one:
+    ``params.head_bias``)."""
     from bmoe_jax.model import forward
 
     if batch.cont is not None:

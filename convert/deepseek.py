@@ -1,5 +1,6 @@
-"""The DeepSeek families: DeepSeek-MoE V1 (the hub's remote code), DeepSeek-V2 and DeepSeek-V3 (transformers'
-classes): multi-head latent attention, yarn RoPE, shared experts, group-limited and sigmoid routing.
+"""The DeepSeek families: DeepSeek-MoE V1 (the hub's remote code), DeepSeek-V2, DeepSeek-V3 and DeepSeek-V3.2
+(transformers' classes): multi-head latent attention, yarn RoPE, shared experts, group-limited and sigmoid routing;
+V3.2's lightning indexer (DeepSeek Sparse Attention).
 
 Where the hub's remote code and transformers disagree, the converter follows transformers and refuses the
 configurations on which they differ (V2's ``norm_topk_prob``, which transformers ignores).
@@ -8,6 +9,8 @@ configurations on which they differ (V2's ``norm_topk_prob``, which transformers
 from __future__ import annotations
 
 from convert.family_table import COMMON_RULES, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules
+
+_INDEXER = LAYER + r"self_attn\.indexer\."
 
 
 def _build_deepseek_v1(g, common: dict) -> dict:
@@ -171,3 +174,43 @@ DEEPSEEK_V3 = Family(
         SHARED_EXPERTS, SELECTION_BIAS),
     aliases=(("num_local_experts", "n_routed_experts"), ("num_mtp_layers", "num_nextn_predict_layers")),
     skip_layers_past_end=True)
+
+
+def _build_deepseek_v32(g, common: dict) -> dict:
+  """V3's architecture (MLA with a q latent, RoPE on interleaved pairs, sigmoid noaux_tc routing) with the lightning
+  indexer on every layer; the MLP pattern from ``mlp_layer_types`` (else first_k_dense_replace)."""
+  if not g("q_lora_rank"):
+    g.fail(f"q_lora_rank={g('q_lora_rank')!r}: DeepSeek-V3.2's indexer reads the q latent (a positive rank)")
+  n = common["num_layers"]
+  types = g("layer_types")
+  if types is not None and list(types) != ["indexed_attention"] * n:
+    g.fail(f"layer_types={types}: transformers' DeepSeek-V3.2 has {n} indexed_attention layers")
+  if not g("rope_interleave"):
+    g.fail("rope_interleave=false: transformers' DeepSeek-V3.2 always rotates interleaved pairs")
+  out = _build_deepseek_v3(g, common)
+  mlp_types = g("mlp_layer_types")
+  if mlp_types is not None:
+    if len(mlp_types) != n or set(mlp_types) - {"dense", "sparse"}:
+      g.fail(f"mlp_layer_types={mlp_types}: expected {n} entries, each dense or sparse")
+    out["moe_layers"] = tuple(t == "sparse" for t in mlp_types)
+  topk, heads, width = int(g("index_topk")), int(g("index_n_heads")), int(g("index_head_dim"))
+  if min(topk, heads, width) < 1:
+    g.fail(f"index_topk={topk}, index_n_heads={heads}, index_head_dim={width} must be positive")
+  return dict(out, index_topk=topk, index_heads=heads, index_head_dim=width)
+
+
+DEEPSEEK_V32 = Family(
+    name="deepseek_v32", model_types=("deepseek_v32",), architectures=("DeepseekV32ForCausalLM",),
+    handled=_V2_HANDLED | {"rope_interleave", "head_dim", "index_topk", "index_head_dim", "index_n_heads",
+                           "mlp_layer_types", "layer_types"},
+    ignored=DEEPSEEK_V3.ignored,
+    # transformers' DeepseekV32Config defaults (DeepSeek-V3.2's sizes)
+    defaults=dict(DEEPSEEK_V3.defaults, max_position_embeddings=163840, index_topk=2048, index_head_dim=128,
+                  index_n_heads=64, mlp_layer_types=None, layer_types=None, head_dim=64, moe_layer_freq=None),
+    build=_build_deepseek_v32,
+    rules=DEEPSEEK_V3.rules + tuple(
+        Rule(_INDEXER + hf, f"layers/{{layer}}/attn/indexer/{ours}", kind)
+        for hf, ours, kind in ((r"wq_b\.weight", "wq", "linear"), (r"wk\.weight", "wk", "linear"),
+                               (r"k_norm\.weight", "k_norm", "copy"), (r"k_norm\.bias", "k_norm_bias", "copy"),
+                               (r"weights_proj\.weight", "w_weights", "linear"))),
+    aliases=DEEPSEEK_V3.aliases, skip_layers_past_end=True)

@@ -14,6 +14,8 @@ from bmoe_jax.files import write_json
 from convert.builder import flat_specs
 from convert import gpt_oss as GO
 from convert import llama4 as L4
+from convert import phimoe as PM
+from convert import qwen3_next as QN
 from convert.errors import ConversionError
 from convert.safetensors_io import save_file
 
@@ -42,7 +44,15 @@ DISK = {
     # Llama-4: everything MLP under feed_forward; fused experts (``convert.llama4.hf_expert_tensors``)
     "llama4_text": dict(block="feed_forward", proj=_PROJ, router="feed_forward.router", shared="feed_forward.shared_expert",
                         dense="feed_forward", fused=L4),
+    "deepseek_v32": dict(block="mlp", proj=_PROJ, shared="mlp.shared_experts"),
+    "phimoe": dict(block="block_sparse_moe", proj={"gate": "w1", "up": "w3", "down": "w2"}),  # the release's layout
+    # Qwen3-Next / Qwen3.5: the gated q_proj and the linear attention written by ``convert.qwen3_next``
+    "qwen3_next": dict(block="mlp", proj=_PROJ, shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate",
+                       mixer=QN),
+    "qwen3_5_moe_text": dict(block="mlp", proj=_PROJ, shared="mlp.shared_expert",
+                             shared_gate="mlp.shared_expert_gate", mixer=QN),
 }
+_MIXER_OWN = {"wq", "wg", "bq", "bg"}  # the attention parameters a family's mixer hook writes itself
 # attention parameter -> its HF name under self_attn (MLA's too; norms and biases included)
 _ATTN = {"wq": "q_proj.weight", "wk": "k_proj.weight", "wv": "v_proj.weight", "wo": "o_proj.weight",
          "bq": "q_proj.bias", "bk": "k_proj.bias", "bv": "v_proj.bias", "bo": "o_proj.bias",
@@ -50,6 +60,9 @@ _ATTN = {"wq": "q_proj.weight", "wk": "k_proj.weight", "wv": "v_proj.weight", "w
          "q_a_norm": "q_a_layernorm.weight", "wq_b": "q_b_proj.weight", "wkv_a": "kv_a_proj_with_mqa.weight",
          "bkv_a": "kv_a_proj_with_mqa.bias", "kv_a_norm": "kv_a_layernorm.weight", "wkv_b": "kv_b_proj.weight",
          "sinks": "sinks"}
+# DeepSeek-V3.2's indexer parameter -> its HF name under self_attn.indexer
+_INDEXER = {"wq": "wq_b.weight", "wk": "wk.weight", "k_norm": "k_norm.weight", "k_norm_bias": "k_norm.bias",
+            "w_weights": "weights_proj.weight"}
 
 
 def _need(cond: bool, family: str, msg: str):
@@ -80,6 +93,10 @@ def _rope_scaling(cfg: MoEConfig) -> dict[str, Any] | None:
   if cfg.rope_type == "llama3":
     out.update(low_freq_factor=cfg.llama3_low_freq_factor, high_freq_factor=cfg.llama3_high_freq_factor,
                original_max_position_embeddings=cfg.llama3_original_max_position)
+  if cfg.rope_type == "longrope":
+    return {"rope_type": "longrope", "short_factor": list(cfg.longrope_short_factor),
+            "long_factor": list(cfg.longrope_long_factor), "short_mscale": cfg.longrope_short_mscale,
+            "long_mscale": cfg.longrope_long_mscale, "original_max_position_embeddings": cfg.longrope_original_max_position}
   if cfg.rope_type == "yarn":
     out.update(original_max_position_embeddings=cfg.yarn_original_max_position, beta_fast=cfg.yarn_beta_fast,
                beta_slow=cfg.yarn_beta_slow, truncate=cfg.yarn_truncate)
@@ -261,8 +278,22 @@ def _deepseek(cfg: MoEConfig, family: str) -> dict[str, Any]:
     return dict(out, architectures=["DeepseekV2ForCausalLM"], topk_method=cfg.topk_method, norm_topk_prob=False,
                 scoring_func="softmax")
   _v3_routing(cfg, family)
-  return dict(out, architectures=["DeepseekV3ForCausalLM"], norm_topk_prob=cfg.norm_topk_prob,
-              rope_interleave=cfg.rope_interleave, topk_method="noaux_tc", scoring_func="sigmoid")
+  out.update(norm_topk_prob=cfg.norm_topk_prob, rope_interleave=cfg.rope_interleave, topk_method="noaux_tc",
+             scoring_func="sigmoid", architectures=["DeepseekV3ForCausalLM"])
+  if family == "deepseek_v32":
+    _need(cfg.index_topk and cfg.q_lora_rank and cfg.rope_interleave, family,
+          "the lightning indexer over a q latent, RoPE on interleaved pairs")
+    out.update(architectures=["DeepseekV32ForCausalLM"], index_topk=cfg.index_topk, index_n_heads=cfg.index_heads,
+               index_head_dim=cfg.index_head_dim)
+  return out
+
+
+def _qwen_hybrid(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  return dict(_common(cfg, False), **QN.hf_config(cfg, lambda cond, msg: _need(cond, family, msg), family))
+
+
+def _phimoe(cfg: MoEConfig, family: str) -> dict[str, Any]:
+  return dict(_common(cfg, False), **PM.hf_config(cfg, lambda cond, msg: _need(cond, family, msg)))
 
 
 def _gpt_oss(cfg: MoEConfig, family: str) -> dict[str, Any]:
@@ -298,13 +329,15 @@ _HF = {"qwen2_moe": (_qwen2_moe, ("none",)), "qwen3_moe": (_qwen3_moe, ("head",)
        "deepseek_v2": (_deepseek, ("none",)), "deepseek_v3": (_deepseek, ("none",)),
        "glm4_moe": (_glm4_moe, ("none", "head")), "minimax_m2": (_minimax_m2, ("full",)),
        "ernie4_5_moe": (_ernie4_5_moe, ("none",)), "gpt_oss": (_gpt_oss, ("none",)),
-       "llama4_text": (_llama4_text, ("none", "l2"))}
-DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+       "llama4_text": (_llama4_text, ("none", "l2")), "deepseek_v32": (_deepseek, ("none",)),
+       "phimoe": (_phimoe, ("none",)), "qwen3_next": (_qwen_hybrid, ("head",)),
+       "qwen3_5_moe_text": (_qwen_hybrid, ("head",))}
+DEEPSEEK = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 SCALED_GROUPED = DEEPSEEK + ("glm4_moe",)  # routed_scaling_factor, group selection
 SIGMOID = SCALED_GROUPED + ("minimax_m2",)  # sigmoid scores
 SELECTION_BIAS = SIGMOID + ("ernie4_5_moe",)  # a per-expert selection bias
 INTERLEAVED_ROPE = DEEPSEEK + ("ernie4_5_moe", "llama4_text")
-PARTIAL_ROPE = ("glm4_moe", "minimax_m2")
+PARTIAL_ROPE = ("glm4_moe", "minimax_m2", "qwen3_next", "qwen3_5_moe_text")
 
 
 def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
@@ -320,7 +353,8 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   granite = family.startswith("granitemoe")
   _need(granite or (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier,
                     cfg.logits_scaling) == (1.0, 0.0, 1.0, 1.0), family, "Granite's multipliers / logits_scaling")
-  _need(family in SIGMOID + ("llama4_text",) or cfg.router_scoring == "softmax", family,
+  _need(family in SIGMOID + ("llama4_text",) or cfg.router_scoring == "softmax"
+        or (family, cfg.router_scoring) == ("phimoe", "sparsemixer"), family,
         f"router_scoring={cfg.router_scoring!r}")
   _need(family in SELECTION_BIAS or not cfg.router_bias, family, "a per-expert selection bias")
   _need(grouped or cfg.topk_method == "greedy", family, "group-limited selection (DeepSeek-V2/V3, GLM-4.5 only)")
@@ -331,8 +365,12 @@ def hf_config(cfg: MoEConfig, family: str) -> dict[str, Any]:
   _need(family == "llama4_text" or not (cfg.router_on_input or cfg.rope_layers or cfg.attn_chunks
                                         or cfg.qk_norm == "l2"),
         family, "an input-side router score, NoPE or chunked layers or the weightless q/k norm (Llama-4 only)")
-  _need(not (cfg.linear_on_any or cfg.attn_output_gate or cfg.norm_unit_offset), family,
-        "linear attention, the attention's output gate or norms by 1 + w (Qwen3-Next / Qwen3.5, not exported yet)")
+  _need(family == "deepseek_v32" or not cfg.index_topk, family, "the lightning indexer (DeepSeek-V3.2 only)")
+  _need(family == "phimoe" or not (cfg.layer_norm or cfg.lm_head_bias or cfg.rope_type == "longrope"), family,
+        "LayerNorms, an LM head bias or longrope RoPE (Phi-3.5-MoE only)")
+  _need(family in ("qwen3_next", "qwen3_5_moe_text") or not (
+      cfg.linear_on_any or cfg.attn_output_gate or cfg.norm_unit_offset), family,
+        "linear attention, the attention's output gate or norms by 1 + w (Qwen3-Next / Qwen3.5 only)")
   return build(cfg, family)
 
 
@@ -346,10 +384,13 @@ def _layer_tensor(out: dict, disk: dict, parts: list[str], a: np.ndarray) -> Non
   written after the loop (``hf_tensors``)."""
   i, group, name = parts[1], parts[2], parts[-1]
   pre = f"model.layers.{i}."
-  if group == "attn_norm":
-    out[pre + "input_layernorm.weight"] = a
-  elif group == "mlp_norm":
-    out[pre + "post_attention_layernorm.weight"] = a
+  if group in ("attn_norm", "mlp_norm"):  # the scale, or a LayerNorm's bias (Phi-3.5-MoE)
+    norm = "input_layernorm" if group == "attn_norm" else "post_attention_layernorm"
+    out[pre + f"{norm}.{'bias' if name == 'bias' else 'weight'}"] = a
+  elif group == "linear_attn" or (group == "attn" and "mixer" in disk and name in _MIXER_OWN):
+    return  # written by the family's mixer hook (``hf_tensors``)
+  elif group == "attn" and parts[3] == "indexer":  # DeepSeek-V3.2
+    out[pre + "self_attn.indexer." + _INDEXER[name]] = _linear(a) if name[0] == "w" else a
   elif group == "attn":
     out[pre + "self_attn." + _ATTN[name]] = _linear(a, 2 if name == "wo" else 1) if name[0] == "w" else \
         a.reshape(-1)
@@ -389,14 +430,24 @@ def hf_tensors(cfg: MoEConfig, params: dict[str, Any], family: str) -> dict[str,
     parts = path.split("/")
     if path == "embed/embedding":
       out["model.embed_tokens.weight"] = a
-    elif path == "final_norm/scale":
-      out["model.norm.weight"] = a
+    elif path in ("final_norm/scale", "final_norm/bias"):
+      out["model.norm." + ("bias" if path.endswith("bias") else "weight")] = a
     elif path == "lm_head/kernel":
       out["lm_head.weight"] = _linear(a)
+    elif path == "lm_head/bias":  # Phi-3.5-MoE
+      out["lm_head.bias"] = a
     else:
       _layer_tensor(out, disk, parts, a)
   if family.startswith("granitemoe"):
     _granite_layout(out, cfg)
+  if "mixer" in disk:
+    layers = {i: {} for i in range(cfg.num_layers)}
+    for path, a in flat.items():
+      parts = path.split("/")
+      if parts[0] == "layers" and parts[2] in ("attn", "linear_attn"):
+        layers[int(parts[1])].setdefault(parts[2], {})[parts[-1]] = a
+    for i, layer in layers.items():
+      out.update(disk["mixer"].hf_mixer_tensors(cfg, layer, f"model.layers.{i}.", family))
   if disk.get("fused"):
     out.update(disk["fused"].hf_expert_tensors(cfg, lambda i: {n.split("/")[-1]: a for n, a in flat.items()
                                                                if n.startswith(f"layers/{i}/mlp/experts/")}))

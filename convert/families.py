@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import warnings
 
-from convert.deepseek import DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3
+from convert.deepseek import DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32
 from convert.ernie import ERNIE4_5_MOE
 from convert.errors import ConversionError
 from convert.glm import GLM4_MOE
 from convert.gpt_oss import GPT_OSS
 from convert.llama4 import LLAMA4_TEXT
 from convert.minimax import MINIMAX_M2
+from convert.phimoe import PHIMOE
 from convert.qwen3_next import QWEN3_5_MOE_TEXT, QWEN3_NEXT
 from convert.family_table import (COMMON_RULES, EXPERTS, GATE_UP_DOWN, LAYER, Family, Rule, routed_rules,
                                   sparse_layers, windows)
@@ -226,7 +227,8 @@ LLAMA = Family(
     build=_build_llama, rules=COMMON_RULES)
 
 FAMILIES = (QWEN2_MOE, QWEN3_MOE, OLMOE, GRANITEMOE, GRANITEMOE_SHARED, MIXTRAL, DEEPSEEK_V1, DEEPSEEK_V2, DEEPSEEK_V3,
-            GLM4_MOE, MINIMAX_M2, ERNIE4_5_MOE, GPT_OSS, LLAMA4_TEXT, QWEN3_NEXT, QWEN3_5_MOE_TEXT, LLAMA)
+            DEEPSEEK_V32,
+            GLM4_MOE, MINIMAX_M2, ERNIE4_5_MOE, GPT_OSS, LLAMA4_TEXT, QWEN3_NEXT, QWEN3_5_MOE_TEXT, PHIMOE, LLAMA)
 
 
 # model_types that are one of our families under another name, and that family (their configs and tensors are its)

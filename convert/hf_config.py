@@ -27,6 +27,8 @@ COMMON_HANDLED = frozenset({
 })
 _ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor", "partial_rotary_factor"}
 _LLAMA3_KEYS = {"original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}
+_LONGROPE_KEYS = {"original_max_position_embeddings", "short_factor", "long_factor", "short_mscale", "long_mscale",
+                  "attention_factor"}
 _YARN_KEYS = {"original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
               "attention_factor", "truncate"}
 
@@ -118,9 +120,10 @@ def _rope(g: Getter) -> dict[str, Any]:
     theta, scaling = params["rope_theta"], params
   scaling = scaling or {}
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-  if rope_type not in ("default", "linear", "yarn", "llama3"):
-    g.fail(f"rope type {rope_type!r} is not supported (supported: default, linear, yarn, llama3)")
-  known = _ROPE_KEYS | {"yarn": _YARN_KEYS, "llama3": _LLAMA3_KEYS}.get(rope_type, set())
+  types = ("default", "linear", "yarn", "llama3") + (("longrope",) if "short_mscale" in g.handled else ())
+  if rope_type not in types:
+    g.fail(f"rope type {rope_type!r} is not supported by this family (supported: {', '.join(types)})")
+  known = _ROPE_KEYS | {"yarn": _YARN_KEYS, "llama3": _LLAMA3_KEYS, "longrope": _LONGROPE_KEYS}.get(rope_type, set())
   if "mrope_section" in g.handled:  # multimodal RoPE sections: plain RoPE on text (its position ids coincide)
     known = known | {"mrope_section", "mrope_interleaved"}
   unknown = sorted(set(scaling) - known)
@@ -132,6 +135,8 @@ def _rope(g: Getter) -> dict[str, Any]:
              rope_factor=float(scaling["factor"]) if rope_type == "linear" else 1.0)
   if rope_type == "yarn":
     out.update(_yarn(g, scaling))
+  if rope_type == "longrope":
+    out.update(_longrope(g, scaling))
   if rope_type == "llama3":
     missing = sorted(_LLAMA3_KEYS - set(scaling))
     if missing:
@@ -170,6 +175,26 @@ def _rotary_dim(g: Getter, head_dim: int) -> int:
     g.fail(f"partial_rotary_factor={factor:g}: expected a factor in (0, 1] giving an even number of rotated "
            f"dimensions of head_dim={head_dim} (got {dim})")
   return dim
+
+
+def _longrope(g: Getter, scaling: dict) -> dict[str, Any]:
+  """Phi-3.5-MoE's longrope as transformers' PhimoeRotaryEmbedding runs it: the short factors at every length (its
+  forward recomputes the frequencies without the sequence length), the mscales switched by the batch's length;
+  long_factor (kept for export) and attention_factor have no effect there."""
+  missing = sorted({"short_factor", "long_factor", "short_mscale", "long_mscale",
+                    "original_max_position_embeddings"} - set(scaling))
+  if missing:
+    g.fail(f"longrope rope scaling needs {missing}")
+  for name in ("short_factor", "long_factor"):
+    if not isinstance(scaling[name], list) or not all(isinstance(v, (int, float)) for v in scaling[name]):
+      g.fail(f"rope parameter {name}={scaling[name]!r}: expected a list of numbers")
+  if len(scaling["short_factor"]) != len(scaling["long_factor"]):
+    g.fail(f"short_factor and long_factor have {len(scaling['short_factor'])} and {len(scaling['long_factor'])} "
+           "entries: expected one per rotated pair each")
+  return dict(longrope_short_factor=tuple(float(v) for v in scaling["short_factor"]),
+              longrope_long_factor=tuple(float(v) for v in scaling["long_factor"]),
+              longrope_short_mscale=float(scaling["short_mscale"]), longrope_long_mscale=float(scaling["long_mscale"]),
+              longrope_original_max_position=int(scaling["original_max_position_embeddings"]))
 
 
 def _yarn(g: Getter, scaling: dict) -> dict[str, Any]:

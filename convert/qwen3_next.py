@@ -176,3 +176,51 @@ QWEN3_5_MOE_TEXT = Family(
         Rule(_LIN + r"in_proj_qkv\.weight", (_T + "wq", _T + "wk", _T + "wv"), "split", split=_split_qkv),
         Rule(_LIN + r"in_proj_(?P<proj>[zab])\.weight", _T + "w{proj}", "linear"),
     ))
+
+
+def hf_config(cfg, need, family: str) -> dict:
+  """The ``qwen3_next`` / ``qwen3_5_moe_text`` config.json of ``cfg`` (the inverse of the gates above; ``need(cond,
+  msg)`` refuses what has no equivalent), without the model's common fields (``export._common`` adds them)."""
+  need(cfg.linear_on_any and cfg.attn_output_gate and cfg.norm_unit_offset and cfg.qk_norm == "head"
+       and cfg.qkv_bias == cfg.attn_out_bias and not cfg.attn_windows,
+       "Gated DeltaNet layers, gated attention with the per-head q/k norm, norms by 1 + w, no sliding window")
+  need(cfg.shared_expert_gate and cfg.router_scoring == "softmax" and cfg.norm_topk_eps == 0.0,
+       "softmax top-k routing and a sigmoid-gated shared expert")
+  out = dict(model_type=family, moe_intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
+             num_experts_per_tok=cfg.num_experts_per_tok, shared_expert_intermediate_size=cfg.shared_expert_size,
+             attention_bias=cfg.qkv_bias, linear_num_key_heads=cfg.linear_k_heads,
+             linear_num_value_heads=cfg.linear_v_heads, linear_key_head_dim=cfg.linear_k_dim,
+             linear_value_head_dim=cfg.linear_v_dim, linear_conv_kernel_dim=cfg.linear_conv_width,
+             layer_types=["linear_attention" if cfg.linear_on(i) else "full_attention" for i in range(cfg.num_layers)])
+  if family == "qwen3_5_moe_text":
+    need(all(cfg.moe_layers) and cfg.norm_topk_prob, "MoE on every layer, renormalised (Qwen3.5 always is)")
+    return dict(out, architectures=["Qwen3_5MoeForCausalLM"])
+  return dict(out, architectures=["Qwen3NextForCausalLM"], intermediate_size=cfg.intermediate_size,
+              norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+              mlp_only_layers=[i for i, m in enumerate(cfg.moe_layers) if not m])
+
+
+def hf_mixer_tensors(cfg, layer: dict, pre: str, family: str) -> dict:
+  """One layer's token-mixer tensors under their HF names (``pre`` = "model.layers.{i}."): the gated q_proj (query and
+  gate rows per head, and its bias), or the linear attention's projections fused as ``family`` stores them."""
+  if "attn" in layer:
+    a = layer["attn"]
+    h, c = a["wq"].shape[1:]
+    out = {pre + "self_attn.q_proj.weight": np.concatenate([a["wq"], a["wg"]], -1).reshape(-1, h * 2 * c).T}
+    if "bq" in a:
+      out[pre + "self_attn.q_proj.bias"] = np.concatenate([a["bq"], a["bg"]], -1).reshape(-1)
+    return out
+  p, la = layer["linear_attn"], pre + "linear_attn."
+  d, k, _ = p["wq"].shape
+  out = {la + "conv1d.weight": np.concatenate([p[n].reshape(p[n].shape[0], -1) for n in ("conv_q", "conv_k", "conv_v")],
+                                              -1).T[:, None],
+         la + "dt_bias": p["dt_bias"], la + "A_log": p["a_log"], la + "norm.weight": p["norm"],
+         la + "out_proj.weight": p["wo"].reshape(-1, d).T}
+  if family == "qwen3_5_moe_text":
+    out[la + "in_proj_qkv.weight"] = np.concatenate([p[n].reshape(d, -1) for n in ("wq", "wk", "wv")], -1).T
+    out.update({la + f"in_proj_{n}.weight": p["w" + n].reshape(d, -1).T for n in "zab"})
+    return out
+  grouped = [p[n].reshape(d, k, -1) for n in ("wq", "wk", "wv", "wz")]  # per key head: q, k, its value heads' v, z
+  out[la + "in_proj_qkvz.weight"] = np.concatenate(grouped, -1).reshape(d, -1).T
+  out[la + "in_proj_ba.weight"] = np.concatenate([p[n].reshape(d, k, -1) for n in ("wb", "wa")], -1).reshape(d, -1).T
+  return out

@@ -16,8 +16,8 @@ import numpy as np
 from bmoe_jax.files import write_json
 
 FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "mixtral", "deepseek_v1", "deepseek_v2",
-            "deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "gpt_oss", "llama4_text", "qwen3_next",
-            "qwen3_5_moe_text", "llama")
+            "deepseek_v3", "deepseek_v32", "glm4_moe", "minimax_m2", "ernie4_5_moe", "gpt_oss", "llama4_text",
+            "qwen3_next", "qwen3_5_moe_text", "phimoe", "llama")
 
 _SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
@@ -96,6 +96,17 @@ def _deepseek_v3(overrides: dict):
   return DeepseekV3ForCausalLM(DeepseekV3Config(**kw)), None
 
 
+def _deepseek_v32(overrides: dict):
+  """V3's architecture with the lightning indexer: 16 index heads of width 8 keep the 4 best of the visible keys.
+  A key whose every index head scores <= 0 scores exactly 0, and a tie at the cut is where torch.topk's choice is
+  unspecified: with 4 heads the test batches have such ties, with 16 none."""
+  from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+  kw = dict(_MLA, q_lora_rank=10, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+            index_topk=4, index_n_heads=16, index_head_dim=8)
+  kw.update(overrides)
+  return DeepseekV32ForCausalLM(DeepseekV32Config(**kw)), None
+
+
 def _glm4_moe(overrides: dict):
   """Partial RoPE over half of head_dim 12 (3 rotated pairs and 3 pairs passed), q/k/v biases, a dense first
   layer, sigmoid routing with selection bias over 2 groups, renormalised and scaled, one shared expert."""
@@ -164,6 +175,20 @@ def _qwen3_next(overrides: dict):
 def _qwen3_5_moe_text(overrides: dict):
   from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
   return Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**dict(_HYBRID, **overrides))), None
+
+
+def _phimoe(overrides: dict):
+  """LayerNorms, q/k/v/o and LM-head biases, longrope (factors and mscales drawn away from 1; the 11-token test
+  batches pass its original context of 8, so the long mscale applies), the sparsemixer with a wide window (0.4:
+  several experts share each softmax)."""
+  from transformers import PhimoeConfig, PhimoeForCausalLM
+  kw = dict(_SMALL, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, attention_bias=True,
+            lm_head_bias=True, router_jitter_noise=0.4,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.5, 2.0, 3.0],
+                             "long_factor": [1.2, 2.0, 4.0, 8.0], "short_mscale": 1.1, "long_mscale": 1.3,
+                             "original_max_position_embeddings": 8})
+  kw.update(overrides)
+  return PhimoeForCausalLM(PhimoeConfig(**kw)), None
 
 
 def _llama(overrides: dict):
@@ -270,10 +295,11 @@ def make_checkpoint(family: str, out_dir: str | Path, seed: int = 0, std: float 
   torch.manual_seed(seed)
   model, v1_config = {"qwen2_moe": _qwen, "qwen3_moe": _qwen3, "olmoe": _olmoe, "granitemoe": _granite,
                         "granitemoeshared": _granite_shared, "mixtral": _mixtral, "deepseek_v1": _deepseek_v1,
-                        "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "glm4_moe": _glm4_moe,
+                        "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3, "deepseek_v32": _deepseek_v32,
+                        "glm4_moe": _glm4_moe,
                         "minimax_m2": _minimax_m2, "ernie4_5_moe": _ernie4_5_moe, "gpt_oss": _gpt_oss,
                         "llama4_text": _llama4_text, "qwen3_next": _qwen3_next, "qwen3_5_moe_text": _qwen3_5_moe_text,
-                        "llama": _llama}[family](overrides)
+                        "phimoe": _phimoe, "llama": _llama}[family](overrides)
   randomize_(model, seed, std)
   model.eval()
   out_dir = Path(out_dir)

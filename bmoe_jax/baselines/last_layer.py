@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from bmoe_jax.laplace import kfac
 from bmoe_jax.laplace import posterior as P
 from bmoe_jax.laplace import predictive as PR
-from bmoe_jax.params import Block, read_block
+from bmoe_jax.params import Block, head_bias, read_block
 from bmoe_jax.task import CHOICE_MASK_VALUE, DEFAULT_LINK, Batch, Task, class_probs
 
 
@@ -25,8 +25,8 @@ def head_block(task: Task) -> Block:
   return Block(task.cfg.num_layers, "head")
 
 
-def _logits(phi_bd, w_dc, batch):
-  f = phi_bd @ w_dc
+def _logits(phi_bd, w_dc, batch, bias_c=None):
+  f = phi_bd @ w_dc if bias_c is None else phi_bd @ w_dc + bias_c  # Phi-3.5-MoE's head bias: a constant shift
   if batch.choice_mask_bc is not None:
     f = jnp.where(batch.choice_mask_bc, f, CHOICE_MASK_VALUE)
   return f
@@ -37,7 +37,7 @@ def _fit_stats(params, task: Task, w_dc, fit_batches):
   @jax.jit  # params and weights are jit arguments (never compile-time constants of the model's size)
   def stats_of(p, w_dc, b):
     phi = task.features(p, b)
-    f = _logits(phi, w_dc, b)
+    f = _logits(phi, w_dc, b, head_bias(p, task.class_ids))
     ct_lbc, w_lb = kfac.label_cotangents(f, b.labels_b, "exact")
     log_lik = jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(f), b.labels_b[:, None], 1))
     valid = jnp.ones(phi.shape[0], bool)
@@ -81,6 +81,6 @@ def last_layer_laplace(params, task: Task, fit_batches: Sequence[Batch], *, prio
     jac = PR.project_rows(fac, phi[:, None], g_bctd, jnp.zeros((phi.shape[0], 1), jnp.int32),
                           jnp.ones((phi.shape[0], 1), bool))
     cov = PR.layer_covariance(fac, jac, post.scale, prec)
-    return class_probs(_logits(phi, w_dc, b), cov, link)
+    return class_probs(_logits(phi, w_dc, b, head_bias(p, task.class_ids)), cov, link)
 
   return (lambda b: predict(params, w_dc, post, b)), post

@@ -10,7 +10,10 @@ the selected experts then follow the model family's own rule (``gates_at``), wha
   ``norm_topk_eps``) and scaled as above;
 * ``select`` (carved MoEs, ``convert.carve``): gate 1 for every selected expert, as
   ``exp(log p - stop_gradient(log p))`` so that the gradient reaches the logits through ``log softmax(l)``
-  (a straight-through estimator free of ``custom_vjp``).
+  (a straight-through estimator free of ``custom_vjp``);
+* ``sparsemixer`` (Phi-3.5-MoE, top-2, as transformers runs it at inference): the first expert's gate is the
+  softmax, at it, of the logits within a relative gap ``2 * jitter_eps`` of the best (the others at -inf); the
+  second's the same over the logits without the first expert (``sparsemixer_gates``).
 
 ``route`` is the deterministic MAP router, the MoE layer's default: selection = top-k of the scores (softmax
 probabilities or sigmoids), optionally plus a per-expert selection bias (DeepSeek-V3's
@@ -55,11 +58,36 @@ class Gating(NamedTuple):
   topk_method: str = "greedy"
   n_group: int = 1
   topk_group: int = 1
+  jitter_eps: float = 0.0
 
   @classmethod
   def of(cls, cfg) -> "Gating":
     return cls(cfg.router_scoring, cfg.norm_topk_prob, cfg.norm_topk_eps, cfg.routed_scaling_factor,
-               cfg.topk_method, cfg.n_group, cfg.topk_group)
+               cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.router_jitter_eps)
+
+
+def sparsemixer_gates(logits_ne: jax.Array, expert_nk: jax.Array, jitter_eps: float) -> jax.Array:
+  """[n, 2] Phi-3.5-MoE's gates of the experts ``expert_nk`` (transformers' ``sparsemixer`` at inference).
+
+  Args:
+    logits_ne: [n, E] float32 router logits.
+    expert_nk: [n, 2] int expert ids: the first and the second choice (any rule chose them).
+    jitter_eps: the relative gap: logits l with (m - l) / max(|l|, m) > 2 jitter_eps, m the best remaining logit,
+      are left out of each softmax.
+
+  Returns:
+    [n, 2] gates: the first expert's softmax weight among the logits near the best; the second's among those near
+      the best of the logits without the first. The windows are constant: the gradient flows through the softmaxes.
+  """
+  def near_softmax_at(base_ne, id_n1):
+    top_n1 = jnp.max(base_ne, axis=-1, keepdims=True)
+    gap_ne = (top_n1 - logits_ne) / jnp.maximum(jnp.abs(logits_ne), top_n1)
+    z_ne = jnp.where(jax.lax.stop_gradient(gap_ne) > 2 * jitter_eps, -jnp.inf, base_ne)
+    return jnp.take_along_axis(jax.nn.softmax(z_ne, axis=-1), id_n1, axis=-1)
+
+  first_n1 = expert_nk[:, :1]
+  rest_ne = jnp.where(select_mask(first_n1, logits_ne.shape[-1]), -jnp.inf, logits_ne)
+  return jnp.concatenate([near_softmax_at(logits_ne, first_n1), near_softmax_at(rest_ne, expert_nk[:, 1:2])], -1)
 
 
 def _group_limited(choice_ne: jax.Array, method: str, n_group: int, topk_group: int) -> jax.Array:
@@ -78,7 +106,7 @@ def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: 
           norm_eps: float = 0.0, scaling: float = 1.0, scoring: str = "softmax",
           logit_offset_ne: jax.Array | None = None, native: bool = False, topk_method: str = "greedy",
           n_group: int = 1, topk_group: int = 1, bias_e: jax.Array | None = None,
-          logit_bias_e: jax.Array | None = None) -> Routing:
+          logit_bias_e: jax.Array | None = None, jitter_eps: float = 0.0) -> Routing:
   """Deterministic top-k routing in float32 (see the module docstring for ``scoring``).
 
   Args:
@@ -101,6 +129,7 @@ def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: 
     bias_e: [E] selection bias added to the scores for the choice of experts only (the gates stay the unbiased
       scores; DeepSeek-V3's ``e_score_correction_bias``); None: no bias.
     logit_bias_e: [E] the router's own bias, added to the logits (an affine router: GPT-OSS); None: none.
+    jitter_eps: the relative gap of "sparsemixer" scoring (``sparsemixer_gates``); other scorings ignore it.
 
   Returns:
     ``Routing(expert_nk, gate_nk, logits_ne)``: int32 [n, k] expert ids (best first), float32 [n, k] gates,
@@ -119,6 +148,9 @@ def route(x_nd: jax.Array, router_de: jax.Array, top_k: int, *, norm_topk_prob: 
     logp_nk, expert_nk = jax.lax.top_k(logp_ne, top_k)
     gate_nk = jnp.exp(logp_nk - jax.lax.stop_gradient(logp_nk))
     return Routing(expert_nk.astype(jnp.int32), gate_nk, logits_ne)
+  if scoring == "sparsemixer":  # the best logit, then the best of the rest (ties: the lower id)
+    expert_nk = topk_ids(jax.lax.stop_gradient(logits_ne), top_k)
+    return Routing(expert_nk, sparsemixer_gates(logits_ne, expert_nk, jitter_eps), logits_ne)
   scores_ne = jax.nn.sigmoid(logits_ne) if scoring == "sigmoid" else jax.nn.softmax(logits_ne, axis=-1)
   if topk_method == "greedy" and bias_e is None:
     gate_nk, expert_nk = jax.lax.top_k(scores_ne, top_k)
@@ -157,7 +189,7 @@ def route_of(cfg, x_nd: jax.Array, router: dict, logit_offset_ne: jax.Array | No
                norm_eps=cfg.norm_topk_eps, scaling=cfg.routed_scaling_factor, scoring=cfg.router_scoring,
                logit_offset_ne=logit_offset_ne, native=cfg.router_dtype == "native", topk_method=cfg.topk_method,
                n_group=cfg.n_group, topk_group=cfg.topk_group, bias_e=router.get("bias"),
-               logit_bias_e=router.get("logit_bias"))
+               logit_bias_e=router.get("logit_bias"), jitter_eps=cfg.router_jitter_eps)
 
 
 def gates_at(logits_ne: jax.Array, expert_nk: jax.Array, gating: Gating) -> jax.Array:
@@ -167,7 +199,8 @@ def gates_at(logits_ne: jax.Array, expert_nk: jax.Array, gating: Gating) -> jax.
   Args:
     logits_ne: [n, E] gating logits (float32).
     expert_nk: [n, k] int expert ids, chosen by any rule.
-    gating: the family's gating rule (``scoring`` "softmax", "sigmoid" or "select", renormalisation, scaling).
+    gating: the family's gating rule (``scoring`` "softmax", "sigmoid", "select" or "sparsemixer",
+      renormalisation, scaling).
 
   Returns:
     [n, k] gates: the scores (softmax over all E experts, or sigmoids) at ``expert_nk``, renormalised and
@@ -176,8 +209,10 @@ def gates_at(logits_ne: jax.Array, expert_nk: jax.Array, gating: Gating) -> jax.
   if gating.scoring == "select":
     logp_nk = jnp.take_along_axis(jax.nn.log_softmax(logits_ne, axis=-1), expert_nk, axis=-1)
     return jnp.exp(logp_nk - jax.lax.stop_gradient(logp_nk))
+  if gating.scoring == "sparsemixer":
+    return sparsemixer_gates(logits_ne, expert_nk, gating.jitter_eps)
   if gating.scoring not in ("softmax", "sigmoid"):
-    raise ValueError(f"gating scoring={gating.scoring!r}: expected softmax, sigmoid or select")
+    raise ValueError(f"gating scoring={gating.scoring!r}: expected softmax, sigmoid, select or sparsemixer")
   scores_ne = jax.nn.sigmoid(logits_ne) if gating.scoring == "sigmoid" else jax.nn.softmax(logits_ne, axis=-1)
   gate_nk = jnp.take_along_axis(scores_ne, expert_nk, axis=-1)
   return _normalise(gate_nk, gating.norm_topk_prob, gating.norm_eps, gating.scaling)

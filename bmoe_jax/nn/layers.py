@@ -76,6 +76,14 @@ def rms_norm(x_bsd: jax.Array, scale_d: jax.Array, eps: float, unit_offset: bool
   return scale_d * y.astype(x_bsd.dtype)
 
 
+def block_norm(p: dict, x_bsd: jax.Array, cfg) -> jax.Array:
+  """A decoder block's (or the final) norm: LayerNorm with bias when ``p`` has one (``cfg.layer_norm``, Phi-3.5-MoE),
+  else RMSNorm (by 1 + scale with ``cfg.norm_unit_offset``); epsilon ``cfg.rms_norm_eps``."""
+  if "bias" in p:
+    return layer_norm(x_bsd, p["scale"], p["bias"], cfg.rms_norm_eps)
+  return rms_norm(x_bsd, p["scale"], cfg.rms_norm_eps, cfg.norm_unit_offset)
+
+
 def attention_mask(mask_bt: jax.Array | None, seq_len: int, window: int = 0,
                    segments_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
                    chunk: int = 0) -> jax.Array:
@@ -209,13 +217,62 @@ def output_projection(p: dict, out_bshv: jax.Array) -> jax.Array:
   return out_bsd + p["bo"] if "bo" in p else out_bsd
 
 
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm over the last axis (mean and variance in float32), then ``* scale + bias``, in ``x``'s dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def index_selection(p: dict, x_bsd: jax.Array, q_bsq: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array,
+                    allowed_b11st: jax.Array, topk: int) -> jax.Array:
+  """DeepSeek-V3.2's lightning indexer: which keys each query attends to (DeepSeek Sparse Attention).
+
+  Scores ``sum_i w_i(x_s) relu(q_i(s) . k(t) / sqrt(c))`` over the index heads i, where q_i comes from the query
+  latent ``q_bsq`` and the one key k from the input, each rotated (rotate-half) on its first ``head_dim`` dims, k
+  LayerNorm'd (eps 1e-6); the weights ``w = x W / sqrt(heads)``. Of the keys ``allowed_b11st`` lets a query see, it
+  keeps the ``topk`` best (ties: the earlier key, as ``lax.top_k``); with fewer, all of them. The selection is
+  piecewise constant: no derivative flows through it (transformers computes it under no_grad).
+
+  Args:
+    p: the indexer's wq [q, i, c], wk [d, c], k_norm / k_norm_bias [c], w_weights [d, i].
+    x_bsd: [b, s, d] the attention's input.
+    q_bsq: [b, s, q] the normed query latent (MLA's ``q_a_norm(x wq_a)``).
+    cos_bsc: [b, s, r] RoPE cosines (r <= c).
+    sin_bsc: [b, s, r] RoPE sines.
+    allowed_b11st: bool [b, 1, 1, s, t] causality and padding.
+    topk: the number of keys kept per query.
+
+  Returns:
+    bool [b, 1, 1, s, t]: ``allowed_b11st`` restricted to each query's selected keys.
+  """
+  q_bsic = rope.apply(mm("bsq,qic->bsic", q_bsq, p["wq"]), cos_bsc, sin_bsc)
+  k_bsc = layer_norm(dot(x_bsd, p["wk"]), p["k_norm"], p["k_norm_bias"], 1e-6)
+  k_bsc = rope.apply(k_bsc[:, :, None], cos_bsc, sin_bsc)[:, :, 0]
+  heads, width = q_bsic.shape[2], q_bsic.shape[3]
+  scores_bsit = jax.nn.relu(jnp.einsum("bsic,btc->bsit", q_bsic.astype(jnp.float32), k_bsc.astype(jnp.float32))
+                            * width ** -0.5)
+  weights_bsi = dot(x_bsd, p["w_weights"]).astype(jnp.float32) * heads ** -0.5
+  index_bst = jnp.einsum("bsi,bsit->bst", weights_bsi, scores_bsit)
+  index_bst = jax.lax.stop_gradient(jnp.where(allowed_b11st[:, 0, 0], index_bst, -jnp.inf))
+  b, s, t = index_bst.shape
+  _, keep_bsk = jax.lax.top_k(index_bst, min(topk, t))
+  chosen_bst = jnp.zeros((b, s, t), bool).at[jnp.arange(b)[:, None, None], jnp.arange(s)[None, :, None],
+                                             keep_bsk].set(True)
+  return allowed_b11st & chosen_bst[:, None, None]
+
+
 def mla_attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array, allowed_b11st: jax.Array,
-                  nope: int, scale: float, interleave: bool = False) -> jax.Array:
+                  nope: int, scale: float, interleave: bool = False, index_topk: int = 0) -> jax.Array:
   """Multi-head latent attention (DeepSeek-V2/V3), RoPE on the last ``head_dim`` of each q/k head.
 
   p: q either wq [d, h, n + r] or wq_a [d, q], (bq_a [q]), q_a_norm [q], wq_b [q, h, n + r]; wkv_a [d, l + r],
-  (bkv_a [l + r]), kv_a_norm [l], wkv_b [l, h, n + v]; wo [h, v, d], (bo [d]). n = ``nope`` (no-RoPE width),
-  r the RoPE width (one RoPE key shared by every head), l the kv latent rank. Latent norms: RMSNorm eps 1e-6.
+  (bkv_a [l + r]), kv_a_norm [l], wkv_b [l, h, n + v]; wo [h, v, d], (bo [d]); DeepSeek-V3.2's ``indexer``
+  (``index_selection``, with ``index_topk`` > 0) restricts each query to its selected keys. n = ``nope`` (no-RoPE
+  width), r the RoPE width (one RoPE key shared by every head), l the kv latent rank. Latent norms: RMSNorm eps
+  1e-6.
   """
   if "wq" in p:
     q_bshc = mm("bsd,dhc->bshc", x_bsd, p["wq"])
@@ -223,6 +280,8 @@ def mla_attention(p: dict, x_bsd: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Ar
     q_bsq = dot(x_bsd, p["wq_a"])
     q_bsq = rms_norm(q_bsq + p["bq_a"] if "bq_a" in p else q_bsq, p["q_a_norm"], MLA_NORM_EPS)
     q_bshc = mm("bsq,qhc->bshc", q_bsq, p["wq_b"])
+    if index_topk:
+      allowed_b11st = index_selection(p["indexer"], x_bsd, q_bsq, cos_bsc, sin_bsc, allowed_b11st, index_topk)
   kv_bsm = dot(x_bsd, p["wkv_a"])
   kv_bsm = kv_bsm + p["bkv_a"] if "bkv_a" in p else kv_bsm
   rank = p["kv_a_norm"].shape[0]

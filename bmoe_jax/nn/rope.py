@@ -1,5 +1,5 @@
-"""Rotary position embeddings: frequencies (default, linear, yarn, llama3), cos/sin tables, and the rotation in the
-rotate-half or the interleaved-pairs layout.
+"""Rotary position embeddings: frequencies (default, linear, yarn, llama3, longrope), cos/sin tables, and the rotation
+in the rotate-half or the interleaved-pairs layout.
 
 The frequencies follow transformers' ``modeling_rope_utils`` (``_compute_default_rope_parameters``,
 ``_compute_linear_scaling_rope_parameters``, ``_compute_yarn_parameters``), in float32 (yarn's in numpy, a
@@ -54,7 +54,10 @@ def frequencies(cfg) -> tuple[jax.Array | np.ndarray, float]:
   if cfg.rope_type == "yarn":
     pos_freqs = np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
     return _yarn(cfg, pos_freqs, dim)
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  powers_c = cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  if cfg.rope_type == "longrope":  # the short factors at every length, as transformers' Phi-3.5-MoE computes them
+    return 1.0 / (jnp.asarray(cfg.longrope_short_factor, jnp.float32) * powers_c), 1.0
+  inv_freq = 1.0 / powers_c
   if cfg.rope_type == "linear":
     inv_freq = inv_freq / cfg.rope_factor
   if cfg.rope_type == "llama3":
@@ -83,6 +86,26 @@ def tables(positions_bs: jax.Array, inv_freq_c, factor: float = 1.0) -> tuple[ja
   if factor != 1.0:
     cos, sin = cos * factor, sin * factor
   return cos, sin
+
+
+def position_tables(cfg, positions_bs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The cos/sin tables [b, s, c] of a ``MoEConfig``'s RoPE at ``positions_bs``: ``tables`` of ``frequencies``; for
+  longrope (Phi-3.5-MoE) times ``longrope_long_mscale`` when the batch's largest position + 1 exceeds
+  ``longrope_original_max_position``, else ``longrope_short_mscale`` (transformers' PhimoeRotaryEmbedding).
+
+  Args:
+    cfg (MoEConfig): the model's config.
+    positions_bs: [b, s] integer positions.
+
+  Returns:
+    (cos, sin), each float32 [b, s, c].
+  """
+  cos_bsc, sin_bsc = tables(positions_bs, *frequencies(cfg))
+  if cfg.rope_type == "longrope":
+    beyond = jnp.max(positions_bs) + 1 > cfg.longrope_original_max_position
+    mscale = jnp.where(beyond, cfg.longrope_long_mscale, cfg.longrope_short_mscale).astype(cos_bsc.dtype)
+    cos_bsc, sin_bsc = cos_bsc * mscale, sin_bsc * mscale
+  return cos_bsc, sin_bsc
 
 
 def apply(x_bshc: jax.Array, cos_bsc: jax.Array, sin_bsc: jax.Array, interleave: bool = False) -> jax.Array:

@@ -84,6 +84,17 @@ def test_mc_dropout_and_ensembles(setup):
   assert np.all(np.asarray(mix_s["mi"]) > 0) and np.all(np.asarray(drop.with_scores(val[0])[1]["mi"]) > 0)
 
 
+def test_last_layer_laplace_keeps_the_head_bias(setup):
+  """A head with a bias (Phi-3.5-MoE): the posterior mean's answer logits are the model's, bias included."""
+  cfg, params, fit, val = setup
+  cfg = cfg.replace(lm_head_bias=True)
+  bias = 2.0 * jax.random.normal(jax.random.key(3), (cfg.vocab_size,))
+  params = {**params, "lm_head": {**params.get("lm_head", {}), "bias": bias}}
+  method, _ = LL.last_layer_laplace(params, Task(cfg, CLASSES), fit, prior_precision=1e9)
+  np.testing.assert_allclose(method(val[0]), jax.nn.softmax(Task(cfg, CLASSES).logits(params, val[0]), -1),
+                             atol=1e-4)
+
+
 def test_last_layer_laplace_equals_dense_glm(setup):
   cfg, params, fit, val = setup
   method, post = LL.last_layer_laplace(params, Task(cfg, CLASSES), fit, prior_precision=2.0)

@@ -1,5 +1,5 @@
-"""DeepSeek-V2/V3 specifics: the release format of V3 (fp8 block-scaled weights and multi-token-prediction
-layers past num_hidden_layers), and the configurations on which the converter refuses to guess."""
+"""DeepSeek-V2/V3/V3.2 specifics: the release format of V3 (fp8 block-scaled weights and multi-token-prediction
+layers past num_hidden_layers), V3.2's indexer, and the configurations on which the converter refuses to guess."""
 
 import json
 import shutil
@@ -71,6 +71,7 @@ def test_mtp_layers_are_refused_outside_v3(tmp_path):
 V2 = {"model_type": "deepseek_v2", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32,
       "num_experts_per_tok": 2, "n_routed_experts": 4}
 V3 = dict(V2, model_type="deepseek_v3", n_group=2, topk_group=1, num_key_value_heads=4)
+V32 = dict(V3, model_type="deepseek_v32", index_topk=4, index_n_heads=2, index_head_dim=64)
 
 
 @pytest.mark.parametrize("raw,message", [
@@ -86,6 +87,13 @@ V3 = dict(V2, model_type="deepseek_v3", n_group=2, topk_group=1, num_key_value_h
     (dict(V3, n_group=None), "n_group and topk_group must be integers"),
     (dict(V3, first_k_dense_replace=None), "first_k_dense_replace=None must be an integer >= 0"),
     (dict(V3, num_local_experts=8), "num_local_experts=8 and n_routed_experts=4 name the same attribute"),
+    (dict(V32, q_lora_rank=None), "q_lora_rank=None: DeepSeek-V3.2's indexer reads the q latent"),
+    (dict(V32, layer_types=["full_attention"] * 2), r"layer_types=\['full_attention', 'full_attention'\]: "
+     "transformers' DeepSeek-V3.2 has 2 indexed_attention layers"),
+    (dict(V32, mlp_layer_types=["dense", "moe"]), r"mlp_layer_types=\['dense', 'moe'\]: expected 2 entries, each "
+     "dense or sparse"),
+    (dict(V32, rope_interleave=False), "rope_interleave=false: transformers' DeepSeek-V3.2 always rotates"),
+    (dict(V32, index_head_dim=32), "MoEConfig: the indexer .index_topk=4. needs latent attention"),
 ])
 def test_deepseek_gate_refuses_what_it_cannot_match(raw, message):
   with pytest.raises(ConversionError, match="config.json: " + message.replace("(", r"\(")):
@@ -94,10 +102,34 @@ def test_deepseek_gate_refuses_what_it_cannot_match(raw, message):
 
 def test_deepseek_gate_reads_transformers_saved_configs(tmp_path):
   """transformers 5 writes head_dim, qk_head_dim, num_nextn_predict_layers, rope_parameters: all read."""
-  for family in ("deepseek_v2", "deepseek_v3"):
+  for family in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
     make_checkpoint(family, tmp_path / family, seed=0)
     raw = json.loads((tmp_path / family / "config.json").read_text())
     assert {"head_dim", "qk_head_dim", "rope_parameters"} <= set(raw)
     cfg = parse_hf_config_dict(raw, "config.json").cfg
     assert cfg.mla and cfg.head_dim == 4 and cfg.qk_nope_head_dim == 8 and cfg.moe_layers == (False, True, True)
     shutil.rmtree(tmp_path / family)
+
+
+def test_the_indexer_binds_in_the_parity_case(tmp_path):
+  """The parity case's indexer keeps 4 of up to 11 keys: without it (every visible key) the logits move far past the
+  parity tolerance; with index_topk at least the sequence length it changes nothing."""
+  import jax.numpy as jnp
+
+  import bmoe_jax as B
+  from tests.conftest import padded_batch
+  make_checkpoint("deepseek_v32", tmp_path, seed=0)
+  info, params = load_hf_checkpoint(tmp_path, progress=False)
+  cfg, params = info.cfg, jax.tree.map(jnp.asarray, params)
+  assert cfg.index_topk == 4 and cfg.moe_layers == (False, True, True)
+  tokens, mask = padded_batch(cfg.vocab_size)
+  real = mask.astype(bool)
+  fwd = jax.jit(B.forward, static_argnums=1)
+  base = np.asarray(fwd(params, cfg, tokens, mask).logits)
+  dense = {**params, "layers": [{**lp, "attn": {k: v for k, v in lp["attn"].items() if k != "indexer"}}
+                                for lp in params["layers"]]}
+  assert np.abs(np.asarray(fwd(dense, cfg.replace(index_topk=0, index_heads=0, index_head_dim=0), tokens,
+                               mask).logits) - base)[real].max() > 1e-2
+  assert np.abs(np.asarray(fwd(params, cfg.replace(index_topk=11), tokens, mask).logits)
+                - np.asarray(fwd(dense, cfg.replace(index_topk=0, index_heads=0, index_head_dim=0), tokens,
+                                 mask).logits))[real].max() < 1e-5

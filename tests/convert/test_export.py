@@ -29,7 +29,10 @@ from tests.conftest import padded_batch
                                          ("llama4_text", {"rope_parameters": {
                                              "rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 16}})])
+                                             "original_max_position_embeddings": 16}}),
+                                         ("deepseek_v32", {"first_k_dense_replace": 0}), ("phimoe", {}),
+                                         ("qwen3_next", {"mlp_only_layers": [2], "attention_bias": True}),
+                                         ("qwen3_5_moe_text", {})])
 def test_hf_export_roundtrip(family, over, tmp_path):
   make_checkpoint(family, tmp_path / "a", seed=5, **over)
   info, params = load_hf_checkpoint(tmp_path / "a", progress=False)
@@ -80,6 +83,21 @@ MLA = dict(shared_expert_gate=False, qkv_bias=False, num_kv_heads=4, head_dim=4,
                          router_scoring="sigmoid", router_on_input=True, qk_norm="l2", qkv_bias=False,
                          rope_interleave=True, rope_layers=(False, True), attn_chunks=(0, 3), nope_attn_scale=0.5,
                          nope_floor_scale=2.0, moe_layers=(False, True))),
+    # DeepSeek-V3.2: V3's architecture with the lightning indexer keeping 3 keys per query
+    ("deepseek_v32", dict(MLA, shared_expert_size=16, q_lora_rank=6, norm_topk_prob=True, norm_topk_eps=1e-20,
+                          router_scoring="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1, router_bias=True,
+                          rope_interleave=True, index_topk=3, index_heads=16, index_head_dim=6)),
+    # Phi-3.5-MoE: LayerNorms, biases, longrope past its original context, the sparsemixer
+    ("phimoe", dict(NO_SHARED, layer_norm=True, lm_head_bias=True, router_scoring="sparsemixer", router_jitter_eps=0.3,
+                    qkv_bias=True, attn_out_bias=True, intermediate_size=0, rope_type="longrope",
+                    longrope_short_factor=(1.0, 1.5, 2.0, 3.0), longrope_long_factor=(2.0,) * 4,
+                    longrope_short_mscale=1.1, longrope_long_mscale=1.3, longrope_original_max_position=8)),
+    # Qwen3-Next / Qwen3.5: Gated DeltaNet on layer 0 (2 key heads serving 4 value heads), gated attention with the
+    # per-head q/k norm and partial RoPE on layer 1, norms by 1 + w, a gated shared expert
+    *((family, dict(shared_expert_size=24, linear_layers=(True, False), linear_k_heads=2, linear_v_heads=4,
+                    linear_k_dim=4, linear_v_dim=6, linear_conv_width=3, attn_output_gate=True, norm_unit_offset=True,
+                    qk_norm="head", rotary_dim=4, norm_topk_prob=True, qkv_bias=False))
+      for family in ("qwen3_next", "qwen3_5_moe_text")),
 ])
 def test_random_bmoe_model_runs_in_transformers(family, over, tmp_path):
   import torch
@@ -114,11 +132,14 @@ def test_unrepresentable_config_is_refused():
   cfg = B.tiny_config(**NO_SHARED, norm_topk_prob=True, qkv_bias=False, attn_sinks=True, family="mixtral")
   with pytest.raises(ConversionError, match="attention sinks, expert biases.*\\(GPT-OSS only\\)"):
     export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
-  for family in ("qwen2_moe", "qwen3_next"):  # Qwen3-Next's mechanisms: no other family has them, no exporter yet
-    cfg = B.tiny_config(linear_layers=(True, False), linear_k_heads=1, linear_v_heads=2, linear_k_dim=4,
-                        linear_v_dim=4, family=family)
-    with pytest.raises(ConversionError, match="linear attention|unknown family 'qwen3_next'"):
-      export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
+  # the 2025-26 families' mechanisms exist in no other family
+  cfg = B.tiny_config(linear_layers=(True, False), linear_k_heads=1, linear_v_heads=2, linear_k_dim=4,
+                      linear_v_dim=4, family="qwen2_moe")
+  with pytest.raises(ConversionError, match=r"linear attention.*\(Qwen3-Next / Qwen3.5 only\)"):
+    export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
+  cfg = B.tiny_config(**NO_SHARED, norm_topk_prob=True, qkv_bias=False, layer_norm=True, family="mixtral")
+  with pytest.raises(ConversionError, match=r"LayerNorms, an LM head bias or longrope RoPE \(Phi-3.5-MoE only\)"):
+    export_hf(cfg, B.init_params(cfg, jax.random.key(0)), "/nonexistent")
 
 
 def test_granite_in_memory_key_layout_loads_the_same(tmp_path):

@@ -56,11 +56,22 @@ VARIANTS = {"plain": {}, "qk_head": {"qk_norm": "head"}, "qk_full": {"qk_norm": 
                     "norm_topk_eps": 1e-20, "routed_scaling_factor": 2.5, "shared_expert_gate": False},
             # GPT-OSS: attention sinks, a sliding window, an affine router, biased experts with the clamped SwiGLU
             "gpt_oss": GPT_OSS, "llama4": LLAMA4, "qwen3_next": QWEN3_NEXT,
+            # Phi-3.5-MoE: LayerNorms with bias, longrope past its original context, the sparsemixer, the head's bias
+            "phimoe": {"layer_norm": True, "lm_head_bias": True, "router_scoring": "sparsemixer",
+                       "router_jitter_eps": 0.5, "rope_type": "longrope", "longrope_short_factor": (1.0, 1.5, 2.0, 3.0),
+                       "longrope_long_factor": (2.0,) * 4,
+                       "longrope_original_max_position": 3, "longrope_short_mscale": 1.1,
+                       "longrope_long_mscale": 1.3},
             # DeepSeek-V2: MLA (q latent, interleaved yarn RoPE), group-limited greedy, ungated shared experts
             "mla": {"num_kv_heads": 4, "head_dim": 4, "q_lora_rank": 6, "kv_lora_rank": 8, "qk_nope_head_dim": 6,
                     "v_head_dim": 5, "rope_interleave": True, "rope_type": "yarn", "rope_factor": 4.0,
                     "yarn_original_max_position": 4, "yarn_mscale_all_dim": 0.7, "topk_method": "group_limited_greedy",
-                    "n_group": 3, "topk_group": 2, "routed_scaling_factor": 1.5, "shared_expert_gate": False}}
+                    "n_group": 3, "topk_group": 2, "routed_scaling_factor": 1.5, "shared_expert_gate": False},
+            # DeepSeek-V3.2: MLA with the lightning indexer keeping 2 of up to 5 keys per query
+            "indexer": {"num_kv_heads": 4, "head_dim": 4, "q_lora_rank": 6, "kv_lora_rank": 8, "qk_nope_head_dim": 6,
+                        "v_head_dim": 5, "rope_interleave": True, "index_topk": 2, "index_heads": 16,
+                        "index_head_dim": 6, "router_scoring": "sigmoid", "router_bias": True,
+                        "norm_topk_prob": True, "shared_expert_gate": False}}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -76,7 +76,8 @@ def _jacobian_and_dense_sigmas(post, params, cfg, batch):
 MLA_SIGMOID = dict(num_kv_heads=4, head_dim=4, q_lora_rank=6, kv_lora_rank=8, qk_nope_head_dim=6, v_head_dim=5,
                    rope_interleave=True, rope_type="yarn", rope_factor=4.0, yarn_original_max_position=4,
                    yarn_mscale_all_dim=0.7, router_scoring="sigmoid", router_bias=True, norm_topk_prob=True,
-                   routed_scaling_factor=2.5, shared_expert_gate=False)
+                   routed_scaling_factor=2.5, shared_expert_gate=False, index_topk=3, index_heads=16,
+                   index_head_dim=6)  # with DeepSeek-V3.2's indexer keeping 3 of up to 5 keys
 
 
 GLM = dict(rotary_dim=4, qk_norm="head", router_scoring="sigmoid", router_bias=True, topk_method="noaux_tc",

@@ -29,6 +29,8 @@ FAMILY_GATING = {
     "deepseek_v1": dict(norm_topk_prob=False, routed_scaling_factor=1.5, shared_expert_size=24,
                         shared_expert_gate=False),
     "carved": dict(router_scoring="select", shared_expert_size=24, shared_expert_gate=False),
+    "phimoe": dict(router_scoring="sparsemixer", router_jitter_eps=0.3, shared_expert_size=0,
+                   shared_expert_gate=False),
 }
 
 
@@ -54,7 +56,8 @@ def test_gates_at_the_topk_equal_route(family):
   x = jax.random.normal(jax.random.key(0), (50, 16))
   w = jax.random.normal(jax.random.key(1), (16, cfg.num_experts))
   gating = G.Gating.of(cfg)
-  r = G.route(x, w, 2, norm_topk_prob=gating.norm_topk_prob, scaling=gating.scaling, scoring=gating.scoring)
+  r = G.route(x, w, 2, norm_topk_prob=gating.norm_topk_prob, scaling=gating.scaling, scoring=gating.scoring,
+              jitter_eps=gating.jitter_eps)
   np.testing.assert_array_equal(np.asarray(G.gates_at(r.logits_ne, r.expert_nk, gating)), np.asarray(r.gate_nk))
   np.testing.assert_array_equal(np.asarray(G.topk_ids(r.logits_ne, 2)), np.asarray(r.expert_nk))
 
@@ -149,3 +152,20 @@ def test_deepseek_v2_v3_selection_equals_transformers_routers(method):
   if method != "greedy":  # the group limit (and bias) change the selection of some tokens
     plain = np.asarray(G.route(x_nd, w_de, 4, **common).expert_nk)
     assert (np.sort(plain, -1) != np.sort(ours_ids, -1)).any(-1).mean() > 0.05
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.2, 0.6])
+def test_sparsemixer_equals_transformers(eps):
+  """Phi-3.5-MoE's top-2 gates (transformers' sparsemixer in eval mode) on logits of mixed signs, with windows that
+  keep one expert, a few, or most; ``route`` selects as it does and ``gates_at`` gives the same gates."""
+  torch = pytest.importorskip("torch")
+  from transformers.models.phimoe.modeling_phimoe import sparsemixer
+  logits = np.random.RandomState(3).randn(64, 8).astype(np.float32)
+  want_gates, want_ids = sparsemixer(torch.tensor(logits), jitter_eps=eps, training=False)
+  ids = G.topk_ids(jnp.asarray(logits), 2)
+  np.testing.assert_array_equal(ids, want_ids.numpy())
+  gates = G.sparsemixer_gates(jnp.asarray(logits), ids, eps)
+  np.testing.assert_allclose(gates, want_gates.numpy(), rtol=1e-6, atol=1e-7)
+  assert 0.0 < float(jnp.mean(gates[:, 0] < 1.0 - 1e-6)) or eps == 0.01  # wider windows share the softmax
+  np.testing.assert_allclose(G.gates_at(jnp.asarray(logits), ids, G.Gating(scoring="sparsemixer", jitter_eps=eps)),
+                             gates, rtol=0, atol=0)
