@@ -95,12 +95,17 @@ QWEN3_NEXT = dict(linear_layers=(True, False), linear_k_heads=2, linear_v_heads=
                   norm_topk_prob=True)  # Gated DeltaNet below gated attention, norms by 1 + w
 
 
+PHIMOE = dict(layer_norm=True, lm_head_bias=True, router_scoring="sparsemixer", router_jitter_eps=0.4, rope_type="longrope",
+              longrope_short_factor=(1.0, 1.5, 2.0, 3.0), longrope_long_factor=(2.0,) * 4, longrope_short_mscale=1.1,
+              longrope_long_mscale=1.3, longrope_original_max_position=4)  # LayerNorms, longrope, the sparsemixer
+
+
 @pytest.mark.parametrize("rank,shared,arch", [(None, False, {}), (3, False, {}), (None, True, {}), (3, True, {}),
                                               (3, False, {"qk_norm": "full"}), (None, True, MLA_SIGMOID),
                                               (3, True, GLM), (None, False, GPT_OSS), (None, True, LLAMA4),
-                                              (3, True, QWEN3_NEXT)],
+                                              (3, True, QWEN3_NEXT), (None, True, PHIMOE)],
                          ids=["full", "lowrank", "full-shared", "lowrank-shared", "qk_full", "mla_sigmoid", "glm",
-                              "gpt_oss", "llama4", "qwen3_next"])
+                              "gpt_oss", "llama4", "qwen3_next", "phimoe"])
 def test_closed_form_equals_dense_jacobian(rank, shared, arch):
   """Routed experts of both layers, optionally with both shared experts (gated, width 24) as well; once with
   OLMoE's full-width q/k norm, once with DeepSeek-V3's architecture (MLA, yarn, sigmoid gates, ungated shared)."""

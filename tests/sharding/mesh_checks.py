@@ -1,11 +1,11 @@
 """Sharded steps against single-device ones, on 8 virtual CPU devices; run in its own process:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding.mesh_checks [MESH ...] [--mla MESH ...]
-      [--gpt-oss MESH ...] [--llama4 MESH ...] [--qwen3-next MESH ...]
+      [--gpt-oss MESH ...] [--llama4 MESH ...] [--qwen3-next MESH ...] [--phimoe MESH ...]
 
 For each mesh (default: three shapes, two of them expert-parallel; meshes after ``--mla``: DeepSeek-V3's
-architecture, ``MLA_SIGMOID``, after ``--gpt-oss`` GPT-OSS's, after ``--llama4`` Llama-4's and after ``--qwen3-next``
-Qwen3-Next's, instead of OLMoE's full-width q/k norm) it compares the forward logits, the
+architecture, ``MLA_SIGMOID``, after ``--gpt-oss`` GPT-OSS's, after ``--llama4`` Llama-4's, after ``--qwen3-next``
+Qwen3-Next's and after ``--phimoe`` Phi-3.5-MoE's, instead of OLMoE's full-width q/k norm) it compares the forward logits, the
 answer logits, one MAP training step, the K-FAC factors of two batches (full; low-rank on the last mesh), the log
 evidence and the Bayesian-MoE predictive with the same functions run unsharded, and checks every output
 carries its declared sharding. Prints one JSON line per mesh (with its ``model``); exits non-zero on the first
@@ -167,9 +167,15 @@ MODELS = {
     "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16,
                        linear_layers=(True, False), linear_k_heads=2, linear_v_heads=4, linear_k_dim=4, linear_v_dim=4,
                        linear_conv_width=3, attn_output_gate=True, norm_unit_offset=True, qk_norm="head", rotary_dim=4),
+    # Phi-3.5-MoE: LayerNorms with their biases, the head's bias split over the vocabulary, longrope past its original
+    # context, the sparsemixer (and, unlike Phi, an ungated shared expert: the checks' factor pass includes one)
+    "phimoe": dict(num_experts=8, num_experts_per_tok=2, vocab_size=128, shared_expert_size=16, shared_expert_gate=False,
+                   layer_norm=True, lm_head_bias=True, router_scoring="sparsemixer", router_jitter_eps=0.3,
+                   rope_type="longrope", longrope_short_factor=(1.0, 1.5, 2.0, 3.0), longrope_long_factor=(2.0,) * 4,
+                   longrope_short_mscale=1.1, longrope_long_mscale=1.3, longrope_original_max_position=4),
 }
 FLAGS = {"--mla": "mla_sigmoid", "--gpt-oss": "gpt_oss", "--llama4": "llama4",
-         "--qwen3-next": "qwen3_next"}  # later meshes check that model
+         "--qwen3-next": "qwen3_next", "--phimoe": "phimoe"}  # later meshes check that model
 # GPT-OSS's random biases and sinks leave some gradient entries near AdamW's eps, where its first step
 # (about lr * g / (|g| + eps)) turns the float32 rounding of the attention and router softmaxes (logits agree to
 # 1.1e-7) into 3e-5 of w_gate; every other quantity is held to TOL. So would a softmax top-k renormalised over the
@@ -183,7 +189,8 @@ TOLS = {"gpt_oss": {"train_step": 1e-3}}
 def check_model(name: str, meshes) -> int:
   """Every mesh in ``meshes`` against one device for model ``name``; prints a JSON line per mesh."""
   cfg = B.tiny_config(**MODELS[name])
-  params = B.init_params(cfg, jax.random.key(0), jnp.float64, std=0.2, bias_std=0.2 if cfg.expert_bias else 0.0)
+  params = B.init_params(cfg, jax.random.key(0), jnp.float64, std=0.2,
+                         bias_std=0.2 if cfg.expert_bias or cfg.layer_norm else 0.0)
   batches = _batches(cfg)
   spec = {"full": LA.FactorSpec(layers=cfg.moe_layer_ids, shared=True),
           "lowrank": LA.FactorSpec(layers=cfg.moe_layer_ids, rank=4, labels="mc")}

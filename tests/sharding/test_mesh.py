@@ -30,12 +30,12 @@ def mesh_results():
   env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "tests.sharding.mesh_checks", *MESHES, "--mla", "data=2,expert=2,model=2",
          "--gpt-oss", "data=2,expert=2,model=2", "--llama4", "data=2,expert=2,model=2",
-         "--qwen3-next", "data=2,expert=2,model=2"]
+         "--qwen3-next", "data=2,expert=2,model=2", "--phimoe", "data=2,expert=2,model=2"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   return {model: [r for r in results if r["model"] == model]
-          for model in ("qk_full", "mla_sigmoid", "gpt_oss", "llama4", "qwen3_next")}
+          for model in ("qk_full", "mla_sigmoid", "gpt_oss", "llama4", "qwen3_next", "phimoe")}
 
 
 def test_sharded_pipeline_equals_one_device_on_three_meshes(mesh_results):
@@ -51,7 +51,8 @@ def test_sharded_pipeline_equals_one_device_on_three_meshes(mesh_results):
 
 def test_sharded_mla_sigmoid_model_equals_one_device(mesh_results):
   """DeepSeek-V3's architecture (MLA latents replicated, heads on the model axis; sigmoid noaux_tc routing with
-  its selection bias; ungated shared experts) on the mesh that uses all three axes."""
+  its selection bias; ungated shared experts) with V3.2's lightning indexer (replicated; 3 keys per query) on the mesh
+  that uses all three axes."""
   (result,) = mesh_results["mla_sigmoid"]
   assert result["mesh"] == {"data": 2, "expert": 2, "model": 2}
   assert result["expert_parallel"] and max(result["max_rel_diff"].values()) <= 1e-5, result
@@ -79,6 +80,14 @@ def test_sharded_qwen3_next_model_equals_one_device(mesh_results):
   """Qwen3-Next's mechanisms (Gated DeltaNet with its key and value heads split over the model axis, the attention's
   output gate, norms by 1 + w) on all three axes."""
   (result,) = mesh_results["qwen3_next"]
+  assert result["mesh"] == {"data": 2, "expert": 2, "model": 2}
+  assert result["expert_parallel"] and max(result["max_rel_diff"].values()) <= 1e-5, result
+
+
+def test_sharded_phimoe_model_equals_one_device(mesh_results):
+  """Phi-3.5-MoE's mechanisms (LayerNorms with biases, the head's bias split over the vocabulary, longrope past its
+  original context, the sparsemixer under the expert-parallel dispatch) on all three axes."""
+  (result,) = mesh_results["phimoe"]
   assert result["mesh"] == {"data": 2, "expert": 2, "model": 2}
   assert result["expert_parallel"] and max(result["max_rel_diff"].values()) <= 1e-5, result
 
