@@ -205,6 +205,14 @@ class MoEConfig:
     need(self.hidden_act in SUPPORTED_ACTIVATIONS,
          f"hidden_act={self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
     self._check_rope(need)
+    self._check_attention(need)
+    self._check_layer_variants(need)
+    need(self.attention_multiplier >= 0, f"attention_multiplier must be >= 0, got {self.attention_multiplier}")
+    need(self.logits_scaling != 0, "logits_scaling must be non-zero")
+    self._check_routing(need)
+
+  def _check_attention(self, need) -> None:
+    """Latent attention, DeepSeek-V3.2's indexer, the q/k norm and clip."""
     if self.mla:
       need(self.qk_nope_head_dim > 0 and self.v_head_dim > 0 and self.q_lora_rank >= 0,
            "multi-head latent attention (kv_lora_rank > 0) needs qk_nope_head_dim > 0 and v_head_dim > 0")
@@ -218,9 +226,9 @@ class MoEConfig:
     need(self.qk_norm in SUPPORTED_QK_NORM,
          f"qk_norm={self.qk_norm!r} is not supported (supported: {SUPPORTED_QK_NORM})")
     need(self.qkv_clip >= 0, f"qkv_clip must be >= 0, got {self.qkv_clip}")
-    self._check_layer_variants(need)
-    need(self.attention_multiplier >= 0, f"attention_multiplier must be >= 0, got {self.attention_multiplier}")
-    need(self.logits_scaling != 0, "logits_scaling must be non-zero")
+
+  def _check_routing(self, need) -> None:
+    """The router's dtype, selection method and groups, and its scoring rule."""
     need(self.router_dtype in SUPPORTED_ROUTER_DTYPES,
          f"router_dtype={self.router_dtype!r} is not supported (supported: {SUPPORTED_ROUTER_DTYPES})")
     need(self.topk_method in SUPPORTED_TOPK_METHODS,

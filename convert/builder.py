@@ -154,7 +154,10 @@ class _Builder:
       return  # a zero-width shared expert (transformers saves it so): contributes exactly 0
     groups = {k: (rule.names or {}).get(k, {}).get(v, v) for k, v in m.groupdict().items()}
     targets = (rule.target,) if isinstance(rule.target, str) else rule.target
-    targets = [t.format(**groups) for t in targets]
+    self._place_by_kind(rule, [t.format(**groups) for t in targets], groups, array, ref)
+
+  def _place_by_kind(self, rule, targets: list[str], groups: dict, array: np.ndarray, ref: TensorRef):
+    """Check ``array`` against its target parameters' shapes and place it there, as the rule's kind lays it out."""
     if rule.kind == "copy":
       spec = self._spec(targets[0], ref)
       self._check(ref, (array.size,), (int(np.prod(spec.shape)),), f" (elements of {list(spec.shape)})")

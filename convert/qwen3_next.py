@@ -59,11 +59,8 @@ def _split_qkv(a, shapes, cfg):
 
 def _split_conv(a, shapes, cfg):
   """conv1d.weight [k c + k c + h v, 1, w] (depthwise, channels as q|k|v) -> conv_q, conv_k [w, k, c], conv_v."""
-  width = shapes[0][0]
-  _expect(a, (sum(int(np.prod(s[1:])) for s in shapes), 1, width), "channels q|k|v, 1, the kernel width")
-  sizes = [int(np.prod(s[1:])) for s in shapes]
-  parts = np.split(a[:, 0].T, np.cumsum(sizes)[:-1], axis=-1)
-  return [p.reshape(s) for p, s in zip(parts, shapes)]
+  _expect(a, (sum(int(np.prod(s[1:])) for s in shapes), 1, shapes[0][0]), "channels q|k|v, 1, the kernel width")
+  return _split_columns(a[:, 0], shapes, "channels q|k|v, then the kernel width")
 
 
 def _split_q_gate(a, shapes, cfg):

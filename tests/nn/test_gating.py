@@ -158,7 +158,7 @@ def test_deepseek_v2_v3_selection_equals_transformers_routers(method):
 def test_sparsemixer_equals_transformers(eps):
   """Phi-3.5-MoE's top-2 gates (transformers' sparsemixer in eval mode) on logits of mixed signs, with windows that
   keep one expert, a few, or most; ``route`` selects as it does and ``gates_at`` gives the same gates."""
-  torch = pytest.importorskip("torch")
+  import torch
   from transformers.models.phimoe.modeling_phimoe import sparsemixer
   logits = np.random.RandomState(3).randn(64, 8).astype(np.float32)
   want_gates, want_ids = sparsemixer(torch.tensor(logits), jitter_eps=eps, training=False)
